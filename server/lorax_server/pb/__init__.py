@@ -1,0 +1,1 @@
+"""Generated gRPC stubs (made by `make install` from proto/generate.proto; not committed)."""
