@@ -1,0 +1,507 @@
+//! The launcher's command line: one typed struct, read once at start (flags or their environment
+//! variables), then checked by [`Args::validate`]. The doc comments are the `--help` text and the
+//! reference page `docs/reference/launcher.md`.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// Where adapters named by `--adapter-id` or by a request's `adapter_id` are fetched from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AdapterSource {
+    /// The Hugging Face Hub (or the endpoint named by `HF_ENDPOINT`).
+    Hub,
+    /// A directory on the local file system.
+    Local,
+    /// An S3 bucket.
+    S3,
+}
+
+/// Quantization schemes for the base model's weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Quantization {
+    /// bitsandbytes 8-bit.
+    Bitsandbytes,
+    /// bitsandbytes 4-bit NormalFloat.
+    #[value(name = "bitsandbytes-nf4")]
+    BitsandbytesNf4,
+    /// bitsandbytes 4-bit float.
+    #[value(name = "bitsandbytes-fp4")]
+    BitsandbytesFp4,
+    /// GPTQ checkpoints.
+    Gptq,
+    /// AWQ checkpoints.
+    Awq,
+    /// EETQ 8-bit.
+    Eetq,
+    /// HQQ 4-bit.
+    #[value(name = "hqq-4bit")]
+    Hqq4bit,
+    /// HQQ 3-bit.
+    #[value(name = "hqq-3bit")]
+    Hqq3bit,
+    /// HQQ 2-bit.
+    #[value(name = "hqq-2bit")]
+    Hqq2bit,
+    /// FP8 (e4m3) weights.
+    Fp8,
+}
+
+/// Data type of the base model's weights and activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Dtype {
+    #[value(name = "float32", alias = "fp32")]
+    Float32,
+    #[value(name = "float16", alias = "fp16")]
+    Float16,
+    #[value(name = "bfloat16", alias = "bf16")]
+    BFloat16,
+}
+
+/// Prints an enum the way it is spelled on the command line.
+fn cli_name(value: &impl ValueEnum, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    let possible = value.to_possible_value().expect("no skipped variants");
+    f.write_str(possible.get_name())
+}
+
+impl fmt::Display for AdapterSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        cli_name(self, f)
+    }
+}
+
+impl fmt::Display for Quantization {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        cli_name(self, f)
+    }
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        cli_name(self, f)
+    }
+}
+
+/// Serve a base LLM and any number of LoRA adapters of it: downloads the weights, starts one
+/// `lorax-server` shard per GPU, waits for them, then starts `lorax-router` (the HTTP server)
+/// and supervises all of them.
+#[derive(Parser, Clone, Debug)]
+#[command(name = "lorax-launcher", version, about, long_about = None)]
+pub struct Args {
+    /// The base model: a Hugging Face Hub model id (`org/name`) or a local directory in
+    /// Hugging Face layout (`config.json`, `*.safetensors`, tokenizer files).
+    #[arg(long, env)]
+    pub model_id: String,
+
+    /// A LoRA adapter to load when the shards start (later feature: accepted and passed to the
+    /// shards; adapters are normally chosen per request with `adapter_id`).
+    #[arg(long, env)]
+    pub adapter_id: Option<String>,
+
+    /// Where adapters are fetched from by default.
+    #[arg(long, env, value_enum, default_value_t = AdapterSource::Hub)]
+    pub adapter_source: AdapterSource,
+
+    /// The revision of the model on the Hub: a branch, tag or commit hash.
+    #[arg(long, env)]
+    pub revision: Option<String>,
+
+    /// Number of shards (tensor-parallel ranks, one per GPU).
+    #[arg(long, env, default_value_t = 1)]
+    pub num_shard: usize,
+
+    /// Whether to shard the model across GPUs. Must agree with `--num-shard`: `true` needs more
+    /// than one shard, `false` exactly one. Unset: follows `--num-shard`.
+    #[arg(long, env)]
+    pub sharded: Option<bool>,
+
+    /// Quantize the base model's weights (later feature: not supported yet, the launcher refuses
+    /// to start with it).
+    #[arg(long, env, value_enum)]
+    pub quantize: Option<Quantization>,
+
+    /// Data type of the weights and activations. Unset: the shard's default for the device
+    /// (bfloat16 or float16 on GPU, float32 on CPU).
+    #[arg(long, env, value_enum)]
+    pub dtype: Option<Dtype>,
+
+    /// Allow the model's own Python code from the Hub to run (`trust_remote_code` in
+    /// transformers). Only for models you trust.
+    #[arg(long, env)]
+    pub trust_remote_code: bool,
+
+    /// Most requests handled at once; more are rejected with 429 (overloaded).
+    #[arg(long, env, default_value_t = 128)]
+    pub max_concurrent_requests: usize,
+
+    /// Largest `best_of` a request may ask for.
+    #[arg(long, env, default_value_t = 2)]
+    pub max_best_of: usize,
+
+    /// Most `stop` sequences a request may give.
+    #[arg(long, env, default_value_t = 4)]
+    pub max_stop_sequences: usize,
+
+    /// Longest prompt, in tokens. Longer prompts are rejected (422) unless the request sets
+    /// `truncate`.
+    #[arg(long, env, default_value_t = 1024)]
+    pub max_input_length: usize,
+
+    /// Most tokens of one request: prompt plus `max_new_tokens`. The unit of memory budgeting.
+    #[arg(long, env, default_value_t = 2048)]
+    pub max_total_tokens: usize,
+
+    /// How long the batch of waiting requests may be relative to the running batch before new
+    /// requests are prefilled: they are prefilled once waiting tokens exceed this ratio times the
+    /// tokens being decoded, or after `--max-waiting-tokens` decode steps.
+    #[arg(long, env, default_value_t = 1.2)]
+    pub waiting_served_ratio: f32,
+
+    /// Most prompt tokens prefilled in one forward pass; bounds the memory and latency of a
+    /// prefill.
+    #[arg(long, env, default_value_t = 4096)]
+    pub max_batch_prefill_tokens: usize,
+
+    /// Most tokens (prompts plus generated) of all running requests together. Unset: the router
+    /// takes the number the shards report after sizing the KV cache in Warmup (recommended).
+    #[arg(long, env)]
+    pub max_batch_total_tokens: Option<usize>,
+
+    /// Most decode steps the running batch makes before waiting requests are let in.
+    #[arg(long, env, default_value_t = 20)]
+    pub max_waiting_tokens: usize,
+
+    /// Most adapters loaded on the device at once; others wait in host memory or on disk.
+    #[arg(long, env, default_value_t = 128)]
+    pub max_active_adapters: usize,
+
+    /// Seconds the scheduler serves one set of active adapters before rotating to adapters whose
+    /// requests are waiting (fairness between adapters).
+    #[arg(long, env, default_value_t = 2.0)]
+    pub adapter_cycle_time_s: f64,
+
+    /// Fraction of the device memory kept free for adapter weights when the KV cache is sized
+    /// (passed to the shards as `ADAPTER_MEMORY_FRACTION`).
+    #[arg(long, env, default_value_t = 0.1)]
+    pub adapter_memory_fraction: f32,
+
+    /// Address the HTTP server listens on.
+    #[arg(long, env, default_value = "0.0.0.0")]
+    pub hostname: String,
+
+    /// Port the HTTP server listens on.
+    #[arg(long, short, env, default_value_t = 3000)]
+    pub port: u16,
+
+    /// Base path of the shards' unix sockets; shard `r` listens on `<path>-<r>`.
+    #[arg(long, env, default_value = "/tmp/lorax-server")]
+    pub shard_uds_path: String,
+
+    /// Address of shard 0 for torch.distributed (`MASTER_ADDR`).
+    #[arg(long, env, default_value = "localhost")]
+    pub master_addr: String,
+
+    /// Port of shard 0 for torch.distributed (`MASTER_PORT`).
+    #[arg(long, env, default_value_t = 29500)]
+    pub master_port: u16,
+
+    /// Directory of the Hugging Face Hub cache where models and adapters are downloaded. Unset:
+    /// the Hub library's default (`HF_HOME`, else `~/.cache/huggingface/hub`).
+    #[arg(long, env)]
+    pub huggingface_hub_cache: Option<PathBuf>,
+
+    /// Write logs as JSON lines (the launcher's and the router's).
+    #[arg(long, env)]
+    pub json_output: bool,
+
+    /// OpenTelemetry collector to send traces to (later feature: accepted, not used yet).
+    #[arg(long, env)]
+    pub otlp_endpoint: Option<String>,
+
+    /// An origin allowed to call the HTTP API from a browser (CORS). Repeat the flag, or separate
+    /// origins with commas in the environment variable.
+    #[arg(long, env, value_delimiter = ',')]
+    pub cors_allow_origin: Vec<String>,
+
+    /// Download the model's weights, then exit without serving.
+    #[arg(long, env)]
+    pub download_only: bool,
+
+    /// Fraction of the device memory the shards may use (model, KV cache, adapters).
+    #[arg(long, env, default_value_t = 1.0)]
+    pub cuda_memory_fraction: f32,
+
+    /// Number of KV cache blocks each shard allocates, instead of sizing the cache from free
+    /// memory. For small machines and tests.
+    #[arg(long, env)]
+    pub kv_cache_blocks: Option<usize>,
+
+    /// Use only the reference (pure PyTorch) kernels in the shards (passed as
+    /// `DISABLE_CUSTOM_KERNELS=true`).
+    #[arg(long, env)]
+    pub disable_custom_kernels: bool,
+
+    /// Seconds to wait for every shard to load the model and open its socket before giving up.
+    #[arg(long, env, default_value_t = 1800)]
+    pub shard_startup_timeout_s: u64,
+}
+
+impl Args {
+    /// Checks what clap cannot: relations between limits and features that are not built yet.
+    /// The error is a complete sentence naming the flags involved.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(q) = self.quantize {
+            return Err(format!(
+                "--quantize {q} is not supported yet: quantized base models arrive in a later \
+                 release; start without --quantize"
+            ));
+        }
+        positive("--num-shard", self.num_shard)?;
+        match self.sharded {
+            Some(true) if self.num_shard < 2 => {
+                return Err(format!(
+                    "--sharded true needs --num-shard of at least 2 (got {})",
+                    self.num_shard
+                ))
+            }
+            Some(false) if self.num_shard > 1 => {
+                return Err(format!(
+                    "--sharded false contradicts --num-shard {}",
+                    self.num_shard
+                ))
+            }
+            _ => {}
+        }
+        positive("--max-concurrent-requests", self.max_concurrent_requests)?;
+        positive("--max-best-of", self.max_best_of)?;
+        positive("--max-input-length", self.max_input_length)?;
+        positive("--max-active-adapters", self.max_active_adapters)?;
+        if self.max_input_length >= self.max_total_tokens {
+            return Err(format!(
+                "--max-input-length ({}) must be less than --max-total-tokens ({}): a request \
+                 needs room for at least one generated token",
+                self.max_input_length, self.max_total_tokens
+            ));
+        }
+        if self.max_batch_prefill_tokens < self.max_input_length {
+            return Err(format!(
+                "--max-batch-prefill-tokens ({}) must be at least --max-input-length ({}), or \
+                 the longest prompts could never be prefilled",
+                self.max_batch_prefill_tokens, self.max_input_length
+            ));
+        }
+        if let Some(total) = self.max_batch_total_tokens {
+            if total < self.max_batch_prefill_tokens {
+                return Err(format!(
+                    "--max-batch-total-tokens ({total}) must be at least \
+                     --max-batch-prefill-tokens ({})",
+                    self.max_batch_prefill_tokens
+                ));
+            }
+            if total < self.max_total_tokens {
+                return Err(format!(
+                    "--max-batch-total-tokens ({total}) must be at least --max-total-tokens ({})",
+                    self.max_total_tokens
+                ));
+            }
+        }
+        if !(self.waiting_served_ratio.is_finite() && self.waiting_served_ratio >= 0.0) {
+            return Err(format!(
+                "--waiting-served-ratio must be a number of at least 0 (got {})",
+                self.waiting_served_ratio
+            ));
+        }
+        if !(self.adapter_cycle_time_s.is_finite() && self.adapter_cycle_time_s > 0.0) {
+            return Err(format!(
+                "--adapter-cycle-time-s must be more than 0 (got {})",
+                self.adapter_cycle_time_s
+            ));
+        }
+        if !(self.cuda_memory_fraction > 0.0 && self.cuda_memory_fraction <= 1.0) {
+            return Err(format!(
+                "--cuda-memory-fraction must be in (0, 1] (got {})",
+                self.cuda_memory_fraction
+            ));
+        }
+        if !(0.0..1.0).contains(&self.adapter_memory_fraction) {
+            return Err(format!(
+                "--adapter-memory-fraction must be in [0, 1) (got {})",
+                self.adapter_memory_fraction
+            ));
+        }
+        if self.kv_cache_blocks == Some(0) {
+            return Err("--kv-cache-blocks must be at least 1".to_string());
+        }
+        if self.model_id.trim().is_empty() {
+            return Err("--model-id must not be empty".to_string());
+        }
+        Ok(())
+    }
+
+    /// Whether the shards run as one tensor-parallel group of several ranks.
+    pub fn is_sharded(&self) -> bool {
+        self.num_shard > 1
+    }
+}
+
+fn positive(flag: &str, value: usize) -> Result<(), String> {
+    if value == 0 {
+        return Err(format!("{flag} must be at least 1"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(extra: &[&str]) -> Args {
+        let mut argv = vec!["lorax-launcher", "--model-id", "m"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).expect("parses")
+    }
+
+    fn error_of(extra: &[&str]) -> String {
+        parse(extra).validate().expect_err("must be rejected")
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_match_lorax() {
+        let a = parse(&[]);
+        assert_eq!(a.num_shard, 1);
+        assert_eq!(a.adapter_source, AdapterSource::Hub);
+        assert_eq!(a.max_concurrent_requests, 128);
+        assert_eq!(a.max_best_of, 2);
+        assert_eq!(a.max_stop_sequences, 4);
+        assert_eq!(a.max_input_length, 1024);
+        assert_eq!(a.max_total_tokens, 2048);
+        assert_eq!(a.waiting_served_ratio, 1.2);
+        assert_eq!(a.max_batch_prefill_tokens, 4096);
+        assert_eq!(a.max_batch_total_tokens, None);
+        assert_eq!(a.max_waiting_tokens, 20);
+        assert_eq!(a.max_active_adapters, 128);
+        assert_eq!(a.adapter_cycle_time_s, 2.0);
+        assert_eq!(a.adapter_memory_fraction, 0.1);
+        assert_eq!(a.hostname, "0.0.0.0");
+        assert_eq!(a.port, 3000);
+        assert_eq!(a.shard_uds_path, "/tmp/lorax-server");
+        assert_eq!(a.master_addr, "localhost");
+        assert_eq!(a.master_port, 29500);
+        assert_eq!(a.cuda_memory_fraction, 1.0);
+        assert!(!a.json_output && !a.download_only && !a.trust_remote_code);
+        assert!(a.cors_allow_origin.is_empty());
+        a.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn every_flag_has_an_environment_variable_named_after_it() {
+        for arg in Args::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if long == "help" || long == "version" {
+                continue;
+            }
+            let env = arg.get_env().unwrap_or_else(|| panic!("--{long} has no env var"));
+            assert_eq!(env.to_str().unwrap(), long.replace('-', "_").to_uppercase());
+        }
+    }
+
+    #[test]
+    fn model_id_is_required() {
+        let err = Args::try_parse_from(["lorax-launcher"]).unwrap_err();
+        assert!(err.to_string().contains("--model-id"), "{err}");
+    }
+
+    #[test]
+    fn enums_parse_by_their_lorax_names() {
+        let a = parse(&["--dtype", "bfloat16", "--adapter-source", "s3"]);
+        assert_eq!(a.dtype, Some(Dtype::BFloat16));
+        assert_eq!(a.adapter_source, AdapterSource::S3);
+        assert_eq!(parse(&["--dtype", "fp16"]).dtype, Some(Dtype::Float16));
+        for name in [
+            "bitsandbytes",
+            "bitsandbytes-nf4",
+            "bitsandbytes-fp4",
+            "gptq",
+            "awq",
+            "eetq",
+            "hqq-4bit",
+            "hqq-3bit",
+            "hqq-2bit",
+            "fp8",
+        ] {
+            let q = parse(&["--quantize", name]).quantize.unwrap();
+            assert_eq!(q.to_string(), name);
+        }
+        assert!(Args::try_parse_from(["l", "--model-id", "m", "--dtype", "int8"]).is_err());
+    }
+
+    #[test]
+    fn quantize_is_refused_with_a_clear_message() {
+        let err = error_of(&["--quantize", "gptq"]);
+        assert!(err.contains("--quantize gptq is not supported yet"), "{err}");
+    }
+
+    #[test]
+    fn cors_origins_repeat_or_split_on_commas() {
+        let a = parse(&[
+            "--cors-allow-origin",
+            "http://a",
+            "--cors-allow-origin",
+            "http://b,http://c",
+        ]);
+        assert_eq!(a.cors_allow_origin, ["http://a", "http://b", "http://c"]);
+    }
+
+    #[test]
+    fn input_must_be_shorter_than_total() {
+        let err = error_of(&["--max-input-length", "2048", "--max-total-tokens", "2048"]);
+        assert!(err.contains("--max-input-length (2048) must be less than"), "{err}");
+    }
+
+    #[test]
+    fn prefill_budget_must_fit_the_longest_prompt() {
+        let err = error_of(&["--max-batch-prefill-tokens", "512"]);
+        assert!(err.contains("--max-batch-prefill-tokens (512)"), "{err}");
+    }
+
+    #[test]
+    fn batch_total_must_fit_prefill_and_one_request() {
+        let err = error_of(&["--max-batch-total-tokens", "1000"]);
+        assert!(err.contains("--max-batch-total-tokens (1000)"), "{err}");
+        let err = error_of(&[
+            "--max-batch-total-tokens",
+            "4096",
+            "--max-total-tokens",
+            "8192",
+        ]);
+        assert!(err.contains("at least --max-total-tokens (8192)"), "{err}");
+        parse(&["--max-batch-total-tokens", "4096"]).validate().unwrap();
+    }
+
+    #[test]
+    fn sharded_must_agree_with_num_shard() {
+        assert!(error_of(&["--sharded", "true"]).contains("--num-shard"));
+        assert!(error_of(&["--sharded", "false", "--num-shard", "2"]).contains("contradicts"));
+        let a = parse(&["--sharded", "true", "--num-shard", "2"]);
+        a.validate().unwrap();
+        assert!(a.is_sharded());
+    }
+
+    #[test]
+    fn fractions_and_counts_are_range_checked() {
+        assert!(error_of(&["--num-shard", "0"]).contains("--num-shard must be at least 1"));
+        assert!(error_of(&["--cuda-memory-fraction", "1.5"]).contains("(0, 1]"));
+        assert!(error_of(&["--cuda-memory-fraction", "0"]).contains("(0, 1]"));
+        assert!(error_of(&["--adapter-memory-fraction", "1"]).contains("[0, 1)"));
+        assert!(error_of(&["--adapter-cycle-time-s", "0"]).contains("more than 0"));
+        assert!(error_of(&["--kv-cache-blocks", "0"]).contains("--kv-cache-blocks"));
+        assert!(error_of(&["--max-best-of", "0"]).contains("--max-best-of"));
+    }
+}

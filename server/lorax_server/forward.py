@@ -1,0 +1,74 @@
+"""Metadata for one forward pass over a ragged batch, built once on the host and passed to every layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .kv_cache import slot_mapping
+
+
+@dataclass
+class ForwardBatch:
+    """Tokens of several sequences laid end to end (no padding in the linear layers).
+
+    Each sequence contributes `query_lens[b]` new tokens whose keys/values are written to the cache,
+    then attends to its first `context_lens[b]` cached tokens (which include the new ones).
+    """
+
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64, position of each token in its sequence
+    seq_index: torch.Tensor  # [num_tokens] int64, which sequence each token belongs to
+    seq_lens: torch.Tensor  # [num_tokens] int64, length of the token's sequence after this step
+    slots: torch.Tensor  # [num_tokens] int64, KV cache slot each token's key/value is written to
+    block_tables: torch.Tensor  # [batch, max_blocks] int64
+    context_lens: torch.Tensor  # [batch] int64, cached tokens each sequence attends to
+    query_start: torch.Tensor  # [batch] int64, offset of each sequence's first new token
+    max_query_len: int  # host copy: longest run of new tokens
+    max_context_len: int  # host copy: longest context
+    logits_index: torch.Tensor  # [num_logits] int64, tokens whose logits are wanted
+    # Attention backends cache derived tensors (masks, gather indices) here, once per forward pass.
+    backend_state: dict = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.context_lens.shape[0]
+
+    @classmethod
+    def build(
+        cls,
+        input_ids: torch.Tensor,
+        query_lens: list[int],
+        context_lens: list[int],
+        block_tables: torch.Tensor,
+        block_size: int,
+        logits_index: torch.Tensor | None = None,
+    ) -> ForwardBatch:
+        """Derive every per-token tensor from per-sequence lengths.
+
+        input_ids: [num_tokens] on the target device; query_lens/context_lens: host lists, one per sequence.
+        """
+        device = input_ids.device
+        q_lens = torch.tensor(query_lens, dtype=torch.int64, device=device)  # [batch]
+        ctx = torch.tensor(context_lens, dtype=torch.int64, device=device)  # [batch]
+        num_tokens = input_ids.shape[0]
+        seq_index = torch.repeat_interleave(torch.arange(len(query_lens), device=device), q_lens, output_size=num_tokens)
+        query_start = torch.cumsum(q_lens, 0) - q_lens
+        offset_in_query = torch.arange(num_tokens, device=device) - query_start[seq_index]
+        positions = (ctx - q_lens)[seq_index] + offset_in_query
+        if logits_index is None:
+            logits_index = torch.cumsum(q_lens, 0) - 1  # last token of each sequence
+        return cls(
+            input_ids=input_ids,
+            positions=positions,
+            seq_index=seq_index,
+            seq_lens=ctx[seq_index],
+            slots=slot_mapping(block_tables, seq_index, positions, block_size),
+            block_tables=block_tables,
+            context_lens=ctx,
+            query_start=query_start,
+            max_query_len=max(query_lens),
+            max_context_len=max(context_lens),
+            logits_index=logits_index,
+        )

@@ -1,0 +1,109 @@
+"""Paged KV cache: a pure block manager (which blocks belong to whom) and the per-layer cache tensors."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+
+class OutOfBlocks(RuntimeError):
+    """Not enough free KV cache blocks for the request."""
+
+
+class BlockManager:
+    """Hands out fixed-size KV cache blocks; ref counts let sequences share blocks (e.g. best_of forks)."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: deque[int] = deque(range(num_blocks))
+        self._refs = [0] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_allocate(self, num_tokens: int) -> bool:
+        return self.blocks_for(num_tokens) <= self.num_free
+
+    def allocate(self, num_tokens: int) -> list[int]:
+        """A new block table with room for `num_tokens` tokens."""
+        needed = self.blocks_for(num_tokens)
+        if needed > self.num_free:
+            raise OutOfBlocks(f"need {needed} KV cache blocks, {self.num_free} free")
+        table = [self._free.popleft() for _ in range(needed)]
+        for block in table:
+            self._refs[block] = 1
+        return table
+
+    def append(self, table: list[int], num_tokens: int) -> list[int]:
+        """Grow `table` in place so it holds `num_tokens` tokens; returns the blocks added."""
+        extra = self.blocks_for(num_tokens) - len(table)
+        if extra <= 0:
+            return []
+        if extra > self.num_free:
+            raise OutOfBlocks(f"need {extra} more KV cache blocks, {self.num_free} free")
+        added = [self._free.popleft() for _ in range(extra)]
+        for block in added:
+            self._refs[block] = 1
+        table.extend(added)
+        return added
+
+    def fork(self, table: list[int]) -> list[int]:
+        """A second owner of the same blocks (copy-on-write is the caller's business)."""
+        for block in table:
+            self._refs[block] += 1
+        return list(table)
+
+    def free(self, table: list[int]) -> None:
+        for block in table:
+            if self._refs[block] <= 0:
+                raise RuntimeError(f"block {block} freed twice")
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free.append(block)
+        table.clear()
+
+
+def slot_mapping(block_tables: torch.Tensor, seq_index: torch.Tensor, positions: torch.Tensor, block_size: int):
+    """Cache slot of each token: block_tables [batch, max_blocks], seq_index/positions [num_tokens] → [num_tokens]."""
+    blocks = block_tables[seq_index, torch.div(positions, block_size, rounding_mode="floor")]
+    return blocks * block_size + positions % block_size
+
+
+class KVCache:
+    """Per layer `[num_blocks, block_size, kv_heads, head_dim]` key and value tensors."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (num_blocks, block_size, kv_heads, head_dim)
+        # Zeroed, not empty: attention reads whole blocks and masks the unused slots, and 0 * NaN
+        # garbage would still poison the weighted sum.
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """slots [num_tokens]; k, v [num_tokens, kv_heads, head_dim]."""
+        kv_heads, head_dim = k.shape[1], k.shape[2]
+        self.keys[layer].view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
+        self.values[layer].view(-1, kv_heads, head_dim).index_copy_(0, slots, v)

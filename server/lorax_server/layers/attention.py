@@ -1,0 +1,126 @@
+"""Attention backends behind one interface. The pure-torch backend runs anywhere and is the reference
+that faster (CUDA) backends are tested against.
+
+Interface: `attend(q, cache_k, cache_v, meta, scale, window, softcap) -> out`, called after the layer
+has written this step's keys/values into the cache; every sequence attends to its first
+`meta.context_lens[b]` cached tokens, causally.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from ..forward import ForwardBatch
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def attend(
+        self,
+        q: torch.Tensor,  # [num_tokens, heads, head_dim]
+        cache_k: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+        cache_v: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+        meta: ForwardBatch,
+        scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
+    ) -> torch.Tensor:  # [num_tokens, heads, head_dim]
+        ...
+
+
+class _PaddedLayout:
+    """Per-forward tensors the torch backend derives once and reuses in every layer."""
+
+    def __init__(self, meta: ForwardBatch, block_size: int) -> None:
+        batch, device = meta.batch_size, meta.input_ids.device
+        self.max_q, self.max_k = meta.max_query_len, meta.max_context_len
+        self.num_blocks = -(-self.max_k // block_size)
+        self.tables = meta.block_tables[:, : self.num_blocks]  # [batch, num_blocks]
+        offset = torch.arange(meta.input_ids.shape[0], device=device) - meta.query_start[meta.seq_index]
+        self.q_index = meta.seq_index * self.max_q + offset  # [num_tokens] row in the padded query grid
+        # Padded query slots sit at position 0 so they see key 0 and never produce NaN rows.
+        q_pos = torch.zeros(batch * self.max_q, dtype=torch.int64, device=device)
+        q_pos[self.q_index] = meta.positions
+        self.q_pos = q_pos.view(batch, self.max_q, 1)  # [batch, max_q, 1]
+        self.k_pos = torch.arange(self.max_k, device=device).view(1, 1, -1)  # [1, 1, max_k]
+        causal = (self.k_pos <= self.q_pos) & (self.k_pos < meta.context_lens.view(-1, 1, 1))
+        self._masks: dict[int | None, torch.Tensor] = {None: causal.unsqueeze(1)}  # [batch, 1, max_q, max_k]
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        if window not in self._masks:
+            in_window = (self.q_pos - self.k_pos) < window
+            self._masks[window] = self._masks[None] & in_window.unsqueeze(1)
+        return self._masks[window]
+
+
+class TorchAttention:
+    """Gathers each sequence's cached keys into a padded grid and runs SDPA (or an explicit softmax
+    when logits are soft-capped)."""
+
+    name = "torch"
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+
+    def _layout(self, meta: ForwardBatch) -> _PaddedLayout:
+        layout = meta.backend_state.get(self.name)
+        if layout is None:
+            layout = meta.backend_state[self.name] = _PaddedLayout(meta, self.block_size)
+        return layout
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        meta: ForwardBatch,
+        scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
+    ) -> torch.Tensor:
+        layout = self._layout(meta)
+        batch, heads, head_dim = meta.batch_size, q.shape[1], q.shape[2]
+        kv_heads = cache_k.shape[2]
+        q_grid = q.new_zeros(batch * layout.max_q, heads, head_dim)
+        q_grid[layout.q_index] = q
+        q_grid = q_grid.view(batch, layout.max_q, heads, head_dim).transpose(1, 2)  # [b, h, max_q, d]
+        k = self._gather(cache_k, layout, batch, kv_heads, head_dim)  # [b, kvh, max_k, d]
+        v = self._gather(cache_v, layout, batch, kv_heads, head_dim)
+        mask = layout.mask(window)
+        if softcap is None:
+            out = F.scaled_dot_product_attention(
+                q_grid, k, v, attn_mask=mask, scale=scale, enable_gqa=heads != kv_heads
+            )
+        else:
+            out = _softcapped_attention(q_grid, k, v, mask, scale, softcap)
+        out = out.transpose(1, 2).reshape(batch * layout.max_q, heads, head_dim)
+        return out[layout.q_index]
+
+    @staticmethod
+    def _gather(cache: torch.Tensor, layout: _PaddedLayout, batch: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+        blocks = cache[layout.tables]  # [b, num_blocks, block_size, kvh, d]
+        seq = blocks.view(batch, -1, kv_heads, head_dim)[:, : layout.max_k]
+        return seq.transpose(1, 2)
+
+
+def _softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float
+) -> torch.Tensor:
+    """q [b, h, q, d]; k, v [b, kvh, k, d]; scores = cap * tanh(qk^T * scale / cap)."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def select_backend(device: torch.device, block_size: int) -> AttentionBackend:
+    """Chosen once at start-up. CUDA kernels arrive behind the same interface in a later issue."""
+    return TorchAttention(block_size)

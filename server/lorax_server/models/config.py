@@ -1,0 +1,145 @@
+"""The subset of a Hugging Face `config.json` the shared layers need, read once into one typed object."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding parameters, normalised from either transformers config style."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"  # default | linear | dynamic | llama3 | yarn | longrope
+    factor: float = 1.0
+    partial_rotary_factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float | None = None  # llama3
+    high_freq_factor: float | None = None  # llama3
+    beta_fast: float | None = None  # yarn
+    beta_slow: float | None = None  # yarn
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    attention_factor: float | None = None  # yarn / longrope
+    truncate: bool = True  # yarn
+    short_factor: tuple[float, ...] | None = None  # longrope
+    long_factor: tuple[float, ...] | None = None  # longrope
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> RopeConfig:
+        """Accept transformers-5 `rope_parameters` and transformers-4 `rope_theta` + `rope_scaling`."""
+        params = dict(cfg.get("rope_parameters") or {})
+        scaling = cfg.get("rope_scaling") or {}
+        if not params:
+            params = dict(scaling)
+            params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = params.get("rope_type") or params.get("type") or "default"
+        if rope_type == "su":  # Phi-3's early name for longrope
+            rope_type = "longrope"
+        partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+
+        def opt_tuple(key: str) -> tuple[float, ...] | None:
+            return tuple(params[key]) if params.get(key) is not None else None
+
+        return cls(
+            theta=float(params.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            rope_type=rope_type,
+            factor=float(params.get("factor") or 1.0),
+            partial_rotary_factor=float(partial),
+            original_max_position_embeddings=params.get(
+                "original_max_position_embeddings", cfg.get("original_max_position_embeddings")
+            ),
+            low_freq_factor=params.get("low_freq_factor"),
+            high_freq_factor=params.get("high_freq_factor"),
+            beta_fast=params.get("beta_fast"),
+            beta_slow=params.get("beta_slow"),
+            mscale=params.get("mscale"),
+            mscale_all_dim=params.get("mscale_all_dim"),
+            attention_factor=params.get("attention_factor"),
+            truncate=bool(params.get("truncate", True)),
+            short_factor=opt_tuple("short_factor"),
+            long_factor=opt_tuple("long_factor"),
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters shared by every decoder-only family."""
+
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    norm_eps: float
+    hidden_act: str
+    tie_word_embeddings: bool
+    rope: RopeConfig
+    sliding_window: int | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any], generation_cfg: dict[str, Any] | None = None) -> ModelConfig:
+        archs = cfg.get("architectures") or []
+        num_heads = cfg["num_attention_heads"]
+        hidden = cfg["hidden_size"]
+        sliding = cfg.get("sliding_window")
+        if cfg.get("use_sliding_window") is False:  # Qwen2 keeps the field but may switch it off
+            sliding = None
+        return cls(
+            architecture=archs[0] if archs else "",
+            model_type=cfg.get("model_type", ""),
+            vocab_size=cfg["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=cfg.get("intermediate_size", 4 * hidden),
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or hidden // num_heads,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            norm_eps=cfg.get("rms_norm_eps", cfg.get("layer_norm_eps", 1e-6)),
+            hidden_act=cfg.get("hidden_act", "silu"),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rope=RopeConfig.from_hf(cfg),
+            sliding_window=int(sliding) if sliding else None,
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            eos_token_ids=_eos_ids(cfg, generation_cfg or {}),
+            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+            raw=cfg,
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> ModelConfig:
+        model_dir = Path(model_dir)
+        config_path = model_dir / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{model_dir} has no config.json")
+        cfg = json.loads(config_path.read_text())
+        gen_path = model_dir / "generation_config.json"
+        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        return cls.from_hf(cfg, gen)
+
+
+def _eos_ids(cfg: dict[str, Any], gen: dict[str, Any]) -> tuple[int, ...]:
+    """Every end-of-sequence id named by config.json and generation_config.json."""
+    ids: list[int] = []
+    for source in (cfg.get("eos_token_id"), gen.get("eos_token_id")):
+        if source is None:
+            continue
+        for token in source if isinstance(source, list) else [source]:
+            if token not in ids:
+                ids.append(int(token))
+    return tuple(ids)

@@ -1,0 +1,43 @@
+"""Build a `CausalLM` from a local Hugging Face model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..layers.attention import AttentionBackend
+from ..utils.weights import Weights
+from .config import ModelConfig
+from .registry import spec_for
+from .transformer import CausalLM
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(requested: str | None, config: ModelConfig, device: torch.device) -> torch.dtype:
+    """`--dtype` wins; otherwise the checkpoint's dtype on GPU and float32 on CPU (half is slow and
+    inexact there)."""
+    if requested:
+        if requested not in DTYPES:
+            raise ValueError(f"unsupported dtype {requested!r}; choose one of {', '.join(DTYPES)}")
+        return DTYPES[requested]
+    if device.type == "cpu":
+        return torch.float32
+    return DTYPES.get(config.torch_dtype or "", torch.float16)
+
+
+def load_model(
+    model_dir: str | Path,
+    backend: AttentionBackend,
+    device: torch.device,
+    dtype: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> CausalLM:
+    config = ModelConfig.from_dir(model_dir)
+    spec = spec_for(config.architecture)
+    if world_size > 1:
+        raise NotImplementedError("tensor-parallel sharding (--sharded / --num-shard > 1) is not supported yet")
+    weights = Weights(model_dir, resolve_dtype(dtype, config, device), device, rank, world_size)
+    return CausalLM(spec, config, weights, backend, device)

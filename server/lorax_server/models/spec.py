@@ -1,0 +1,31 @@
+"""What an architecture family states about itself. Everything not stated here is shared."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Weight names (relative to the checkpoint root, `{i}` = layer index) and structural switches."""
+
+    family: str
+    embed: str = "model.embed_tokens"
+    layer: str = "model.layers.{i}"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    # Inside a layer:
+    q_proj: str = "self_attn.q_proj"
+    k_proj: str = "self_attn.k_proj"
+    v_proj: str = "self_attn.v_proj"
+    o_proj: str = "self_attn.o_proj"
+    gate_proj: str = "mlp.gate_proj"
+    up_proj: str = "mlp.up_proj"
+    down_proj: str = "mlp.down_proj"
+    input_norm: str = "input_layernorm"
+    post_attention_norm: str = "post_attention_layernorm"
+    norm: str = "rms"  # rms | layer
+    qkv_bias: bool | None = None  # None: config.attention_bias decides
+    uses_sliding_window: bool = True  # honour config.sliding_window
+    # Modules a LoRA adapter may target, by the name adapters use.
+    adaptable_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -1,0 +1,123 @@
+"""The shared decoder-only transformer every spec is built from: embedding → layers → norm → head.
+
+Works on ragged batches laid end to end (`ForwardBatch`): linear layers see `[num_tokens, hidden]`
+with no padding; only attention knows about sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..forward import ForwardBatch
+from ..kv_cache import KVCache
+from ..layers.activations import activation
+from ..layers.attention import AttentionBackend
+from ..layers.linear import Linear
+from ..layers.norm import LayerNorm, RMSNorm
+from ..layers.rotary import RotaryEmbedding, apply_rotary
+from ..utils.weights import Weights
+from .config import ModelConfig
+from .spec import ArchSpec
+
+
+def _norm(spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str):  # noqa: ANN202
+    if spec.norm == "layer":
+        return LayerNorm.load(weights, prefix, cfg.norm_eps, cfg.hidden_size)
+    return RMSNorm.load(weights, prefix, cfg.norm_eps, cfg.hidden_size)
+
+
+class SelfAttention:
+    def __init__(self, spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str, layer_idx: int) -> None:
+        h, d, kvh = cfg.num_heads, cfg.head_dim, cfg.num_kv_heads
+        bias = cfg.attention_bias if spec.qkv_bias is None else spec.qkv_bias
+        self.qkv = Linear.load(
+            weights,
+            [f"{prefix}.{spec.q_proj}", f"{prefix}.{spec.k_proj}", f"{prefix}.{spec.v_proj}"],
+            bias=bias,
+            shapes=[(h * d, cfg.hidden_size), (kvh * d, cfg.hidden_size), (kvh * d, cfg.hidden_size)],
+        )
+        self.o = Linear.load(weights, [f"{prefix}.{spec.o_proj}"], bias=False, shapes=[(cfg.hidden_size, h * d)])
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
+        self.scale = d**-0.5
+        self.window = cfg.sliding_window if spec.uses_sliding_window else None
+        self.layer_idx = layer_idx
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # [num_tokens, hidden]
+        meta: ForwardBatch,
+        cos: torch.Tensor,  # [num_tokens, rot_dim]
+        sin: torch.Tensor,  # [num_tokens, rot_dim]
+        cache: KVCache,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        q, k, v = self.qkv(x).split(self.qkv.out_splits, dim=-1)
+        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        cache.write(self.layer_idx, meta.slots, k, v)
+        out = backend.attend(
+            q, cache.keys[self.layer_idx], cache.values[self.layer_idx], meta, self.scale, self.window
+        )
+        return self.o(out.reshape(-1, self.num_heads * self.head_dim))
+
+
+class GatedMLP:
+    """down(act(gate(x)) * up(x)), with gate and up fused into one matmul."""
+
+    def __init__(self, spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str) -> None:
+        hidden, inter = cfg.hidden_size, cfg.intermediate_size
+        self.gate_up = Linear.load(
+            weights,
+            [f"{prefix}.{spec.gate_proj}", f"{prefix}.{spec.up_proj}"],
+            bias=cfg.mlp_bias,
+            shapes=[(inter, hidden), (inter, hidden)],
+        )
+        self.down = Linear.load(weights, [f"{prefix}.{spec.down_proj}"], bias=cfg.mlp_bias, shapes=[(hidden, inter)])
+        self.act = activation(cfg.hidden_act)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.gate_up.out_splits, dim=-1)
+        return self.down(self.act(gate) * up)
+
+
+class DecoderLayer:
+    def __init__(self, spec: ArchSpec, cfg: ModelConfig, weights: Weights, layer_idx: int) -> None:
+        prefix = spec.layer.format(i=layer_idx)
+        self.input_norm = _norm(spec, cfg, weights, f"{prefix}.{spec.input_norm}")
+        self.attn = SelfAttention(spec, cfg, weights, prefix, layer_idx)
+        self.post_attention_norm = _norm(spec, cfg, weights, f"{prefix}.{spec.post_attention_norm}")
+        self.mlp = GatedMLP(spec, cfg, weights, prefix)
+
+    def __call__(self, x: torch.Tensor, meta: ForwardBatch, cos, sin, cache: KVCache, backend) -> torch.Tensor:  # noqa: ANN001
+        x = x + self.attn(self.input_norm(x), meta, cos, sin, cache, backend)
+        return x + self.mlp(self.post_attention_norm(x))
+
+
+class CausalLM:
+    """A loaded model: call `forward` with a batch's metadata to get logits of `meta.logits_index` tokens."""
+
+    def __init__(
+        self, spec: ArchSpec, cfg: ModelConfig, weights: Weights, backend: AttentionBackend, device: torch.device
+    ) -> None:
+        self.spec, self.config, self.backend, self.device = spec, cfg, backend, device
+        self.dtype = weights.dtype
+        self.embed = weights.get(f"{spec.embed}.weight", (cfg.vocab_size, cfg.hidden_size))
+        self.layers = [DecoderLayer(spec, cfg, weights, i) for i in range(cfg.num_layers)]
+        self.norm = _norm(spec, cfg, weights, spec.final_norm)
+        if cfg.tie_word_embeddings or not weights.has(f"{spec.lm_head}.weight"):
+            self.lm_head = Linear(self.embed, None, [cfg.vocab_size])
+        else:
+            self.lm_head = Linear.load(weights, [spec.lm_head], bias=False, shapes=[(cfg.vocab_size, cfg.hidden_size)])
+        self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, device)
+
+    @torch.inference_mode()
+    def forward(self, meta: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        """Returns float32 logits [num_logits, vocab] for the tokens in `meta.logits_index`."""
+        x = F.embedding(meta.input_ids, self.embed)  # [num_tokens, hidden]
+        cos, sin = self.rotary.cos_sin(meta.positions, meta.seq_lens)
+        for layer in self.layers:
+            x = layer(x, meta, cos, sin, cache, self.backend)
+        x = self.norm(x[meta.logits_index])
+        return self.lm_head(x).float()

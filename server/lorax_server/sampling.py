@@ -1,0 +1,268 @@
+"""Batched next-token choice: logits processors and seeded sampling for a whole batch in one pass.
+
+Processing order and semantics follow transformers (and TGI): repetition penalty, then for sampling
+rows temperature, top-k, top-p and typical-p (filtered scores become -inf, at least one token is
+always kept), then log-softmax and the choice: greedy rows take the arg-max, sampling rows draw from
+softmax(processed scores). Each per-request parameter is a per-row tensor, so one batch mixes any
+parameters without a Python loop over rows. Which stages run at all is decided once per batch
+composition (from_params / filter / concatenate), never by a host sync in the step.
+
+Sampling is Gumbel-max with noise from a counter-based hash of (seed, step, token id) made with
+integer tensor ops, so a request's draws depend only on its own seed and step: the same in any batch,
+at any row, on CPU and CUDA alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+# Odd multipliers below 2**31: a 32-bit value times one stays below 2**63, so int64 products are
+# exact (no wraparound) on every device. Shifts and multipliers: a two-round xorshift-multiply
+# mixer of the murmur3 fmix32 family.
+_MUL1 = 0x21F0AAAD
+_MUL2 = 0x735A2D97
+_WEYL = 0x9E3779B9  # golden-ratio increment that spreads consecutive counters apart
+_STEP_WEYL = 0x7F4A7C15
+
+_Int = TypeVar("_Int", int, torch.Tensor)
+
+
+def _mix32(x: _Int) -> _Int:
+    """Bijective 32-bit mixer on Python ints or int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * _MUL1) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _MUL2) & _MASK32
+    return x ^ (x >> 15)
+
+
+def seed_key(seed: int) -> int:
+    """32-bit key of a uint64 seed (both halves mixed in)."""
+    seed %= 1 << 64
+    return _mix32(_mix32(seed & _MASK32) ^ (seed >> 32))
+
+
+def uniform_noise(keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Counter-based uniforms in (0, 1): one per (seed key, step, token id), independent of the batch.
+
+    keys: [n] int64 from `seed_key`; steps: [n] int64. Returns [n, vocab] float32.
+    """
+    step_key = _mix32((keys + (steps & _MASK32) * _STEP_WEYL) & _MASK32)  # [n]
+    ids = torch.arange(vocab, dtype=torch.int64, device=keys.device) * _WEYL  # [vocab]
+    x = _mix32((step_key[:, None] + ids) & _MASK32)  # [n, vocab]
+    # 23 random bits -> (2m + 1) / 2**24: exact in float32, never 0 or 1.
+    return ((x >> 9).to(torch.float32) * 2.0 + 1.0) * (2.0**-24)
+
+
+def gumbel_noise(keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Standard Gumbel noise [n, vocab] float32 for seed keys [n] at steps [n]."""
+    u = uniform_noise(keys, steps, vocab)
+    return u.log_().neg_().log_().neg_()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's next-token parameters (mirrors proto NextTokenChooserParameters).
+
+    Normalisation: a row samples only if `do_sample` and `temperature > 0` (temperature 0 means greedy);
+    the warpers apply to sampling rows only; top_k <= 0, top_p >= 1, typical_p outside (0, 1) and
+    repetition_penalty <= 0 or == 1 are disabled.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    do_sample: bool = False
+    seed: int = 0
+    repetition_penalty: float = 1.0
+    watermark: bool = False
+
+    @classmethod
+    def from_proto(cls, p: Any) -> SamplingParams:
+        """From a generate_pb2.NextTokenChooserParameters (or anything with the same fields)."""
+        return cls(
+            temperature=float(p.temperature),
+            top_k=int(p.top_k),
+            top_p=float(p.top_p),
+            typical_p=float(p.typical_p),
+            do_sample=bool(p.do_sample),
+            seed=int(p.seed),
+            repetition_penalty=float(p.repetition_penalty),
+            watermark=bool(p.watermark),
+        )
+
+    @property
+    def samples(self) -> bool:
+        return self.do_sample and self.temperature > 0
+
+
+@dataclass
+class SamplerOutput:
+    next_ids: torch.Tensor  # [batch] int64
+    logprobs: torch.Tensor  # [batch, vocab] float32, log_softmax of the processed scores
+
+    def chosen_logprobs(self) -> torch.Tensor:
+        """Log-probability of each row's chosen token: [batch]."""
+        return self.logprobs.gather(1, self.next_ids[:, None]).squeeze(1)
+
+    def top_n(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The n most likely tokens per row: ([batch, n] int64 ids, [batch, n] logprobs), best first.
+
+        Filtered tokens have logprob -inf; n is capped at the vocabulary size.
+        """
+        values, ids = self.logprobs.topk(min(n, self.logprobs.shape[-1]), dim=-1)
+        return ids, values
+
+
+class BatchSampler:
+    """Per-row parameter tensors of one batch, and the batched processors that use them."""
+
+    def __init__(self, params: list[SamplingParams], device: torch.device) -> None:
+        for p in params:
+            if p.watermark:
+                raise ValueError("watermark is not supported yet")
+        self.params = list(params)
+        self.device = torch.device(device)
+        sample = [p.samples for p in params]
+        temperature = [p.temperature if s else 1.0 for p, s in zip(params, sample, strict=True)]
+        top_k = [max(p.top_k, 0) if s else 0 for p, s in zip(params, sample, strict=True)]
+        top_p_on = [s and p.top_p < 1.0 for p, s in zip(params, sample, strict=True)]
+        typical_on = [s and 0.0 < p.typical_p < 1.0 for p, s in zip(params, sample, strict=True)]
+        penalty = [p.repetition_penalty if p.repetition_penalty > 0 else 1.0 for p in params]
+
+        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        self.do_sample = tensor(sample, torch.bool)  # [batch]
+        self.temperature = tensor(temperature, torch.float32)  # [batch]
+        self.top_k = tensor(top_k, torch.int64)  # [batch], 0 = off
+        # 1 - top_p in double precision, then float32: the scalar transformers compares against.
+        self.top_p_cut = tensor([1.0 - p.top_p for p in params], torch.float32)  # [batch]
+        self.top_p_on = tensor(top_p_on, torch.bool)  # [batch]
+        self.typical_mass = tensor([p.typical_p for p in params], torch.float32)  # [batch]
+        self.typical_on = tensor(typical_on, torch.bool)  # [batch]
+        self.penalty = tensor(penalty, torch.float32)  # [batch]
+        self.seed_keys = tensor([seed_key(p.seed) for p in params], torch.int64)  # [batch]
+
+        # Host-side flags: which stages this batch needs.
+        self.any_sample = any(sample)
+        self.all_sample = bool(params) and all(sample)
+        self.any_penalty = any(x != 1.0 for x in penalty)
+        self.any_temperature = any(x != 1.0 for x in temperature)
+        self.max_top_k = max(top_k, default=0)
+        self.any_top_p = any(top_p_on)
+        self.any_typical = any(typical_on)
+        rows = [i for i, s in enumerate(sample) if s]
+        self.sample_rows = tensor(rows, torch.int64)  # [n_sample]
+        self.sample_keys = self.seed_keys[self.sample_rows]  # [n_sample]
+
+    @classmethod
+    def from_params(cls, params: list[SamplingParams], device: torch.device) -> BatchSampler:
+        return cls(params, device)
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def filter(self, keep: torch.Tensor | Sequence[int]) -> BatchSampler:
+        """The sampler of the rows `keep` ([new_batch] int64 row indices), in that order."""
+        rows = keep.tolist() if isinstance(keep, torch.Tensor) else list(keep)
+        return BatchSampler([self.params[i] for i in rows], self.device)
+
+    @classmethod
+    def concatenate(cls, samplers: list[BatchSampler]) -> BatchSampler:
+        """One sampler whose rows are the samplers' rows, in order."""
+        if not samplers:
+            raise ValueError("concatenate needs at least one sampler")
+        params = [p for s in samplers for p in s.params]
+        return cls(params, samplers[0].device)
+
+    def process(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """Processed scores [batch, vocab] float32 of logits [batch, vocab] given history [batch, max_len]."""
+        scores = logits.float()
+        if self.any_penalty and history.shape[1] > 0:
+            scores = apply_repetition_penalty(scores, history, self.penalty)
+        if self.any_temperature:
+            scores = scores / self.temperature[:, None]
+        if self.max_top_k > 0:
+            scores = apply_top_k(scores, self.top_k, self.max_top_k)
+        if self.any_top_p:
+            scores = apply_top_p(scores, self.top_p_cut, self.top_p_on)
+        if self.any_typical:
+            scores = apply_typical(scores, self.typical_mass, self.typical_on)
+        return scores
+
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor, steps: torch.Tensor) -> SamplerOutput:
+        """Choose the next token of every row.
+
+        logits: [batch, vocab]; history: [batch, max_len] int64 ids seen so far (prompt + generated),
+        padded with -1; steps: [batch] int64 tokens generated so far (the random stream's counter).
+        """
+        scores = self.process(logits, history)  # [batch, vocab]
+        logprobs = torch.log_softmax(scores, dim=-1)
+        vocab = scores.shape[-1]
+        if self.all_sample:
+            next_ids = (scores + gumbel_noise(self.seed_keys, steps, vocab)).argmax(dim=-1)
+        elif self.any_sample:
+            rows = self.sample_rows
+            noise = gumbel_noise(self.sample_keys, steps[rows], vocab)  # [n_sample, vocab]
+            sampled = (scores[rows] + noise).argmax(dim=-1)
+            next_ids = scores.argmax(dim=-1).index_copy_(0, rows, sampled)
+        else:
+            next_ids = scores.argmax(dim=-1)
+        return SamplerOutput(next_ids=next_ids, logprobs=logprobs)
+
+
+def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor per row.
+
+    scores: [batch, vocab]; history: [batch, max_len] int64, -1 = padding; penalty: [batch].
+    Ids outside the vocabulary (padding, or an embedding larger than the head) go to a spare column.
+    """
+    vocab = scores.shape[-1]
+    ids = torch.where(history < 0, vocab, history.clamp(max=vocab))  # [batch, max_len]
+    padded = torch.nn.functional.pad(scores, (0, 1))  # [batch, vocab + 1]
+    seen = padded.gather(1, ids)
+    pen = penalty[:, None]
+    seen = torch.where(seen < 0, seen * pen, seen / pen)
+    return padded.scatter(1, ids, seen)[:, :vocab]
+
+
+def apply_top_k(scores: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
+    """transformers' TopKLogitsWarper per row; scores [batch, vocab], top_k [batch] (0 = off)."""
+    vocab = scores.shape[-1]
+    k = top_k.clamp(max=vocab)  # [batch]
+    top_values = scores.topk(min(max_top_k, vocab), dim=-1).values  # [batch, max_k], descending
+    kth = top_values.gather(1, (k - 1).clamp(min=0)[:, None])  # [batch, 1]
+    kth = kth.masked_fill(k[:, None] <= 0, float("-inf"))
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def apply_top_p(scores: torch.Tensor, cut: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """transformers' TopPLogitsWarper per row; scores [batch, vocab], cut = 1 - top_p [batch], on [batch]."""
+    sorted_logits, sorted_ids = scores.sort(dim=-1)  # ascending
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= cut[:, None]
+    remove[:, -1] = False  # min_tokens_to_keep = 1
+    remove &= on[:, None]
+    return scores.masked_fill(remove.scatter(1, sorted_ids, remove), float("-inf"))
+
+
+def apply_typical(scores: torch.Tensor, mass: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """transformers' TypicalLogitsWarper per row; scores [batch, vocab], mass [batch], on [batch]."""
+    normalized = torch.log_softmax(scores, dim=-1)
+    p = normalized.exp()
+    entropy = -(normalized * p).nansum(-1, keepdim=True)  # [batch, 1]
+    shifted = (-normalized - entropy).abs()
+    sorted_shifted, sorted_ids = shifted.sort(dim=-1)
+    cumulative = scores.gather(-1, sorted_ids).softmax(dim=-1).cumsum(dim=-1)
+    last = (cumulative < mass[:, None]).sum(dim=1).clamp_(max=scores.shape[-1] - 1)  # [batch]
+    remove = sorted_shifted > sorted_shifted.gather(1, last[:, None])
+    remove[:, 0] = False  # min_tokens_to_keep = 1
+    remove &= on[:, None]
+    return scores.masked_fill(remove.scatter(1, sorted_ids, remove), float("-inf"))

@@ -1,0 +1,84 @@
+"""Read a checkpoint's tensors from `*.safetensors` files, whole or as this rank's tensor-parallel slice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+class WeightsError(RuntimeError):
+    """A checkpoint lacks a tensor or has one of the wrong shape; the message names it."""
+
+
+class Weights:
+    """Name → tensor access over every safetensors file of a model directory.
+
+    `rank`/`world_size` describe tensor parallelism: `get_sharded` returns this rank's slice.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        dtype: torch.dtype,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        files = sorted(Path(model_dir).glob("*.safetensors"))
+        if not files:
+            raise WeightsError(f"no *.safetensors files in {model_dir}")
+        self.dtype, self.device = dtype, device
+        self.rank, self.world_size = rank, world_size
+        self._handles = [safe_open(str(f), framework="pt") for f in files]
+        self._where: dict[str, int] = {}
+        for i, handle in enumerate(self._handles):
+            for name in handle.keys():
+                self._where.setdefault(name, i)
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def _slice(self, name: str):  # noqa: ANN202 - safetensors' PySafeSlice has no public type
+        if name not in self._where:
+            raise WeightsError(f"checkpoint is missing tensor {name!r}")
+        return self._handles[self._where[name]].get_slice(name)
+
+    def _finish(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        # Integer tensors (quantized weights, indices) keep their dtype.
+        if tensor.is_floating_point():
+            tensor = tensor.to(self.dtype)
+        return tensor.to(self.device)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._slice(name).get_shape())
+
+    def get(self, name: str, expect_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The whole tensor; `expect_shape` (full, unsharded shape) is checked with a clear error."""
+        sl = self._slice(name)
+        self._check_shape(name, list(sl.get_shape()), expect_shape)
+        return self._finish(sl[:], name)
+
+    def get_sharded(self, name: str, dim: int, expect_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """This rank's contiguous 1/world_size slice along `dim` (which must divide evenly)."""
+        sl = self._slice(name)
+        shape = list(sl.get_shape())
+        self._check_shape(name, shape, expect_shape)
+        if self.world_size == 1:
+            return self._finish(sl[:], name)
+        size = shape[dim]
+        if size % self.world_size:
+            raise WeightsError(f"{name!r} dim {dim} of size {size} does not split over {self.world_size} shards")
+        block = size // self.world_size
+        index = [slice(None)] * len(shape)
+        index[dim] = slice(self.rank * block, (self.rank + 1) * block)
+        return self._finish(sl[tuple(index)], name)
+
+    @staticmethod
+    def _check_shape(name: str, shape: list[int], expect: tuple[int, ...] | None) -> None:
+        if expect is not None and tuple(shape) != tuple(expect):
+            raise WeightsError(f"tensor {name!r} has shape {tuple(shape)}, expected {tuple(expect)}")
