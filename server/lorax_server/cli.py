@@ -1,0 +1,119 @@
+"""`lorax-server serve MODEL_ID --uds-path PATH` and `lorax-server download-weights MODEL_ID`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """Everything `serve` needs, read once from the command line and the torch.distributed env."""
+
+    model_id: str
+    uds_path: str
+    revision: str | None
+    dtype: str | None
+    sharded: bool
+    rank: int
+    world_size: int
+    block_size: int
+    memory_fraction: float | None
+    kv_cache_blocks: int | None
+    trust_remote_code: bool
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorax-server", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="load a model and serve it over gRPC on a unix socket")
+    serve.add_argument("model_id", help="local model directory or Hugging Face Hub id")
+    serve.add_argument("--uds-path", default="/tmp/lorax-server", help="socket path prefix; rank r uses PATH-r")
+    serve.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    serve.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    serve.add_argument("--sharded", action="store_true", help="tensor-parallel over WORLD_SIZE ranks")
+    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    serve.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=None,
+        help="share of free GPU memory (default 0.9) or available RAM on CPU (default 0.05) for the KV cache",
+    )
+    serve.add_argument("--kv-cache-blocks", type=int, default=None, help="explicit KV cache size in blocks")
+    serve.add_argument("--trust-remote-code", action="store_true")
+    serve.add_argument("--log-level", default="INFO")
+
+    download = sub.add_parser("download-weights", help="fetch a model; prints its local directory last")
+    download.add_argument("model_id")
+    download.add_argument("--revision", default=None)
+    download.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def _shard_config(args: argparse.Namespace) -> ShardConfig:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if not args.sharded and world_size != 1:
+        raise SystemExit("WORLD_SIZE > 1 needs --sharded")
+    return ShardConfig(
+        model_id=args.model_id,
+        uds_path=args.uds_path,
+        revision=args.revision,
+        dtype=args.dtype,
+        sharded=args.sharded,
+        rank=rank,
+        world_size=world_size,
+        block_size=args.block_size,
+        memory_fraction=args.memory_fraction,
+        kv_cache_blocks=args.kv_cache_blocks,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def run_serve(cfg: ShardConfig) -> None:
+    from transformers import AutoTokenizer
+
+    from .engine import CacheConfig, Engine
+    from .layers.attention import select_backend
+    from .models.loader import load_model
+    from .server import serve
+    from .utils.hub import download_weights
+
+    model_dir = download_weights(cfg.model_id, cfg.revision)
+    device = torch.device(f"cuda:{cfg.rank}" if torch.cuda.is_available() else "cpu")
+    model = load_model(model_dir, select_backend(device, cfg.block_size), device, cfg.dtype, cfg.rank, cfg.world_size)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+    engine = Engine(model, tokenizer, CacheConfig(cfg.block_size, cfg.memory_fraction, cfg.kv_cache_blocks))
+    asyncio.run(serve(engine, model.config.architecture, cfg.uds_path, cfg.rank, cfg.world_size))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if args.command == "download-weights":
+        from .utils.hub import WeightsDownloadError, download_weights
+
+        try:
+            path = download_weights(args.model_id, args.revision)
+        except WeightsDownloadError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from e
+        print(path)
+        return
+    try:
+        run_serve(_shard_config(args))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

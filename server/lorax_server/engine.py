@@ -1,0 +1,338 @@
+"""The batching engine: prefill new requests, decode cached batches one token at a time (merging
+batches as they join), filter finished or cancelled requests, and size the KV cache at warm-up.
+
+Proto-free: `server.py` converts messages to and from the dataclasses used here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from .batch import Batch, RequestIn, Sequence
+from .forward import ForwardBatch
+from .kv_cache import BlockManager, KVCache, OutOfBlocks
+from .models.transformer import CausalLM
+from .sampling import BatchSampler
+from .stopping import FinishReason, StoppingCriteria
+from .utils.tokens import IncrementalDetokenizer, decode_generated
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """The request can never be served as sent (the caller's fault)."""
+
+
+class BatchNotFound(KeyError):
+    pass
+
+
+class NotWarmedUp(RuntimeError):
+    pass
+
+
+@dataclass
+class TokenList:
+    ids: list[int]
+    logprobs: list[float]
+    texts: list[str]
+    special: list[bool]
+
+
+@dataclass
+class Finished:
+    text: str
+    generated_tokens: int
+    reason: FinishReason
+    seed: int | None
+
+
+@dataclass
+class GenerationOut:
+    request_id: int
+    token_id: int
+    logprob: float
+    text: str
+    special: bool
+    prefill: TokenList | None = None
+    top_tokens: TokenList | None = None
+    finished: Finished | None = None
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    memory_fraction: float | None = None  # of free device memory (CUDA) or available RAM (CPU)
+    num_blocks: int | None = None  # explicit size; overrides memory_fraction
+
+
+class Engine:
+    def __init__(self, model: CausalLM, tokenizer, cache_config: CacheConfig) -> None:  # noqa: ANN001
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cache_config = cache_config
+        self.device = model.device
+        self.eos_ids = set(model.config.eos_token_ids)
+        self.special_ids = set(tokenizer.all_special_ids)
+        self.batches: dict[int, Batch] = {}
+        self.cache: KVCache | None = None
+        self.blocks: BlockManager | None = None
+
+    # ------------------------------------------------------------------ warm-up and cache sizing
+    def warmup(self, max_input_length: int, max_prefill_tokens: int, max_total_tokens: int) -> int:
+        """Run the largest prefill the router may send, then size the KV cache from what memory is
+        left. Returns the number of tokens the cache holds (the router's max_batch_total_tokens)."""
+        if max_input_length < 1 or max_prefill_tokens < 1:
+            raise RequestError("max_input_length and max_prefill_tokens must be positive")
+        self.clear()
+        self.cache = self.blocks = None
+        self._dummy_prefill(max_input_length, max_prefill_tokens)
+        cfg, bs = self.model.config, self.cache_config.block_size
+        per_block = KVCache.bytes_per_block(cfg.num_layers, bs, cfg.num_kv_heads, cfg.head_dim, self.model.dtype)
+        num_blocks = self.cache_config.num_blocks or self._blocks_from_memory(per_block)
+        if num_blocks * bs < max_total_tokens:
+            raise RequestError(
+                f"the KV cache holds {num_blocks * bs} tokens, fewer than max_total_tokens={max_total_tokens}; "
+                "lower --max-total-tokens or give the cache more memory"
+            )
+        self.cache = KVCache(cfg.num_layers, num_blocks, bs, cfg.num_kv_heads, cfg.head_dim, self.model.dtype, self.device)
+        self.blocks = BlockManager(num_blocks, bs)
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs, num_blocks * per_block / 2**20)
+        return num_blocks * bs
+
+    def _blocks_from_memory(self, per_block: int) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            free, _total = torch.cuda.mem_get_info(self.device)
+            budget = free * (self.cache_config.memory_fraction or 0.9)
+        else:
+            budget = psutil.virtual_memory().available * (self.cache_config.memory_fraction or 0.05)
+        return max(1, int(budget // per_block))
+
+    def _dummy_prefill(self, max_input_length: int, max_prefill_tokens: int) -> None:
+        lens = [max_input_length] * (max_prefill_tokens // max_input_length)
+        if max_prefill_tokens % max_input_length:
+            lens.append(max_prefill_tokens % max_input_length)
+        bs = self.cache_config.block_size
+        cfg = self.model.config
+        tables = [sum(math.ceil(n / bs) for n in lens[:i]) for i in range(len(lens))]
+        width = max(math.ceil(n / bs) for n in lens)
+        block_tables = torch.tensor(
+            [[start + j for j in range(width)] for start in tables], dtype=torch.int64, device=self.device
+        )
+        total_blocks = sum(math.ceil(n / bs) for n in lens) + width
+        cache = KVCache(cfg.num_layers, total_blocks, bs, cfg.num_kv_heads, cfg.head_dim, self.model.dtype, self.device)
+        ids = torch.zeros(sum(lens), dtype=torch.int64, device=self.device)
+        self.model.forward(ForwardBatch.build(ids, lens, lens, block_tables, bs), cache)
+        del cache
+
+    # ------------------------------------------------------------------ batch lifecycle
+    def _require_cache(self) -> tuple[KVCache, BlockManager]:
+        if self.cache is None or self.blocks is None:
+            raise NotWarmedUp("the shard has not been warmed up: call Warmup first")
+        return self.cache, self.blocks
+
+    def _validate(self, requests: list[RequestIn]) -> None:
+        _, blocks = self._require_cache()
+        if not requests:
+            raise RequestError("batch has no requests")
+        vocab = self.model.config.vocab_size
+        for r in requests:
+            if not r.input_ids:
+                raise RequestError(f"request {r.id}: empty input")
+            if r.max_new_tokens < 1:
+                raise RequestError(f"request {r.id}: max_new_tokens must be at least 1")
+            if max(r.input_ids) >= vocab:
+                raise RequestError(f"request {r.id}: token id {max(r.input_ids)} is outside the vocabulary ({vocab})")
+            total = len(r.input_ids) + r.max_new_tokens
+            if blocks.blocks_for(total) > blocks.num_blocks:
+                raise RequestError(
+                    f"request {r.id}: {len(r.input_ids)} input + {r.max_new_tokens} new tokens exceed the KV cache "
+                    f"({blocks.num_blocks * blocks.block_size} tokens)"
+                )
+            if r.adapter_index != 0:
+                raise RequestError(f"request {r.id}: adapters are not supported yet (adapter_index {r.adapter_index})")
+            if r.top_n_tokens < 0 or r.top_n_tokens > vocab:
+                raise RequestError(f"request {r.id}: top_n_tokens must be between 0 and {vocab}")
+        ids = [r.id for r in requests]
+        if len(set(ids)) != len(ids):
+            raise RequestError("request ids in a batch must be unique")
+        needed = sum(blocks.blocks_for(len(r.input_ids) + r.max_new_tokens) for r in requests)
+        if needed > blocks.num_free:
+            raise OutOfBlocks(f"batch needs {needed} KV cache blocks, {blocks.num_free} free")
+
+    def prefill(self, batch_id: int, requests: list[RequestIn]) -> tuple[list[GenerationOut], Batch | None]:
+        if batch_id in self.batches:
+            raise RequestError(f"batch {batch_id} already exists")
+        self._validate(requests)
+        try:
+            sampler = BatchSampler.from_params([r.sampling for r in requests], self.device)
+        except ValueError as e:
+            raise RequestError(str(e)) from e
+        cache, blocks = self._require_cache()
+        tables = [blocks.allocate(len(r.input_ids) + r.max_new_tokens) for r in requests]
+        try:
+            return self._prefill(batch_id, requests, sampler, tables, cache, blocks)
+        except BaseException:
+            for t in tables:
+                if t:
+                    blocks.free(t)
+            raise
+
+    def _prefill(self, batch_id, requests, sampler, tables, cache, blocks):  # noqa: ANN001, ANN202
+        dev = self.device
+        lens = [len(r.input_ids) for r in requests]
+        flat = torch.tensor([t for r in requests for t in r.input_ids], dtype=torch.int64, device=dev)
+        block_tables = _pad_tables(tables, dev)
+        rows, last_rows, start = [], [], 0
+        for r, n in zip(requests, lens, strict=True):
+            if r.prefill_logprobs:
+                rows.extend(range(start, start + n))
+            else:
+                rows.append(start + n - 1)
+            last_rows.append(len(rows) - 1)
+            start += n
+        meta = ForwardBatch.build(
+            flat, lens, lens, block_tables, blocks.block_size, torch.tensor(rows, dtype=torch.int64, device=dev)
+        )
+        logits = self.model.forward(meta, cache)  # [len(rows), vocab]
+        width = max(len(r.input_ids) + r.max_new_tokens for r in requests)
+        history = torch.full((len(requests), width), -1, dtype=torch.int64, device=dev)
+        for i, r in enumerate(requests):  # host → device copy per row; prompts arrive as lists anyway
+            history[i, : lens[i]] = flat[sum(lens[:i]) : sum(lens[: i + 1])]
+        seqs = [
+            Sequence(
+                r,
+                t,
+                StoppingCriteria(self.eos_ids, r.max_new_tokens, list(r.stop_sequences), r.ignore_eos),
+                IncrementalDetokenizer(self.tokenizer, list(r.input_ids)),
+            )
+            for r, t in zip(requests, tables, strict=True)
+        ]
+        steps = torch.zeros(len(requests), dtype=torch.int64, device=dev)
+        batch = Batch(batch_id, seqs, sampler, flat.new_zeros(len(requests)), block_tables, history, steps)
+        last = torch.tensor(last_rows, dtype=torch.int64, device=dev)
+        prefill_lists = self._prefill_tokens(requests, logits, rows) if any(r.prefill_logprobs for r in requests) else None
+        gens = self._sample_and_advance(batch, logits[last], prefill_lists)
+        return gens, self._keep_unfinished(batch, gens)
+
+    def _prefill_tokens(self, requests: list[RequestIn], logits: torch.Tensor, rows: list[int]) -> list[TokenList | None]:
+        """Prompt tokens with the log-probability the model gave each one (NaN for the first)."""
+        logprobs = torch.log_softmax(logits, dim=-1)
+        out: list[TokenList | None] = []
+        row = 0
+        for r in requests:
+            if not r.prefill_logprobs:
+                out.append(None)
+                row += 1
+                continue
+            n = len(r.input_ids)
+            ids = torch.tensor(r.input_ids[1:], dtype=torch.int64, device=logprobs.device)
+            lps = logprobs[row : row + n - 1].gather(1, ids[:, None]).squeeze(1).tolist()
+            out.append(self._token_list(r.input_ids, [math.nan, *lps]))
+            row += n
+        return out
+
+    def _token_list(self, ids: list[int], logprobs: list[float]) -> TokenList:
+        texts = self.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
+        return TokenList(list(ids), logprobs, texts, [i in self.special_ids for i in ids])
+
+    def decode(self, batch_ids: list[int]) -> tuple[list[GenerationOut], Batch | None]:
+        if not batch_ids:
+            raise RequestError("decode needs at least one batch")
+        missing = [b for b in batch_ids if b not in self.batches]
+        if missing:
+            raise BatchNotFound(f"unknown batch id(s) {missing}")
+        if len(set(batch_ids)) != len(batch_ids):
+            raise RequestError("decode got the same batch twice")
+        cache, blocks = self._require_cache()
+        batch = Batch.concatenate([self.batches.pop(b) for b in batch_ids])
+        self.batches[batch.id] = batch
+        lengths = [s.length for s in batch.seqs]
+        meta = ForwardBatch.build(batch.next_ids, [1] * len(batch), lengths, batch.block_tables, blocks.block_size)
+        logits = self.model.forward(meta, cache)
+        gens = self._sample_and_advance(batch, logits, None)
+        return gens, self._keep_unfinished(batch, gens)
+
+    def _sample_and_advance(
+        self, batch: Batch, logits: torch.Tensor, prefill: list[TokenList | None] | None
+    ) -> list[GenerationOut]:
+        """Choose every row's next token in one batched pass, then do the per-request host work."""
+        out = batch.sampler(logits, batch.history, batch.steps)
+        rows = torch.arange(len(batch), device=self.device)
+        lengths = torch.tensor([s.length for s in batch.seqs], dtype=torch.int64, device=self.device)
+        batch.history[rows, lengths] = out.next_ids
+        batch.next_ids = out.next_ids
+        batch.steps = batch.steps + 1
+        top_n = max(s.request.top_n_tokens for s in batch.seqs)
+        chosen = torch.stack([out.next_ids.to(torch.float64), out.chosen_logprobs().double()])
+        ids_host, lps_host = chosen.tolist()  # the step's one device → host sync
+        top_ids = top_lps = None
+        if top_n:
+            t_ids, t_lps = out.top_n(top_n)
+            top_ids, top_lps = t_ids.tolist(), t_lps.tolist()
+        gens = []
+        for row, seq in enumerate(batch.seqs):
+            token = int(ids_host[row])
+            seq.generated.append(token)
+            text = seq.detokenizer.step(token)
+            reason = seq.stopping(token, text)
+            gen = GenerationOut(seq.request.id, token, lps_host[row], text, token in self.special_ids)
+            if prefill is not None:
+                gen.prefill = prefill[row]
+            n = seq.request.top_n_tokens
+            if n and top_ids is not None:
+                gen.top_tokens = self._token_list(top_ids[row][:n], top_lps[row][:n])
+            if reason is not None:
+                sampling = seq.request.sampling
+                gen.finished = Finished(
+                    decode_generated(self.tokenizer, seq.generated),
+                    len(seq.generated),
+                    reason,
+                    sampling.seed if sampling.samples else None,
+                )
+            gens.append(gen)
+        return gens
+
+    def _keep_unfinished(self, batch: Batch, gens: list[GenerationOut]) -> Batch | None:
+        """Finished requests leave the batch at once, freeing their blocks."""
+        _, blocks = self._require_cache()
+        keep = [row for row, g in enumerate(gens) if g.finished is None]
+        if len(keep) != len(batch):
+            batch.filter(keep, blocks)
+        if not keep:
+            self.batches.pop(batch.id, None)
+            return None
+        self.batches[batch.id] = batch
+        return batch
+
+    def filter(self, batch_id: int, request_ids: list[int]) -> Batch | None:
+        """Keep only `request_ids` (ids no longer in the batch are ignored: they already finished)."""
+        if batch_id not in self.batches:
+            raise BatchNotFound(f"unknown batch id {batch_id}")
+        _, blocks = self._require_cache()
+        batch = self.batches[batch_id]
+        wanted = set(request_ids)
+        keep = [row for row, s in enumerate(batch.seqs) if s.request.id in wanted]
+        batch.filter(keep, blocks)
+        if not keep:
+            del self.batches[batch_id]
+            return None
+        return batch
+
+    def clear(self, batch_id: int | None = None) -> None:
+        ids = list(self.batches) if batch_id is None else [batch_id]
+        for b in ids:
+            batch = self.batches.pop(b, None)
+            if batch is not None and self.blocks is not None:
+                batch.free(self.blocks)
+
+
+def _pad_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64, device=device)

@@ -1,0 +1,195 @@
+"""The shard's gRPC service (grpc.aio on a unix socket): converts messages and calls the engine.
+
+Model work runs in a single worker thread so the event loop keeps answering Health/Info while a
+step runs, and steps never overlap (the engine is not thread-safe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import torch
+
+from .batch import Batch, RequestIn
+from .engine import BatchNotFound, Engine, GenerationOut, NotWarmedUp, RequestError, TokenList
+from .kv_cache import OutOfBlocks
+from .pb import generate_pb2 as pb
+from .pb import generate_pb2_grpc as pb_grpc
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+# Engine exceptions → gRPC status codes. Anything else is INTERNAL and logged with its traceback.
+_STATUS = {
+    RequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    BatchNotFound: grpc.StatusCode.NOT_FOUND,
+    OutOfBlocks: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotWarmedUp: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def request_from_proto(r: pb.Request) -> RequestIn:
+    p, s = r.parameters, r.stopping_parameters
+    return RequestIn(
+        id=r.id,
+        input_ids=list(r.input_ids),
+        sampling=SamplingParams.from_proto(p),
+        max_new_tokens=s.max_new_tokens,
+        stop_sequences=list(s.stop_sequences),
+        ignore_eos=s.ignore_eos_token,
+        prefill_logprobs=r.prefill_logprobs,
+        top_n_tokens=r.top_n_tokens,
+        adapter_index=r.adapter_index,
+    )
+
+
+def _tokens(t: TokenList) -> pb.Tokens:
+    return pb.Tokens(ids=t.ids, logprobs=t.logprobs, texts=t.texts, is_special=t.special)
+
+
+def generation_to_proto(g: GenerationOut) -> pb.Generation:
+    msg = pb.Generation(
+        request_id=g.request_id,
+        token_id=g.token_id,
+        token_logprob=g.logprob if not math.isnan(g.logprob) else float("nan"),
+        token_text=g.text,
+        token_is_special=g.special,
+    )
+    if g.prefill is not None:
+        msg.prefill_tokens.CopyFrom(_tokens(g.prefill))
+    if g.top_tokens is not None:
+        msg.top_tokens.CopyFrom(_tokens(g.top_tokens))
+    if g.finished is not None:
+        f = g.finished
+        msg.generated_text.CopyFrom(
+            pb.GeneratedText(text=f.text, generated_tokens=f.generated_tokens, finish_reason=int(f.reason), seed=f.seed)
+        )
+    return msg
+
+
+def cached_batch(batch: Batch | None) -> pb.CachedBatch | None:
+    if batch is None:
+        return None
+    return pb.CachedBatch(id=batch.id, request_ids=batch.request_ids, size=len(batch), max_tokens=batch.max_tokens)
+
+
+class LoraxService(pb_grpc.LoraxServiceServicer):
+    def __init__(self, engine: Engine, urls: list[str], architecture: str) -> None:
+        self.engine = engine
+        self.urls = urls
+        self.architecture = architecture
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+
+    async def _run(self, context: grpc.aio.ServicerContext, fn, *args):  # noqa: ANN001, ANN202
+        """Run `fn` on the engine thread; map engine errors to gRPC statuses (the shard keeps serving)."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        except tuple(_STATUS) as e:
+            code = next(c for t, c in _STATUS.items() if isinstance(e, t))
+            await context.abort(code, str(e).strip("'\""))
+        except Exception as e:  # a bug or a device failure: report it, keep the shard alive
+            log.exception("engine call failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+    async def Info(self, request, context):  # noqa: ANN001, ANN201, N802
+        model = self.engine.model
+        cfg = model.config
+        return pb.InfoResponse(
+            requires_padding=False,
+            dtype=str(model.dtype).removeprefix("torch."),
+            device_type=model.device.type,
+            window_size=cfg.sliding_window,
+            block_size=self.engine.cache_config.block_size,
+            vocab_size=cfg.vocab_size,
+            max_position_embeddings=cfg.max_position_embeddings,
+            eos_token_ids=sorted(self.engine.eos_ids),
+            supports_adapters=False,
+            architecture=self.architecture,
+        )
+
+    async def Health(self, request, context):  # noqa: ANN001, ANN201, N802
+        return pb.HealthResponse()
+
+    async def ServiceDiscovery(self, request, context):  # noqa: ANN001, ANN201, N802
+        return pb.ServiceDiscoveryResponse(urls=self.urls)
+
+    async def ClearCache(self, request, context):  # noqa: ANN001, ANN201, N802
+        await self._run(context, self.engine.clear, request.id if request.HasField("id") else None)
+        return pb.ClearCacheResponse()
+
+    async def Warmup(self, request, context):  # noqa: ANN001, ANN201, N802
+        tokens = await self._run(
+            context, self.engine.warmup, request.max_input_length, request.max_prefill_tokens, request.max_total_tokens
+        )
+        return pb.WarmupResponse(max_supported_total_tokens=tokens)
+
+    async def Prefill(self, request, context):  # noqa: ANN001, ANN201, N802
+        start = time.perf_counter_ns()
+        requests = [request_from_proto(r) for r in request.batch.requests]
+        gens, batch = await self._run(context, self.engine.prefill, request.batch.id, requests)
+        return pb.PrefillResponse(
+            generations=[generation_to_proto(g) for g in gens],
+            batch=cached_batch(batch),
+            total_ns=time.perf_counter_ns() - start,
+        )
+
+    async def Decode(self, request, context):  # noqa: ANN001, ANN201, N802
+        start = time.perf_counter_ns()
+        gens, batch = await self._run(context, self.engine.decode, [b.id for b in request.batches])
+        return pb.DecodeResponse(
+            generations=[generation_to_proto(g) for g in gens],
+            batch=cached_batch(batch),
+            total_ns=time.perf_counter_ns() - start,
+        )
+
+    async def FilterBatch(self, request, context):  # noqa: ANN001, ANN201, N802
+        batch = await self._run(context, self.engine.filter, request.batch_id, list(request.request_ids))
+        if batch is None:
+            return pb.FilterBatchResponse(batch=pb.CachedBatch(id=request.batch_id, size=0, max_tokens=0))
+        return pb.FilterBatchResponse(batch=cached_batch(batch))
+
+    async def DownloadAdapter(self, request, context):  # noqa: ANN001, ANN201, N802
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "dynamic adapters are not supported yet")
+
+    async def LoadAdapter(self, request, context):  # noqa: ANN001, ANN201, N802
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "dynamic adapters are not supported yet")
+
+    async def OffloadAdapter(self, request, context):  # noqa: ANN001, ANN201, N802
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "dynamic adapters are not supported yet")
+
+
+def shard_socket(uds_path: str, rank: int) -> str:
+    return f"{uds_path}-{rank}"
+
+
+async def serve(engine: Engine, architecture: str, uds_path: str, rank: int, world_size: int) -> None:
+    """Listen on `unix://{uds_path}-{rank}` until cancelled (SIGINT/SIGTERM)."""
+    urls = [f"unix://{shard_socket(uds_path, r)}" for r in range(world_size)]
+    socket_path = Path(shard_socket(uds_path, rank))
+    if socket_path.exists():
+        socket_path.unlink()
+    server = grpc.aio.server(
+        options=[("grpc.max_send_message_length", 256 * 2**20), ("grpc.max_receive_message_length", 256 * 2**20)]
+    )
+    pb_grpc.add_LoraxServiceServicer_to_server(LoraxService(engine, urls, architecture), server)
+    server.add_insecure_port(urls[rank])
+    await server.start()
+    log.info("shard %d/%d serving on %s (torch %s, %d threads)", rank, world_size, urls[rank], torch.__version__,
+             torch.get_num_threads())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("shard %d stopping", rank)
+    finally:
+        await server.stop(grace=1)
+        socket_path.unlink(missing_ok=True)
