@@ -30,7 +30,7 @@ class ConversionError(Exception):
 
 
 def bin_weight_files(directory: Path) -> list[Path]:
-    """The ``.bin`` weight files of a model directory: the shards named by the index, else ``pytorch_model*.bin``.
+    """The ``.bin`` weight files of ``directory``: the shards its index names, else ``pytorch_model*.bin``.
 
     Other ``.bin`` files (``training_args.bin``, optimizer states) are not weights and are ignored.
     """

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -22,11 +23,9 @@ from huggingface_hub.utils import (
     GatedRepoError,
     HfHubHTTPError,
     HFValidationError,
-    LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-
 from lorax_server.utils.convert import (
     BIN_INDEX,
     SAFETENSORS_INDEX,
@@ -34,6 +33,7 @@ from lorax_server.utils.convert import (
     bin_weight_files,
     conversion_pending,
     convert_bin_to_safetensors,
+    safetensors_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,12 @@ def select_files(repo_files: list[str]) -> list[str]:
 def _download(model_id: str, revision: str | None, settings: HubSettings, where: str) -> Path:
     api = HfApi(endpoint=settings.endpoint, token=settings.token)
     try:
-        repo_files = api.list_repo_files(model_id, revision=revision)
+        # model_info: one request, no retries, so an unreachable hub falls back to the cache at once.
+        info = api.model_info(model_id, revision=revision)
+        if info.siblings is not None:
+            repo_files = [sibling.rfilename for sibling in info.siblings]
+        else:
+            repo_files = api.list_repo_files(model_id, revision=info.sha or revision)
     except HFValidationError as err:
         raise WeightsDownloadError(
             f"{model_id} is neither an existing local directory nor a valid hub model id ({err})"
@@ -175,8 +180,10 @@ def _download(model_id: str, revision: str | None, settings: HubSettings, where:
         )
     except HfHubHTTPError as err:
         raise _http_error(err, where, settings) from err
-    except LocalEntryNotFoundError as err:
-        raise WeightsDownloadError(f"downloading {where} from {settings.endpoint} failed: {err}") from err
+    except Exception as err:  # connection lost mid-download, disk full, ...
+        raise WeightsDownloadError(
+            f"downloading {where} from {settings.endpoint} failed: {type(err).__name__}: {err}"
+        ) from err
     return Path(folder)
 
 
@@ -242,18 +249,13 @@ def _http_error(err: HfHubHTTPError, where: str, settings: HubSettings) -> Weigh
 
 def _ensure_safetensors(folder: Path, where: str) -> None:
     """Check ``folder`` holds complete safetensors weights, converting ``.bin`` weights once if needed."""
-    index = folder / SAFETENSORS_INDEX
-    if index.is_file() and not conversion_pending(folder):
-        _check_index(index, where)
-        return
-    safetensors = {path.name for path in folder.glob("*.safetensors")}
-    bins = bin_weight_files(folder)
-    if bins and conversion_pending(folder):
-        from lorax_server.utils.convert import safetensors_name
-
-        converted = {safetensors_name(path.name) for path in bins}
-        if safetensors - converted:  # the repo has its own safetensors: the .bin files are extra copies
-            return
+    try:
+        bins = bin_weight_files(folder)
+    except ConversionError as err:
+        raise WeightsDownloadError(f"{where}: {err}") from err
+    # Safetensors files that are not the conversion's targets mean the repo ships its own weights.
+    own = {path.name for path in folder.glob("*.safetensors")} - {safetensors_name(p.name) for p in bins}
+    if bins and not own and conversion_pending(folder):
         if not _is_writable(folder):
             raise WeightsDownloadError(
                 f"{where} holds only .bin weights and {folder} is not writable, so they cannot be "
@@ -264,16 +266,16 @@ def _ensure_safetensors(folder: Path, where: str) -> None:
             convert_bin_to_safetensors(folder)
         except (ConversionError, OSError) as err:
             raise WeightsDownloadError(f"cannot convert the .bin weights of {where}: {err}") from err
-        return
+    index = folder / SAFETENSORS_INDEX
     if index.is_file():
         _check_index(index, where)
-    elif not safetensors:
-        raise WeightsDownloadError(f"{where} has no weights: no *.safetensors or pytorch_model*.bin in {folder}")
+    elif not any(folder.glob("*.safetensors")):
+        raise WeightsDownloadError(
+            f"{where} has no weights: no *.safetensors or pytorch_model*.bin files in {folder}"
+        )
 
 
 def _check_index(index: Path, where: str) -> None:
-    import json
-
     try:
         shards = set(json.loads(index.read_text())["weight_map"].values())
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:

@@ -1,0 +1,1 @@
+"""Helpers: hub downloads, checkpoint conversion, weight access, detokenization."""
