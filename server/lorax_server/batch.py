@@ -90,7 +90,9 @@ class Batch:
         self.sampler = self.sampler.filter(index)
         self.next_ids = self.next_ids[index]
         self.steps = self.steps[index]
-        self.history = self.history[index, : max(len(s.request.input_ids) + s.request.max_new_tokens for s in self.seqs)]
+        self.history = self.history[
+            index, : max(len(s.request.input_ids) + s.request.max_new_tokens for s in self.seqs)
+        ]
         width = max(len(s.block_table) for s in self.seqs)
         self.block_tables = self.block_tables[index, :width]
 

@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="load a model and serve it over gRPC on a unix socket")
     serve.add_argument("model_id", help="local model directory or Hugging Face Hub id")
-    serve.add_argument("--uds-path", default="/tmp/lorax-server", help="socket path prefix; rank r uses PATH-r")
+    serve.add_argument(
+        "--uds-path", default="/tmp/lorax-server", help="socket path prefix; rank r uses PATH-r"
+    )
     serve.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     serve.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     serve.add_argument("--sharded", action="store_true", help="tensor-parallel over WORLD_SIZE ranks")
@@ -88,7 +90,9 @@ def run_serve(cfg: ShardConfig) -> None:
 
     model_dir = download_weights(cfg.model_id, cfg.revision)
     device = torch.device(f"cuda:{cfg.rank}" if torch.cuda.is_available() else "cpu")
-    model = load_model(model_dir, select_backend(device, cfg.block_size), device, cfg.dtype, cfg.rank, cfg.world_size)
+    model = load_model(
+        model_dir, select_backend(device, cfg.block_size), device, cfg.dtype, cfg.rank, cfg.world_size
+    )
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
     engine = Engine(model, tokenizer, CacheConfig(cfg.block_size, cfg.memory_fraction, cfg.kv_cache_blocks))
     asyncio.run(serve(engine, model.config.architecture, cfg.uds_path, cfg.rank, cfg.world_size))
@@ -97,7 +101,9 @@ def run_serve(cfg: ShardConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
     if args.command == "download-weights":
         from .utils.hub import WeightsDownloadError, download_weights

@@ -93,16 +93,22 @@ class Engine:
         self.cache = self.blocks = None
         self._dummy_prefill(max_input_length, max_prefill_tokens)
         cfg, bs = self.model.config, self.cache_config.block_size
-        per_block = KVCache.bytes_per_block(cfg.num_layers, bs, cfg.num_kv_heads, cfg.head_dim, self.model.dtype)
+        per_block = KVCache.bytes_per_block(
+            cfg.num_layers, bs, cfg.num_kv_heads, cfg.head_dim, self.model.dtype
+        )
         num_blocks = self.cache_config.num_blocks or self._blocks_from_memory(per_block)
         if num_blocks * bs < max_total_tokens:
             raise RequestError(
-                f"the KV cache holds {num_blocks * bs} tokens, fewer than max_total_tokens={max_total_tokens}; "
-                "lower --max-total-tokens or give the cache more memory"
+                f"the KV cache holds {num_blocks * bs} tokens, fewer than "
+                f"max_total_tokens={max_total_tokens}; lower --max-total-tokens or give the cache more memory"
             )
-        self.cache = KVCache(cfg.num_layers, num_blocks, bs, cfg.num_kv_heads, cfg.head_dim, self.model.dtype, self.device)
+        self.cache = KVCache(
+            cfg.num_layers, num_blocks, bs, cfg.num_kv_heads, cfg.head_dim, self.model.dtype, self.device
+        )
         self.blocks = BlockManager(num_blocks, bs)
-        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs, num_blocks * per_block / 2**20)
+        log.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs, num_blocks * per_block / 2**20
+        )
         return num_blocks * bs
 
     def _blocks_from_memory(self, per_block: int) -> int:
@@ -126,7 +132,9 @@ class Engine:
             [[start + j for j in range(width)] for start in tables], dtype=torch.int64, device=self.device
         )
         total_blocks = sum(math.ceil(n / bs) for n in lens) + width
-        cache = KVCache(cfg.num_layers, total_blocks, bs, cfg.num_kv_heads, cfg.head_dim, self.model.dtype, self.device)
+        cache = KVCache(
+            cfg.num_layers, total_blocks, bs, cfg.num_kv_heads, cfg.head_dim, self.model.dtype, self.device
+        )
         ids = torch.zeros(sum(lens), dtype=torch.int64, device=self.device)
         self.model.forward(ForwardBatch.build(ids, lens, lens, block_tables, bs), cache)
         del cache
@@ -148,15 +156,19 @@ class Engine:
             if r.max_new_tokens < 1:
                 raise RequestError(f"request {r.id}: max_new_tokens must be at least 1")
             if max(r.input_ids) >= vocab:
-                raise RequestError(f"request {r.id}: token id {max(r.input_ids)} is outside the vocabulary ({vocab})")
+                raise RequestError(
+                    f"request {r.id}: token id {max(r.input_ids)} is outside the vocabulary ({vocab})"
+                )
             total = len(r.input_ids) + r.max_new_tokens
             if blocks.blocks_for(total) > blocks.num_blocks:
                 raise RequestError(
-                    f"request {r.id}: {len(r.input_ids)} input + {r.max_new_tokens} new tokens exceed the KV cache "
-                    f"({blocks.num_blocks * blocks.block_size} tokens)"
+                    f"request {r.id}: {len(r.input_ids)} input + {r.max_new_tokens} new tokens exceed "
+                    f"the KV cache ({blocks.num_blocks * blocks.block_size} tokens)"
                 )
             if r.adapter_index != 0:
-                raise RequestError(f"request {r.id}: adapters are not supported yet (adapter_index {r.adapter_index})")
+                raise RequestError(
+                    f"request {r.id}: adapters are not supported yet (adapter_index {r.adapter_index})"
+                )
             if r.top_n_tokens < 0 or r.top_n_tokens > vocab:
                 raise RequestError(f"request {r.id}: top_n_tokens must be between 0 and {vocab}")
         ids = [r.id for r in requests]
@@ -198,13 +210,17 @@ class Engine:
             last_rows.append(len(rows) - 1)
             start += n
         meta = ForwardBatch.build(
-            flat, lens, lens, block_tables, blocks.block_size, torch.tensor(rows, dtype=torch.int64, device=dev)
+            flat,
+            lens,
+            lens,
+            block_tables,
+            blocks.block_size,
+            torch.tensor(rows, dtype=torch.int64, device=dev),
         )
         logits = self.model.forward(meta, cache)  # [len(rows), vocab]
         width = max(len(r.input_ids) + r.max_new_tokens for r in requests)
         history = torch.full((len(requests), width), -1, dtype=torch.int64, device=dev)
-        for i, r in enumerate(requests):  # host → device copy per row; prompts arrive as lists anyway
-            history[i, : lens[i]] = flat[sum(lens[:i]) : sum(lens[: i + 1])]
+        history[meta.seq_index, meta.positions] = flat
         seqs = [
             Sequence(
                 r,
@@ -217,11 +233,17 @@ class Engine:
         steps = torch.zeros(len(requests), dtype=torch.int64, device=dev)
         batch = Batch(batch_id, seqs, sampler, flat.new_zeros(len(requests)), block_tables, history, steps)
         last = torch.tensor(last_rows, dtype=torch.int64, device=dev)
-        prefill_lists = self._prefill_tokens(requests, logits, rows) if any(r.prefill_logprobs for r in requests) else None
+        prefill_lists = (
+            self._prefill_tokens(requests, logits, rows)
+            if any(r.prefill_logprobs for r in requests)
+            else None
+        )
         gens = self._sample_and_advance(batch, logits[last], prefill_lists)
         return gens, self._keep_unfinished(batch, gens)
 
-    def _prefill_tokens(self, requests: list[RequestIn], logits: torch.Tensor, rows: list[int]) -> list[TokenList | None]:
+    def _prefill_tokens(
+        self, requests: list[RequestIn], logits: torch.Tensor, rows: list[int]
+    ) -> list[TokenList | None]:
         """Prompt tokens with the log-probability the model gave each one (NaN for the first)."""
         logprobs = torch.log_softmax(logits, dim=-1)
         out: list[TokenList | None] = []
@@ -254,7 +276,9 @@ class Engine:
         batch = Batch.concatenate([self.batches.pop(b) for b in batch_ids])
         self.batches[batch.id] = batch
         lengths = [s.length for s in batch.seqs]
-        meta = ForwardBatch.build(batch.next_ids, [1] * len(batch), lengths, batch.block_tables, blocks.block_size)
+        meta = ForwardBatch.build(
+            batch.next_ids, [1] * len(batch), lengths, batch.block_tables, blocks.block_size
+        )
         logits = self.model.forward(meta, cache)
         gens = self._sample_and_advance(batch, logits, None)
         return gens, self._keep_unfinished(batch, gens)

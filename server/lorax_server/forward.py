@@ -53,7 +53,9 @@ class ForwardBatch:
         q_lens = torch.tensor(query_lens, dtype=torch.int64, device=device)  # [batch]
         ctx = torch.tensor(context_lens, dtype=torch.int64, device=device)  # [batch]
         num_tokens = input_ids.shape[0]
-        seq_index = torch.repeat_interleave(torch.arange(len(query_lens), device=device), q_lens, output_size=num_tokens)
+        seq_index = torch.repeat_interleave(
+            torch.arange(len(query_lens), device=device), q_lens, output_size=num_tokens
+        )
         query_start = torch.cumsum(q_lens, 0) - q_lens
         offset_in_query = torch.arange(num_tokens, device=device) - query_start[seq_index]
         positions = (ctx - q_lens)[seq_index] + offset_in_query

@@ -71,8 +71,13 @@ class BlockManager:
         table.clear()
 
 
-def slot_mapping(block_tables: torch.Tensor, seq_index: torch.Tensor, positions: torch.Tensor, block_size: int):
-    """Cache slot of each token: block_tables [batch, max_blocks], seq_index/positions [num_tokens] → [num_tokens]."""
+def slot_mapping(
+    block_tables: torch.Tensor, seq_index: torch.Tensor, positions: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """Cache slot of each token.
+
+    block_tables [batch, max_blocks]; seq_index, positions [num_tokens] → slots [num_tokens].
+    """
     blocks = block_tables[seq_index, torch.div(positions, block_size, rounding_mode="floor")]
     return blocks * block_size + positions % block_size
 
@@ -99,8 +104,12 @@ class KVCache:
         self.num_blocks = num_blocks
 
     @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * block_size * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+    def bytes_per_block(
+        num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        return (
+            2 * num_layers * block_size * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+        )
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """slots [num_tokens]; k, v [num_tokens, kv_heads, head_dim]."""

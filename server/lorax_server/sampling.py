@@ -16,52 +16,68 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 _MASK32 = 0xFFFFFFFF
-# Odd multipliers below 2**31: a 32-bit value times one stays below 2**63, so int64 products are
-# exact (no wraparound) on every device. Shifts and multipliers: a two-round xorshift-multiply
-# mixer of the murmur3 fmix32 family.
+# Multipliers of a two-round xorshift-multiply mixer (murmur3 fmix32 family), and Weyl increments that
+# spread consecutive counters apart. Tensors hold the 32-bit words as int32 whose products wrap
+# modulo 2**32, so the tensor mixer equals the Python-int one bit for bit on every device.
 _MUL1 = 0x21F0AAAD
 _MUL2 = 0x735A2D97
-_WEYL = 0x9E3779B9  # golden-ratio increment that spreads consecutive counters apart
+_WEYL = 0x9E3779B9
 _STEP_WEYL = 0x7F4A7C15
 
-_Int = TypeVar("_Int", int, torch.Tensor)
+
+def _signed32(x: int) -> int:
+    """The int32 with the same bits as the 32-bit word x."""
+    x &= _MASK32
+    return x - (1 << 32) if x >= 1 << 31 else x
 
 
-def _mix32(x: _Int) -> _Int:
-    """Bijective 32-bit mixer on Python ints or int64 tensors holding values in [0, 2**32)."""
-    x = x ^ (x >> 16)
+def _mix32(x: int) -> int:
+    """The 32-bit mixer on a Python int in [0, 2**32) (reference for `_mix32_`)."""
+    x ^= x >> 16
     x = (x * _MUL1) & _MASK32
-    x = x ^ (x >> 15)
+    x ^= x >> 15
     x = (x * _MUL2) & _MASK32
     return x ^ (x >> 15)
 
 
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """`_mix32` in place on an int32 tensor of 32-bit words (right shifts made logical by masking)."""
+    x.bitwise_xor_((x >> 16).bitwise_and_(0xFFFF))
+    x.mul_(_MUL1)
+    x.bitwise_xor_((x >> 15).bitwise_and_(0x1FFFF))
+    x.mul_(_MUL2)
+    return x.bitwise_xor_((x >> 15).bitwise_and_(0x1FFFF))
+
+
 def seed_key(seed: int) -> int:
-    """32-bit key of a uint64 seed (both halves mixed in)."""
+    """The int32 key of a uint64 seed (both halves mixed in)."""
     seed %= 1 << 64
-    return _mix32(_mix32(seed & _MASK32) ^ (seed >> 32))
+    return _signed32(_mix32(_mix32(seed & _MASK32) ^ (seed >> 32)))
 
 
-def uniform_noise(keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Counter-based uniforms in (0, 1): one per (seed key, step, token id), independent of the batch.
+def random_bits(keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Counter-based 32-bit words, one per (seed key, step, token id), independent of the batch.
 
-    keys: [n] int64 from `seed_key`; steps: [n] int64. Returns [n, vocab] float32.
+    keys: [n] int32 from `seed_key`; steps: [n] int64. Returns [n, vocab] int32. Word (i, v) is
+    mix(mix(key_i + step_i * STEP_WEYL) + v * WEYL), all mod 2**32.
     """
-    step_key = _mix32((keys + (steps & _MASK32) * _STEP_WEYL) & _MASK32)  # [n]
-    ids = torch.arange(vocab, dtype=torch.int64, device=keys.device) * _WEYL  # [vocab]
-    x = _mix32((step_key[:, None] + ids) & _MASK32)  # [n, vocab]
-    # 23 random bits -> (2m + 1) / 2**24: exact in float32, never 0 or 1.
-    return ((x >> 9).to(torch.float32) * 2.0 + 1.0) * (2.0**-24)
+    low = steps & _MASK32
+    step32 = torch.where(low >= 1 << 31, low - (1 << 32), low).to(torch.int32)  # [n], exact conversion
+    step_key = _mix32_(keys.to(torch.int32) + step32 * _signed32(_STEP_WEYL))  # [n]
+    ids = torch.arange(vocab, dtype=torch.int32, device=keys.device).mul_(_signed32(_WEYL))  # [vocab]
+    return _mix32_(step_key[:, None] + ids)  # [n, vocab]
 
 
 def gumbel_noise(keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Standard Gumbel noise [n, vocab] float32 for seed keys [n] at steps [n]."""
-    u = uniform_noise(keys, steps, vocab)
+    """Standard Gumbel noise [n, vocab] float32 for seed keys [n] int32 at steps [n] int64."""
+    bits = random_bits(keys, steps, vocab)
+    # Top 23 bits m -> u = (2m + 1) / 2**24: exact in float32, never 0 or 1.
+    u = (bits >> 9).bitwise_and_(0x7FFFFF).to(torch.float32).mul_(2.0).add_(1.0).mul_(2.0**-24)
     return u.log_().neg_().log_().neg_()
 
 
@@ -99,6 +115,7 @@ class SamplingParams:
 
     @property
     def samples(self) -> bool:
+        """Whether this request samples (else it takes the arg-max)."""
         return self.do_sample and self.temperature > 0
 
 
@@ -148,7 +165,7 @@ class BatchSampler:
         self.typical_mass = tensor([p.typical_p for p in params], torch.float32)  # [batch]
         self.typical_on = tensor(typical_on, torch.bool)  # [batch]
         self.penalty = tensor(penalty, torch.float32)  # [batch]
-        self.seed_keys = tensor([seed_key(p.seed) for p in params], torch.int64)  # [batch]
+        self.seed_keys = tensor([seed_key(p.seed) for p in params], torch.int32)  # [batch]
 
         # Host-side flags: which stages this batch needs.
         self.any_sample = any(sample)
@@ -218,7 +235,9 @@ class BatchSampler:
         return SamplerOutput(next_ids=next_ids, logprobs=logprobs)
 
 
-def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+def apply_repetition_penalty(
+    scores: torch.Tensor, history: torch.Tensor, penalty: torch.Tensor
+) -> torch.Tensor:
     """transformers' RepetitionPenaltyLogitsProcessor per row.
 
     scores: [batch, vocab]; history: [batch, max_len] int64, -1 = padding; penalty: [batch].

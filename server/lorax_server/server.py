@@ -69,7 +69,9 @@ def generation_to_proto(g: GenerationOut) -> pb.Generation:
     if g.finished is not None:
         f = g.finished
         msg.generated_text.CopyFrom(
-            pb.GeneratedText(text=f.text, generated_tokens=f.generated_tokens, finish_reason=int(f.reason), seed=f.seed)
+            pb.GeneratedText(
+                text=f.text, generated_tokens=f.generated_tokens, finish_reason=int(f.reason), seed=f.seed
+            )
         )
     return msg
 
@@ -77,7 +79,9 @@ def generation_to_proto(g: GenerationOut) -> pb.Generation:
 def cached_batch(batch: Batch | None) -> pb.CachedBatch | None:
     if batch is None:
         return None
-    return pb.CachedBatch(id=batch.id, request_ids=batch.request_ids, size=len(batch), max_tokens=batch.max_tokens)
+    return pb.CachedBatch(
+        id=batch.id, request_ids=batch.request_ids, size=len(batch), max_tokens=batch.max_tokens
+    )
 
 
 class LoraxService(pb_grpc.LoraxServiceServicer):
@@ -126,7 +130,11 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
 
     async def Warmup(self, request, context):  # noqa: ANN001, ANN201, N802
         tokens = await self._run(
-            context, self.engine.warmup, request.max_input_length, request.max_prefill_tokens, request.max_total_tokens
+            context,
+            self.engine.warmup,
+            request.max_input_length,
+            request.max_prefill_tokens,
+            request.max_total_tokens,
         )
         return pb.WarmupResponse(max_supported_total_tokens=tokens)
 
@@ -176,13 +184,22 @@ async def serve(engine: Engine, architecture: str, uds_path: str, rank: int, wor
     if socket_path.exists():
         socket_path.unlink()
     server = grpc.aio.server(
-        options=[("grpc.max_send_message_length", 256 * 2**20), ("grpc.max_receive_message_length", 256 * 2**20)]
+        options=[
+            ("grpc.max_send_message_length", 256 * 2**20),
+            ("grpc.max_receive_message_length", 256 * 2**20),
+        ]
     )
     pb_grpc.add_LoraxServiceServicer_to_server(LoraxService(engine, urls, architecture), server)
     server.add_insecure_port(urls[rank])
     await server.start()
-    log.info("shard %d/%d serving on %s (torch %s, %d threads)", rank, world_size, urls[rank], torch.__version__,
-             torch.get_num_threads())
+    log.info(
+        "shard %d/%d serving on %s (torch %s, %d threads)",
+        rank,
+        world_size,
+        urls[rank],
+        torch.__version__,
+        torch.get_num_threads(),
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -12,10 +12,11 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
+from safetensors.torch import load_file, save
+
 from lorax_server.utils import hub
 from lorax_server.utils.convert import convert_bin_to_safetensors
 from lorax_server.utils.hub import WeightsDownloadError, download_weights, select_files
-from safetensors.torch import load_file, save
 
 SERVER_DIR = Path(__file__).resolve().parents[1]
 

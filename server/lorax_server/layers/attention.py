@@ -101,7 +101,9 @@ class TorchAttention:
         return out[layout.q_index]
 
     @staticmethod
-    def _gather(cache: torch.Tensor, layout: _PaddedLayout, batch: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    def _gather(
+        cache: torch.Tensor, layout: _PaddedLayout, batch: int, kv_heads: int, head_dim: int
+    ) -> torch.Tensor:
         blocks = cache[layout.tables]  # [b, num_blocks, block_size, kvh, d]
         seq = blocks.view(batch, -1, kv_heads, head_dim)[:, : layout.max_k]
         return seq.transpose(1, 2)

@@ -67,7 +67,12 @@ class RotaryEmbedding:
     """Computes `(cos, sin)` for the rotary part of each head, once per forward pass."""
 
     def __init__(
-        self, rope: RopeConfig, head_dim: int, max_positions: int, device: torch.device, interleaved: bool = False
+        self,
+        rope: RopeConfig,
+        head_dim: int,
+        max_positions: int,
+        device: torch.device,
+        interleaved: bool = False,
     ) -> None:
         self.rope = rope
         self.dim = int(head_dim * rope.partial_rotary_factor)
@@ -125,7 +130,9 @@ class RotaryEmbedding:
         return self.inv_freq
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False
+) -> torch.Tensor:
     """x: [num_tokens, heads, head_dim]; cos/sin: [num_tokens, rot_dim]. Rotates the first rot_dim dims."""
     rot_dim = cos.shape[-1]
     x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]

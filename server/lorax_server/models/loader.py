@@ -38,6 +38,8 @@ def load_model(
     config = ModelConfig.from_dir(model_dir)
     spec = spec_for(config.architecture)
     if world_size > 1:
-        raise NotImplementedError("tensor-parallel sharding (--sharded / --num-shard > 1) is not supported yet")
+        raise NotImplementedError(
+            "tensor-parallel sharding (--sharded / --num-shard > 1) is not supported yet"
+        )
     weights = Weights(model_dir, resolve_dtype(dtype, config, device), device, rank, world_size)
     return CausalLM(spec, config, weights, backend, device)

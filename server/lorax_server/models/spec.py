@@ -28,4 +28,12 @@ class ArchSpec:
     qkv_bias: bool | None = None  # None: config.attention_bias decides
     uses_sliding_window: bool = True  # honour config.sliding_window
     # Modules a LoRA adapter may target, by the name adapters use.
-    adaptable_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    adaptable_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )

@@ -28,7 +28,9 @@ def _norm(spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str):  # n
 
 
 class SelfAttention:
-    def __init__(self, spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str, layer_idx: int) -> None:
+    def __init__(
+        self, spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str, layer_idx: int
+    ) -> None:
         h, d, kvh = cfg.num_heads, cfg.head_dim, cfg.num_kv_heads
         bias = cfg.attention_bias if spec.qkv_bias is None else spec.qkv_bias
         self.qkv = Linear.load(
@@ -37,7 +39,9 @@ class SelfAttention:
             bias=bias,
             shapes=[(h * d, cfg.hidden_size), (kvh * d, cfg.hidden_size), (kvh * d, cfg.hidden_size)],
         )
-        self.o = Linear.load(weights, [f"{prefix}.{spec.o_proj}"], bias=False, shapes=[(cfg.hidden_size, h * d)])
+        self.o = Linear.load(
+            weights, [f"{prefix}.{spec.o_proj}"], bias=False, shapes=[(cfg.hidden_size, h * d)]
+        )
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
         self.scale = d**-0.5
         self.window = cfg.sliding_window if spec.uses_sliding_window else None
@@ -74,7 +78,9 @@ class GatedMLP:
             bias=cfg.mlp_bias,
             shapes=[(inter, hidden), (inter, hidden)],
         )
-        self.down = Linear.load(weights, [f"{prefix}.{spec.down_proj}"], bias=cfg.mlp_bias, shapes=[(hidden, inter)])
+        self.down = Linear.load(
+            weights, [f"{prefix}.{spec.down_proj}"], bias=cfg.mlp_bias, shapes=[(hidden, inter)]
+        )
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +96,9 @@ class DecoderLayer:
         self.post_attention_norm = _norm(spec, cfg, weights, f"{prefix}.{spec.post_attention_norm}")
         self.mlp = GatedMLP(spec, cfg, weights, prefix)
 
-    def __call__(self, x: torch.Tensor, meta: ForwardBatch, cos, sin, cache: KVCache, backend) -> torch.Tensor:  # noqa: ANN001
+    def __call__(
+        self, x: torch.Tensor, meta: ForwardBatch, cos, sin, cache: KVCache, backend
+    ) -> torch.Tensor:  # noqa: ANN001
         x = x + self.attn(self.input_norm(x), meta, cos, sin, cache, backend)
         return x + self.mlp(self.post_attention_norm(x))
 
@@ -99,7 +107,12 @@ class CausalLM:
     """A loaded model: call `forward` with a batch's metadata to get logits of `meta.logits_index` tokens."""
 
     def __init__(
-        self, spec: ArchSpec, cfg: ModelConfig, weights: Weights, backend: AttentionBackend, device: torch.device
+        self,
+        spec: ArchSpec,
+        cfg: ModelConfig,
+        weights: Weights,
+        backend: AttentionBackend,
+        device: torch.device,
     ) -> None:
         self.spec, self.config, self.backend, self.device = spec, cfg, backend, device
         self.dtype = weights.dtype
@@ -109,7 +122,9 @@ class CausalLM:
         if cfg.tie_word_embeddings or not weights.has(f"{spec.lm_head}.weight"):
             self.lm_head = Linear(self.embed, None, [cfg.vocab_size])
         else:
-            self.lm_head = Linear.load(weights, [spec.lm_head], bias=False, shapes=[(cfg.vocab_size, cfg.hidden_size)])
+            self.lm_head = Linear.load(
+                weights, [spec.lm_head], bias=False, shapes=[(cfg.vocab_size, cfg.hidden_size)]
+            )
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, device)
 
     @torch.inference_mode()

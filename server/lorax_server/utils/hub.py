@@ -26,6 +26,7 @@ from huggingface_hub.utils import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+
 from lorax_server.utils.convert import (
     BIN_INDEX,
     SAFETENSORS_INDEX,

@@ -1,0 +1,177 @@
+"""Drive a real `lorax-server serve` subprocess over its unix socket, the way the router and external
+tools do: Info, Health, ServiceDiscovery, Warmup, Prefill, Decode, FilterBatch, ClearCache, and bad
+requests that must get an error status while the shard keeps serving."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from lorax_server.pb import generate_pb2 as pb
+from lorax_server.pb import generate_pb2_grpc as pb_grpc
+
+KV_BLOCKS = 64  # x 16 tokens = 1024 tokens of cache
+
+
+@pytest.fixture(scope="module")
+def shard(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    sock_dir = tmp_path_factory.mktemp("sock")
+    uds = str(sock_dir / "shard")
+    exe = shutil.which("lorax-server", path=str(Path(sys.executable).parent)) or "lorax-server"
+    proc = subprocess.Popen(
+        [
+            exe,
+            "serve",
+            str(llama_dir),
+            "--uds-path",
+            uds,
+            "--dtype",
+            "float32",
+            "--kv-cache-blocks",
+            str(KV_BLOCKS),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    sock = Path(f"{uds}-0")
+    deadline = time.time() + 120
+    while not sock.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"shard exited: {proc.stdout.read().decode()}")
+        if time.time() > deadline:
+            proc.kill()
+            raise TimeoutError("shard did not start")
+        time.sleep(0.1)
+    channel = grpc.insecure_channel(f"unix://{sock}")
+    stub = pb_grpc.LoraxServiceStub(channel)
+    yield stub, proc, sock
+    channel.close()
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def request(rid: int, ids: list[int], max_new: int = 4, **kw) -> pb.Request:
+    return pb.Request(
+        id=rid,
+        input_ids=ids,
+        parameters=pb.NextTokenChooserParameters(
+            temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0
+        ),
+        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True),
+        **kw,
+    )
+
+
+def test_info_health_discovery(shard) -> None:
+    stub, _, sock = shard
+    info = stub.Info(pb.InfoRequest())
+    assert info.dtype == "float32" and info.device_type == "cpu" and info.vocab_size == 320
+    assert info.architecture == "LlamaForCausalLM" and list(info.eos_token_ids) == [2]
+    assert not info.requires_padding and info.block_size == 16
+    stub.Health(pb.HealthRequest())
+    assert list(stub.ServiceDiscovery(pb.ServiceDiscoveryRequest()).urls) == [f"unix://{sock}"]
+
+
+def test_warmup_prefill_decode_filter_clear(shard) -> None:
+    stub, _, _ = shard
+    warm = stub.Warmup(pb.WarmupRequest(max_input_length=64, max_prefill_tokens=128, max_total_tokens=128))
+    assert warm.max_supported_total_tokens == KV_BLOCKS * 16
+    batch = pb.Batch(
+        id=1, requests=[request(1, [1, 5, 6, 7], 3), request(2, [1, 9], 6, top_n_tokens=2)], size=2
+    )
+    pre = stub.Prefill(pb.PrefillRequest(batch=batch))
+    assert [g.request_id for g in pre.generations] == [1, 2]
+    assert len(pre.generations[1].top_tokens.ids) == 2
+    assert (
+        pre.batch.id == 1 and list(pre.batch.request_ids) == [1, 2] and pre.batch.max_tokens == 4 + 3 + 2 + 6
+    )
+    dec = stub.Decode(pb.DecodeRequest(batches=[pre.batch]))
+    assert len(dec.generations) == 2
+    dec = stub.Decode(pb.DecodeRequest(batches=[dec.batch]))
+    finished = {g.request_id: g.generated_text for g in dec.generations if g.HasField("generated_text")}
+    assert finished[1].generated_tokens == 3 and finished[1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert list(dec.batch.request_ids) == [2]  # a finished request leaves the batch by itself
+    second = stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=2, requests=[request(3, [1, 4], 5)], size=1)))
+    merged = stub.Decode(pb.DecodeRequest(batches=[dec.batch, second.batch]))
+    assert list(merged.batch.request_ids) == [2, 3] and merged.batch.id == 1
+    filtered = stub.FilterBatch(pb.FilterBatchRequest(batch_id=1, request_ids=[3]))
+    assert list(filtered.batch.request_ids) == [3]
+    stub.ClearCache(pb.ClearCacheRequest(id=1))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Decode(pb.DecodeRequest(batches=[filtered.batch]))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_bad_requests_get_error_statuses_and_the_shard_keeps_serving(shard) -> None:
+    stub, proc, _ = shard
+    stub.Warmup(pb.WarmupRequest(max_input_length=64, max_prefill_tokens=128, max_total_tokens=128))
+    cases = [
+        (
+            pb.Batch(id=5, requests=[request(1, [], 4)], size=1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "empty input",
+        ),
+        (
+            pb.Batch(id=5, requests=[request(1, [1] * 1100, 4)], size=1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "KV cache",
+        ),
+        (
+            pb.Batch(id=5, requests=[request(1, [1, 999], 4)], size=1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "vocabulary",
+        ),
+        (pb.Batch(id=5, requests=[], size=0), grpc.StatusCode.INVALID_ARGUMENT, "no requests"),
+    ]
+    for batch, code, message in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Prefill(pb.PrefillRequest(batch=batch))
+        assert err.value.code() == code and message in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Decode(pb.DecodeRequest(batches=[pb.CachedBatch(id=12345)]))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "12345" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.FilterBatch(pb.FilterBatchRequest(batch_id=12345, request_ids=[1]))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        stub.LoadAdapter(pb.LoadAdapterRequest())
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    ok = stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=6, requests=[request(1, [1, 2, 3], 1)], size=1)))
+    assert ok.generations[0].generated_text.generated_tokens == 1
+    stub.Health(pb.HealthRequest())
+    assert proc.poll() is None
+
+
+def test_sigterm_stops_the_shard_and_removes_its_socket(llama_dir: Path, tmp_path: Path) -> None:
+    uds = str(tmp_path / "s")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lorax_server.cli",
+            "serve",
+            str(llama_dir),
+            "--uds-path",
+            uds,
+            "--kv-cache-blocks",
+            "4",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    sock = Path(f"{uds}-0")
+    deadline = time.time() + 120
+    while not sock.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert sock.exists()
+    proc.terminate()
+    assert proc.wait(timeout=30) == 0
+    assert not sock.exists()

@@ -1,0 +1,80 @@
+"""Block manager bookkeeping and slot mapping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorax_server.kv_cache import BlockManager, KVCache, OutOfBlocks, slot_mapping
+
+
+def test_allocate_rounds_up_to_blocks_and_free_returns_them() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = bm.allocate(5)  # 2 blocks
+    b = bm.allocate(4)  # 1 block
+    assert len(a) == 2 and len(b) == 1 and not set(a) & set(b)
+    assert bm.num_free == 5
+    bm.free(a)
+    assert a == [] and bm.num_free == 7
+
+
+def test_allocate_refuses_when_full_and_leaves_state_untouched() -> None:
+    bm = BlockManager(num_blocks=3, block_size=4)
+    bm.allocate(8)
+    assert not bm.can_allocate(5)
+    with pytest.raises(OutOfBlocks):
+        bm.allocate(5)
+    assert bm.num_free == 1
+
+
+def test_append_grows_only_at_block_boundaries() -> None:
+    bm = BlockManager(num_blocks=4, block_size=4)
+    table = bm.allocate(3)
+    assert bm.append(table, 4) == []
+    added = bm.append(table, 5)
+    assert len(added) == 1 and len(table) == 2
+    with pytest.raises(OutOfBlocks):
+        bm.append(table, 17)
+    assert len(table) == 2
+
+
+def test_fork_shares_blocks_until_both_owners_free() -> None:
+    bm = BlockManager(num_blocks=4, block_size=2)
+    a = bm.allocate(4)
+    b = bm.fork(a)
+    bm.free(a)
+    assert bm.num_free == 2  # still held by the fork
+    bm.free(b)
+    assert bm.num_free == 4
+
+
+def test_double_free_is_detected() -> None:
+    bm = BlockManager(num_blocks=2, block_size=2)
+    a = bm.allocate(2)
+    copy = list(a)
+    bm.free(a)
+    with pytest.raises(RuntimeError):
+        bm.free(copy)
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 16])
+def test_slot_mapping_follows_block_tables(block_size: int) -> None:
+    tables = torch.tensor([[5, 2, 7], [1, 0, 0]])
+    seq_index = torch.tensor([0, 0, 0, 1, 1])
+    positions = torch.tensor([0, block_size, 2 * block_size + 1 if block_size > 1 else 2, 0, block_size - 1])
+    slots = slot_mapping(tables, seq_index, positions, block_size).tolist()
+    expected = []
+    for s, p in zip(seq_index.tolist(), positions.tolist(), strict=True):
+        expected.append(tables[s, p // block_size].item() * block_size + p % block_size)
+    assert slots == expected
+    assert slots[0] == 5 * block_size and slots[3] == 1 * block_size
+
+
+def test_cache_write_lands_in_the_mapped_slots() -> None:
+    cache = KVCache(
+        1, num_blocks=4, block_size=2, kv_heads=1, head_dim=3, dtype=torch.float32, device=torch.device("cpu")
+    )
+    k = torch.arange(6.0).view(2, 1, 3)
+    cache.write(0, torch.tensor([5, 0]), k, -k)
+    assert torch.equal(cache.keys[0][2, 1, 0], k[0, 0]) and torch.equal(cache.values[0][0, 0, 0], -k[1, 0])
+    assert cache.keys[0].abs().sum() == k.abs().sum()
