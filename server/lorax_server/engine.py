@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import psutil
@@ -65,6 +66,15 @@ class GenerationOut:
 
 
 @dataclass
+class StepTimings:
+    """Where the last prefill/decode call spent its time, in nanoseconds."""
+
+    concat_ns: int = 0  # merging batches
+    forward_ns: int = 0  # model forward and sampling
+    decode_ns: int = 0  # per-request host work: detokenization, stop checks
+
+
+@dataclass
 class CacheConfig:
     block_size: int = 16
     memory_fraction: float | None = None  # of free device memory (CUDA) or available RAM (CPU)
@@ -82,6 +92,7 @@ class Engine:
         self.batches: dict[int, Batch] = {}
         self.cache: KVCache | None = None
         self.blocks: BlockManager | None = None
+        self.timings = StepTimings()
 
     # ------------------------------------------------------------------ warm-up and cache sizing
     def warmup(self, max_input_length: int, max_prefill_tokens: int, max_total_tokens: int) -> int:
@@ -217,6 +228,8 @@ class Engine:
             blocks.block_size,
             torch.tensor(rows, dtype=torch.int64, device=dev),
         )
+        self.timings = StepTimings()
+        forward_start = time.perf_counter_ns()
         logits = self.model.forward(meta, cache)  # [len(rows), vocab]
         width = max(len(r.input_ids) + r.max_new_tokens for r in requests)
         history = torch.full((len(requests), width), -1, dtype=torch.int64, device=dev)
@@ -238,7 +251,7 @@ class Engine:
             if any(r.prefill_logprobs for r in requests)
             else None
         )
-        gens = self._sample_and_advance(batch, logits[last], prefill_lists)
+        gens = self._sample_and_advance(batch, logits[last], prefill_lists, forward_start)
         return gens, self._keep_unfinished(batch, gens)
 
     def _prefill_tokens(
@@ -273,18 +286,21 @@ class Engine:
         if len(set(batch_ids)) != len(batch_ids):
             raise RequestError("decode got the same batch twice")
         cache, blocks = self._require_cache()
+        start = time.perf_counter_ns()
         batch = Batch.concatenate([self.batches.pop(b) for b in batch_ids])
+        self.timings = StepTimings(concat_ns=time.perf_counter_ns() - start)
         self.batches[batch.id] = batch
         lengths = [s.length for s in batch.seqs]
         meta = ForwardBatch.build(
             batch.next_ids, [1] * len(batch), lengths, batch.block_tables, blocks.block_size
         )
+        forward_start = time.perf_counter_ns()
         logits = self.model.forward(meta, cache)
-        gens = self._sample_and_advance(batch, logits, None)
+        gens = self._sample_and_advance(batch, logits, None, forward_start)
         return gens, self._keep_unfinished(batch, gens)
 
     def _sample_and_advance(
-        self, batch: Batch, logits: torch.Tensor, prefill: list[TokenList | None] | None
+        self, batch: Batch, logits: torch.Tensor, prefill: list[TokenList | None] | None, forward_start: int
     ) -> list[GenerationOut]:
         """Choose every row's next token in one batched pass, then do the per-request host work."""
         out = batch.sampler(logits, batch.history, batch.steps)
@@ -300,6 +316,9 @@ class Engine:
         if top_n:
             t_ids, t_lps = out.top_n(top_n)
             top_ids, top_lps = t_ids.tolist(), t_lps.tolist()
+        host_start = time.perf_counter_ns()
+        # The forward pass is asynchronous on GPU: it is done once the sync above returns.
+        self.timings.forward_ns = host_start - forward_start
         gens = []
         for row, seq in enumerate(batch.seqs):
             token = int(ids_host[row])
@@ -321,6 +340,7 @@ class Engine:
                     sampling.seed if sampling.samples else None,
                 )
             gens.append(gen)
+        self.timings.decode_ns = time.perf_counter_ns() - host_start
         return gens
 
     def _keep_unfinished(self, batch: Batch, gens: list[GenerationOut]) -> Batch | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -58,7 +57,7 @@ def generation_to_proto(g: GenerationOut) -> pb.Generation:
     msg = pb.Generation(
         request_id=g.request_id,
         token_id=g.token_id,
-        token_logprob=g.logprob if not math.isnan(g.logprob) else float("nan"),
+        token_logprob=g.logprob,
         token_text=g.text,
         token_is_special=g.special,
     )
@@ -145,15 +144,21 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
         return pb.PrefillResponse(
             generations=[generation_to_proto(g) for g in gens],
             batch=cached_batch(batch),
+            forward_ns=self.engine.timings.forward_ns,
+            decode_ns=self.engine.timings.decode_ns,
             total_ns=time.perf_counter_ns() - start,
         )
 
     async def Decode(self, request, context):  # noqa: ANN001, ANN201, N802
         start = time.perf_counter_ns()
         gens, batch = await self._run(context, self.engine.decode, [b.id for b in request.batches])
+        t = self.engine.timings
         return pb.DecodeResponse(
             generations=[generation_to_proto(g) for g in gens],
             batch=cached_batch(batch),
+            concat_ns=t.concat_ns,
+            forward_ns=t.forward_ns,
+            decode_ns=t.decode_ns,
             total_ns=time.perf_counter_ns() - start,
         )
 

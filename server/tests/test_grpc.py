@@ -95,6 +95,7 @@ def test_warmup_prefill_decode_filter_clear(shard) -> None:
     )
     dec = stub.Decode(pb.DecodeRequest(batches=[pre.batch]))
     assert len(dec.generations) == 2
+    assert 0 < dec.forward_ns <= dec.total_ns and 0 < pre.forward_ns <= pre.total_ns
     dec = stub.Decode(pb.DecodeRequest(batches=[dec.batch]))
     finished = {g.request_id: g.generated_text for g in dec.generations if g.HasField("generated_text")}
     assert finished[1].generated_tokens == 3 and finished[1].finish_reason == pb.FINISH_REASON_LENGTH

@@ -30,14 +30,21 @@ ROPES = {
         "original_max_position_embeddings": 8,
         "rope_theta": 500000.0,
     },
-    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "rope_theta": 10000.0},
+    "yarn": {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 8,
+        "rope_theta": 10000.0,
+    },
 }
 
 
 @pytest.fixture(scope="module", params=sorted(ROPES))
 def rope_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     model_dir = make_llama(
-        tmp_path_factory.mktemp(request.param), rope_parameters=ROPES[request.param], max_position_embeddings=MAX_POS
+        tmp_path_factory.mktemp(request.param),
+        rope_parameters=ROPES[request.param],
+        max_position_embeddings=MAX_POS,
     )
     ours = load_model(model_dir, TorchAttention(BLOCK), torch.device("cpu"), "float32")
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -86,7 +93,9 @@ def test_transformers4_style_rope_keys_are_understood() -> None:
 
 def test_transformers4_config_file_loads_with_parity(tmp_path: Path) -> None:
     """A config.json written in transformers-4 style (rope_theta + rope_scaling) gives the same logits."""
-    model_dir = make_llama(tmp_path / "m", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
+    model_dir = make_llama(
+        tmp_path / "m", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}
+    )
     cfg = json.loads((model_dir / "config.json").read_text())
     params = cfg.pop("rope_parameters")
     cfg["rope_theta"] = params.pop("rope_theta")
