@@ -3,9 +3,12 @@
 //! reference page `docs/reference/launcher.md`.
 
 use std::fmt;
+use std::net::{IpAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::builder::BoolishValueParser;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, FromArgMatches, Parser, ValueEnum};
 
 /// Where adapters named by `--adapter-id` or by a request's `adapter_id` are fetched from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -94,8 +97,8 @@ pub struct Args {
     #[arg(long, env)]
     pub model_id: String,
 
-    /// A LoRA adapter to load when the shards start (later feature: accepted and passed to the
-    /// shards; adapters are normally chosen per request with `adapter_id`).
+    /// A LoRA adapter to load when the shards start (later feature: accepted, not used yet;
+    /// requests choose their adapter with the `adapter_id` parameter).
     #[arg(long, env)]
     pub adapter_id: Option<String>,
 
@@ -128,7 +131,7 @@ pub struct Args {
 
     /// Allow the model's own Python code from the Hub to run (`trust_remote_code` in
     /// transformers). Only for models you trust.
-    #[arg(long, env)]
+    #[arg(long, env, value_parser = BoolishValueParser::new())]
     pub trust_remote_code: bool,
 
     /// Most requests handled at once; more are rejected with 429 (overloaded).
@@ -178,15 +181,17 @@ pub struct Args {
 
     /// Seconds the scheduler serves one set of active adapters before rotating to adapters whose
     /// requests are waiting (fairness between adapters).
-    #[arg(long, env, default_value_t = 2.0)]
-    pub adapter_cycle_time_s: f64,
+    #[arg(long, env, default_value_t = 2)]
+    pub adapter_cycle_time_s: u64,
 
     /// Fraction of the device memory kept free for adapter weights when the KV cache is sized
     /// (passed to the shards as `ADAPTER_MEMORY_FRACTION`).
     #[arg(long, env, default_value_t = 0.1)]
     pub adapter_memory_fraction: f32,
 
-    /// Address the HTTP server listens on.
+    /// Address the HTTP server listens on. A name is resolved to its address. From the `HOSTNAME`
+    /// variable, which shells and Docker set to the machine's name, only an IP address is taken;
+    /// anything else there means `0.0.0.0`.
     #[arg(long, env, default_value = "0.0.0.0")]
     pub hostname: String,
 
@@ -211,8 +216,8 @@ pub struct Args {
     #[arg(long, env)]
     pub huggingface_hub_cache: Option<PathBuf>,
 
-    /// Write logs as JSON lines (the launcher's and the router's).
-    #[arg(long, env)]
+    /// Write the log as JSON lines instead of text (the children's lines included).
+    #[arg(long, env, value_parser = BoolishValueParser::new())]
     pub json_output: bool,
 
     /// OpenTelemetry collector to send traces to (later feature: accepted, not used yet).
@@ -225,7 +230,7 @@ pub struct Args {
     pub cors_allow_origin: Vec<String>,
 
     /// Download the model's weights, then exit without serving.
-    #[arg(long, env)]
+    #[arg(long, env, value_parser = BoolishValueParser::new())]
     pub download_only: bool,
 
     /// Fraction of the device memory the shards may use (model, KV cache, adapters).
@@ -239,7 +244,7 @@ pub struct Args {
 
     /// Use only the reference (pure PyTorch) kernels in the shards (passed as
     /// `DISABLE_CUSTOM_KERNELS=true`).
-    #[arg(long, env)]
+    #[arg(long, env, value_parser = BoolishValueParser::new())]
     pub disable_custom_kernels: bool,
 
     /// Seconds to wait for every shard to load the model and open its socket before giving up.
@@ -248,6 +253,16 @@ pub struct Args {
 }
 
 impl Args {
+    /// The arguments from clap's matches, with `--hostname` made an IP address (see
+    /// [`listen_address`]).
+    pub fn from_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        let mut args = Args::from_arg_matches(matches)?;
+        let from_env = matches.value_source("hostname") == Some(ValueSource::EnvVariable);
+        args.hostname = listen_address(&args.hostname, from_env)
+            .map_err(|e| clap::Error::raw(clap::error::ErrorKind::ValueValidation, e))?;
+        Ok(args)
+    }
+
     /// Checks what clap cannot: relations between limits and features that are not built yet.
     /// The error is a complete sentence naming the flags involved.
     pub fn validate(&self) -> Result<(), String> {
@@ -312,12 +327,6 @@ impl Args {
                 self.waiting_served_ratio
             ));
         }
-        if !(self.adapter_cycle_time_s.is_finite() && self.adapter_cycle_time_s > 0.0) {
-            return Err(format!(
-                "--adapter-cycle-time-s must be more than 0 (got {})",
-                self.adapter_cycle_time_s
-            ));
-        }
         if !(self.cuda_memory_fraction > 0.0 && self.cuda_memory_fraction <= 1.0) {
             return Err(format!(
                 "--cuda-memory-fraction must be in (0, 1] (got {})",
@@ -343,6 +352,28 @@ impl Args {
     pub fn is_sharded(&self) -> bool {
         self.num_shard > 1
     }
+}
+
+/// The address the router listens on. Shells and Docker set `HOSTNAME` to the machine's name,
+/// which is not meant as a listen address: from the environment only an IP address counts, and
+/// anything else means `0.0.0.0`. A name given with `--hostname` is resolved to its address.
+pub fn listen_address(host: &str, from_env: bool) -> Result<String, String> {
+    if host.parse::<IpAddr>().is_ok() {
+        return Ok(host.to_string());
+    }
+    if from_env {
+        return Ok("0.0.0.0".to_string());
+    }
+    let addresses: Vec<IpAddr> = (host, 0)
+        .to_socket_addrs()
+        .map(|found| found.map(|a| a.ip()).collect())
+        .unwrap_or_default();
+    addresses
+        .iter()
+        .find(|ip| ip.is_ipv4())
+        .or(addresses.first())
+        .map(|ip| ip.to_string())
+        .ok_or_else(|| format!("--hostname {host} is neither an IP address nor a resolvable name"))
 }
 
 fn positive(flag: &str, value: usize) -> Result<(), String> {
@@ -387,7 +418,7 @@ mod tests {
         assert_eq!(a.max_batch_total_tokens, None);
         assert_eq!(a.max_waiting_tokens, 20);
         assert_eq!(a.max_active_adapters, 128);
-        assert_eq!(a.adapter_cycle_time_s, 2.0);
+        assert_eq!(a.adapter_cycle_time_s, 2);
         assert_eq!(a.adapter_memory_fraction, 0.1);
         assert_eq!(a.hostname, "0.0.0.0");
         assert_eq!(a.port, 3000);
@@ -407,9 +438,28 @@ mod tests {
             if long == "help" || long == "version" {
                 continue;
             }
-            let env = arg.get_env().unwrap_or_else(|| panic!("--{long} has no env var"));
+            let env = arg
+                .get_env()
+                .unwrap_or_else(|| panic!("--{long} has no env var"));
             assert_eq!(env.to_str().unwrap(), long.replace('-', "_").to_uppercase());
         }
+    }
+
+    #[test]
+    fn hostname_becomes_an_ip_address() {
+        assert_eq!(listen_address("::", false).unwrap(), "::");
+        assert_eq!(listen_address("127.0.0.1", true).unwrap(), "127.0.0.1");
+        // Docker sets HOSTNAME to the container's name.
+        assert_eq!(listen_address("3f2a9c1b7d", true).unwrap(), "0.0.0.0");
+        let local = listen_address("localhost", false).unwrap();
+        assert!(local == "127.0.0.1" || local == "::1", "{local}");
+        let err = listen_address("no-such-host.invalid", false).unwrap_err();
+        assert!(err.contains("--hostname no-such-host.invalid"), "{err}");
+        let matches = Args::command()
+            .try_get_matches_from(["l", "--model-id", "m", "--hostname", "localhost"])
+            .unwrap();
+        let host = Args::from_matches(&matches).unwrap().hostname;
+        assert!(host == "127.0.0.1" || host == "::1", "{host}");
     }
 
     #[test]
@@ -445,7 +495,10 @@ mod tests {
     #[test]
     fn quantize_is_refused_with_a_clear_message() {
         let err = error_of(&["--quantize", "gptq"]);
-        assert!(err.contains("--quantize gptq is not supported yet"), "{err}");
+        assert!(
+            err.contains("--quantize gptq is not supported yet"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -462,7 +515,10 @@ mod tests {
     #[test]
     fn input_must_be_shorter_than_total() {
         let err = error_of(&["--max-input-length", "2048", "--max-total-tokens", "2048"]);
-        assert!(err.contains("--max-input-length (2048) must be less than"), "{err}");
+        assert!(
+            err.contains("--max-input-length (2048) must be less than"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -482,7 +538,9 @@ mod tests {
             "8192",
         ]);
         assert!(err.contains("at least --max-total-tokens (8192)"), "{err}");
-        parse(&["--max-batch-total-tokens", "4096"]).validate().unwrap();
+        parse(&["--max-batch-total-tokens", "4096"])
+            .validate()
+            .unwrap();
     }
 
     #[test]
@@ -500,7 +558,6 @@ mod tests {
         assert!(error_of(&["--cuda-memory-fraction", "1.5"]).contains("(0, 1]"));
         assert!(error_of(&["--cuda-memory-fraction", "0"]).contains("(0, 1]"));
         assert!(error_of(&["--adapter-memory-fraction", "1"]).contains("[0, 1)"));
-        assert!(error_of(&["--adapter-cycle-time-s", "0"]).contains("more than 0"));
         assert!(error_of(&["--kv-cache-blocks", "0"]).contains("--kv-cache-blocks"));
         assert!(error_of(&["--max-best-of", "0"]).contains("--max-best-of"));
     }

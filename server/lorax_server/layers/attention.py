@@ -104,7 +104,8 @@ class TorchAttention:
     def _gather(
         cache: torch.Tensor, layout: _PaddedLayout, batch: int, kv_heads: int, head_dim: int
     ) -> torch.Tensor:
-        blocks = cache[layout.tables]  # [b, num_blocks, block_size, kvh, d]
+        # index_select on whole blocks copies contiguous rows: much faster than advanced indexing.
+        blocks = cache.view(cache.shape[0], -1).index_select(0, layout.tables.reshape(-1))
         seq = blocks.view(batch, -1, kv_heads, head_dim)[:, : layout.max_k]
         return seq.transpose(1, 2)
 
