@@ -8,17 +8,22 @@ PB := server/lorax_server/pb
 MODEL_ID ?= models/demo
 PORT ?= 8080
 
-.PHONY: install run test test-rust test-python lint fmt clean
+RUST_BINS := $(VENV)/bin/lorax-router $(VENV)/bin/lorax-launcher
 
-install: $(VENV)/.python-installed $(PB)/generate_pb2.py
+.PHONY: install run test test-rust test-python lint fmt clean FORCE
+
+install: $(VENV)/.python-installed $(PB)/generate_pb2.py $(RUST_BINS)
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
 # Editable install of the shard with its test extras; redone when its metadata changes.
+# The acceptance clients pin an old huggingface_hub that breaks transformers 5: installed without
+# their dependencies (theirs that we need, aiohttp and pydantic, come with the test extras).
 $(VENV)/.python-installed: $(VENV)/bin/python server/pyproject.toml
 	$(PIP) install --quiet -e 'server[test]'
+	$(PIP) install --quiet --no-deps lorax-client==0.6.3 text-generation==0.7.0
 	touch $@
 
 # gRPC stubs are generated, never committed. grpc_tools writes an absolute import; make it relative.
@@ -26,17 +31,34 @@ $(PB)/generate_pb2.py: proto/generate.proto $(VENV)/.python-installed
 	$(PY) -m grpc_tools.protoc -I proto --python_out=$(PB) --pyi_out=$(PB) --grpc_python_out=$(PB) proto/generate.proto
 	sed -i 's/^import generate_pb2 as/from . import generate_pb2 as/' $(PB)/generate_pb2_grpc.py
 
+# Release builds of the Rust binaries, copied into the venv so they sit beside lorax-server.
+# cargo decides what to rebuild; the copy only happens when the binary changed.
+$(VENV)/bin/lorax-%: FORCE $(VENV)/bin/python
+	cargo build --release --quiet --manifest-path $*/Cargo.toml
+	@cmp -s $*/target/release/lorax-$* $@ || install -m 0755 $*/target/release/lorax-$* $@
+
+FORCE:
+
 run: install
-	@if [ ! -x $(VENV)/bin/lorax-launcher ]; then echo "router not built yet: lorax-launcher is not in $(VENV)/bin"; exit 1; fi
+	@if [ ! -x $(VENV)/bin/lorax-launcher ]; then echo "lorax-launcher is missing from $(VENV)/bin: run make install"; exit 1; fi
 	$(VENV)/bin/lorax-launcher --model-id $(MODEL_ID) --port $(PORT)
 
-test: install test-python
+test: install test-rust test-python
+
+# Release profile: reuses the dependencies the install step already compiled.
+test-rust: install
+	cargo test --release --quiet --manifest-path launcher/Cargo.toml
+	cargo test --release --quiet --manifest-path router/Cargo.toml
 
 test-python: install
 	$(VENV)/bin/pytest -q server/tests $(wildcard integration-tests/test_*.py)
 
 lint:
 	$(VENV)/bin/ruff check .
+	cargo fmt --check --manifest-path router/Cargo.toml
+	cargo fmt --check --manifest-path launcher/Cargo.toml
+	cargo clippy --release --quiet --manifest-path router/Cargo.toml -- -D warnings
+	cargo clippy --release --quiet --manifest-path launcher/Cargo.toml -- -D warnings
 
 fmt:
 	$(VENV)/bin/ruff format server integration-tests

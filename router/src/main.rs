@@ -1,1 +1,280 @@
-fn main() {}
+//! `lorax-router`: command line, start-up (shard discovery, Info, Warmup) and the HTTP server.
+
+use clap::Parser;
+use lorax_router::api::Info;
+use lorax_router::batcher::BatcherConfig;
+use lorax_router::client::{ShardClient, ShardedClient};
+use lorax_router::infer::Infer;
+use lorax_router::queue::round_up;
+use lorax_router::server::{router, AppState};
+use lorax_router::template::ChatTemplate;
+use lorax_router::validation::{load_tokenizer, Validation, ValidationLimits};
+use lorax_router::{metrics, VERSION};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// HTTP router of the LoRAX-compatible inference server: validates and tokenizes requests,
+/// batches them continuously and streams tokens from the model shards.
+#[derive(Parser, Debug)]
+#[command(name = "lorax-router", version, about)]
+struct Args {
+    /// Most requests in flight at once; further ones are refused with 429 `overloaded`.
+    #[arg(long, env, default_value_t = 128)]
+    max_concurrent_requests: usize,
+    /// Largest `best_of` a request may ask for.
+    #[arg(long, env, default_value_t = 2)]
+    max_best_of: usize,
+    /// Most stop sequences per request.
+    #[arg(long, env, default_value_t = 4)]
+    max_stop_sequences: usize,
+    /// Most prompt tokens per request (after `truncate`).
+    #[arg(long, env, default_value_t = 1024)]
+    max_input_length: usize,
+    /// Most prompt + generated tokens per request.
+    #[arg(long, env, default_value_t = 2048)]
+    max_total_tokens: usize,
+    /// Waiting requests join the running batch early only when waiting / running >= this ratio.
+    #[arg(long, env, default_value_t = 1.2)]
+    waiting_served_ratio: f32,
+    /// Most prompt tokens in one prefill.
+    #[arg(long, env, default_value_t = 4096)]
+    max_batch_prefill_tokens: u32,
+    /// Most tokens (prompts + max_new_tokens) in flight at once; by default what the shards'
+    /// Warmup reports. Refused when larger than that.
+    #[arg(long, env)]
+    max_batch_total_tokens: Option<u32>,
+    /// Decode steps after which waiting requests are prefilled regardless of the ratio.
+    #[arg(long, env, default_value_t = 20)]
+    max_waiting_tokens: usize,
+    /// Most adapters loaded at once (used once adapters are supported).
+    #[arg(long, env, default_value_t = 128)]
+    max_active_adapters: usize,
+    /// Seconds each adapter's queue is served before the scheduler moves on (used once adapters
+    /// are supported).
+    #[arg(long, env, default_value_t = 2)]
+    adapter_cycle_time_s: u64,
+    /// Address to listen on.
+    #[arg(long, env, default_value = "0.0.0.0")]
+    hostname: String,
+    /// Port to listen on.
+    #[arg(long, short, env, default_value_t = 3000)]
+    port: u16,
+    /// Unix socket of the first shard; the others are found through it.
+    #[arg(long, env, default_value = "/tmp/lorax-server-0")]
+    master_shard_uds_path: String,
+    /// Local directory holding tokenizer.json (or the file itself); defaults to --model-id.
+    #[arg(long, env)]
+    tokenizer_name: Option<String>,
+    /// Model id reported by /info (and the tokenizer directory when --tokenizer-name is absent).
+    #[arg(long, env, default_value = "unknown")]
+    model_id: String,
+    /// Log as JSON lines.
+    #[arg(long, env)]
+    json_output: bool,
+    /// OpenTelemetry collector endpoint (accepted for compatibility; not used yet).
+    #[arg(long, env)]
+    otlp_endpoint: Option<String>,
+    /// Origins allowed by CORS (repeatable); any origin when absent.
+    #[arg(long, env, value_delimiter = ',')]
+    cors_allow_origin: Vec<String>,
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.json_output);
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Limits that do not need the shards.
+fn check_args(args: &Args) -> Result<(), String> {
+    if args.max_input_length >= args.max_total_tokens {
+        return Err("--max-input-length must be < --max-total-tokens".into());
+    }
+    if (args.max_batch_prefill_tokens as usize) < args.max_input_length {
+        return Err("--max-batch-prefill-tokens must be >= --max-input-length".into());
+    }
+    if args.max_best_of == 0 || args.max_concurrent_requests == 0 {
+        return Err("--max-best-of and --max-concurrent-requests must be > 0".into());
+    }
+    Ok(())
+}
+
+/// Connects to the shards, retrying for a while (they may still be binding their sockets).
+async fn connect(path: &str) -> Result<ShardedClient, String> {
+    let mut last_error = String::new();
+    for _ in 0..40 {
+        match ShardedClient::connect_uds(path).await {
+            Ok(client) => return Ok(client),
+            Err(err) => last_error = err.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Err(format!(
+        "cannot connect to the shard at {path}: {last_error}"
+    ))
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    check_args(&args)?;
+    if args.otlp_endpoint.is_some() {
+        tracing::warn!("--otlp-endpoint is accepted but not used yet");
+    }
+    let tokenizer_path = PathBuf::from(args.tokenizer_name.as_deref().unwrap_or(&args.model_id));
+    let tokenizer = load_tokenizer(&tokenizer_path)?;
+    let tokenizer_dir = if tokenizer_path.is_dir() {
+        tokenizer_path.clone()
+    } else {
+        tokenizer_path
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_default()
+    };
+
+    let client = connect(&args.master_shard_uds_path).await?;
+    tracing::info!("connected to {} shard(s)", client.len());
+    let shard_info = client.info().await.map_err(|e| e.to_string())?;
+    let supported = client
+        .warmup(
+            args.max_input_length as u32,
+            args.max_batch_prefill_tokens,
+            args.max_total_tokens as u32,
+        )
+        .await
+        .map_err(|e| format!("warmup failed: {e}"))?;
+    let max_batch_total_tokens = match args.max_batch_total_tokens {
+        Some(tokens) if tokens > supported => {
+            return Err(format!(
+                "--max-batch-total-tokens {tokens} is more than the shards support ({supported})"
+            ))
+        }
+        Some(tokens) => tokens,
+        None => supported,
+    };
+    let block_size = shard_info.block_size.max(1);
+    let longest = round_up(args.max_total_tokens as u32, block_size);
+    if max_batch_total_tokens < longest {
+        return Err(format!(
+            "the KV cache holds {max_batch_total_tokens} tokens, less than one request of \
+             --max-total-tokens {} needs ({longest}); lower --max-total-tokens",
+            args.max_total_tokens
+        ));
+    }
+    let max_batch_prefill_tokens = args.max_batch_prefill_tokens.min(max_batch_total_tokens);
+    tracing::info!("max_batch_total_tokens = {max_batch_total_tokens}");
+
+    let prometheus = metrics::install();
+    metrics::spawn_upkeep(prometheus.clone());
+    let limits = ValidationLimits {
+        max_best_of: args.max_best_of,
+        max_stop_sequences: args.max_stop_sequences,
+        max_input_length: args.max_input_length,
+        max_total_tokens: args.max_total_tokens,
+    };
+    let config = BatcherConfig {
+        max_batch_prefill_tokens,
+        max_batch_total_tokens,
+        max_waiting_tokens: args.max_waiting_tokens,
+        waiting_served_ratio: args.waiting_served_ratio,
+        block_size,
+    };
+    let client: Arc<dyn ShardClient> = Arc::new(client);
+    let validation = Validation::new(tokenizer, limits);
+    let infer = Infer::new(
+        client.clone(),
+        validation,
+        config,
+        args.max_concurrent_requests,
+    );
+    let info = Info {
+        model_id: args.model_id.clone(),
+        model_sha: None,
+        model_dtype: shard_info.dtype.clone(),
+        model_device_type: shard_info.device_type.clone(),
+        model_pipeline_tag: Some("text-generation".into()),
+        architecture: shard_info.architecture.clone(),
+        max_concurrent_requests: args.max_concurrent_requests,
+        max_best_of: args.max_best_of,
+        max_stop_sequences: args.max_stop_sequences,
+        max_input_length: args.max_input_length,
+        max_total_tokens: args.max_total_tokens,
+        waiting_served_ratio: args.waiting_served_ratio,
+        max_batch_total_tokens,
+        max_batch_prefill_tokens,
+        max_waiting_tokens: args.max_waiting_tokens,
+        max_active_adapters: args.max_active_adapters,
+        adapter_cycle_time_s: args.adapter_cycle_time_s,
+        block_size,
+        eos_token_ids: shard_info.eos_token_ids.clone(),
+        supports_adapters: shard_info.supports_adapters,
+        validation_workers: 1,
+        version: VERSION,
+        sha: None,
+        docker_label: None,
+        request_logger_url: None,
+    };
+    let chat_template = ChatTemplate::load(&tokenizer_dir)?.map(Arc::new);
+    if chat_template.is_none() {
+        tracing::info!("the tokenizer has no chat template: /v1/chat/completions answers 422");
+    }
+    let state = AppState {
+        infer,
+        info: Arc::new(info),
+        client,
+        prometheus,
+        chat_template,
+    };
+    let app = router(state, &args.cors_allow_origin);
+    let listener = tokio::net::TcpListener::bind((args.hostname.as_str(), args.port))
+        .await
+        .map_err(|e| format!("cannot listen on {}:{}: {e}", args.hostname, args.port))?;
+    tracing::info!("listening on {}:{}", args.hostname, args.port);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM; open streams then get a few seconds to finish.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutting down");
+    tokio::spawn(async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        std::process::exit(0);
+    });
+}

@@ -1,0 +1,368 @@
+//! The HTTP API's JSON types, shaped as LoRAX's REST reference (and TGI's, which LoRAX extends),
+//! so that `lorax-client` and `text-generation` parse our answers unmodified.
+
+use serde::{Deserialize, Serialize};
+
+/// Generation parameters of a request. Absent fields take LoRAX's defaults.
+#[derive(Clone, Debug, Deserialize)]
+pub struct GenerateParameters {
+    /// LoRA adapter to apply; absent or empty means the base model.
+    #[serde(default)]
+    pub adapter_id: Option<String>,
+    /// Where the adapter comes from: `hub`, `local`, `s3` or `pbase`.
+    #[serde(default)]
+    pub adapter_source: Option<String>,
+    /// Several adapters merged per request (`ids`, `weights`, `merge_strategy`, ...).
+    #[serde(default)]
+    pub merged_adapters: Option<serde_json::Value>,
+    /// Token for private adapters.
+    #[serde(default)]
+    pub api_token: Option<String>,
+    /// Generate this many sequences and return the one with the highest log-probability.
+    #[serde(default)]
+    pub best_of: Option<usize>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub top_k: Option<i32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub typical_p: Option<f32>,
+    #[serde(default)]
+    pub do_sample: bool,
+    /// Most tokens to generate; absent means `max_total_tokens - input tokens`.
+    #[serde(default)]
+    pub max_new_tokens: Option<u32>,
+    #[serde(default)]
+    pub ignore_eos_token: bool,
+    /// Prepend the prompt to the generated text.
+    #[serde(default)]
+    pub return_full_text: Option<bool>,
+    /// Stop sequences.
+    #[serde(default)]
+    pub stop: Vec<String>,
+    /// Keep only the last `truncate` prompt tokens.
+    #[serde(default)]
+    pub truncate: Option<usize>,
+    #[serde(default)]
+    pub watermark: bool,
+    /// Return generation details (finish reason, tokens, ...).
+    #[serde(default = "default_true")]
+    pub details: bool,
+    /// Return the prompt tokens with their log-probabilities.
+    #[serde(default)]
+    pub decoder_input_details: bool,
+    /// Return this many most likely alternatives per generated token (TGI's name).
+    #[serde(default)]
+    pub top_n_tokens: Option<u32>,
+    /// LoRAX's name for `top_n_tokens`.
+    #[serde(default)]
+    pub return_k_alternatives: Option<u32>,
+    /// Sampling seed.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// JSON-schema constrained decoding (`{"type": "json_object", "schema": ...}`).
+    #[serde(default)]
+    pub response_format: Option<serde_json::Value>,
+    /// Format `inputs` (a JSON list of chat messages) with the tokenizer's chat template.
+    #[serde(default)]
+    pub apply_chat_template: bool,
+    /// Set by the router (never from JSON) when the prompt came from the chat template and
+    /// already holds its special tokens: the tokenizer then adds none.
+    #[serde(skip)]
+    pub prompt_has_special_tokens: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for GenerateParameters {
+    fn default() -> Self {
+        Self {
+            adapter_id: None,
+            adapter_source: None,
+            merged_adapters: None,
+            api_token: None,
+            best_of: None,
+            temperature: None,
+            repetition_penalty: None,
+            top_k: None,
+            top_p: None,
+            typical_p: None,
+            do_sample: false,
+            max_new_tokens: None,
+            ignore_eos_token: false,
+            return_full_text: None,
+            stop: Vec::new(),
+            truncate: None,
+            watermark: false,
+            details: true,
+            decoder_input_details: false,
+            top_n_tokens: None,
+            return_k_alternatives: None,
+            seed: None,
+            response_format: None,
+            apply_chat_template: false,
+            prompt_has_special_tokens: false,
+        }
+    }
+}
+
+/// Body of `POST /generate` and `POST /generate_stream`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct GenerateRequest {
+    pub inputs: String,
+    #[serde(default)]
+    pub parameters: GenerateParameters,
+}
+
+/// Body of `POST /`: the `stream` field chooses between the two endpoints above.
+#[derive(Clone, Debug, Deserialize)]
+pub struct CompatGenerateRequest {
+    pub inputs: String,
+    #[serde(default)]
+    pub parameters: GenerateParameters,
+    #[serde(default)]
+    pub stream: bool,
+}
+
+impl From<CompatGenerateRequest> for GenerateRequest {
+    fn from(req: CompatGenerateRequest) -> Self {
+        Self {
+            inputs: req.inputs,
+            parameters: req.parameters,
+        }
+    }
+}
+
+/// A prompt token; `logprob` is null for the first one, which has no context.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct PrefillToken {
+    pub id: u32,
+    pub text: String,
+    pub logprob: Option<f32>,
+}
+
+/// One of the most likely alternatives to a generated token.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct AlternativeToken {
+    pub id: u32,
+    pub text: String,
+    pub logprob: f32,
+}
+
+/// A generated token.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Token {
+    pub id: u32,
+    pub text: String,
+    pub logprob: f32,
+    pub special: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alternative_tokens: Option<Vec<AlternativeToken>>,
+    /// Always false: we do no speculative decoding (lorax-client requires the field).
+    pub skipped: bool,
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub enum FinishReason {
+    #[serde(rename = "length")]
+    Length,
+    #[serde(rename = "eos_token")]
+    EndOfSequenceToken,
+    #[serde(rename = "stop_sequence")]
+    StopSequence,
+}
+
+impl FinishReason {
+    /// From the proto enum's integer value; unknown values read as `length`.
+    pub fn from_proto(value: i32) -> Self {
+        match value {
+            1 => Self::EndOfSequenceToken,
+            2 => Self::StopSequence,
+            _ => Self::Length,
+        }
+    }
+}
+
+/// An extra sequence of a `best_of` request.
+#[derive(Clone, Debug, Serialize)]
+pub struct BestOfSequence {
+    pub generated_text: String,
+    pub finish_reason: FinishReason,
+    pub generated_tokens: u32,
+    pub seed: Option<u64>,
+    pub prefill: Vec<PrefillToken>,
+    pub tokens: Vec<Token>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub top_tokens: Vec<Vec<Token>>,
+}
+
+/// `details` of a non-streamed answer.
+#[derive(Clone, Debug, Serialize)]
+pub struct Details {
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: u32,
+    pub generated_tokens: u32,
+    /// Always 0: no speculative decoding.
+    pub skipped_tokens: u32,
+    pub seed: Option<u64>,
+    pub prefill: Vec<PrefillToken>,
+    pub tokens: Vec<Token>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub top_tokens: Vec<Vec<Token>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_of_sequences: Option<Vec<BestOfSequence>>,
+}
+
+/// Answer of `POST /generate` (and, wrapped in a list, of `POST /`).
+#[derive(Clone, Debug, Serialize)]
+pub struct GenerateResponse {
+    pub generated_text: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<Details>,
+}
+
+/// `details` of the last streamed event.
+#[derive(Clone, Debug, Serialize)]
+pub struct StreamDetails {
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: u32,
+    pub generated_tokens: u32,
+    pub seed: Option<u64>,
+}
+
+/// One server-sent event of `POST /generate_stream`.
+#[derive(Clone, Debug, Serialize)]
+pub struct StreamResponse {
+    pub token: Token,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub top_tokens: Vec<Token>,
+    /// Set on the last event only.
+    pub generated_text: Option<String>,
+    /// Set on the last event only (when details were asked for).
+    pub details: Option<StreamDetails>,
+}
+
+/// Body of every error answer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ErrorResponse {
+    pub error: String,
+    pub error_type: String,
+}
+
+/// Answer of `GET /info`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Info {
+    pub model_id: String,
+    pub model_sha: Option<String>,
+    pub model_dtype: String,
+    pub model_device_type: String,
+    pub model_pipeline_tag: Option<String>,
+    pub architecture: String,
+    pub max_concurrent_requests: usize,
+    pub max_best_of: usize,
+    pub max_stop_sequences: usize,
+    pub max_input_length: usize,
+    pub max_total_tokens: usize,
+    pub waiting_served_ratio: f32,
+    pub max_batch_total_tokens: u32,
+    pub max_batch_prefill_tokens: u32,
+    pub max_waiting_tokens: usize,
+    pub max_active_adapters: usize,
+    pub adapter_cycle_time_s: u64,
+    pub block_size: u32,
+    pub eos_token_ids: Vec<u32>,
+    pub supports_adapters: bool,
+    pub validation_workers: usize,
+    pub version: &'static str,
+    pub sha: Option<&'static str>,
+    pub docker_label: Option<&'static str>,
+    pub request_logger_url: Option<String>,
+}
+
+/// Body of `POST /tokenize`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct TokenizeRequest {
+    pub inputs: String,
+    /// Add the tokenizer's special tokens (e.g. BOS), as generation does.
+    #[serde(default = "default_true")]
+    pub add_special_tokens: bool,
+}
+
+/// One token of a `POST /tokenize` answer; `start`/`stop` are byte offsets into `inputs`.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct SimpleToken {
+    pub id: u32,
+    pub text: String,
+    pub start: usize,
+    pub stop: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_default_as_lorax() {
+        let req: GenerateRequest = serde_json::from_str(r#"{"inputs": "hi"}"#).unwrap();
+        assert!(req.parameters.details);
+        assert!(!req.parameters.do_sample);
+        assert_eq!(req.parameters.max_new_tokens, None);
+        let req: GenerateRequest =
+            serde_json::from_str(r#"{"inputs": "hi", "parameters": {"stop": []}}"#).unwrap();
+        assert!(req.parameters.details);
+    }
+
+    #[test]
+    fn lorax_client_payload_parses() {
+        // What lorax-client's `Request(...).dict()` sends, nulls included.
+        let body = r#"{"inputs": "x", "parameters": {"adapter_id": null, "adapter_source": null,
+            "merged_adapters": null, "api_token": null, "do_sample": false, "max_new_tokens": 20,
+            "ignore_eos_token": false, "repetition_penalty": null, "return_full_text": false,
+            "stop": [], "seed": null, "temperature": null, "top_k": null, "top_p": null,
+            "truncate": null, "typical_p": null, "best_of": null, "watermark": false,
+            "details": true, "decoder_input_details": false, "return_k_alternatives": null,
+            "response_format": null}, "stream": false}"#;
+        let req: CompatGenerateRequest = serde_json::from_str(body).unwrap();
+        assert_eq!(req.parameters.max_new_tokens, Some(20));
+        assert!(!req.stream);
+    }
+
+    #[test]
+    fn finish_reason_serializes_as_lorax() {
+        let s = serde_json::to_string(&[
+            FinishReason::Length,
+            FinishReason::EndOfSequenceToken,
+            FinishReason::StopSequence,
+        ])
+        .unwrap();
+        assert_eq!(s, r#"["length","eos_token","stop_sequence"]"#);
+    }
+
+    #[test]
+    fn stream_response_has_null_text_until_the_end() {
+        let event = StreamResponse {
+            token: Token {
+                id: 1,
+                text: "a".into(),
+                logprob: -0.5,
+                special: false,
+                alternative_tokens: None,
+                skipped: false,
+            },
+            top_tokens: vec![],
+            generated_text: None,
+            details: None,
+        };
+        let v: serde_json::Value = serde_json::to_value(&event).unwrap();
+        assert!(v["generated_text"].is_null());
+        assert!(v["details"].is_null());
+        assert_eq!(v["token"]["special"], false);
+    }
+}

@@ -1,0 +1,277 @@
+//! The continuous-batching loop (TGI-style). One task owns the running batch and its entries:
+//! it prefills a first batch, then decodes it step by step; between steps it may prefill new
+//! entries and have the next Decode concatenate them into the running batch. After every step
+//! each generation goes to its request's channel; finished and cancelled requests are filtered
+//! out of the cached batch at once, so their KV blocks are freed.
+
+use crate::client::{ShardClient, ShardError};
+use crate::errors::InferError;
+use crate::infer::{prefill_from_proto, token_from_generation, InferStreamResponse};
+use crate::pb;
+use crate::queue::{Entry, NextBatch, Queue};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// The batching policy's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct BatcherConfig {
+    /// Most prompt tokens in one Prefill.
+    pub max_batch_prefill_tokens: u32,
+    /// Most KV-cache tokens (prompt + max_new_tokens, block-rounded) reserved at once.
+    pub max_batch_total_tokens: u32,
+    /// Decode steps after which waiting requests are prefilled whatever their number.
+    pub max_waiting_tokens: usize,
+    /// New requests join early only when waiting / running >= this ratio.
+    pub waiting_served_ratio: f32,
+    /// KV-cache block size of the shard.
+    pub block_size: u32,
+}
+
+type Entries = HashMap<u64, Entry>;
+
+/// Spawns the batching task.
+pub fn spawn_batcher(
+    client: Arc<dyn ShardClient>,
+    queue: Queue,
+    notify: Arc<Notify>,
+    config: BatcherConfig,
+) -> JoinHandle<()> {
+    tokio::spawn(batching_task(client, queue, notify, config))
+}
+
+async fn batching_task(
+    client: Arc<dyn ShardClient>,
+    queue: Queue,
+    notify: Arc<Notify>,
+    config: BatcherConfig,
+) {
+    let client = client.as_ref();
+    loop {
+        let first = queue
+            .next_batch(
+                None,
+                config.max_batch_prefill_tokens,
+                config.max_batch_total_tokens,
+            )
+            .await;
+        let Some(NextBatch { mut entries, batch }) = first else {
+            notify.notified().await;
+            continue;
+        };
+        let mut cached = prefill(client, batch, &mut entries).await;
+        let mut waiting_tokens = 1;
+        while let Some(batch) = cached {
+            let Some(batch) = filter_cancelled(client, batch, &mut entries).await else {
+                break;
+            };
+            let mut batches = vec![batch];
+            // TGI semantics: join early only if enough requests wait; after max_waiting_tokens
+            // steps, take whatever fits.
+            let min_size = if waiting_tokens >= config.max_waiting_tokens {
+                None
+            } else {
+                Some((entries.len() as f32 * config.waiting_served_ratio).floor() as usize)
+            };
+            let reserved = reserved_tokens(&entries, config.block_size);
+            let token_budget = config.max_batch_total_tokens.saturating_sub(reserved);
+            let next = queue
+                .next_batch(min_size, config.max_batch_prefill_tokens, token_budget)
+                .await;
+            if let Some(NextBatch {
+                entries: mut new_entries,
+                batch: new_batch,
+            }) = next
+            {
+                if let Some(new_cached) = prefill(client, new_batch, &mut new_entries).await {
+                    batches.push(new_cached);
+                }
+                entries.extend(new_entries);
+                waiting_tokens = 1;
+            }
+            metrics::gauge!("lorax_batch_current_size").set(entries.len() as f64);
+            metrics::gauge!("lorax_batch_current_max_tokens")
+                .set(reserved_tokens(&entries, config.block_size) as f64);
+            cached = decode(client, batches, &mut entries).await;
+            waiting_tokens += 1;
+        }
+        metrics::gauge!("lorax_batch_current_size").set(0.0);
+        metrics::gauge!("lorax_batch_current_max_tokens").set(0.0);
+    }
+}
+
+/// KV-cache tokens reserved by running entries.
+fn reserved_tokens(entries: &Entries, block_size: u32) -> u32 {
+    entries
+        .values()
+        .map(|e| e.reserved_tokens(block_size))
+        .sum()
+}
+
+async fn prefill(
+    client: &dyn ShardClient,
+    batch: pb::Batch,
+    entries: &mut Entries,
+) -> Option<pb::CachedBatch> {
+    let batch_id = batch.id;
+    metrics::counter!("lorax_batch_inference_count", "method" => "prefill").increment(1);
+    let start = Instant::now();
+    match client.prefill(batch).await {
+        Ok((generations, next)) => {
+            record_step("prefill", start);
+            send_generations(generations, entries);
+            filter_batch(client, next, entries).await
+        }
+        Err(err) => {
+            let _ = client.clear_cache(Some(batch_id)).await;
+            fail_entries("prefill", err, entries);
+            None
+        }
+    }
+}
+
+async fn decode(
+    client: &dyn ShardClient,
+    batches: Vec<pb::CachedBatch>,
+    entries: &mut Entries,
+) -> Option<pb::CachedBatch> {
+    let batch_ids: Vec<u64> = batches.iter().map(|b| b.id).collect();
+    metrics::counter!("lorax_batch_inference_count", "method" => "decode").increment(1);
+    let start = Instant::now();
+    match client.decode(batches).await {
+        Ok((generations, next)) => {
+            record_step("decode", start);
+            send_generations(generations, entries);
+            filter_batch(client, next, entries).await
+        }
+        Err(err) => {
+            for id in batch_ids {
+                let _ = client.clear_cache(Some(id)).await;
+            }
+            fail_entries("decode", err, entries);
+            None
+        }
+    }
+}
+
+fn record_step(method: &'static str, start: Instant) {
+    metrics::histogram!("lorax_batch_inference_duration", "method" => method)
+        .record(start.elapsed().as_secs_f64());
+    metrics::counter!("lorax_batch_inference_success", "method" => method).increment(1);
+}
+
+/// Drops entries whose client went away and filters them out of the cached batch.
+async fn filter_cancelled(
+    client: &dyn ShardClient,
+    batch: pb::CachedBatch,
+    entries: &mut Entries,
+) -> Option<pb::CachedBatch> {
+    let before = entries.len();
+    entries.retain(|_, entry| !entry.is_cancelled());
+    if entries.len() == before {
+        return Some(batch);
+    }
+    filter_batch(client, Some(batch), entries).await
+}
+
+/// Makes the cached batch hold exactly the live entries: FilterBatch when some of its requests
+/// are gone, ClearCache when all are. Entries the shard no longer holds are failed.
+async fn filter_batch(
+    client: &dyn ShardClient,
+    batch: Option<pb::CachedBatch>,
+    entries: &mut Entries,
+) -> Option<pb::CachedBatch> {
+    let Some(batch) = batch else {
+        fail_orphans(&[], entries);
+        return None;
+    };
+    fail_orphans(&batch.request_ids, entries);
+    if entries.is_empty() {
+        let _ = client.clear_cache(Some(batch.id)).await;
+        return None;
+    }
+    if entries.len() == batch.request_ids.len() {
+        return Some(batch);
+    }
+    let keep: Vec<u64> = batch
+        .request_ids
+        .iter()
+        .copied()
+        .filter(|id| entries.contains_key(id))
+        .collect();
+    match client.filter_batch(batch.id, keep).await {
+        Ok(Some(filtered)) => Some(filtered),
+        Ok(None) => {
+            fail_entries("filter", ShardError::MissingField("batch"), entries);
+            None
+        }
+        Err(err) => {
+            let _ = client.clear_cache(Some(batch.id)).await;
+            fail_entries("filter", err, entries);
+            None
+        }
+    }
+}
+
+/// Fails entries the shard's batch does not hold (they could never finish).
+fn fail_orphans(batch_ids: &[u64], entries: &mut Entries) {
+    entries.retain(|id, entry| {
+        let held = batch_ids.contains(id);
+        if !held {
+            tracing::error!("request {id} vanished from the shard's batch");
+            let _ = entry
+                .response_tx
+                .send(Err(InferError::IncompleteGeneration));
+        }
+        held
+    });
+}
+
+/// Sends each generation to its request; removes finished requests and those whose client left.
+fn send_generations(generations: Vec<pb::Generation>, entries: &mut Entries) {
+    for generation in generations {
+        let id = generation.request_id;
+        let Some(entry) = entries.get(&id) else {
+            continue;
+        };
+        let finished = generation.generated_text.is_some();
+        if send_generation(generation, entry).is_err() || finished {
+            entries.remove(&id);
+        }
+    }
+}
+
+/// Err when the client went away.
+fn send_generation(generation: pb::Generation, entry: &Entry) -> Result<(), ()> {
+    let tx = &entry.response_tx;
+    if let Some(prefill) = generation.prefill_tokens.as_ref() {
+        if !prefill.ids.is_empty() {
+            let message = InferStreamResponse::Prefill(prefill_from_proto(prefill));
+            tx.send(Ok(message)).map_err(|_| ())?;
+        }
+    }
+    let (token, top_tokens) = token_from_generation(&generation);
+    let message = match generation.generated_text {
+        Some(generated_text) => InferStreamResponse::End {
+            token,
+            top_tokens,
+            generated_text: generated_text.into(),
+            queued: entry.queue_time,
+            start: entry.batch_time.unwrap_or(entry.queue_time),
+        },
+        None => InferStreamResponse::Intermediate { token, top_tokens },
+    };
+    tx.send(Ok(message)).map_err(|_| ())
+}
+
+/// Sends the error to every entry and drops them all.
+fn fail_entries(method: &'static str, err: ShardError, entries: &mut Entries) {
+    tracing::error!("{method} failed: {err}");
+    metrics::counter!("lorax_batch_inference_failure", "method" => method).increment(1);
+    let error = InferError::Generation(err.to_string());
+    for (_, entry) in entries.drain() {
+        let _ = entry.response_tx.send(Err(error.clone()));
+    }
+}

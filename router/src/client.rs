@@ -1,0 +1,259 @@
+//! The seam between batching and the shards: the `ShardClient` trait, and its gRPC implementation
+//! over unix sockets. Tensor parallelism: every shard receives every call (the same batch on every
+//! rank) and the first shard's answer is used.
+
+use crate::pb;
+use crate::pb::lorax_service_client::LoraxServiceClient;
+use async_trait::async_trait;
+use futures::future::join_all;
+use hyper_util::rt::TokioIo;
+use std::time::Duration;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// A failed shard call.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ShardError {
+    #[error("cannot connect to shard: {0}")]
+    Connection(String),
+    #[error("shard error: {0}")]
+    Rpc(String),
+    #[error("shard answer is missing `{0}`")]
+    MissingField(&'static str),
+}
+
+impl From<tonic::Status> for ShardError {
+    fn from(status: tonic::Status) -> Self {
+        Self::Rpc(status.message().to_string())
+    }
+}
+
+/// What a prefill or decode step returns: one generation per request, and the batch as cached
+/// afterwards (absent when every request finished).
+pub type StepOutput = (Vec<pb::Generation>, Option<pb::CachedBatch>);
+
+/// The calls the router makes on the model. Implemented over gRPC by `ShardedClient`, and by a
+/// fake in tests.
+#[async_trait]
+pub trait ShardClient: Send + Sync + 'static {
+    async fn info(&self) -> Result<pb::InfoResponse, ShardError>;
+    async fn health(&self) -> Result<(), ShardError>;
+    /// Sizes the KV cache; returns the tokens it can hold (`max_batch_total_tokens`).
+    async fn warmup(
+        &self,
+        max_input_length: u32,
+        max_prefill_tokens: u32,
+        max_total_tokens: u32,
+    ) -> Result<u32, ShardError>;
+    async fn prefill(&self, batch: pb::Batch) -> Result<StepOutput, ShardError>;
+    async fn decode(&self, batches: Vec<pb::CachedBatch>) -> Result<StepOutput, ShardError>;
+    /// Keeps only `request_ids` of the cached batch.
+    async fn filter_batch(
+        &self,
+        batch_id: u64,
+        request_ids: Vec<u64>,
+    ) -> Result<Option<pb::CachedBatch>, ShardError>;
+    /// Drops one cached batch, or all of them.
+    async fn clear_cache(&self, batch_id: Option<u64>) -> Result<(), ShardError>;
+}
+
+/// One shard's gRPC client over its unix socket.
+#[derive(Clone, Debug)]
+pub struct Shard {
+    client: LoraxServiceClient<Channel>,
+}
+
+/// Largest gRPC message accepted (prefill answers with prompt log-probabilities can be big).
+const MAX_MESSAGE_SIZE: usize = 256 * 1024 * 1024;
+
+impl Shard {
+    /// Connects to `path` (a socket path, or a `unix://` URL).
+    pub async fn connect_uds(path: &str) -> Result<Self, ShardError> {
+        let path = path.strip_prefix("unix://").unwrap_or(path).to_string();
+        // The URI is required by tonic but unused: the connector always dials the socket.
+        let channel =
+            Endpoint::from_static("http://[::]:50051")
+                .connect_timeout(Duration::from_secs(10))
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
+                    }
+                }))
+                .await
+                .map_err(|e| ShardError::Connection(format!("{e:?}")))?;
+        let client = LoraxServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        Ok(Self { client })
+    }
+
+    /// The `unix://` URLs of every shard of the model, rank order.
+    pub async fn service_discovery(&self) -> Result<Vec<String>, ShardError> {
+        let response = self
+            .client
+            .clone()
+            .service_discovery(pb::ServiceDiscoveryRequest {})
+            .await?;
+        Ok(response.into_inner().urls)
+    }
+
+    async fn info(&self) -> Result<pb::InfoResponse, ShardError> {
+        Ok(self
+            .client
+            .clone()
+            .info(pb::InfoRequest {})
+            .await?
+            .into_inner())
+    }
+
+    async fn health(&self) -> Result<(), ShardError> {
+        self.client.clone().health(pb::HealthRequest {}).await?;
+        Ok(())
+    }
+
+    async fn warmup(&self, request: pb::WarmupRequest) -> Result<u32, ShardError> {
+        let response = self.client.clone().warmup(request).await?.into_inner();
+        Ok(response.max_supported_total_tokens)
+    }
+
+    async fn prefill(&self, batch: pb::Batch) -> Result<StepOutput, ShardError> {
+        let request = pb::PrefillRequest { batch: Some(batch) };
+        let response = self.client.clone().prefill(request).await?.into_inner();
+        Ok((response.generations, response.batch))
+    }
+
+    async fn decode(&self, batches: Vec<pb::CachedBatch>) -> Result<StepOutput, ShardError> {
+        let request = pb::DecodeRequest { batches };
+        let response = self.client.clone().decode(request).await?.into_inner();
+        Ok((response.generations, response.batch))
+    }
+
+    async fn filter_batch(
+        &self,
+        batch_id: u64,
+        request_ids: Vec<u64>,
+    ) -> Result<Option<pb::CachedBatch>, ShardError> {
+        let request = pb::FilterBatchRequest {
+            batch_id,
+            request_ids,
+        };
+        let response = self
+            .client
+            .clone()
+            .filter_batch(request)
+            .await?
+            .into_inner();
+        Ok(response.batch)
+    }
+
+    async fn clear_cache(&self, id: Option<u64>) -> Result<(), ShardError> {
+        self.client
+            .clone()
+            .clear_cache(pb::ClearCacheRequest { id })
+            .await?;
+        Ok(())
+    }
+}
+
+/// All shards of one model; every call goes to every shard.
+#[derive(Clone, Debug)]
+pub struct ShardedClient {
+    shards: Vec<Shard>,
+}
+
+/// The first shard's answer; any shard's error.
+fn first_answer<T>(results: Vec<Result<T, ShardError>>) -> Result<T, ShardError> {
+    let mut first = None;
+    for result in results {
+        let value = result?;
+        if first.is_none() {
+            first = Some(value);
+        }
+    }
+    first.ok_or(ShardError::Connection("no shard".into()))
+}
+
+impl ShardedClient {
+    pub fn new(shards: Vec<Shard>) -> Self {
+        Self { shards }
+    }
+
+    /// Connects to the master shard, asks it for every shard's socket, connects to each.
+    pub async fn connect_uds(master_path: &str) -> Result<Self, ShardError> {
+        let master = Shard::connect_uds(master_path).await?;
+        let urls = master.service_discovery().await?;
+        if urls.is_empty() {
+            return Ok(Self::new(vec![master]));
+        }
+        let mut shards = Vec::with_capacity(urls.len());
+        for url in &urls {
+            shards.push(Shard::connect_uds(url).await?);
+        }
+        Ok(Self::new(shards))
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shards.is_empty()
+    }
+}
+
+#[async_trait]
+impl ShardClient for ShardedClient {
+    async fn info(&self) -> Result<pb::InfoResponse, ShardError> {
+        first_answer(join_all(self.shards.iter().map(|s| s.info())).await)
+    }
+
+    async fn health(&self) -> Result<(), ShardError> {
+        first_answer(join_all(self.shards.iter().map(|s| s.health())).await)
+    }
+
+    /// The smallest capacity of all shards (they should agree).
+    async fn warmup(
+        &self,
+        max_input_length: u32,
+        max_prefill_tokens: u32,
+        max_total_tokens: u32,
+    ) -> Result<u32, ShardError> {
+        let request = pb::WarmupRequest {
+            max_input_length,
+            max_prefill_tokens,
+            max_total_tokens,
+        };
+        let results = join_all(self.shards.iter().map(|s| s.warmup(request))).await;
+        let mut capacity: Option<u32> = None;
+        for result in results {
+            let tokens = result?;
+            capacity = Some(capacity.map_or(tokens, |c| c.min(tokens)));
+        }
+        capacity.ok_or(ShardError::Connection("no shard".into()))
+    }
+
+    async fn prefill(&self, batch: pb::Batch) -> Result<StepOutput, ShardError> {
+        first_answer(join_all(self.shards.iter().map(|s| s.prefill(batch.clone()))).await)
+    }
+
+    async fn decode(&self, batches: Vec<pb::CachedBatch>) -> Result<StepOutput, ShardError> {
+        first_answer(join_all(self.shards.iter().map(|s| s.decode(batches.clone()))).await)
+    }
+
+    async fn filter_batch(
+        &self,
+        batch_id: u64,
+        request_ids: Vec<u64>,
+    ) -> Result<Option<pb::CachedBatch>, ShardError> {
+        let calls = self
+            .shards
+            .iter()
+            .map(|s| s.filter_batch(batch_id, request_ids.clone()));
+        first_answer(join_all(calls).await)
+    }
+
+    async fn clear_cache(&self, batch_id: Option<u64>) -> Result<(), ShardError> {
+        first_answer(join_all(self.shards.iter().map(|s| s.clear_cache(batch_id))).await)
+    }
+}

@@ -1,0 +1,309 @@
+//! The queue + continuous-batching loop against the in-memory fake shard.
+
+use lorax_router::api::{FinishReason, Token};
+use lorax_router::batcher::{spawn_batcher, BatcherConfig};
+use lorax_router::client::ShardClient;
+use lorax_router::errors::InferError;
+use lorax_router::infer::{GeneratedText, InferStreamResponse};
+use lorax_router::queue::{Entry, Queue};
+use lorax_router::testing::{valid_request, Call, FakeShard, EOS_ID, STOP_WORD_ID};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Notify};
+
+type Receiver = mpsc::UnboundedReceiver<Result<InferStreamResponse, InferError>>;
+
+struct Harness {
+    shard: Arc<FakeShard>,
+    queue: Queue,
+    notify: Arc<Notify>,
+}
+
+fn config(total: u32, prefill: u32, max_waiting_tokens: usize, ratio: f32) -> BatcherConfig {
+    BatcherConfig {
+        max_batch_prefill_tokens: prefill,
+        max_batch_total_tokens: total,
+        max_waiting_tokens,
+        waiting_served_ratio: ratio,
+        block_size: 1,
+    }
+}
+
+fn start(shard: FakeShard, config: BatcherConfig) -> Harness {
+    let shard = Arc::new(shard);
+    let queue = Queue::spawn(config.block_size);
+    let notify = Arc::new(Notify::new());
+    let client: Arc<dyn ShardClient> = shard.clone();
+    spawn_batcher(client, queue.clone(), notify.clone(), config);
+    Harness {
+        shard,
+        queue,
+        notify,
+    }
+}
+
+impl Harness {
+    fn submit_ids(&self, input_ids: Vec<u32>, max_new_tokens: u32) -> Receiver {
+        let mut request = valid_request(input_ids.len() as u32, max_new_tokens);
+        request.input_ids = input_ids;
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.queue.append(Entry::new(request, tx));
+        self.notify.notify_one();
+        rx
+    }
+
+    fn submit(&self, input_length: u32, max_new_tokens: u32) -> Receiver {
+        self.submit_ids(vec![4; input_length as usize], max_new_tokens)
+    }
+}
+
+/// Reads a request's stream to its end.
+async fn finish(mut rx: Receiver) -> Result<(Vec<Token>, GeneratedText), InferError> {
+    let read = async {
+        let mut tokens = Vec::new();
+        while let Some(message) = rx.recv().await {
+            match message? {
+                InferStreamResponse::Prefill(_) => {}
+                InferStreamResponse::Intermediate { token, .. } => tokens.push(token),
+                InferStreamResponse::End {
+                    token,
+                    generated_text,
+                    ..
+                } => {
+                    tokens.push(token);
+                    return Ok((tokens, generated_text));
+                }
+            }
+        }
+        Err(InferError::IncompleteGeneration)
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("request did not finish")
+}
+
+fn request_ids(call: &Call) -> Vec<u64> {
+    match call {
+        Call::Prefill { request_ids, .. }
+        | Call::Decode { request_ids, .. }
+        | Call::Filter { request_ids, .. } => request_ids.clone(),
+        Call::Clear { .. } => vec![],
+    }
+}
+
+#[tokio::test]
+async fn generations_reach_their_requests_and_finished_ones_are_filtered() {
+    let h = start(FakeShard::new(1000, 1), config(1000, 100, 20, 1.2));
+    let lengths = [2u32, 3, 5];
+    let receivers: Vec<Receiver> = lengths.iter().map(|&n| h.submit(3, n)).collect();
+    for (id, (rx, &n)) in receivers.into_iter().zip(&lengths).enumerate() {
+        let (tokens, generated) = finish(rx).await.unwrap();
+        let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+        let expected: Vec<u32> = (1..=n).map(|k| id as u32 * 100 + k).collect();
+        assert_eq!(ids, expected);
+        assert_eq!(generated.generated_tokens, n);
+        assert_eq!(generated.finish_reason, FinishReason::Length);
+        let text: String = tokens.iter().map(|t| t.text.clone()).collect();
+        assert_eq!(generated.text, text);
+    }
+    let calls = h.shard.calls();
+    assert_eq!(
+        calls[0],
+        Call::Prefill {
+            batch_id: 0,
+            request_ids: vec![0, 1, 2],
+            prefill_tokens: 9
+        }
+    );
+    assert!(calls.contains(&Call::Filter {
+        batch_id: 0,
+        request_ids: vec![1, 2]
+    }));
+    assert!(calls.contains(&Call::Filter {
+        batch_id: 0,
+        request_ids: vec![2]
+    }));
+    assert!(
+        h.shard.violations().is_empty(),
+        "{:?}",
+        h.shard.violations()
+    );
+    assert!(h.shard.cached_requests().is_empty());
+}
+
+#[tokio::test]
+async fn eos_token_is_reported_as_special() {
+    let h = start(FakeShard::new(1000, 1), config(1000, 100, 20, 1.2));
+    let rx = h.submit_ids(vec![1, STOP_WORD_ID], 10);
+    let (tokens, generated) = finish(rx).await.unwrap();
+    assert_eq!(tokens.len(), 2);
+    assert_eq!(tokens[1].id, EOS_ID);
+    assert!(tokens[1].special);
+    assert_eq!(generated.finish_reason, FinishReason::EndOfSequenceToken);
+    assert_eq!(generated.generated_tokens, 2);
+    assert_eq!(generated.text, " r0t1");
+}
+
+#[tokio::test]
+async fn cancelled_request_is_filtered_out_at_once() {
+    let h = start(FakeShard::gated(1000, 1), config(1000, 100, 20, 1.2));
+    let rx0 = h.submit(3, 50);
+    let rx1 = h.submit(3, 5);
+    h.shard.allow_steps(1);
+    h.shard.wait_calls(1).await;
+    drop(rx0);
+    h.shard.allow_steps(1);
+    // Within one step the cancelled request is filtered out of the cached batch.
+    let filter = Call::Filter {
+        batch_id: 0,
+        request_ids: vec![1],
+    };
+    for _ in 0..5000 {
+        if h.shard.calls().contains(&filter) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(h.shard.calls().contains(&filter), "{:?}", h.shard.calls());
+    assert_eq!(h.shard.cached_requests(), vec![1]);
+    h.shard.allow_steps(100);
+    finish(rx1).await.unwrap();
+    let calls = h.shard.calls();
+    let at = calls.iter().position(|c| c == &filter).unwrap();
+    for call in &calls[at..] {
+        assert!(!request_ids(call).contains(&0), "{call:?}");
+    }
+    assert!(
+        h.shard.violations().is_empty(),
+        "{:?}",
+        h.shard.violations()
+    );
+}
+
+#[tokio::test]
+async fn request_cancelled_while_waiting_is_never_prefilled() {
+    // Room for one request at a time: the second waits in the queue.
+    let h = start(FakeShard::gated(20, 1), config(20, 100, 1, 0.0));
+    let rx0 = h.submit(5, 10);
+    let rx1 = h.submit(5, 10);
+    let rx2 = h.submit(5, 10);
+    h.shard.allow_steps(1);
+    h.shard.wait_calls(1).await;
+    drop(rx1);
+    h.shard.allow_steps(1000);
+    finish(rx0).await.unwrap();
+    finish(rx2).await.unwrap();
+    for call in h.shard.calls() {
+        assert!(!request_ids(&call).contains(&1), "{call:?}");
+    }
+}
+
+#[tokio::test]
+async fn token_budgets_are_never_exceeded() {
+    let capacity = 64;
+    let mut cfg = config(capacity, 32, 3, 1.2);
+    cfg.block_size = 4;
+    let h = start(FakeShard::new(capacity, 4), cfg);
+    let receivers: Vec<(Receiver, u32)> = (0..24u32)
+        .map(|i| {
+            let input = 1 + (i * 5) % 12;
+            let new = 1 + (i * 7) % 20;
+            (h.submit(input, new), new)
+        })
+        .collect();
+    for (rx, new) in receivers {
+        let (tokens, _) = finish(rx).await.unwrap();
+        assert_eq!(tokens.len() as u32, new);
+    }
+    assert!(
+        h.shard.violations().is_empty(),
+        "{:?}",
+        h.shard.violations()
+    );
+    assert!(h.shard.max_reserved() <= capacity);
+    assert!(h.shard.max_reserved() > capacity / 2, "batching happened");
+    for call in h.shard.calls() {
+        if let Call::Prefill { prefill_tokens, .. } = call {
+            assert!(prefill_tokens <= 32);
+        }
+    }
+}
+
+#[tokio::test]
+async fn waiting_served_ratio_holds_back_a_small_waiting_group() {
+    let h = start(FakeShard::gated(10_000, 1), config(10_000, 1000, 100, 1.2));
+    let _running: Vec<Receiver> = (0..4).map(|_| h.submit(2, 50)).collect();
+    h.shard.allow_steps(1);
+    h.shard.wait_calls(1).await;
+    // 2 waiting < floor(4 * 1.2): they must not join.
+    let _first: Vec<Receiver> = (0..2).map(|_| h.submit(2, 50)).collect();
+    h.shard.allow_steps(3);
+    h.shard.wait_calls(4).await;
+    for call in &h.shard.calls()[1..4] {
+        assert!(matches!(call, Call::Decode { batch_ids, .. } if batch_ids == &vec![0]));
+    }
+    // 4 waiting >= 4: they join, prefilled together, then concatenated into the running batch.
+    let _second: Vec<Receiver> = (0..2).map(|_| h.submit(2, 50)).collect();
+    h.shard.allow_steps(3);
+    h.shard.wait_calls(7).await;
+    let calls = h.shard.calls();
+    assert_eq!(
+        calls[5],
+        Call::Prefill {
+            batch_id: 1,
+            request_ids: vec![4, 5, 6, 7],
+            prefill_tokens: 8
+        }
+    );
+    assert!(matches!(&calls[6], Call::Decode { batch_ids, .. } if batch_ids == &vec![0, 1]));
+}
+
+#[tokio::test]
+async fn max_waiting_tokens_forces_a_prefill() {
+    let h = start(FakeShard::gated(10_000, 1), config(10_000, 1000, 3, 1.2));
+    let _running: Vec<Receiver> = (0..4).map(|_| h.submit(2, 50)).collect();
+    h.shard.allow_steps(1);
+    h.shard.wait_calls(1).await;
+    let _waiting = h.submit(2, 50);
+    h.shard.allow_steps(4);
+    h.shard.wait_calls(5).await;
+    let calls = h.shard.calls();
+    assert!(matches!(calls[1], Call::Decode { .. }));
+    assert!(matches!(calls[2], Call::Decode { .. }));
+    // After 3 tokens (prefill + 2 decodes) the lone waiting request is prefilled.
+    assert_eq!(
+        calls[3],
+        Call::Prefill {
+            batch_id: 1,
+            request_ids: vec![4],
+            prefill_tokens: 2
+        }
+    );
+    assert!(matches!(&calls[4], Call::Decode { batch_ids, .. } if batch_ids == &vec![0, 1]));
+}
+
+#[tokio::test]
+async fn shard_failures_fail_their_requests_only() {
+    let h = start(FakeShard::new(1000, 1), config(1000, 100, 20, 1.2));
+    h.shard.set_fail_decode(true);
+    let a = h.submit(2, 5);
+    let b = h.submit(2, 5);
+    for rx in [a, b] {
+        match finish(rx).await {
+            Err(InferError::Generation(message)) => assert!(message.contains("decode exploded")),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(h.shard.calls().contains(&Call::Clear { batch_id: Some(0) }));
+    assert!(h.shard.cached_requests().is_empty());
+
+    h.shard.set_fail_decode(false);
+    h.shard.set_fail_prefill(true);
+    assert!(matches!(
+        finish(h.submit(2, 5)).await,
+        Err(InferError::Generation(_))
+    ));
+    h.shard.set_fail_prefill(false);
+    let (tokens, _) = finish(h.submit(2, 5)).await.unwrap();
+    assert_eq!(tokens.len(), 5);
+}

@@ -1,0 +1,247 @@
+//! The gRPC client over unix sockets (no network): two in-process fake shards serve the
+//! generated `LoraxService`; the router's `ShardedClient` discovers both through the first and
+//! sends every batch call to each.
+
+use lorax_router::client::{ShardClient, ShardedClient};
+use lorax_router::pb;
+use lorax_router::pb::lorax_service_server::{LoraxService, LoraxServiceServer};
+use lorax_router::testing::{valid_request, Call, FakeShard};
+use std::path::Path;
+use std::sync::Arc;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status};
+
+struct Service {
+    shard: Arc<FakeShard>,
+    urls: Vec<String>,
+}
+
+fn status(err: impl std::fmt::Display) -> Status {
+    Status::internal(err.to_string())
+}
+
+#[tonic::async_trait]
+impl LoraxService for Service {
+    async fn info(
+        &self,
+        _: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        Ok(Response::new(self.shard.info().await.map_err(status)?))
+    }
+
+    async fn health(
+        &self,
+        _: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        self.shard.health().await.map_err(status)?;
+        Ok(Response::new(pb::HealthResponse {}))
+    }
+
+    async fn service_discovery(
+        &self,
+        _: Request<pb::ServiceDiscoveryRequest>,
+    ) -> Result<Response<pb::ServiceDiscoveryResponse>, Status> {
+        Ok(Response::new(pb::ServiceDiscoveryResponse {
+            urls: self.urls.clone(),
+        }))
+    }
+
+    async fn warmup(
+        &self,
+        r: Request<pb::WarmupRequest>,
+    ) -> Result<Response<pb::WarmupResponse>, Status> {
+        let r = r.into_inner();
+        let tokens = self
+            .shard
+            .warmup(r.max_input_length, r.max_prefill_tokens, r.max_total_tokens)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::WarmupResponse {
+            max_supported_total_tokens: tokens,
+        }))
+    }
+
+    async fn prefill(
+        &self,
+        r: Request<pb::PrefillRequest>,
+    ) -> Result<Response<pb::PrefillResponse>, Status> {
+        let batch = r
+            .into_inner()
+            .batch
+            .ok_or_else(|| Status::invalid_argument("no batch"))?;
+        let (generations, batch) = self.shard.prefill(batch).await.map_err(status)?;
+        Ok(Response::new(pb::PrefillResponse {
+            generations,
+            batch,
+            ..Default::default()
+        }))
+    }
+
+    async fn decode(
+        &self,
+        r: Request<pb::DecodeRequest>,
+    ) -> Result<Response<pb::DecodeResponse>, Status> {
+        let (generations, batch) = self
+            .shard
+            .decode(r.into_inner().batches)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::DecodeResponse {
+            generations,
+            batch,
+            ..Default::default()
+        }))
+    }
+
+    async fn filter_batch(
+        &self,
+        r: Request<pb::FilterBatchRequest>,
+    ) -> Result<Response<pb::FilterBatchResponse>, Status> {
+        let r = r.into_inner();
+        let batch = self
+            .shard
+            .filter_batch(r.batch_id, r.request_ids)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::FilterBatchResponse { batch }))
+    }
+
+    async fn clear_cache(
+        &self,
+        r: Request<pb::ClearCacheRequest>,
+    ) -> Result<Response<pb::ClearCacheResponse>, Status> {
+        self.shard
+            .clear_cache(r.into_inner().id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ClearCacheResponse {}))
+    }
+
+    async fn download_adapter(
+        &self,
+        _: Request<pb::DownloadAdapterRequest>,
+    ) -> Result<Response<pb::DownloadAdapterResponse>, Status> {
+        Err(Status::unimplemented("adapters"))
+    }
+
+    async fn load_adapter(
+        &self,
+        _: Request<pb::LoadAdapterRequest>,
+    ) -> Result<Response<pb::LoadAdapterResponse>, Status> {
+        Err(Status::unimplemented("adapters"))
+    }
+
+    async fn offload_adapter(
+        &self,
+        _: Request<pb::OffloadAdapterRequest>,
+    ) -> Result<Response<pb::OffloadAdapterResponse>, Status> {
+        Err(Status::unimplemented("adapters"))
+    }
+}
+
+fn serve(path: &Path, shard: Arc<FakeShard>, urls: Vec<String>) {
+    let listener = UnixListener::bind(path).unwrap();
+    let service = LoraxServiceServer::new(Service { shard, urls });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(UnixListenerStream::new(listener)),
+    );
+}
+
+fn batch(id: u64) -> pb::Batch {
+    let requests: Vec<pb::Request> = (0..2)
+        .map(|i| {
+            let r = valid_request(3, 2);
+            pb::Request {
+                id: i,
+                input_ids: r.input_ids,
+                parameters: Some(r.parameters),
+                stopping_parameters: Some(r.stopping_parameters),
+                prefill_logprobs: false,
+                top_n_tokens: 0,
+                adapter_index: 0,
+            }
+        })
+        .collect();
+    pb::Batch {
+        id,
+        size: 2,
+        max_tokens: 10,
+        requests,
+    }
+}
+
+#[tokio::test]
+async fn sharded_client_reaches_every_shard_over_unix_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths: Vec<_> = (0..2)
+        .map(|r| dir.path().join(format!("lorax-server-{r}")))
+        .collect();
+    let urls: Vec<String> = paths
+        .iter()
+        .map(|p| format!("unix://{}", p.display()))
+        .collect();
+    let shards: Vec<Arc<FakeShard>> = (0..2).map(|_| Arc::new(FakeShard::new(512, 16))).collect();
+    for (path, shard) in paths.iter().zip(&shards) {
+        serve(path, shard.clone(), urls.clone());
+    }
+
+    let client = ShardedClient::connect_uds(paths[0].to_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(client.len(), 2);
+    let info = client.info().await.unwrap();
+    assert_eq!(info.block_size, 16);
+    assert_eq!(info.eos_token_ids, vec![2]);
+    client.health().await.unwrap();
+    assert_eq!(client.warmup(16, 64, 32).await.unwrap(), 512);
+
+    let (generations, cached) = client.prefill(batch(7)).await.unwrap();
+    assert_eq!(generations.len(), 2);
+    let cached = cached.unwrap();
+    assert_eq!(cached.request_ids, vec![0, 1]);
+    let filtered = client.filter_batch(7, vec![1]).await.unwrap().unwrap();
+    assert_eq!(filtered.request_ids, vec![1]);
+    let (generations, cached) = client.decode(vec![filtered]).await.unwrap();
+    assert_eq!(generations.len(), 1);
+    assert!(generations[0].generated_text.is_some());
+    assert!(cached.is_none());
+    client.clear_cache(None).await.unwrap();
+
+    // Tensor parallel: every shard saw every call.
+    for shard in &shards {
+        let calls = shard.calls();
+        assert!(matches!(calls[0], Call::Prefill { batch_id: 7, .. }));
+        assert_eq!(
+            calls[1],
+            Call::Filter {
+                batch_id: 7,
+                request_ids: vec![1]
+            }
+        );
+        assert!(matches!(calls[2], Call::Decode { .. }));
+        assert_eq!(calls[3], Call::Clear { batch_id: None });
+    }
+
+    shards[1].set_healthy(false);
+    assert!(
+        client.health().await.is_err(),
+        "any unhealthy shard fails health"
+    );
+    shards[1].set_fail_decode(true);
+    let (_, cached) = client.prefill(batch(8)).await.unwrap();
+    let err = client.decode(vec![cached.unwrap()]).await.unwrap_err();
+    assert!(err.to_string().contains("decode exploded"), "{err}");
+}
+
+#[tokio::test]
+async fn connecting_to_a_missing_socket_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nothing-here");
+    let err = ShardedClient::connect_uds(path.to_str().unwrap())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot connect"), "{err}");
+}

@@ -1,0 +1,686 @@
+//! The HTTP API end to end (router → infer → batcher → fake shard), without a network: requests
+//! are sent to the axum app in-process.
+
+use axum::body::{to_bytes, Body, Bytes};
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::Router;
+use futures::StreamExt;
+use lorax_router::api::Info;
+use lorax_router::batcher::BatcherConfig;
+use lorax_router::client::ShardClient;
+use lorax_router::infer::Infer;
+use lorax_router::server::{router, AppState};
+use lorax_router::template::ChatTemplate;
+use lorax_router::testing::{test_tokenizer, Call, FakeShard};
+use lorax_router::validation::{Validation, ValidationLimits};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tower::ServiceExt;
+
+fn info() -> Info {
+    Info {
+        model_id: "test/model".into(),
+        model_sha: None,
+        model_dtype: "float32".into(),
+        model_device_type: "cpu".into(),
+        model_pipeline_tag: Some("text-generation".into()),
+        architecture: "LlamaForCausalLM".into(),
+        max_concurrent_requests: 4,
+        max_best_of: 2,
+        max_stop_sequences: 4,
+        max_input_length: 16,
+        max_total_tokens: 32,
+        waiting_served_ratio: 1.2,
+        max_batch_total_tokens: 1000,
+        max_batch_prefill_tokens: 100,
+        max_waiting_tokens: 20,
+        max_active_adapters: 128,
+        adapter_cycle_time_s: 2,
+        block_size: 1,
+        eos_token_ids: vec![2],
+        supports_adapters: true,
+        validation_workers: 1,
+        version: lorax_router::VERSION,
+        sha: None,
+        docker_label: None,
+        request_logger_url: None,
+    }
+}
+
+fn chat_template() -> ChatTemplate {
+    let source = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}";
+    ChatTemplate::new(source.into(), "<s>".into(), "</s>".into()).unwrap()
+}
+
+fn app(shard: Arc<FakeShard>, max_concurrent_requests: usize) -> Router {
+    let limits = ValidationLimits {
+        max_best_of: 2,
+        max_stop_sequences: 4,
+        max_input_length: 16,
+        max_total_tokens: 32,
+    };
+    let config = BatcherConfig {
+        max_batch_prefill_tokens: 100,
+        max_batch_total_tokens: 1000,
+        max_waiting_tokens: 20,
+        waiting_served_ratio: 1.2,
+        block_size: 1,
+    };
+    let client: Arc<dyn ShardClient> = shard;
+    let validation = Validation::new(test_tokenizer(), limits);
+    let infer = Infer::new(client.clone(), validation, config, max_concurrent_requests);
+    let state = AppState {
+        infer,
+        info: Arc::new(info()),
+        client,
+        prometheus: lorax_router::metrics::install(),
+        chat_template: Some(Arc::new(chat_template())),
+    };
+    router(state, &[])
+}
+
+fn fake() -> Arc<FakeShard> {
+    Arc::new(FakeShard::new(1000, 1))
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The SSE events' JSON payloads.
+    fn events(&self) -> Vec<Value> {
+        let text = String::from_utf8(self.body.to_vec()).unwrap();
+        assert!(text.ends_with("\n\n"), "{text}");
+        text.split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| {
+                let data = e.strip_prefix("data:").unwrap_or_else(|| panic!("{e}"));
+                assert!(data.starts_with('{'), "data:{{json}} without a space");
+                serde_json::from_str(data).unwrap()
+            })
+            .collect()
+    }
+}
+
+fn request(
+    method: &str,
+    uri: &str,
+    content_type: Option<&str>,
+    body: impl Into<Body>,
+) -> Request<Body> {
+    let mut builder = Request::builder().method(method).uri(uri);
+    if let Some(ct) = content_type {
+        builder = builder.header("content-type", ct);
+    }
+    builder.body(body.into()).unwrap()
+}
+
+async fn send(app: &Router, req: Request<Body>) -> Answer {
+    let response = tokio::time::timeout(Duration::from_secs(10), app.clone().oneshot(req))
+        .await
+        .expect("answer in time")
+        .unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn post(app: &Router, uri: &str, body: Value) -> Answer {
+    send(
+        app,
+        request("POST", uri, Some("application/json"), body.to_string()),
+    )
+    .await
+}
+
+async fn get(app: &Router, uri: &str) -> Answer {
+    send(app, request("GET", uri, None, Body::empty())).await
+}
+
+fn assert_error(answer: &Answer, status: u16, error_type: &str) {
+    assert_eq!(
+        answer.status.as_u16(),
+        status,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let body = answer.json();
+    assert_eq!(body["error_type"], error_type, "{body}");
+    assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()));
+}
+
+#[tokio::test]
+async fn generate_answers_with_details() {
+    let app = app(fake(), 4);
+    let answer = post(
+        &app,
+        "/generate",
+        json!({"inputs": "hello world", "parameters": {"max_new_tokens": 3}}),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let body = answer.json();
+    let details = &body["details"];
+    assert_eq!(details["finish_reason"], "length");
+    assert_eq!(details["prompt_tokens"], 3);
+    assert_eq!(details["generated_tokens"], 3);
+    assert_eq!(details["prefill"], json!([]));
+    let tokens = details["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 3);
+    assert_eq!(tokens[0]["special"], false);
+    assert_eq!(tokens[0]["skipped"], false);
+    let text: String = tokens.iter().map(|t| t["text"].as_str().unwrap()).collect();
+    assert_eq!(body["generated_text"], text);
+    assert_eq!(answer.headers["x-prompt-tokens"], "3");
+    assert_eq!(answer.headers["x-generated-tokens"], "3");
+
+    let answer = post(
+        &app,
+        "/generate",
+        json!({"inputs": "hello", "parameters": {"details": false}}),
+    )
+    .await;
+    let body = answer.json();
+    assert!(body.get("details").is_none());
+    // max_new_tokens defaults to max_total_tokens - prompt tokens
+    assert_eq!(
+        answer.headers["x-generated-tokens"],
+        (32 - 2).to_string().as_str()
+    );
+}
+
+#[tokio::test]
+async fn eos_full_text_prefill_and_alternatives() {
+    let app = app(fake(), 4);
+    let body = post(
+        &app,
+        "/generate",
+        json!({"inputs": "hello stop", "parameters": {"max_new_tokens": 10}}),
+    )
+    .await
+    .json();
+    let details = &body["details"];
+    assert_eq!(details["finish_reason"], "eos_token");
+    assert_eq!(details["generated_tokens"], 2);
+    assert_eq!(details["tokens"][1]["special"], true);
+    assert!(!body["generated_text"].as_str().unwrap().contains("</s>"));
+
+    let params = json!({"max_new_tokens": 2, "return_full_text": true, "decoder_input_details": true, "top_n_tokens": 2});
+    let body = post(
+        &app,
+        "/generate",
+        json!({"inputs": "hello world", "parameters": params}),
+    )
+    .await
+    .json();
+    assert!(body["generated_text"]
+        .as_str()
+        .unwrap()
+        .starts_with("hello world "));
+    let prefill = body["details"]["prefill"].as_array().unwrap();
+    assert_eq!(prefill.len(), 3);
+    assert!(prefill[0]["logprob"].is_null());
+    assert_eq!(prefill[1]["logprob"], -1.0);
+    let token = &body["details"]["tokens"][0];
+    assert_eq!(token["alternative_tokens"].as_array().unwrap().len(), 2);
+    assert_eq!(body["details"]["top_tokens"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn compat_endpoint_returns_a_list_or_a_stream() {
+    let app = app(fake(), 4);
+    let answer = post(
+        &app,
+        "/",
+        json!({"inputs": "hello", "parameters": {"max_new_tokens": 2}, "stream": false}),
+    )
+    .await;
+    let body = answer.json();
+    assert_eq!(body.as_array().unwrap().len(), 1);
+    assert_eq!(body[0]["details"]["generated_tokens"], 2);
+
+    let answer = post(
+        &app,
+        "/",
+        json!({"inputs": "hello", "parameters": {"max_new_tokens": 2}, "stream": true}),
+    )
+    .await;
+    assert_eq!(answer.headers["content-type"], "text/event-stream");
+    assert_eq!(answer.events().len(), 2);
+}
+
+#[tokio::test]
+async fn generate_stream_sends_token_events_then_the_text() {
+    let app = app(fake(), 4);
+    let answer = post(
+        &app,
+        "/generate_stream",
+        json!({"inputs": "hello world", "parameters": {"max_new_tokens": 4}}),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let events = answer.events();
+    assert_eq!(events.len(), 4);
+    for event in &events[..3] {
+        assert!(event["generated_text"].is_null());
+        assert!(event["details"].is_null());
+        assert_eq!(event["token"]["special"], false);
+    }
+    let last = &events[3];
+    let text: String = events
+        .iter()
+        .map(|e| e["token"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(last["generated_text"], text);
+    assert_eq!(last["details"]["finish_reason"], "length");
+    assert_eq!(last["details"]["prompt_tokens"], 3);
+    assert_eq!(last["details"]["generated_tokens"], 4);
+}
+
+#[tokio::test]
+async fn best_of_returns_the_best_and_the_others() {
+    let app = app(fake(), 4);
+    let params = json!({"max_new_tokens": 3, "best_of": 2, "do_sample": true});
+    let body = post(
+        &app,
+        "/generate",
+        json!({"inputs": "hello", "parameters": params}),
+    )
+    .await
+    .json();
+    let others = body["details"]["best_of_sequences"].as_array().unwrap();
+    assert_eq!(others.len(), 1);
+    let sum = |tokens: &Value| -> f64 {
+        tokens
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["logprob"].as_f64().unwrap())
+            .sum()
+    };
+    assert!(sum(&body["details"]["tokens"]) >= sum(&others[0]["tokens"]));
+
+    let no_sampling = json!({"inputs": "hello", "parameters": {"best_of": 2}});
+    assert_error(
+        &post(&app, "/generate", no_sampling).await,
+        422,
+        "validation",
+    );
+    let too_many = json!({"inputs": "hello", "parameters": {"best_of": 3, "do_sample": true}});
+    assert_error(&post(&app, "/generate", too_many).await, 422, "validation");
+    let streamed = json!({"inputs": "hello", "parameters": {"best_of": 2, "do_sample": true}});
+    assert_error(
+        &post(&app, "/generate_stream", streamed).await,
+        422,
+        "validation",
+    );
+}
+
+#[tokio::test]
+async fn malformed_requests_answer_json_errors() {
+    let app = app(fake(), 4);
+    let syntax = send(
+        &app,
+        request(
+            "POST",
+            "/generate",
+            Some("application/json"),
+            "{\"inputs\": ",
+        ),
+    )
+    .await;
+    assert_error(&syntax, 400, "bad_request");
+    let content_type = send(&app, request("POST", "/generate", Some("text/plain"), "{}")).await;
+    assert_error(&content_type, 415, "unsupported_media_type");
+    let huge = format!("{{\"inputs\": \"{}\"}}", "a ".repeat(2 * 1024 * 1024));
+    let too_large = send(
+        &app,
+        request("POST", "/generate", Some("application/json"), huge),
+    )
+    .await;
+    assert_error(&too_large, 413, "payload_too_large");
+    assert_error(
+        &post(&app, "/generate", json!({"parameters": {}})).await,
+        422,
+        "validation",
+    );
+    assert_error(
+        &post(&app, "/generate", json!({"inputs": 3})).await,
+        422,
+        "validation",
+    );
+    assert_error(&get(&app, "/nowhere").await, 404, "not_found");
+    assert_error(&get(&app, "/generate").await, 405, "method_not_allowed");
+    // A good request still works afterwards.
+    assert_eq!(
+        post(&app, "/generate", json!({"inputs": "hello"}))
+            .await
+            .status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn validation_errors_are_422() {
+    let app = app(fake(), 4);
+    let cases = [
+        json!({"inputs": ""}),
+        json!({"inputs": "a b c d a b c d a b c d a b c d"}),
+        json!({"inputs": "hello", "parameters": {"max_new_tokens": 31}}),
+        json!({"inputs": "hello", "parameters": {"max_new_tokens": 0}}),
+        json!({"inputs": "hello", "parameters": {"temperature": 0.0}}),
+        json!({"inputs": "hello", "parameters": {"top_p": 1.5}}),
+        json!({"inputs": "hello", "parameters": {"top_k": 0}}),
+        json!({"inputs": "hello", "parameters": {"typical_p": 0.0}}),
+        json!({"inputs": "hello", "parameters": {"repetition_penalty": 0.0}}),
+        json!({"inputs": "hello", "parameters": {"stop": ["a", "b", "c", "d", "e"]}}),
+        json!({"inputs": "hello", "parameters": {"truncate": 17}}),
+        json!({"inputs": "hello", "parameters": {"adapter_id": "org/adapter"}}),
+    ];
+    for case in cases {
+        for uri in ["/generate", "/generate_stream", "/"] {
+            let answer = post(&app, uri, case.clone()).await;
+            assert_error(&answer, 422, "validation");
+        }
+    }
+    let adapter = post(
+        &app,
+        "/generate",
+        json!({"inputs": "x", "parameters": {"adapter_id": "a/b"}}),
+    )
+    .await;
+    assert!(adapter.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("adapters are not supported yet"));
+}
+
+#[tokio::test]
+async fn over_max_concurrent_requests_is_429() {
+    let shard = Arc::new(FakeShard::gated(1000, 1));
+    let app = app(shard.clone(), 1);
+    let first = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            post(
+                &app,
+                "/generate",
+                json!({"inputs": "hello", "parameters": {"max_new_tokens": 2}}),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = post(&app, "/generate", json!({"inputs": "hello"})).await;
+    assert_error(&second, 429, "overloaded");
+    shard.allow_steps(100);
+    assert_eq!(first.await.unwrap().status, StatusCode::OK);
+    let third = post(
+        &app,
+        "/generate",
+        json!({"inputs": "hello", "parameters": {"max_new_tokens": 2}}),
+    )
+    .await;
+    assert_eq!(third.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn shard_failures_are_424_and_stream_error_events() {
+    let shard = fake();
+    let app = app(shard.clone(), 4);
+    shard.set_fail_prefill(true);
+    let answer = post(&app, "/generate", json!({"inputs": "hello"})).await;
+    assert_error(&answer, 424, "generation");
+    // Before the first token, a stream fails with a plain 424 too.
+    let answer = post(&app, "/generate_stream", json!({"inputs": "hello"})).await;
+    assert_error(&answer, 424, "generation");
+    shard.set_fail_prefill(false);
+
+    shard.set_fail_decode(true);
+    let answer = post(
+        &app,
+        "/generate_stream",
+        json!({"inputs": "hello", "parameters": {"max_new_tokens": 5}}),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let events = answer.events();
+    assert_eq!(events.len(), 2);
+    assert!(events[0]["token"].is_object());
+    assert_eq!(events[1]["error_type"], "generation");
+    shard.set_fail_decode(false);
+
+    assert_eq!(get(&app, "/health").await.status, StatusCode::OK);
+    let ok = post(
+        &app,
+        "/generate",
+        json!({"inputs": "hello", "parameters": {"max_new_tokens": 2}}),
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn dropped_stream_frees_its_request() {
+    let shard = Arc::new(FakeShard::gated(1000, 1));
+    let app = app(shard.clone(), 4);
+    let req = request(
+        "POST",
+        "/generate_stream",
+        Some("application/json"),
+        json!({"inputs": "hello", "parameters": {"max_new_tokens": 20}}).to_string(),
+    );
+    let response = app.clone().oneshot(req).await.unwrap();
+    let mut body = response.into_body().into_data_stream();
+    shard.allow_steps(1);
+    let first = body.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data:{"));
+    drop(body);
+    shard.allow_steps(100);
+    for _ in 0..5000 {
+        if shard.cached_requests().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(shard.cached_requests().is_empty());
+    let decodes = shard
+        .calls()
+        .iter()
+        .filter(|c| matches!(c, Call::Decode { .. }))
+        .count();
+    assert!(decodes <= 1, "{:?}", shard.calls());
+}
+
+#[tokio::test]
+async fn health_info_metrics_tokenize_docs() {
+    let shard = fake();
+    let app = app(shard.clone(), 4);
+    assert_eq!(get(&app, "/health").await.status, StatusCode::OK);
+    shard.set_healthy(false);
+    assert_error(&get(&app, "/health").await, 503, "healthcheck");
+
+    let info = get(&app, "/info").await.json();
+    assert_eq!(info["model_id"], "test/model");
+    assert_eq!(info["model_dtype"], "float32");
+    assert_eq!(info["max_input_length"], 16);
+    assert_eq!(info["max_total_tokens"], 32);
+    assert_eq!(info["max_batch_total_tokens"], 1000);
+    assert_eq!(info["max_concurrent_requests"], 4);
+    assert_eq!(info["version"], lorax_router::VERSION);
+
+    post(
+        &app,
+        "/generate",
+        json!({"inputs": "hello", "parameters": {"max_new_tokens": 1}}),
+    )
+    .await;
+    let metrics = get(&app, "/metrics").await;
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    assert!(
+        text.contains("lorax_request_count{adapter=\"base\"}"),
+        "{text}"
+    );
+    assert!(text.contains("lorax_request_success"));
+    assert!(text.contains("lorax_queue_size"));
+    assert!(text.contains("lorax_request_duration_bucket"));
+
+    let tokens = post(&app, "/tokenize", json!({"inputs": "hello world"}))
+        .await
+        .json();
+    assert_eq!(
+        tokens,
+        json!([
+            {"id": 1, "text": "<s>", "start": 0, "stop": 0},
+            {"id": 4, "text": "hello", "start": 0, "stop": 5},
+            {"id": 5, "text": "world", "start": 6, "stop": 11},
+        ])
+    );
+
+    let docs = get(&app, "/docs").await;
+    assert_eq!(docs.status, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&docs.body).contains("/generate_stream"));
+    let spec = get(&app, "/api-doc/openapi.json").await.json();
+    assert!(spec["paths"]["/generate"]["post"].is_object());
+}
+
+/// OpenAI's SSE chunks (`data: {json}`), and whether `data: [DONE]` closed them.
+fn openai_chunks(answer: &Answer) -> (Vec<Value>, bool) {
+    let text = String::from_utf8(answer.body.to_vec()).unwrap();
+    let mut done = false;
+    let mut chunks = Vec::new();
+    for event in text.split("\n\n").filter(|e| !e.is_empty()) {
+        let data = event.strip_prefix("data: ").unwrap();
+        if data == "[DONE]" {
+            done = true;
+        } else {
+            chunks.push(serde_json::from_str(data).unwrap());
+        }
+    }
+    (chunks, done)
+}
+
+#[tokio::test]
+async fn openai_completions() {
+    let app = app(fake(), 4);
+    let body = post(&app, "/v1/completions", json!({"model": "test/model", "prompt": "hello world", "max_tokens": 3, "temperature": 0, "logprobs": 1})).await.json();
+    assert_eq!(body["object"], "text_completion");
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert_eq!(
+        body["choices"][0]["logprobs"]["tokens"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(
+        body["usage"],
+        json!({"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6})
+    );
+    let text = body["choices"][0]["text"].as_str().unwrap().to_string();
+
+    let answer = post(
+        &app,
+        "/v1/completions",
+        json!({"model": "", "prompt": ["hello world"], "max_tokens": 3, "stream": true}),
+    )
+    .await;
+    let (chunks, done) = openai_chunks(&answer);
+    assert!(done);
+    assert_eq!(chunks.len(), 3);
+    let streamed: String = chunks
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed.len(), text.len());
+    assert_eq!(chunks[2]["choices"][0]["finish_reason"], "length");
+    assert!(chunks[0]["choices"][0]["finish_reason"].is_null());
+
+    let echo = post(
+        &app,
+        "/v1/completions",
+        json!({"prompt": "hello", "max_tokens": 1, "echo": true}),
+    )
+    .await
+    .json();
+    assert!(echo["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("hello"));
+    let adapter = post(
+        &app,
+        "/v1/completions",
+        json!({"model": "org/adapter", "prompt": "hello"}),
+    )
+    .await;
+    assert_error(&adapter, 422, "validation");
+    let n = post(&app, "/v1/completions", json!({"prompt": "hello", "n": 2})).await;
+    assert_error(&n, 422, "validation");
+    let models = get(&app, "/v1/models").await.json();
+    assert_eq!(models["data"][0]["id"], "test/model");
+}
+
+#[tokio::test]
+async fn openai_chat_completions_use_the_chat_template() {
+    let app = app(fake(), 4);
+    let messages = json!([{"role": "user", "content": "hello world"}]);
+    let body = post(
+        &app,
+        "/v1/chat/completions",
+        json!({"model": "test/model", "messages": messages, "max_tokens": 2}),
+    )
+    .await
+    .json();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    // "<s>hello world " from the template: its <s> is not doubled by the tokenizer.
+    assert_eq!(body["usage"]["prompt_tokens"], 3);
+
+    let answer = post(
+        &app,
+        "/v1/chat/completions",
+        json!({"messages": messages, "max_tokens": 2, "stream": true}),
+    )
+    .await;
+    let (chunks, done) = openai_chunks(&answer);
+    assert!(done);
+    assert_eq!(chunks.len(), 2);
+    assert_eq!(chunks[0]["object"], "chat.completion.chunk");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(chunks[1]["choices"][0]["delta"].get("role").is_none());
+    assert_eq!(chunks[1]["usage"]["completion_tokens"], 2);
+
+    // The native endpoints accept `apply_chat_template` with `inputs` holding the messages.
+    let inputs = json!([{"role": "user", "content": "hello"}]).to_string();
+    let params = json!({"apply_chat_template": true, "max_new_tokens": 1});
+    let body = post(
+        &app,
+        "/generate",
+        json!({"inputs": inputs, "parameters": params}),
+    )
+    .await
+    .json();
+    assert_eq!(body["details"]["prompt_tokens"], 2);
+    let bad = post(
+        &app,
+        "/generate",
+        json!({"inputs": "not json", "parameters": params}),
+    )
+    .await;
+    assert_error(&bad, 422, "validation");
+}
