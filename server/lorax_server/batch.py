@@ -99,12 +99,33 @@ class Batch:
     def free(self, blocks: BlockManager) -> None:
         self.filter([], blocks)
 
+    @property
+    def adapter_indices(self) -> list[int]:
+        return [s.request.adapter_index for s in self.seqs]
+
+    def reorder(self, rows: list[int]) -> None:
+        """Permute the rows (no row is dropped)."""
+        index = torch.tensor(rows, dtype=torch.int64, device=self.next_ids.device)
+        self.seqs = [self.seqs[r] for r in rows]
+        self.sampler = self.sampler.filter(index)
+        self.next_ids = self.next_ids[index]
+        self.steps = self.steps[index]
+        self.history = self.history[index]
+        self.block_tables = self.block_tables[index]
+
+    def group_by_adapter(self) -> None:
+        """Keep rows of one adapter contiguous so each adapter's tokens form one segment."""
+        indices = self.adapter_indices
+        rows = sorted(range(len(indices)), key=indices.__getitem__)
+        if rows != list(range(len(rows))):
+            self.reorder(rows)
+
     @classmethod
     def concatenate(cls, batches: list[Batch]) -> Batch:
-        """One batch holding every row of `batches`, in order; keeps the first batch's id."""
+        """One batch holding every row of `batches`, grouped by adapter; keeps the first batch's id."""
         if len(batches) == 1:
             return batches[0]
-        return cls(
+        merged = cls(
             batches[0].id,
             [s for b in batches for s in b.seqs],
             BatchSampler.concatenate([b.sampler for b in batches]),
@@ -113,6 +134,8 @@ class Batch:
             _cat_padded([b.history for b in batches], pad=-1),
             torch.cat([b.steps for b in batches]),
         )
+        merged.group_by_adapter()
+        return merged
 
 
 def _cat_padded(tensors: list[torch.Tensor], pad: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ class ShardConfig:
     block_size: int
     memory_fraction: float | None
     kv_cache_blocks: int | None
+    adapter_memory_fraction: float
     trust_remote_code: bool
 
 
@@ -49,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
         help="share of free GPU memory (default 0.9) or available RAM on CPU (default 0.05) for the KV cache",
     )
     serve.add_argument("--kv-cache-blocks", type=int, default=None, help="explicit KV cache size in blocks")
+    serve.add_argument(
+        "--adapter-memory-fraction",
+        type=float,
+        default=float(os.environ.get("ADAPTER_MEMORY_FRACTION", "0.1")),
+        help="share of GPU memory (available RAM on CPU) reserved for loaded adapters; env ADAPTER_MEMORY_FRACTION",
+    )
     serve.add_argument("--trust-remote-code", action="store_true")
     serve.add_argument("--log-level", default="INFO")
 
@@ -75,6 +82,7 @@ def _shard_config(args: argparse.Namespace) -> ShardConfig:
         block_size=args.block_size,
         memory_fraction=args.memory_fraction,
         kv_cache_blocks=args.kv_cache_blocks,
+        adapter_memory_fraction=args.adapter_memory_fraction,
         trust_remote_code=args.trust_remote_code,
     )
 
@@ -82,6 +90,8 @@ def _shard_config(args: argparse.Namespace) -> ShardConfig:
 def run_serve(cfg: ShardConfig) -> None:
     from transformers import AutoTokenizer
 
+    from .adapters.manager import AdapterManager, device_budget
+    from .adapters.sources import AdapterSource, fetch_adapter
     from .engine import CacheConfig, Engine
     from .layers.attention import select_backend
     from .models.loader import load_model
@@ -94,7 +104,13 @@ def run_serve(cfg: ShardConfig) -> None:
         model_dir, select_backend(device, cfg.block_size), device, cfg.dtype, cfg.rank, cfg.world_size
     )
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
-    engine = Engine(model, tokenizer, CacheConfig(cfg.block_size, cfg.memory_fraction, cfg.kv_cache_blocks))
+    adapters = AdapterManager(
+        model,
+        lambda adapter_id, source, token: fetch_adapter(adapter_id, AdapterSource(source), token),
+        device_budget(device, cfg.adapter_memory_fraction),
+    )
+    cache = CacheConfig(cfg.block_size, cfg.memory_fraction, cfg.kv_cache_blocks)
+    engine = Engine(model, tokenizer, cache, adapters)
     asyncio.run(serve(engine, model.config.architecture, cfg.uds_path, cfg.rank, cfg.world_size))
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from .adapters.lora import segments_of
+from .adapters.manager import AdapterManager
 from .batch import Batch, RequestIn, Sequence
 from .forward import ForwardBatch
 from .kv_cache import BlockManager, KVCache, OutOfBlocks
@@ -82,8 +84,15 @@ class CacheConfig:
 
 
 class Engine:
-    def __init__(self, model: CausalLM, tokenizer, cache_config: CacheConfig) -> None:  # noqa: ANN001
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer,  # noqa: ANN001 - a transformers tokenizer
+        cache_config: CacheConfig,
+        adapters: AdapterManager | None = None,
+    ) -> None:
         self.model = model
+        self.adapters = adapters
         self.tokenizer = tokenizer
         self.cache_config = cache_config
         self.device = model.device
@@ -129,6 +138,8 @@ class Engine:
             budget = free * (self.cache_config.memory_fraction or 0.9)
         else:
             budget = psutil.virtual_memory().available * (self.cache_config.memory_fraction or 0.05)
+        if self.adapters is not None:  # adapters get their share first; the KV cache takes the rest
+            budget -= self.adapters.device_budget_bytes - self.adapters.device_bytes
         return max(1, int(budget // per_block))
 
     def _dummy_prefill(self, max_input_length: int, max_prefill_tokens: int) -> None:
@@ -176,10 +187,9 @@ class Engine:
                     f"request {r.id}: {len(r.input_ids)} input + {r.max_new_tokens} new tokens exceed "
                     f"the KV cache ({blocks.num_blocks * blocks.block_size} tokens)"
                 )
-            if r.adapter_index != 0:
-                raise RequestError(
-                    f"request {r.id}: adapters are not supported yet (adapter_index {r.adapter_index})"
-                )
+            if r.adapter_index != 0 and (self.adapters is None or not self.adapters.is_installed(r.adapter_index)):
+                what = "is not loaded" if self.adapters is not None else "given, but this model takes no adapters"
+                raise RequestError(f"request {r.id}: adapter index {r.adapter_index} {what}")
             if r.top_n_tokens < 0 or r.top_n_tokens > vocab:
                 raise RequestError(f"request {r.id}: top_n_tokens must be between 0 and {vocab}")
         ids = [r.id for r in requests]
@@ -193,6 +203,7 @@ class Engine:
         if batch_id in self.batches:
             raise RequestError(f"batch {batch_id} already exists")
         self._validate(requests)
+        requests = sorted(requests, key=lambda r: r.adapter_index)  # one contiguous segment per adapter
         try:
             sampler = BatchSampler.from_params([r.sampling for r in requests], self.device)
         except ValueError as e:
@@ -227,6 +238,7 @@ class Engine:
             block_tables,
             blocks.block_size,
             torch.tensor(rows, dtype=torch.int64, device=dev),
+            segments_of([r.adapter_index for r in requests], lens),
         )
         self.timings = StepTimings()
         forward_start = time.perf_counter_ns()
@@ -291,8 +303,14 @@ class Engine:
         self.timings = StepTimings(concat_ns=time.perf_counter_ns() - start)
         self.batches[batch.id] = batch
         lengths = [s.length for s in batch.seqs]
+        ones = [1] * len(batch)
         meta = ForwardBatch.build(
-            batch.next_ids, [1] * len(batch), lengths, batch.block_tables, blocks.block_size
+            batch.next_ids,
+            ones,
+            lengths,
+            batch.block_tables,
+            blocks.block_size,
+            lora_segments=segments_of(batch.adapter_indices, ones),
         )
         forward_start = time.perf_counter_ns()
         logits = self.model.forward(meta, cache)
@@ -368,6 +386,9 @@ class Engine:
             del self.batches[batch_id]
             return None
         return batch
+
+    def adapter_in_use(self, index: int) -> bool:
+        return any(index in b.adapter_indices for b in self.batches.values())
 
     def clear(self, batch_id: int | None = None) -> None:
         ids = list(self.batches) if batch_id is None else [batch_id]

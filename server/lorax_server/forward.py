@@ -28,6 +28,8 @@ class ForwardBatch:
     max_query_len: int  # host copy: longest run of new tokens
     max_context_len: int  # host copy: longest context
     logits_index: torch.Tensor  # [num_logits] int64, tokens whose logits are wanted
+    # (start, end, adapter_index) token ranges that use an adapter; tokens are grouped by adapter.
+    lora_segments: list[tuple[int, int, int]] = field(default_factory=list)
     # Attention backends cache derived tensors (masks, gather indices) here, once per forward pass.
     backend_state: dict = field(default_factory=dict)
 
@@ -44,6 +46,7 @@ class ForwardBatch:
         block_tables: torch.Tensor,
         block_size: int,
         logits_index: torch.Tensor | None = None,
+        lora_segments: list[tuple[int, int, int]] | None = None,
     ) -> ForwardBatch:
         """Derive every per-token tensor from per-sequence lengths.
 
@@ -73,4 +76,5 @@ class ForwardBatch:
             max_query_len=max(query_lens),
             max_context_len=max(context_lens),
             logits_index=logits_index,
+            lora_segments=lora_segments or [],
         )

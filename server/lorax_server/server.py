@@ -16,6 +16,9 @@ from pathlib import Path
 import grpc
 import torch
 
+from .adapters.loader import AdapterLoadError
+from .adapters.manager import AdapterBudgetExceeded, AdapterInUse, AdapterRequest
+from .adapters.sources import AdapterFetchError
 from .batch import Batch, RequestIn
 from .engine import BatchNotFound, Engine, GenerationOut, NotWarmedUp, RequestError, TokenList
 from .kv_cache import OutOfBlocks
@@ -25,13 +28,45 @@ from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-# Engine exceptions → gRPC status codes. Anything else is INTERNAL and logged with its traceback.
+# Engine and adapter exceptions → gRPC status codes. Anything else is INTERNAL and logged.
 _STATUS = {
     RequestError: grpc.StatusCode.INVALID_ARGUMENT,
     BatchNotFound: grpc.StatusCode.NOT_FOUND,
     OutOfBlocks: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotWarmedUp: grpc.StatusCode.FAILED_PRECONDITION,
+    AdapterLoadError: grpc.StatusCode.INVALID_ARGUMENT,
+    AdapterBudgetExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    AdapterInUse: grpc.StatusCode.FAILED_PRECONDITION,
+    AdapterFetchError: grpc.StatusCode.UNAVAILABLE,  # refined by the error's kind below
 }
+_FETCH_STATUS = {
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "unauthorized": grpc.StatusCode.UNAUTHENTICATED,
+    "forbidden": grpc.StatusCode.PERMISSION_DENIED,
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def _status_of(e: Exception) -> grpc.StatusCode | None:
+    if isinstance(e, AdapterFetchError):
+        return _FETCH_STATUS.get(e.kind, grpc.StatusCode.UNAVAILABLE)
+    return next((code for kind, code in _STATUS.items() if isinstance(e, kind)), None)
+
+
+def adapter_request(params: pb.AdapterParameters, source: int, api_token: str | None) -> AdapterRequest:
+    ids = tuple(params.adapter_ids)
+    if not ids or not all(ids):
+        raise RequestError("adapter_parameters.adapter_ids must name at least one adapter")
+    return AdapterRequest(
+        ids=ids,
+        source=pb.AdapterSource.Name(source).lower(),
+        weights=tuple(params.weights),
+        merge_strategy=params.merge_strategy,
+        density=params.density if params.density > 0 else 1.0,
+        majority_sign_method=params.majority_sign_method,
+        api_token=api_token or None,
+    )
 
 
 def request_from_proto(r: pb.Request) -> RequestIn:
@@ -89,17 +124,26 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
         self.urls = urls
         self.architecture = architecture
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        # Adapter fetching/validation/merging runs here so decode steps go on meanwhile.
+        self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-loader")
 
-    async def _run(self, context: grpc.aio.ServicerContext, fn, *args):  # noqa: ANN001, ANN202
-        """Run `fn` on the engine thread; map engine errors to gRPC statuses (the shard keeps serving)."""
+    async def _run(self, context: grpc.aio.ServicerContext, fn, *args, on_loader: bool = False):  # noqa: ANN001, ANN202
+        """Run `fn` on the engine thread (or a loader thread); map errors to gRPC statuses (the shard
+        keeps serving)."""
+        executor = self._loader if on_loader else self._worker
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
-        except tuple(_STATUS) as e:
-            code = next(c for t, c in _STATUS.items() if isinstance(e, t))
+            return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+        except Exception as e:
+            code = _status_of(e)
+            if code is None:  # a bug or a device failure: report it, keep the shard alive
+                log.exception("shard call failed")
+                await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
             await context.abort(code, str(e).strip("'\""))
-        except Exception as e:  # a bug or a device failure: report it, keep the shard alive
-            log.exception("engine call failed")
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+    def _adapters(self):  # noqa: ANN202
+        if self.engine.adapters is None:
+            raise RequestError("this model does not support dynamic adapters")
+        return self.engine.adapters
 
     async def Info(self, request, context):  # noqa: ANN001, ANN201, N802
         model = self.engine.model
@@ -113,7 +157,7 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
             vocab_size=cfg.vocab_size,
             max_position_embeddings=cfg.max_position_embeddings,
             eos_token_ids=sorted(self.engine.eos_ids),
-            supports_adapters=False,
+            supports_adapters=self.engine.adapters is not None,
             architecture=self.architecture,
         )
 
@@ -169,13 +213,40 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
         return pb.FilterBatchResponse(batch=cached_batch(batch))
 
     async def DownloadAdapter(self, request, context):  # noqa: ANN001, ANN201, N802
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "dynamic adapters are not supported yet")
+        def download() -> float:
+            manager = self._adapters()
+            req = adapter_request(request.adapter_parameters, request.adapter_source, request.api_token)
+            return manager.download(req) / max(manager.device_budget_bytes, 1)
+
+        fraction = await self._run(context, download, on_loader=True)
+        return pb.DownloadAdapterResponse(downloaded=True, memory_fraction=fraction)
 
     async def LoadAdapter(self, request, context):  # noqa: ANN001, ANN201, N802
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "dynamic adapters are not supported yet")
+        index = request.adapter_index
+        req = await self._run(
+            context, adapter_request, request.adapter_parameters, request.adapter_source, request.api_token
+        )
+        manager = await self._run(context, self._adapters)
+        if index < 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "adapter_index 0 is the base model")
+        if not manager.is_installed(index, req):
+            modules = await self._run(context, manager.prepare, req, on_loader=True)
+            await self._run(context, self._install, index, req, modules)
+        return pb.LoadAdapterResponse(loaded=True)
+
+    def _install(self, index: int, req: AdapterRequest, modules) -> None:  # noqa: ANN001
+        manager = self._adapters()
+        if manager.is_installed(index) and not manager.is_installed(index, req) and self.engine.adapter_in_use(index):
+            raise AdapterInUse(f"adapter index {index} holds another adapter that running requests use")
+        manager.install(index, req, modules)
 
     async def OffloadAdapter(self, request, context):  # noqa: ANN001, ANN201, N802
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "dynamic adapters are not supported yet")
+        def offload() -> bool:
+            if self.engine.adapter_in_use(request.adapter_index):
+                raise AdapterInUse(f"adapter index {request.adapter_index} is used by running requests")
+            return self._adapters().offload(request.adapter_index)
+
+        return pb.OffloadAdapterResponse(offloaded=await self._run(context, offload))
 
 
 def shard_socket(uds_path: str, rank: int) -> str:

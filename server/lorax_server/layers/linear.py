@@ -1,26 +1,44 @@
 """The one linear abstraction: a (possibly fused, possibly sharded) weight with an optional bias.
 
-Fused projections (q|k|v, gate|up) are one matmul; `out_splits` remembers the parts so callers (and
-LoRA wrappers) can address each part.
+Fused projections (q|k|v, gate|up) are one matmul; `out_splits` and `part_names` remember the parts
+(by their checkpoint names) so LoRA can address each part. The base matmul runs once for the whole
+batch; when adapters are attached (`lora`), their low-rank updates are added per adapter segment.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from ..utils.weights import Weights
 
+if TYPE_CHECKING:
+    from ..adapters.lora import LoraSlots
+    from ..forward import ForwardBatch
+
 
 class Linear:
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, out_splits: list[int]) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        out_splits: list[int],
+        part_names: list[str] | None = None,
+    ) -> None:
         self.weight = weight  # [out_features, in_features]
         self.bias = bias  # [out_features] or None
         self.out_splits = out_splits  # sizes of the fused parts along out_features
+        self.part_names = part_names or []  # checkpoint module name of each part
+        self.lora: LoraSlots | None = None  # set by adapters.lora.attach_lora for adaptable modules
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, meta: ForwardBatch | None = None) -> torch.Tensor:
         """x: [num_tokens, in_features] → [num_tokens, out_features]."""
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora is not None and meta is not None and meta.lora_segments:
+            self.lora.add_to(y, x, meta.lora_segments)
+        return y
 
     @classmethod
     def load(
@@ -48,4 +66,4 @@ class Linear:
         fused_bias = None
         if bias:
             fused_bias = biases[0] if len(biases) == 1 else torch.cat(biases, dim=0)
-        return cls(weight, fused_bias, [p.shape[0] for p in parts])
+        return cls(weight, fused_bias, [p.shape[0] for p in parts], list(prefixes))

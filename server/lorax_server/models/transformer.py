@@ -56,7 +56,7 @@ class SelfAttention:
         cache: KVCache,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        q, k, v = self.qkv(x).split(self.qkv.out_splits, dim=-1)
+        q, k, v = self.qkv(x, meta).split(self.qkv.out_splits, dim=-1)
         q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -64,7 +64,7 @@ class SelfAttention:
         out = backend.attend(
             q, cache.keys[self.layer_idx], cache.values[self.layer_idx], meta, self.scale, self.window
         )
-        return self.o(out.reshape(-1, self.num_heads * self.head_dim))
+        return self.o(out.reshape(-1, self.num_heads * self.head_dim), meta)
 
 
 class GatedMLP:
@@ -83,9 +83,9 @@ class GatedMLP:
         )
         self.act = activation(cfg.hidden_act)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.gate_up.out_splits, dim=-1)
-        return self.down(self.act(gate) * up)
+    def __call__(self, x: torch.Tensor, meta: ForwardBatch) -> torch.Tensor:
+        gate, up = self.gate_up(x, meta).split(self.gate_up.out_splits, dim=-1)
+        return self.down(self.act(gate) * up, meta)
 
 
 class DecoderLayer:
@@ -100,7 +100,7 @@ class DecoderLayer:
         self, x: torch.Tensor, meta: ForwardBatch, cos, sin, cache: KVCache, backend
     ) -> torch.Tensor:  # noqa: ANN001
         x = x + self.attn(self.input_norm(x), meta, cos, sin, cache, backend)
-        return x + self.mlp(self.post_attention_norm(x))
+        return x + self.mlp(self.post_attention_norm(x), meta)
 
 
 class CausalLM:

@@ -1,0 +1,1 @@
+"""LoRA adapters: sources, validation against the base model, the cache tiers, the batched math, merges."""

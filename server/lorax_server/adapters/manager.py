@@ -1,0 +1,171 @@
+"""The adapter cache tiers: disk (fetched files) → host memory (validated factors, LRU) → device
+(installed on the model's linears under the router's adapter index).
+
+Fetching, validation, merging and the host → device copy run on loader threads, off the engine
+thread; only `install`/`offload` (a few dict updates) run on the engine thread, between steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .loader import adapter_nbytes, load_lora_adapter
+from .lora import LoraModuleWeights, attach_lora
+
+Modules = dict[str, LoraModuleWeights]
+
+
+class AdapterInUse(RuntimeError):
+    pass
+
+
+class AdapterBudgetExceeded(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class AdapterRequest:
+    """One adapter (or a merge of several) as a request names it."""
+
+    ids: tuple[str, ...]
+    source: str = "hub"
+    weights: tuple[float, ...] = ()
+    merge_strategy: str = ""
+    density: float = 1.0
+    majority_sign_method: str = "total"
+    api_token: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def token_hash(self) -> str:
+        """Private adapters are cached per (adapter, token): a different token never reuses them."""
+        return hashlib.sha256(self.api_token.encode()).hexdigest()[:16] if self.api_token else ""
+
+    @property
+    def key(self) -> tuple:
+        return (self.ids, self.source, self.weights, self.merge_strategy, self.density,
+                self.majority_sign_method, self.token_hash)  # fmt: skip
+
+    def describe(self) -> str:
+        return "+".join(self.ids) if len(self.ids) > 1 else self.ids[0]
+
+
+Fetch = Callable[[str, str, "str | None"], Path]  # (adapter id, source, api token) → local directory
+
+
+class AdapterManager:
+    def __init__(
+        self,
+        model,  # noqa: ANN001 - a CausalLM; typed loosely to keep models free of adapter imports
+        fetch: Fetch,
+        device_budget_bytes: int,
+        host_cache_bytes: int = 4 * 2**30,
+    ) -> None:
+        self.model = model
+        self.fetch = fetch
+        self.device = model.device
+        self.dtype = model.dtype
+        self.targets = attach_lora(model, model.spec.adaptable_modules)
+        self.device_budget_bytes = device_budget_bytes
+        self.host_cache_bytes = host_cache_bytes
+        self.installed: dict[int, tuple[tuple, int]] = {}  # index → (request key, bytes on device)
+        self._host: OrderedDict[tuple, Modules] = OrderedDict()  # (id, source, token hash) → host factors
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ loader threads
+    def _host_modules(self, adapter_id: str, request: AdapterRequest) -> Modules:
+        key = (adapter_id, request.source, request.token_hash)
+        with self._lock:
+            if key in self._host:
+                self._host.move_to_end(key)
+                return self._host[key]
+        adapter_dir = self.fetch(adapter_id, request.source, request.api_token)
+        modules = load_lora_adapter(adapter_dir, self.targets, self.model.config.architecture, self.dtype)
+        with self._lock:
+            self._host[key] = modules
+            while (
+                len(self._host) > 1
+                and sum(adapter_nbytes(m) for m in self._host.values()) > self.host_cache_bytes
+            ):
+                self._host.popitem(last=False)
+        return modules
+
+    def download(self, request: AdapterRequest) -> int:
+        """Fetch and validate every adapter of the request; returns the bytes it will take on device."""
+        parts = [self._host_modules(i, request) for i in request.ids]
+        return adapter_nbytes(self._merge(parts, request)) if len(parts) > 1 else adapter_nbytes(parts[0])
+
+    def prepare(self, request: AdapterRequest) -> Modules:
+        """The request's (merged) factors, copied to the device, ready to install."""
+        parts = [self._host_modules(i, request) for i in request.ids]
+        modules = self._merge(parts, request) if len(parts) > 1 else parts[0]
+        return {
+            name: LoraModuleWeights(m.lora_a.to(self.device), m.lora_b.to(self.device), m.scale)
+            for name, m in modules.items()
+        }
+
+    def _merge(self, parts: list[Modules], request: AdapterRequest) -> Modules:
+        from .merge import MergeSpec, merge_adapters
+
+        spec = MergeSpec(
+            strategy=request.merge_strategy or "linear",
+            weights=request.weights or tuple(1.0 for _ in parts),
+            density=request.density,
+            majority_sign_method=request.majority_sign_method or "total",
+        )
+        spec.validate(len(parts))
+        return merge_adapters(parts, spec)
+
+    # ------------------------------------------------------------------ engine thread
+    def install(self, index: int, request: AdapterRequest, modules: Modules) -> None:
+        if index < 1:
+            raise ValueError("adapter index 0 is the base model")
+        nbytes = adapter_nbytes(modules)
+        used = sum(b for i, (_, b) in self.installed.items() if i != index)
+        if used + nbytes > self.device_budget_bytes:
+            raise AdapterBudgetExceeded(
+                f"adapter {request.describe()} needs {nbytes} bytes; {self.device_budget_bytes - used} of the "
+                f"adapter memory budget ({self.device_budget_bytes} bytes) are free"
+            )
+        self._uninstall(index)
+        by_linear: dict[int, tuple[object, dict[int, LoraModuleWeights]]] = {}
+        for name, weights in modules.items():
+            linear, part = self.targets[name]
+            by_linear.setdefault(id(linear), (linear, {}))[1][part] = weights
+        for linear, parts in by_linear.values():
+            linear.lora.install(index, parts)
+        self.installed[index] = (request.key, nbytes)
+
+    def is_installed(self, index: int, request: AdapterRequest | None = None) -> bool:
+        entry = self.installed.get(index)
+        return entry is not None and (request is None or entry[0] == request.key)
+
+    def offload(self, index: int) -> bool:
+        if index not in self.installed:
+            return False
+        self._uninstall(index)
+        return True
+
+    def _uninstall(self, index: int) -> None:
+        for linear, _ in self.targets.values():
+            linear.lora.remove(index)
+        self.installed.pop(index, None)
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(b for _, b in self.installed.values())
+
+
+def device_budget(device: torch.device, fraction: float) -> int:
+    """Bytes of adapter memory: a fraction of the GPU's total memory, or of available RAM on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory * fraction)
+    import psutil
+
+    return int(psutil.virtual_memory().available * fraction)

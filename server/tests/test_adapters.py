@@ -1,0 +1,242 @@
+"""Mixed-adapter batches equal peft: base rows and four LoRA adapters (ranks 4/8/16/64; attention-only,
+MLP-only, all-linear; rslora; alpha != r) in one ragged batch, prefill logits and greedy decode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lorax_server.adapters.loader import AdapterLoadError, load_lora_adapter
+from lorax_server.adapters.lora import segments_of
+from lorax_server.adapters.manager import AdapterBudgetExceeded, AdapterManager, AdapterRequest
+from lorax_server.batch import RequestIn
+from lorax_server.engine import CacheConfig, Engine, RequestError
+from lorax_server.forward import ForwardBatch
+from lorax_server.layers.attention import TorchAttention
+from lorax_server.models.loader import load_model
+from lorax_server.sampling import SamplingParams
+
+BLOCK = 4
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTERS = {
+    "attn_r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "mlp_r8": dict(r=8, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    "all_r16_rslora": dict(r=16, lora_alpha=32, target_modules=ALL_LINEAR, use_rslora=True),
+    "mixed_r64": dict(r=64, lora_alpha=24, target_modules=["k_proj", "o_proj", "up_proj"]),
+}
+
+
+def make_adapter(base_dir: Path, out_dir: Path, seed: int, **lora_kwargs) -> Path:
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(init_lora_weights=False, **lora_kwargs))
+    # Larger than peft's default init so adapters visibly change the greedy path.
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module", params=["llama_dir", "mistral_dir"])
+def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    base_dir = request.getfixturevalue(request.param)
+    tmp = tmp_path_factory.mktemp("adapters")
+    dirs = {name: make_adapter(base_dir, tmp / name, i, **kw) for i, (name, kw) in enumerate(ADAPTERS.items())}
+    ref = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), dirs["attn_r4"], adapter_name="attn_r4"
+    )
+    for name, d in dirs.items():
+        if name != "attn_r4":
+            ref.load_adapter(d, adapter_name=name)
+    ref.eval()
+    model = load_model(base_dir, TorchAttention(BLOCK), torch.device("cpu"), "float32")
+    manager = AdapterManager(model, fetch=lambda adapter_id, source, token: Path(adapter_id), device_budget_bytes=2**30)
+    engine = Engine(model, AutoTokenizer.from_pretrained(base_dir), CacheConfig(BLOCK, num_blocks=512), manager)
+    engine.warmup(64, 256, 128)
+    indices = {}
+    for i, (name, d) in enumerate(dirs.items(), start=1):
+        req = AdapterRequest(ids=(str(d),), source="local")
+        manager.install(i, req, manager.prepare(req))
+        indices[name] = i
+    return engine, ref, indices, dirs, base_dir
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    return torch.randint(3, 320, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.no_grad()
+def peft_greedy(ref: PeftModel, ids: list[int], adapter: str, n: int) -> list[int]:
+    seq = torch.tensor([ids])
+    for _ in range(n):
+        nxt = ref(seq, adapter_names=[adapter]).logits[0, -1].argmax()
+        seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+    return seq[0, len(ids) :].tolist()
+
+
+# (adapter name or "__base__", prompt length); interleaved so sorting by adapter is exercised
+MIX = [("mlp_r8", 9), ("__base__", 5), ("attn_r4", 12), ("mixed_r64", 3), ("all_r16_rslora", 7),
+       ("attn_r4", 4), ("__base__", 10), ("mixed_r64", 8), ("all_r16_rslora", 2), ("mlp_r8", 6)]  # fmt: skip
+
+
+@torch.no_grad()
+def test_mixed_batch_prefill_logits_equal_peft(setup) -> None:
+    engine, ref, indices, _, _ = setup
+    model, cache, blocks = engine.model, engine.cache, engine.blocks
+    order = sorted(range(len(MIX)), key=lambda i: indices.get(MIX[i][0], 0))
+    rows = [MIX[i] for i in order]
+    prompts = [prompt(100 + i, n) for i, (_, n) in enumerate(rows)]
+    lens = [len(p) for p in prompts]
+    tables = [blocks.allocate(n) for n in lens]
+    width = max(len(t) for t in tables)
+    meta = ForwardBatch.build(
+        torch.tensor([t for p in prompts for t in p]),
+        lens,
+        lens,
+        torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+        BLOCK,
+        logits_index=torch.arange(sum(lens)),
+        lora_segments=segments_of([indices.get(name, 0) for name, _ in rows], lens),
+    )
+    got = model.forward(meta, cache).split(lens)
+    for t in tables:
+        blocks.free(t)
+    for (name, _), p, logits in zip(rows, prompts, got, strict=True):
+        want = ref(torch.tensor([p]), adapter_names=[name]).logits[0]
+        assert (logits - want).abs().max() < 1e-4, name
+
+
+def test_mixed_batch_greedy_tokens_equal_peft(setup) -> None:
+    engine, ref, indices, _, _ = setup
+    requests = [
+        RequestIn(i, prompt(200 + i, n), SamplingParams(), 10, ignore_eos=True, adapter_index=indices.get(name, 0))
+        for i, (name, n) in enumerate(MIX)
+    ]
+    tokens = {r.id: [] for r in requests}
+    gens, batch = engine.prefill(1, requests)
+    while True:
+        for g in gens:
+            tokens[g.request_id].append(g.token_id)
+        if batch is None:
+            break
+        gens, batch = engine.decode([batch.id])
+    base_tokens = {}
+    for i, (name, _) in enumerate(MIX):
+        want = peft_greedy(ref, requests[i].input_ids, name, 10)
+        assert tokens[i] == want, (i, name)
+        if name == "__base__":
+            base_tokens[i] = want
+    # The adapters matter: an adapter row differs from the base on the same prompt.
+    plain = peft_greedy(ref, requests[0].input_ids, "__base__", 10)
+    assert plain != tokens[0]
+
+
+def test_continuous_batching_with_adapters_joining(setup) -> None:
+    engine, ref, indices, _, _ = setup
+    first = [RequestIn(1, prompt(1, 6), SamplingParams(), 8, ignore_eos=True, adapter_index=indices["mixed_r64"]),
+             RequestIn(2, prompt(2, 4), SamplingParams(), 8, ignore_eos=True)]  # fmt: skip
+    second = [RequestIn(3, prompt(3, 5), SamplingParams(), 6, ignore_eos=True, adapter_index=indices["attn_r4"]),
+              RequestIn(4, prompt(4, 7), SamplingParams(), 6, ignore_eos=True, adapter_index=indices["mixed_r64"])]  # fmt: skip
+    tokens = {i: [] for i in range(1, 5)}
+
+    def record(gens) -> None:  # noqa: ANN001
+        for g in gens:
+            tokens[g.request_id].append(g.token_id)
+
+    gens, a = engine.prefill(10, first)
+    record(gens)
+    gens, a = engine.decode([a.id])
+    record(gens)
+    gens, b = engine.prefill(11, second)
+    record(gens)
+    batch = a
+    gens, batch = engine.decode([a.id, b.id])
+    record(gens)
+    assert [engine.batches[batch.id].adapter_indices] == [sorted(engine.batches[batch.id].adapter_indices)]
+    while batch is not None:
+        gens, batch = engine.decode([batch.id])
+        record(gens)
+    names = {1: "mixed_r64", 2: "__base__", 3: "attn_r4", 4: "mixed_r64"}
+    for r in first + second:
+        assert tokens[r.id] == peft_greedy(ref, r.input_ids, names[r.id], r.max_new_tokens), r.id
+
+
+def test_requests_for_an_unloaded_adapter_are_refused(setup) -> None:
+    engine, *_ = setup
+    with pytest.raises(RequestError, match="adapter index 42 is not loaded"):
+        engine.prefill(20, [RequestIn(1, [5, 6], SamplingParams(), 2, adapter_index=42)])
+
+
+def test_offload_and_reinstall(setup) -> None:
+    engine, ref, indices, dirs, _ = setup
+    manager = engine.adapters
+    idx = indices["attn_r4"]
+    req = AdapterRequest(ids=(str(dirs["attn_r4"]),), source="local")
+    assert manager.offload(idx) and not manager.is_installed(idx)
+    with pytest.raises(RequestError):
+        engine.prefill(21, [RequestIn(1, [5, 6], SamplingParams(), 2, adapter_index=idx)])
+    manager.install(idx, req, manager.prepare(req))  # from the host tier: no fetch needed
+    ids = prompt(9, 5)
+    gens, _ = engine.prefill(22, [RequestIn(1, ids, SamplingParams(), 1, ignore_eos=True, adapter_index=idx)])
+    assert gens[0].token_id == peft_greedy(ref, ids, "attn_r4", 1)[0]
+
+
+def test_device_budget_is_enforced(setup) -> None:
+    engine, _, _, dirs, _ = setup
+    small = AdapterManager(engine.model, fetch=lambda a, s, t: Path(a), device_budget_bytes=1000)
+    req = AdapterRequest(ids=(str(dirs["mixed_r64"]),), source="local")
+    with pytest.raises(AdapterBudgetExceeded, match="adapter memory budget"):
+        small.install(7, req, small.prepare(req))
+    assert not small.installed
+
+
+class TestBadAdapters:
+    """Each problem gets a message that names it."""
+
+    def _targets(self, setup):  # noqa: ANN202
+        engine = setup[0]
+        return engine.adapters.targets, engine.model.config.architecture
+
+    def test_missing_files(self, setup, tmp_path: Path) -> None:
+        targets, arch = self._targets(setup)
+        with pytest.raises(AdapterLoadError, match="no adapter_config.json"):
+            load_lora_adapter(tmp_path, targets, arch, torch.float32)
+        (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+        with pytest.raises(AdapterLoadError, match="no adapter_model.safetensors"):
+            load_lora_adapter(tmp_path, targets, arch, torch.float32)
+
+    def test_corrupt_safetensors(self, setup, tmp_path: Path) -> None:
+        targets, arch = self._targets(setup)
+        (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+        (tmp_path / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
+        with pytest.raises(AdapterLoadError, match="not a valid safetensors file"):
+            load_lora_adapter(tmp_path, targets, arch, torch.float32)
+
+    def test_shape_mismatch(self, setup, tmp_path: Path) -> None:
+        from tiny_models import make_llama
+
+        targets, arch = self._targets(setup)
+        other = make_llama(tmp_path / "wide", hidden_size=96, intermediate_size=160)
+        adapter = make_adapter(other, tmp_path / "wide_adapter", 0, r=4, target_modules=["q_proj"])
+        with pytest.raises(AdapterLoadError, match="shape mismatch for model.layers.0.self_attn.q_proj"):
+            load_lora_adapter(adapter, targets, arch, torch.float32)
+
+    def test_unsupported_module_and_features(self, setup, tmp_path: Path) -> None:
+        targets, arch = self._targets(setup)
+        base_dir = setup[4]
+        adapter = make_adapter(base_dir, tmp_path / "emb", 0, r=4, target_modules=["embed_tokens", "q_proj"])
+        with pytest.raises(AdapterLoadError, match="embed_tokens"):
+            load_lora_adapter(adapter, targets, arch, torch.float32)
+        cfg = json.loads((adapter / "adapter_config.json").read_text())
+        for key, value, message in [("use_dora", True, "DoRA"), ("modules_to_save", ["lm_head"], "modules_to_save"),
+                                    ("peft_type", "IA3", "only LoRA")]:  # fmt: skip
+            (adapter / "adapter_config.json").write_text(json.dumps({**cfg, key: value}))
+            with pytest.raises(AdapterLoadError, match=message):
+                load_lora_adapter(adapter, targets, arch, torch.float32)
