@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .loader import adapter_nbytes, load_lora_adapter
+from .loader import AdapterLoadError, adapter_nbytes, load_lora_adapter
 from .lora import LoraModuleWeights, attach_lora
 
 Modules = dict[str, LoraModuleWeights]
@@ -89,38 +89,49 @@ class AdapterManager:
         modules = load_lora_adapter(adapter_dir, self.targets, self.model.config.architecture, self.dtype)
         with self._lock:
             self._host[key] = modules
-            while (
-                len(self._host) > 1
-                and sum(adapter_nbytes(m) for m in self._host.values()) > self.host_cache_bytes
-            ):
+            while len(self._host) > 1 and sum(adapter_nbytes(m) for m in self._host.values()) > self.host_cache_bytes:
                 self._host.popitem(last=False)
         return modules
 
+    def _modules(self, request: AdapterRequest) -> Modules:
+        """The request's factors on the host; a merge is computed once per distinct request and cached."""
+        parts = [self._host_modules(i, request) for i in request.ids]
+        if len(parts) == 1:
+            return parts[0]
+        with self._lock:
+            if request.key in self._host:
+                self._host.move_to_end(request.key)
+                return self._host[request.key]
+        merged = self._merge(parts, request)
+        with self._lock:
+            self._host[request.key] = merged
+        return merged
+
     def download(self, request: AdapterRequest) -> int:
         """Fetch and validate every adapter of the request; returns the bytes it will take on device."""
-        parts = [self._host_modules(i, request) for i in request.ids]
-        return adapter_nbytes(self._merge(parts, request)) if len(parts) > 1 else adapter_nbytes(parts[0])
+        return adapter_nbytes(self._modules(request))
 
     def prepare(self, request: AdapterRequest) -> Modules:
         """The request's (merged) factors, copied to the device, ready to install."""
-        parts = [self._host_modules(i, request) for i in request.ids]
-        modules = self._merge(parts, request) if len(parts) > 1 else parts[0]
         return {
             name: LoraModuleWeights(m.lora_a.to(self.device), m.lora_b.to(self.device), m.scale)
-            for name, m in modules.items()
+            for name, m in self._modules(request).items()
         }
 
     def _merge(self, parts: list[Modules], request: AdapterRequest) -> Modules:
         from .merge import MergeSpec, merge_adapters
 
-        spec = MergeSpec(
-            strategy=request.merge_strategy or "linear",
-            weights=request.weights or tuple(1.0 for _ in parts),
-            density=request.density,
-            majority_sign_method=request.majority_sign_method or "total",
-        )
-        spec.validate(len(parts))
-        return merge_adapters(parts, spec)
+        try:
+            spec = MergeSpec(
+                strategy=request.merge_strategy or "linear",
+                weights=request.weights or tuple(1.0 for _ in parts),
+                density=request.density,
+                majority_sign_method=request.majority_sign_method or "total",
+            )
+            spec.validate(len(parts))
+            return merge_adapters(parts, spec)
+        except ValueError as e:
+            raise AdapterLoadError(f"cannot merge {request.describe()}: {e}") from e
 
     # ------------------------------------------------------------------ engine thread
     def install(self, index: int, request: AdapterRequest, modules: Modules) -> None:
