@@ -484,9 +484,13 @@ async fn dropped_stream_frees_its_request() {
         Some("application/json"),
         json!({"inputs": "hello", "parameters": {"max_new_tokens": 20}}).to_string(),
     );
-    let response = app.clone().oneshot(req).await.unwrap();
-    let mut body = response.into_body().into_data_stream();
+    // The answer starts once the first token is there.
     shard.allow_steps(1);
+    let response = tokio::time::timeout(Duration::from_secs(10), app.clone().oneshot(req))
+        .await
+        .expect("answer in time")
+        .unwrap();
+    let mut body = response.into_body().into_data_stream();
     let first = body.next().await.unwrap().unwrap();
     assert!(first.starts_with(b"data:{"));
     drop(body);

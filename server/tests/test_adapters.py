@@ -140,10 +140,12 @@ def test_mixed_batch_greedy_tokens_equal_peft(setup) -> None:
 
 def test_continuous_batching_with_adapters_joining(setup) -> None:
     engine, ref, indices, _, _ = setup
-    first = [RequestIn(1, prompt(1, 6), SamplingParams(), 8, ignore_eos=True, adapter_index=indices["mixed_r64"]),
-             RequestIn(2, prompt(2, 4), SamplingParams(), 8, ignore_eos=True)]  # fmt: skip
-    second = [RequestIn(3, prompt(3, 5), SamplingParams(), 6, ignore_eos=True, adapter_index=indices["attn_r4"]),
-              RequestIn(4, prompt(4, 7), SamplingParams(), 6, ignore_eos=True, adapter_index=indices["mixed_r64"])]  # fmt: skip
+    def req(rid: int, n: int, new: int, adapter: str | None = None) -> RequestIn:
+        index = indices[adapter] if adapter else 0
+        return RequestIn(rid, prompt(rid, n), SamplingParams(), new, ignore_eos=True, adapter_index=index)
+
+    first = [req(1, 6, 8, "mixed_r64"), req(2, 4, 8)]
+    second = [req(3, 5, 6, "attn_r4"), req(4, 7, 6, "mixed_r64")]
     tokens = {i: [] for i in range(1, 5)}
 
     def record(gens) -> None:  # noqa: ANN001
