@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import load_file, save
@@ -63,21 +62,6 @@ class _Exploit:
         return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
 
 
-@pytest.fixture
-def hub_env(fake_hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Point every hub setting at the fake hub and a temp cache; no ambient token or offline flag."""
-    monkeypatch.setenv("HF_ENDPOINT", fake_hub.url)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    for var in ("HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HUGGING_FACE_HUB_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    # huggingface_hub reads these once at import. Our code passes the endpoint explicitly (patching
-    # constants.ENDPOINT would break the library's URL rewriting); telemetry off stops its one request
-    # to constants.ENDPOINT, and no implicit token keeps a stored login out of the requests.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", True)
-    return fake_hub
 
 
 # Local directories ------------------------------------------------------------------------------

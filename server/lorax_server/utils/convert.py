@@ -81,10 +81,7 @@ def convert_bin_to_safetensors(directory: Path) -> list[Path]:
         if target.exists():
             names, size = _safetensors_names_and_size(target)
         else:
-            state_dict = _load_state_dict(bin_path)
-            names, size = list(state_dict), sum(t.numel() * t.element_size() for t in state_dict.values())
-            _save_atomically(_untie(state_dict), target)
-            del state_dict
+            names, size = convert_file(bin_path, target)
         weight_map.update({name: target.name for name in names})
         total_size += size
         outputs.append(target)
@@ -107,6 +104,14 @@ def _read_weight_map(index: Path) -> dict[str, str]:
     if bad:
         raise ConversionError(f"{index} points outside its directory or at non-.bin files: {bad}")
     return weight_map
+
+
+def convert_file(bin_path: Path, target: Path) -> tuple[list[str], int]:
+    """Convert one `.bin` (read with weights_only) to `target` atomically; returns its tensor names and bytes."""
+    state_dict = _load_state_dict(bin_path)
+    names, size = list(state_dict), sum(t.numel() * t.element_size() for t in state_dict.values())
+    _save_atomically(_untie(state_dict), target)
+    return names, size
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:

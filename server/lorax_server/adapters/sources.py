@@ -1,0 +1,563 @@
+"""Fetch a LoRA adapter to a local directory from the Hub, a local path or S3, and check its files.
+
+``fetch_adapter(adapter_id, source, api_token, revision)`` returns a directory holding
+``adapter_config.json`` and ``adapter_model.safetensors`` (a ``.bin``-only adapter is converted once,
+read with ``torch.load(weights_only=True)``). Every failure is an ``AdapterFetchError`` whose ``kind``
+the router maps to an HTTP status: ``not_found`` 404, ``unauthorized`` 401, ``forbidden`` 403,
+``invalid`` 422, ``unavailable`` 424.
+
+- **hub**: ``huggingface_hub`` with the settings of ``HubSettings.from_env()`` read at call time
+  (``HF_ENDPOINT``, ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE``); only the adapter files are downloaded, into
+  the hub cache. A request's ``api_token`` is passed to that request's calls only; without one the
+  server's ``HUGGING_FACE_HUB_TOKEN``/``HF_TOKEN`` is used. When the Hub is offline or unreachable the
+  cached copy is used, but a private adapter's cached copy only with a token it was downloaded with.
+- **local**: an existing directory, absolute or relative to the working directory (a hub id that
+  names an existing directory is read from there too, as LoRAX does).
+- **s3**: ``s3://bucket/prefix`` or ``bucket/prefix``, fetched with ``boto3`` (endpoint from
+  ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``/``S3_ENDPOINT_URL``, credentials from the standard AWS
+  chain, unsigned requests when there are none) into ``<hub cache>/s3/<bucket>/<prefix>``. A manifest
+  of the objects' ETags and sizes makes a complete cached copy skip the download.
+"""
+
+from __future__ import annotations
+
+import enum
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
+from huggingface_hub.utils import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from safetensors import safe_open
+
+from lorax_server.utils.convert import ConversionError, convert_file
+from lorax_server.utils.hub import HubSettings
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"
+ADAPTER_BIN = "adapter_model.bin"
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_SAFETENSORS, ADAPTER_BIN)
+
+TOKEN_HINT = "pass an api_token with read access to it (or set HUGGING_FACE_HUB_TOKEN on the server)"
+ACCESS_RECORD = "lorax_access.json"  # beside snapshots/ in a private hub adapter's cache folder
+S3_MANIFEST = ".lorax-s3-manifest.json"
+
+
+class AdapterSource(enum.Enum):
+    """Where an adapter comes from; values are LoRAX's ``adapter_source`` strings."""
+
+    HUB = "hub"
+    LOCAL = "local"
+    S3 = "s3"
+
+    @classmethod
+    def parse(cls, name: str | AdapterSource) -> AdapterSource:
+        """``"hub"``/``"local"``/``"s3"`` in any case; raises ``AdapterFetchError`` (invalid) otherwise."""
+        if isinstance(name, AdapterSource):
+            return name
+        try:
+            return cls(str(name).strip().lower())
+        except ValueError:
+            expected = ", ".join(s.value for s in cls)
+            raise AdapterFetchError("invalid", f"unknown adapter_source {name!r}: expected one of {expected}") from None
+
+    @classmethod
+    def from_proto(cls, value: int) -> AdapterSource:
+        """The proto enum ``generate.v1.AdapterSource``: HUB = 0, LOCAL = 1, S3 = 2."""
+        try:
+            return _PROTO_SOURCES[value]
+        except KeyError:
+            raise AdapterFetchError("invalid", f"unknown adapter_source enum value {value}") from None
+
+
+_PROTO_SOURCES = {0: AdapterSource.HUB, 1: AdapterSource.LOCAL, 2: AdapterSource.S3}
+
+
+class AdapterFetchError(Exception):
+    """An adapter could not be made available locally; ``kind`` says how the router should answer."""
+
+    KINDS = ("not_found", "unauthorized", "forbidden", "invalid", "unavailable")
+
+    def __init__(self, kind: str, message: str) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown AdapterFetchError kind {kind!r}")
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across process pools despite two arguments
+        return (type(self), (self.kind, str(self)))
+
+
+def fetch_adapter(
+    adapter_id: str,
+    source: AdapterSource | str,
+    api_token: str | None = None,
+    revision: str | None = None,
+) -> Path:
+    """A local directory holding ``adapter_id``'s ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+    Downloads are cached on disk: fetching the same adapter again downloads nothing. ``api_token``
+    is used for this call only. ``revision`` applies to the hub (a branch, tag or commit). Raises
+    ``AdapterFetchError``.
+    """
+    source = AdapterSource.parse(source)
+    if not adapter_id or not adapter_id.strip():
+        raise AdapterFetchError("invalid", "adapter_id is empty")
+    return _FETCHERS[source](adapter_id.strip(), api_token or None, revision or None)
+
+
+# File checks --------------------------------------------------------------------------------------
+
+
+def ensure_adapter_files(folder: Path, where: str) -> None:
+    """Check ``folder`` holds a LoRA adapter in PEFT layout, converting ``adapter_model.bin`` once.
+
+    Checks the files only (a LoRA ``peft_type``, readable safetensors), not whether the adapter fits
+    a base model. Raises ``AdapterFetchError`` (invalid).
+    """
+    _check_config(folder / ADAPTER_CONFIG, where)
+    weights = folder / ADAPTER_SAFETENSORS
+    if not weights.is_file():
+        if not (folder / ADAPTER_BIN).is_file():
+            raise AdapterFetchError(
+                "invalid", f"{where} has no weights: neither {ADAPTER_SAFETENSORS} nor {ADAPTER_BIN}"
+            )
+        _convert_bin(folder / ADAPTER_BIN, weights, where)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            names = list(f.keys())
+    except Exception as err:  # SafetensorError, OSError: the message is what matters
+        raise AdapterFetchError(
+            "invalid", f"{where}: {ADAPTER_SAFETENSORS} is not a valid safetensors file: {err}"
+        ) from err
+    if not names:
+        raise AdapterFetchError("invalid", f"{where}: {ADAPTER_SAFETENSORS} holds no tensors")
+
+
+def _check_config(path: Path, where: str) -> None:
+    if not path.is_file():
+        raise AdapterFetchError("invalid", f"{where} has no {ADAPTER_CONFIG}: it is not a PEFT adapter")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise AdapterFetchError("invalid", f"{where}: {ADAPTER_CONFIG} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise AdapterFetchError("invalid", f"{where}: {ADAPTER_CONFIG} is not a JSON object")
+    peft_type = str(config.get("peft_type", "LORA")).upper()  # PEFT always writes it; LORA if absent
+    if peft_type != "LORA":
+        raise AdapterFetchError("invalid", f"{where}: only LoRA adapters are supported, got peft_type {peft_type}")
+
+
+def _convert_bin(bin_path: Path, target: Path, where: str) -> None:
+    if not os.access(bin_path.parent, os.W_OK):
+        raise AdapterFetchError(
+            "invalid",
+            f"{where} holds only {ADAPTER_BIN} and {bin_path.parent} is not writable, so it cannot be "
+            f"converted to {ADAPTER_SAFETENSORS}: copy the adapter to a writable directory",
+        )
+    with _lock_for(target):  # threads of one process share the temporary file name
+        if target.is_file():
+            return
+        logger.info("converting %s of %s to safetensors", ADAPTER_BIN, where)
+        try:
+            convert_file(bin_path, target)
+        except (ConversionError, OSError) as err:
+            raise AdapterFetchError("invalid", f"{where}: cannot convert {ADAPTER_BIN}: {err}") from err
+
+
+_locks: dict[Path, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _lock_for(path: Path) -> threading.Lock:
+    """One lock per path, so threads of this process do not download or convert the same files at once."""
+    with _locks_guard:
+        return _locks.setdefault(path, threading.Lock())
+
+
+# Local directories --------------------------------------------------------------------------------
+
+
+def _fetch_local(adapter_id: str, api_token: str | None, revision: str | None) -> Path:
+    folder = Path(adapter_id).expanduser()
+    shown = adapter_id if folder.is_absolute() else f"{adapter_id} ({folder.absolute()})"
+    if not folder.exists():
+        raise AdapterFetchError("not_found", f"local adapter directory {shown} does not exist")
+    if not folder.is_dir():
+        raise AdapterFetchError("invalid", f"local adapter path {shown} is not a directory")
+    folder = folder.resolve()
+    ensure_adapter_files(folder, f"local adapter {adapter_id}")
+    return folder
+
+
+# Hugging Face Hub ---------------------------------------------------------------------------------
+
+
+def _fetch_hub(adapter_id: str, api_token: str | None, revision: str | None) -> Path:
+    if Path(adapter_id).expanduser().is_dir():  # like LoRAX: a local directory needs no download
+        return _fetch_local(adapter_id, api_token, revision)
+    settings = HubSettings.from_env()
+    token = api_token or settings.token
+    where = adapter_id + (f" (revision {revision})" if revision else "")
+    if settings.offline:
+        folder = _cached_hub_adapter(adapter_id, revision, settings, token, where)
+        if folder is None:
+            raise AdapterFetchError(
+                "unavailable",
+                f"adapter {where} is not in the hub cache ({_hub_cache(settings)}) and HF_HUB_OFFLINE is set",
+            )
+    else:
+        folder = _download_hub(adapter_id, revision, settings, token, where)
+    ensure_adapter_files(folder, f"adapter {where}")
+    return folder
+
+
+def select_adapter_files(repo_files: list[str]) -> list[str]:
+    """The files to fetch: the config and the safetensors weights, else the ``.bin`` ones (top level)."""
+    present = set(repo_files)
+    weights = ADAPTER_SAFETENSORS if ADAPTER_SAFETENSORS in present else ADAPTER_BIN
+    return [name for name in (ADAPTER_CONFIG, weights) if name in present]
+
+
+def _download_hub(adapter_id: str, revision: str | None, settings: HubSettings, token: str | None, where: str) -> Path:
+    hub = settings.endpoint
+    try:
+        # model_info: one request, no retries, so an unreachable hub falls back to the cache at once.
+        info = HfApi(endpoint=hub, token=token).model_info(adapter_id, revision=revision, token=token)
+    except HFValidationError as err:
+        raise AdapterFetchError(
+            "invalid", f"{adapter_id} is not a valid hub repo id ({err}); for a directory use adapter_source local"
+        ) from err
+    except HfHubHTTPError as err:
+        if _http_status(err) < 500 and _http_status(err) not in (408, 429):
+            raise _hub_error(err, where, hub, token) from err
+        return _hub_fallback(adapter_id, revision, settings, token, where, err)
+    except Exception as err:  # connection refused, timeout: the types depend on the HTTP backend
+        return _hub_fallback(adapter_id, revision, settings, token, where, err)
+
+    siblings = [s.rfilename for s in info.siblings or []]
+    files = select_adapter_files(siblings)
+    if ADAPTER_CONFIG not in files:
+        raise AdapterFetchError(
+            "invalid", f"adapter {where} on {hub} has no {ADAPTER_CONFIG}: it is not a PEFT adapter"
+        )
+    if len(files) < 2:
+        raise AdapterFetchError(
+            "invalid", f"adapter {where} on {hub} has no weights: neither {ADAPTER_SAFETENSORS} nor {ADAPTER_BIN}"
+        )
+    try:
+        folder = Path(
+            snapshot_download(
+                adapter_id,
+                revision=revision,
+                cache_dir=settings.cache_dir,
+                token=token,
+                endpoint=hub,
+                allow_patterns=[glob.escape(name) for name in files],
+            )
+        )
+    except HfHubHTTPError as err:
+        raise _hub_error(err, where, hub, token) from err
+    except Exception as err:  # connection lost mid-download, disk full, ...
+        raise AdapterFetchError(
+            "unavailable", f"downloading adapter {where} from {hub} failed: {type(err).__name__}: {err}"
+        ) from err
+    if info.private or info.gated:
+        _remember_token(folder, adapter_id, token)
+    return folder
+
+
+def _hub_fallback(
+    adapter_id: str, revision: str | None, settings: HubSettings, token: str | None, where: str, err: Exception
+) -> Path:
+    folder = _cached_hub_adapter(adapter_id, revision, settings, token, where)
+    if folder is None:
+        raise AdapterFetchError(
+            "unavailable",
+            f"cannot reach the hub at {settings.endpoint} ({type(err).__name__}: {err}) and adapter {where} "
+            f"is not in the hub cache ({_hub_cache(settings)})",
+        ) from err
+    logger.warning("hub at %s unreachable (%s); using the cached %s", settings.endpoint, err, folder)
+    return folder
+
+
+def _cached_hub_adapter(
+    adapter_id: str, revision: str | None, settings: HubSettings, token: str | None, where: str
+) -> Path | None:
+    """The cached snapshot of the adapter, when the cache holds its config (checked for access)."""
+    try:
+        config = try_to_load_from_cache(adapter_id, ADAPTER_CONFIG, cache_dir=settings.cache_dir, revision=revision)
+    except HFValidationError as err:
+        raise AdapterFetchError("invalid", f"{adapter_id} is not a valid hub repo id ({err})") from err
+    if not isinstance(config, str):
+        return None
+    folder = Path(config).parent
+    record = folder.parents[1] / ACCESS_RECORD
+    if record.is_file() and _token_digest(adapter_id, token) not in _read_access_record(record):
+        raise AdapterFetchError(
+            "unauthorized" if not token else "forbidden",
+            f"adapter {where} is private and the hub at {settings.endpoint} cannot be asked whether the "
+            "token may read it: only a token it was downloaded with may use the cached copy; "
+            f"{TOKEN_HINT}",
+        )
+    return folder
+
+
+def _remember_token(folder: Path, adapter_id: str, token: str | None) -> None:
+    """Record (a digest of) a token that may read this private adapter, for use when offline."""
+    record = folder.parents[1] / ACCESS_RECORD
+    digests = _read_access_record(record) | {_token_digest(adapter_id, token)}
+    tmp = record.with_name(f".{record.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"token_sha256": sorted(digests)}))
+        os.replace(tmp, record)
+    except OSError as err:  # a read-only cache still serves online requests
+        logger.warning("cannot record access to private adapter %s: %s", adapter_id, err)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_access_record(record: Path) -> set[str]:
+    try:
+        return set(json.loads(record.read_text())["token_sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def _token_digest(adapter_id: str, token: str | None) -> str:
+    return hashlib.sha256(f"{adapter_id}\0{token or ''}".encode()).hexdigest()
+
+
+def _http_status(err: Exception) -> int:
+    response = getattr(err, "response", None)
+    return int(getattr(response, "status_code", 0) or 0)
+
+
+def _hub_error(err: HfHubHTTPError, where: str, hub: str, token: str | None) -> AdapterFetchError:
+    status = _http_status(err)
+    if isinstance(err, GatedRepoError):
+        if status == 403:
+            return AdapterFetchError(
+                "forbidden", f"adapter {where} is gated on {hub} and the token given has not been granted access (403)"
+            )
+        return AdapterFetchError("unauthorized", f"adapter {where} is gated on {hub} ({status}): {TOKEN_HINT}")
+    if isinstance(err, RevisionNotFoundError):
+        return AdapterFetchError("not_found", f"adapter {where}: revision not found on {hub}")
+    if isinstance(err, RepositoryNotFoundError):
+        if status == 401 and not token:  # the Hub answers 401 for private repos to anonymous callers
+            return AdapterFetchError(
+                "unauthorized", f"adapter {where} not found on {hub} (401); if it is private, {TOKEN_HINT}"
+            )
+        if status == 401:
+            return AdapterFetchError(
+                "unauthorized",
+                f"the hub at {hub} rejected the token sent for adapter {where} (401): pass a valid api_token",
+            )
+        if token:
+            return AdapterFetchError(
+                "not_found",
+                f"adapter {where} not found on {hub} ({status}), or the api_token given has no read access to it",
+            )
+        return AdapterFetchError(
+            "not_found", f"adapter {where} not found on {hub} ({status}); if it is private, {TOKEN_HINT}"
+        )
+    if status == 401:
+        return AdapterFetchError(
+            "unauthorized",
+            f"the hub at {hub} rejected the token sent for adapter {where} (401): pass a valid api_token",
+        )
+    if status == 403:
+        return AdapterFetchError("forbidden", f"access to adapter {where} is forbidden on {hub} (403): {TOKEN_HINT}")
+    if status == 404:
+        return AdapterFetchError("not_found", f"adapter {where}: a file was not found on {hub} (404): {err}")
+    return AdapterFetchError("unavailable", f"downloading adapter {where} from {hub} failed ({status}): {err}")
+
+
+def _hub_cache(settings: HubSettings) -> str:
+    if settings.cache_dir:
+        return settings.cache_dir
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+# S3 -----------------------------------------------------------------------------------------------
+
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def parse_s3_id(adapter_id: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` or ``bucket/some/prefix`` → ``("bucket", "some/prefix")``.
+
+    The prefix may be empty (an adapter at the bucket's root). Raises ``AdapterFetchError`` (invalid)
+    for ids that could not name a bucket, or whose prefix has ``.``/``..``/empty parts.
+    """
+    rest = adapter_id[len("s3://") :] if adapter_id.lower().startswith("s3://") else adapter_id
+    bucket, _, prefix = rest.strip("/").partition("/")
+    prefix = prefix.strip("/")
+    if not _BUCKET.fullmatch(bucket) or bucket in (".", ".."):
+        raise AdapterFetchError("invalid", f"{adapter_id!r} is not an S3 adapter id: expected s3://bucket/prefix")
+    if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
+        raise AdapterFetchError("invalid", f"S3 adapter id {adapter_id!r} has an empty, '.' or '..' path part")
+    return bucket, prefix
+
+
+def _fetch_s3(adapter_id: str, api_token: str | None, revision: str | None) -> Path:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = parse_s3_id(adapter_id)
+    where = f"adapter s3://{bucket}/{prefix}".rstrip("/")
+    folder = Path(_hub_cache(HubSettings.from_env())) / "s3" / bucket / prefix
+    try:
+        client = _s3_client()
+    except ValueError as err:  # botocore: "Invalid endpoint: ..."
+        raise AdapterFetchError("unavailable", f"cannot fetch {where}: {err}") from err
+    with _lock_for(folder):
+        try:
+            remote = _list_s3_adapter(client, bucket, prefix, where)
+            if _read_manifest(folder) != remote or not _cached_files_complete(folder, remote):
+                _download_s3(client, bucket, prefix, remote, folder, where)
+        except ClientError as err:
+            raise _s3_error(err, where) from err
+        except BotoCoreError as err:  # no endpoint, connection refused, timeouts, bad credentials setup
+            manifest = _read_manifest(folder)
+            if manifest is None or not _cached_files_complete(folder, manifest):
+                raise AdapterFetchError("unavailable", f"cannot fetch {where}: {err}") from err
+            logger.warning("S3 unreachable (%s); using the cached %s", err, folder)
+        ensure_adapter_files(folder, where)
+    return folder
+
+
+def _s3_client() -> Any:
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    endpoint = (
+        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
+    )
+    session = boto3.session.Session()
+    config = Config(connect_timeout=10, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"})
+    if session.get_credentials() is None:  # public buckets need no credentials
+        config = config.merge(Config(signature_version=UNSIGNED))
+    return session.client("s3", endpoint_url=endpoint or None, config=config)
+
+
+def _list_s3_adapter(client: Any, bucket: str, prefix: str, where: str) -> dict[str, dict[str, Any]]:
+    """The adapter objects directly under the prefix to fetch: ``{file name: {"etag", "size"}}``."""
+    key_prefix = f"{prefix}/" if prefix else ""
+    listing = client.list_objects_v2(Bucket=bucket, Prefix=key_prefix, Delimiter="/")
+    objects = {
+        obj["Key"][len(key_prefix) :]: {"etag": obj.get("ETag", "").strip('"'), "size": int(obj.get("Size", 0))}
+        for obj in listing.get("Contents", [])
+    }
+    found = [name for name in ADAPTER_FILES if name in objects]
+    if not found:
+        raise AdapterFetchError(
+            "not_found", f"{where} not found: no {ADAPTER_CONFIG} or adapter_model.* objects under that prefix"
+        )
+    files = select_adapter_files(found)
+    if ADAPTER_CONFIG not in files:
+        raise AdapterFetchError("invalid", f"{where} has no {ADAPTER_CONFIG}: it is not a PEFT adapter")
+    return {name: objects[name] for name in files}
+
+
+def _download_s3(
+    client: Any, bucket: str, prefix: str, remote: dict[str, dict[str, Any]], folder: Path, where: str
+) -> None:
+    """Bring ``folder`` up to date with ``remote``, fetching only the files whose ETag or size changed."""
+    old = _read_manifest(folder) or {}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / S3_MANIFEST).unlink(missing_ok=True)  # incomplete until every file is in place
+    for name in ADAPTER_FILES:  # stale files, including a safetensors file converted from a .bin
+        if name not in remote:
+            (folder / name).unlink(missing_ok=True)
+    for name, meta in remote.items():
+        target = folder / name
+        if old.get(name) == meta and target.is_file() and target.stat().st_size == meta["size"]:
+            continue
+        tmp = folder / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            client.download_file(bucket, f"{prefix}/{name}" if prefix else name, str(tmp))
+            if tmp.stat().st_size != meta["size"]:
+                raise AdapterFetchError("unavailable", f"{where}: {name} changed while it was downloaded; retry")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    _write_json_atomically(folder / S3_MANIFEST, remote)
+
+
+def _read_manifest(folder: Path) -> dict[str, dict[str, Any]] | None:
+    try:
+        manifest = json.loads((folder / S3_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _cached_files_complete(folder: Path, manifest: dict[str, dict[str, Any]]) -> bool:
+    try:
+        return all((folder / name).stat().st_size == meta["size"] for name, meta in manifest.items())
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+def _write_json_atomically(target: Path, data: object) -> None:
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, sort_keys=True))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_S3_NOT_FOUND = {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}
+_S3_UNAUTHORIZED = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+}
+_S3_FORBIDDEN = {"AccessDenied", "403", "AllAccessDisabled", "AccountProblem"}
+
+
+def _s3_error(err: Any, where: str) -> AdapterFetchError:
+    """Map a botocore ``ClientError`` to an ``AdapterFetchError``."""
+    error = err.response.get("Error", {}) if hasattr(err, "response") else {}
+    code = str(error.get("Code", ""))
+    message = error.get("Message") or str(err)
+    if code in _S3_NOT_FOUND:
+        return AdapterFetchError("not_found", f"{where} not found ({code}): {message}")
+    if code in _S3_UNAUTHORIZED:
+        return AdapterFetchError(
+            "unauthorized",
+            f"S3 rejected the credentials for {where} ({code}): check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY",
+        )
+    if code in _S3_FORBIDDEN:
+        return AdapterFetchError(
+            "forbidden", f"access to {where} is denied ({code}): the server's AWS credentials cannot read it"
+        )
+    return AdapterFetchError("unavailable", f"fetching {where} from S3 failed ({code}): {message}")
+
+
+_FETCHERS: dict[AdapterSource, Callable[[str, str | None, str | None], Path]] = {
+    AdapterSource.HUB: _fetch_hub,
+    AdapterSource.LOCAL: _fetch_local,
+    AdapterSource.S3: _fetch_s3,
+}
