@@ -42,7 +42,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def launch(model_dir: Path, tmp: Path, *extra: str, timeout: float = 240) -> Iterator[Server]:
+def launch(
+    model_dir: Path, tmp: Path, *extra: str, timeout: float = 240, env: dict[str, str] | None = None
+) -> Iterator[Server]:
     """Run the launcher until the router answers /health; on exit SIGTERM it and check that no
     process it started is left behind."""
     port = free_port()
@@ -59,7 +61,7 @@ def launch(model_dir: Path, tmp: Path, *extra: str, timeout: float = 240) -> Ite
         "--max-batch-prefill-tokens", "512",
         *extra,
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", **(env or {})}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = Server(f"http://127.0.0.1:{port}", proc, log_path)

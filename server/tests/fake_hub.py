@@ -26,6 +26,7 @@ import hashlib
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,6 +41,7 @@ class RepoAccess:
     private: bool = False
     gated: bool = False
     token: str | None = None  # the one token that may read a private or gated repo
+    delay_s: float = 0.0  # every request for this repo waits this long (a slow source)
 
 
 @dataclass
@@ -104,6 +106,7 @@ class FakeHub:
         private: bool = False,
         token: str | None = None,
         gated: bool = False,
+        delay_s: float = 0.0,
     ) -> Path:
         """Create (or replace the files of) a model repo and return its directory."""
         root = self.repos_dir / repo_id
@@ -113,7 +116,7 @@ class FakeHub:
             path.write_bytes(data)
         root.mkdir(parents=True, exist_ok=True)
         with self._lock:
-            self.repos[repo_id] = RepoAccess(private=private, gated=gated, token=token)
+            self.repos[repo_id] = RepoAccess(private=private, gated=gated, token=token, delay_s=delay_s)
         return root
 
     def downloaded(self, repo_id: str) -> set[str]:
@@ -213,6 +216,9 @@ class _Handler(BaseHTTPRequestHandler):
             if route is None:
                 raise HubError(404, f"no such endpoint: {method} {url.path}")
             handler, repo_id, rest = route
+            access = hub.repos.get(repo_id)
+            if access is not None and access.delay_s:
+                time.sleep(access.delay_s)
             self._check_access(repo_id)
             handler(method, repo_id, rest, query, body)
         except HubError as err:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
+from tiny_models import make_llama, make_lora_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorax_server.adapters.loader import AdapterLoadError, load_lora_adapter
@@ -31,24 +32,11 @@ ADAPTERS = {
 }
 
 
-def make_adapter(base_dir: Path, out_dir: Path, seed: int, **lora_kwargs) -> Path:
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(base, LoraConfig(init_lora_weights=False, **lora_kwargs))
-    # Larger than peft's default init so adapters visibly change the greedy path.
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    peft_model.save_pretrained(out_dir)
-    return out_dir
-
-
 @pytest.fixture(scope="module", params=["llama_dir", "mistral_dir"])
 def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     base_dir = request.getfixturevalue(request.param)
     tmp = tmp_path_factory.mktemp("adapters")
-    dirs = {name: make_adapter(base_dir, tmp / name, i, **kw) for i, (name, kw) in enumerate(ADAPTERS.items())}
+    dirs = {name: make_lora_adapter(base_dir, tmp / name, i, **kw) for i, (name, kw) in enumerate(ADAPTERS.items())}
     ref = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), dirs["attn_r4"], adapter_name="attn_r4"
     )
@@ -222,18 +210,16 @@ class TestBadAdapters:
             load_lora_adapter(tmp_path, targets, arch, torch.float32)
 
     def test_shape_mismatch(self, setup, tmp_path: Path) -> None:
-        from tiny_models import make_llama
-
         targets, arch = self._targets(setup)
         other = make_llama(tmp_path / "wide", hidden_size=96, intermediate_size=160)
-        adapter = make_adapter(other, tmp_path / "wide_adapter", 0, r=4, target_modules=["q_proj"])
+        adapter = make_lora_adapter(other, tmp_path / "wide_adapter", 0, r=4, target_modules=["q_proj"])
         with pytest.raises(AdapterLoadError, match="shape mismatch for model.layers.0.self_attn.q_proj"):
             load_lora_adapter(adapter, targets, arch, torch.float32)
 
     def test_unsupported_module_and_features(self, setup, tmp_path: Path) -> None:
         targets, arch = self._targets(setup)
         base_dir = setup[4]
-        adapter = make_adapter(base_dir, tmp_path / "emb", 0, r=4, target_modules=["embed_tokens", "q_proj"])
+        adapter = make_lora_adapter(base_dir, tmp_path / "emb", 0, r=4, target_modules=["embed_tokens", "q_proj"])
         with pytest.raises(AdapterLoadError, match="embed_tokens"):
             load_lora_adapter(adapter, targets, arch, torch.float32)
         cfg = json.loads((adapter / "adapter_config.json").read_text())

@@ -82,3 +82,20 @@ def make_mistral(out_dir: Path, seed: int = 0, sliding_window: int = 6, **overri
         architectures=["MistralForCausalLM"],
     )
     return save_model(MistralForCausalLM(config).eval(), tokenizer, out_dir)
+
+
+def make_lora_adapter(base_dir: Path, out_dir: Path, seed: int, **lora_kwargs) -> Path:
+    """A peft LoRA adapter of `base_dir` with random, clearly non-zero A and B (saved to `out_dir`)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(init_lora_weights=False, **lora_kwargs))
+    # Larger than peft's default init so adapters visibly change the greedy path.
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
