@@ -62,9 +62,7 @@ def request(rid: int, ids: list[int], max_new: int = 4, **kw) -> pb.Request:
     return pb.Request(
         id=rid,
         input_ids=ids,
-        parameters=pb.NextTokenChooserParameters(
-            temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0
-        ),
+        parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0),
         stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True),
         **kw,
     )
@@ -84,15 +82,11 @@ def test_warmup_prefill_decode_filter_clear(shard) -> None:
     stub, _, _ = shard
     warm = stub.Warmup(pb.WarmupRequest(max_input_length=64, max_prefill_tokens=128, max_total_tokens=128))
     assert warm.max_supported_total_tokens == KV_BLOCKS * 16
-    batch = pb.Batch(
-        id=1, requests=[request(1, [1, 5, 6, 7], 3), request(2, [1, 9], 6, top_n_tokens=2)], size=2
-    )
+    batch = pb.Batch(id=1, requests=[request(1, [1, 5, 6, 7], 3), request(2, [1, 9], 6, top_n_tokens=2)], size=2)
     pre = stub.Prefill(pb.PrefillRequest(batch=batch))
     assert [g.request_id for g in pre.generations] == [1, 2]
     assert len(pre.generations[1].top_tokens.ids) == 2
-    assert (
-        pre.batch.id == 1 and list(pre.batch.request_ids) == [1, 2] and pre.batch.max_tokens == 4 + 3 + 2 + 6
-    )
+    assert pre.batch.id == 1 and list(pre.batch.request_ids) == [1, 2] and pre.batch.max_tokens == 4 + 3 + 2 + 6
     dec = stub.Decode(pb.DecodeRequest(batches=[pre.batch]))
     assert len(dec.generations) == 2
     assert 0 < dec.forward_ns <= dec.total_ns and 0 < pre.forward_ns <= pre.total_ns
@@ -143,8 +137,8 @@ def test_bad_requests_get_error_statuses_and_the_shard_keeps_serving(shard) -> N
         stub.FilterBatch(pb.FilterBatchRequest(batch_id=12345, request_ids=[1]))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.RpcError) as err:
-        stub.LoadAdapter(pb.LoadAdapterRequest())
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        stub.LoadAdapter(pb.LoadAdapterRequest(adapter_index=1))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "adapter_ids" in err.value.details()
     ok = stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=6, requests=[request(1, [1, 2, 3], 1)], size=1)))
     assert ok.generations[0].generated_text.generated_tokens == 1
     stub.Health(pb.HealthRequest())
@@ -176,3 +170,70 @@ def test_sigterm_stops_the_shard_and_removes_its_socket(llama_dir: Path, tmp_pat
     proc.terminate()
     assert proc.wait(timeout=30) == 0
     assert not sock.exists()
+
+
+def _adapter_params(path: Path) -> pb.AdapterParameters:
+    return pb.AdapterParameters(adapter_ids=[str(path)])
+
+
+def test_adapters_over_grpc(shard, llama_dir: Path, tmp_path: Path) -> None:
+    """Download, load, use and offload a LoRA adapter through the shard's RPCs; tokens equal peft's."""
+    import torch
+    from peft import PeftModel
+    from tiny_models import make_lora_adapter
+    from transformers import AutoModelForCausalLM
+
+    stub, proc, _ = shard
+    stub.Warmup(pb.WarmupRequest(max_input_length=64, max_prefill_tokens=128, max_total_tokens=128))
+    adapter = make_lora_adapter(llama_dir, tmp_path / "lora", 3, r=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    local = pb.AdapterSource.LOCAL
+    info = stub.DownloadAdapter(
+        pb.DownloadAdapterRequest(adapter_parameters=_adapter_params(adapter), adapter_source=local)
+    )
+    assert info.downloaded and 0 < info.memory_fraction < 1
+    assert stub.LoadAdapter(
+        pb.LoadAdapterRequest(adapter_parameters=_adapter_params(adapter), adapter_source=local, adapter_index=1)
+    ).loaded
+    prompt = [1, 40, 41, 42, 43]
+    batch = pb.Batch(id=30, requests=[request(1, prompt, 6, adapter_index=1), request(2, prompt, 6)], size=2)
+    gens = stub.Prefill(pb.PrefillRequest(batch=batch))
+    tokens = {g.request_id: [g.token_id] for g in gens.generations}
+    cached = gens.batch
+    while cached.ByteSize() and cached.size:
+        dec = stub.Decode(pb.DecodeRequest(batches=[cached]))
+        for g in dec.generations:
+            tokens[g.request_id].append(g.token_id)
+        if not dec.HasField("batch"):
+            break
+        cached = dec.batch
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32), adapter)
+    with torch.no_grad():
+        seq = torch.tensor([prompt])
+        for _ in range(6):
+            seq = torch.cat([seq, ref(seq).logits[:, -1:].argmax(-1)], dim=1)
+        with ref.disable_adapter():
+            base = torch.tensor([prompt])
+            for _ in range(6):
+                base = torch.cat([base, ref(base).logits[:, -1:].argmax(-1)], dim=1)
+    assert tokens[1] == seq[0, len(prompt) :].tolist()
+    assert tokens[2] == base[0, len(prompt) :].tolist()
+    assert stub.OffloadAdapter(pb.OffloadAdapterRequest(adapter_index=1)).offloaded
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Prefill(
+            pb.PrefillRequest(batch=pb.Batch(id=31, requests=[request(1, prompt, 2, adapter_index=1)], size=1))
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not loaded" in err.value.details()
+    bad = [
+        (str(tmp_path / "missing"), grpc.StatusCode.NOT_FOUND, "does not exist"),
+        (str(llama_dir), grpc.StatusCode.INVALID_ARGUMENT, "adapter_config.json"),
+    ]
+    for path, code, message in bad:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.DownloadAdapter(
+                pb.DownloadAdapterRequest(
+                    adapter_parameters=pb.AdapterParameters(adapter_ids=[path]), adapter_source=local
+                )
+            )
+        assert err.value.code() == code and message in err.value.details(), err.value.details()
+    stub.Health(pb.HealthRequest())
+    assert proc.poll() is None

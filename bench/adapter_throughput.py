@@ -1,0 +1,149 @@
+"""Throughput with 8 distinct LoRA adapters vs none, and vs transformers + peft, in one run.
+
+DESIGN.md's workload: a random Llama (hidden 512, 8 layers), 8 rank-16 adapters on all linear layers,
+N requests with prompts of 16-128 and outputs of 16-128 tokens, greedy, float32.
+- ours, no adapters / ours, 8 adapters: the engine with continuous batching (requests assigned to
+  adapters round-robin), as in bench/shard_throughput.py;
+- transformers + peft: static left-padded batches, each row with its own adapter (`adapter_names`).
+Prints a table of generated tokens/s and ratios; not a test.
+
+    .venv/bin/python bench/adapter_throughput.py [--requests 64] [--baseline-batch 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server" / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shard_throughput import MODEL, workload  # noqa: E402
+from tiny_models import make_llama, make_lora_adapter  # noqa: E402
+
+from lorax_server.adapters.manager import AdapterManager, AdapterRequest  # noqa: E402
+from lorax_server.batch import RequestIn  # noqa: E402
+from lorax_server.engine import CacheConfig, Engine  # noqa: E402
+from lorax_server.layers.attention import TorchAttention  # noqa: E402
+from lorax_server.models.loader import load_model  # noqa: E402
+from lorax_server.sampling import SamplingParams  # noqa: E402
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def run_ours(model_dir: Path, adapters: list[Path], work, use_adapters: bool, prefill_budget: int):
+    model = load_model(model_dir, TorchAttention(16), torch.device("cpu"), "float32")
+    manager = AdapterManager(model, fetch=lambda a, s, t: Path(a), device_budget_bytes=2**31)
+    for i, path in enumerate(adapters, start=1):
+        req = AdapterRequest(ids=(str(path),), source="local")
+        manager.install(i, req, manager.prepare(req))
+    engine = Engine(model, AutoTokenizer.from_pretrained(model_dir), CacheConfig(16, num_blocks=2048), manager)
+    engine.warmup(256, prefill_budget, 512)
+    pending = [
+        RequestIn(
+            id=i,
+            input_ids=ids,
+            sampling=SamplingParams(),
+            max_new_tokens=o,
+            ignore_eos=True,
+            adapter_index=(i % len(adapters)) + 1 if use_adapters else 0,
+        )
+        for i, (ids, o) in enumerate(work)
+    ]
+    generated, running, batch_id = 0, None, 0
+    start = time.perf_counter()
+    while pending or running is not None:
+        chunk, tokens = [], 0
+        while pending and (tokens + len(pending[0].input_ids) <= prefill_budget or (not chunk and running is None)):
+            tokens += len(pending[0].input_ids)
+            chunk.append(pending.pop(0))
+        if chunk:
+            batch_id += 1
+            gens, new = engine.prefill(batch_id, chunk)
+            generated += len(gens)
+            ids = [b.id for b in (running, new) if b is not None]
+            if not ids:
+                continue
+            gens, running = engine.decode(ids)
+        else:
+            gens, running = engine.decode([running.id])
+        generated += len(gens)
+    return generated, time.perf_counter() - start
+
+
+@torch.no_grad()
+def run_peft(model_dir: Path, adapters: list[Path], work, batch_size: int):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapters[0], adapter_name="a0"
+    )
+    for i, path in enumerate(adapters[1:], start=1):
+        model.load_adapter(path, adapter_name=f"a{i}")
+    model.eval()
+    generated = 0
+    start = time.perf_counter()
+    for first in range(0, len(work), batch_size):
+        group = work[first : first + batch_size]
+        width = max(len(ids) for ids, _ in group)
+        input_ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, (ids, _) in enumerate(group):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            mask[row, width - len(ids) :] = 1
+        names = [f"a{(first + row) % len(adapters)}" for row in range(len(group))]
+        longest = max(o for _, o in group)
+        model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            adapter_names=names,
+            max_new_tokens=longest,
+            min_new_tokens=longest,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        generated += sum(o for _, o in group)
+    return generated, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--baseline-batch", type=int, default=16)
+    parser.add_argument("--prefill-budget", type=int, default=4096)
+    parser.add_argument("--skip-peft", action="store_true", help="only compare ours with and without adapters")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_llama(Path(tmp) / "base", **MODEL)
+        adapters = [
+            make_lora_adapter(model_dir, Path(tmp) / f"a{i}", i, r=16, lora_alpha=32, target_modules=ALL_LINEAR)
+            for i in range(args.adapters)
+        ]
+        work = workload(args.requests, AutoTokenizer.from_pretrained(model_dir).vocab_size)
+        rows = []
+        if not args.skip_peft:
+            rows.append((f"transformers + peft, static batches of {args.baseline_batch}",
+                         *run_peft(model_dir, adapters, work, args.baseline_batch)))  # fmt: skip
+        rows.append(("lorax_server, no adapters", *run_ours(model_dir, adapters, work, False, args.prefill_budget)))
+        rows.append((f"lorax_server, {args.adapters} adapters", *run_ours(model_dir, adapters, work, True,
+                                                                           args.prefill_budget)))  # fmt: skip
+    base_tps = rows[0][1] / rows[0][2]
+    print(f"| {'system':<44} | {'tokens':>7} | {'seconds':>8} | {'tokens/s':>9} | {'vs first row':>12} |")
+    print(f"|{'-' * 46}|{'-' * 9}|{'-' * 10}|{'-' * 11}|{'-' * 14}|")
+    for name, tokens, seconds in rows:
+        tps = tokens / seconds
+        print(f"| {name:<44} | {tokens:>7} | {seconds:>8.2f} | {tps:>9.1f} | {tps / base_tps:>12.2f} |")
+    print(
+        f"\n{args.requests} requests, prompts 16-128, outputs 16-128, greedy, float32, rank-16 adapters on all "
+        f"linear layers, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+
+
+if __name__ == "__main__":
+    main()
