@@ -62,6 +62,14 @@ def tiny_config_kwargs(tokenizer: PreTrainedTokenizerFast) -> dict:
     )
 
 
+def make_model(config_cls: type, model_cls: type, out_dir: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny random model of any transformers family (GQA where the family has it), saved with our tokenizer."""
+    tokenizer = make_tokenizer(out_dir)
+    torch.manual_seed(seed)
+    config = config_cls(**{**tiny_config_kwargs(tokenizer), **overrides}, architectures=[model_cls.__name__])
+    return save_model(model_cls(config).eval(), tokenizer, out_dir)
+
+
 def make_llama(out_dir: Path, seed: int = 0, **overrides) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -58,7 +58,7 @@ class LoraSlots:
 
     def __init__(self, linear: Linear) -> None:
         bounds = [0]
-        for size in linear.out_splits:
+        for size in linear.part_sizes:
             bounds.append(bounds[-1] + size)
         self.part_bounds = list(zip(bounds[:-1], bounds[1:], strict=True))
         self.by_adapter: dict[int, _AdapterFactors] = {}

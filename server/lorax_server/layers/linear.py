@@ -1,8 +1,10 @@
 """The one linear abstraction: a (possibly fused, possibly sharded) weight with an optional bias.
 
-Fused projections (q|k|v, gate|up) are one matmul; `out_splits` and `part_names` remember the parts
-(by their checkpoint names) so LoRA can address each part. The base matmul runs once for the whole
-batch; when adapters are attached (`lora`), their low-rank updates are added per adapter segment.
+Fused projections (q|k|v, gate|up) are one matmul. `part_names`/`part_sizes` are the checkpoint
+modules the weight was built from (what LoRA adapters target); `out_splits` is how callers split the
+output (the same as the parts, unless the checkpoint itself stores a fused module such as `qkv_proj`).
+The base matmul runs once for the whole batch; when adapters are attached (`lora`), their low-rank
+updates are added per adapter segment.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ class Linear:
         bias: torch.Tensor | None,
         out_splits: list[int],
         part_names: list[str] | None = None,
+        part_sizes: list[int] | None = None,
     ) -> None:
         self.weight = weight  # [out_features, in_features]
         self.bias = bias  # [out_features] or None
-        self.out_splits = out_splits  # sizes of the fused parts along out_features
-        self.part_names = part_names or []  # checkpoint module name of each part
+        self.out_splits = out_splits  # how callers split the output along out_features
+        self.part_names = part_names or []  # checkpoint module name of each stored part
+        self.part_sizes = part_sizes or list(out_splits)  # out_features of each stored part
         self.lora: LoraSlots | None = None  # set by adapters.lora.attach_lora for adaptable modules
 
     def __call__(self, x: torch.Tensor, meta: ForwardBatch | None = None) -> torch.Tensor:
@@ -48,10 +52,12 @@ class Linear:
         bias: bool,
         shapes: list[tuple[int, int]] | None = None,
         transposed: bool = False,
+        out_splits: list[int] | None = None,
     ) -> Linear:
         """Load and fuse `prefix.weight` (+ `prefix.bias`) for each prefix along the output dim.
 
-        `shapes` gives each part's expected [out, in]; `transposed` reads Conv1D-style [in, out] tensors.
+        `shapes` gives each part's expected [out, in]; `transposed` reads Conv1D-style [in, out] tensors;
+        `out_splits` splits a checkpoint-fused module (one prefix) into its logical outputs.
         """
         parts, biases = [], []
         for i, prefix in enumerate(prefixes):
@@ -66,4 +72,5 @@ class Linear:
         fused_bias = None
         if bias:
             fused_bias = biases[0] if len(biases) == 1 else torch.cat(biases, dim=0)
-        return cls(weight, fused_bias, [p.shape[0] for p in parts], list(prefixes))
+        sizes = [p.shape[0] for p in parts]
+        return cls(weight, fused_bias, out_splits or sizes, list(prefixes), sizes)

@@ -84,6 +84,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     rope: RopeConfig
     sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None  # per layer "sliding_attention" | "full_attention"
     attention_bias: bool = False
     mlp_bias: bool = False
     eos_token_ids: tuple[int, ...] = ()
@@ -110,16 +111,23 @@ class ModelConfig:
             head_dim=cfg.get("head_dim") or hidden // num_heads,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             norm_eps=cfg.get("rms_norm_eps", cfg.get("layer_norm_eps", 1e-6)),
-            hidden_act=cfg.get("hidden_act", "silu"),
+            hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act", "silu"),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             rope=RopeConfig.from_hf(cfg),
             sliding_window=int(sliding) if sliding else None,
+            layer_types=tuple(cfg["layer_types"]) if cfg.get("layer_types") else None,
             attention_bias=bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             eos_token_ids=_eos_ids(cfg, generation_cfg or {}),
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
             raw=cfg,
         )
+
+    def window_for(self, layer: int) -> int | None:
+        """The sliding attention window of one layer (None: full attention)."""
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from . import llama
+from . import llama, qwen2
 from .spec import ArchSpec
 
-REGISTRY: dict[str, ArchSpec] = {**llama.ARCHITECTURES}
+REGISTRY: dict[str, ArchSpec] = {**llama.ARCHITECTURES, **qwen2.ARCHITECTURES}
 
 
 class UnsupportedArchitecture(ValueError):

@@ -44,7 +44,7 @@ class SelfAttention:
         )
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
         self.scale = d**-0.5
-        self.window = cfg.sliding_window if spec.uses_sliding_window else None
+        self.window = cfg.window_for(layer_idx) if spec.uses_sliding_window else None
         self.layer_idx = layer_idx
 
     def __call__(
