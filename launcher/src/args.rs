@@ -97,12 +97,13 @@ pub struct Args {
     #[arg(long, env)]
     pub model_id: String,
 
-    /// A LoRA adapter to load when the shards start (later feature: accepted, not used yet;
-    /// requests choose their adapter with the `adapter_id` parameter).
+    /// The default LoRA adapter: loaded when the server starts and used by every request that
+    /// names no adapter (a request naming the base model's id still gets the base model).
     #[arg(long, env)]
     pub adapter_id: Option<String>,
 
-    /// Where adapters are fetched from by default.
+    /// Where `--adapter-id` is fetched from, and the source of requests that name an adapter
+    /// without an `adapter_source`.
     #[arg(long, env, value_enum, default_value_t = AdapterSource::Hub)]
     pub adapter_source: AdapterSource,
 

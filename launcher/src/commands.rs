@@ -153,7 +153,12 @@ pub fn router(router: &Path, args: &Args, env: &ChildEnv, tokenizer: &Path) -> C
         .arg("--waiting-served-ratio")
         .arg(args.waiting_served_ratio.to_string())
         .arg("--adapter-cycle-time-s")
-        .arg(args.adapter_cycle_time_s.to_string());
+        .arg(args.adapter_cycle_time_s.to_string())
+        .arg("--default-adapter-source")
+        .arg(args.adapter_source.to_string());
+    if let Some(adapter) = &args.adapter_id {
+        spec = spec.arg("--default-adapter-id").arg(adapter);
+    }
     if let Some(total) = args.max_batch_total_tokens {
         spec = spec.arg("--max-batch-total-tokens").arg(total.to_string());
     }
@@ -263,6 +268,20 @@ mod tests {
     }
 
     #[test]
+    fn router_gets_the_default_adapter() {
+        let a = args(&["--adapter-id", "org/lora", "--adapter-source", "local"]);
+        let spec = router(Path::new("rtr"), &a, &ChildEnv::default(), Path::new("/m"));
+        let line = spec.args_lossy().join(" ");
+        assert!(
+            line.contains("--default-adapter-source local --default-adapter-id org/lora"),
+            "{line}"
+        );
+        for name in ["ADAPTER_ID", "ADAPTER_SOURCE"] {
+            assert!(spec.env_remove.iter().any(|r| r == name), "{name}");
+        }
+    }
+
+    #[test]
     fn router_gets_shard_zero_tokenizer_and_limits() {
         let a = args(&[
             "--port",
@@ -280,7 +299,8 @@ mod tests {
              --max-concurrent-requests 128 --max-best-of 2 --max-stop-sequences 4 \
              --max-input-length 1024 --max-total-tokens 2048 --max-batch-prefill-tokens 4096 \
              --max-waiting-tokens 20 --max-active-adapters 128 --waiting-served-ratio 1.2 \
-             --adapter-cycle-time-s 2 --max-batch-total-tokens 10000 --json-output \
+             --adapter-cycle-time-s 2 --default-adapter-source hub \
+             --max-batch-total-tokens 10000 --json-output \
              --cors-allow-origin http://a --cors-allow-origin http://b"
         );
         for name in [

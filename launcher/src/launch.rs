@@ -83,12 +83,6 @@ impl Launcher {
         if let Some(endpoint) = &self.args.otlp_endpoint {
             warn!("--otlp-endpoint {endpoint} is accepted but tracing export is not built yet");
         }
-        if let Some(adapter) = &self.args.adapter_id {
-            warn!(
-                "--adapter-id {adapter} is accepted but not used yet; requests choose their \
-                 adapter with the `adapter_id` parameter"
-            );
-        }
         let Some(model_dir) = self.download()? else {
             return Ok(());
         };

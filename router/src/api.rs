@@ -1,23 +1,27 @@
 //! The HTTP API's JSON types, shaped as LoRAX's REST reference (and TGI's, which LoRAX extends),
 //! so that `lorax-client` and `text-generation` parse our answers unmodified.
 
+use crate::adapter::{ApiToken, MergedAdapters};
+use crate::registry::AdapterStatus;
 use serde::{Deserialize, Serialize};
 
 /// Generation parameters of a request. Absent fields take LoRAX's defaults.
 #[derive(Clone, Debug, Deserialize)]
 pub struct GenerateParameters {
-    /// LoRA adapter to apply; absent or empty means the base model.
+    /// LoRA adapter to apply; absent or empty means the default adapter (if the server has
+    /// one) or the base model; the base model's id means the base model.
     #[serde(default)]
     pub adapter_id: Option<String>,
-    /// Where the adapter comes from: `hub`, `local`, `s3` or `pbase`.
+    /// Where the adapter comes from: `hub`, `local` or `s3` (default: the server's default).
     #[serde(default)]
     pub adapter_source: Option<String>,
     /// Several adapters merged per request (`ids`, `weights`, `merge_strategy`, ...).
     #[serde(default)]
-    pub merged_adapters: Option<serde_json::Value>,
-    /// Token for private adapters.
+    pub merged_adapters: Option<MergedAdapters>,
+    /// Token for private adapters (overrides the server's token for this request; never
+    /// logged or echoed).
     #[serde(default)]
-    pub api_token: Option<String>,
+    pub api_token: Option<ApiToken>,
     /// Generate this many sequences and return the one with the highest log-probability.
     #[serde(default)]
     pub best_of: Option<usize>,
@@ -284,6 +288,10 @@ pub struct Info {
     pub sha: Option<&'static str>,
     pub docker_label: Option<&'static str>,
     pub request_logger_url: Option<String>,
+    /// The default adapter of requests that name none.
+    pub default_adapter_id: Option<String>,
+    /// The adapters loaded on the device now (filled when `/info` is asked).
+    pub adapters: Vec<AdapterStatus>,
 }
 
 /// Body of `POST /tokenize`.

@@ -3,6 +3,10 @@
 //! entries and have the next Decode concatenate them into the running batch. After every step
 //! each generation goes to its request's channel; finished and cancelled requests are filtered
 //! out of the cached batch at once, so their KV blocks are freed.
+//!
+//! Every call for new entries tells the queue how many requests of each adapter are running, so
+//! an adapter is offloaded only once none of its requests remain in the shard's batch. Adapter
+//! downloads and loads run in the queue task's background: this loop never waits for them.
 
 use crate::client::{ShardClient, ShardError};
 use crate::errors::InferError;
@@ -55,6 +59,7 @@ async fn batching_task(
                 None,
                 config.max_batch_prefill_tokens,
                 config.max_batch_total_tokens,
+                HashMap::new(),
             )
             .await;
         let Some(NextBatch { mut entries, batch }) = first else {
@@ -78,7 +83,12 @@ async fn batching_task(
             let reserved = reserved_tokens(&entries, config.block_size);
             let token_budget = config.max_batch_total_tokens.saturating_sub(reserved);
             let next = queue
-                .next_batch(min_size, config.max_batch_prefill_tokens, token_budget)
+                .next_batch(
+                    min_size,
+                    config.max_batch_prefill_tokens,
+                    token_budget,
+                    running_per_adapter(&entries),
+                )
                 .await;
             if let Some(NextBatch {
                 entries: mut new_entries,
@@ -100,6 +110,15 @@ async fn batching_task(
         metrics::gauge!("lorax_batch_current_size").set(0.0);
         metrics::gauge!("lorax_batch_current_max_tokens").set(0.0);
     }
+}
+
+/// Running requests per adapter index (0: base model).
+fn running_per_adapter(entries: &Entries) -> HashMap<u32, usize> {
+    let mut running = HashMap::new();
+    for entry in entries.values() {
+        *running.entry(entry.adapter_index).or_insert(0) += 1;
+    }
+    running
 }
 
 /// KV-cache tokens reserved by running entries.

@@ -18,13 +18,42 @@ pub enum ShardError {
     Connection(String),
     #[error("shard error: {0}")]
     Rpc(String),
+    /// A gRPC error status with its code (adapter failures are told apart by it).
+    #[error("shard error: {message}")]
+    Status { code: tonic::Code, message: String },
     #[error("shard answer is missing `{0}`")]
     MissingField(&'static str),
 }
 
+impl ShardError {
+    pub fn status(code: tonic::Code, message: impl Into<String>) -> Self {
+        Self::Status {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The gRPC code (UNAVAILABLE for connection failures, INTERNAL for the others).
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Self::Status { code, .. } => *code,
+            Self::Connection(_) => tonic::Code::Unavailable,
+            Self::Rpc(_) | Self::MissingField(_) => tonic::Code::Internal,
+        }
+    }
+
+    /// The shard's own message, without the "shard error" prefix.
+    pub fn message(&self) -> String {
+        match self {
+            Self::Status { message, .. } | Self::Rpc(message) => message.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
 impl From<tonic::Status> for ShardError {
     fn from(status: tonic::Status) -> Self {
-        Self::Rpc(status.message().to_string())
+        Self::status(status.code(), status.message())
     }
 }
 
@@ -55,6 +84,29 @@ pub trait ShardClient: Send + Sync + 'static {
     ) -> Result<Option<pb::CachedBatch>, ShardError>;
     /// Drops one cached batch, or all of them.
     async fn clear_cache(&self, batch_id: Option<u64>) -> Result<(), ShardError>;
+    /// Fetches and validates an adapter (off the shard's request path); returns the share of
+    /// the adapter memory budget it will take.
+    async fn download_adapter(
+        &self,
+        parameters: pb::AdapterParameters,
+        source: pb::AdapterSource,
+        api_token: Option<String>,
+    ) -> Result<f32, ShardError>;
+    /// Installs a downloaded adapter under `index` (between decode steps).
+    async fn load_adapter(
+        &self,
+        parameters: pb::AdapterParameters,
+        source: pb::AdapterSource,
+        index: u32,
+        api_token: Option<String>,
+    ) -> Result<(), ShardError>;
+    /// Removes the adapter at `index` from the device; false when nothing was there.
+    async fn offload_adapter(
+        &self,
+        parameters: pb::AdapterParameters,
+        source: pb::AdapterSource,
+        index: u32,
+    ) -> Result<bool, ShardError>;
 }
 
 /// One shard's gRPC client over its unix socket.
@@ -153,6 +205,40 @@ impl Shard {
             .clear_cache(pb::ClearCacheRequest { id })
             .await?;
         Ok(())
+    }
+
+    async fn download_adapter(
+        &self,
+        request: pb::DownloadAdapterRequest,
+    ) -> Result<f32, ShardError> {
+        let response = self.client.clone().download_adapter(request).await?;
+        let response = response.into_inner();
+        if !response.downloaded {
+            return Err(ShardError::status(
+                tonic::Code::Internal,
+                "the shard did not download the adapter",
+            ));
+        }
+        Ok(response.memory_fraction)
+    }
+
+    async fn load_adapter(&self, request: pb::LoadAdapterRequest) -> Result<(), ShardError> {
+        let response = self.client.clone().load_adapter(request).await?;
+        if !response.into_inner().loaded {
+            return Err(ShardError::status(
+                tonic::Code::Internal,
+                "the shard did not load the adapter",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn offload_adapter(
+        &self,
+        request: pb::OffloadAdapterRequest,
+    ) -> Result<bool, ShardError> {
+        let response = self.client.clone().offload_adapter(request).await?;
+        Ok(response.into_inner().offloaded)
     }
 }
 
@@ -255,5 +341,64 @@ impl ShardClient for ShardedClient {
 
     async fn clear_cache(&self, batch_id: Option<u64>) -> Result<(), ShardError> {
         first_answer(join_all(self.shards.iter().map(|s| s.clear_cache(batch_id))).await)
+    }
+
+    /// The largest share any shard reports.
+    async fn download_adapter(
+        &self,
+        parameters: pb::AdapterParameters,
+        source: pb::AdapterSource,
+        api_token: Option<String>,
+    ) -> Result<f32, ShardError> {
+        let request = pb::DownloadAdapterRequest {
+            adapter_parameters: Some(parameters),
+            adapter_source: source as i32,
+            api_token,
+        };
+        let results = join_all(
+            self.shards
+                .iter()
+                .map(|s| s.download_adapter(request.clone())),
+        )
+        .await;
+        let mut fraction: f32 = 0.0;
+        for result in results {
+            fraction = fraction.max(result?);
+        }
+        Ok(fraction)
+    }
+
+    async fn load_adapter(
+        &self,
+        parameters: pb::AdapterParameters,
+        source: pb::AdapterSource,
+        index: u32,
+        api_token: Option<String>,
+    ) -> Result<(), ShardError> {
+        let request = pb::LoadAdapterRequest {
+            adapter_parameters: Some(parameters),
+            adapter_source: source as i32,
+            adapter_index: index,
+            api_token,
+        };
+        first_answer(join_all(self.shards.iter().map(|s| s.load_adapter(request.clone()))).await)
+    }
+
+    async fn offload_adapter(
+        &self,
+        parameters: pb::AdapterParameters,
+        source: pb::AdapterSource,
+        index: u32,
+    ) -> Result<bool, ShardError> {
+        let request = pb::OffloadAdapterRequest {
+            adapter_parameters: Some(parameters),
+            adapter_source: source as i32,
+            adapter_index: index,
+        };
+        let calls = self
+            .shards
+            .iter()
+            .map(|s| s.offload_adapter(request.clone()));
+        first_answer(join_all(calls).await)
     }
 }

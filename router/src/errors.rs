@@ -1,7 +1,9 @@
 //! Errors and their HTTP form: every error answer is JSON `{"error": ..., "error_type": ...}`,
 //! including axum's own rejections (which are plain text by default).
 
+use crate::adapter::AdapterRequest;
 use crate::api::ErrorResponse;
+use crate::client::ShardError;
 use crate::validation::ValidationError;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
@@ -25,6 +27,33 @@ pub enum InferError {
     /// The request's stream ended before its last token.
     #[error("Incomplete generation")]
     IncompleteGeneration,
+    /// The request's adapter could not be downloaded or loaded (the shard's reason).
+    #[error("{1}")]
+    Adapter(AdapterErrorKind, String),
+}
+
+/// Why the shard refused an adapter, from its gRPC status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterErrorKind {
+    /// NOT_FOUND, INVALID_ARGUMENT: no such adapter, or not a valid one for this model (422).
+    Invalid,
+    /// UNAUTHENTICATED: a private adapter without a valid token (401).
+    Unauthorized,
+    /// PERMISSION_DENIED: the token lacks access (403).
+    Forbidden,
+    /// Anything else: source unreachable, memory budget full, ... (424).
+    Unavailable,
+}
+
+impl AdapterErrorKind {
+    pub fn from_code(code: tonic::Code) -> Self {
+        match code {
+            tonic::Code::NotFound | tonic::Code::InvalidArgument => Self::Invalid,
+            tonic::Code::Unauthenticated => Self::Unauthorized,
+            tonic::Code::PermissionDenied => Self::Forbidden,
+            _ => Self::Unavailable,
+        }
+    }
 }
 
 impl InferError {
@@ -35,6 +64,10 @@ impl InferError {
             Self::Overloaded => "overloaded",
             Self::Validation(_) => "validation",
             Self::IncompleteGeneration => "incomplete_generation",
+            Self::Adapter(AdapterErrorKind::Invalid, _) => "validation",
+            Self::Adapter(AdapterErrorKind::Unauthorized, _) => "unauthorized",
+            Self::Adapter(AdapterErrorKind::Forbidden, _) => "forbidden",
+            Self::Adapter(AdapterErrorKind::Unavailable, _) => "generation",
         }
     }
 
@@ -45,6 +78,10 @@ impl InferError {
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::IncompleteGeneration => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Adapter(AdapterErrorKind::Invalid, _) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Adapter(AdapterErrorKind::Unauthorized, _) => StatusCode::UNAUTHORIZED,
+            Self::Adapter(AdapterErrorKind::Forbidden, _) => StatusCode::FORBIDDEN,
+            Self::Adapter(AdapterErrorKind::Unavailable, _) => StatusCode::FAILED_DEPENDENCY,
         }
     }
 
@@ -55,6 +92,21 @@ impl InferError {
             error_type: self.error_type().to_string(),
         }
     }
+}
+
+/// A request's error for an adapter the shard refused, by the shard's status code:
+/// NOT_FOUND and INVALID_ARGUMENT → 422, UNAUTHENTICATED → 401, PERMISSION_DENIED → 403,
+/// anything else → 424.
+pub fn adapter_error(request: &AdapterRequest, what: &str, err: &ShardError) -> InferError {
+    let kind = AdapterErrorKind::from_code(err.code());
+    let message = format!(
+        "adapter `{}` ({}) could not be {}ed: {}",
+        request.key.describe(),
+        request.key.source.as_str(),
+        what,
+        err.message()
+    );
+    InferError::Adapter(kind, message)
 }
 
 /// An HTTP error answer: a status and the JSON body.
@@ -85,6 +137,7 @@ fn rejection_error_type(status: StatusCode) -> &'static str {
         StatusCode::UNPROCESSABLE_ENTITY => "validation",
         StatusCode::NOT_FOUND => "not_found",
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::CONFLICT => "conflict",
         _ => "bad_request",
     }
 }
@@ -168,12 +221,49 @@ mod tests {
                 500,
                 "incomplete_generation",
             ),
+            (
+                InferError::Adapter(AdapterErrorKind::Invalid, "no such adapter".into()),
+                422,
+                "validation",
+            ),
+            (
+                InferError::Adapter(AdapterErrorKind::Unauthorized, "token".into()),
+                401,
+                "unauthorized",
+            ),
+            (
+                InferError::Adapter(AdapterErrorKind::Forbidden, "gated".into()),
+                403,
+                "forbidden",
+            ),
+            (
+                InferError::Adapter(AdapterErrorKind::Unavailable, "budget".into()),
+                424,
+                "generation",
+            ),
         ];
         for (err, status, kind) in cases {
             let api = ApiError::from(err.clone());
             assert_eq!(api.status.as_u16(), status, "{err}");
             assert_eq!(api.body.error_type, kind);
             assert!(!api.body.error.is_empty());
+        }
+    }
+
+    #[test]
+    fn adapter_codes() {
+        use tonic::Code;
+        let cases = [
+            (Code::NotFound, AdapterErrorKind::Invalid),
+            (Code::InvalidArgument, AdapterErrorKind::Invalid),
+            (Code::Unauthenticated, AdapterErrorKind::Unauthorized),
+            (Code::PermissionDenied, AdapterErrorKind::Forbidden),
+            (Code::Unavailable, AdapterErrorKind::Unavailable),
+            (Code::ResourceExhausted, AdapterErrorKind::Unavailable),
+            (Code::Internal, AdapterErrorKind::Unavailable),
+        ];
+        for (code, kind) in cases {
+            assert_eq!(AdapterErrorKind::from_code(code), kind, "{code:?}");
         }
     }
 

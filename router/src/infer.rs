@@ -6,8 +6,9 @@ use crate::api::{AlternativeToken, FinishReason, GenerateRequest, PrefillToken, 
 use crate::batcher::{spawn_batcher, BatcherConfig};
 use crate::client::ShardClient;
 use crate::errors::InferError;
+use crate::exchange::ExchangeConfig;
 use crate::pb;
-use crate::queue::{Entry, Queue};
+use crate::queue::{Entry, Queue, QueueConfig};
 use crate::validation::{ValidGenerateRequest, Validation, ValidationError};
 use futures::future::try_join_all;
 use futures::StreamExt;
@@ -102,10 +103,15 @@ impl Infer {
         client: Arc<dyn ShardClient>,
         validation: Validation,
         config: BatcherConfig,
+        exchange: ExchangeConfig,
         max_concurrent_requests: usize,
     ) -> Self {
-        let queue = Queue::spawn(config.block_size);
         let notify = Arc::new(Notify::new());
+        let queue_config = QueueConfig {
+            block_size: config.block_size,
+            exchange,
+        };
+        let queue = Queue::spawn(client.clone(), queue_config, notify.clone());
         spawn_batcher(client, queue.clone(), notify.clone(), config);
         Self {
             validation,
@@ -117,6 +123,11 @@ impl Infer {
 
     pub fn validation(&self) -> &Validation {
         &self.validation
+    }
+
+    /// The queue (adapter listing and management).
+    pub fn queue(&self) -> &Queue {
+        &self.queue
     }
 
     /// `n` concurrency permits, or `Overloaded`.

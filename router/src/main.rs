@@ -1,9 +1,11 @@
 //! `lorax-router`: command line, start-up (shard discovery, Info, Warmup) and the HTTP server.
 
 use clap::Parser;
+use lorax_router::adapter::{AdapterConfig, AdapterSource};
 use lorax_router::api::Info;
 use lorax_router::batcher::BatcherConfig;
 use lorax_router::client::{ShardClient, ShardedClient};
+use lorax_router::exchange::ExchangeConfig;
 use lorax_router::infer::Infer;
 use lorax_router::queue::round_up;
 use lorax_router::server::{router, AppState};
@@ -48,13 +50,20 @@ struct Args {
     /// Decode steps after which waiting requests are prefilled regardless of the ratio.
     #[arg(long, env, default_value_t = 20)]
     max_waiting_tokens: usize,
-    /// Most adapters loaded at once (used once adapters are supported).
+    /// Most adapters on the device at once (loading or active); others wait in host memory.
     #[arg(long, env, default_value_t = 128)]
     max_active_adapters: usize,
-    /// Seconds each adapter's queue is served before the scheduler moves on (used once adapters
-    /// are supported).
+    /// Seconds an adapter keeps its device slot, while other adapters' requests wait for one,
+    /// before it stops admitting requests and is exchanged (once its running requests finish).
     #[arg(long, env, default_value_t = 2)]
     adapter_cycle_time_s: u64,
+    /// Adapter used by requests that name none (loaded at start); otherwise the base model.
+    #[arg(long, env)]
+    default_adapter_id: Option<String>,
+    /// Source of the default adapter and of requests that give no `adapter_source`: hub, local
+    /// or s3.
+    #[arg(long, env, default_value = "hub")]
+    default_adapter_source: String,
     /// Address to listen on.
     #[arg(long, env, default_value = "0.0.0.0")]
     hostname: String,
@@ -115,6 +124,15 @@ fn check_args(args: &Args) -> Result<(), String> {
     }
     if args.max_best_of == 0 || args.max_concurrent_requests == 0 {
         return Err("--max-best-of and --max-concurrent-requests must be > 0".into());
+    }
+    if args.max_active_adapters == 0 {
+        return Err("--max-active-adapters must be > 0".into());
+    }
+    if AdapterSource::parse(&args.default_adapter_source).is_none() {
+        return Err(format!(
+            "--default-adapter-source must be one of hub, local, s3 (got {})",
+            args.default_adapter_source
+        ));
     }
     Ok(())
 }
@@ -197,14 +215,37 @@ async fn run(args: Args) -> Result<(), String> {
         waiting_served_ratio: args.waiting_served_ratio,
         block_size,
     };
+    let adapters = AdapterConfig {
+        supports_adapters: shard_info.supports_adapters,
+        architecture: shard_info.architecture.clone(),
+        model_id: args.model_id.clone(),
+        default_adapter_id: args.default_adapter_id.clone().filter(|id| !id.is_empty()),
+        default_source: AdapterSource::parse(&args.default_adapter_source)
+            .unwrap_or(AdapterSource::Hub),
+    };
+    if adapters.default_adapter_id.is_some() && !adapters.supports_adapters {
+        return Err(format!(
+            "--default-adapter-id: architecture {} does not support dynamic adapter loading",
+            adapters.architecture
+        ));
+    }
+    let exchange = ExchangeConfig {
+        max_active_adapters: args.max_active_adapters,
+        cycle_time: Duration::from_secs(args.adapter_cycle_time_s),
+    };
     let client: Arc<dyn ShardClient> = Arc::new(client);
-    let validation = Validation::new(tokenizer, limits);
+    let default_adapter = adapters.default_adapter();
+    let validation = Validation::new(tokenizer, limits).with_adapters(adapters);
     let infer = Infer::new(
         client.clone(),
         validation,
         config,
+        exchange,
         args.max_concurrent_requests,
     );
+    if let Some(adapter) = default_adapter {
+        preload(&infer, adapter);
+    }
     let info = Info {
         model_id: args.model_id.clone(),
         model_sha: None,
@@ -231,6 +272,8 @@ async fn run(args: Args) -> Result<(), String> {
         sha: None,
         docker_label: None,
         request_logger_url: None,
+        default_adapter_id: args.default_adapter_id.clone().filter(|id| !id.is_empty()),
+        adapters: Vec::new(),
     };
     let chat_template = ChatTemplate::load(&tokenizer_dir)?.map(Arc::new);
     if chat_template.is_none() {
@@ -254,6 +297,24 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Loads the default adapter in the background; a failure is logged (requests retry it).
+fn preload(infer: &Infer, adapter: lorax_router::adapter::AdapterRequest) {
+    let queue = infer.queue().clone();
+    tokio::spawn(async move {
+        let name = adapter.key.describe();
+        match queue.load_adapter(adapter, false).await {
+            Ok(status) => tracing::info!(
+                "default adapter {name} is active at index {}",
+                status.index.unwrap_or_default()
+            ),
+            Err(err) => tracing::error!(
+                "default adapter {name} could not be loaded: {}",
+                lorax_router::errors::ApiError::from(err).body.error
+            ),
+        }
+    });
 }
 
 /// Resolves on SIGINT or SIGTERM; open streams then get a few seconds to finish.

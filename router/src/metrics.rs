@@ -1,11 +1,40 @@
 //! Prometheus metrics (`GET /metrics`), through the `metrics` facade. Request metrics carry an
-//! `adapter` label ("base" for the base model) so per-adapter views work once adapters land.
+//! `adapter` label: "base" for the base model, the adapter's id once it was downloaded
+//! successfully, and the fixed "unknown" otherwise (adapters that failed or are still being
+//! fetched, and any beyond `MAX_ADAPTER_LABELS`), so labels stay bounded and hold only names the
+//! shard accepted. Tokens never reach a label.
 
+use crate::adapter::AdapterKey;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::sync::OnceLock;
+use std::collections::{HashMap, HashSet};
+use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The label of requests whose adapter has no label of its own.
+pub const UNKNOWN_ADAPTER: &str = "unknown";
+/// Most distinct adapter labels.
+pub const MAX_ADAPTER_LABELS: usize = 1000;
+
+/// Adapter names that were downloaded successfully (each becomes a label).
+fn labels() -> &'static RwLock<HashSet<String>> {
+    static LABELS: OnceLock<RwLock<HashSet<String>>> = OnceLock::new();
+    LABELS.get_or_init(|| RwLock::new(HashSet::new()))
+}
+
+/// Gives a successfully downloaded adapter its own label; returns the label to use for it.
+pub fn register_adapter_label(name: &str) -> String {
+    let Ok(mut set) = labels().write() else {
+        return UNKNOWN_ADAPTER.to_string();
+    };
+    if set.contains(name) || set.len() < MAX_ADAPTER_LABELS {
+        set.insert(name.to_string());
+        name.to_string()
+    } else {
+        UNKNOWN_ADAPTER.to_string()
+    }
+}
 
 const DURATION_BUCKETS: [f64; 14] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -92,24 +121,66 @@ fn describe() {
         "lorax_batch_inference_duration",
         "Prefill/decode call time (s)"
     );
+    describe_histogram!(
+        "lorax_adapter_load_duration",
+        "Seconds from the start of an adapter's download (first time) or load until it is active"
+    );
+    describe_counter!(
+        "lorax_adapter_failure",
+        "Adapters that failed to download or load, by the shard's status code"
+    );
+    describe_gauge!("lorax_adapter_queue_size", "Requests waiting, per adapter");
+    describe_gauge!(
+        "lorax_adapters_active",
+        "Adapters holding a device slot (loading or active)"
+    );
 }
 
-/// The `adapter` label of a request.
-pub fn adapter_label(adapter_id: Option<&str>) -> String {
-    match adapter_id {
-        Some(id) if !id.is_empty() => id.to_string(),
-        _ => "base".to_string(),
+/// The `adapter` label of a request for `adapter` (None: the base model).
+pub fn adapter_label(adapter: Option<&AdapterKey>) -> String {
+    let Some(key) = adapter else {
+        return "base".to_string();
+    };
+    let name = key.describe();
+    match labels().read() {
+        Ok(set) if set.contains(&name) => name,
+        _ => UNKNOWN_ADAPTER.to_string(),
     }
 }
 
-pub fn request_received(adapter: &str) {
-    metrics::counter!("lorax_request_count", "adapter" => adapter.to_string()).increment(1);
+/// An adapter became active `seconds` after its download (first time) or load started.
+pub fn adapter_loaded(label: &str, seconds: f64) {
+    metrics::histogram!("lorax_adapter_load_duration", "adapter" => label.to_string())
+        .record(seconds);
 }
 
-pub fn request_failed(adapter: &str, error_type: &str) {
+/// An adapter failed to download or load (labelled by the shard's status code only).
+pub fn adapter_failed(code: tonic::Code) {
+    let code = format!("{code:?}");
+    metrics::counter!("lorax_adapter_failure", "code" => code).increment(1);
+}
+
+/// Sets the per-adapter queue gauges; labels seen before and absent now drop to 0.
+pub fn adapter_queue_sizes(sizes: &HashMap<String, usize>, previous: &mut HashSet<String>) {
+    for label in previous.iter() {
+        if !sizes.contains_key(label) {
+            metrics::gauge!("lorax_adapter_queue_size", "adapter" => label.clone()).set(0.0);
+        }
+    }
+    for (label, size) in sizes {
+        metrics::gauge!("lorax_adapter_queue_size", "adapter" => label.clone()).set(*size as f64);
+    }
+    *previous = sizes.keys().cloned().collect();
+}
+
+/// A request for `adapter` failed. Request counts are recorded when a request ends, so that
+/// its label is known (an adapter gets its own label only once it was downloaded).
+pub fn request_failed(adapter: Option<&AdapterKey>, error_type: &str) {
+    let a = adapter_label(adapter);
+    metrics::counter!("lorax_request_count", "adapter" => a.clone()).increment(1);
     metrics::counter!(
         "lorax_request_failure",
-        "adapter" => adapter.to_string(),
+        "adapter" => a,
         "err" => error_type.to_string()
     )
     .increment(1);
@@ -132,8 +203,10 @@ impl RequestTimings {
     }
 }
 
-pub fn request_succeeded(adapter: &str, t: &RequestTimings) {
-    let a = adapter.to_string();
+/// A request for `adapter` was answered.
+pub fn request_succeeded(adapter: Option<&AdapterKey>, t: &RequestTimings) {
+    let a = adapter_label(adapter);
+    metrics::counter!("lorax_request_count", "adapter" => a.clone()).increment(1);
     metrics::counter!("lorax_request_success", "adapter" => a.clone()).increment(1);
     let seconds = [
         ("lorax_request_duration", t.total),

@@ -1,7 +1,8 @@
 //! OpenAI-compatible endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both with
 //! `stream`) and `GET /v1/models`. Requests become native generate requests; `model` names the
-//! adapter (the served model's id, or empty, means the base model).
+//! adapter (empty: the default adapter or the base model; the served model's id: the base model).
 
+use crate::adapter::ApiToken;
 use crate::api::{
     FinishReason, GenerateParameters, GenerateRequest, GenerateResponse, StreamResponse,
 };
@@ -52,7 +53,7 @@ pub struct SamplingFields {
     pub top_k: Option<i32>,
     pub ignore_eos_token: Option<bool>,
     pub adapter_source: Option<String>,
-    pub api_token: Option<String>,
+    pub api_token: Option<ApiToken>,
     pub response_format: Option<Value>,
 }
 
@@ -98,15 +99,15 @@ fn finish_reason(reason: FinishReason) -> &'static str {
 }
 
 /// The native parameters of an OpenAI request.
-fn parameters(state: &AppState, s: SamplingFields) -> Result<GenerateParameters, ApiError> {
+fn parameters(s: SamplingFields) -> Result<GenerateParameters, ApiError> {
     if s.n.unwrap_or(1) != 1 {
         return Err(ValidationError::NotSupported("n > 1").into());
     }
-    let base = s.model.is_empty() || s.model == state.info.model_id;
     // OpenAI's temperature 0 means greedy; ours must be > 0, so it becomes "unset".
     let temperature = s.temperature.filter(|t| *t != 0.0);
     Ok(GenerateParameters {
-        adapter_id: (!base).then_some(s.model),
+        // The served model's id means the base model (resolved in validation).
+        adapter_id: (!s.model.is_empty()).then_some(s.model),
         adapter_source: s.adapter_source,
         api_token: s.api_token,
         temperature,
@@ -172,7 +173,7 @@ pub async fn completions(
     };
     let model = request.sampling.model.clone();
     let stream = request.sampling.stream;
-    let mut parameters = parameters(&state, request.sampling)?;
+    let mut parameters = parameters(request.sampling)?;
     parameters.return_full_text = Some(request.echo);
     parameters.best_of = request.best_of;
     let generate = GenerateRequest {
@@ -198,7 +199,7 @@ pub async fn chat_completions(
     let inputs = render(&state, &request.messages)?;
     let model = request.sampling.model.clone();
     let stream = request.sampling.stream;
-    let mut parameters = parameters(&state, request.sampling)?;
+    let mut parameters = parameters(request.sampling)?;
     parameters.prompt_has_special_tokens = true;
     let generate = GenerateRequest { inputs, parameters };
     respond(&state, generate, Kind::Chat, model, stream, false).await

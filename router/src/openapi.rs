@@ -15,8 +15,10 @@ fn error_responses() -> Value {
         "400": with("Malformed JSON"),
         "413": with("Body too large"),
         "415": with("Content type is not application/json"),
-        "422": with("Input validation error"),
-        "424": with("Generation error (a shard failed)"),
+        "401": with("Private adapter: api_token missing or invalid"),
+        "403": with("Private adapter: the api_token has no access"),
+        "422": with("Input validation error (bad parameters, unknown or invalid adapter)"),
+        "424": with("Generation error (a shard failed, an adapter source is unreachable, ...)"),
         "429": with("Model is overloaded (max_concurrent_requests)"),
     })
 }
@@ -38,15 +40,36 @@ fn generate_operation(summary: &str, request: &str, ok: Value) -> Value {
     })
 }
 
+fn adapter_operation(summary: &str) -> Value {
+    let mut responses = error_responses();
+    let error = responses["422"].clone();
+    let with = |description: &str| {
+        let mut e = error.clone();
+        e["description"] = json!(description);
+        e
+    };
+    responses["404"] = with("The adapter is not tracked");
+    responses["409"] =
+        with("Not possible in the adapter's state (in use, loading, pinned, pin limit)");
+    responses["200"] = json!({"description": "The adapter",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/AdapterStatus"}}}});
+    json!({
+        "tags": ["Adapters"],
+        "summary": summary,
+        "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/AdapterRef"}}}},
+        "responses": responses,
+    })
+}
+
 fn schemas() -> Value {
     let num = json!({"type": "number", "nullable": true});
     let int = json!({"type": "integer", "nullable": true, "minimum": 1});
     json!({
         "GenerateParameters": {"type": "object", "properties": {
-            "adapter_id": {"type": "string", "nullable": true, "description": "LoRA adapter (not supported yet: 422)"},
-            "adapter_source": {"type": "string", "nullable": true, "enum": ["hub", "local", "s3", "pbase"]},
-            "merged_adapters": {"type": "object", "nullable": true},
-            "api_token": {"type": "string", "nullable": true},
+            "adapter_id": {"type": "string", "nullable": true, "description": "LoRA adapter; absent: the default adapter or the base model"},
+            "adapter_source": {"type": "string", "nullable": true, "enum": ["hub", "local", "s3"]},
+            "merged_adapters": {"allOf": [{"$ref": "#/components/schemas/MergedAdapters"}], "nullable": true},
+            "api_token": {"type": "string", "nullable": true, "description": "Token for a private adapter (this request only; never echoed)"},
             "best_of": int, "temperature": num, "repetition_penalty": num,
             "top_k": int, "top_p": num, "typical_p": num,
             "do_sample": {"type": "boolean", "default": false},
@@ -113,6 +136,31 @@ fn schemas() -> Value {
             "start": {"type": "integer"}, "stop": {"type": "integer"},
         }},
         "Info": {"type": "object"},
+        "MergedAdapters": {"type": "object", "required": ["ids"], "properties": {
+            "ids": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            "weights": {"type": "array", "items": {"type": "number"}, "description": "one per id; default 1.0 each"},
+            "merge_strategy": {"type": "string", "enum": ["linear", "ties", "dare_linear", "dare_ties"], "default": "linear"},
+            "density": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1.0},
+            "majority_sign_method": {"type": "string", "enum": ["total", "frequency"], "default": "total"},
+        }},
+        "AdapterRef": {"type": "object", "properties": {
+            "adapter_id": {"type": "string"},
+            "merged_adapters": {"$ref": "#/components/schemas/MergedAdapters"},
+            "adapter_source": {"type": "string", "enum": ["hub", "local", "s3"]},
+            "api_token": {"type": "string"},
+            "pin": {"type": "boolean", "default": false, "description": "load only: pin once active"},
+        }},
+        "AdapterStatus": {"type": "object", "properties": {
+            "adapter_id": {"type": "string"}, "adapter_ids": {"type": "array", "items": {"type": "string"}},
+            "merged_adapters": {"allOf": [{"$ref": "#/components/schemas/MergedAdapters"}], "nullable": true},
+            "adapter_source": {"type": "string"}, "private": {"type": "boolean"},
+            "state": {"type": "string", "enum": ["queued", "downloading", "downloaded", "loading", "active", "offloading", "failed"]},
+            "index": {"type": "integer", "nullable": true}, "pinned": {"type": "boolean"},
+            "draining": {"type": "boolean"}, "queued": {"type": "integer"}, "running": {"type": "integer"},
+            "memory_fraction": {"type": "number", "nullable": true},
+            "active_for_s": {"type": "number", "nullable": true},
+            "last_error": {"type": "string", "nullable": true},
+        }},
     })
 }
 
@@ -161,6 +209,12 @@ pub fn spec(info: &Info) -> Value {
                 "responses": error_responses_with_ok("Chat completion")}},
             "/v1/models": {"get": {"tags": ["OpenAI compatible"], "summary": "The served model",
                 "responses": {"200": {"description": "Model list"}}}},
+            "/adapters": {"get": {"tags": ["Adapters"], "summary": "Tracked adapters (state, index, counts) and recent failures",
+                "responses": {"200": {"description": "Adapters", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/AdapterStatus"}}}}}}}},
+            "/adapters/load": {"post": adapter_operation("Download and activate an adapter (optionally pin it); answers once active")},
+            "/adapters/unload": {"post": adapter_operation("Offload an idle adapter from the device (409 while in use or pinned)")},
+            "/adapters/pin": {"post": adapter_operation("Pin a tracked adapter: never drained or offloaded")},
+            "/adapters/unpin": {"post": adapter_operation("Unpin a tracked adapter")},
             "/tokenize": {"post": {"tags": ["LoRAX"], "summary": "Tokenize a prompt",
                 "requestBody": {"required": true, "content": json_of("TokenizeRequest")},
                 "responses": {"200": {"description": "Tokens", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/SimpleToken"}}}}}}}},

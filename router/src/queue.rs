@@ -1,16 +1,31 @@
-//! The waiting queue: FIFO entries with their token budget. `QueueState` is a plain struct (the
-//! policy, unit-tested); `Queue` is a cloneable handle to the task that owns it.
+//! The waiting queue: requests for the base model and, per adapter, requests waiting for their
+//! adapter (`registry`). `QueueState` is a plain struct (the policy, unit-tested); `Queue` is a
+//! cloneable handle to the task that owns it. That task also runs the adapters' downloads,
+//! loads and offloads in the background, so answering the batcher never waits on them.
 
+use crate::adapter::{AdapterKey, AdapterRequest};
+use crate::client::ShardClient;
 use crate::errors::InferError;
+use crate::exchange::ExchangeConfig;
 use crate::infer::InferStreamResponse;
+use crate::metrics as m;
 use crate::pb;
+use crate::registry::{
+    Action, ActionResult, AdapterCommandError, AdapterRegistry, AdapterStatus, Outcome, Waiter,
+};
 use crate::validation::ValidGenerateRequest;
-use std::collections::{HashMap, VecDeque};
-use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::time::{Instant, MissedTickBehavior};
 
 /// Where a request's generations go; closed when the client went away.
 pub type ResponseSender = mpsc::UnboundedSender<Result<InferStreamResponse, InferError>>;
+
+/// How often the queue task re-plans adapter slots when nothing else happens (cycle times
+/// expire without an event).
+const TICK: Duration = Duration::from_millis(100);
 
 /// A request waiting for, or running in, a batch.
 #[derive(Debug)]
@@ -21,6 +36,8 @@ pub struct Entry {
     pub queue_time: Instant,
     /// When it was put in a batch.
     pub batch_time: Option<Instant>,
+    /// Its adapter's index at the shard, given when it is put in a batch (0: base model).
+    pub adapter_index: u32,
 }
 
 impl Entry {
@@ -30,6 +47,7 @@ impl Entry {
             response_tx,
             queue_time: Instant::now(),
             batch_time: None,
+            adapter_index: 0,
         }
     }
 
@@ -60,81 +78,122 @@ pub struct NextBatch {
     pub batch: pb::Batch,
 }
 
+/// The queue's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueConfig {
+    /// KV-cache block size of the shard.
+    pub block_size: u32,
+    /// Adapter slots and rotation.
+    pub exchange: ExchangeConfig,
+}
+
+type Waiting = VecDeque<(u64, Entry)>;
+
 /// The queue's state and policy.
 #[derive(Debug)]
 pub struct QueueState {
-    entries: VecDeque<(u64, Entry)>,
+    base: Waiting,
+    adapters: AdapterRegistry,
     next_request_id: u64,
     next_batch_id: u64,
     block_size: u32,
 }
 
 impl QueueState {
-    pub fn new(block_size: u32) -> Self {
+    pub fn new(config: QueueConfig) -> Self {
         Self {
-            entries: VecDeque::new(),
+            base: VecDeque::new(),
+            adapters: AdapterRegistry::new(config.exchange),
             next_request_id: 0,
             next_batch_id: 0,
-            block_size,
+            block_size: config.block_size,
         }
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.base.len() + self.adapters.queued()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 
-    /// Appends an entry; returns its request id.
+    pub fn adapters(&mut self) -> &mut AdapterRegistry {
+        &mut self.adapters
+    }
+
+    /// Appends an entry to its adapter's queue; returns its request id.
     pub fn append(&mut self, entry: Entry) -> u64 {
         let id = self.next_request_id;
         self.next_request_id += 1;
-        self.entries.push_back((id, entry));
+        match entry.request.adapter.clone() {
+            Some(adapter) => self.adapters.enqueue(id, entry, &adapter, Instant::now()),
+            None => self.base.push_back((id, entry)),
+        }
         id
     }
 
-    /// Takes entries in FIFO order while the new batch's prompt tokens stay within
-    /// `prefill_token_budget` and its reserved tokens within `token_budget`. Cancelled entries are
-    /// dropped. Returns None when nothing fits, or when fewer than `min_size` entries fit.
+    /// The running batch's requests per adapter index (see `AdapterRegistry::set_running`).
+    pub fn set_running(&mut self, running: &HashMap<u32, usize>) {
+        self.adapters.set_running(running, Instant::now());
+    }
+
+    /// Takes entries oldest first across the base model and the active adapters (requests of
+    /// other adapters wait for theirs) while the new batch's prompt tokens stay within
+    /// `prefill_token_budget` and its reserved tokens within `token_budget`; the first entry
+    /// that does not fit ends the batch (no jumping ahead). Cancelled entries are dropped.
+    /// Returns None when nothing fits, or when fewer than `min_size` entries fit.
     pub fn next_batch(
         &mut self,
         min_size: Option<usize>,
         prefill_token_budget: u32,
         token_budget: u32,
     ) -> Option<NextBatch> {
-        self.entries.retain(|(_, entry)| !entry.is_cancelled());
-        if self.entries.len() < min_size.unwrap_or(1).max(1) {
+        let block_size = self.block_size;
+        let mut queues: Vec<(u32, &mut Waiting)> = vec![(0, &mut self.base)];
+        queues.extend(self.adapters.admissible_queues());
+        for (_, queue) in queues.iter_mut() {
+            queue.retain(|(_, entry)| !entry.is_cancelled());
+        }
+        let waiting: usize = queues.iter().map(|(_, q)| q.len()).sum();
+        if waiting < min_size.unwrap_or(1).max(1) {
             return None;
         }
         let mut prefill_tokens: u32 = 0;
         let mut reserved_tokens: u32 = 0;
-        let mut taken: Vec<(u64, Entry)> = Vec::new();
-        while let Some((id, entry)) = self.entries.pop_front() {
+        let mut taken: Vec<(usize, u64, Entry)> = Vec::new();
+        while let Some(pos) = oldest_front(&queues) {
+            let (_, entry) = queues[pos].1.front()?;
             let prefill = prefill_tokens + entry.request.input_length;
-            let reserved = reserved_tokens + entry.reserved_tokens(self.block_size);
+            let reserved = reserved_tokens + entry.reserved_tokens(block_size);
             if prefill > prefill_token_budget || reserved > token_budget {
-                self.entries.push_front((id, entry));
                 break;
             }
             prefill_tokens = prefill;
             reserved_tokens = reserved;
-            taken.push((id, entry));
+            let (id, entry) = queues[pos].1.pop_front()?;
+            taken.push((pos, id, entry));
         }
         if taken.is_empty() || taken.len() < min_size.unwrap_or(0) {
-            for item in taken.into_iter().rev() {
-                self.entries.push_front(item);
+            for (pos, id, entry) in taken.into_iter().rev() {
+                queues[pos].1.push_front((id, entry));
             }
             return None;
         }
+        let indices: Vec<u32> = queues.iter().map(|(index, _)| *index).collect();
         let now = Instant::now();
         let mut requests = Vec::with_capacity(taken.len());
         let mut entries = HashMap::with_capacity(taken.len());
-        for (id, mut entry) in taken {
+        let mut admitted: HashMap<u32, usize> = HashMap::new();
+        for (pos, id, mut entry) in taken {
             entry.batch_time = Some(now);
-            requests.push(to_proto_request(id, &entry.request));
+            entry.adapter_index = indices[pos];
+            *admitted.entry(entry.adapter_index).or_insert(0) += 1;
+            requests.push(to_proto_request(id, &entry));
             entries.insert(id, entry);
+        }
+        for (index, n) in admitted {
+            self.adapters.admitted(index, n, now);
         }
         let batch = pb::Batch {
             id: self.next_batch_id,
@@ -147,7 +206,18 @@ impl QueueState {
     }
 }
 
-fn to_proto_request(id: u64, request: &ValidGenerateRequest) -> pb::Request {
+/// The queue whose first entry is the oldest (request ids grow with arrival).
+fn oldest_front(queues: &[(u32, &mut Waiting)]) -> Option<usize> {
+    queues
+        .iter()
+        .enumerate()
+        .filter_map(|(pos, (_, queue))| queue.front().map(|(id, _)| (*id, pos)))
+        .min()
+        .map(|(_, pos)| pos)
+}
+
+fn to_proto_request(id: u64, entry: &Entry) -> pb::Request {
+    let request = &entry.request;
     pb::Request {
         id,
         input_ids: request.input_ids.clone(),
@@ -155,9 +225,11 @@ fn to_proto_request(id: u64, request: &ValidGenerateRequest) -> pb::Request {
         stopping_parameters: Some(request.stopping_parameters.clone()),
         prefill_logprobs: request.decoder_input_details,
         top_n_tokens: request.top_n_tokens,
-        adapter_index: request.adapter_index,
+        adapter_index: entry.adapter_index,
     }
 }
+
+type Reply<T> = oneshot::Sender<T>;
 
 enum Command {
     Append(Box<Entry>),
@@ -165,8 +237,13 @@ enum Command {
         min_size: Option<usize>,
         prefill_token_budget: u32,
         token_budget: u32,
-        reply: oneshot::Sender<Option<NextBatch>>,
+        running: HashMap<u32, usize>,
+        reply: Reply<Option<NextBatch>>,
     },
+    ListAdapters(Reply<Vec<AdapterStatus>>),
+    LoadAdapter(AdapterRequest, bool, Waiter),
+    UnloadAdapter(Arc<AdapterKey>, Waiter),
+    PinAdapter(Arc<AdapterKey>, bool, Waiter),
 }
 
 /// Handle to the queue task.
@@ -177,18 +254,34 @@ pub struct Queue {
 
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Append(_) => write!(f, "Append"),
-            Self::NextBatch { .. } => write!(f, "NextBatch"),
-        }
+        let name = match self {
+            Self::Append(_) => "Append",
+            Self::NextBatch { .. } => "NextBatch",
+            Self::ListAdapters(_) => "ListAdapters",
+            Self::LoadAdapter(..) => "LoadAdapter",
+            Self::UnloadAdapter(..) => "UnloadAdapter",
+            Self::PinAdapter(..) => "PinAdapter",
+        };
+        f.write_str(name)
     }
 }
 
+/// The answer of a management command whose task went away.
+fn gone() -> AdapterCommandError {
+    AdapterCommandError::Failed(InferError::Generation("the queue stopped".into()))
+}
+
 impl Queue {
-    /// Spawns the task that owns the queue state.
-    pub fn spawn(block_size: u32) -> Self {
+    /// Spawns the task that owns the queue state. `notify` wakes the batcher when an adapter
+    /// becomes active.
+    pub fn spawn(client: Arc<dyn ShardClient>, config: QueueConfig, notify: Arc<Notify>) -> Self {
         let (commands, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(queue_task(QueueState::new(block_size), receiver));
+        tokio::spawn(queue_task(
+            QueueState::new(config),
+            receiver,
+            client,
+            notify,
+        ));
         Self { commands }
     }
 
@@ -198,167 +291,177 @@ impl Queue {
         let _ = self.commands.send(Command::Append(Box::new(entry)));
     }
 
-    /// See `QueueState::next_batch`.
+    /// See `QueueState::next_batch`; `running` counts the running batch's requests per
+    /// adapter index (adapters are offloaded only when none of their requests run).
     pub async fn next_batch(
         &self,
         min_size: Option<usize>,
         prefill_token_budget: u32,
         token_budget: u32,
+        running: HashMap<u32, usize>,
     ) -> Option<NextBatch> {
         let (reply, answer) = oneshot::channel();
         let command = Command::NextBatch {
             min_size,
             prefill_token_budget,
             token_budget,
+            running,
             reply,
         };
         self.commands.send(command).ok()?;
         answer.await.ok().flatten()
     }
+
+    /// Every tracked adapter (and recent failures).
+    pub async fn adapters(&self) -> Vec<AdapterStatus> {
+        let (reply, answer) = oneshot::channel();
+        if self.commands.send(Command::ListAdapters(reply)).is_err() {
+            return Vec::new();
+        }
+        answer.await.unwrap_or_default()
+    }
+
+    async fn ask(
+        &self,
+        command: impl FnOnce(Waiter) -> Command,
+    ) -> Result<AdapterStatus, AdapterCommandError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(command(reply)).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    /// Downloads and activates an adapter (pinned when `pin`); answers once it is active.
+    pub async fn load_adapter(
+        &self,
+        request: AdapterRequest,
+        pin: bool,
+    ) -> Result<AdapterStatus, AdapterCommandError> {
+        self.ask(|reply| Command::LoadAdapter(request, pin, reply))
+            .await
+    }
+
+    /// Offloads an idle adapter; answers once it is off the device.
+    pub async fn unload_adapter(
+        &self,
+        key: Arc<AdapterKey>,
+    ) -> Result<AdapterStatus, AdapterCommandError> {
+        self.ask(|reply| Command::UnloadAdapter(key, reply)).await
+    }
+
+    /// Pins (never offloaded) or unpins a tracked adapter.
+    pub async fn pin_adapter(
+        &self,
+        key: Arc<AdapterKey>,
+        pinned: bool,
+    ) -> Result<AdapterStatus, AdapterCommandError> {
+        self.ask(|reply| Command::PinAdapter(key, pinned, reply))
+            .await
+    }
 }
 
-async fn queue_task(mut state: QueueState, mut commands: mpsc::UnboundedReceiver<Command>) {
-    while let Some(command) = commands.recv().await {
-        match command {
-            Command::Append(entry) => {
-                state.append(*entry);
-            }
-            Command::NextBatch {
-                min_size,
-                prefill_token_budget,
-                token_budget,
-                reply,
-            } => {
-                let next = state.next_batch(min_size, prefill_token_budget, token_budget);
-                if let Err(Some(next)) = reply.send(next) {
-                    // The batcher went away: put the entries back rather than lose them.
-                    for (id, entry) in next.entries {
-                        state.entries.push_front((id, entry));
-                    }
-                }
-            }
+async fn queue_task(
+    mut state: QueueState,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    client: Arc<dyn ShardClient>,
+    notify: Arc<Notify>,
+) {
+    let (results_tx, mut results) = mpsc::unbounded_channel();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut labels = HashSet::new();
+    loop {
+        tokio::select! {
+            command = commands.recv() => match command {
+                Some(command) => handle(&mut state, command),
+                None => break,
+            },
+            Some(result) = results.recv() => state.adapters.complete(result, Instant::now()),
+            _ = tick.tick() => {}
+        }
+        for action in state.adapters.schedule(Instant::now()) {
+            tokio::spawn(run_action(client.clone(), results_tx.clone(), action));
+        }
+        if state.adapters.take_woke() {
+            notify.notify_one();
         }
         metrics::gauge!("lorax_queue_size").set(state.len() as f64);
+        metrics::gauge!("lorax_adapters_active").set(state.adapters.active_count() as f64);
+        m::adapter_queue_sizes(&state.adapters.queue_sizes(), &mut labels);
     }
+}
+
+fn handle(state: &mut QueueState, command: Command) {
+    let now = Instant::now();
+    match command {
+        Command::Append(entry) => {
+            state.append(*entry);
+        }
+        Command::NextBatch {
+            min_size,
+            prefill_token_budget,
+            token_budget,
+            running,
+            reply,
+        } => {
+            state.set_running(&running);
+            let next = state.next_batch(min_size, prefill_token_budget, token_budget);
+            // When the batcher went away (shutdown) its entries are dropped: their clients
+            // see the stream end.
+            let _ = reply.send(next);
+        }
+        Command::ListAdapters(reply) => {
+            let _ = reply.send(state.adapters.list(now));
+        }
+        Command::LoadAdapter(request, pin, waiter) => {
+            state.adapters.load(&request, pin, waiter, now);
+        }
+        Command::UnloadAdapter(key, waiter) => state.adapters.unload(&key, waiter, now),
+        Command::PinAdapter(key, pinned, waiter) => {
+            let _ = waiter.send(state.adapters.set_pinned(&key, pinned, now));
+        }
+    }
+}
+
+/// Runs one shard call for an adapter and reports how it ended.
+async fn run_action(
+    client: Arc<dyn ShardClient>,
+    results: mpsc::UnboundedSender<ActionResult>,
+    action: Action,
+) {
+    let (request, index, outcome) = match action {
+        Action::Download(request, index) => {
+            let key = &request.key;
+            let result = client
+                .download_adapter(key.to_proto(), key.source.to_proto(), request.token())
+                .await;
+            (request, index, Outcome::Downloaded(result))
+        }
+        Action::Load(request, index) => {
+            let key = &request.key;
+            let result = client
+                .load_adapter(
+                    key.to_proto(),
+                    key.source.to_proto(),
+                    index,
+                    request.token(),
+                )
+                .await;
+            (request, index, Outcome::Loaded(result))
+        }
+        Action::Offload(request, index) => {
+            let key = &request.key;
+            let result = client
+                .offload_adapter(key.to_proto(), key.source.to_proto(), index)
+                .await;
+            (request, index, Outcome::Offloaded(result))
+        }
+    };
+    let _ = results.send(ActionResult {
+        index,
+        key: request.key,
+        outcome,
+    });
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testing::valid_request;
-
-    fn entry(
-        input_length: u32,
-        max_new_tokens: u32,
-    ) -> (
-        Entry,
-        mpsc::UnboundedReceiver<Result<InferStreamResponse, InferError>>,
-    ) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (
-            Entry::new(valid_request(input_length, max_new_tokens), tx),
-            rx,
-        )
-    }
-
-    #[test]
-    fn rounding_to_blocks() {
-        assert_eq!(round_up(0, 16), 0);
-        assert_eq!(round_up(1, 16), 16);
-        assert_eq!(round_up(16, 16), 16);
-        assert_eq!(round_up(17, 16), 32);
-        assert_eq!(round_up(17, 0), 17);
-    }
-
-    #[tokio::test]
-    async fn fifo_order_and_ids() {
-        let mut state = QueueState::new(1);
-        let mut receivers = Vec::new();
-        for i in 0..3 {
-            let (e, rx) = entry(2 + i, 3);
-            receivers.push(rx);
-            assert_eq!(state.append(e), i as u64);
-        }
-        let next = state.next_batch(None, 100, 100).unwrap();
-        let ids: Vec<u64> = next.batch.requests.iter().map(|r| r.id).collect();
-        assert_eq!(ids, vec![0, 1, 2]);
-        assert_eq!(next.batch.size, 3);
-        assert_eq!(next.batch.max_tokens, (2 + 3) + (3 + 3) + (4 + 3));
-        assert!(next.entries.values().all(|e| e.batch_time.is_some()));
-        assert!(state.is_empty());
-        assert!(state.next_batch(None, 100, 100).is_none());
-    }
-
-    #[tokio::test]
-    async fn prefill_budget_stops_the_batch() {
-        let mut state = QueueState::new(1);
-        let _rx: Vec<_> = (0..3)
-            .map(|_| {
-                let (e, rx) = entry(10, 5);
-                state.append(e);
-                rx
-            })
-            .collect();
-        let next = state.next_batch(None, 25, 1000).unwrap();
-        assert_eq!(next.batch.size, 2);
-        assert_eq!(state.len(), 1);
-        let next = state.next_batch(None, 25, 1000).unwrap();
-        assert_eq!(next.batch.requests[0].id, 2);
-    }
-
-    #[tokio::test]
-    async fn token_budget_counts_blocks_and_keeps_fifo() {
-        let mut state = QueueState::new(16);
-        let (a, _ra) = entry(10, 10); // 20 → 32 reserved
-        let (b, _rb) = entry(1, 1); // 2 → 16 reserved
-        state.append(a);
-        state.append(b);
-        // 31 tokens of budget: the head does not fit, and the small one must not jump ahead.
-        assert!(state.next_batch(None, 100, 31).is_none());
-        assert_eq!(state.len(), 2);
-        let next = state.next_batch(None, 100, 47).unwrap();
-        assert_eq!(next.batch.size, 1);
-        assert_eq!(next.batch.max_tokens, 32);
-        let next = state.next_batch(None, 100, 16).unwrap();
-        assert_eq!(next.batch.max_tokens, 16);
-    }
-
-    #[tokio::test]
-    async fn min_size_holds_back_small_batches() {
-        let mut state = QueueState::new(1);
-        let (a, _ra) = entry(4, 4);
-        let (b, _rb) = entry(4, 4);
-        state.append(a);
-        state.append(b);
-        assert!(state.next_batch(Some(3), 100, 100).is_none());
-        // Only one fits the budget: still fewer than min_size, nothing is taken.
-        assert!(state.next_batch(Some(2), 100, 10).is_none());
-        assert_eq!(state.len(), 2);
-        let next = state.next_batch(Some(2), 100, 100).unwrap();
-        let ids: Vec<u64> = next.batch.requests.iter().map(|r| r.id).collect();
-        assert_eq!(ids, vec![0, 1]);
-    }
-
-    #[tokio::test]
-    async fn cancelled_entries_are_dropped() {
-        let mut state = QueueState::new(1);
-        let (a, ra) = entry(4, 4);
-        let (b, _rb) = entry(4, 4);
-        state.append(a);
-        state.append(b);
-        drop(ra);
-        let next = state.next_batch(None, 100, 100).unwrap();
-        assert_eq!(next.batch.size, 1);
-        assert_eq!(next.batch.requests[0].id, 1);
-    }
-
-    #[tokio::test]
-    async fn actor_handle() {
-        let queue = Queue::spawn(1);
-        let (a, _ra) = entry(3, 3);
-        queue.append(a);
-        let next = queue.next_batch(None, 10, 10).await.unwrap();
-        assert_eq!(next.batch.size, 1);
-        assert!(queue.next_batch(None, 10, 10).await.is_none());
-    }
-}
+mod tests;

@@ -1,6 +1,8 @@
 //! HTTP routes and handlers (LoRAX's REST API): generation (plain, SSE stream, and the `POST /`
 //! compat endpoint), health, info, metrics, tokenize, and the API docs.
 
+use crate::adapter::AdapterKey;
+use crate::adapters_api;
 use crate::api::{
     BestOfSequence, CompatGenerateRequest, Details, GenerateRequest, GenerateResponse, Info,
     StreamDetails, StreamResponse, TokenizeRequest,
@@ -11,6 +13,7 @@ use crate::infer::{GenerationStream, Infer, InferResponse, InferStreamResponse};
 use crate::metrics::{self as m, RequestTimings};
 use crate::openai;
 use crate::openapi;
+use crate::registry::AdapterState;
 use crate::template::ChatTemplate;
 use crate::validation::ValidationError;
 use axum::body::{Body, Bytes};
@@ -66,6 +69,11 @@ pub fn router(state: AppState, cors_allow_origin: &[String]) -> Router {
         .route("/info", get(info))
         .route("/metrics", get(prometheus_metrics))
         .route("/tokenize", post(tokenize))
+        .route("/adapters", get(adapters_api::list))
+        .route("/adapters/load", post(adapters_api::load))
+        .route("/adapters/unload", post(adapters_api::unload))
+        .route("/adapters/pin", post(adapters_api::pin))
+        .route("/adapters/unpin", post(adapters_api::unpin))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))
@@ -117,6 +125,14 @@ fn prepend_prompt(prompt: &Option<String>, text: String) -> String {
     }
 }
 
+/// The adapter a request will run with, for its metrics label (None: base model, or an
+/// invalid request).
+fn request_adapter(state: &AppState, request: &GenerateRequest) -> Option<Arc<AdapterKey>> {
+    let validation = state.infer.validation();
+    let adapter = validation.resolve_adapter(&request.parameters).ok()??;
+    Some(adapter.key)
+}
+
 fn timings(start: Instant, response: &InferResponse) -> RequestTimings {
     RequestTimings {
         total: start.elapsed(),
@@ -134,9 +150,8 @@ pub(crate) async fn generate_response(
     request: GenerateRequest,
 ) -> Result<(HeaderMap, GenerateResponse), ApiError> {
     let start = Instant::now();
+    let adapter = request_adapter(state, &request);
     let p = &request.parameters;
-    let adapter = m::adapter_label(p.adapter_id.as_deref());
-    m::request_received(&adapter);
     let prompt = p
         .return_full_text
         .unwrap_or(false)
@@ -154,12 +169,12 @@ pub(crate) async fn generate_response(
         state.infer.generate(request).await.map(|r| (r, None))
     };
     let (response, others) = result.map_err(|err| {
-        m::request_failed(&adapter, err.error_type());
+        m::request_failed(adapter.as_deref(), err.error_type());
         ApiError::from(err)
     })?;
 
     let t = timings(start, &response);
-    m::request_succeeded(&adapter, &t);
+    m::request_succeeded(adapter.as_deref(), &t);
     let headers = timing_headers(state, &t, compute_characters);
     let best_of_sequences = others.map(|others| {
         others
@@ -246,9 +261,8 @@ pub(crate) async fn stream_with(
     encoder: Box<dyn EventEncoder>,
 ) -> Result<Response, ApiError> {
     let start = Instant::now();
+    let adapter = request_adapter(state, &request);
     let p = &request.parameters;
-    let adapter = m::adapter_label(p.adapter_id.as_deref());
-    m::request_received(&adapter);
     let early = if p.best_of.unwrap_or(1) != 1 {
         Some(ValidationError::BestOfStream)
     } else if p.decoder_input_details {
@@ -257,7 +271,7 @@ pub(crate) async fn stream_with(
         None
     };
     if let Some(err) = early {
-        m::request_failed(&adapter, "validation");
+        m::request_failed(adapter.as_deref(), "validation");
         return Err(err.into());
     }
     let prompt = p
@@ -266,7 +280,7 @@ pub(crate) async fn stream_with(
         .then(|| request.inputs.clone());
     let details = p.details;
     let fail = |err: InferError| {
-        m::request_failed(&adapter, err.error_type());
+        m::request_failed(adapter.as_deref(), err.error_type());
         ApiError::from(err)
     };
     let mut generation = state.infer.generate_stream(request).await.map_err(fail)?;
@@ -312,7 +326,7 @@ struct SseState {
     generation: GenerationStream,
     prompt: Option<String>,
     details: bool,
-    adapter: String,
+    adapter: Option<Arc<AdapterKey>>,
     start: Instant,
     encoder: Box<dyn EventEncoder>,
     /// Sent once after the last event.
@@ -370,7 +384,7 @@ impl SseState {
                         prompt_tokens: self.generation.prompt_tokens,
                         generated_tokens: generated_text.generated_tokens,
                     };
-                    m::request_succeeded(&self.adapter, &t);
+                    m::request_succeeded(self.adapter.as_deref(), &t);
                     let details = self.details.then_some(StreamDetails {
                         finish_reason: generated_text.finish_reason,
                         prompt_tokens: self.generation.prompt_tokens,
@@ -391,7 +405,7 @@ impl SseState {
 
     fn fail(&mut self, err: InferError) -> Bytes {
         self.done = true;
-        m::request_failed(&self.adapter, err.error_type());
+        m::request_failed(self.adapter.as_deref(), err.error_type());
         sse_event(&err.to_response_body())
     }
 }
@@ -413,9 +427,12 @@ async fn health(State(state): State<AppState>) -> Result<StatusCode, ApiError> {
     }
 }
 
-/// `GET /info`.
+/// `GET /info`, with the adapters active now.
 async fn info(State(state): State<AppState>) -> Json<Info> {
-    Json(state.info.as_ref().clone())
+    let mut info = state.info.as_ref().clone();
+    info.adapters = state.infer.queue().adapters().await;
+    info.adapters.retain(|a| a.state == AdapterState::Active);
+    Json(info)
 }
 
 /// `GET /metrics`: Prometheus text format.

@@ -2,14 +2,20 @@
 //! in-memory `ShardClient` that behaves like a shard (cached batches, concatenation, filtering)
 //! and records every call, so the queue and the batching loop are tested without a model.
 
+mod adapters;
+mod step;
+
 use crate::client::{ShardClient, ShardError, StepOutput};
 use crate::pb;
 use crate::queue::round_up;
 use crate::validation::ValidGenerateRequest;
+use adapters::{adapter_name, FakeAdapters};
+pub use adapters::{AdapterBehaviour, PrefillRecord};
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use step::{cached, step, FakeRequest};
 use tokenizers::Tokenizer;
 use tokio::sync::Semaphore;
 
@@ -71,7 +77,7 @@ pub fn valid_request(input_length: u32, max_new_tokens: u32) -> ValidGenerateReq
         },
         decoder_input_details: false,
         top_n_tokens: 0,
-        adapter_index: 0,
+        adapter: None,
     }
 }
 
@@ -94,13 +100,17 @@ pub enum Call {
     Clear {
         batch_id: Option<u64>,
     },
-}
-
-#[derive(Debug, Clone)]
-struct FakeRequest {
-    request: pb::Request,
-    generated: u32,
-    finished: bool,
+    Download {
+        adapter: String,
+    },
+    Load {
+        adapter: String,
+        index: u32,
+    },
+    Offload {
+        adapter: String,
+        index: u32,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -112,6 +122,9 @@ struct FakeState {
     fail_prefill: bool,
     fail_decode: bool,
     healthy: bool,
+    /// Every Prefill/Decode takes this long.
+    step_delay: Duration,
+    adapters: FakeAdapters,
 }
 
 /// In-memory shard. The batch it returns after a step still holds the requests that just
@@ -190,6 +203,41 @@ impl FakeShard {
         self.state.lock().unwrap().healthy = healthy;
     }
 
+    /// Makes every Prefill/Decode take `delay`.
+    pub fn set_step_delay(&self, delay: Duration) {
+        self.state.lock().unwrap().step_delay = delay;
+    }
+
+    /// Sets how the fake treats adapter `id` (delays, failure, private token, memory).
+    pub fn set_adapter(&self, id: &str, behaviour: AdapterBehaviour) {
+        let mut state = self.state.lock().unwrap();
+        state.adapters.behaviours.insert(id.to_string(), behaviour);
+    }
+
+    /// Every prefilled request with the adapter installed at its index at that time.
+    pub fn prefills(&self) -> Vec<PrefillRecord> {
+        self.state.lock().unwrap().adapters.prefills.clone()
+    }
+
+    /// Most adapters installed at once.
+    pub fn max_installed_adapters(&self) -> usize {
+        self.state.lock().unwrap().adapters.max_installed
+    }
+
+    /// What is installed now, by index.
+    pub fn installed_adapters(&self) -> HashMap<u32, String> {
+        self.state.lock().unwrap().adapters.installed.clone()
+    }
+
+    /// Every api_token the shard received in adapter calls.
+    pub fn tokens_seen(&self) -> Vec<Option<String>> {
+        self.state.lock().unwrap().adapters.tokens_seen.clone()
+    }
+
+    fn adapter_delay(&self, name: &str, load: bool) -> Duration {
+        self.state.lock().unwrap().adapters.delay(name, load)
+    }
+
     /// Waits (up to 5 s) until `n` calls were received.
     pub async fn wait_calls(&self, n: usize) {
         for _ in 0..5000 {
@@ -204,6 +252,10 @@ impl FakeShard {
     async fn pass_gate(&self) {
         if let Some(gate) = &self.gate {
             gate.acquire().await.expect("gate").forget();
+        }
+        let delay = self.state.lock().unwrap().step_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
         }
     }
 
@@ -221,93 +273,6 @@ impl FakeShard {
             })
             .sum()
     }
-}
-
-/// One generation step for one request.
-fn step(request: &mut FakeRequest, violations: &mut Vec<String>) -> pb::Generation {
-    let r = &request.request;
-    if request.finished {
-        violations.push(format!("request {} stepped after it finished", r.id));
-    }
-    request.generated += 1;
-    let k = request.generated;
-    let stop = r.stopping_parameters.clone().unwrap_or_default();
-    let eos = r.input_ids.contains(&STOP_WORD_ID) && !stop.ignore_eos_token && k == 2;
-    let (token_id, token_text) = if eos {
-        (EOS_ID, "</s>".to_string())
-    } else {
-        (r.id as u32 * 100 + k, format!(" r{}t{}", r.id, k))
-    };
-    let finish = if eos {
-        Some(pb::FinishReason::EosToken)
-    } else if k >= stop.max_new_tokens {
-        Some(pb::FinishReason::Length)
-    } else {
-        None
-    };
-    request.finished = finish.is_some();
-    let params = r.parameters.unwrap_or_default();
-    let generated_text = finish.map(|reason| pb::GeneratedText {
-        text: (1..=k)
-            .filter(|i| !(eos && *i == k))
-            .map(|i| format!(" r{}t{}", r.id, i))
-            .collect(),
-        generated_tokens: k,
-        finish_reason: reason as i32,
-        seed: params.do_sample.then_some(params.seed),
-    });
-    let prefill_tokens = (k == 1 && r.prefill_logprobs).then(|| pb::Tokens {
-        ids: r.input_ids.clone(),
-        logprobs: (0..r.input_ids.len())
-            .map(|i| if i == 0 { f32::NAN } else { -1.0 })
-            .collect(),
-        texts: r.input_ids.iter().map(|id| format!("w{id}")).collect(),
-        is_special: r.input_ids.iter().map(|id| *id <= EOS_ID).collect(),
-    });
-    let n = r.top_n_tokens;
-    let top_tokens = (n > 0).then(|| pb::Tokens {
-        ids: (0..n).map(|j| token_id + j).collect(),
-        logprobs: (0..n).map(|j| -(j as f32) - 0.5).collect(),
-        texts: (0..n).map(|j| format!("alt{j}")).collect(),
-        is_special: vec![false; n as usize],
-    });
-    // Sampled requests get a seed-dependent log-probability, so best_of has something to rank.
-    let logprob = if params.do_sample {
-        -((params.seed % 7) as f32) - 0.25
-    } else {
-        -0.5
-    };
-    pb::Generation {
-        request_id: r.id,
-        prefill_tokens,
-        token_id,
-        token_logprob: logprob,
-        token_text,
-        token_is_special: eos,
-        generated_text,
-        top_tokens,
-    }
-}
-
-fn cached(id: u64, requests: &[FakeRequest], block_size: u32) -> Option<pb::CachedBatch> {
-    if requests.iter().all(|r| r.finished) {
-        return None;
-    }
-    Some(pb::CachedBatch {
-        id,
-        request_ids: requests.iter().map(|r| r.request.id).collect(),
-        size: requests.len() as u32,
-        max_tokens: requests
-            .iter()
-            .map(|r| {
-                let stop = r.request.stopping_parameters.as_ref().unwrap();
-                round_up(
-                    r.request.input_ids.len() as u32 + stop.max_new_tokens,
-                    block_size,
-                )
-            })
-            .sum(),
-    })
 }
 
 #[async_trait]
@@ -359,11 +324,17 @@ impl ShardClient for FakeShard {
                 .violations
                 .push(format!("batch {} has a wrong size", batch.id));
         }
+        let state = &mut *state;
+        let names = state
+            .adapters
+            .prefill(&batch.requests, &mut state.violations)?;
         let mut requests: Vec<FakeRequest> = batch
             .requests
             .into_iter()
-            .map(|request| FakeRequest {
+            .zip(names)
+            .map(|(request, adapter)| FakeRequest {
                 request,
+                adapter,
                 generated: 0,
                 finished: false,
             })
@@ -378,7 +349,7 @@ impl ShardClient for FakeShard {
             state.batches.insert(batch.id, requests);
         }
         state.violations.extend(violations);
-        let reserved = self.reserved(&state);
+        let reserved = self.reserved(state);
         state.max_reserved = state.max_reserved.max(reserved);
         if reserved > self.capacity {
             state
@@ -409,6 +380,14 @@ impl ShardClient for FakeShard {
             }
         }
         let mut violations = Vec::new();
+        for r in &merged {
+            if !state.adapters.holds(r.request.adapter_index, &r.adapter) {
+                violations.push(format!(
+                    "request {} decoded after its adapter left index {}",
+                    r.request.id, r.request.adapter_index
+                ));
+            }
+        }
         let generations = merged
             .iter_mut()
             .map(|r| step(r, &mut violations))
@@ -457,5 +436,70 @@ impl ShardClient for FakeShard {
             None => state.batches.clear(),
         }
         Ok(())
+    }
+
+    async fn download_adapter(
+        &self,
+        parameters: pb::AdapterParameters,
+        _source: pb::AdapterSource,
+        api_token: Option<String>,
+    ) -> Result<f32, ShardError> {
+        let name = adapter_name(&Some(parameters));
+        self.state.lock().unwrap().calls.push(Call::Download {
+            adapter: name.clone(),
+        });
+        tokio::time::sleep(self.adapter_delay(&name, false)).await;
+        let gate = self.state.lock().unwrap().adapters.download_gate(&name);
+        if let Some(gate) = gate {
+            let _permit = gate.acquire().await.expect("download gate");
+        }
+        self.state
+            .lock()
+            .unwrap()
+            .adapters
+            .download(&name, api_token)
+    }
+
+    async fn load_adapter(
+        &self,
+        parameters: pb::AdapterParameters,
+        _source: pb::AdapterSource,
+        index: u32,
+        api_token: Option<String>,
+    ) -> Result<(), ShardError> {
+        let name = adapter_name(&Some(parameters));
+        self.state.lock().unwrap().calls.push(Call::Load {
+            adapter: name.clone(),
+            index,
+        });
+        tokio::time::sleep(self.adapter_delay(&name, true)).await;
+        let mut state = self.state.lock().unwrap();
+        let state = &mut *state;
+        state
+            .adapters
+            .load(&name, index, api_token, &mut state.violations)
+    }
+
+    async fn offload_adapter(
+        &self,
+        parameters: pb::AdapterParameters,
+        _source: pb::AdapterSource,
+        index: u32,
+    ) -> Result<bool, ShardError> {
+        let name = adapter_name(&Some(parameters));
+        let mut state = self.state.lock().unwrap();
+        state.calls.push(Call::Offload {
+            adapter: name.clone(),
+            index,
+        });
+        let in_use = state
+            .batches
+            .values()
+            .flatten()
+            .any(|r| r.request.adapter_index == index);
+        let state = &mut *state;
+        state
+            .adapters
+            .offload(&name, index, in_use, &mut state.violations)
     }
 }

@@ -1,6 +1,7 @@
 //! Request validation: parameter ranges, tokenization (with the `tokenizers` crate, special
 //! tokens added as the Hugging Face tokenizer does), truncation and the length limits.
 
+use crate::adapter::{self, AdapterConfig, AdapterFields, AdapterRequest};
 use crate::api::{GenerateParameters, GenerateRequest, SimpleToken};
 use crate::pb;
 use std::path::Path;
@@ -9,9 +10,6 @@ use tokenizers::{Encoding, Tokenizer, TruncationDirection};
 
 /// Most alternatives a request may ask for per generated token.
 pub const MAX_TOP_N_TOKENS: u32 = 10;
-
-/// Adapter sources LoRAX accepts.
-pub const ADAPTER_SOURCES: [&str; 4] = ["hub", "local", "s3", "pbase"];
 
 /// Why a request is invalid (answered with 422 `validation`).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -50,10 +48,16 @@ pub enum ValidationError {
     EmptyInput,
     #[error("`stop` supports up to {0} stop sequences. Given: {1}")]
     StopSequence(usize, usize),
-    #[error("`adapter_source` must be one of hub, local, s3, pbase. Given: {0}")]
+    #[error("`adapter_source` must be one of hub, local, s3. Given: {0}")]
     AdapterSource(String),
-    #[error("adapters are not supported yet: this server only serves the base model")]
-    AdaptersNotSupported,
+    #[error("architecture {0} does not support dynamic adapter loading")]
+    AdaptersNotSupported(String),
+    #[error("`adapter_id` and `merged_adapters` cannot both be set")]
+    AdapterConflict,
+    #[error("`adapter_id` {0}")]
+    AdapterId(String),
+    #[error("{0}")]
+    MergedAdapters(String),
     #[error("`{0}` is not supported yet")]
     NotSupported(&'static str),
     #[error("{0}")]
@@ -83,8 +87,9 @@ pub struct ValidGenerateRequest {
     /// Return prompt log-probabilities.
     pub decoder_input_details: bool,
     pub top_n_tokens: u32,
-    /// Loaded adapter index; 0 is the base model.
-    pub adapter_index: u32,
+    /// The adapter to run with; None is the base model. (Its index at the shard is given
+    /// when the request is admitted into a batch.)
+    pub adapter: Option<AdapterRequest>,
 }
 
 /// Parameters checked before tokenization (pure; no tokenizer needed).
@@ -101,6 +106,7 @@ struct CheckedParameters {
 pub struct Validation {
     tokenizer: Arc<Tokenizer>,
     limits: ValidationLimits,
+    adapters: Arc<AdapterConfig>,
 }
 
 /// Loads `tokenizer.json` from a directory (or the file itself).
@@ -118,11 +124,37 @@ impl Validation {
         Self {
             tokenizer: Arc::new(tokenizer),
             limits,
+            adapters: Arc::new(AdapterConfig::default()),
         }
+    }
+
+    /// Sets what requests may say about adapters (default: adapters supported, none by default).
+    pub fn with_adapters(mut self, adapters: AdapterConfig) -> Self {
+        self.adapters = Arc::new(adapters);
+        self
     }
 
     pub fn limits(&self) -> ValidationLimits {
         self.limits
+    }
+
+    pub fn adapter_config(&self) -> &AdapterConfig {
+        &self.adapters
+    }
+
+    /// The adapter a request's parameters name (default adapter, base model; see
+    /// `adapter::resolve`).
+    pub fn resolve_adapter(
+        &self,
+        p: &GenerateParameters,
+    ) -> Result<Option<AdapterRequest>, ValidationError> {
+        let fields = AdapterFields {
+            adapter_id: p.adapter_id.as_deref(),
+            merged_adapters: p.merged_adapters.as_ref(),
+            adapter_source: p.adapter_source.as_deref(),
+            api_token: p.api_token.as_ref(),
+        };
+        adapter::resolve(&self.adapters, fields)
     }
 
     /// Validates a request; `best_of` is checked here too (its sequences are queued separately).
@@ -134,6 +166,7 @@ impl Validation {
             return Err(ValidationError::EmptyInput);
         }
         let checked = check_parameters(&self.limits, &request.parameters)?;
+        let adapter = self.resolve_adapter(&request.parameters)?;
         let add_special_tokens = !request.parameters.prompt_has_special_tokens;
         let encoding = self
             .encode(request.inputs, add_special_tokens, checked.truncate)
@@ -172,7 +205,7 @@ impl Validation {
             },
             decoder_input_details: p.decoder_input_details,
             top_n_tokens: checked.top_n_tokens,
-            adapter_index: 0,
+            adapter,
         })
     }
 
@@ -309,16 +342,6 @@ fn check_parameters(
 
 /// Features whose issue has not landed yet: refused clearly rather than silently ignored.
 fn check_unsupported(p: &GenerateParameters) -> Result<(), ValidationError> {
-    if let Some(source) = &p.adapter_source {
-        if !ADAPTER_SOURCES.contains(&source.as_str()) {
-            return Err(ValidationError::AdapterSource(source.clone()));
-        }
-    }
-    let named_adapter = p.adapter_id.as_deref().is_some_and(|id| !id.is_empty());
-    let merged = p.merged_adapters.as_ref().is_some_and(|m| !m.is_null());
-    if named_adapter || merged {
-        return Err(ValidationError::AdaptersNotSupported);
-    }
     if p.response_format.as_ref().is_some_and(|f| !f.is_null()) {
         return Err(ValidationError::NotSupported("response_format"));
     }
@@ -374,7 +397,7 @@ mod tests {
         assert_eq!(valid.parameters.temperature, 1.0);
         assert_eq!(valid.parameters.top_p, 1.0);
         assert_eq!(valid.parameters.top_k, 0);
-        assert_eq!(valid.adapter_index, 0);
+        assert!(valid.adapter.is_none());
     }
 
     #[tokio::test]
@@ -486,25 +509,54 @@ mod tests {
         assert_eq!(checked.parameters.seed, 42);
     }
 
-    #[test]
-    fn adapters_and_unsupported_features_are_refused() {
-        let named = params(|p| p.adapter_id = Some("org/lora".into()));
-        assert_eq!(param_error(named), E::AdaptersNotSupported);
-        let merged = params(|p| {
-            p.merged_adapters = Some(serde_json::json!({"ids": ["a"], "weights": [1.0]}));
+    #[tokio::test]
+    async fn adapters_are_resolved_and_unsupported_features_refused() {
+        let named = check("hello", params(|p| p.adapter_id = Some("org/lora".into())))
+            .await
+            .unwrap();
+        assert_eq!(named.adapter.unwrap().key.describe(), "org/lora");
+        let source = params(|p| {
+            p.adapter_id = Some("a".into());
+            p.adapter_source = Some("ftp".into());
         });
-        assert_eq!(param_error(merged), E::AdaptersNotSupported);
-        let source = params(|p| p.adapter_source = Some("ftp".into()));
-        assert_eq!(param_error(source), E::AdapterSource("ftp".into()));
+        assert_eq!(
+            check("hello", source).await.unwrap_err(),
+            E::AdapterSource("ftp".into())
+        );
+        let merged = params(|p| {
+            p.merged_adapters = Some(crate::adapter::MergedAdapters {
+                ids: vec!["a".into()],
+                weights: Some(vec![1.0, 2.0]),
+                ..Default::default()
+            });
+        });
+        assert!(matches!(
+            check("hello", merged).await.unwrap_err(),
+            E::MergedAdapters(_)
+        ));
         let format =
             params(|p| p.response_format = Some(serde_json::json!({"type": "json_object"})));
         assert_eq!(param_error(format), E::NotSupported("response_format"));
-        // An empty adapter id or a bare source is the base model.
+        // An empty adapter id with a source is the base model.
         let base = params(|p| {
             p.adapter_id = Some(String::new());
             p.adapter_source = Some("hub".into());
         });
-        assert!(check_parameters(&limits(), &base).is_ok());
+        assert!(check("hello", base).await.unwrap().adapter.is_none());
+        let unsupported =
+            Validation::new(test_tokenizer(), limits()).with_adapters(AdapterConfig {
+                supports_adapters: false,
+                architecture: "GPT2LMHeadModel".into(),
+                ..Default::default()
+            });
+        let request = GenerateRequest {
+            inputs: "hello".into(),
+            parameters: params(|p| p.adapter_id = Some("org/lora".into())),
+        };
+        assert_eq!(
+            unsupported.validate(request).await.unwrap_err(),
+            E::AdaptersNotSupported("GPT2LMHeadModel".into())
+        );
     }
 
     #[tokio::test]

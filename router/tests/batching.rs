@@ -4,8 +4,9 @@ use lorax_router::api::{FinishReason, Token};
 use lorax_router::batcher::{spawn_batcher, BatcherConfig};
 use lorax_router::client::ShardClient;
 use lorax_router::errors::InferError;
+use lorax_router::exchange::ExchangeConfig;
 use lorax_router::infer::{GeneratedText, InferStreamResponse};
-use lorax_router::queue::{Entry, Queue};
+use lorax_router::queue::{Entry, Queue, QueueConfig};
 use lorax_router::testing::{valid_request, Call, FakeShard, EOS_ID, STOP_WORD_ID};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,9 +32,16 @@ fn config(total: u32, prefill: u32, max_waiting_tokens: usize, ratio: f32) -> Ba
 
 fn start(shard: FakeShard, config: BatcherConfig) -> Harness {
     let shard = Arc::new(shard);
-    let queue = Queue::spawn(config.block_size);
     let notify = Arc::new(Notify::new());
     let client: Arc<dyn ShardClient> = shard.clone();
+    let queue_config = QueueConfig {
+        block_size: config.block_size,
+        exchange: ExchangeConfig {
+            max_active_adapters: 2,
+            cycle_time: Duration::from_secs(2),
+        },
+    };
+    let queue = Queue::spawn(client.clone(), queue_config, notify.clone());
     spawn_batcher(client, queue.clone(), notify.clone(), config);
     Harness {
         shard,
@@ -87,7 +95,7 @@ fn request_ids(call: &Call) -> Vec<u64> {
         Call::Prefill { request_ids, .. }
         | Call::Decode { request_ids, .. }
         | Call::Filter { request_ids, .. } => request_ids.clone(),
-        Call::Clear { .. } => vec![],
+        _ => vec![],
     }
 }
 

@@ -2,10 +2,10 @@
 //! generated `LoraxService`; the router's `ShardedClient` discovers both through the first and
 //! sends every batch call to each.
 
-use lorax_router::client::{ShardClient, ShardedClient};
+use lorax_router::client::{ShardClient, ShardError, ShardedClient};
 use lorax_router::pb;
 use lorax_router::pb::lorax_service_server::{LoraxService, LoraxServiceServer};
-use lorax_router::testing::{valid_request, Call, FakeShard};
+use lorax_router::testing::{valid_request, AdapterBehaviour, Call, FakeShard};
 use std::path::Path;
 use std::sync::Arc;
 use tokio::net::UnixListener;
@@ -17,8 +17,8 @@ struct Service {
     urls: Vec<String>,
 }
 
-fn status(err: impl std::fmt::Display) -> Status {
-    Status::internal(err.to_string())
+fn status(err: ShardError) -> Status {
+    Status::new(err.code(), err.message())
 }
 
 #[tonic::async_trait]
@@ -120,23 +120,49 @@ impl LoraxService for Service {
 
     async fn download_adapter(
         &self,
-        _: Request<pb::DownloadAdapterRequest>,
+        r: Request<pb::DownloadAdapterRequest>,
     ) -> Result<Response<pb::DownloadAdapterResponse>, Status> {
-        Err(Status::unimplemented("adapters"))
+        let r = r.into_inner();
+        let source = r.adapter_source();
+        let parameters = r.adapter_parameters.unwrap_or_default();
+        let memory_fraction = self
+            .shard
+            .download_adapter(parameters, source, r.api_token)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::DownloadAdapterResponse {
+            downloaded: true,
+            memory_fraction,
+        }))
     }
 
     async fn load_adapter(
         &self,
-        _: Request<pb::LoadAdapterRequest>,
+        r: Request<pb::LoadAdapterRequest>,
     ) -> Result<Response<pb::LoadAdapterResponse>, Status> {
-        Err(Status::unimplemented("adapters"))
+        let r = r.into_inner();
+        let source = r.adapter_source();
+        let parameters = r.adapter_parameters.unwrap_or_default();
+        self.shard
+            .load_adapter(parameters, source, r.adapter_index, r.api_token)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::LoadAdapterResponse { loaded: true }))
     }
 
     async fn offload_adapter(
         &self,
-        _: Request<pb::OffloadAdapterRequest>,
+        r: Request<pb::OffloadAdapterRequest>,
     ) -> Result<Response<pb::OffloadAdapterResponse>, Status> {
-        Err(Status::unimplemented("adapters"))
+        let r = r.into_inner();
+        let source = r.adapter_source();
+        let parameters = r.adapter_parameters.unwrap_or_default();
+        let offloaded = self
+            .shard
+            .offload_adapter(parameters, source, r.adapter_index)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::OffloadAdapterResponse { offloaded }))
     }
 }
 
@@ -234,6 +260,83 @@ async fn sharded_client_reaches_every_shard_over_unix_sockets() {
     let (_, cached) = client.prefill(batch(8)).await.unwrap();
     let err = client.decode(vec![cached.unwrap()]).await.unwrap_err();
     assert!(err.to_string().contains("decode exploded"), "{err}");
+}
+
+/// Two shards over unix sockets, and the client that reaches both.
+async fn two_shards(dir: &Path) -> (Vec<Arc<FakeShard>>, ShardedClient) {
+    let paths: Vec<_> = (0..2)
+        .map(|r| dir.join(format!("lorax-server-{r}")))
+        .collect();
+    let urls: Vec<String> = paths
+        .iter()
+        .map(|p| format!("unix://{}", p.display()))
+        .collect();
+    let shards: Vec<Arc<FakeShard>> = (0..2).map(|_| Arc::new(FakeShard::new(512, 16))).collect();
+    for (path, shard) in paths.iter().zip(&shards) {
+        serve(path, shard.clone(), urls.clone());
+    }
+    let client = ShardedClient::connect_uds(paths[0].to_str().unwrap())
+        .await
+        .unwrap();
+    (shards, client)
+}
+
+#[tokio::test]
+async fn adapter_calls_reach_every_shard_and_keep_their_status_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shards, client) = two_shards(dir.path()).await;
+    shards[1].set_adapter(
+        "a",
+        AdapterBehaviour {
+            memory_fraction: Some(0.25),
+            ..Default::default()
+        },
+    );
+    let params = |id: &str| pb::AdapterParameters {
+        adapter_ids: vec![id.into()],
+        density: 1.0,
+        ..Default::default()
+    };
+    let source = pb::AdapterSource::Local;
+    let token = Some("hf_token".to_string());
+    let fraction = client
+        .download_adapter(params("a"), source, token.clone())
+        .await
+        .unwrap();
+    assert_eq!(fraction, 0.25, "the largest share of any shard");
+    client
+        .load_adapter(params("a"), source, 3, token)
+        .await
+        .unwrap();
+    for shard in &shards {
+        assert_eq!(
+            shard.installed_adapters().get(&3).map(String::as_str),
+            Some("a")
+        );
+        assert_eq!(shard.tokens_seen(), vec![Some("hf_token".to_string()); 2]);
+    }
+    assert!(client
+        .offload_adapter(params("a"), source, 3)
+        .await
+        .unwrap());
+    assert!(!client
+        .offload_adapter(params("a"), source, 3)
+        .await
+        .unwrap());
+
+    shards[0].set_adapter(
+        "gated",
+        AdapterBehaviour {
+            token: Some("right".into()),
+            ..Default::default()
+        },
+    );
+    let err = client
+        .download_adapter(params("gated"), source, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(err.message().contains("api_token is required"), "{err}");
 }
 
 #[tokio::test]

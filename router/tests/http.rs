@@ -1,167 +1,16 @@
 //! The HTTP API end to end (router → infer → batcher → fake shard), without a network: requests
 //! are sent to the axum app in-process.
 
-use axum::body::{to_bytes, Body, Bytes};
-use axum::http::{HeaderMap, Request, StatusCode};
-use axum::Router;
+mod common;
+
+use axum::http::StatusCode;
+use common::*;
 use futures::StreamExt;
-use lorax_router::api::Info;
-use lorax_router::batcher::BatcherConfig;
-use lorax_router::client::ShardClient;
-use lorax_router::infer::Infer;
-use lorax_router::server::{router, AppState};
-use lorax_router::template::ChatTemplate;
-use lorax_router::testing::{test_tokenizer, Call, FakeShard};
-use lorax_router::validation::{Validation, ValidationLimits};
+use lorax_router::testing::{Call, FakeShard};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
 use tower::ServiceExt;
-
-fn info() -> Info {
-    Info {
-        model_id: "test/model".into(),
-        model_sha: None,
-        model_dtype: "float32".into(),
-        model_device_type: "cpu".into(),
-        model_pipeline_tag: Some("text-generation".into()),
-        architecture: "LlamaForCausalLM".into(),
-        max_concurrent_requests: 4,
-        max_best_of: 2,
-        max_stop_sequences: 4,
-        max_input_length: 16,
-        max_total_tokens: 32,
-        waiting_served_ratio: 1.2,
-        max_batch_total_tokens: 1000,
-        max_batch_prefill_tokens: 100,
-        max_waiting_tokens: 20,
-        max_active_adapters: 128,
-        adapter_cycle_time_s: 2,
-        block_size: 1,
-        eos_token_ids: vec![2],
-        supports_adapters: true,
-        validation_workers: 1,
-        version: lorax_router::VERSION,
-        sha: None,
-        docker_label: None,
-        request_logger_url: None,
-    }
-}
-
-fn chat_template() -> ChatTemplate {
-    let source = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}";
-    ChatTemplate::new(source.into(), "<s>".into(), "</s>".into()).unwrap()
-}
-
-fn app(shard: Arc<FakeShard>, max_concurrent_requests: usize) -> Router {
-    let limits = ValidationLimits {
-        max_best_of: 2,
-        max_stop_sequences: 4,
-        max_input_length: 16,
-        max_total_tokens: 32,
-    };
-    let config = BatcherConfig {
-        max_batch_prefill_tokens: 100,
-        max_batch_total_tokens: 1000,
-        max_waiting_tokens: 20,
-        waiting_served_ratio: 1.2,
-        block_size: 1,
-    };
-    let client: Arc<dyn ShardClient> = shard;
-    let validation = Validation::new(test_tokenizer(), limits);
-    let infer = Infer::new(client.clone(), validation, config, max_concurrent_requests);
-    let state = AppState {
-        infer,
-        info: Arc::new(info()),
-        client,
-        prometheus: lorax_router::metrics::install(),
-        chat_template: Some(Arc::new(chat_template())),
-    };
-    router(state, &[])
-}
-
-fn fake() -> Arc<FakeShard> {
-    Arc::new(FakeShard::new(1000, 1))
-}
-
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
-    }
-
-    /// The SSE events' JSON payloads.
-    fn events(&self) -> Vec<Value> {
-        let text = String::from_utf8(self.body.to_vec()).unwrap();
-        assert!(text.ends_with("\n\n"), "{text}");
-        text.split("\n\n")
-            .filter(|e| !e.is_empty())
-            .map(|e| {
-                let data = e.strip_prefix("data:").unwrap_or_else(|| panic!("{e}"));
-                assert!(data.starts_with('{'), "data:{{json}} without a space");
-                serde_json::from_str(data).unwrap()
-            })
-            .collect()
-    }
-}
-
-fn request(
-    method: &str,
-    uri: &str,
-    content_type: Option<&str>,
-    body: impl Into<Body>,
-) -> Request<Body> {
-    let mut builder = Request::builder().method(method).uri(uri);
-    if let Some(ct) = content_type {
-        builder = builder.header("content-type", ct);
-    }
-    builder.body(body.into()).unwrap()
-}
-
-async fn send(app: &Router, req: Request<Body>) -> Answer {
-    let response = tokio::time::timeout(Duration::from_secs(10), app.clone().oneshot(req))
-        .await
-        .expect("answer in time")
-        .unwrap();
-    let status = response.status();
-    let headers = response.headers().clone();
-    let body = to_bytes(response.into_body(), usize::MAX).await.unwrap();
-    Answer {
-        status,
-        headers,
-        body,
-    }
-}
-
-async fn post(app: &Router, uri: &str, body: Value) -> Answer {
-    send(
-        app,
-        request("POST", uri, Some("application/json"), body.to_string()),
-    )
-    .await
-}
-
-async fn get(app: &Router, uri: &str) -> Answer {
-    send(app, request("GET", uri, None, Body::empty())).await
-}
-
-fn assert_error(answer: &Answer, status: u16, error_type: &str) {
-    assert_eq!(
-        answer.status.as_u16(),
-        status,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
-    let body = answer.json();
-    assert_eq!(body["error_type"], error_type, "{body}");
-    assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()));
-}
 
 #[tokio::test]
 async fn generate_answers_with_details() {
@@ -389,7 +238,8 @@ async fn validation_errors_are_422() {
         json!({"inputs": "hello", "parameters": {"repetition_penalty": 0.0}}),
         json!({"inputs": "hello", "parameters": {"stop": ["a", "b", "c", "d", "e"]}}),
         json!({"inputs": "hello", "parameters": {"truncate": 17}}),
-        json!({"inputs": "hello", "parameters": {"adapter_id": "org/adapter"}}),
+        json!({"inputs": "hello", "parameters": {"adapter_id": "a", "adapter_source": "pbase"}}),
+        json!({"inputs": "hello", "parameters": {"merged_adapters": {"ids": []}}}),
     ];
     for case in cases {
         for uri in ["/generate", "/generate_stream", "/"] {
@@ -397,16 +247,6 @@ async fn validation_errors_are_422() {
             assert_error(&answer, 422, "validation");
         }
     }
-    let adapter = post(
-        &app,
-        "/generate",
-        json!({"inputs": "x", "parameters": {"adapter_id": "a/b"}}),
-    )
-    .await;
-    assert!(adapter.json()["error"]
-        .as_str()
-        .unwrap()
-        .contains("adapters are not supported yet"));
 }
 
 #[tokio::test]
@@ -560,6 +400,7 @@ async fn health_info_metrics_tokenize_docs() {
     assert!(String::from_utf8_lossy(&docs.body).contains("/generate_stream"));
     let spec = get(&app, "/api-doc/openapi.json").await.json();
     assert!(spec["paths"]["/generate"]["post"].is_object());
+    assert!(spec["paths"]["/adapters/load"]["post"]["responses"]["409"].is_object());
 }
 
 /// OpenAI's SSE chunks (`data: {json}`), and whether `data: [DONE]` closed them.
@@ -628,10 +469,15 @@ async fn openai_completions() {
     let adapter = post(
         &app,
         "/v1/completions",
-        json!({"model": "org/adapter", "prompt": "hello"}),
+        json!({"model": "org/adapter", "prompt": "hello", "max_tokens": 2}),
     )
     .await;
-    assert_error(&adapter, 422, "validation");
+    assert_eq!(adapter.status, StatusCode::OK);
+    let text = adapter.json()["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(text.contains("[org/adapter]"), "{text}");
     let n = post(&app, "/v1/completions", json!({"prompt": "hello", "n": 2})).await;
     assert_error(&n, 422, "validation");
     let models = get(&app, "/v1/models").await.json();

@@ -30,6 +30,15 @@ FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}, [ATTN, MLP]),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 5}, [ATTN, MLP]),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}, [["q_proj", "v_proj"], ATTN + MLP]),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 32}, [ATTN, ["gate_proj", "down_proj"]]),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        # window < prompt length; soft caps low enough to bite on random weights
+        {"head_dim": 32, "sliding_window": 4, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0,
+         "query_pre_attn_scalar": 24},  # fmt: skip
+        [["q_proj", "o_proj", "up_proj"], ATTN + MLP],
+    ),
 }
 
 

@@ -87,6 +87,9 @@ class ModelConfig:
     layer_types: tuple[str, ...] | None = None  # per layer "sliding_attention" | "full_attention"
     attention_bias: bool = False
     mlp_bias: bool = False
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power when set
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -118,6 +121,9 @@ class ModelConfig:
             layer_types=tuple(cfg["layer_types"]) if cfg.get("layer_types") else None,
             attention_bias=bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
+            attn_logit_softcap=cfg.get("attn_logit_softcapping"),
+            final_logit_softcap=cfg.get("final_logit_softcapping"),
+            query_pre_attn_scalar=cfg.get("query_pre_attn_scalar"),
             eos_token_ids=_eos_ids(cfg, generation_cfg or {}),
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
             raw=cfg,

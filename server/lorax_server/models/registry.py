@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from . import llama, qwen2
+from . import gemma, llama, qwen2
 from .spec import ArchSpec
 
-REGISTRY: dict[str, ArchSpec] = {**llama.ARCHITECTURES, **qwen2.ARCHITECTURES}
+REGISTRY: dict[str, ArchSpec] = {**llama.ARCHITECTURES, **qwen2.ARCHITECTURES, **gemma.ARCHITECTURES}
 
 
 class UnsupportedArchitecture(ValueError):

@@ -24,7 +24,13 @@ class ArchSpec:
     down_proj: str = "mlp.down_proj"
     input_norm: str = "input_layernorm"
     post_attention_norm: str = "post_attention_layernorm"
+    pre_feedforward_norm: str = "pre_feedforward_layernorm"  # sandwich_norms only
+    post_feedforward_norm: str = "post_feedforward_layernorm"  # sandwich_norms only
     norm: str = "rms"  # rms | layer
+    norm_weight_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + w)
+    embed_scale: bool = False  # Gemma scales embeddings by sqrt(hidden)
+    # Gemma2: post_attention_norm normalises the attention output; pre/post norms wrap the MLP.
+    sandwich_norms: bool = False
     qkv_bias: bool | None = None  # None: config.attention_bias decides
     uses_sliding_window: bool = True  # honour config.sliding_window
     # Modules a LoRA adapter may target, by the name adapters use.

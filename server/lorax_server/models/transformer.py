@@ -24,7 +24,7 @@ from .spec import ArchSpec
 def _norm(spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str):  # noqa: ANN202
     if spec.norm == "layer":
         return LayerNorm.load(weights, prefix, cfg.norm_eps, cfg.hidden_size)
-    return RMSNorm.load(weights, prefix, cfg.norm_eps, cfg.hidden_size)
+    return RMSNorm.load(weights, prefix, cfg.norm_eps, cfg.hidden_size, spec.norm_weight_offset)
 
 
 class SelfAttention:
@@ -43,7 +43,8 @@ class SelfAttention:
             weights, [f"{prefix}.{spec.o_proj}"], bias=False, shapes=[(cfg.hidden_size, h * d)]
         )
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
-        self.scale = d**-0.5
+        self.scale = (cfg.query_pre_attn_scalar or d) ** -0.5
+        self.softcap = cfg.attn_logit_softcap
         self.window = cfg.window_for(layer_idx) if spec.uses_sliding_window else None
         self.layer_idx = layer_idx
 
@@ -62,7 +63,7 @@ class SelfAttention:
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         cache.write(self.layer_idx, meta.slots, k, v)
         out = backend.attend(
-            q, cache.keys[self.layer_idx], cache.values[self.layer_idx], meta, self.scale, self.window
+            q, cache.keys[self.layer_idx], cache.values[self.layer_idx], meta, self.scale, self.window, self.softcap
         )
         return self.o(out.reshape(-1, self.num_heads * self.head_dim), meta)
 
@@ -95,12 +96,20 @@ class DecoderLayer:
         self.attn = SelfAttention(spec, cfg, weights, prefix, layer_idx)
         self.post_attention_norm = _norm(spec, cfg, weights, f"{prefix}.{spec.post_attention_norm}")
         self.mlp = GatedMLP(spec, cfg, weights, prefix)
+        self.sandwich = spec.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_norm = _norm(spec, cfg, weights, f"{prefix}.{spec.pre_feedforward_norm}")
+            self.post_feedforward_norm = _norm(spec, cfg, weights, f"{prefix}.{spec.post_feedforward_norm}")
 
     def __call__(
         self, x: torch.Tensor, meta: ForwardBatch, cos, sin, cache: KVCache, backend
     ) -> torch.Tensor:  # noqa: ANN001
-        x = x + self.attn(self.input_norm(x), meta, cos, sin, cache, backend)
-        return x + self.mlp(self.post_attention_norm(x), meta)
+        attn = self.attn(self.input_norm(x), meta, cos, sin, cache, backend)
+        if not self.sandwich:
+            x = x + attn
+            return x + self.mlp(self.post_attention_norm(x), meta)
+        x = x + self.post_attention_norm(attn)
+        return x + self.post_feedforward_norm(self.mlp(self.pre_feedforward_norm(x), meta))
 
 
 class CausalLM:
@@ -131,8 +140,13 @@ class CausalLM:
     def forward(self, meta: ForwardBatch, cache: KVCache) -> torch.Tensor:
         """Returns float32 logits [num_logits, vocab] for the tokens in `meta.logits_index`."""
         x = F.embedding(meta.input_ids, self.embed)  # [num_tokens, hidden]
+        if self.spec.embed_scale:
+            x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
         cos, sin = self.rotary.cos_sin(meta.positions, meta.seq_lens)
         for layer in self.layers:
             x = layer(x, meta, cos, sin, cache, self.backend)
-        x = self.norm(x[meta.logits_index])
-        return self.lm_head(x).float()
+        logits = self.lm_head(self.norm(x[meta.logits_index])).float()
+        if self.config.final_logit_softcap:
+            cap = self.config.final_logit_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits

@@ -1,0 +1,544 @@
+//! Adapter identity: what a request names (one LoRA adapter, or a per-request merge of several),
+//! where it comes from, and which token fetched it. Two requests share a loaded adapter exactly
+//! when their `AdapterKey`s are equal. The token itself is a secret: it travels to the shard and
+//! nowhere else (it prints as `***`; keys hold only a keyed hash of it).
+
+use crate::pb;
+use crate::validation::ValidationError;
+use serde::{Deserialize, Serialize};
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::{Arc, OnceLock};
+
+/// Merge strategies the shard implements.
+pub const MERGE_STRATEGIES: [&str; 4] = ["linear", "ties", "dare_linear", "dare_ties"];
+/// TIES sign-election methods.
+pub const SIGN_METHODS: [&str; 2] = ["total", "frequency"];
+/// Longest adapter id accepted (ids end up in logs and metric labels).
+pub const MAX_ADAPTER_ID_LENGTH: usize = 512;
+
+/// Where an adapter's files come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterSource {
+    Hub,
+    Local,
+    S3,
+}
+
+impl AdapterSource {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "hub" => Some(Self::Hub),
+            "local" => Some(Self::Local),
+            "s3" => Some(Self::S3),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hub => "hub",
+            Self::Local => "local",
+            Self::S3 => "s3",
+        }
+    }
+
+    pub fn to_proto(self) -> pb::AdapterSource {
+        match self {
+            Self::Hub => pb::AdapterSource::Hub,
+            Self::Local => pb::AdapterSource::Local,
+            Self::S3 => pb::AdapterSource::S3,
+        }
+    }
+}
+
+/// A token for private adapters. Never printed, logged or serialized.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct ApiToken(String);
+
+impl ApiToken {
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+
+    /// The token itself, for the shard call that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// 128-bit keyed hash (SipHash with random per-process keys): tells tokens apart without
+    /// keeping anything that could be turned back into the token outside this process.
+    fn fingerprint(&self) -> u128 {
+        static KEYS: OnceLock<[RandomState; 2]> = OnceLock::new();
+        let [a, b] = KEYS.get_or_init(|| [RandomState::new(), RandomState::new()]);
+        (u128::from(a.hash_one(&self.0)) << 64) | u128::from(b.hash_one(&self.0))
+    }
+}
+
+impl std::fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiToken(***)")
+    }
+}
+
+/// `merged_adapters` of a request (LoRAX's JSON). Absent fields take LoRAX's defaults.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct MergedAdapters {
+    #[serde(default)]
+    pub ids: Vec<String>,
+    /// One weight per id; default 1.0 each.
+    #[serde(default)]
+    pub weights: Option<Vec<f32>>,
+    /// `linear` (default), `ties`, `dare_linear` or `dare_ties`.
+    #[serde(default)]
+    pub merge_strategy: Option<String>,
+    /// Fraction kept by TIES/DARE, in (0, 1]; default 1.0.
+    #[serde(default)]
+    pub density: Option<f32>,
+    /// `total` (default) or `frequency`.
+    #[serde(default)]
+    pub majority_sign_method: Option<String>,
+}
+
+/// Validated merge settings, defaults filled in.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MergeParams {
+    pub weights: Vec<f32>,
+    pub merge_strategy: String,
+    pub density: f32,
+    pub majority_sign_method: String,
+}
+
+impl Eq for MergeParams {}
+
+impl Hash for MergeParams {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        for w in &self.weights {
+            w.to_bits().hash(state);
+        }
+        self.merge_strategy.hash(state);
+        self.density.to_bits().hash(state);
+        self.majority_sign_method.hash(state);
+    }
+}
+
+/// What identifies an adapter: ids, merge settings, source and (a hash of) the token.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AdapterKey {
+    pub ids: Vec<String>,
+    /// None for a single adapter named by `adapter_id`.
+    pub merge: Option<MergeParams>,
+    pub source: AdapterSource,
+    token_fingerprint: Option<u128>,
+}
+
+impl AdapterKey {
+    /// A single adapter fetched with the server's own credentials.
+    pub fn single(id: impl Into<String>, source: AdapterSource) -> Self {
+        Self {
+            ids: vec![id.into()],
+            merge: None,
+            source,
+            token_fingerprint: None,
+        }
+    }
+
+    /// Human-readable name: the id, or the merged ids joined by `+`. Never holds the token.
+    pub fn describe(&self) -> String {
+        self.ids.join("+")
+    }
+
+    /// Whether a request token is part of the key.
+    pub fn is_private(&self) -> bool {
+        self.token_fingerprint.is_some()
+    }
+
+    /// The merge settings as the API shows them (None for a single adapter).
+    pub fn merged_adapters(&self) -> Option<MergedAdapters> {
+        self.merge.as_ref().map(|m| MergedAdapters {
+            ids: self.ids.clone(),
+            weights: Some(m.weights.clone()),
+            merge_strategy: Some(m.merge_strategy.clone()),
+            density: Some(m.density),
+            majority_sign_method: Some(m.majority_sign_method.clone()),
+        })
+    }
+
+    pub fn to_proto(&self) -> pb::AdapterParameters {
+        match &self.merge {
+            Some(m) => pb::AdapterParameters {
+                adapter_ids: self.ids.clone(),
+                weights: m.weights.clone(),
+                merge_strategy: m.merge_strategy.clone(),
+                density: m.density,
+                majority_sign_method: m.majority_sign_method.clone(),
+            },
+            None => pb::AdapterParameters {
+                adapter_ids: self.ids.clone(),
+                weights: vec![],
+                merge_strategy: String::new(),
+                density: 1.0,
+                majority_sign_method: String::new(),
+            },
+        }
+    }
+}
+
+/// An adapter as a request names it: its key and the token to fetch it with.
+#[derive(Clone, Debug)]
+pub struct AdapterRequest {
+    pub key: Arc<AdapterKey>,
+    pub api_token: Option<ApiToken>,
+}
+
+impl AdapterRequest {
+    pub fn new(mut key: AdapterKey, api_token: Option<ApiToken>) -> Self {
+        let api_token = api_token.filter(|t| !t.0.is_empty());
+        key.token_fingerprint = api_token.as_ref().map(ApiToken::fingerprint);
+        Self {
+            key: Arc::new(key),
+            api_token,
+        }
+    }
+
+    pub fn token(&self) -> Option<String> {
+        self.api_token.as_ref().map(|t| t.expose().to_string())
+    }
+}
+
+/// What the router knows about adapters when it validates a request.
+#[derive(Clone, Debug)]
+pub struct AdapterConfig {
+    /// Whether the shard takes adapters (`Info.supports_adapters`).
+    pub supports_adapters: bool,
+    /// `Info.architecture`, for the error when it does not.
+    pub architecture: String,
+    /// The base model's id: naming it means the base model.
+    pub model_id: String,
+    /// Used by requests that name no adapter.
+    pub default_adapter_id: Option<String>,
+    /// Source of the default adapter, and of requests that give no `adapter_source`.
+    pub default_source: AdapterSource,
+}
+
+impl Default for AdapterConfig {
+    fn default() -> Self {
+        Self {
+            supports_adapters: true,
+            architecture: String::new(),
+            model_id: String::new(),
+            default_adapter_id: None,
+            default_source: AdapterSource::Hub,
+        }
+    }
+}
+
+impl AdapterConfig {
+    /// The default adapter, when one is configured.
+    pub fn default_adapter(&self) -> Option<AdapterRequest> {
+        let id = self
+            .default_adapter_id
+            .as_deref()
+            .filter(|id| !id.is_empty())?;
+        Some(AdapterRequest::new(
+            AdapterKey::single(id, self.default_source),
+            None,
+        ))
+    }
+}
+
+/// The adapter-naming fields of a request (generate parameters, OpenAI fields, management
+/// endpoints all have them).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AdapterFields<'a> {
+    pub adapter_id: Option<&'a str>,
+    pub merged_adapters: Option<&'a MergedAdapters>,
+    pub adapter_source: Option<&'a str>,
+    pub api_token: Option<&'a ApiToken>,
+}
+
+/// The adapter a request runs with (None: the base model). A request naming none gets the
+/// default adapter when one is configured; naming the base model's id means the base model.
+pub fn resolve(
+    config: &AdapterConfig,
+    fields: AdapterFields<'_>,
+) -> Result<Option<AdapterRequest>, ValidationError> {
+    let source = match fields.adapter_source {
+        Some(name) => {
+            AdapterSource::parse(name).ok_or_else(|| ValidationError::AdapterSource(name.into()))?
+        }
+        None => config.default_source,
+    };
+    let named = fields.adapter_id.filter(|id| !id.is_empty());
+    let token = fields.api_token.cloned();
+    let key = match (named, fields.merged_adapters) {
+        (Some(_), Some(_)) => return Err(ValidationError::AdapterConflict),
+        (None, Some(merged)) => AdapterKey {
+            ids: merged.ids.clone(),
+            merge: Some(check_merge(merged)?),
+            source,
+            token_fingerprint: None,
+        },
+        (Some(id), None) if id == config.model_id => return Ok(None),
+        (Some(id), None) => {
+            check_id(id)?;
+            AdapterKey::single(id, source)
+        }
+        (None, None) => return Ok(config.default_adapter()),
+    };
+    if !config.supports_adapters {
+        return Err(ValidationError::AdaptersNotSupported(
+            config.architecture.clone(),
+        ));
+    }
+    Ok(Some(AdapterRequest::new(key, token)))
+}
+
+fn check_id(id: &str) -> Result<(), ValidationError> {
+    let bad = |why: &str| ValidationError::AdapterId(why.to_string());
+    if id.len() > MAX_ADAPTER_ID_LENGTH {
+        return Err(bad(&format!(
+            "is longer than {MAX_ADAPTER_ID_LENGTH} characters"
+        )));
+    }
+    if id.trim().is_empty() || id.chars().any(char::is_control) {
+        return Err(bad("must be a non-blank name without control characters"));
+    }
+    Ok(())
+}
+
+/// Checks `merged_adapters` as the shard will, with a message naming the field.
+pub fn check_merge(m: &MergedAdapters) -> Result<MergeParams, ValidationError> {
+    let bad = |message: String| ValidationError::MergedAdapters(message);
+    if m.ids.is_empty() {
+        return Err(bad(
+            "`merged_adapters.ids` must name at least one adapter".into()
+        ));
+    }
+    for id in &m.ids {
+        check_id(id).map_err(|_| {
+            bad(format!(
+                "`merged_adapters.ids` must hold non-blank names of at most \
+                 {MAX_ADAPTER_ID_LENGTH} characters"
+            ))
+        })?;
+    }
+    let weights = m.weights.clone().unwrap_or_else(|| vec![1.0; m.ids.len()]);
+    if weights.len() != m.ids.len() {
+        return Err(bad(format!(
+            "`merged_adapters.weights` has {} value(s) for {} adapter(s); give one weight per id",
+            weights.len(),
+            m.ids.len()
+        )));
+    }
+    if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
+        return Err(bad(format!(
+            "`merged_adapters.weights` must be finite numbers, got {w}"
+        )));
+    }
+    let merge_strategy = m.merge_strategy.clone().unwrap_or_else(|| "linear".into());
+    if !MERGE_STRATEGIES.contains(&merge_strategy.as_str()) {
+        return Err(bad(format!(
+            "`merged_adapters.merge_strategy` must be one of {}; got {merge_strategy:?}",
+            MERGE_STRATEGIES.join(", ")
+        )));
+    }
+    let density = m.density.unwrap_or(1.0);
+    if !(density > 0.0 && density <= 1.0) {
+        return Err(bad(format!(
+            "`merged_adapters.density` must be in (0, 1], got {density}"
+        )));
+    }
+    let majority_sign_method = m
+        .majority_sign_method
+        .clone()
+        .unwrap_or_else(|| "total".into());
+    if !SIGN_METHODS.contains(&majority_sign_method.as_str()) {
+        return Err(bad(format!(
+            "`merged_adapters.majority_sign_method` must be one of {}; got {majority_sign_method:?}",
+            SIGN_METHODS.join(", ")
+        )));
+    }
+    Ok(MergeParams {
+        weights,
+        merge_strategy,
+        density,
+        majority_sign_method,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ValidationError as E;
+
+    fn config() -> AdapterConfig {
+        AdapterConfig {
+            model_id: "org/base".into(),
+            architecture: "LlamaForCausalLM".into(),
+            ..Default::default()
+        }
+    }
+
+    fn named(id: &str) -> AdapterFields<'_> {
+        AdapterFields {
+            adapter_id: Some(id),
+            ..Default::default()
+        }
+    }
+
+    fn merged(m: &MergedAdapters) -> Result<Option<AdapterRequest>, E> {
+        resolve(
+            &config(),
+            AdapterFields {
+                merged_adapters: Some(m),
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn base_default_and_named_adapters() {
+        let c = config();
+        assert!(resolve(&c, AdapterFields::default()).unwrap().is_none());
+        assert!(resolve(&c, named("")).unwrap().is_none());
+        assert!(resolve(&c, named("org/base")).unwrap().is_none());
+        let a = resolve(&c, named("org/lora")).unwrap().unwrap();
+        assert_eq!(*a.key, AdapterKey::single("org/lora", AdapterSource::Hub));
+        assert_eq!(a.key.to_proto().adapter_ids, vec!["org/lora"]);
+
+        let with_default = AdapterConfig {
+            default_adapter_id: Some("org/default".into()),
+            default_source: AdapterSource::Local,
+            ..config()
+        };
+        let d = resolve(&with_default, AdapterFields::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            *d.key,
+            AdapterKey::single("org/default", AdapterSource::Local)
+        );
+        // Naming the base model still means the base model; a named adapter without a source
+        // takes the default source.
+        assert!(resolve(&with_default, named("org/base")).unwrap().is_none());
+        let n = resolve(&with_default, named("x")).unwrap().unwrap();
+        assert_eq!(n.key.source, AdapterSource::Local);
+    }
+
+    #[test]
+    fn sources_and_unsupported_architectures() {
+        let c = config();
+        for (name, source) in [
+            ("hub", AdapterSource::Hub),
+            ("local", AdapterSource::Local),
+            ("s3", AdapterSource::S3),
+        ] {
+            let fields = AdapterFields {
+                adapter_source: Some(name),
+                ..named("a")
+            };
+            assert_eq!(resolve(&c, fields).unwrap().unwrap().key.source, source);
+        }
+        let bad = AdapterFields {
+            adapter_source: Some("pbase"),
+            ..named("a")
+        };
+        assert_eq!(
+            resolve(&c, bad).unwrap_err(),
+            E::AdapterSource("pbase".into())
+        );
+        let off = AdapterConfig {
+            supports_adapters: false,
+            ..config()
+        };
+        let err = resolve(&off, named("a")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "architecture LlamaForCausalLM does not support dynamic adapter loading"
+        );
+        assert!(resolve(&off, AdapterFields::default()).unwrap().is_none());
+    }
+
+    #[test]
+    fn tokens_are_part_of_the_key_but_never_printed() {
+        let c = config();
+        let t1 = ApiToken::new("hf_secret_one");
+        let t2 = ApiToken::new("hf_secret_two");
+        let key = |token: Option<&ApiToken>| {
+            let fields = AdapterFields {
+                api_token: token,
+                ..named("org/private")
+            };
+            resolve(&c, fields).unwrap().unwrap()
+        };
+        let (a, b, a2, none) = (key(Some(&t1)), key(Some(&t2)), key(Some(&t1)), key(None));
+        assert_ne!(a.key, b.key);
+        assert_eq!(a.key, a2.key);
+        assert_ne!(a.key, none.key);
+        assert!(a.key.is_private() && !none.key.is_private());
+        assert_eq!(a.token().as_deref(), Some("hf_secret_one"));
+        let printed = format!("{a:?} {:?} {}", a.key, a.key.describe());
+        assert!(!printed.contains("hf_secret"), "{printed}");
+        // An empty token is no token.
+        assert_eq!(key(Some(&ApiToken::new(""))).key, none.key);
+    }
+
+    #[test]
+    fn merged_adapters_defaults_and_errors() {
+        let m = MergedAdapters {
+            ids: vec!["a".into(), "b".into()],
+            ..Default::default()
+        };
+        let r = merged(&m).unwrap().unwrap();
+        let p = r.key.to_proto();
+        assert_eq!(p.weights, vec![1.0, 1.0]);
+        assert_eq!(p.merge_strategy, "linear");
+        assert_eq!(p.density, 1.0);
+        assert_eq!(p.majority_sign_method, "total");
+        assert_eq!(r.key.describe(), "a+b");
+
+        let case = |f: fn(&mut MergedAdapters)| {
+            let mut m = MergedAdapters {
+                ids: vec!["a".into(), "b".into()],
+                weights: Some(vec![0.5, 0.5]),
+                ..Default::default()
+            };
+            f(&mut m);
+            match merged(&m).unwrap_err() {
+                E::MergedAdapters(message) => message,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(case(|m| m.ids.clear()).contains("merged_adapters.ids"));
+        assert!(case(|m| m.weights = Some(vec![1.0])).contains("1 value(s) for 2 adapter(s)"));
+        assert!(case(|m| m.merge_strategy = Some("avg".into())).contains("merge_strategy"));
+        assert!(case(|m| m.density = Some(0.0)).contains("density"));
+        assert!(case(|m| m.density = Some(1.5)).contains("density"));
+        assert!(case(|m| m.majority_sign_method = Some("x".into())).contains("sign_method"));
+        assert!(case(|m| m.ids[1] = " ".into()).contains("non-blank"));
+        let both = AdapterFields {
+            merged_adapters: Some(&m),
+            ..named("c")
+        };
+        assert_eq!(resolve(&config(), both).unwrap_err(), E::AdapterConflict);
+        // Different merge settings are different adapters.
+        let ties = MergedAdapters {
+            merge_strategy: Some("ties".into()),
+            density: Some(0.5),
+            ..m.clone()
+        };
+        assert_ne!(merged(&ties).unwrap().unwrap().key, r.key);
+    }
+
+    #[test]
+    fn ids_are_bounded() {
+        let long = "x".repeat(MAX_ADAPTER_ID_LENGTH + 1);
+        assert!(matches!(
+            resolve(&config(), named(&long)).unwrap_err(),
+            E::AdapterId(_)
+        ));
+    }
+}

@@ -1,0 +1,109 @@
+//! Adapter management endpoints (ours; LoRAX has none): `GET /adapters`, `POST /adapters/load`,
+//! `POST /adapters/unload`, `POST /adapters/pin`, `POST /adapters/unpin`. Adapters are named as
+//! in generate requests (`adapter_id` or `merged_adapters`, `adapter_source`, `api_token`); a
+//! private adapter is the same adapter only with the same token.
+
+use crate::adapter::{self, AdapterFields, AdapterRequest, ApiToken, MergedAdapters};
+use crate::errors::{ApiError, JsonBody};
+use crate::registry::{AdapterCommandError, AdapterStatus};
+use crate::server::AppState;
+use crate::validation::ValidationError;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+
+/// Body of the `POST /adapters/*` endpoints.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AdapterRef {
+    #[serde(default)]
+    pub adapter_id: Option<String>,
+    #[serde(default)]
+    pub merged_adapters: Option<MergedAdapters>,
+    #[serde(default)]
+    pub adapter_source: Option<String>,
+    #[serde(default)]
+    pub api_token: Option<ApiToken>,
+    /// `POST /adapters/load` only: pin the adapter once active (never offloaded).
+    #[serde(default)]
+    pub pin: bool,
+}
+
+impl From<AdapterCommandError> for ApiError {
+    fn from(err: AdapterCommandError) -> Self {
+        match err {
+            AdapterCommandError::NotFound(message) => {
+                ApiError::new(StatusCode::NOT_FOUND, message, "not_found")
+            }
+            AdapterCommandError::Conflict(message) => {
+                ApiError::new(StatusCode::CONFLICT, message, "conflict")
+            }
+            AdapterCommandError::Failed(err) => err.into(),
+        }
+    }
+}
+
+/// The adapter a management request names; it must name one explicitly.
+fn named_adapter(state: &AppState, r: &AdapterRef) -> Result<AdapterRequest, ApiError> {
+    let fields = AdapterFields {
+        adapter_id: r.adapter_id.as_deref(),
+        merged_adapters: r.merged_adapters.as_ref(),
+        adapter_source: r.adapter_source.as_deref(),
+        api_token: r.api_token.as_ref(),
+    };
+    let named = r.adapter_id.as_deref().is_some_and(|id| !id.is_empty());
+    let config = state.infer.validation().adapter_config();
+    match adapter::resolve(config, fields)? {
+        Some(request) if named || r.merged_adapters.is_some() => Ok(request),
+        _ => Err(ValidationError::AdapterId(
+            "must name an adapter (or give `merged_adapters`); the base model is always loaded"
+                .into(),
+        )
+        .into()),
+    }
+}
+
+/// `GET /adapters`: every tracked adapter (state, index, counts, ...) and recent failures.
+pub async fn list(State(state): State<AppState>) -> Json<Vec<AdapterStatus>> {
+    Json(state.infer.queue().adapters().await)
+}
+
+/// `POST /adapters/load`: downloads and activates an adapter; answers once it is active.
+pub async fn load(
+    State(state): State<AppState>,
+    JsonBody(r): JsonBody<AdapterRef>,
+) -> Result<Json<AdapterStatus>, ApiError> {
+    let request = named_adapter(&state, &r)?;
+    let status = state.infer.queue().load_adapter(request, r.pin).await?;
+    Ok(Json(status))
+}
+
+/// `POST /adapters/unload`: offloads an idle adapter from the device (409 while in use).
+pub async fn unload(
+    State(state): State<AppState>,
+    JsonBody(r): JsonBody<AdapterRef>,
+) -> Result<Json<AdapterStatus>, ApiError> {
+    let request = named_adapter(&state, &r)?;
+    let status = state.infer.queue().unload_adapter(request.key).await?;
+    Ok(Json(status))
+}
+
+/// `POST /adapters/pin`: a pinned adapter is never drained or offloaded.
+pub async fn pin(
+    State(state): State<AppState>,
+    JsonBody(r): JsonBody<AdapterRef>,
+) -> Result<Json<AdapterStatus>, ApiError> {
+    let request = named_adapter(&state, &r)?;
+    let status = state.infer.queue().pin_adapter(request.key, true).await?;
+    Ok(Json(status))
+}
+
+/// `POST /adapters/unpin`.
+pub async fn unpin(
+    State(state): State<AppState>,
+    JsonBody(r): JsonBody<AdapterRef>,
+) -> Result<Json<AdapterStatus>, ApiError> {
+    let request = named_adapter(&state, &r)?;
+    let status = state.infer.queue().pin_adapter(request.key, false).await?;
+    Ok(Json(status))
+}

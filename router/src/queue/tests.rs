@@ -1,0 +1,301 @@
+//! Unit tests of the queue: FIFO admission and token budgets, then admission across adapters.
+
+use super::*;
+use crate::adapter::{AdapterKey, AdapterSource};
+use crate::client::ShardError;
+use crate::registry::AdapterState;
+use crate::testing::{valid_request, FakeShard};
+
+fn config(block_size: u32) -> QueueConfig {
+    QueueConfig {
+        block_size,
+        exchange: ExchangeConfig {
+            max_active_adapters: 2,
+            cycle_time: Duration::from_secs(2),
+        },
+    }
+}
+
+fn entry(
+    input_length: u32,
+    max_new_tokens: u32,
+) -> (
+    Entry,
+    mpsc::UnboundedReceiver<Result<InferStreamResponse, InferError>>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (
+        Entry::new(valid_request(input_length, max_new_tokens), tx),
+        rx,
+    )
+}
+
+#[test]
+fn rounding_to_blocks() {
+    assert_eq!(round_up(0, 16), 0);
+    assert_eq!(round_up(1, 16), 16);
+    assert_eq!(round_up(16, 16), 16);
+    assert_eq!(round_up(17, 16), 32);
+    assert_eq!(round_up(17, 0), 17);
+}
+
+#[tokio::test]
+async fn fifo_order_and_ids() {
+    let mut state = QueueState::new(config(1));
+    let mut receivers = Vec::new();
+    for i in 0..3 {
+        let (e, rx) = entry(2 + i, 3);
+        receivers.push(rx);
+        assert_eq!(state.append(e), i as u64);
+    }
+    let next = state.next_batch(None, 100, 100).unwrap();
+    let ids: Vec<u64> = next.batch.requests.iter().map(|r| r.id).collect();
+    assert_eq!(ids, vec![0, 1, 2]);
+    assert_eq!(next.batch.size, 3);
+    assert_eq!(next.batch.max_tokens, (2 + 3) + (3 + 3) + (4 + 3));
+    assert!(next.entries.values().all(|e| e.batch_time.is_some()));
+    assert!(state.is_empty());
+    assert!(state.next_batch(None, 100, 100).is_none());
+}
+
+#[tokio::test]
+async fn prefill_budget_stops_the_batch() {
+    let mut state = QueueState::new(config(1));
+    let _rx: Vec<_> = (0..3)
+        .map(|_| {
+            let (e, rx) = entry(10, 5);
+            state.append(e);
+            rx
+        })
+        .collect();
+    let next = state.next_batch(None, 25, 1000).unwrap();
+    assert_eq!(next.batch.size, 2);
+    assert_eq!(state.len(), 1);
+    let next = state.next_batch(None, 25, 1000).unwrap();
+    assert_eq!(next.batch.requests[0].id, 2);
+}
+
+#[tokio::test]
+async fn token_budget_counts_blocks_and_keeps_fifo() {
+    let mut state = QueueState::new(config(16));
+    let (a, _ra) = entry(10, 10); // 20 → 32 reserved
+    let (b, _rb) = entry(1, 1); // 2 → 16 reserved
+    state.append(a);
+    state.append(b);
+    // 31 tokens of budget: the head does not fit, and the small one must not jump ahead.
+    assert!(state.next_batch(None, 100, 31).is_none());
+    assert_eq!(state.len(), 2);
+    let next = state.next_batch(None, 100, 47).unwrap();
+    assert_eq!(next.batch.size, 1);
+    assert_eq!(next.batch.max_tokens, 32);
+    let next = state.next_batch(None, 100, 16).unwrap();
+    assert_eq!(next.batch.max_tokens, 16);
+}
+
+#[tokio::test]
+async fn min_size_holds_back_small_batches() {
+    let mut state = QueueState::new(config(1));
+    let (a, _ra) = entry(4, 4);
+    let (b, _rb) = entry(4, 4);
+    state.append(a);
+    state.append(b);
+    assert!(state.next_batch(Some(3), 100, 100).is_none());
+    // Only one fits the budget: still fewer than min_size, nothing is taken.
+    assert!(state.next_batch(Some(2), 100, 10).is_none());
+    assert_eq!(state.len(), 2);
+    let next = state.next_batch(Some(2), 100, 100).unwrap();
+    let ids: Vec<u64> = next.batch.requests.iter().map(|r| r.id).collect();
+    assert_eq!(ids, vec![0, 1]);
+}
+
+#[tokio::test]
+async fn cancelled_entries_are_dropped() {
+    let mut state = QueueState::new(config(1));
+    let (a, ra) = entry(4, 4);
+    let (b, _rb) = entry(4, 4);
+    state.append(a);
+    state.append(b);
+    drop(ra);
+    let next = state.next_batch(None, 100, 100).unwrap();
+    assert_eq!(next.batch.size, 1);
+    assert_eq!(next.batch.requests[0].id, 1);
+}
+
+#[tokio::test]
+async fn actor_handle() {
+    let shard = Arc::new(FakeShard::new(100, 1));
+    let queue = Queue::spawn(shard, config(1), Arc::new(Notify::new()));
+    let (a, _ra) = entry(3, 3);
+    queue.append(a);
+    let next = queue
+        .next_batch(None, 10, 10, HashMap::new())
+        .await
+        .unwrap();
+    assert_eq!(next.batch.size, 1);
+    assert!(queue
+        .next_batch(None, 10, 10, HashMap::new())
+        .await
+        .is_none());
+}
+
+type Rx = mpsc::UnboundedReceiver<Result<InferStreamResponse, InferError>>;
+
+fn adapter(id: &str) -> AdapterRequest {
+    AdapterRequest::new(AdapterKey::single(id, AdapterSource::Local), None)
+}
+
+fn adapter_entry(id: &str) -> (Entry, Rx) {
+    let (mut e, rx) = entry(2, 2);
+    e.request.adapter = Some(adapter(id));
+    (e, rx)
+}
+
+/// Completes every action of `schedule` successfully; returns what was done.
+fn run_actions(state: &mut QueueState) -> Vec<String> {
+    let actions = state.adapters().schedule(Instant::now());
+    let mut done = Vec::new();
+    for action in actions {
+        let (request, index, outcome, name) = match action {
+            Action::Download(r, i) => (r, i, Outcome::Downloaded(Ok(0.1)), "download"),
+            Action::Load(r, i) => (r, i, Outcome::Loaded(Ok(())), "load"),
+            Action::Offload(r, i) => (r, i, Outcome::Offloaded(Ok(true)), "offload"),
+        };
+        done.push(format!("{name} {} @{index}", request.key.describe()));
+        let result = ActionResult {
+            index,
+            key: request.key,
+            outcome,
+        };
+        state.adapters().complete(result, Instant::now());
+    }
+    done
+}
+
+fn batch_of(next: &NextBatch) -> Vec<(u64, u32)> {
+    let mut ids: Vec<(u64, u32)> = next
+        .batch
+        .requests
+        .iter()
+        .map(|r| (r.id, r.adapter_index))
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn adapter_requests_wait_for_their_adapter_then_go_oldest_first() {
+    let mut state = QueueState::new(config(1));
+    let (a0, _r0) = adapter_entry("a");
+    let (b1, _r1) = entry(2, 2);
+    let (a2, _r2) = adapter_entry("a");
+    state.append(a0);
+    state.append(b1);
+    state.append(a2);
+    // Only the base request can run while "a" is fetched.
+    let next = state.next_batch(None, 100, 100).unwrap();
+    assert_eq!(batch_of(&next), vec![(1, 0)]);
+    assert_eq!(run_actions(&mut state), vec!["download a @1"]);
+    assert!(state.next_batch(None, 100, 100).is_none());
+    assert_eq!(run_actions(&mut state), vec!["load a @1"]);
+    let next = state.next_batch(None, 100, 100).unwrap();
+    assert_eq!(batch_of(&next), vec![(0, 1), (2, 1)]);
+    let status = state.adapters().list(Instant::now());
+    assert_eq!(status[0].state, AdapterState::Active);
+    assert_eq!(status[0].running, 2);
+}
+
+#[tokio::test]
+async fn a_failed_download_fails_only_its_requests_and_is_retried_later() {
+    let mut state = QueueState::new(config(1));
+    let (a, mut ra) = adapter_entry("missing");
+    let (b, _rb) = adapter_entry("good");
+    state.append(a);
+    state.append(b);
+    let actions = state.adapters().schedule(Instant::now());
+    assert_eq!(actions.len(), 2);
+    for action in actions {
+        let Action::Download(request, index) = action else {
+            panic!("{action:?}")
+        };
+        let outcome = if request.key.describe() == "missing" {
+            Outcome::Downloaded(Err(ShardError::status(
+                tonic::Code::NotFound,
+                "no adapter at /x/missing",
+            )))
+        } else {
+            Outcome::Downloaded(Ok(0.1))
+        };
+        let key = request.key;
+        let result = ActionResult {
+            index,
+            key,
+            outcome,
+        };
+        state.adapters().complete(result, Instant::now());
+    }
+    match ra.try_recv().unwrap() {
+        Err(InferError::Adapter(kind, message)) => {
+            assert_eq!(kind, crate::errors::AdapterErrorKind::Invalid);
+            assert!(message.contains("no adapter at /x/missing"), "{message}");
+            assert!(message.contains("`missing`"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let list = state.adapters().list(Instant::now());
+    let states: Vec<(String, AdapterState, Option<u32>)> = list
+        .iter()
+        .map(|s| (s.adapter_id.clone(), s.state, s.index))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            ("good".into(), AdapterState::Downloaded, Some(2)),
+            ("missing".into(), AdapterState::Failed, None),
+        ]
+    );
+    assert_eq!(run_actions(&mut state), vec!["load good @2"]);
+    // A later request retries (and reuses the freed index).
+    let (again, _r) = adapter_entry("missing");
+    state.append(again);
+    assert_eq!(run_actions(&mut state), vec!["download missing @1"]);
+    let status = state.adapters().list(Instant::now());
+    assert!(status[0].last_error.is_some());
+}
+
+#[tokio::test]
+async fn full_slots_rotate_after_the_cycle_time_without_touching_running_requests() {
+    let mut state = QueueState::new(QueueConfig {
+        block_size: 1,
+        exchange: ExchangeConfig {
+            max_active_adapters: 1,
+            cycle_time: Duration::ZERO,
+        },
+    });
+    let (a, _ra) = adapter_entry("a");
+    let (a2, _ra2) = adapter_entry("a");
+    state.append(a);
+    run_actions(&mut state);
+    run_actions(&mut state);
+    let first = state.next_batch(None, 100, 100).unwrap();
+    assert_eq!(batch_of(&first), vec![(0, 1)]);
+    state.append(a2);
+    let (b, _rb) = adapter_entry("b");
+    state.append(b);
+    // "b" is fetched; "a" (cycle over, "b" waiting) drains: its queued request must wait.
+    assert_eq!(run_actions(&mut state), vec!["download b @2"]);
+    assert!(run_actions(&mut state).is_empty());
+    assert!(state.next_batch(None, 100, 100).is_none());
+    // Its running request finishes: "a" is offloaded, "b" loaded, then "a" again.
+    state.set_running(&HashMap::new());
+    assert_eq!(run_actions(&mut state), vec!["offload a @1"]);
+    assert_eq!(run_actions(&mut state), vec!["load b @2"]);
+    let next = state.next_batch(None, 100, 100).unwrap();
+    assert_eq!(batch_of(&next), vec![(2, 2)]);
+    state.set_running(&HashMap::from([(2, 1)]));
+    assert!(run_actions(&mut state).is_empty());
+    state.set_running(&HashMap::new());
+    assert_eq!(run_actions(&mut state), vec!["offload b @2"]);
+    assert_eq!(run_actions(&mut state), vec!["load a @1"]);
+    let next = state.next_batch(None, 100, 100).unwrap();
+    assert_eq!(batch_of(&next), vec![(1, 1)]);
+}

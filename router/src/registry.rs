@@ -1,0 +1,601 @@
+//! The adapters the router tracks, each with its own queue of waiting requests and its state:
+//! Queued → Downloading → Downloaded → Loading → Active → (Offloading → Downloaded). A plain
+//! struct owned by the queue task: it never waits on the shard; it emits `Action`s (download,
+//! load, offload) that the queue task runs in the background and reports back with `complete`.
+//!
+//! Downloads start as soon as a request names the adapter (prefetch, not limited by slots);
+//! slots are given by the pure policy in `exchange`. An adapter that fails to download or load
+//! fails its own queued requests and is forgotten, so a later request retries it.
+
+use crate::adapter::{AdapterKey, AdapterRequest, AdapterSource, MergedAdapters};
+use crate::client::ShardError;
+use crate::errors::{adapter_error, InferError};
+use crate::exchange::{self, ExchangeConfig, Phase, SlotView};
+use crate::metrics as m;
+use crate::queue::Entry;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+/// Downloaded adapters kept tracked while unused; beyond this the least recently used are
+/// forgotten (the shard keeps its own host cache).
+const MAX_IDLE_TRACKED: usize = 256;
+/// Failed adapters remembered for `GET /adapters`.
+const MAX_FAILURES_SHOWN: usize = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterState {
+    Queued,
+    Downloading,
+    Downloaded,
+    Loading,
+    Active,
+    Offloading,
+    /// Only in listings: the last attempt failed and the adapter is no longer tracked.
+    Failed,
+}
+
+/// One adapter as `GET /adapters` shows it. Never holds the token.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AdapterStatus {
+    /// The adapter id (merged ids joined by `+`).
+    pub adapter_id: String,
+    pub adapter_ids: Vec<String>,
+    pub merged_adapters: Option<MergedAdapters>,
+    pub adapter_source: AdapterSource,
+    /// Fetched with a request's own `api_token`.
+    pub private: bool,
+    pub state: AdapterState,
+    /// The index requests use at the shard while tracked.
+    pub index: Option<u32>,
+    pub pinned: bool,
+    /// Admits no new requests until it is offloaded (its slot goes to a waiting adapter).
+    pub draining: bool,
+    pub queued: usize,
+    pub running: usize,
+    pub memory_fraction: Option<f32>,
+    pub active_for_s: Option<f64>,
+    pub last_error: Option<String>,
+}
+
+/// Why a management command failed.
+#[derive(Debug, Clone)]
+pub enum AdapterCommandError {
+    /// The adapter is not tracked (404).
+    NotFound(String),
+    /// Not possible in the adapter's current state (409).
+    Conflict(String),
+    /// The shard refused (mapped like a request's failure).
+    Failed(InferError),
+}
+
+pub type Waiter = oneshot::Sender<Result<AdapterStatus, AdapterCommandError>>;
+
+/// Shard work the queue task runs in the background.
+#[derive(Debug)]
+pub enum Action {
+    Download(AdapterRequest, u32),
+    Load(AdapterRequest, u32),
+    Offload(AdapterRequest, u32),
+}
+
+/// How an action ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The adapter's share of the adapter memory budget.
+    Downloaded(Result<f32, ShardError>),
+    Loaded(Result<(), ShardError>),
+    Offloaded(Result<bool, ShardError>),
+}
+
+#[derive(Debug)]
+pub struct ActionResult {
+    pub index: u32,
+    pub key: Arc<AdapterKey>,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug)]
+struct Tracked {
+    request: AdapterRequest,
+    index: u32,
+    state: AdapterState,
+    pinned: bool,
+    draining: bool,
+    queue: VecDeque<(u64, Entry)>,
+    running: usize,
+    memory_fraction: Option<f32>,
+    last_error: Option<String>,
+    /// Since when it wants a slot it does not hold.
+    waiting_since: Option<Instant>,
+    active_since: Option<Instant>,
+    last_used: Instant,
+    /// Some request was admitted since it became active.
+    served: bool,
+    download_started: Option<Instant>,
+    /// Seconds the download took, until the first activation records the load time.
+    download_secs: Option<f64>,
+    load_started: Option<Instant>,
+    /// Metrics label, once downloaded.
+    label: Option<String>,
+    load_waiters: Vec<Waiter>,
+    unload_waiters: Vec<Waiter>,
+}
+
+impl Tracked {
+    fn wants_slot(&self) -> bool {
+        !self.queue.is_empty() || self.pinned || !self.load_waiters.is_empty()
+    }
+
+    fn phase(&self) -> Phase {
+        match self.state {
+            AdapterState::Downloaded => match self.waiting_since {
+                Some(since) if self.wants_slot() => Phase::Waiting { since },
+                _ => Phase::Idle,
+            },
+            AdapterState::Loading => Phase::Loading,
+            AdapterState::Active => Phase::Active {
+                since: self.active_since.unwrap_or(self.last_used),
+                draining: self.draining,
+            },
+            AdapterState::Offloading => Phase::Offloading,
+            _ => Phase::Idle,
+        }
+    }
+
+    fn status(&self, now: Instant) -> AdapterStatus {
+        let key = &self.request.key;
+        AdapterStatus {
+            adapter_id: key.describe(),
+            adapter_ids: key.ids.clone(),
+            merged_adapters: key.merged_adapters(),
+            adapter_source: key.source,
+            private: key.is_private(),
+            state: self.state,
+            index: Some(self.index),
+            pinned: self.pinned,
+            draining: self.draining,
+            queued: self.queue.len(),
+            running: self.running,
+            memory_fraction: self.memory_fraction,
+            active_for_s: (self.state == AdapterState::Active)
+                .then(|| self.active_since.map(|s| (now - s).as_secs_f64()))
+                .flatten(),
+            last_error: self.last_error.clone(),
+        }
+    }
+}
+
+/// The tracked adapters, keyed by their index (1..; freed indices are reused).
+#[derive(Debug)]
+pub struct AdapterRegistry {
+    adapters: BTreeMap<u32, Tracked>,
+    by_key: HashMap<Arc<AdapterKey>, u32>,
+    failures: VecDeque<(Arc<AdapterKey>, String)>,
+    config: ExchangeConfig,
+    /// Actions asked for by management commands, returned by the next `schedule`.
+    pending: Vec<Action>,
+    /// An adapter became active since the last `take_woke`.
+    woke: bool,
+}
+
+impl AdapterRegistry {
+    pub fn new(config: ExchangeConfig) -> Self {
+        Self {
+            adapters: BTreeMap::new(),
+            by_key: HashMap::new(),
+            failures: VecDeque::new(),
+            config,
+            pending: Vec::new(),
+            woke: false,
+        }
+    }
+
+    /// The adapter's index, tracking it (state Queued) when new.
+    pub fn track(&mut self, request: &AdapterRequest, now: Instant) -> u32 {
+        if let Some(&index) = self.by_key.get(&request.key) {
+            return index;
+        }
+        let index = (1..).find(|i| !self.adapters.contains_key(i)).unwrap_or(1);
+        let last_error = self
+            .failures
+            .iter()
+            .find(|(k, _)| *k == request.key)
+            .map(|(_, e)| e.clone());
+        self.failures.retain(|(k, _)| *k != request.key);
+        self.by_key.insert(request.key.clone(), index);
+        self.adapters.insert(
+            index,
+            Tracked {
+                request: request.clone(),
+                index,
+                state: AdapterState::Queued,
+                pinned: false,
+                draining: false,
+                queue: VecDeque::new(),
+                running: 0,
+                memory_fraction: None,
+                last_error,
+                waiting_since: None,
+                active_since: None,
+                last_used: now,
+                served: false,
+                download_started: None,
+                download_secs: None,
+                load_started: None,
+                label: None,
+                load_waiters: Vec::new(),
+                unload_waiters: Vec::new(),
+            },
+        );
+        index
+    }
+
+    /// Queues a request for its adapter.
+    pub fn enqueue(&mut self, id: u64, entry: Entry, request: &AdapterRequest, now: Instant) {
+        let index = self.track(request, now);
+        if let Some(a) = self.adapters.get_mut(&index) {
+            a.queue.push_back((id, entry));
+        }
+    }
+
+    /// Requests waiting for any adapter.
+    pub fn queued(&self) -> usize {
+        self.adapters.values().map(|a| a.queue.len()).sum()
+    }
+
+    /// The queues requests may be admitted from: active adapters that are not draining.
+    pub fn admissible_queues(&mut self) -> Vec<(u32, &mut VecDeque<(u64, Entry)>)> {
+        self.adapters
+            .values_mut()
+            .filter(|a| a.state == AdapterState::Active && !a.draining)
+            .map(|a| (a.index, &mut a.queue))
+            .collect()
+    }
+
+    /// `n` requests of adapter `index` were put in a batch.
+    pub fn admitted(&mut self, index: u32, n: usize, now: Instant) {
+        if let Some(a) = self.adapters.get_mut(&index) {
+            a.running += n;
+            a.last_used = now;
+            a.served = true;
+        }
+    }
+
+    /// The running batch's requests per adapter index, as the batcher holds them.
+    pub fn set_running(&mut self, running: &HashMap<u32, usize>, now: Instant) {
+        for a in self.adapters.values_mut() {
+            a.running = running.get(&a.index).copied().unwrap_or(0);
+            if a.running > 0 {
+                a.last_used = now;
+            }
+        }
+    }
+
+    /// Whether an adapter became active since the last call (the batcher should look again).
+    pub fn take_woke(&mut self) -> bool {
+        std::mem::take(&mut self.woke)
+    }
+
+    /// Starts downloads, gives and takes slots (see `exchange`), forgets surplus idle adapters.
+    pub fn schedule(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = std::mem::take(&mut self.pending);
+        for a in self.adapters.values_mut() {
+            a.queue.retain(|(_, e)| !e.is_cancelled());
+            a.load_waiters.retain(|w| !w.is_closed());
+            if a.state == AdapterState::Queued {
+                a.state = AdapterState::Downloading;
+                a.download_started = Some(now);
+                actions.push(Action::Download(a.request.clone(), a.index));
+            }
+            let holds = matches!(
+                a.state,
+                AdapterState::Loading | AdapterState::Active | AdapterState::Offloading
+            );
+            if !a.wants_slot() || holds {
+                a.waiting_since = None;
+            } else if a.waiting_since.is_none() {
+                a.waiting_since = Some(now);
+            }
+        }
+        let views: Vec<SlotView> = self
+            .adapters
+            .values()
+            .map(|a| SlotView {
+                index: a.index,
+                phase: a.phase(),
+                pinned: a.pinned,
+                queued: a.queue.len(),
+                running: a.running,
+                last_used: a.last_used,
+                served: a.served,
+                memory_fraction: a.memory_fraction.unwrap_or(0.0),
+            })
+            .collect();
+        let plan = exchange::plan(&views, &self.config, now);
+        for index in plan.drain {
+            self.adapters.entry(index).and_modify(|a| a.draining = true);
+        }
+        for index in plan.undrain {
+            self.adapters
+                .entry(index)
+                .and_modify(|a| a.draining = false);
+            // Its queued requests may be admitted again: an idle batcher must look.
+            self.woke = true;
+        }
+        for index in plan.offload {
+            if let Some(a) = self.adapters.get_mut(&index) {
+                a.state = AdapterState::Offloading;
+                actions.push(Action::Offload(a.request.clone(), index));
+            }
+        }
+        for index in plan.load {
+            if let Some(a) = self.adapters.get_mut(&index) {
+                a.state = AdapterState::Loading;
+                a.waiting_since = None;
+                a.load_started = Some(now);
+                actions.push(Action::Load(a.request.clone(), index));
+            }
+        }
+        self.forget_surplus_idle();
+        actions
+    }
+
+    fn forget_surplus_idle(&mut self) {
+        let mut idle: Vec<(Instant, u32)> = self
+            .adapters
+            .values()
+            .filter(|a| a.state == AdapterState::Downloaded && !a.wants_slot())
+            .map(|a| (a.last_used, a.index))
+            .collect();
+        if idle.len() <= MAX_IDLE_TRACKED {
+            return;
+        }
+        idle.sort();
+        for (_, index) in &idle[..idle.len() - MAX_IDLE_TRACKED] {
+            self.forget(*index);
+        }
+    }
+
+    fn forget(&mut self, index: u32) -> Option<Tracked> {
+        let a = self.adapters.remove(&index)?;
+        self.by_key.remove(&a.request.key);
+        Some(a)
+    }
+
+    /// Applies the result of a background action.
+    pub fn complete(&mut self, result: ActionResult, now: Instant) {
+        let Some(a) = self.adapters.get_mut(&result.index) else {
+            return;
+        };
+        if a.request.key != result.key {
+            return;
+        }
+        match result.outcome {
+            Outcome::Downloaded(Ok(fraction)) => {
+                a.state = AdapterState::Downloaded;
+                a.memory_fraction = Some(fraction);
+                a.download_secs = a.download_started.map(|s| (now - s).as_secs_f64());
+                a.label = Some(m::register_adapter_label(&a.request.key.describe()));
+            }
+            Outcome::Loaded(Ok(())) => {
+                a.state = AdapterState::Active;
+                a.active_since = Some(now);
+                a.last_used = now;
+                a.served = false;
+                a.draining = false;
+                let load = a.load_started.map_or(0.0, |s| (now - s).as_secs_f64());
+                let total = load + a.download_secs.take().unwrap_or(0.0);
+                m::adapter_loaded(a.label.as_deref().unwrap_or(m::UNKNOWN_ADAPTER), total);
+                let status = a.status(now);
+                for waiter in a.load_waiters.drain(..) {
+                    let _ = waiter.send(Ok(status.clone()));
+                }
+                self.woke = true;
+            }
+            Outcome::Offloaded(Ok(_)) => {
+                a.state = AdapterState::Downloaded;
+                a.draining = false;
+                a.active_since = None;
+                let status = a.status(now);
+                for waiter in a.unload_waiters.drain(..) {
+                    let _ = waiter.send(Ok(status.clone()));
+                }
+            }
+            Outcome::Offloaded(Err(err)) => {
+                // Still on the device: back to active (still draining if it was); retried
+                // when the policy asks again.
+                tracing::warn!("offloading adapter {} failed: {err}", a.index);
+                a.state = AdapterState::Active;
+                a.last_error = Some(err.message());
+                let error = match err.code() {
+                    tonic::Code::FailedPrecondition => AdapterCommandError::Conflict(err.message()),
+                    _ => AdapterCommandError::Failed(adapter_error(&a.request, "offload", &err)),
+                };
+                for waiter in a.unload_waiters.drain(..) {
+                    let _ = waiter.send(Err(error.clone()));
+                }
+            }
+            Outcome::Downloaded(Err(err)) => self.fail(result.index, "download", &err),
+            Outcome::Loaded(Err(err)) => self.fail(result.index, "load", &err),
+        }
+    }
+
+    /// Fails every request and waiter of the adapter with the shard's reason, and forgets it.
+    fn fail(&mut self, index: u32, what: &str, err: &ShardError) {
+        let Some(a) = self.forget(index) else { return };
+        let error = adapter_error(&a.request, what, err);
+        tracing::warn!("{error}");
+        m::adapter_failed(err.code());
+        for (_, entry) in a.queue {
+            let _ = entry.response_tx.send(Err(error.clone()));
+        }
+        for waiter in a.load_waiters.into_iter().chain(a.unload_waiters) {
+            let _ = waiter.send(Err(AdapterCommandError::Failed(error.clone())));
+        }
+        self.failures.push_front((a.request.key, error.to_string()));
+        self.failures.truncate(MAX_FAILURES_SHOWN);
+    }
+
+    /// Every tracked adapter, by index, then the recent failures.
+    pub fn list(&self, now: Instant) -> Vec<AdapterStatus> {
+        let mut list: Vec<AdapterStatus> = self.adapters.values().map(|a| a.status(now)).collect();
+        for (key, error) in &self.failures {
+            list.push(AdapterStatus {
+                adapter_id: key.describe(),
+                adapter_ids: key.ids.clone(),
+                merged_adapters: key.merged_adapters(),
+                adapter_source: key.source,
+                private: key.is_private(),
+                state: AdapterState::Failed,
+                index: None,
+                pinned: false,
+                draining: false,
+                queued: 0,
+                running: 0,
+                memory_fraction: None,
+                active_for_s: None,
+                last_error: Some(error.clone()),
+            });
+        }
+        list
+    }
+
+    /// Activates an adapter (downloading it first when needed); `waiter` hears when it is
+    /// active or has failed.
+    pub fn load(&mut self, request: &AdapterRequest, pin: bool, waiter: Waiter, now: Instant) {
+        let index = self.track(request, now);
+        if pin {
+            if let Err(err) = self.check_pin_limit(index) {
+                let _ = waiter.send(Err(err));
+                return;
+            }
+        }
+        let Some(a) = self.adapters.get_mut(&index) else {
+            return;
+        };
+        a.pinned |= pin;
+        if a.state == AdapterState::Active {
+            let _ = waiter.send(Ok(a.status(now)));
+        } else {
+            a.load_waiters.push(waiter);
+        }
+    }
+
+    /// At most `max_active_adapters - 1` pinned adapters, so one slot always rotates.
+    fn check_pin_limit(&self, index: u32) -> Result<(), AdapterCommandError> {
+        let pinned = self
+            .adapters
+            .values()
+            .filter(|a| a.pinned && a.index != index)
+            .count();
+        let limit = self.config.max_active_adapters.saturating_sub(1);
+        if pinned >= limit {
+            return Err(AdapterCommandError::Conflict(format!(
+                "at most {limit} adapter(s) may be pinned with --max-active-adapters {}: one slot \
+                 must stay free for other adapters",
+                self.config.max_active_adapters
+            )));
+        }
+        Ok(())
+    }
+
+    fn find(&mut self, key: &AdapterKey) -> Result<&mut Tracked, AdapterCommandError> {
+        let not_found = || {
+            AdapterCommandError::NotFound(format!(
+                "adapter `{}` ({}) is not tracked",
+                key.describe(),
+                key.source.as_str()
+            ))
+        };
+        let index = *self.by_key.get(key).ok_or_else(not_found)?;
+        self.adapters.get_mut(&index).ok_or_else(not_found)
+    }
+
+    /// Pins or unpins a tracked adapter.
+    pub fn set_pinned(
+        &mut self,
+        key: &AdapterKey,
+        pinned: bool,
+        now: Instant,
+    ) -> Result<AdapterStatus, AdapterCommandError> {
+        let index = self.find(key)?.index;
+        if pinned {
+            self.check_pin_limit(index)?;
+        }
+        let a = self.find(key)?;
+        a.pinned = pinned;
+        let undrained = pinned && a.draining;
+        if undrained {
+            a.draining = false;
+        }
+        let status = a.status(now);
+        self.woke |= undrained;
+        Ok(status)
+    }
+
+    /// Offloads an idle adapter from the device; `waiter` hears when that is done.
+    pub fn unload(&mut self, key: &AdapterKey, waiter: Waiter, now: Instant) {
+        let a = match self.find(key) {
+            Ok(a) => a,
+            Err(err) => {
+                let _ = waiter.send(Err(err));
+                return;
+            }
+        };
+        let conflict = |why: String| Err(AdapterCommandError::Conflict(why));
+        let answer = if a.pinned {
+            conflict(format!(
+                "adapter `{}` is pinned: unpin it first",
+                key.describe()
+            ))
+        } else if !a.queue.is_empty() || a.running > 0 || !a.load_waiters.is_empty() {
+            conflict(format!(
+                "adapter `{}` is in use: {} queued, {} running request(s)",
+                key.describe(),
+                a.queue.len(),
+                a.running
+            ))
+        } else {
+            match a.state {
+                AdapterState::Loading => {
+                    conflict(format!("adapter `{}` is being loaded", key.describe()))
+                }
+                AdapterState::Active => {
+                    a.state = AdapterState::Offloading;
+                    a.unload_waiters.push(waiter);
+                    let action = Action::Offload(a.request.clone(), a.index);
+                    self.pending.push(action);
+                    return;
+                }
+                AdapterState::Offloading => {
+                    a.unload_waiters.push(waiter);
+                    return;
+                }
+                _ => Ok(a.status(now)),
+            }
+        };
+        let _ = waiter.send(answer);
+    }
+
+    /// Requests queued per metrics label (adapters not downloaded yet count as unknown).
+    pub fn queue_sizes(&self) -> HashMap<String, usize> {
+        let mut sizes = HashMap::new();
+        for a in self.adapters.values() {
+            let label = a.label.as_deref().unwrap_or(m::UNKNOWN_ADAPTER);
+            *sizes.entry(label.to_string()).or_insert(0) += a.queue.len();
+        }
+        sizes
+    }
+
+    /// Adapters holding a slot (loading or active).
+    pub fn active_count(&self) -> usize {
+        self.adapters
+            .values()
+            .filter(|a| matches!(a.state, AdapterState::Active | AdapterState::Loading))
+            .count()
+    }
+}

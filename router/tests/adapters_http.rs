@@ -1,0 +1,400 @@
+//! Adapters over HTTP: request parameters (`adapter_id`, `adapter_source`, `api_token`,
+//! `merged_adapters`, OpenAI's `model`), the status of each kind of adapter failure, the
+//! management endpoints, `/info`, metrics, and that a request's token never leaks.
+
+mod common;
+
+use common::*;
+use lorax_router::adapter::AdapterConfig;
+use lorax_router::testing::{AdapterBehaviour, Call, FakeShard};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+fn generate(adapter: Value) -> Value {
+    let mut parameters = json!({"max_new_tokens": 2});
+    for (k, v) in adapter.as_object().unwrap() {
+        parameters[k] = v.clone();
+    }
+    json!({"inputs": "hello", "parameters": parameters})
+}
+
+fn text_of(answer: &Answer) -> String {
+    assert_eq!(
+        answer.status.as_u16(),
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    answer.json()["generated_text"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn failing(code: tonic::Code, message: &str) -> AdapterBehaviour {
+    AdapterBehaviour {
+        error: Some((code, message.into())),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn each_kind_of_adapter_failure_has_its_status() {
+    let shard = fake();
+    shard.set_adapter(
+        "org/private",
+        AdapterBehaviour {
+            token: Some("hf_right".into()),
+            ..Default::default()
+        },
+    );
+    use tonic::Code;
+    let cases = [
+        ("org/missing", Code::NotFound, 422, "validation"),
+        ("org/corrupt", Code::InvalidArgument, 422, "validation"),
+        ("org/offline", Code::Unavailable, 424, "generation"),
+        ("org/huge", Code::ResourceExhausted, 424, "generation"),
+    ];
+    for (id, code, ..) in cases {
+        shard.set_adapter(id, failing(code, &format!("{id}: reason {code:?}")));
+    }
+    let app = app(shard.clone(), 8);
+    for (id, code, status, error_type) in cases {
+        for uri in ["/generate", "/generate_stream"] {
+            let answer = post(&app, uri, generate(json!({"adapter_id": id}))).await;
+            assert_error(&answer, status, error_type);
+            let message = answer.json()["error"].as_str().unwrap().to_string();
+            assert!(message.contains(&format!("reason {code:?}")), "{message}");
+        }
+    }
+    let private =
+        |token: Option<&str>| generate(json!({"adapter_id": "org/private", "api_token": token}));
+    assert_error(
+        &post(&app, "/generate", private(None)).await,
+        401,
+        "unauthorized",
+    );
+    assert_error(
+        &post(&app, "/generate", private(Some("hf_wrong"))).await,
+        403,
+        "forbidden",
+    );
+    let ok = post(&app, "/generate", private(Some("hf_right"))).await;
+    assert!(text_of(&ok).contains("[org/private]"));
+    // The base model kept working throughout.
+    let base = post(&app, "/generate", generate(json!({}))).await;
+    assert!(!text_of(&base).contains('['));
+}
+
+/// A writer collecting log output.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn tokens_make_distinct_adapters_and_never_leak() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let shard = fake();
+    shard.set_adapter(
+        "org/gated",
+        AdapterBehaviour {
+            token: Some("hf_SECRET_A".into()),
+            ..Default::default()
+        },
+    );
+    let app = app(shard.clone(), 8);
+    let mut bodies = String::new();
+    for token in ["hf_SECRET_A", "hf_SECRET_B"] {
+        let public = generate(json!({"adapter_id": "org/public", "api_token": token}));
+        let answer = post(&app, "/generate", public).await;
+        assert!(text_of(&answer).contains("[org/public]"));
+        let gated = generate(json!({"adapter_id": "org/gated", "api_token": token}));
+        bodies.push_str(&String::from_utf8_lossy(
+            &post(&app, "/generate", gated).await.body,
+        ));
+    }
+    let listed = get(&app, "/adapters").await;
+    let list = listed.json();
+    let public: Vec<&Value> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["adapter_id"] == "org/public")
+        .collect();
+    assert_eq!(public.len(), 2, "{list}");
+    assert!(public.iter().all(|a| a["private"] == true));
+    assert_ne!(public[0]["index"], public[1]["index"]);
+    // The tokens reached the shard...
+    let seen = shard.tokens_seen();
+    assert!(seen.contains(&Some("hf_SECRET_A".into())));
+    assert!(seen.contains(&Some("hf_SECRET_B".into())));
+    // ... and nothing else.
+    let metrics = String::from_utf8_lossy(&get(&app, "/metrics").await.body).to_string();
+    let info = String::from_utf8_lossy(&get(&app, "/info").await.body).to_string();
+    let logged = String::from_utf8_lossy(&logs.0.lock().unwrap()).to_string();
+    assert!(
+        logged.contains("org/gated"),
+        "the failure was logged: {logged}"
+    );
+    for text in [&metrics, &info, &logged, &bodies, &list.to_string()] {
+        assert!(!text.contains("SECRET"), "token leaked: {text}");
+    }
+}
+
+#[tokio::test]
+async fn merged_adapters_are_checked_and_run_as_one_adapter() {
+    let shard = fake();
+    let app = app(shard.clone(), 8);
+    let bad = [
+        json!({"merged_adapters": {"ids": []}}),
+        json!({"merged_adapters": {"ids": ["a", "b"], "weights": [1.0]}}),
+        json!({"merged_adapters": {"ids": ["a"], "merge_strategy": "average"}}),
+        json!({"merged_adapters": {"ids": ["a"], "density": 0.0}}),
+        json!({"merged_adapters": {"ids": ["a"], "density": 1.5}}),
+        json!({"merged_adapters": {"ids": ["a"], "majority_sign_method": "max"}}),
+        json!({"merged_adapters": {"ids": ["a"]}, "adapter_id": "b"}),
+        json!({"merged_adapters": {"ids": "a"}}),
+    ];
+    for adapter in bad {
+        let answer = post(&app, "/generate", generate(adapter.clone())).await;
+        assert_error(&answer, 422, "validation");
+    }
+    let merged = json!({"merged_adapters": {"ids": ["a", "b"], "weights": [0.7, 0.3],
+        "merge_strategy": "ties", "density": 0.5, "majority_sign_method": null}});
+    let answer = post(&app, "/generate", generate(merged)).await;
+    assert!(text_of(&answer).contains("[a+b]"));
+    assert!(shard.calls().contains(&Call::Download {
+        adapter: "a+b".into()
+    }));
+    let list = get(&app, "/adapters").await.json();
+    assert_eq!(
+        list[0]["merged_adapters"],
+        json!({"ids": ["a", "b"], "weights": [0.7, 0.3], "merge_strategy": "ties",
+               "density": 0.5, "majority_sign_method": "total"})
+    );
+    assert_eq!(list[0]["adapter_id"], "a+b");
+}
+
+#[tokio::test]
+async fn default_adapter_base_model_and_openai_model_names() {
+    let shard = fake();
+    let adapters = AdapterConfig {
+        default_adapter_id: Some("org/default".into()),
+        ..adapter_config()
+    };
+    let app = app_with(shard.clone(), 8, adapters, exchange());
+    let default = post(&app, "/generate", generate(json!({}))).await;
+    assert!(text_of(&default).contains("[org/default]"));
+    let base = post(
+        &app,
+        "/generate",
+        generate(json!({"adapter_id": "test/model"})),
+    )
+    .await;
+    assert!(!text_of(&base).contains('['));
+    let named = post(&app, "/generate", generate(json!({"adapter_id": "org/x"}))).await;
+    assert!(text_of(&named).contains("[org/x]"));
+    for (model, expected) in [
+        ("", Some("org/default")),
+        ("test/model", None),
+        ("org/y", Some("org/y")),
+    ] {
+        let body = json!({"model": model, "prompt": "hello", "max_tokens": 2});
+        let answer = post(&app, "/v1/completions", body).await;
+        assert_eq!(answer.status.as_u16(), 200);
+        let text = answer.json()["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        match expected {
+            Some(name) => assert!(text.contains(&format!("[{name}]")), "{text}"),
+            None => assert!(!text.contains('['), "{text}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn architectures_without_adapters_refuse_them() {
+    let adapters = AdapterConfig {
+        supports_adapters: false,
+        architecture: "GPT2LMHeadModel".into(),
+        ..adapter_config()
+    };
+    let app = app_with(fake(), 8, adapters, exchange());
+    let answer = post(&app, "/generate", generate(json!({"adapter_id": "org/a"}))).await;
+    assert_error(&answer, 422, "validation");
+    assert!(answer.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("architecture GPT2LMHeadModel does not support dynamic adapter loading"));
+    let load = post(&app, "/adapters/load", json!({"adapter_id": "org/a"})).await;
+    assert_error(&load, 422, "validation");
+    assert_eq!(
+        post(&app, "/generate", generate(json!({}))).await.status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn management_endpoints() {
+    let shard = fake();
+    shard.set_adapter(
+        "org/missing",
+        failing(tonic::Code::NotFound, "no such repo"),
+    );
+    let app = app(shard.clone(), 8);
+    assert_eq!(get(&app, "/adapters").await.json(), json!([]));
+    let a = json!({"adapter_id": "org/a", "adapter_source": "local"});
+    let loaded = post(&app, "/adapters/load", a.clone()).await;
+    assert_eq!(loaded.status.as_u16(), 200);
+    let status = loaded.json();
+    assert_eq!(status["state"], "active");
+    assert_eq!(status["index"], 1);
+    assert_eq!(status["adapter_source"], "local");
+    assert_eq!(status["pinned"], false);
+    assert_eq!(status["private"], false);
+    assert!(status["memory_fraction"].as_f64().unwrap() > 0.0);
+    for field in [
+        "adapter_ids",
+        "queued",
+        "running",
+        "draining",
+        "last_error",
+        "active_for_s",
+    ] {
+        assert!(status.get(field).is_some(), "{field} in {status}");
+    }
+    let info = get(&app, "/info").await.json();
+    assert_eq!(info["adapters"][0]["adapter_id"], "org/a");
+
+    let pinned = post(&app, "/adapters/pin", a.clone()).await.json();
+    assert_eq!(pinned["pinned"], true);
+    assert_error(
+        &post(&app, "/adapters/unload", a.clone()).await,
+        409,
+        "conflict",
+    );
+    // One of the two slots must stay unpinned.
+    let b = json!({"adapter_id": "org/b", "adapter_source": "local", "pin": true});
+    assert_error(&post(&app, "/adapters/load", b).await, 409, "conflict");
+    assert_eq!(
+        post(&app, "/adapters/unpin", a.clone()).await.json()["pinned"],
+        false
+    );
+    let unloaded = post(&app, "/adapters/unload", a.clone()).await;
+    assert_eq!(unloaded.json()["state"], "downloaded");
+    assert_eq!(get(&app, "/info").await.json()["adapters"], json!([]));
+    assert!(shard.installed_adapters().is_empty());
+
+    // Same id, other source: another adapter, not tracked.
+    let hub_a = json!({"adapter_id": "org/a"});
+    assert_error(
+        &post(&app, "/adapters/unload", hub_a.clone()).await,
+        404,
+        "not_found",
+    );
+    assert_error(&post(&app, "/adapters/pin", hub_a).await, 404, "not_found");
+    assert_error(
+        &post(&app, "/adapters/load", json!({})).await,
+        422,
+        "validation",
+    );
+    assert_error(
+        &post(&app, "/adapters/load", json!({"adapter_id": "test/model"})).await,
+        422,
+        "validation",
+    );
+    let missing = post(&app, "/adapters/load", json!({"adapter_id": "org/missing"})).await;
+    assert_error(&missing, 422, "validation");
+    assert!(missing.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("no such repo"));
+    let list = get(&app, "/adapters").await.json();
+    let failed = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["adapter_id"] == "org/missing")
+        .unwrap();
+    assert_eq!(failed["state"], "failed");
+    assert!(failed["index"].is_null());
+}
+
+#[tokio::test]
+async fn adapter_metrics_have_bounded_labels() {
+    let shard = fake();
+    shard.set_adapter("org/m_bad", failing(tonic::Code::NotFound, "gone"));
+    let app = app(shard.clone(), 8);
+    let ok = post(
+        &app,
+        "/generate",
+        generate(json!({"adapter_id": "org/m_good"})),
+    )
+    .await;
+    assert!(text_of(&ok).contains("[org/m_good]"));
+    let bad = post(
+        &app,
+        "/generate",
+        generate(json!({"adapter_id": "org/m_bad"})),
+    )
+    .await;
+    assert_error(&bad, 422, "validation");
+    let text = String::from_utf8_lossy(&get(&app, "/metrics").await.body).to_string();
+    for needle in [
+        "lorax_request_count{adapter=\"org/m_good\"}",
+        "lorax_request_success{adapter=\"org/m_good\"}",
+        "lorax_request_generated_tokens_sum{adapter=\"org/m_good\"}",
+        "lorax_adapter_load_duration_bucket{adapter=\"org/m_good\"",
+        "lorax_adapter_failure{code=\"NotFound\"}",
+        "lorax_request_failure{adapter=\"unknown\",err=\"validation\"}",
+        "lorax_adapter_queue_size{adapter=",
+        "lorax_adapters_active",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from\n{text}");
+    }
+    assert!(!text.contains("m_bad"), "{text}");
+}
+
+#[tokio::test]
+async fn stream_and_openai_chat_with_an_adapter() {
+    let shard: Arc<FakeShard> = fake();
+    let app = app(shard, 8);
+    let answer = post(
+        &app,
+        "/generate_stream",
+        generate(json!({"adapter_id": "org/s"})),
+    )
+    .await;
+    let events = answer.events();
+    assert!(events.last().unwrap()["generated_text"]
+        .as_str()
+        .unwrap()
+        .contains("[org/s]"));
+    let chat = json!({"model": "org/c", "messages": [{"role": "user", "content": "hello"}],
+                      "max_tokens": 2});
+    let answer = post(&app, "/v1/chat/completions", chat).await;
+    assert_eq!(answer.status.as_u16(), 200);
+    let content = answer.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(content.contains("[org/c]"), "{content}");
+}

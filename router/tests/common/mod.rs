@@ -1,0 +1,199 @@
+//! Helpers shared by the HTTP tests: the axum app over a fake shard, and in-process requests.
+#![allow(dead_code)]
+
+use axum::body::{to_bytes, Body, Bytes};
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::Router;
+use lorax_router::adapter::AdapterConfig;
+use lorax_router::api::Info;
+use lorax_router::batcher::BatcherConfig;
+use lorax_router::client::ShardClient;
+use lorax_router::exchange::ExchangeConfig;
+use lorax_router::infer::Infer;
+use lorax_router::server::{router, AppState};
+use lorax_router::template::ChatTemplate;
+use lorax_router::testing::{test_tokenizer, FakeShard};
+use lorax_router::validation::{Validation, ValidationLimits};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+use tower::ServiceExt;
+
+pub fn info() -> Info {
+    Info {
+        model_id: "test/model".into(),
+        model_sha: None,
+        model_dtype: "float32".into(),
+        model_device_type: "cpu".into(),
+        model_pipeline_tag: Some("text-generation".into()),
+        architecture: "LlamaForCausalLM".into(),
+        max_concurrent_requests: 4,
+        max_best_of: 2,
+        max_stop_sequences: 4,
+        max_input_length: 16,
+        max_total_tokens: 32,
+        waiting_served_ratio: 1.2,
+        max_batch_total_tokens: 1000,
+        max_batch_prefill_tokens: 100,
+        max_waiting_tokens: 20,
+        max_active_adapters: 128,
+        adapter_cycle_time_s: 2,
+        block_size: 1,
+        eos_token_ids: vec![2],
+        supports_adapters: true,
+        validation_workers: 1,
+        version: lorax_router::VERSION,
+        sha: None,
+        docker_label: None,
+        request_logger_url: None,
+        default_adapter_id: None,
+        adapters: vec![],
+    }
+}
+
+pub fn chat_template() -> ChatTemplate {
+    let source = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}";
+    ChatTemplate::new(source.into(), "<s>".into(), "</s>".into()).unwrap()
+}
+
+/// The app with the test model's adapter settings (adapters supported, no default adapter,
+/// two slots).
+pub fn app(shard: Arc<FakeShard>, max_concurrent_requests: usize) -> Router {
+    app_with(shard, max_concurrent_requests, adapter_config(), exchange())
+}
+
+pub fn adapter_config() -> AdapterConfig {
+    AdapterConfig {
+        model_id: "test/model".into(),
+        architecture: "LlamaForCausalLM".into(),
+        ..Default::default()
+    }
+}
+
+pub fn exchange() -> ExchangeConfig {
+    ExchangeConfig {
+        max_active_adapters: 2,
+        cycle_time: Duration::from_secs(2),
+    }
+}
+
+pub fn app_with(
+    shard: Arc<FakeShard>,
+    max_concurrent_requests: usize,
+    adapters: AdapterConfig,
+    exchange: ExchangeConfig,
+) -> Router {
+    let limits = ValidationLimits {
+        max_best_of: 2,
+        max_stop_sequences: 4,
+        max_input_length: 16,
+        max_total_tokens: 32,
+    };
+    let config = BatcherConfig {
+        max_batch_prefill_tokens: 100,
+        max_batch_total_tokens: 1000,
+        max_waiting_tokens: 20,
+        waiting_served_ratio: 1.2,
+        block_size: 1,
+    };
+    let client: Arc<dyn ShardClient> = shard;
+    let validation = Validation::new(test_tokenizer(), limits).with_adapters(adapters);
+    let infer = Infer::new(
+        client.clone(),
+        validation,
+        config,
+        exchange,
+        max_concurrent_requests,
+    );
+    let state = AppState {
+        infer,
+        info: Arc::new(info()),
+        client,
+        prometheus: lorax_router::metrics::install(),
+        chat_template: Some(Arc::new(chat_template())),
+    };
+    router(state, &[])
+}
+
+pub fn fake() -> Arc<FakeShard> {
+    Arc::new(FakeShard::new(1000, 1))
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The SSE events' JSON payloads.
+    pub fn events(&self) -> Vec<Value> {
+        let text = String::from_utf8(self.body.to_vec()).unwrap();
+        assert!(text.ends_with("\n\n"), "{text}");
+        text.split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| {
+                let data = e.strip_prefix("data:").unwrap_or_else(|| panic!("{e}"));
+                assert!(data.starts_with('{'), "data:{{json}} without a space");
+                serde_json::from_str(data).unwrap()
+            })
+            .collect()
+    }
+}
+
+pub fn request(
+    method: &str,
+    uri: &str,
+    content_type: Option<&str>,
+    body: impl Into<Body>,
+) -> Request<Body> {
+    let mut builder = Request::builder().method(method).uri(uri);
+    if let Some(ct) = content_type {
+        builder = builder.header("content-type", ct);
+    }
+    builder.body(body.into()).unwrap()
+}
+
+pub async fn send(app: &Router, req: Request<Body>) -> Answer {
+    let response = tokio::time::timeout(Duration::from_secs(10), app.clone().oneshot(req))
+        .await
+        .expect("answer in time")
+        .unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+pub async fn post(app: &Router, uri: &str, body: Value) -> Answer {
+    send(
+        app,
+        request("POST", uri, Some("application/json"), body.to_string()),
+    )
+    .await
+}
+
+pub async fn get(app: &Router, uri: &str) -> Answer {
+    send(app, request("GET", uri, None, Body::empty())).await
+}
+
+pub fn assert_error(answer: &Answer, status: u16, error_type: &str) {
+    assert_eq!(
+        answer.status.as_u16(),
+        status,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let body = answer.json();
+    assert_eq!(body["error_type"], error_type, "{body}");
+    assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()));
+}
