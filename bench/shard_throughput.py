@@ -66,9 +66,7 @@ def run_ours(model_dir: Path, work: list[tuple[list[int], int]], prefill_budget:
     batch_id = 0
     while pending or running is not None:
         chunk, tokens = [], 0
-        while pending and (
-            tokens + len(pending[0].input_ids) <= prefill_budget or (not chunk and running is None)
-        ):
+        while pending and (tokens + len(pending[0].input_ids) <= prefill_budget or (not chunk and running is None)):
             tokens += len(pending[0].input_ids)
             chunk.append(pending.pop(0))
         if chunk:
@@ -86,9 +84,7 @@ def run_ours(model_dir: Path, work: list[tuple[list[int], int]], prefill_budget:
 
 
 @torch.no_grad()
-def run_transformers(
-    model_dir: Path, work: list[tuple[list[int], int]], batch_size: int
-) -> tuple[int, float]:
+def run_transformers(model_dir: Path, work: list[tuple[list[int], int]], batch_size: int) -> tuple[int, float]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     generated = 0
     start = time.perf_counter()

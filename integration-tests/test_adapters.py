@@ -67,7 +67,9 @@ def reference(llama_dir: Path, adapters: list[Path]):
     return greedy
 
 
-def generate(server, prompt: str, adapter: Path | str | None = None, source: str = "local", **params) -> requests.Response:
+def generate(
+    server, prompt: str, adapter: Path | str | None = None, source: str = "local", **params
+) -> requests.Response:
     parameters = {"max_new_tokens": NEW, "ignore_eos_token": True, "details": True, **params}
     if adapter is not None:
         parameters.update(adapter_id=str(adapter), adapter_source=source)

@@ -103,16 +103,13 @@ def test_lorax_client(server, reference) -> None:
     resp = client.generate(PROMPTS[1], max_new_tokens=NEW_TOKENS, ignore_eos_token=True, details=True)
     assert [t.id for t in resp.details.tokens] == greedy(PROMPTS[1])
     streamed = [
-        r.token.id
-        for r in client.generate_stream(PROMPTS[1], max_new_tokens=NEW_TOKENS, ignore_eos_token=True)
+        r.token.id for r in client.generate_stream(PROMPTS[1], max_new_tokens=NEW_TOKENS, ignore_eos_token=True)
     ]
     assert streamed == greedy(PROMPTS[1])
 
     async def run_async() -> str:
         return (
-            await AsyncClient(server.url).generate(
-                PROMPTS[1], max_new_tokens=NEW_TOKENS, ignore_eos_token=True
-            )
+            await AsyncClient(server.url).generate(PROMPTS[1], max_new_tokens=NEW_TOKENS, ignore_eos_token=True)
         ).generated_text
 
     assert asyncio.run(run_async()) == resp.generated_text

@@ -28,10 +28,8 @@ VALIDATION_CASES = {
     "repetition_penalty zero": {"inputs": "hello", "parameters": {"repetition_penalty": 0.0}},
     "empty inputs": {"inputs": "", "parameters": {}},
     "truncate over max_input_length": {"inputs": "hello", "parameters": {"truncate": 1000}},
-    "adapter before adapters are supported": {
-        "inputs": "hello",
-        "parameters": {"adapter_id": "some/adapter"},
-    },
+    "unknown adapter source": {"inputs": "hello", "parameters": {"adapter_id": "a", "adapter_source": "ftp"}},
+    "merged_adapters without ids": {"inputs": "hello", "parameters": {"merged_adapters": {"ids": []}}},
 }
 
 
@@ -87,9 +85,7 @@ def test_malformed_json_is_400(server) -> None:
 
 
 def test_wrong_content_type_is_415(server) -> None:
-    r = requests.post(
-        f"{server.url}/generate", data=b'{"inputs": "hi"}', headers={"content-type": "text/plain"}
-    )
+    r = requests.post(f"{server.url}/generate", data=b'{"inputs": "hi"}', headers={"content-type": "text/plain"})
     assert_error(r, 415, "unsupported_media_type")
     assert_still_serving(server)
 
