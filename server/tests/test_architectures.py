@@ -27,6 +27,12 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 
 # family → (config class, model class, config overrides, [adapter A targets, adapter B targets])
 FAMILIES = {
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        {"pad_token_id": 0},
+        [["qkv_proj", "o_proj"], ["gate_up_proj", "down_proj", "qkv_proj"]],
+    ),
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}, [ATTN, MLP]),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 5}, [ATTN, MLP]),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}, [["q_proj", "v_proj"], ATTN + MLP]),
@@ -35,8 +41,13 @@ FAMILIES = {
         "Gemma2Config",
         "Gemma2ForCausalLM",
         # window < prompt length; soft caps low enough to bite on random weights
-        {"head_dim": 32, "sliding_window": 4, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0,
-         "query_pre_attn_scalar": 24},  # fmt: skip
+        {
+            "head_dim": 32,
+            "sliding_window": 4,
+            "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 3.0,
+            "query_pre_attn_scalar": 24,
+        },  # fmt: skip
         [["q_proj", "o_proj", "up_proj"], ATTN + MLP],
     ),
 }

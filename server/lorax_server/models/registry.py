@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from . import gemma, llama, qwen2
+from . import gemma, llama, phi3, qwen2
 from .spec import ArchSpec
 
-REGISTRY: dict[str, ArchSpec] = {**llama.ARCHITECTURES, **qwen2.ARCHITECTURES, **gemma.ARCHITECTURES}
+REGISTRY: dict[str, ArchSpec] = {
+    name: spec for family in (llama, qwen2, gemma, phi3) for name, spec in family.ARCHITECTURES.items()
+}
 
 
 class UnsupportedArchitecture(ValueError):

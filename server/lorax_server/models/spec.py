@@ -22,6 +22,8 @@ class ArchSpec:
     gate_proj: str = "mlp.gate_proj"
     up_proj: str = "mlp.up_proj"
     down_proj: str = "mlp.down_proj"
+    fused_qkv: str | None = None  # checkpoint stores q|k|v as one module (e.g. Phi-3 "self_attn.qkv_proj")
+    fused_gate_up: str | None = None  # checkpoint stores gate|up as one module (e.g. "mlp.gate_up_proj")
     input_norm: str = "input_layernorm"
     post_attention_norm: str = "post_attention_layernorm"
     pre_feedforward_norm: str = "pre_feedforward_layernorm"  # sandwich_norms only

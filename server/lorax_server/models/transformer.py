@@ -33,12 +33,22 @@ class SelfAttention:
     ) -> None:
         h, d, kvh = cfg.num_heads, cfg.head_dim, cfg.num_kv_heads
         bias = cfg.attention_bias if spec.qkv_bias is None else spec.qkv_bias
-        self.qkv = Linear.load(
-            weights,
-            [f"{prefix}.{spec.q_proj}", f"{prefix}.{spec.k_proj}", f"{prefix}.{spec.v_proj}"],
-            bias=bias,
-            shapes=[(h * d, cfg.hidden_size), (kvh * d, cfg.hidden_size), (kvh * d, cfg.hidden_size)],
-        )
+        q_size, kv_size = h * d, kvh * d
+        if spec.fused_qkv:
+            self.qkv = Linear.load(
+                weights,
+                [f"{prefix}.{spec.fused_qkv}"],
+                bias=bias,
+                shapes=[(q_size + 2 * kv_size, cfg.hidden_size)],
+                out_splits=[q_size, kv_size, kv_size],
+            )
+        else:
+            self.qkv = Linear.load(
+                weights,
+                [f"{prefix}.{spec.q_proj}", f"{prefix}.{spec.k_proj}", f"{prefix}.{spec.v_proj}"],
+                bias=bias,
+                shapes=[(q_size, cfg.hidden_size), (kv_size, cfg.hidden_size), (kv_size, cfg.hidden_size)],
+            )
         self.o = Linear.load(
             weights, [f"{prefix}.{spec.o_proj}"], bias=False, shapes=[(cfg.hidden_size, h * d)]
         )
@@ -73,12 +83,21 @@ class GatedMLP:
 
     def __init__(self, spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str) -> None:
         hidden, inter = cfg.hidden_size, cfg.intermediate_size
-        self.gate_up = Linear.load(
-            weights,
-            [f"{prefix}.{spec.gate_proj}", f"{prefix}.{spec.up_proj}"],
-            bias=cfg.mlp_bias,
-            shapes=[(inter, hidden), (inter, hidden)],
-        )
+        if spec.fused_gate_up:
+            self.gate_up = Linear.load(
+                weights,
+                [f"{prefix}.{spec.fused_gate_up}"],
+                bias=cfg.mlp_bias,
+                shapes=[(2 * inter, hidden)],
+                out_splits=[inter, inter],
+            )
+        else:
+            self.gate_up = Linear.load(
+                weights,
+                [f"{prefix}.{spec.gate_proj}", f"{prefix}.{spec.up_proj}"],
+                bias=cfg.mlp_bias,
+                shapes=[(inter, hidden), (inter, hidden)],
+            )
         self.down = Linear.load(
             weights, [f"{prefix}.{spec.down_proj}"], bias=cfg.mlp_bias, shapes=[(hidden, inter)]
         )
