@@ -27,6 +27,8 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 
 # family → (config class, model class, config overrides, [adapter A targets, adapter B targets])
 FAMILIES = {
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.5}, [ATTN, MLP]),
+    "cohere_qk_norm": ("CohereConfig", "CohereForCausalLM", {"use_qk_norm": True}, [["q_proj", "k_proj"], ATTN + MLP]),
     "phi3": (
         "Phi3Config",
         "Phi3ForCausalLM",

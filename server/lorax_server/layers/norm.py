@@ -42,3 +42,18 @@ class LayerNorm:
     def load(cls, weights: Weights, prefix: str, eps: float, hidden: int, bias: bool = True) -> LayerNorm:
         b = weights.get(f"{prefix}.bias", (hidden,)) if bias else None
         return cls(weights.get(f"{prefix}.weight", (hidden,)), b, eps)
+
+
+class HeadLayerNorm:
+    """Bias-free LayerNorm over the last dim with a weight per (head, dim): Cohere's q/k norm."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        self.weight = weight  # [heads, head_dim]
+        self.eps = eps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [num_tokens, heads, head_dim]."""
+        x32 = x.float()
+        centered = x32 - x32.mean(-1, keepdim=True)
+        x32 = centered * torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * x32).to(x.dtype)

@@ -90,6 +90,8 @@ class ModelConfig:
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
     query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power when set
+    logit_scale: float | None = None  # logits are multiplied by it (Cohere)
+    use_qk_norm: bool = False
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -124,6 +126,8 @@ class ModelConfig:
             attn_logit_softcap=cfg.get("attn_logit_softcapping"),
             final_logit_softcap=cfg.get("final_logit_softcapping"),
             query_pre_attn_scalar=cfg.get("query_pre_attn_scalar"),
+            logit_scale=cfg.get("logit_scale"),
+            use_qk_norm=bool(cfg.get("use_qk_norm", False)),
             eos_token_ids=_eos_ids(cfg, generation_cfg or {}),
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
             raw=cfg,

@@ -28,7 +28,11 @@ class ArchSpec:
     post_attention_norm: str = "post_attention_layernorm"
     pre_feedforward_norm: str = "pre_feedforward_layernorm"  # sandwich_norms only
     post_feedforward_norm: str = "post_feedforward_layernorm"  # sandwich_norms only
-    norm: str = "rms"  # rms | layer
+    norm: str = "rms"  # rms | layer | layer_nobias
+    parallel_residual: bool = False  # x + attn(norm(x)) + mlp(norm(x)), one norm per layer
+    rope_interleaved: bool = False  # rotate pairs (x0, x1), (x2, x3)... instead of halves
+    q_norm: str = "self_attn.q_norm"  # per-head q/k norms, used when config.use_qk_norm
+    k_norm: str = "self_attn.k_norm"
     norm_weight_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + w)
     embed_scale: bool = False  # Gemma scales embeddings by sqrt(hidden)
     # Gemma2: post_attention_norm normalises the attention output; pre/post norms wrap the MLP.

@@ -14,7 +14,7 @@ from ..kv_cache import KVCache
 from ..layers.activations import activation
 from ..layers.attention import AttentionBackend
 from ..layers.linear import Linear
-from ..layers.norm import LayerNorm, RMSNorm
+from ..layers.norm import HeadLayerNorm, LayerNorm, RMSNorm
 from ..layers.rotary import RotaryEmbedding, apply_rotary
 from ..utils.weights import Weights
 from .config import ModelConfig
@@ -22,8 +22,8 @@ from .spec import ArchSpec
 
 
 def _norm(spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str):  # noqa: ANN202
-    if spec.norm == "layer":
-        return LayerNorm.load(weights, prefix, cfg.norm_eps, cfg.hidden_size)
+    if spec.norm in ("layer", "layer_nobias"):
+        return LayerNorm.load(weights, prefix, cfg.norm_eps, cfg.hidden_size, bias=spec.norm == "layer")
     return RMSNorm.load(weights, prefix, cfg.norm_eps, cfg.hidden_size, spec.norm_weight_offset)
 
 
@@ -55,6 +55,11 @@ class SelfAttention:
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
         self.scale = (cfg.query_pre_attn_scalar or d) ** -0.5
         self.softcap = cfg.attn_logit_softcap
+        self.interleaved = spec.rope_interleaved
+        self.q_norm = self.k_norm = None
+        if cfg.use_qk_norm:
+            self.q_norm = HeadLayerNorm(weights.get(f"{prefix}.{spec.q_norm}.weight", (h, d)), cfg.norm_eps)
+            self.k_norm = HeadLayerNorm(weights.get(f"{prefix}.{spec.k_norm}.weight", (kvh, d)), cfg.norm_eps)
         self.window = cfg.window_for(layer_idx) if spec.uses_sliding_window else None
         self.layer_idx = layer_idx
 
@@ -68,8 +73,11 @@ class SelfAttention:
         backend: AttentionBackend,
     ) -> torch.Tensor:
         q, k, v = self.qkv(x, meta).split(self.qkv.out_splits, dim=-1)
-        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q, cos, sin, self.interleaved)
+        k = apply_rotary(k, cos, sin, self.interleaved)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         cache.write(self.layer_idx, meta.slots, k, v)
         out = backend.attend(
@@ -113,7 +121,9 @@ class DecoderLayer:
         prefix = spec.layer.format(i=layer_idx)
         self.input_norm = _norm(spec, cfg, weights, f"{prefix}.{spec.input_norm}")
         self.attn = SelfAttention(spec, cfg, weights, prefix, layer_idx)
-        self.post_attention_norm = _norm(spec, cfg, weights, f"{prefix}.{spec.post_attention_norm}")
+        self.parallel = spec.parallel_residual
+        if not self.parallel:
+            self.post_attention_norm = _norm(spec, cfg, weights, f"{prefix}.{spec.post_attention_norm}")
         self.mlp = GatedMLP(spec, cfg, weights, prefix)
         self.sandwich = spec.sandwich_norms
         if self.sandwich:
@@ -123,7 +133,10 @@ class DecoderLayer:
     def __call__(
         self, x: torch.Tensor, meta: ForwardBatch, cos, sin, cache: KVCache, backend
     ) -> torch.Tensor:  # noqa: ANN001
-        attn = self.attn(self.input_norm(x), meta, cos, sin, cache, backend)
+        normed = self.input_norm(x)
+        attn = self.attn(normed, meta, cos, sin, cache, backend)
+        if self.parallel:
+            return x + attn + self.mlp(normed, meta)
         if not self.sandwich:
             x = x + attn
             return x + self.mlp(self.post_attention_norm(x), meta)
@@ -153,7 +166,9 @@ class CausalLM:
             self.lm_head = Linear.load(
                 weights, [spec.lm_head], bias=False, shapes=[(cfg.vocab_size, cfg.hidden_size)]
             )
-        self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, device)
+        self.rotary = RotaryEmbedding(
+            cfg.rope, cfg.head_dim, cfg.max_position_embeddings, device, interleaved=spec.rope_interleaved
+        )
 
     @torch.inference_mode()
     def forward(self, meta: ForwardBatch, cache: KVCache) -> torch.Tensor:
@@ -165,6 +180,8 @@ class CausalLM:
         for layer in self.layers:
             x = layer(x, meta, cos, sin, cache, self.backend)
         logits = self.lm_head(self.norm(x[meta.logits_index])).float()
+        if self.config.logit_scale is not None:
+            logits = logits * self.config.logit_scale
         if self.config.final_logit_softcap:
             cap = self.config.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap
