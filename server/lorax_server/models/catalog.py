@@ -1,0 +1,39 @@
+"""The supported-architecture table of docs/models/base_models.md, generated from the registry.
+
+`python -m lorax_server.models.catalog > docs/models/base_models.md` rewrites the page; a test checks
+that the committed page equals this output.
+"""
+
+from __future__ import annotations
+
+from .registry import REGISTRY
+
+FAMILY_NOTES = {
+    "llama": "Llama 1/2/3, CodeLlama, Solar (llama layout); Mistral, Zephyr (sliding window)",
+    "qwen2": "Qwen2 (q/k/v bias; sliding window where configured)",
+    "gemma": "Gemma (GeGLU, (1+w) RMSNorm, scaled embeddings)",
+    "gemma2": "Gemma2 (sandwich norms, logit soft-capping, alternating sliding/global layers)",
+    "phi3": "Phi-3 (fused qkv_proj / gate_up_proj)",
+    "cohere": "Command-R (parallel block, bias-free LayerNorm, logit_scale, optional q/k norm)",
+}
+
+
+def render() -> str:
+    lines = [
+        "# Supported base models",
+        "",
+        "Generated from the shard's architecture registry (`python -m lorax_server.models.catalog`).",
+        "A model is served when `architectures[0]` of its `config.json` is listed here; LoRA adapters may",
+        "target the modules in the last column.",
+        "",
+        "| `architectures[0]` | family | adaptable modules |",
+        "|---|---|---|",
+    ]
+    for name, spec in sorted(REGISTRY.items()):
+        modules = ", ".join(f"`{m}`" for m in spec.adaptable_modules)
+        lines.append(f"| `{name}` | {FAMILY_NOTES.get(spec.family, spec.family)} | {modules} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(render(), end="")
