@@ -1,0 +1,53 @@
+"""A checkpoint that cannot be served stops the launcher at start-up with a message naming the
+problem and a non-zero exit code, instead of hanging or serving something wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BIN, free_port
+from safetensors.torch import load_file, save_file
+from tiny_models import make_llama
+
+
+def run_launcher(model_dir: Path, tmp: Path) -> subprocess.CompletedProcess:
+    args = [str(BIN / "lorax-launcher"), "--model-id", str(model_dir), "--port", str(free_port()),
+            "--shard-uds-path", str(tmp / "shard"), "--kv-cache-blocks", "16",
+            "--max-input-length", "32", "--max-total-tokens", "64", "--max-batch-prefill-tokens", "64"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(args, capture_output=True, text=True, timeout=240, env=env)
+
+
+def _edit_weights(model_dir: Path, edit) -> None:  # noqa: ANN001
+    path = model_dir / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("unknown architecture", "FooForCausalLM"),
+        ("missing tensor", "model.layers.1.mlp.down_proj.weight"),
+        ("wrong shape", "model.layers.0.self_attn.k_proj.weight"),
+    ],
+)
+def test_bad_checkpoint_fails_fast_with_a_message(tmp_path: Path, case: str, expected: str) -> None:
+    model_dir = make_llama(tmp_path / "m")
+    if case == "unknown architecture":
+        cfg = json.loads((model_dir / "config.json").read_text())
+        (model_dir / "config.json").write_text(json.dumps({**cfg, "architectures": ["FooForCausalLM"]}))
+    elif case == "missing tensor":
+        _edit_weights(model_dir, lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
+    else:
+        _edit_weights(model_dir, lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(8, 64)}))
+    done = run_launcher(model_dir, tmp_path)
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert expected in output, output[-3000:]
