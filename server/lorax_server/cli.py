@@ -100,15 +100,16 @@ def run_serve(cfg: ShardConfig) -> None:
 
     model_dir = download_weights(cfg.model_id, cfg.revision)
     device = torch.device(f"cuda:{cfg.rank}" if torch.cuda.is_available() else "cpu")
-    model = load_model(
-        model_dir, select_backend(device, cfg.block_size), device, cfg.dtype, cfg.rank, cfg.world_size
-    )
+    backend = select_backend(device, cfg.block_size)
+    model = load_model(model_dir, backend, device, cfg.dtype, cfg.rank, cfg.world_size, cfg.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
-    adapters = AdapterManager(
-        model,
-        lambda adapter_id, source, token: fetch_adapter(adapter_id, AdapterSource(source), token),
-        device_budget(device, cfg.adapter_memory_fraction),
-    )
+    adapters = None
+    if model.supports_adapters:
+        adapters = AdapterManager(
+            model,
+            lambda adapter_id, source, token: fetch_adapter(adapter_id, AdapterSource(source), token),
+            device_budget(device, cfg.adapter_memory_fraction),
+        )
     cache = CacheConfig(cfg.block_size, cfg.memory_fraction, cfg.kv_cache_blocks)
     engine = Engine(model, tokenizer, cache, adapters)
     asyncio.run(serve(engine, model.config.architecture, cfg.uds_path, cfg.rank, cfg.world_size))

@@ -112,19 +112,16 @@ class Engine:
         self.clear()
         self.cache = self.blocks = None
         self._dummy_prefill(max_input_length, max_prefill_tokens)
-        cfg, bs = self.model.config, self.cache_config.block_size
-        per_block = KVCache.bytes_per_block(
-            cfg.num_layers, bs, cfg.num_kv_heads, cfg.head_dim, self.model.dtype
-        )
+        bs = self.cache_config.block_size
+        layers, kv_heads, head_dim, dtype = self.model.cache_geometry
+        per_block = KVCache.bytes_per_block(layers, bs, kv_heads, head_dim, dtype)
         num_blocks = self.cache_config.num_blocks or self._blocks_from_memory(per_block)
         if num_blocks * bs < max_total_tokens:
             raise RequestError(
                 f"the KV cache holds {num_blocks * bs} tokens, fewer than "
                 f"max_total_tokens={max_total_tokens}; lower --max-total-tokens or give the cache more memory"
             )
-        self.cache = KVCache(
-            cfg.num_layers, num_blocks, bs, cfg.num_kv_heads, cfg.head_dim, self.model.dtype, self.device
-        )
+        self.cache = KVCache(layers, num_blocks, bs, kv_heads, head_dim, dtype, self.device)
         self.blocks = BlockManager(num_blocks, bs)
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs, num_blocks * per_block / 2**20
@@ -147,16 +144,14 @@ class Engine:
         if max_prefill_tokens % max_input_length:
             lens.append(max_prefill_tokens % max_input_length)
         bs = self.cache_config.block_size
-        cfg = self.model.config
         tables = [sum(math.ceil(n / bs) for n in lens[:i]) for i in range(len(lens))]
         width = max(math.ceil(n / bs) for n in lens)
         block_tables = torch.tensor(
             [[start + j for j in range(width)] for start in tables], dtype=torch.int64, device=self.device
         )
         total_blocks = sum(math.ceil(n / bs) for n in lens) + width
-        cache = KVCache(
-            cfg.num_layers, total_blocks, bs, cfg.num_kv_heads, cfg.head_dim, self.model.dtype, self.device
-        )
+        layers, kv_heads, head_dim, dtype = self.model.cache_geometry
+        cache = KVCache(layers, total_blocks, bs, kv_heads, head_dim, dtype, self.device)
         ids = torch.zeros(sum(lens), dtype=torch.int64, device=self.device)
         self.model.forward(ForwardBatch.build(ids, lens, lens, block_tables, bs), cache)
         del cache

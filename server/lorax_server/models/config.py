@@ -99,6 +99,9 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], generation_cfg: dict[str, Any] | None = None) -> ModelConfig:
         archs = cfg.get("architectures") or []
+        missing = [k for k in ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers") if k not in cfg]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}")
         num_heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         sliding = cfg.get("sliding_window")

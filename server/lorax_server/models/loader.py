@@ -9,7 +9,8 @@ import torch
 from ..layers.attention import AttentionBackend
 from ..utils.weights import Weights
 from .config import ModelConfig
-from .registry import spec_for
+from .fallback import TransformersCausalLM
+from .registry import REGISTRY
 from .transformer import CausalLM
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -34,12 +35,15 @@ def load_model(
     dtype: str | None = None,
     rank: int = 0,
     world_size: int = 1,
-) -> CausalLM:
+    trust_remote_code: bool = False,
+) -> CausalLM | TransformersCausalLM:
+    """Our own implementation when the architecture has a spec, else the transformers fallback."""
     config = ModelConfig.from_dir(model_dir)
-    spec = spec_for(config.architecture)
     if world_size > 1:
-        raise NotImplementedError(
-            "tensor-parallel sharding (--sharded / --num-shard > 1) is not supported yet"
-        )
-    weights = Weights(model_dir, resolve_dtype(dtype, config, device), device, rank, world_size)
+        raise NotImplementedError("tensor-parallel sharding (--sharded / --num-shard > 1) is not supported yet")
+    torch_dtype = resolve_dtype(dtype, config, device)
+    spec = REGISTRY.get(config.architecture)
+    if spec is None:
+        return TransformersCausalLM(Path(model_dir), config, torch_dtype, device, trust_remote_code)
+    weights = Weights(model_dir, torch_dtype, device, rank, world_size)
     return CausalLM(spec, config, weights, backend, device)

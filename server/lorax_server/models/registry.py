@@ -8,14 +8,3 @@ from .spec import ArchSpec
 REGISTRY: dict[str, ArchSpec] = {
     name: spec for family in (llama, qwen2, gemma, phi3, cohere) for name, spec in family.ARCHITECTURES.items()
 }
-
-
-class UnsupportedArchitecture(ValueError):
-    pass
-
-
-def spec_for(architecture: str) -> ArchSpec:
-    if architecture not in REGISTRY:
-        known = ", ".join(sorted(REGISTRY))
-        raise UnsupportedArchitecture(f"architecture {architecture!r} is not supported (supported: {known})")
-    return REGISTRY[architecture]

@@ -170,6 +170,14 @@ class CausalLM:
             cfg.rope, cfg.head_dim, cfg.max_position_embeddings, device, interleaved=spec.rope_interleaved
         )
 
+    supports_adapters = True
+
+    @property
+    def cache_geometry(self) -> tuple[int, int, int, torch.dtype]:
+        """(layers, kv_heads, head_dim, dtype) of the paged KV cache this model writes."""
+        c = self.config
+        return c.num_layers, c.num_kv_heads, c.head_dim, self.dtype
+
     @torch.inference_mode()
     def forward(self, meta: ForwardBatch, cache: KVCache) -> torch.Tensor:
         """Returns float32 logits [num_logits, vocab] for the tokens in `meta.logits_index`."""
