@@ -27,6 +27,12 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 
 # family → (config class, model class, config overrides, [adapter A targets, adapter B targets])
 FAMILIES = {
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
+        [["q_proj", "v_proj"], ATTN],
+    ),
     "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.5}, [ATTN, MLP]),
     "cohere_qk_norm": ("CohereConfig", "CohereForCausalLM", {"use_qk_norm": True}, [["q_proj", "k_proj"], ATTN + MLP]),
     "phi3": (
@@ -141,3 +147,25 @@ def test_two_adapters_in_one_batch_match_peft(family) -> None:
         assert (logits - want).abs().max() < 1e-4, name
     base_logits = peft(prompts[1][None], adapter_names=["__base__"]).logits[0]
     assert (got[1] - base_logits).abs().max() > 1e-3  # the adapter really changes the output
+
+
+def test_expert_lora_is_refused_not_dropped(tmp_path: Path) -> None:
+    """LoRA on Mixtral experts is not supported yet: such an adapter gets a clear refusal."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from lorax_server.adapters.loader import AdapterLoadError, load_lora_adapter
+
+    base = make_model(transformers.MixtralConfig, transformers.MixtralForCausalLM, tmp_path / "base",
+                      num_local_experts=4, num_experts_per_tok=2)  # fmt: skip
+    model = load_model(base, TorchAttention(BLOCK), torch.device("cpu"), "float32")
+    manager = AdapterManager(model, fetch=lambda a, s, t: Path(a), device_budget_bytes=2**20)
+    adapter = tmp_path / "expert_lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    key = "base_model.model.model.layers.0.block_sparse_moe.experts.1.w1"
+    save_file({f"{key}.lora_A.weight": torch.zeros(2, 64), f"{key}.lora_B.weight": torch.zeros(128, 2)},
+              adapter / "adapter_model.safetensors")  # fmt: skip
+    with pytest.raises(AdapterLoadError, match="'w1'.*MixtralForCausalLM cannot adapt"):
+        load_lora_adapter(adapter, manager.targets, "MixtralForCausalLM", torch.float32)

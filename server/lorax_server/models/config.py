@@ -92,6 +92,8 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power when set
     logit_scale: float | None = None  # logits are multiplied by it (Cohere)
     use_qk_norm: bool = False
+    num_experts: int = 0
+    experts_per_token: int = 0
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -131,6 +133,8 @@ class ModelConfig:
             query_pre_attn_scalar=cfg.get("query_pre_attn_scalar"),
             logit_scale=cfg.get("logit_scale"),
             use_qk_norm=bool(cfg.get("use_qk_norm", False)),
+            num_experts=int(cfg.get("num_local_experts") or 0),
+            experts_per_token=int(cfg.get("num_experts_per_tok") or 0),
             eos_token_ids=_eos_ids(cfg, generation_cfg or {}),
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
             raw=cfg,

@@ -24,6 +24,9 @@ class ArchSpec:
     down_proj: str = "mlp.down_proj"
     fused_qkv: str | None = None  # checkpoint stores q|k|v as one module (e.g. Phi-3 "self_attn.qkv_proj")
     fused_gate_up: str | None = None  # checkpoint stores gate|up as one module (e.g. "mlp.gate_up_proj")
+    # Sparse MoE MLP (Mixtral): router and per-expert w1 (gate), w3 (up), w2 (down) weights.
+    moe_gate: str | None = None  # e.g. "block_sparse_moe.gate"; None: dense MLP
+    moe_expert: str = "block_sparse_moe.experts.{e}"
     input_norm: str = "input_layernorm"
     post_attention_norm: str = "post_attention_layernorm"
     pre_feedforward_norm: str = "pre_feedforward_layernorm"  # sandwich_norms only

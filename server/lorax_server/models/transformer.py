@@ -14,6 +14,7 @@ from ..kv_cache import KVCache
 from ..layers.activations import activation
 from ..layers.attention import AttentionBackend
 from ..layers.linear import Linear
+from ..layers.moe import SparseMoE
 from ..layers.norm import HeadLayerNorm, LayerNorm, RMSNorm
 from ..layers.rotary import RotaryEmbedding, apply_rotary
 from ..utils.weights import Weights
@@ -116,6 +117,24 @@ class GatedMLP:
         return self.down(self.act(gate) * up, meta)
 
 
+def _moe(spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str) -> SparseMoE:
+    hidden, inter, experts = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+    gate = Linear.load(weights, [f"{prefix}.{spec.moe_gate}"], bias=False, shapes=[(experts, hidden)])
+
+    def stacked(name: str, shape: tuple[int, int]) -> torch.Tensor:
+        expert = f"{prefix}.{spec.moe_expert}"
+        return torch.stack([weights.get(f"{expert.format(e=e)}.{name}.weight", shape) for e in range(experts)])
+
+    return SparseMoE(
+        gate,
+        stacked("w1", (inter, hidden)),
+        stacked("w3", (inter, hidden)),
+        stacked("w2", (hidden, inter)),
+        cfg.experts_per_token,
+        activation(cfg.hidden_act),
+    )
+
+
 class DecoderLayer:
     def __init__(self, spec: ArchSpec, cfg: ModelConfig, weights: Weights, layer_idx: int) -> None:
         prefix = spec.layer.format(i=layer_idx)
@@ -124,7 +143,7 @@ class DecoderLayer:
         self.parallel = spec.parallel_residual
         if not self.parallel:
             self.post_attention_norm = _norm(spec, cfg, weights, f"{prefix}.{spec.post_attention_norm}")
-        self.mlp = GatedMLP(spec, cfg, weights, prefix)
+        self.mlp = _moe(spec, cfg, weights, prefix) if spec.moe_gate else GatedMLP(spec, cfg, weights, prefix)
         self.sandwich = spec.sandwich_norms
         if self.sandwich:
             self.pre_feedforward_norm = _norm(spec, cfg, weights, f"{prefix}.{spec.pre_feedforward_norm}")
