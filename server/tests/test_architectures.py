@@ -27,6 +27,8 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 
 # family → (config class, model class, config overrides, [adapter A targets, adapter B targets])
 FAMILIES = {
+    "phi": ("PhiConfig", "PhiForCausalLM", {"num_key_value_heads": 4, "partial_rotary_factor": 0.5},
+            [["q_proj", "dense"], ["fc1", "fc2", "v_proj"]]),  # fmt: skip
     "mixtral": (
         "MixtralConfig",
         "MixtralForCausalLM",

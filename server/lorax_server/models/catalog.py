@@ -14,6 +14,7 @@ FAMILY_NOTES = {
     "gemma": "Gemma (GeGLU, (1+w) RMSNorm, scaled embeddings)",
     "gemma2": "Gemma2 (sandwich norms, logit soft-capping, alternating sliding/global layers)",
     "phi3": "Phi-3 (fused qkv_proj / gate_up_proj)",
+    "phi": "Phi-2 (parallel block, partial rotary, biases, LayerNorm)",
     "mixtral": "Mixtral (sparse top-2 MoE; adapters on attention only for now)",
     "cohere": "Command-R (parallel block, bias-free LayerNorm, logit_scale, optional q/k norm)",
 }

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from . import cohere, gemma, llama, mixtral, phi3, qwen2
+from . import cohere, gemma, llama, mixtral, phi, phi3, qwen2
 from .spec import ArchSpec
 
-REGISTRY: dict[str, ArchSpec] = {
-    name: spec for family in (llama, qwen2, gemma, phi3, cohere, mixtral) for name, spec in family.ARCHITECTURES.items()
-}
+FAMILIES = (llama, qwen2, gemma, phi3, phi, cohere, mixtral)
+REGISTRY: dict[str, ArchSpec] = {name: spec for family in FAMILIES for name, spec in family.ARCHITECTURES.items()}

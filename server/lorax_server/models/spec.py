@@ -27,6 +27,10 @@ class ArchSpec:
     # Sparse MoE MLP (Mixtral): router and per-expert w1 (gate), w3 (up), w2 (down) weights.
     moe_gate: str | None = None  # e.g. "block_sparse_moe.gate"; None: dense MLP
     moe_expert: str = "block_sparse_moe.experts.{e}"
+    mlp: str = "gated"  # gated: down(act(gate) * up) | plain: down(act(up)) (up_proj/down_proj names used)
+    o_bias: bool = False
+    mlp_bias: bool | None = None  # None: config.mlp_bias decides
+    lm_head_bias: bool = False
     input_norm: str = "input_layernorm"
     post_attention_norm: str = "post_attention_layernorm"
     pre_feedforward_norm: str = "pre_feedforward_layernorm"  # sandwich_norms only

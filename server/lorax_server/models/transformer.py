@@ -51,7 +51,7 @@ class SelfAttention:
                 shapes=[(q_size, cfg.hidden_size), (kv_size, cfg.hidden_size), (kv_size, cfg.hidden_size)],
             )
         self.o = Linear.load(
-            weights, [f"{prefix}.{spec.o_proj}"], bias=False, shapes=[(cfg.hidden_size, h * d)]
+            weights, [f"{prefix}.{spec.o_proj}"], bias=spec.o_bias, shapes=[(cfg.hidden_size, h * d)]
         )
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
         self.scale = (cfg.query_pre_attn_scalar or d) ** -0.5
@@ -135,6 +135,26 @@ def _moe(spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str) -> Spa
     )
 
 
+class PlainMLP:
+    """down(act(up(x))) with biases: Phi-2, GPT-2, Bloom."""
+
+    def __init__(self, spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str) -> None:
+        hidden, inter = cfg.hidden_size, cfg.intermediate_size
+        bias = cfg.mlp_bias if spec.mlp_bias is None else spec.mlp_bias
+        self.up = Linear.load(weights, [f"{prefix}.{spec.up_proj}"], bias=bias, shapes=[(inter, hidden)])
+        self.down = Linear.load(weights, [f"{prefix}.{spec.down_proj}"], bias=bias, shapes=[(hidden, inter)])
+        self.act = activation(cfg.hidden_act)
+
+    def __call__(self, x: torch.Tensor, meta: ForwardBatch) -> torch.Tensor:
+        return self.down(self.act(self.up(x, meta)), meta)
+
+
+def _mlp(spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str):  # noqa: ANN202
+    if spec.moe_gate:
+        return _moe(spec, cfg, weights, prefix)
+    return PlainMLP(spec, cfg, weights, prefix) if spec.mlp == "plain" else GatedMLP(spec, cfg, weights, prefix)
+
+
 class DecoderLayer:
     def __init__(self, spec: ArchSpec, cfg: ModelConfig, weights: Weights, layer_idx: int) -> None:
         prefix = spec.layer.format(i=layer_idx)
@@ -143,7 +163,7 @@ class DecoderLayer:
         self.parallel = spec.parallel_residual
         if not self.parallel:
             self.post_attention_norm = _norm(spec, cfg, weights, f"{prefix}.{spec.post_attention_norm}")
-        self.mlp = _moe(spec, cfg, weights, prefix) if spec.moe_gate else GatedMLP(spec, cfg, weights, prefix)
+        self.mlp = _mlp(spec, cfg, weights, prefix)
         self.sandwich = spec.sandwich_norms
         if self.sandwich:
             self.pre_feedforward_norm = _norm(spec, cfg, weights, f"{prefix}.{spec.pre_feedforward_norm}")
@@ -183,7 +203,7 @@ class CausalLM:
             self.lm_head = Linear(self.embed, None, [cfg.vocab_size])
         else:
             self.lm_head = Linear.load(
-                weights, [spec.lm_head], bias=False, shapes=[(cfg.vocab_size, cfg.hidden_size)]
+                weights, [spec.lm_head], bias=spec.lm_head_bias, shapes=[(cfg.vocab_size, cfg.hidden_size)]
             )
         self.rotary = RotaryEmbedding(
             cfg.rope, cfg.head_dim, cfg.max_position_embeddings, device, interleaved=spec.rope_interleaved
