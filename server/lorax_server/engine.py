@@ -133,10 +133,10 @@ class Engine:
             torch.cuda.empty_cache()
             free, _total = torch.cuda.mem_get_info(self.device)
             budget = free * (self.cache_config.memory_fraction or 0.9)
+            if self.adapters is not None:  # adapters get their share of the GPU first; the KV cache the rest
+                budget -= self.adapters.device_budget_bytes - self.adapters.device_bytes
         else:
             budget = psutil.virtual_memory().available * (self.cache_config.memory_fraction or 0.05)
-        if self.adapters is not None:  # adapters get their share first; the KV cache takes the rest
-            budget -= self.adapters.device_budget_bytes - self.adapters.device_bytes
         return max(1, int(budget // per_block))
 
     def _dummy_prefill(self, max_input_length: int, max_prefill_tokens: int) -> None:

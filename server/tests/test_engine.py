@@ -188,3 +188,25 @@ def test_prefill_before_warmup_is_refused(llama_dir) -> None:
     engine = Engine(model, AutoTokenizer.from_pretrained(llama_dir), CacheConfig(BLOCK, num_blocks=8))
     with pytest.raises(NotWarmedUp):
         engine.prefill(1, [req(1, [5], max_new=1)])
+
+
+def test_warmup_sizes_the_cache_from_the_memory_budget(llama_dir) -> None:
+    """Without --kv-cache-blocks the cache takes its share of available memory (adapters on CPU have
+    their own budget and do not eat into it)."""
+    from pathlib import Path
+
+    import psutil
+
+    from lorax_server.adapters.manager import AdapterManager
+
+    model = load_model(llama_dir, TorchAttention(BLOCK), torch.device("cpu"), "float32")
+    adapters = AdapterManager(model, fetch=lambda a, s, t: Path(a), device_budget_bytes=2**40)
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    engine = Engine(model, tok, CacheConfig(BLOCK, memory_fraction=1e-4), adapters)
+    tokens = engine.warmup(max_input_length=32, max_prefill_tokens=64, max_total_tokens=64)
+    per_token = 2 * model.config.num_layers * model.config.num_kv_heads * model.config.head_dim * 4
+    expected = psutil.virtual_memory().available * 1e-4 / per_token
+    assert 0.5 * expected < tokens < 2 * expected
+    tiny = Engine(model, tok, CacheConfig(BLOCK, memory_fraction=1e-12))
+    with pytest.raises(RequestError, match="KV cache holds"):
+        tiny.warmup(max_input_length=32, max_prefill_tokens=64, max_total_tokens=64)
