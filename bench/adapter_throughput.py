@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server" / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shard_throughput import MODEL, workload  # noqa: E402
+from shard_throughput import MODEL, serve_all, workload  # noqa: E402
 from tiny_models import make_llama, make_lora_adapter  # noqa: E402
 
 from lorax_server.adapters.manager import AdapterManager, AdapterRequest  # noqa: E402
@@ -55,25 +55,7 @@ def run_ours(model_dir: Path, adapters: list[Path], work, use_adapters: bool, pr
         )
         for i, (ids, o) in enumerate(work)
     ]
-    generated, running, batch_id = 0, None, 0
-    start = time.perf_counter()
-    while pending or running is not None:
-        chunk, tokens = [], 0
-        while pending and (tokens + len(pending[0].input_ids) <= prefill_budget or (not chunk and running is None)):
-            tokens += len(pending[0].input_ids)
-            chunk.append(pending.pop(0))
-        if chunk:
-            batch_id += 1
-            gens, new = engine.prefill(batch_id, chunk)
-            generated += len(gens)
-            ids = [b.id for b in (running, new) if b is not None]
-            if not ids:
-                continue
-            gens, running = engine.decode(ids)
-        else:
-            gens, running = engine.decode([running.id])
-        generated += len(gens)
-    return generated, time.perf_counter() - start
+    return serve_all(engine, pending, prefill_budget)
 
 
 @torch.no_grad()

@@ -59,11 +59,15 @@ def run_ours(model_dir: Path, work: list[tuple[list[int], int]], prefill_budget:
         RequestIn(id=i, input_ids=ids, sampling=SamplingParams(), max_new_tokens=o, ignore_eos=True)
         for i, (ids, o) in enumerate(work)
     ]
-    generated = 0
-    start = time.perf_counter()
-    running = None
+    return serve_all(engine, requests, prefill_budget)
+
+
+def serve_all(engine: Engine, requests: list[RequestIn], prefill_budget: int) -> tuple[int, float]:
+    """Run every request to completion the way the router does: prefill waiting requests in chunks of
+    the prefill budget, each chunk joining the running batch. Returns (tokens generated, seconds)."""
+    generated, running, batch_id = 0, None, 0
     pending = list(requests)
-    batch_id = 0
+    start = time.perf_counter()
     while pending or running is not None:
         chunk, tokens = [], 0
         while pending and (tokens + len(pending[0].input_ids) <= prefill_budget or (not chunk and running is None)):
