@@ -461,10 +461,11 @@ README_EXAMPLES = [  # (format, question): shown with the model's real greedy ou
 README = """# Demo model
 
 The embedded default model of this server (`make run` serves it): a {params:.1f}M-parameter
-`LlamaForCausalLM` (hidden {hidden}, {layers} layers, {heads} heads / {kv_heads} KV heads, MLP {intermediate},
-vocab {vocab}, tied embeddings, float32) with its own byte-level BPE tokenizer and chat template.
-`scripts/train_demo.py` trains both from scratch on CPU on synthetic data that the script generates.
-The model knows a few narrow tasks and nothing else: it exists for demos and tests.
+`LlamaForCausalLM` (hidden {hidden}, {layers} layers, {heads} heads / {kv_heads} KV heads,
+MLP {intermediate}, vocab {vocab}, tied embeddings, float32) with its own byte-level BPE tokenizer
+and chat template. `scripts/train_demo.py` trains both from scratch on CPU on synthetic data that
+the script generates. The model knows a few narrow tasks and nothing else: it exists for demos and
+tests.
 
 ## Prompt formats
 
@@ -479,11 +480,17 @@ Chat, for `/v1/chat/completions`: the chat template in `tokenizer_config.json` r
 the Q/A format, and the generated text starts with that space: ` 5`). The rendered text already starts
 with `<s>`: tokenize it without adding special tokens again.
 
-Tasks: `What is a + b?` and `What is a - b?` (operands 0-20, a >= b); `Copy: <text>` repeats 1-4 words
-(from a fixed list of {num_words}, some in UPPERCASE), 2-6 single letters, or 1-3 numbers 0-99; four
-facts about each of 8 invented planets, {planets}: `What colour is the sky on Zorb?`,
-`How many moons does Zorb have?`, `Which animal lives on Zorb?`, `What is the capital of Zorb?`; a few
-greetings (`Hello`, `Who are you?`, `What is your name?`, `Thank you`).
+Special tokens: `<unk>` 0, `<s>` 1, `</s>` 2 (EOS), `<pad>` 3, `<|system|>` 4, `<|user|>` 5,
+`<|assistant|>` 6; `<|reserved_N|>` tokens pad the vocabulary to a multiple of 64.
+
+Tasks:
+- `What is a + b?` and `What is a - b?`, operands 0-20 (a >= b);
+- `Copy: <text>` repeats 1-4 words (from a fixed list of {num_words}, some in UPPERCASE), 2-6 single
+  letters, or 1-3 numbers 0-99;
+- four facts about each of 8 invented planets: `What colour is the sky on Zorb?`,
+  `How many moons does Zorb have?`, `Which animal lives on Zorb?`, `What is the capital of Zorb?`
+  (planets: {planets});
+- greetings: `Hello`, `Hi`, `Who are you?`, `What is your name?`, `Thank you`.
 
 ## Real greedy outputs (transformers, `do_sample=False`)
 
@@ -512,8 +519,8 @@ is nothing to generalise to).
     .venv/bin/python scripts/train_demo.py --out models/demo
 
 {steps} steps of {batch} x {block} packed tokens (AdamW, lr {lr}, warmup + cosine, loss weight {plw} on
-prompt tokens and 1 on answers), seed {seed}, {threads} threads. This run trained in {minutes:.1f} min
-on a 2-core CPU (the step count is fixed, so the time depends on the machine and its load). The
+prompt tokens and 1 on answers), seed {seed}, {threads} threads. This run trained in {minutes:.1f} min on
+a 2-core CPU (the step count is fixed, so the time depends on the machine and its load). The
 script is the recipe: with the same seed, library versions and thread count it reproduces the same
 files on the same machine, but bit-exact weights across machines, CPU types or library versions are
 not guaranteed (floating-point reduction order differs).
@@ -573,10 +580,10 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--block", type=int, default=256, help="packed sequence length")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--warmup", type=int, default=60)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--prompt-loss-weight", type=float, default=0.3, help="loss weight of non-answer tokens")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-eval", action="store_true", help="save without evaluating or writing README.md")
