@@ -298,19 +298,33 @@ class Engine:
         self.timings = StepTimings(concat_ns=time.perf_counter_ns() - start)
         self.batches[batch.id] = batch
         lengths = [s.length for s in batch.seqs]
-        ones = [1] * len(batch)
+        input_ids, query_lens = self._decode_inputs(batch, lengths)
         meta = ForwardBatch.build(
-            batch.next_ids,
-            ones,
+            input_ids,
+            query_lens,
             lengths,
             batch.block_tables,
             blocks.block_size,
-            lora_segments=segments_of(batch.adapter_indices, ones),
+            lora_segments=segments_of(batch.adapter_indices, query_lens),
         )
         forward_start = time.perf_counter_ns()
         logits = self.model.forward(meta, cache)
         gens = self._sample_and_advance(batch, logits, None, forward_start)
         return gens, self._keep_unfinished(batch, gens)
+
+    def _decode_inputs(self, batch: Batch, lengths: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """One new token per sequence, except for sequences reaching the model's recompute length:
+        those re-run every token (their whole history) so their cached keys are rewritten."""
+        ones = [1] * len(batch)
+        at = self.model.recompute_at_length
+        if at is None or at not in lengths:
+            return batch.next_ids, ones
+        query_lens = [n if n == at else 1 for n in lengths]
+        pieces = [
+            batch.history[row, :n] if n == at else batch.next_ids[row : row + 1]
+            for row, n in enumerate(query_lens)
+        ]
+        return torch.cat(pieces), query_lens
 
     def _sample_and_advance(
         self, batch: Batch, logits: torch.Tensor, prefill: list[TokenList | None] | None, forward_start: int

@@ -79,6 +79,9 @@ class RotaryEmbedding:
         self.max_positions = max_positions
         self.interleaved = interleaved  # GPT-J pairing (x0,x1),(x2,x3) instead of halves
         self.attention_scaling = 1.0
+        # Longrope switches frequencies once a sequence outgrows the original context; the keys cached
+        # before then were rotated with the short factors and must be recomputed at that length.
+        self.recompute_at_length: int | None = None
         inv_freq = base_inv_freq(rope.theta, self.dim)
         if rope.rope_type == "linear":
             inv_freq = inv_freq / rope.factor
@@ -98,6 +101,8 @@ class RotaryEmbedding:
             self.short_inv_freq = (1.0 / (torch.tensor(rope.short_factor) * rope.theta**exps)).to(device)
             self.long_inv_freq = (1.0 / (torch.tensor(rope.long_factor) * rope.theta**exps)).to(device)
             self.original_max_positions = original
+            if rope.short_factor != rope.long_factor:
+                self.recompute_at_length = original + 1
         elif rope.rope_type not in ("default", "dynamic"):
             raise ValueError(f"unsupported rope type {rope.rope_type!r}")
         self.inv_freq = inv_freq.to(device)  # [dim / 2]

@@ -25,6 +25,7 @@ class UnsupportedArchitecture(ValueError):
 
 class TransformersCausalLM:
     supports_adapters = False
+    recompute_at_length = None  # every step recomputes whole sequences already
     spec = None
 
     def __init__(

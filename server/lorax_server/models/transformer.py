@@ -212,6 +212,12 @@ class CausalLM:
     supports_adapters = True
 
     @property
+    def recompute_at_length(self) -> int | None:
+        """A sequence reaching this length during decode must re-run all its tokens (longrope switches
+        to its long factors there, as transformers does by dropping its cache); None: never."""
+        return self.rotary.recompute_at_length
+
+    @property
     def cache_geometry(self) -> tuple[int, int, int, torch.dtype]:
         """(layers, kv_heads, head_dim, dtype) of the paged KV cache this model writes."""
         c = self.config
