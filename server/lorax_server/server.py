@@ -140,6 +140,12 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
                 await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
             await context.abort(code, str(e).strip("'\""))
 
+    def _timed(self, fn, *args):  # noqa: ANN001, ANN202
+        """Call an engine step on the engine thread and return its result with that step's timings,
+        read there before a later step can replace them."""
+        gens, batch = fn(*args)
+        return gens, batch, self.engine.timings
+
     def _adapters(self):  # noqa: ANN202
         if self.engine.adapters is None:
             raise RequestError("this model does not support dynamic adapters")
@@ -184,19 +190,18 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
     async def Prefill(self, request, context):  # noqa: ANN001, ANN201, N802
         start = time.perf_counter_ns()
         requests = [request_from_proto(r) for r in request.batch.requests]
-        gens, batch = await self._run(context, self.engine.prefill, request.batch.id, requests)
+        gens, batch, t = await self._run(context, self._timed, self.engine.prefill, request.batch.id, requests)
         return pb.PrefillResponse(
             generations=[generation_to_proto(g) for g in gens],
             batch=cached_batch(batch),
-            forward_ns=self.engine.timings.forward_ns,
-            decode_ns=self.engine.timings.decode_ns,
+            forward_ns=t.forward_ns,
+            decode_ns=t.decode_ns,
             total_ns=time.perf_counter_ns() - start,
         )
 
     async def Decode(self, request, context):  # noqa: ANN001, ANN201, N802
         start = time.perf_counter_ns()
-        gens, batch = await self._run(context, self.engine.decode, [b.id for b in request.batches])
-        t = self.engine.timings
+        gens, batch, t = await self._run(context, self._timed, self.engine.decode, [b.id for b in request.batches])
         return pb.DecodeResponse(
             generations=[generation_to_proto(g) for g in gens],
             batch=cached_batch(batch),

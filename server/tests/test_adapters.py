@@ -178,6 +178,19 @@ def test_offload_and_reinstall(setup) -> None:
     assert gens[0].token_id == peft_greedy(ref, ids, "attn_r4", 1)[0]
 
 
+def test_merge_of_one_adapter_applies_its_weight(setup) -> None:
+    """`merged_adapters` naming a single id scales that adapter (a linear merge of one), unlike a
+    plain `adapter_id`."""
+    engine, _, _, dirs, _ = setup
+    manager = engine.adapters
+    path = (str(dirs["mlp_r8"]),)
+    plain = manager.prepare(AdapterRequest(ids=path, source="local"))
+    half = manager.prepare(AdapterRequest(ids=path, source="local", weights=(0.5,), merge_strategy="linear"))
+    assert plain.keys() == half.keys()
+    for name, m in plain.items():
+        assert torch.allclose(half[name].delta(), 0.5 * m.delta(), atol=1e-6), name
+
+
 def test_device_budget_is_enforced(setup) -> None:
     engine, _, _, dirs, _ = setup
     small = AdapterManager(engine.model, fetch=lambda a, s, t: Path(a), device_budget_bytes=1000)

@@ -96,7 +96,7 @@ class AdapterManager:
     def _modules(self, request: AdapterRequest) -> Modules:
         """The request's factors on the host; a merge is computed once per distinct request and cached."""
         parts = [self._host_modules(i, request) for i in request.ids]
-        if len(parts) == 1:
+        if len(parts) == 1 and not request.merge_strategy:  # a plain adapter_id, not a merge of one
             return parts[0]
         with self._lock:
             if request.key in self._host:
@@ -164,7 +164,7 @@ class AdapterManager:
         return True
 
     def _uninstall(self, index: int) -> None:
-        for linear, _ in self.targets.values():
+        for linear in {id(linear): linear for linear, _ in self.targets.values()}.values():
             linear.lora.remove(index)
         self.installed.pop(index, None)
 
