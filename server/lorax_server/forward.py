@@ -32,10 +32,32 @@ class ForwardBatch:
     lora_segments: list[tuple[int, int, int]] = field(default_factory=list)
     # Attention backends cache derived tensors (masks, gather indices) here, once per forward pass.
     backend_state: dict = field(default_factory=dict)
+    _adapter_slots: torch.Tensor | None = field(default=None, init=False, repr=False)  # see adapter_slots
 
     @property
     def batch_size(self) -> int:
         return self.context_lens.shape[0]
+
+    def lora_adapters(self) -> list[int]:
+        """The distinct adapter indices of `lora_segments`, ascending."""
+        return sorted({index for _, _, index in self.lora_segments})
+
+    def adapter_slots(self) -> torch.Tensor:
+        """[num_tokens] int64: 1 + the position of each token's adapter in `lora_adapters()`, 0 for
+        tokens without one. Built on first use (by layers that regroup tokens, such as MoE experts),
+        on the host from the segments, then copied to the device once per forward pass."""
+        if self._adapter_slots is None:
+            slot_of = {index: slot for slot, index in enumerate(self.lora_adapters(), start=1)}
+            values, lengths, pos = [], [], 0
+            for start, end, index in sorted(self.lora_segments):
+                values += [0, slot_of[index]]
+                lengths += [start - pos, end - start]
+                pos = end
+            values.append(0)
+            lengths.append(self.input_ids.shape[0] - pos)
+            slots = torch.tensor(values).repeat_interleave(torch.tensor(lengths))
+            self._adapter_slots = slots.to(self.input_ids.device)
+        return self._adapter_slots
 
     @classmethod
     def build(

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from families import FAMILIES, LORA_KWARGS
 from peft import PeftModel
 from tiny_models import make_lora_adapter, make_model
 from transformers import AutoModelForCausalLM
@@ -22,45 +23,6 @@ from lorax_server.models.loader import load_model
 BLOCK = 4
 LENGTHS = [7, 3, 12, 5]
 STEPS = 16
-ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
-MLP = ["gate_proj", "up_proj", "down_proj"]
-
-# family → (config class, model class, config overrides, [adapter A targets, adapter B targets])
-FAMILIES = {
-    "phi": ("PhiConfig", "PhiForCausalLM", {"num_key_value_heads": 4, "partial_rotary_factor": 0.5},
-            [["q_proj", "dense"], ["fc1", "fc2", "v_proj"]]),  # fmt: skip
-    "mixtral": (
-        "MixtralConfig",
-        "MixtralForCausalLM",
-        {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
-        [["q_proj", "v_proj"], ATTN],
-    ),
-    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.5}, [ATTN, MLP]),
-    "cohere_qk_norm": ("CohereConfig", "CohereForCausalLM", {"use_qk_norm": True}, [["q_proj", "k_proj"], ATTN + MLP]),
-    "phi3": (
-        "Phi3Config",
-        "Phi3ForCausalLM",
-        {"pad_token_id": 0},
-        [["qkv_proj", "o_proj"], ["gate_up_proj", "down_proj", "qkv_proj"]],
-    ),
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}, [ATTN, MLP]),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 5}, [ATTN, MLP]),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}, [["q_proj", "v_proj"], ATTN + MLP]),
-    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 32}, [ATTN, ["gate_proj", "down_proj"]]),
-    "gemma2": (
-        "Gemma2Config",
-        "Gemma2ForCausalLM",
-        # window < prompt length; soft caps low enough to bite on random weights
-        {
-            "head_dim": 32,
-            "sliding_window": 4,
-            "attn_logit_softcapping": 2.0,
-            "final_logit_softcapping": 3.0,
-            "query_pre_attn_scalar": 24,
-        },  # fmt: skip
-        [["q_proj", "o_proj", "up_proj"], ATTN + MLP],
-    ),
-}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -69,7 +31,9 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     tmp = tmp_path_factory.mktemp(request.param)
     base = make_model(getattr(transformers, config_name), getattr(transformers, model_name), tmp / "base", **overrides)
     adapters = [
-        make_lora_adapter(base, tmp / f"lora{i}", i, r=4 * (i + 1), lora_alpha=8, target_modules=t)
+        make_lora_adapter(
+            base, tmp / f"lora{i}", i, r=4 * (i + 1), lora_alpha=8, target_modules=t, **LORA_KWARGS.get(model_name, {})
+        )
         for i, t in enumerate(targets)
     ]
     ours = load_model(base, TorchAttention(BLOCK), torch.device("cpu"), "float32")
@@ -149,25 +113,3 @@ def test_two_adapters_in_one_batch_match_peft(family) -> None:
         assert (logits - want).abs().max() < 1e-4, name
     base_logits = peft(prompts[1][None], adapter_names=["__base__"]).logits[0]
     assert (got[1] - base_logits).abs().max() > 1e-3  # the adapter really changes the output
-
-
-def test_expert_lora_is_refused_not_dropped(tmp_path: Path) -> None:
-    """LoRA on Mixtral experts is not supported yet: such an adapter gets a clear refusal."""
-    import json
-
-    from safetensors.torch import save_file
-
-    from lorax_server.adapters.loader import AdapterLoadError, load_lora_adapter
-
-    base = make_model(transformers.MixtralConfig, transformers.MixtralForCausalLM, tmp_path / "base",
-                      num_local_experts=4, num_experts_per_tok=2)  # fmt: skip
-    model = load_model(base, TorchAttention(BLOCK), torch.device("cpu"), "float32")
-    manager = AdapterManager(model, fetch=lambda a, s, t: Path(a), device_budget_bytes=2**20)
-    adapter = tmp_path / "expert_lora"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
-    key = "base_model.model.model.layers.0.block_sparse_moe.experts.1.w1"
-    save_file({f"{key}.lora_A.weight": torch.zeros(2, 64), f"{key}.lora_B.weight": torch.zeros(128, 2)},
-              adapter / "adapter_model.safetensors")  # fmt: skip
-    with pytest.raises(AdapterLoadError, match="'w1'.*MixtralForCausalLM cannot adapt"):
-        load_lora_adapter(adapter, manager.targets, "MixtralForCausalLM", torch.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -63,10 +64,17 @@ def tiny_config_kwargs(tokenizer: PreTrainedTokenizerFast) -> dict:
 
 
 def make_model(config_cls: type, model_cls: type, out_dir: Path, seed: int = 0, **overrides) -> Path:
-    """A tiny random model of any transformers family (GQA where the family has it), saved with our tokenizer."""
+    """A tiny random model of any transformers family (GQA where the family has it), saved with our tokenizer.
+
+    Tiny defaults the family's config does not know (GPT-2 has no `num_key_value_heads`, its MLP width is
+    `n_inner`) are left out rather than saved as stray keys; `overrides` always apply."""
     tokenizer = make_tokenizer(out_dir)
     torch.manual_seed(seed)
-    config = config_cls(**{**tiny_config_kwargs(tokenizer), **overrides}, architectures=[model_cls.__name__])
+    defaults = tiny_config_kwargs(tokenizer)
+    if dataclasses.is_dataclass(config_cls):
+        known = {f.name for f in dataclasses.fields(config_cls)} | set(config_cls.attribute_map)
+        defaults = {k: v for k, v in defaults.items() if k in known}
+    config = config_cls(**{**defaults, **overrides}, architectures=[model_cls.__name__])
     return save_model(model_cls(config).eval(), tokenizer, out_dir)
 
 

@@ -20,6 +20,8 @@ class LoraAdapterConfig:
     lora_alpha: float
     target_modules: tuple[str, ...] | str | None
     use_rslora: bool = False
+    # peft stores lora_A [r, in] and lora_B [out, r] either way: fan_in_fan_out only transposes the dense
+    # delta peft merges into a Conv1D weight stored [in, out] (GPT-2), so the factors apply as they are.
     fan_in_fan_out: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -39,6 +41,11 @@ class LoraAdapterConfig:
             )
         if cfg.get("trainable_token_indices"):
             raise AdapterConfigError("adapters with trainable_token_indices are not supported")
+        if cfg.get("target_parameters"):
+            raise AdapterConfigError(
+                f"adapters with target_parameters ({cfg['target_parameters']}) are not supported: only LoRA on "
+                "linear modules (MoE experts in the per-expert layout, e.g. Mixtral's experts.N.w1)"
+            )
         r = cfg.get("r")
         if not isinstance(r, int) or r < 1:
             raise AdapterConfigError(f"adapter rank r must be a positive integer, got {r!r}")

@@ -1,13 +1,15 @@
 """Attention backends behind one interface. The pure-torch backend runs anywhere and is the reference
 that faster (CUDA) backends are tested against.
 
-Interface: `attend(q, cache_k, cache_v, meta, scale, window, softcap) -> out`, called after the layer
-has written this step's keys/values into the cache; every sequence attends to its first
-`meta.context_lens[b]` cached tokens, causally.
+Interface: `attend(q, cache_k, cache_v, meta, scale, window, softcap, alibi_slopes) -> out`, called
+after the layer has written this step's keys/values into the cache; every sequence attends to its first
+`meta.context_lens[b]` cached tokens, causally. With `alibi_slopes` each head adds
+`slope · (key position − query position)` to its scores (ALiBi, Bloom).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -28,8 +30,24 @@ class AttentionBackend(Protocol):
         scale: float,
         window: int | None = None,
         softcap: float | None = None,
+        alibi_slopes: torch.Tensor | None = None,  # [heads] float32
     ) -> torch.Tensor:  # [num_tokens, heads, head_dim]
         ...
+
+
+def alibi_slopes(num_heads: int, device: torch.device | None = None) -> torch.Tensor:
+    """ALiBi's per-head slopes [num_heads] (float32), as Bloom computes them: for the largest power of
+    two n <= num_heads, slope_i = 2^(-8i/n) (i = 1..n); the remaining heads take the odd terms
+    2^(-4i/n) (i = 1, 3, 5, ...) of the sequence for 2n heads."""
+    n = 2 ** math.floor(math.log2(num_heads))
+
+    def powers(base: float, exponents: range) -> torch.Tensor:  # float32 like the reference, bit for bit
+        return torch.pow(torch.tensor(base, dtype=torch.float32), torch.tensor(exponents, dtype=torch.int32))
+
+    slopes = powers(2.0 ** (-8.0 / n), range(1, n + 1))
+    if n != num_heads:
+        slopes = torch.cat([slopes, powers(2.0 ** (-4.0 / n), range(1, 2 * (num_heads - n), 2))])
+    return slopes.to(device)
 
 
 class _PaddedLayout:
@@ -49,12 +67,23 @@ class _PaddedLayout:
         self.k_pos = torch.arange(self.max_k, device=device).view(1, 1, -1)  # [1, 1, max_k]
         causal = (self.k_pos <= self.q_pos) & (self.k_pos < meta.context_lens.view(-1, 1, 1))
         self._masks: dict[int | None, torch.Tensor] = {None: causal.unsqueeze(1)}  # [batch, 1, max_q, max_k]
+        self._biases: dict[tuple, torch.Tensor] = {}  # [batch, heads, max_q, max_k] additive ALiBi biases
 
     def mask(self, window: int | None) -> torch.Tensor:
         if window not in self._masks:
             in_window = (self.q_pos - self.k_pos) < window
             self._masks[window] = self._masks[None] & in_window.unsqueeze(1)
         return self._masks[window]
+
+    def alibi_bias(self, window: int | None, slopes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as an additive bias with ALiBi's `slope · (k − q)` (−inf where masked). Cached per
+        head count: every layer of a model shares one set of slopes."""
+        key = (window, slopes.shape[0], dtype)
+        if key not in self._biases:
+            distance = (self.k_pos - self.q_pos).unsqueeze(1).float()  # [batch, 1, max_q, max_k]
+            bias = slopes.view(1, -1, 1, 1) * distance
+            self._biases[key] = bias.masked_fill(~self.mask(window), float("-inf")).to(dtype)
+        return self._biases[key]
 
 
 class TorchAttention:
@@ -81,6 +110,7 @@ class TorchAttention:
         scale: float,
         window: int | None = None,
         softcap: float | None = None,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         layout = self._layout(meta)
         batch, heads, head_dim = meta.batch_size, q.shape[1], q.shape[2]
@@ -90,7 +120,10 @@ class TorchAttention:
         q_grid = q_grid.view(batch, layout.max_q, heads, head_dim).transpose(1, 2)  # [b, h, max_q, d]
         k = self._gather(cache_k, layout, batch, kv_heads, head_dim)  # [b, kvh, max_k, d]
         v = self._gather(cache_v, layout, batch, kv_heads, head_dim)
-        mask = layout.mask(window)
+        if alibi_slopes is None:
+            mask = layout.mask(window)  # bool
+        else:
+            mask = layout.alibi_bias(window, alibi_slopes, q.dtype)  # additive float
         if softcap is None:
             out = F.scaled_dot_product_attention(
                 q_grid, k, v, attn_mask=mask, scale=scale, enable_gqa=heads != kv_heads
@@ -101,9 +134,7 @@ class TorchAttention:
         return out[layout.q_index]
 
     @staticmethod
-    def _gather(
-        cache: torch.Tensor, layout: _PaddedLayout, batch: int, kv_heads: int, head_dim: int
-    ) -> torch.Tensor:
+    def _gather(cache: torch.Tensor, layout: _PaddedLayout, batch: int, kv_heads: int, head_dim: int) -> torch.Tensor:
         # index_select on whole blocks copies contiguous rows: much faster than advanced indexing.
         blocks = cache.view(cache.shape[0], -1).index_select(0, layout.tables.reshape(-1))
         seq = blocks.view(batch, -1, kv_heads, head_dim)[:, : layout.max_k]
@@ -113,13 +144,14 @@ class TorchAttention:
 def _softcapped_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float
 ) -> torch.Tensor:
-    """q [b, h, q, d]; k, v [b, kvh, k, d]; scores = cap * tanh(qk^T * scale / cap)."""
+    """q [b, h, q, d]; k, v [b, kvh, k, d]; scores = cap * tanh(qk^T * scale / cap); `mask` is boolean
+    or an additive bias."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     return torch.matmul(probs, v)
 

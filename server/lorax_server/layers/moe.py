@@ -1,49 +1,109 @@
-"""Sparse mixture-of-experts MLP (Mixtral-style top-k routing with renormalised weights).
+"""Sparse mixture-of-experts MLP (top-k routing, optionally renormalised) with per-expert LoRA.
 
 Tokens are grouped by expert once per layer (one sort), then each expert runs one batched SwiGLU on
 its tokens and scatters the weighted result back: a loop over experts, never over tokens.
+
+With adapters on the experts, rows are sorted by (expert, adapter) instead, so each expert's rows come
+as contiguous adapter segments: the expert's `Linear`s then add each segment's LoRA update exactly as
+a dense linear does for the whole batch (a loop over experts and over adapter segments within one).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from .linear import Linear
+
+if TYPE_CHECKING:
+    from ..forward import ForwardBatch
+
+
+class ExpertRows(NamedTuple):
+    """What an expert's linears need of the batch: the adapter segments of the rows routed to it."""
+
+    lora_segments: list[tuple[int, int, int]]  # (start, end, adapter_index), offsets into the expert's rows
 
 
 class SparseMoE:
     def __init__(
         self,
         gate: Linear,
-        w1: torch.Tensor,  # [experts, intermediate, hidden]
-        w3: torch.Tensor,  # [experts, intermediate, hidden]
-        w2: torch.Tensor,  # [experts, hidden, intermediate]
+        gate_up: torch.Tensor,  # [experts, 2 * intermediate, hidden]: each expert's gate rows, then up rows
+        down: torch.Tensor,  # [experts, hidden, intermediate] (a transposed view is fine)
         top_k: int,
         act: Callable[[torch.Tensor], torch.Tensor],
+        norm_p: float | None = 1.0,
+        expert_names: list[tuple[str, str, str]] | None = None,
     ) -> None:
-        self.gate, self.w1, self.w3, self.w2 = gate, w1, w3, w2
-        self.top_k, self.act = top_k, act
-        self.num_experts = w1.shape[0]
+        """`norm_p`: the top-k weights are divided by their p-norm (Mixtral: 1, i.e. they sum to 1);
+        None keeps the softmax probabilities. `expert_names`: each expert's checkpoint module names
+        (gate, up, down), the names LoRA adapters target; None: the experts cannot be adapted."""
+        self.gate = gate  # router: [num_tokens, hidden] → [num_tokens, experts]
+        self.top_k, self.act, self.norm_p = top_k, act, norm_p
+        self.num_experts, inter = gate_up.shape[0], gate_up.shape[1] // 2
+        names = expert_names or [None] * self.num_experts
+        # Per-expert views of the stacked weights: what adapters attach to.
+        self.gate_up = [
+            Linear(gate_up[e], None, [inter, inter], list(n[:2]) if n else None, [inter, inter])
+            for e, n in enumerate(names)
+        ]
+        self.down = [Linear(down[e], None, [down.shape[1]], [n[2]] if n else None) for e, n in enumerate(names)]
 
-    def __call__(self, x: torch.Tensor, meta=None) -> torch.Tensor:  # noqa: ANN001
-        """x: [num_tokens, hidden] → [num_tokens, hidden]."""
+    def route(self, x: torch.Tensor, meta: ForwardBatch | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing weights [num_tokens, top_k] (in x's dtype) and chosen experts [num_tokens, top_k]."""
         probs = torch.softmax(self.gate(x, meta).float(), dim=-1)  # [num_tokens, experts]
-        weights, experts = probs.topk(self.top_k, dim=-1)  # [num_tokens, top_k]
-        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
-        flat_experts = experts.flatten()
-        order = torch.argsort(flat_experts, stable=True)
-        tokens = order // self.top_k  # token of each (token, choice) pair, grouped by expert
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        if self.norm_p == 1:
+            weights = weights / weights.sum(-1, keepdim=True)
+        elif self.norm_p is not None:
+            weights = weights / torch.linalg.vector_norm(weights, ord=self.norm_p, dim=-1, keepdim=True)
+        return weights.to(x.dtype), experts
+
+    def __call__(self, x: torch.Tensor, meta: ForwardBatch | None = None) -> torch.Tensor:
+        """x: [num_tokens, hidden] → [num_tokens, hidden]."""
+        weights, experts = self.route(x, meta)
+        key = experts.flatten()  # [num_tokens * top_k], token t's choices at t*top_k ... t*top_k + top_k - 1
+        adapters = self._adapters_in(meta)
+        slots = len(adapters) + 1  # slot 0: no adapter
+        if adapters:
+            key = key * slots + meta.adapter_slots().repeat_interleave(self.top_k)
+        order = torch.argsort(key, stable=True)
+        tokens = order // self.top_k  # token of each (token, choice) pair, grouped by (expert, adapter)
         routed_weights = weights.flatten()[order]
-        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()  # one sync per layer
+        counts = torch.bincount(key, minlength=self.num_experts * slots).view(self.num_experts, slots)
         out = torch.zeros_like(x)
         start = 0
-        for e, n in enumerate(counts):
-            if n:
-                idx = tokens[start : start + n]
-                xe = x[idx]
-                h = self.act(xe @ self.w1[e].t()) * (xe @ self.w3[e].t())
-                out.index_add_(0, idx, (h @ self.w2[e].t()) * routed_weights[start : start + n, None])
+        for e, per_slot in enumerate(counts.tolist()):  # one sync per layer
+            n = sum(per_slot)
+            if not n:
+                continue
+            idx = tokens[start : start + n]
+            rows = ExpertRows(_segments(per_slot, adapters))
+            gate, up = self.gate_up[e](x[idx], rows).split(self.gate_up[e].out_splits, dim=-1)
+            h = self.down[e](self.act(gate) * up, rows)
+            out.index_add_(0, idx, h * routed_weights[start : start + n, None])
             start += n
         return out
+
+    def _adapters_in(self, meta: ForwardBatch | None) -> list[int]:
+        """The batch's adapters, when any of them has LoRA on this layer's experts (else none)."""
+        if meta is None or not meta.lora_segments:
+            return []
+        adapters = meta.lora_adapters()
+        on_experts = {
+            index for linear in self.gate_up + self.down if linear.lora is not None for index in linear.lora.by_adapter
+        }
+        return adapters if on_experts.intersection(adapters) else []
+
+
+def _segments(per_slot: list[int], adapters: list[int]) -> list[tuple[int, int, int]]:
+    """An expert's rows, counted per adapter slot in slot order → its adapter segments."""
+    segments, start = [], per_slot[0]
+    for index, n in zip(adapters, per_slot[1:], strict=True):
+        if n:
+            segments.append((start, start + n, index))
+        start += n
+    return segments

@@ -15,8 +15,12 @@ FAMILY_NOTES = {
     "gemma2": "Gemma2 (sandwich norms, logit soft-capping, alternating sliding/global layers)",
     "phi3": "Phi-3 (fused qkv_proj / gate_up_proj)",
     "phi": "Phi-2 (parallel block, partial rotary, biases, LayerNorm)",
-    "mixtral": "Mixtral (sparse top-2 MoE; adapters on attention only for now)",
+    "mixtral": "Mixtral (sparse top-2 MoE; adapters on attention and on each expert's w1/w2/w3)",
+    "qwen": "Qwen v1 (remote-code layout: fused c_attn with bias; context capped at seq_length)",
+    "dbrx": "DBRX (sparse MoE with stacked experts, clip_qkv, bias-free LayerNorm; adapters on attention)",
     "cohere": "Command-R (parallel block, bias-free LayerNorm, logit_scale, optional q/k norm)",
+    "gpt2": "GPT-2 (learned positions, Conv1D weights, fused c_attn; adapters use fan_in_fan_out)",
+    "bloom": "BLOOM (ALiBi, embedding LayerNorm, per-head interleaved query_key_value)",
 }
 
 

@@ -45,5 +45,5 @@ def load_model(
     spec = REGISTRY.get(config.architecture)
     if spec is None:
         return TransformersCausalLM(Path(model_dir), config, torch_dtype, device, trust_remote_code)
-    weights = Weights(model_dir, torch_dtype, device, rank, world_size)
+    weights = Weights(model_dir, torch_dtype, device, rank, world_size, spec.optional_prefix)
     return CausalLM(spec, config, weights, backend, device)

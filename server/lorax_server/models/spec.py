@@ -27,6 +27,9 @@ class ArchSpec:
     # Sparse MoE MLP (Mixtral): router and per-expert w1 (gate), w3 (up), w2 (down) weights.
     moe_gate: str | None = None  # e.g. "block_sparse_moe.gate"; None: dense MLP
     moe_expert: str = "block_sparse_moe.experts.{e}"
+    # DBRX: every expert of a projection in one [experts * intermediate, hidden] tensor under this prefix
+    # (w1 gate, v1 up, w2 down stored transposed); such experts cannot be adapted.
+    moe_stacked: str | None = None
     mlp: str = "gated"  # gated: down(act(gate) * up) | plain: down(act(up)) (up_proj/down_proj names used)
     o_bias: bool = False
     mlp_bias: bool | None = None  # None: config.mlp_bias decides
@@ -46,6 +49,15 @@ class ArchSpec:
     sandwich_norms: bool = False
     qkv_bias: bool | None = None  # None: config.attention_bias decides
     uses_sliding_window: bool = True  # honour config.sliding_window
+    # Positions: rope (rotary q/k) | alibi (per-head linear attention biases, Bloom) | learned (the
+    # `position_embed` table added to the token embeddings, GPT-2).
+    position_encoding: str = "rope"
+    position_embed: str = "transformer.wpe"  # learned positions only
+    embed_norm: str | None = None  # a LayerNorm right after the token embedding (Bloom)
+    qkv_per_head: bool = False  # fused qkv rows laid out [heads, 3, head_dim] (Bloom), not [q | k | v]
+    conv1d_weights: bool = False  # linear weights stored [in, out] (GPT-2's Conv1D)
+    hidden_act: str | None = None  # the architecture's fixed activation; None: config.json's
+    optional_prefix: str = ""  # checkpoints saved from the bare base model omit it (GPT-2 "h.0...")
     # Modules a LoRA adapter may target, by the name adapters use.
     adaptable_modules: tuple[str, ...] = (
         "q_proj",

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..forward import ForwardBatch
 from ..kv_cache import KVCache
 from ..layers.activations import activation
-from ..layers.attention import AttentionBackend
+from ..layers.attention import AttentionBackend, alibi_slopes
 from ..layers.linear import Linear
 from ..layers.moe import SparseMoE
 from ..layers.norm import HeadLayerNorm, LayerNorm, RMSNorm
@@ -41,6 +41,7 @@ class SelfAttention:
                 [f"{prefix}.{spec.fused_qkv}"],
                 bias=bias,
                 shapes=[(q_size + 2 * kv_size, cfg.hidden_size)],
+                transposed=spec.conv1d_weights,
                 out_splits=[q_size, kv_size, kv_size],
             )
         else:
@@ -51,11 +52,21 @@ class SelfAttention:
                 shapes=[(q_size, cfg.hidden_size), (kv_size, cfg.hidden_size), (kv_size, cfg.hidden_size)],
             )
         self.o = Linear.load(
-            weights, [f"{prefix}.{spec.o_proj}"], bias=spec.o_bias, shapes=[(cfg.hidden_size, h * d)]
+            weights,
+            [f"{prefix}.{spec.o_proj}"],
+            bias=spec.o_bias,
+            shapes=[(cfg.hidden_size, h * d)],
+            transposed=spec.conv1d_weights,
         )
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
-        self.scale = (cfg.query_pre_attn_scalar or d) ** -0.5
+        self.qkv_per_head = spec.qkv_per_head
+        self.scale = (cfg.query_pre_attn_scalar or d) ** -0.5 if cfg.scale_attn_weights else 1.0
+        if cfg.scale_attn_by_inverse_layer_idx:
+            self.scale /= layer_idx + 1
+        self.rotary = spec.position_encoding == "rope"
+        self.alibi = alibi_slopes(h, weights.device) if spec.position_encoding == "alibi" else None
         self.softcap = cfg.attn_logit_softcap
+        self.clip_qkv = cfg.clip_qkv
         self.interleaved = spec.rope_interleaved
         self.q_norm = self.k_norm = None
         if cfg.use_qk_norm:
@@ -73,16 +84,30 @@ class SelfAttention:
         cache: KVCache,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        q, k, v = self.qkv(x, meta).split(self.qkv.out_splits, dim=-1)
+        qkv = self.qkv(x, meta)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
+        if self.qkv_per_head:  # rows [heads, 3, head_dim]: the checkpoint's layout, which adapters share
+            q, k, v = qkv.view(-1, self.num_heads, 3, self.head_dim).unbind(2)
+        else:
+            q, k, v = qkv.split(self.qkv.out_splits, dim=-1)
         q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rotary(q, cos, sin, self.interleaved)
-        k = apply_rotary(k, cos, sin, self.interleaved)
+        if self.rotary:
+            q = apply_rotary(q, cos, sin, self.interleaved)
+            k = apply_rotary(k, cos, sin, self.interleaved)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         cache.write(self.layer_idx, meta.slots, k, v)
         out = backend.attend(
-            q, cache.keys[self.layer_idx], cache.values[self.layer_idx], meta, self.scale, self.window, self.softcap
+            q,
+            cache.keys[self.layer_idx],
+            cache.values[self.layer_idx],
+            meta,
+            self.scale,
+            self.window,
+            self.softcap,
+            alibi_slopes=self.alibi,
         )
         return self.o(out.reshape(-1, self.num_heads * self.head_dim), meta)
 
@@ -120,19 +145,26 @@ class GatedMLP:
 def _moe(spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str) -> SparseMoE:
     hidden, inter, experts = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
     gate = Linear.load(weights, [f"{prefix}.{spec.moe_gate}"], bias=False, shapes=[(experts, hidden)])
+    # Filled in place, one checkpoint tensor at a time, to keep the peak memory of loading low.
+    gate_up = torch.empty(experts, 2 * inter, hidden, dtype=weights.dtype, device=weights.device)
+    if spec.moe_stacked:
 
-    def stacked(name: str, shape: tuple[int, int]) -> torch.Tensor:
-        expert = f"{prefix}.{spec.moe_expert}"
-        return torch.stack([weights.get(f"{expert.format(e=e)}.{name}.weight", shape) for e in range(experts)])
+        def get(name: str) -> torch.Tensor:  # [experts, inter, hidden]
+            return weights.get(f"{prefix}.{spec.moe_stacked}.{name}", (experts * inter, hidden)).view(-1, inter, hidden)
 
-    return SparseMoE(
-        gate,
-        stacked("w1", (inter, hidden)),
-        stacked("w3", (inter, hidden)),
-        stacked("w2", (hidden, inter)),
-        cfg.experts_per_token,
-        activation(cfg.hidden_act),
-    )
+        gate_up[:, :inter] = get("w1")
+        gate_up[:, inter:] = get("v1")
+        down, names = get("w2").transpose(1, 2), None
+    else:
+        expert = [f"{prefix}.{spec.moe_expert.format(e=e)}" for e in range(experts)]
+        names = [(f"{p}.w1", f"{p}.w3", f"{p}.w2") for p in expert]  # gate, up, down: what adapters target
+        down = torch.empty(experts, hidden, inter, dtype=weights.dtype, device=weights.device)
+        for e, (w1, w3, w2) in enumerate(names):
+            gate_up[e, :inter] = weights.get(f"{w1}.weight", (inter, hidden))
+            gate_up[e, inter:] = weights.get(f"{w3}.weight", (inter, hidden))
+            down[e] = weights.get(f"{w2}.weight", (hidden, inter))
+    act = activation(cfg.hidden_act)
+    return SparseMoE(gate, gate_up, down, cfg.experts_per_token, act, cfg.moe_norm_p, names)
 
 
 class PlainMLP:
@@ -141,9 +173,14 @@ class PlainMLP:
     def __init__(self, spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str) -> None:
         hidden, inter = cfg.hidden_size, cfg.intermediate_size
         bias = cfg.mlp_bias if spec.mlp_bias is None else spec.mlp_bias
-        self.up = Linear.load(weights, [f"{prefix}.{spec.up_proj}"], bias=bias, shapes=[(inter, hidden)])
-        self.down = Linear.load(weights, [f"{prefix}.{spec.down_proj}"], bias=bias, shapes=[(hidden, inter)])
-        self.act = activation(cfg.hidden_act)
+        conv1d = spec.conv1d_weights
+        self.up = Linear.load(
+            weights, [f"{prefix}.{spec.up_proj}"], bias=bias, shapes=[(inter, hidden)], transposed=conv1d
+        )
+        self.down = Linear.load(
+            weights, [f"{prefix}.{spec.down_proj}"], bias=bias, shapes=[(hidden, inter)], transposed=conv1d
+        )
+        self.act = activation(spec.hidden_act or cfg.hidden_act)
 
     def __call__(self, x: torch.Tensor, meta: ForwardBatch) -> torch.Tensor:
         return self.down(self.act(self.up(x, meta)), meta)
@@ -168,6 +205,9 @@ class DecoderLayer:
         if self.sandwich:
             self.pre_feedforward_norm = _norm(spec, cfg, weights, f"{prefix}.{spec.pre_feedforward_norm}")
             self.post_feedforward_norm = _norm(spec, cfg, weights, f"{prefix}.{spec.post_feedforward_norm}")
+        self.residual_post_norm = cfg.residual_post_norm  # Bloom: the residual is the normed input
+        if self.residual_post_norm and (self.parallel or self.sandwich):
+            raise ValueError(f"{spec.family}: apply_residual_connection_post_layernorm is not supported")
 
     def __call__(
         self, x: torch.Tensor, meta: ForwardBatch, cos, sin, cache: KVCache, backend
@@ -177,8 +217,9 @@ class DecoderLayer:
         if self.parallel:
             return x + attn + self.mlp(normed, meta)
         if not self.sandwich:
-            x = x + attn
-            return x + self.mlp(self.post_attention_norm(x), meta)
+            x = (normed if self.residual_post_norm else x) + attn
+            normed = self.post_attention_norm(x)
+            return (normed if self.residual_post_norm else x) + self.mlp(normed, meta)
         x = x + self.post_attention_norm(attn)
         return x + self.post_feedforward_norm(self.mlp(self.pre_feedforward_norm(x), meta))
 
@@ -197,6 +238,11 @@ class CausalLM:
         self.spec, self.config, self.backend, self.device = spec, cfg, backend, device
         self.dtype = weights.dtype
         self.embed = weights.get(f"{spec.embed}.weight", (cfg.vocab_size, cfg.hidden_size))
+        self.embed_norm = _norm(spec, cfg, weights, spec.embed_norm) if spec.embed_norm else None
+        self.position_embed = None  # [max_positions, hidden]: learned absolute positions
+        if spec.position_encoding == "learned":
+            shape = (cfg.max_position_embeddings, cfg.hidden_size)
+            self.position_embed = weights.get(f"{spec.position_embed}.weight", shape)
         self.layers = [DecoderLayer(spec, cfg, weights, i) for i in range(cfg.num_layers)]
         self.norm = _norm(spec, cfg, weights, spec.final_norm)
         if cfg.tie_word_embeddings or not weights.has(f"{spec.lm_head}.weight"):
@@ -229,7 +275,18 @@ class CausalLM:
         x = F.embedding(meta.input_ids, self.embed)  # [num_tokens, hidden]
         if self.spec.embed_scale:
             x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
-        cos, sin = self.rotary.cos_sin(meta.positions, meta.seq_lens)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        if self.position_embed is not None:
+            if meta.max_context_len > self.position_embed.shape[0]:
+                raise ValueError(
+                    f"sequence of {meta.max_context_len} tokens is longer than the model's "
+                    f"{self.position_embed.shape[0]} learned positions; lower --max-total-tokens"
+                )
+            x = x + F.embedding(meta.positions, self.position_embed)
+        cos = sin = None  # [num_tokens, rot_dim] each, rotary models only
+        if self.spec.position_encoding == "rope":
+            cos, sin = self.rotary.cos_sin(meta.positions, meta.seq_lens)
         for layer in self.layers:
             x = layer(x, meta, cos, sin, cache, self.backend)
         logits = self.lm_head(self.norm(x[meta.logits_index])).float()

@@ -16,6 +16,8 @@ class Weights:
     """Name → tensor access over every safetensors file of a model directory.
 
     `rank`/`world_size` describe tensor parallelism: `get_sharded` returns this rank's slice.
+    `optional_prefix`: a name that starts with it is also found without it (GPT-2 and Bloom checkpoints
+    saved from the bare base model store `h.0...` for `transformer.h.0...`).
     """
 
     def __init__(
@@ -25,6 +27,7 @@ class Weights:
         device: torch.device,
         rank: int = 0,
         world_size: int = 1,
+        optional_prefix: str = "",
     ) -> None:
         files = sorted(Path(model_dir).glob("*.safetensors"))
         if not files:
@@ -36,17 +39,21 @@ class Weights:
         for i, handle in enumerate(self._handles):
             for name in handle.keys():
                 self._where.setdefault(name, i)
+        self._stored: dict[str, str] = {}  # requested name → stored name, where the checkpoint omits `optional_prefix`
+        if optional_prefix:
+            self._stored = {optional_prefix + n: n for n in self._where if not n.startswith(optional_prefix)}
 
     def names(self) -> list[str]:
         return list(self._where)
 
     def has(self, name: str) -> bool:
-        return name in self._where
+        return name in self._where or name in self._stored
 
     def _slice(self, name: str):  # noqa: ANN202 - safetensors' PySafeSlice has no public type
-        if name not in self._where:
+        stored = name if name in self._where else self._stored.get(name, name)
+        if stored not in self._where:
             raise WeightsError(f"checkpoint is missing tensor {name!r}")
-        return self._handles[self._where[name]].get_slice(name)
+        return self._handles[self._where[stored]].get_slice(stored)
 
     def _finish(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         # Integer tensors (quantized weights, indices) keep their dtype.

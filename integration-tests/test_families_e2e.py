@@ -1,0 +1,58 @@
+"""Every natively supported family served over HTTP by the real launcher: concurrent ragged greedy
+requests return exactly the tokens transformers generates for each prompt alone."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from conftest import launch
+from families import FAMILIES, build_family
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+PROMPTS = [
+    "The quick brown fox",
+    "LoRA",
+    "Paged attention stores keys and values in fixed-size blocks.",
+    "def add(a, b):",
+]
+NEW_TOKENS = 8
+
+
+@torch.no_grad()
+def _reference(model_dir: Path) -> list[list[int]]:
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        seq = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        out.append(seq[0, ids.shape[1] :].tolist())
+    return out
+
+
+@pytest.mark.parametrize("name", [*sorted(FAMILIES), "qwen_v1"])
+def test_greedy_tokens_over_http_equal_transformers(name: str, tmp_path: Path) -> None:
+    model_dir, reference_dir = build_family(name, tmp_path / name)
+    want = _reference(reference_dir)
+    with launch(model_dir, tmp_path) as server:
+
+        def generate(prompt: str) -> list[int]:
+            params = {"max_new_tokens": NEW_TOKENS, "ignore_eos_token": True, "details": True}
+            r = requests.post(f"{server.url}/generate", json={"inputs": prompt, "parameters": params}, timeout=120)
+            assert r.status_code == 200, r.text
+            return [t["id"] for t in r.json()["details"]["tokens"]]
+
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            got = list(pool.map(generate, PROMPTS))
+    assert got == want
