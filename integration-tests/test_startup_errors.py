@@ -12,13 +12,14 @@ import pytest
 import torch
 from conftest import BIN, free_port
 from safetensors.torch import load_file, save_file
-from tiny_models import make_llama
+from tiny_models import make_llama, make_model
 
 
-def run_launcher(model_dir: Path, tmp: Path) -> subprocess.CompletedProcess:
+def run_launcher(model_dir: Path, tmp: Path, max_total_tokens: int = 64) -> subprocess.CompletedProcess:
     args = [str(BIN / "lorax-launcher"), "--model-id", str(model_dir), "--port", str(free_port()),
             "--shard-uds-path", str(tmp / "shard"), "--kv-cache-blocks", "16",
-            "--max-input-length", "32", "--max-total-tokens", "64", "--max-batch-prefill-tokens", "64"]  # fmt: skip
+            "--max-input-length", "32", "--max-total-tokens", str(max_total_tokens),
+            "--max-batch-prefill-tokens", "64"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(args, capture_output=True, text=True, timeout=240, env=env)
 
@@ -51,3 +52,15 @@ def test_bad_checkpoint_fails_fast_with_a_message(tmp_path: Path, case: str, exp
     assert done.returncode != 0
     output = done.stdout + done.stderr
     assert expected in output, output[-3000:]
+
+
+def test_more_tokens_than_learned_positions_fails_fast(tmp_path: Path) -> None:
+    """GPT-2 has a fixed table of positions: a --max-total-tokens beyond it is refused at start-up
+    (and so never fails a batch later)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model_dir = make_model(GPT2Config, GPT2LMHeadModel, tmp_path / "gpt2", max_position_embeddings=48)
+    done = run_launcher(model_dir, tmp_path, max_total_tokens=64)
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert "max_total_tokens=64 exceeds the 48 positions" in output, output[-3000:]

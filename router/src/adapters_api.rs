@@ -1,15 +1,16 @@
 //! Adapter management endpoints (ours; LoRAX has none): `GET /adapters`, `POST /adapters/load`,
 //! `POST /adapters/unload`, `POST /adapters/pin`, `POST /adapters/unpin`. Adapters are named as
-//! in generate requests (`adapter_id` or `merged_adapters`, `adapter_source`, `api_token`); a
-//! private adapter is the same adapter only with the same token.
+//! in generate requests (`adapter_id` or `merged_adapters`, `adapter_source`, `api_token`, else
+//! the `Authorization: Bearer` token); a private adapter is the same adapter only with the same
+//! token.
 
 use crate::adapter::{self, AdapterFields, AdapterRequest, ApiToken, MergedAdapters};
 use crate::errors::{ApiError, JsonBody};
 use crate::registry::{AdapterCommandError, AdapterStatus};
-use crate::server::AppState;
+use crate::server::{token_from_header, AppState};
 use crate::validation::ValidationError;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use serde::Deserialize;
 
@@ -71,8 +72,10 @@ pub async fn list(State(state): State<AppState>) -> Json<Vec<AdapterStatus>> {
 /// `POST /adapters/load`: downloads and activates an adapter; answers once it is active.
 pub async fn load(
     State(state): State<AppState>,
-    JsonBody(r): JsonBody<AdapterRef>,
+    headers: HeaderMap,
+    JsonBody(mut r): JsonBody<AdapterRef>,
 ) -> Result<Json<AdapterStatus>, ApiError> {
+    token_from_header(&mut r.api_token, &headers);
     let request = named_adapter(&state, &r)?;
     let status = state.infer.queue().load_adapter(request, r.pin).await?;
     Ok(Json(status))
@@ -81,8 +84,10 @@ pub async fn load(
 /// `POST /adapters/unload`: offloads an idle adapter from the device (409 while in use).
 pub async fn unload(
     State(state): State<AppState>,
-    JsonBody(r): JsonBody<AdapterRef>,
+    headers: HeaderMap,
+    JsonBody(mut r): JsonBody<AdapterRef>,
 ) -> Result<Json<AdapterStatus>, ApiError> {
+    token_from_header(&mut r.api_token, &headers);
     let request = named_adapter(&state, &r)?;
     let status = state.infer.queue().unload_adapter(request.key).await?;
     Ok(Json(status))
@@ -91,8 +96,10 @@ pub async fn unload(
 /// `POST /adapters/pin`: a pinned adapter is never drained or offloaded.
 pub async fn pin(
     State(state): State<AppState>,
-    JsonBody(r): JsonBody<AdapterRef>,
+    headers: HeaderMap,
+    JsonBody(mut r): JsonBody<AdapterRef>,
 ) -> Result<Json<AdapterStatus>, ApiError> {
+    token_from_header(&mut r.api_token, &headers);
     let request = named_adapter(&state, &r)?;
     let status = state.infer.queue().pin_adapter(request.key, true).await?;
     Ok(Json(status))
@@ -101,8 +108,10 @@ pub async fn pin(
 /// `POST /adapters/unpin`.
 pub async fn unpin(
     State(state): State<AppState>,
-    JsonBody(r): JsonBody<AdapterRef>,
+    headers: HeaderMap,
+    JsonBody(mut r): JsonBody<AdapterRef>,
 ) -> Result<Json<AdapterStatus>, ApiError> {
+    token_from_header(&mut r.api_token, &headers);
     let request = named_adapter(&state, &r)?;
     let status = state.infer.queue().pin_adapter(request.key, false).await?;
     Ok(Json(status))

@@ -79,7 +79,7 @@ pub struct Plan {
 }
 
 /// Memory fractions are estimates: allow a little rounding.
-const MEMORY_SLACK: f32 = 1e-3;
+pub const MEMORY_SLACK: f32 = 1e-3;
 
 /// The policy's decision for this snapshot.
 pub fn plan(views: &[SlotView], config: &ExchangeConfig, now: Instant) -> Plan {

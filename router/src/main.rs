@@ -11,7 +11,7 @@ use lorax_router::queue::round_up;
 use lorax_router::server::{router, AppState};
 use lorax_router::template::ChatTemplate;
 use lorax_router::validation::{load_tokenizer, Validation, ValidationLimits};
-use lorax_router::{metrics, VERSION};
+use lorax_router::{metrics, pb, VERSION};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -246,35 +246,13 @@ async fn run(args: Args) -> Result<(), String> {
     if let Some(adapter) = default_adapter {
         preload(&infer, adapter);
     }
-    let info = Info {
-        model_id: args.model_id.clone(),
-        model_sha: None,
-        model_dtype: shard_info.dtype.clone(),
-        model_device_type: shard_info.device_type.clone(),
-        model_pipeline_tag: Some("text-generation".into()),
-        architecture: shard_info.architecture.clone(),
-        max_concurrent_requests: args.max_concurrent_requests,
-        max_best_of: args.max_best_of,
-        max_stop_sequences: args.max_stop_sequences,
-        max_input_length: args.max_input_length,
-        max_total_tokens: args.max_total_tokens,
-        waiting_served_ratio: args.waiting_served_ratio,
+    let info = build_info(
+        &args,
+        &shard_info,
         max_batch_total_tokens,
         max_batch_prefill_tokens,
-        max_waiting_tokens: args.max_waiting_tokens,
-        max_active_adapters: args.max_active_adapters,
-        adapter_cycle_time_s: args.adapter_cycle_time_s,
         block_size,
-        eos_token_ids: shard_info.eos_token_ids.clone(),
-        supports_adapters: shard_info.supports_adapters,
-        validation_workers: 1,
-        version: VERSION,
-        sha: None,
-        docker_label: None,
-        request_logger_url: None,
-        default_adapter_id: args.default_adapter_id.clone().filter(|id| !id.is_empty()),
-        adapters: Vec::new(),
-    };
+    );
     let chat_template = ChatTemplate::load(&tokenizer_dir)?.map(Arc::new);
     if chat_template.is_none() {
         tracing::info!("the tokenizer has no chat template: /v1/chat/completions answers 422");
@@ -297,6 +275,48 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The `GET /info` answer (its `adapters` are filled per request).
+fn build_info(
+    args: &Args,
+    shard_info: &pb::InfoResponse,
+    max_batch_total_tokens: u32,
+    max_batch_prefill_tokens: u32,
+    block_size: u32,
+) -> Info {
+    Info {
+        model_id: args.model_id.clone(),
+        model_sha: None,
+        model_dtype: shard_info.dtype.clone(),
+        model_device_type: shard_info.device_type.clone(),
+        // LoRAX reports the tag the hub API gives for a hub model, and null for a local model
+        // directory (or when the hub cannot be asked). This router never asks the hub, so it
+        // does not know the tag: null rather than a guess.
+        model_pipeline_tag: None,
+        architecture: shard_info.architecture.clone(),
+        max_concurrent_requests: args.max_concurrent_requests,
+        max_best_of: args.max_best_of,
+        max_stop_sequences: args.max_stop_sequences,
+        max_input_length: args.max_input_length,
+        max_total_tokens: args.max_total_tokens,
+        waiting_served_ratio: args.waiting_served_ratio,
+        max_batch_total_tokens,
+        max_batch_prefill_tokens,
+        max_waiting_tokens: args.max_waiting_tokens,
+        max_active_adapters: args.max_active_adapters,
+        adapter_cycle_time_s: args.adapter_cycle_time_s,
+        block_size,
+        eos_token_ids: shard_info.eos_token_ids.clone(),
+        supports_adapters: shard_info.supports_adapters,
+        validation_workers: 1,
+        version: VERSION,
+        sha: None,
+        docker_label: None,
+        request_logger_url: None,
+        default_adapter_id: args.default_adapter_id.clone().filter(|id| !id.is_empty()),
+        adapters: Vec::new(),
+    }
 }
 
 /// Loads the default adapter in the background; a failure is logged (requests retry it).
@@ -338,4 +358,30 @@ async fn shutdown_signal() {
         tokio::time::sleep(Duration::from_secs(5)).await;
         std::process::exit(0);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_has_no_pipeline_tag_it_cannot_know() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().to_str().unwrap();
+        for model_id in [local, "org/some-hub-model"] {
+            let args = Args::parse_from(["lorax-router", "--model-id", model_id]);
+            let shard = pb::InfoResponse {
+                dtype: "float32".into(),
+                device_type: "cpu".into(),
+                architecture: "LlamaForCausalLM".into(),
+                ..Default::default()
+            };
+            let info = build_info(&args, &shard, 1000, 100, 16);
+            assert_eq!(info.model_id, model_id);
+            assert_eq!(info.model_pipeline_tag, None);
+            let json = serde_json::to_value(&info).unwrap();
+            assert!(json["model_pipeline_tag"].is_null());
+            assert_eq!(json["max_batch_prefill_tokens"], 100);
+        }
+    }
 }

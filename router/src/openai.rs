@@ -4,14 +4,16 @@
 
 use crate::adapter::ApiToken;
 use crate::api::{
-    FinishReason, GenerateParameters, GenerateRequest, GenerateResponse, StreamResponse,
+    ErrorResponse, FinishReason, GenerateParameters, GenerateRequest, GenerateResponse,
+    StreamResponse,
 };
 use crate::errors::{ApiError, JsonBody};
-use crate::server::{generate_response, stream_with, AppState, EventEncoder};
+use crate::server::{generate_response, stream_with, token_from_header, AppState, EventEncoder};
 use crate::template::ChatMessage;
 use crate::validation::ValidationError;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -159,11 +161,24 @@ enum Kind {
     Chat,
 }
 
+impl Kind {
+    /// A new response id, prefixed as OpenAI's: `cmpl-…` or `chatcmpl-…`.
+    fn new_id(self) -> String {
+        let prefix = match self {
+            Self::Completion => "cmpl",
+            Self::Chat => "chatcmpl",
+        };
+        format!("{prefix}-{:016x}", rand::random::<u64>())
+    }
+}
+
 /// `POST /v1/completions`.
 pub async fn completions(
     State(state): State<AppState>,
-    JsonBody(request): JsonBody<CompletionRequest>,
+    headers: HeaderMap,
+    JsonBody(mut request): JsonBody<CompletionRequest>,
 ) -> Result<Response, ApiError> {
+    token_from_header(&mut request.sampling.api_token, &headers);
     let prompt = match request.prompt {
         StringOrList::One(p) => p,
         StringOrList::Many(mut v) if v.len() == 1 => v.remove(0),
@@ -194,8 +209,10 @@ pub async fn completions(
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     State(state): State<AppState>,
-    JsonBody(request): JsonBody<ChatCompletionRequest>,
+    headers: HeaderMap,
+    JsonBody(mut request): JsonBody<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
+    token_from_header(&mut request.sampling.api_token, &headers);
     let inputs = render(&state, &request.messages)?;
     let model = request.sampling.model.clone();
     let stream = request.sampling.stream;
@@ -220,7 +237,7 @@ async fn respond(
     stream: bool,
     logprobs: bool,
 ) -> Result<Response, ApiError> {
-    let id = format!("cmpl-{:016x}", rand::random::<u64>());
+    let id = kind.new_id();
     let model = if model.is_empty() {
         state.info.model_id.clone()
     } else {
@@ -291,7 +308,13 @@ fn completion_body(
     json!({"id": id, "object": object, "created": now(), "model": model, "choices": [choice], "usage": usage})
 }
 
-/// SSE chunks in OpenAI's format, ending with `data: [DONE]`.
+/// One SSE event as OpenAI frames it: `data: {json}` (with a space), chunks and errors alike.
+fn openai_event<T: Serialize>(payload: &T) -> Bytes {
+    let json = serde_json::to_string(payload).unwrap_or_else(|_| "{}".to_string());
+    Bytes::from(format!("data: {json}\n\n"))
+}
+
+/// SSE chunks in OpenAI's format, ending with `data: [DONE]` (not after an error).
 struct OpenAiEncoder {
     kind: Kind,
     id: String,
@@ -337,7 +360,11 @@ impl EventEncoder for OpenAiEncoder {
             "id": self.id, "object": object, "created": self.created, "model": self.model,
             "choices": [choice], "usage": usage,
         });
-        Bytes::from(format!("data: {chunk}\n\n"))
+        openai_event(&chunk)
+    }
+
+    fn error(&mut self, body: &ErrorResponse) -> Bytes {
+        openai_event(body)
     }
 
     fn done(&mut self) -> Option<Bytes> {

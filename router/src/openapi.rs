@@ -61,6 +61,12 @@ fn adapter_operation(summary: &str) -> Value {
     })
 }
 
+fn health_operation(summary: &str) -> Value {
+    json!({"tags": ["LoRAX"], "summary": summary,
+        "responses": {"200": {"description": "Healthy"}, "503": {"description": "Unhealthy",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}}})
+}
+
 fn schemas() -> Value {
     let num = json!({"type": "number", "nullable": true});
     let int = json!({"type": "integer", "nullable": true, "minimum": 1});
@@ -69,17 +75,18 @@ fn schemas() -> Value {
             "adapter_id": {"type": "string", "nullable": true, "description": "LoRA adapter; absent: the default adapter or the base model"},
             "adapter_source": {"type": "string", "nullable": true, "enum": ["hub", "local", "s3"]},
             "merged_adapters": {"allOf": [{"$ref": "#/components/schemas/MergedAdapters"}], "nullable": true},
-            "api_token": {"type": "string", "nullable": true, "description": "Token for a private adapter (this request only; never echoed)"},
+            "api_token": {"type": "string", "nullable": true, "description": "Token for a private adapter (this request only; never echoed); default: the `Authorization: Bearer` token"},
             "best_of": int, "temperature": num, "repetition_penalty": num,
             "top_k": int, "top_p": num, "typical_p": num,
-            "do_sample": {"type": "boolean", "default": false},
+            "do_sample": {"type": "boolean", "default": false,
+                "description": "sample; also on when temperature != 1, top_k > 0, top_p < 1 or typical_p < 1"},
             "max_new_tokens": {"type": "integer", "nullable": true, "minimum": 1,
                 "description": "default: max_total_tokens - input tokens"},
             "ignore_eos_token": {"type": "boolean", "default": false},
             "return_full_text": {"type": "boolean", "nullable": true, "default": false},
             "stop": {"type": "array", "items": {"type": "string"}},
             "truncate": int,
-            "watermark": {"type": "boolean", "default": false},
+            "watermark": {"type": "boolean", "default": false, "description": "not supported: true → 422"},
             "details": {"type": "boolean", "default": true},
             "decoder_input_details": {"type": "boolean", "default": false},
             "top_n_tokens": {"type": "integer", "nullable": true},
@@ -177,7 +184,7 @@ pub fn spec(info: &Info) -> Value {
             "version": info.version,
         },
         "paths": {
-            "/": {"post": generate_operation(
+            "/": {"get": health_operation("Health check (as `GET /health`)"), "post": generate_operation(
                 "Generate text; `stream` picks a JSON list of one answer or an SSE stream",
                 "CompatGenerateRequest",
                 json!({"description": "Generated text", "content": {
@@ -193,8 +200,8 @@ pub fn spec(info: &Info) -> Value {
                 "Generate a stream of tokens (server-sent events `data:{json}`)", "GenerateRequest",
                 json!({"description": "Token events; the last carries generated_text and details", "content": sse}),
             )},
-            "/health": {"get": {"tags": ["LoRAX"], "summary": "Healthy when every shard answers",
-                "responses": {"200": {"description": "Healthy"}, "503": {"description": "Unhealthy", "content": json_of("ErrorResponse")}}}},
+            "/health": {"get": health_operation("Healthy when every shard answers")},
+            "/ping": {"get": health_operation("Health check (as `GET /health`; SageMaker's route)")},
             "/info": {"get": {"tags": ["LoRAX"], "summary": "Model and router limits",
                 "responses": {"200": {"description": "Info", "content": json_of("Info")}}}},
             "/metrics": {"get": {"tags": ["LoRAX"], "summary": "Prometheus metrics",

@@ -56,6 +56,8 @@ pub struct AdapterStatus {
     pub draining: bool,
     pub queued: usize,
     pub running: usize,
+    /// Share of the adapter memory budget it takes on the device (its bytes / the budget's
+    /// bytes), known once downloaded; never above 1 (larger adapters fail after download).
     pub memory_fraction: Option<f32>,
     pub active_for_s: Option<f64>,
     pub last_error: Option<String>,
@@ -167,6 +169,11 @@ impl Tracked {
             last_error: self.last_error.clone(),
         }
     }
+}
+
+/// Whether an adapter taking `fraction` of the adapter memory budget can ever be loaded.
+fn fits_budget(fraction: f32) -> bool {
+    fraction.is_finite() && fraction <= 1.0 + exchange::MEMORY_SLACK
 }
 
 /// The tracked adapters, keyed by their index (1..; freed indices are reused).
@@ -375,6 +382,19 @@ impl AdapterRegistry {
             return;
         }
         match result.outcome {
+            Outcome::Downloaded(Ok(fraction)) if !fits_budget(fraction) => {
+                // Larger than the whole adapter memory budget: no exchange can ever make room
+                // for it, so it fails now rather than evicting every other adapter first (or
+                // waiting forever behind a pinned one).
+                let err = ShardError::status(
+                    tonic::Code::ResourceExhausted,
+                    format!(
+                        "it needs {fraction} times the whole adapter memory budget (raise \
+                         --adapter-memory-fraction)"
+                    ),
+                );
+                self.fail(result.index, "load", &err);
+            }
             Outcome::Downloaded(Ok(fraction)) => {
                 a.state = AdapterState::Downloaded;
                 a.memory_fraction = Some(fraction);

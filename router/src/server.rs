@@ -1,11 +1,11 @@
 //! HTTP routes and handlers (LoRAX's REST API): generation (plain, SSE stream, and the `POST /`
 //! compat endpoint), health, info, metrics, tokenize, and the API docs.
 
-use crate::adapter::AdapterKey;
+use crate::adapter::{AdapterKey, ApiToken};
 use crate::adapters_api;
 use crate::api::{
-    BestOfSequence, CompatGenerateRequest, Details, GenerateRequest, GenerateResponse, Info,
-    StreamDetails, StreamResponse, TokenizeRequest,
+    BestOfSequence, CompatGenerateRequest, Details, ErrorResponse, GenerateRequest,
+    GenerateResponse, Info, StreamDetails, StreamResponse, TokenizeRequest,
 };
 use crate::client::ShardClient;
 use crate::errors::{method_not_allowed, not_found, ApiError, InferError, JsonBody};
@@ -18,7 +18,7 @@ use crate::template::ChatTemplate;
 use crate::validation::ValidationError;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use axum::http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -62,10 +62,12 @@ pub fn router(state: AppState, cors_allow_origin: &[String]) -> Router {
         .allow_headers([CONTENT_TYPE])
         .allow_origin(allow_origin);
     Router::new()
-        .route("/", post(compat_generate))
+        // As in LoRAX: `GET /` (inference API) and `GET /ping` (SageMaker) are health checks.
+        .route("/", get(health).post(compat_generate))
         .route("/generate", post(generate))
         .route("/generate_stream", post(generate_stream))
         .route("/health", get(health))
+        .route("/ping", get(health))
         .route("/info", get(info))
         .route("/metrics", get(prometheus_metrics))
         .route("/tokenize", post(tokenize))
@@ -85,11 +87,29 @@ pub fn router(state: AppState, cors_allow_origin: &[String]) -> Router {
         .with_state(state)
 }
 
+/// The token of an `Authorization: Bearer <token>` header, if the request has one.
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<ApiToken> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| ApiToken::new(token))
+}
+
+/// As LoRAX does: a request without `api_token` uses the `Authorization: Bearer` token (for its
+/// adapter; the base model needs none).
+pub(crate) fn token_from_header(api_token: &mut Option<ApiToken>, headers: &HeaderMap) {
+    if api_token.is_none() {
+        *api_token = bearer_token(headers);
+    }
+}
+
 /// `POST /`: `stream` chooses; the non-streamed answer is a list of one object.
 async fn compat_generate(
     State(state): State<AppState>,
-    JsonBody(request): JsonBody<CompatGenerateRequest>,
+    headers: HeaderMap,
+    JsonBody(mut request): JsonBody<CompatGenerateRequest>,
 ) -> Result<Response, ApiError> {
+    token_from_header(&mut request.parameters.api_token, &headers);
     let stream = request.stream;
     let request = openai::apply_chat_template(&state, request.into())?;
     if stream {
@@ -102,8 +122,10 @@ async fn compat_generate(
 /// `POST /generate`.
 async fn generate(
     State(state): State<AppState>,
-    JsonBody(request): JsonBody<GenerateRequest>,
+    headers: HeaderMap,
+    JsonBody(mut request): JsonBody<GenerateRequest>,
 ) -> Result<Response, ApiError> {
+    token_from_header(&mut request.parameters.api_token, &headers);
     let request = openai::apply_chat_template(&state, request)?;
     let (headers, response) = generate_response(&state, request).await?;
     Ok((headers, Json(response)).into_response())
@@ -112,8 +134,10 @@ async fn generate(
 /// `POST /generate_stream`.
 async fn generate_stream(
     State(state): State<AppState>,
-    JsonBody(request): JsonBody<GenerateRequest>,
+    headers: HeaderMap,
+    JsonBody(mut request): JsonBody<GenerateRequest>,
 ) -> Result<Response, ApiError> {
+    token_from_header(&mut request.parameters.api_token, &headers);
     let request = openai::apply_chat_template(&state, request)?;
     stream_with(&state, request, Box::new(LoraxEncoder)).await
 }
@@ -238,6 +262,10 @@ fn timing_headers(state: &AppState, t: &RequestTimings, characters: usize) -> He
 /// Turns stream events into SSE bytes (LoRAX's format, or OpenAI's).
 pub(crate) trait EventEncoder: Send + 'static {
     fn event(&mut self, response: StreamResponse) -> Bytes;
+    /// The error event that ends a failed stream (framed like the other events).
+    fn error(&mut self, body: &ErrorResponse) -> Bytes {
+        sse_event(body)
+    }
     /// Sent after the last event.
     fn done(&mut self) -> Option<Bytes> {
         None
@@ -406,11 +434,11 @@ impl SseState {
     fn fail(&mut self, err: InferError) -> Bytes {
         self.done = true;
         m::request_failed(self.adapter.as_deref(), err.error_type());
-        sse_event(&err.to_response_body())
+        self.encoder.error(&err.to_response_body())
     }
 }
 
-/// `GET /health`: 200 only when every shard answers Health.
+/// `GET /health` (and `GET /`, `GET /ping`): 200 only when every shard answers Health.
 async fn health(State(state): State<AppState>) -> Result<StatusCode, ApiError> {
     match tokio::time::timeout(HEALTH_TIMEOUT, state.client.health()).await {
         Ok(Ok(())) => Ok(StatusCode::OK),

@@ -36,13 +36,13 @@ pub enum ValidationError {
     TypicalP,
     #[error("`top_n_tokens` must be <= {0}. Given: {1}")]
     TopNTokens(u32, u32),
-    #[error("`truncate` must be strictly positive and less than {0}. Given: {1}")]
+    #[error("`truncate` must be strictly positive and at most {0}. Given: {1}")]
     Truncate(usize, usize),
     #[error("`max_new_tokens` must be strictly positive")]
     NegativeMaxNewTokens,
     #[error("`inputs` tokens + `max_new_tokens` must be <= {0}. Given: {1} `inputs` tokens and {2} `max_new_tokens`")]
     MaxTotalTokens(usize, usize, u32),
-    #[error("`inputs` must have less than {0} tokens. Given: {1}")]
+    #[error("`inputs` must have at most {0} tokens. Given: {1}")]
     InputLength(usize, usize),
     #[error("`inputs` cannot be empty")]
     EmptyInput,
@@ -60,6 +60,8 @@ pub enum ValidationError {
     MergedAdapters(String),
     #[error("`{0}` is not supported yet")]
     NotSupported(&'static str),
+    #[error("watermark is not supported")]
+    Watermark,
     #[error("{0}")]
     ChatTemplate(String),
     #[error("tokenizer error: {0}")]
@@ -273,17 +275,6 @@ fn check_parameters(
     if best_of == 0 || best_of > limits.max_best_of {
         return Err(ValidationError::BestOf(limits.max_best_of, best_of));
     }
-    let sampling = p.do_sample
-        || p.temperature.is_some()
-        || p.top_k.is_some()
-        || p.top_p.is_some()
-        || p.typical_p.is_some();
-    if best_of > 1 && !sampling {
-        return Err(ValidationError::BestOfSampling);
-    }
-    if best_of > 1 && p.seed.is_some() {
-        return Err(ValidationError::BestOfSeed);
-    }
     let temperature = p.temperature.unwrap_or(1.0);
     if temperature <= 0.0 || temperature.is_nan() {
         return Err(ValidationError::Temperature);
@@ -305,6 +296,20 @@ fn check_parameters(
         Some(k) => k as u32,
         None => 0,
     };
+    // `best_of` needs the request to ask for sampling: `do_sample`, or any warper given (as
+    // LoRAX checks it: given at all, whatever its value).
+    let asks_sampling = p.do_sample
+        || p.temperature.is_some()
+        || p.top_k.is_some()
+        || p.top_p.is_some()
+        || p.typical_p.is_some();
+    if best_of > 1 && !asks_sampling {
+        return Err(ValidationError::BestOfSampling);
+    }
+    if best_of > 1 && p.seed.is_some() {
+        return Err(ValidationError::BestOfSeed);
+    }
+    let do_sample = samples(p.do_sample, temperature, top_k, top_p, typical_p) || best_of > 1;
     let top_n_tokens = p.top_n_tokens.or(p.return_k_alternatives).unwrap_or(0);
     if top_n_tokens > MAX_TOP_N_TOKENS {
         return Err(ValidationError::TopNTokens(MAX_TOP_N_TOKENS, top_n_tokens));
@@ -329,7 +334,7 @@ fn check_parameters(
             top_k,
             top_p,
             typical_p,
-            do_sample: p.do_sample,
+            do_sample,
             seed: p.seed.unwrap_or_else(rand::random),
             repetition_penalty,
             watermark: p.watermark,
@@ -340,10 +345,21 @@ fn check_parameters(
     })
 }
 
-/// Features whose issue has not landed yet: refused clearly rather than silently ignored.
+/// Whether a request samples. As in LoRAX (and TGI), any logits warper that changes the
+/// distribution (`temperature` != 1, `top_k` > 0, `top_p` < 1, `typical_p` < 1) turns sampling
+/// on even without `do_sample`; otherwise the request is greedy and its warpers are no-ops.
+pub fn samples(do_sample: bool, temperature: f32, top_k: u32, top_p: f32, typical_p: f32) -> bool {
+    do_sample || temperature != 1.0 || top_k > 0 || top_p < 1.0 || typical_p < 1.0
+}
+
+/// Features that are not implemented: refused clearly rather than silently ignored (or failed
+/// by the shard).
 fn check_unsupported(p: &GenerateParameters) -> Result<(), ValidationError> {
     if p.response_format.as_ref().is_some_and(|f| !f.is_null()) {
         return Err(ValidationError::NotSupported("response_format"));
+    }
+    if p.watermark {
+        return Err(ValidationError::Watermark);
     }
     Ok(())
 }
@@ -501,6 +517,70 @@ mod tests {
             p.temperature = Some(0.5);
         });
         assert!(check_parameters(&limits(), &ok).is_ok());
+    }
+
+    #[test]
+    fn warpers_turn_sampling_on() {
+        let do_sample = |f: fn(&mut GenerateParameters)| {
+            check_parameters(&limits(), &params(f))
+                .unwrap()
+                .parameters
+                .do_sample
+        };
+        assert!(!do_sample(|_| {}));
+        // Warpers at their neutral values do not sample.
+        assert!(!do_sample(|p| {
+            p.temperature = Some(1.0);
+            p.top_p = Some(1.0);
+            p.typical_p = Some(1.0);
+            p.repetition_penalty = Some(1.3);
+        }));
+        assert!(do_sample(|p| p.do_sample = true));
+        assert!(do_sample(|p| p.temperature = Some(0.7)));
+        assert!(do_sample(|p| p.temperature = Some(1.5)));
+        assert!(do_sample(|p| p.top_k = Some(1)));
+        assert!(do_sample(|p| p.top_p = Some(0.9)));
+        assert!(do_sample(|p| p.typical_p = Some(0.5)));
+        // best_of > 1 always samples (a warper given at any value asks for it, as in LoRAX).
+        assert!(do_sample(|p| {
+            p.best_of = Some(2);
+            p.temperature = Some(1.0);
+        }));
+        // Edge values are still refused before anything else.
+        assert_eq!(
+            param_error(params(|p| {
+                p.do_sample = true;
+                p.temperature = Some(0.0);
+            })),
+            E::Temperature
+        );
+        assert_eq!(
+            param_error(params(|p| p.temperature = Some(f32::NAN))),
+            E::Temperature
+        );
+    }
+
+    #[test]
+    fn watermark_is_refused() {
+        assert_eq!(param_error(params(|p| p.watermark = true)), E::Watermark);
+        assert_eq!(E::Watermark.to_string(), "watermark is not supported");
+        assert!(check_parameters(&limits(), &params(|p| p.watermark = false)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn limits_are_inclusive_and_say_at_most() {
+        // <s> + 5 words: exactly max_input_length (6) is accepted.
+        let valid = check("a b c d a", params(|_| {})).await.unwrap();
+        assert_eq!(valid.input_length, 6);
+        assert!(check_parameters(&limits(), &params(|p| p.truncate = Some(6))).is_ok());
+        assert_eq!(
+            E::InputLength(6, 7).to_string(),
+            "`inputs` must have at most 6 tokens. Given: 7"
+        );
+        assert_eq!(
+            E::Truncate(6, 7).to_string(),
+            "`truncate` must be strictly positive and at most 6. Given: 7"
+        );
     }
 
     #[test]

@@ -398,3 +398,151 @@ async fn stream_and_openai_chat_with_an_adapter() {
         .to_string();
     assert!(content.contains("[org/c]"), "{content}");
 }
+
+/// A POST with an `Authorization` header.
+fn post_with_auth(
+    uri: &str,
+    body: Value,
+    authorization: &str,
+) -> axum::http::Request<axum::body::Body> {
+    let mut req = request("POST", uri, Some("application/json"), body.to_string());
+    req.headers_mut()
+        .insert("authorization", authorization.parse().unwrap());
+    req
+}
+
+#[tokio::test]
+async fn authorization_bearer_is_the_default_api_token() {
+    let shard = fake();
+    shard.set_adapter(
+        "org/private",
+        AdapterBehaviour {
+            token: Some("hf_right".into()),
+            ..Default::default()
+        },
+    );
+    let app = app(shard.clone(), 8);
+    let body = generate(json!({"adapter_id": "org/private"}));
+    for uri in ["/generate", "/generate_stream", "/"] {
+        for auth in ["Bearer hf_right", "bearer  hf_right "] {
+            let answer = send(&app, post_with_auth(uri, body.clone(), auth)).await;
+            assert_eq!(answer.status.as_u16(), 200, "{uri} {auth}");
+        }
+    }
+    // `api_token` in the body wins over the header.
+    let explicit = generate(json!({"adapter_id": "org/private", "api_token": "hf_wrong"}));
+    let answer = send(
+        &app,
+        post_with_auth("/generate", explicit, "Bearer hf_right"),
+    )
+    .await;
+    assert_error(&answer, 403, "forbidden");
+    // An empty `api_token` counts as given: the header is not used (the server's token is).
+    let empty = generate(json!({"adapter_id": "org/private", "api_token": ""}));
+    let answer = send(&app, post_with_auth("/generate", empty, "Bearer hf_right")).await;
+    assert_error(&answer, 401, "unauthorized");
+    // Other schemes, or no header: no token.
+    let answer = send(
+        &app,
+        post_with_auth("/generate", body.clone(), "Basic aGk6dGhlcmU="),
+    )
+    .await;
+    assert_error(&answer, 401, "unauthorized");
+    assert_error(&post(&app, "/generate", body).await, 401, "unauthorized");
+
+    // The OpenAI routes too (OpenAI clients always send the header).
+    let completion = json!({"model": "org/private", "prompt": "hello", "max_tokens": 2});
+    let messages = json!([{"role": "user", "content": "hello"}]);
+    let chat = json!({"model": "org/private", "messages": messages, "max_tokens": 2});
+    for (uri, body) in [
+        ("/v1/completions", completion),
+        ("/v1/chat/completions", chat),
+    ] {
+        let answer = send(&app, post_with_auth(uri, body.clone(), "Bearer hf_right")).await;
+        assert_eq!(answer.status.as_u16(), 200, "{uri}");
+        assert_error(&post(&app, uri, body).await, 401, "unauthorized");
+    }
+
+    // The management endpoints find the private adapter by the header's token as well.
+    let adapter = json!({"adapter_id": "org/private"});
+    let pinned = send(
+        &app,
+        post_with_auth("/adapters/pin", adapter.clone(), "Bearer hf_right"),
+    )
+    .await;
+    assert_eq!(pinned.status.as_u16(), 200);
+    assert_eq!(pinned.json()["private"], true);
+    assert_error(
+        &post(&app, "/adapters/pin", adapter).await,
+        404,
+        "not_found",
+    );
+    // Only the token itself reached the shard.
+    let seen = shard.tokens_seen();
+    assert!(seen.iter().any(|t| t.as_deref() == Some("hf_right")));
+    assert!(seen
+        .iter()
+        .flatten()
+        .all(|t| t == "hf_right" || t == "hf_wrong"));
+}
+
+#[tokio::test]
+async fn adapter_larger_than_the_whole_budget_fails_at_once() {
+    let shard = fake();
+    shard.set_adapter(
+        "org/huge",
+        AdapterBehaviour {
+            memory_fraction: Some(2606.5),
+            ..Default::default()
+        },
+    );
+    let app = app(shard.clone(), 8);
+    // With another adapter pinned, the huge one used to wait for room forever.
+    let small = json!({"adapter_id": "org/small", "pin": true});
+    assert_eq!(
+        post(&app, "/adapters/load", small).await.status.as_u16(),
+        200
+    );
+    let answer = post(
+        &app,
+        "/generate",
+        generate(json!({"adapter_id": "org/huge"})),
+    )
+    .await;
+    assert_error(&answer, 424, "generation");
+    let message = answer.json()["error"].as_str().unwrap().to_string();
+    assert!(
+        message
+            .contains("could not be loaded: it needs 2606.5 times the whole adapter memory budget"),
+        "{message}"
+    );
+    let load = post(&app, "/adapters/load", json!({"adapter_id": "org/huge"})).await;
+    assert_error(&load, 424, "generation");
+    // Never loaded; the pinned adapter kept its slot.
+    let loads_huge = shard
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::Load { adapter, .. } if adapter == "org/huge"));
+    assert!(!loads_huge);
+    assert!(shard
+        .installed_adapters()
+        .values()
+        .any(|a| a == "org/small"));
+    // The listing shows a failure, and no tracked adapter above the whole budget.
+    let list = get(&app, "/adapters").await.json();
+    let list = list.as_array().unwrap();
+    assert!(list
+        .iter()
+        .all(|a| a["memory_fraction"].as_f64().unwrap_or(0.0) <= 1.0));
+    let huge = list.iter().find(|a| a["adapter_id"] == "org/huge").unwrap();
+    assert_eq!(huge["state"], "failed");
+    assert!(huge["memory_fraction"].is_null());
+    // The base model and the small adapter still serve.
+    let small = post(
+        &app,
+        "/generate",
+        generate(json!({"adapter_id": "org/small"})),
+    )
+    .await;
+    assert!(text_of(&small).contains("[org/small]"));
+}

@@ -534,3 +534,187 @@ async fn openai_chat_completions_use_the_chat_template() {
     .await;
     assert_error(&bad, 422, "validation");
 }
+
+#[tokio::test]
+async fn warpers_sample_without_do_sample() {
+    let app = app(fake(), 4);
+    let seed = |answer: &Answer| answer.json()["details"]["seed"].clone();
+    let with = |extra: Value| {
+        let mut parameters = json!({"max_new_tokens": 2, "seed": 7});
+        for (k, v) in extra.as_object().unwrap() {
+            parameters[k] = v.clone();
+        }
+        json!({"inputs": "hello", "parameters": parameters})
+    };
+    // The fake shard reports the seed only of requests that sample.
+    let sampling = [
+        json!({"temperature": 0.5}),
+        json!({"temperature": 1.5}),
+        json!({"top_k": 3}),
+        json!({"top_p": 0.9}),
+        json!({"typical_p": 0.5}),
+        json!({"do_sample": true}),
+    ];
+    for extra in sampling {
+        let answer = post(&app, "/generate", with(extra.clone())).await;
+        assert_eq!(seed(&answer), json!(7), "{extra}");
+    }
+    let greedy = [
+        json!({}),
+        json!({"temperature": 1.0, "top_p": 1.0, "typical_p": 1.0}),
+        json!({"do_sample": false, "repetition_penalty": 1.2}),
+    ];
+    for extra in greedy {
+        let answer = post(&app, "/generate", with(extra.clone())).await;
+        assert!(seed(&answer).is_null(), "{extra}");
+    }
+    let streamed = post(&app, "/generate_stream", with(json!({"top_k": 2}))).await;
+    let events = streamed.events();
+    assert_eq!(events.last().unwrap()["details"]["seed"], 7);
+    // best_of with only a warper samples, each sequence with its own seed.
+    let best_of = json!({"inputs": "hello", "parameters": {"max_new_tokens": 2, "best_of": 2, "temperature": 0.8}});
+    let body = post(&app, "/generate", best_of).await.json();
+    assert!(body["details"]["seed"].is_u64(), "{body}");
+    assert!(
+        body["details"]["best_of_sequences"][0]["seed"].is_u64(),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn watermark_is_refused_before_the_shard() {
+    let shard = fake();
+    let app = app(shard.clone(), 4);
+    let body = json!({"inputs": "hello", "parameters": {"watermark": true}});
+    for uri in ["/generate", "/generate_stream", "/"] {
+        let answer = post(&app, uri, body.clone()).await;
+        assert_error(&answer, 422, "validation");
+        assert_eq!(
+            answer.json()["error"],
+            "Input validation error: watermark is not supported"
+        );
+    }
+    assert!(shard.calls().is_empty(), "{:?}", shard.calls());
+    let off = json!({"inputs": "hello", "parameters": {"watermark": false, "max_new_tokens": 1}});
+    assert_eq!(post(&app, "/generate", off).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn get_root_and_ping_are_health_checks() {
+    let shard = fake();
+    let app = app(shard.clone(), 4);
+    for uri in ["/", "/ping", "/health"] {
+        let answer = get(&app, uri).await;
+        assert_eq!(answer.status, StatusCode::OK, "{uri}");
+        assert!(answer.body.is_empty());
+    }
+    shard.set_healthy(false);
+    for uri in ["/", "/ping", "/health"] {
+        assert_error(&get(&app, uri).await, 503, "healthcheck");
+    }
+    shard.set_healthy(true);
+    // `POST /` still generates; `POST /ping` is not a route.
+    let answer = post(
+        &app,
+        "/",
+        json!({"inputs": "hello", "parameters": {"max_new_tokens": 1}}),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert!(answer.json().is_array());
+    assert_error(
+        &post(&app, "/ping", json!({})).await,
+        405,
+        "method_not_allowed",
+    );
+}
+
+#[tokio::test]
+async fn openai_ids_and_stream_errors() {
+    let shard = fake();
+    let app = app(shard.clone(), 4);
+    let messages = json!([{"role": "user", "content": "hello"}]);
+    let chat = json!({"messages": messages, "max_tokens": 2});
+    let completion = json!({"prompt": "hello", "max_tokens": 2});
+    let id = |v: &Value| v["id"].as_str().unwrap().to_string();
+    let body = post(&app, "/v1/chat/completions", chat.clone())
+        .await
+        .json();
+    assert!(id(&body).starts_with("chatcmpl-"), "{body}");
+    let body = post(&app, "/v1/completions", completion.clone())
+        .await
+        .json();
+    assert!(id(&body).starts_with("cmpl-"), "{body}");
+    let mut stream_chat = chat.clone();
+    stream_chat["stream"] = json!(true);
+    let (chunks, _) = openai_chunks(&post(&app, "/v1/chat/completions", stream_chat.clone()).await);
+    assert!(chunks.iter().all(|c| id(c).starts_with("chatcmpl-")));
+    let mut stream_completion = completion.clone();
+    stream_completion["stream"] = json!(true);
+    let (chunks, _) =
+        openai_chunks(&post(&app, "/v1/completions", stream_completion.clone()).await);
+    assert!(chunks.iter().all(|c| id(c).starts_with("cmpl-")));
+
+    // A failure after the first token: one last `data: {error}` event, framed like the chunks.
+    shard.set_fail_decode(true);
+    for (uri, body) in [
+        ("/v1/chat/completions", stream_chat),
+        ("/v1/completions", stream_completion),
+    ] {
+        let answer = post(&app, uri, body).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        let text = String::from_utf8(answer.body.to_vec()).unwrap();
+        let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+        assert_eq!(events.len(), 2, "{text}");
+        assert!(events.iter().all(|e| e.starts_with("data: {")), "{text}");
+        let (chunks, done) = openai_chunks(&answer);
+        assert!(!done, "{text}");
+        assert_eq!(chunks[1]["error_type"], "generation");
+    }
+    // The native stream keeps LoRAX's `data:{json}` for its error event too.
+    let answer = post(
+        &app,
+        "/generate_stream",
+        json!({"inputs": "hello", "parameters": {"max_new_tokens": 5}}),
+    )
+    .await;
+    assert_eq!(answer.events().last().unwrap()["error_type"], "generation");
+}
+
+#[tokio::test]
+async fn length_limits_are_inclusive_and_say_at_most() {
+    let app = app(fake(), 4);
+    // <s> + 15 words: exactly max_input_length (16), with max_new_tokens up to 32 - 16.
+    let words = |n: usize| vec!["a"; n].join(" ");
+    let ok = post(
+        &app,
+        "/generate",
+        json!({"inputs": words(15), "parameters": {"max_new_tokens": 16}}),
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert_eq!(ok.json()["details"]["prompt_tokens"], 16);
+    let too_long = post(&app, "/generate", json!({"inputs": words(16)})).await;
+    assert_error(&too_long, 422, "validation");
+    assert_eq!(
+        too_long.json()["error"],
+        "Input validation error: `inputs` must have at most 16 tokens. Given: 17"
+    );
+    let truncated = post(
+        &app,
+        "/generate",
+        json!({"inputs": words(20), "parameters": {"truncate": 16, "max_new_tokens": 1}}),
+    )
+    .await;
+    assert_eq!(truncated.json()["details"]["prompt_tokens"], 16);
+    let truncate = post(
+        &app,
+        "/generate",
+        json!({"inputs": "hello", "parameters": {"truncate": 17}}),
+    )
+    .await;
+    assert_eq!(
+        truncate.json()["error"],
+        "Input validation error: `truncate` must be strictly positive and at most 16. Given: 17"
+    );
+}

@@ -109,6 +109,12 @@ class Engine:
         left. Returns the number of tokens the cache holds (the router's max_batch_total_tokens)."""
         if max_input_length < 1 or max_prefill_tokens < 1:
             raise RequestError("max_input_length and max_prefill_tokens must be positive")
+        limit = self.model.position_limit
+        if limit is not None and max_total_tokens > limit:
+            raise RequestError(
+                f"max_total_tokens={max_total_tokens} exceeds the {limit} positions this model can handle; "
+                f"lower --max-total-tokens to {limit} or less (and --max-input-length below it)"
+            )
         self.clear()
         self.cache = self.blocks = None
         self._dummy_prefill(max_input_length, max_prefill_tokens)

@@ -258,7 +258,17 @@ def test_hub_private_adapter_token_per_request(hub_env, peft_adapter, monkeypatc
 
     monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "hf_right")  # the server's token, overridable per request
     assert fetch_adapter("org/secret", "hub") == folder
-    assert _fetch_error("org/secret", "hub", api_token="hf_wrong").kind == "unauthorized"
+    assert _fetch_error("org/secret", "hub", api_token="hf_other").kind == "not_found"
+    # A token the hub rejects outright counts as no token: the server's credentials apply, as they
+    # would had the request sent none.
+    assert fetch_adapter("org/secret", "hub", api_token="hf_wrong") == folder
+
+
+def test_hub_public_adapter_with_a_placeholder_token(hub_env, peft_adapter) -> None:
+    """OpenAI clients send their api_key (often "EMPTY") as the bearer token, which becomes the
+    request's api_token: a public adapter is still fetched."""
+    hub_env.add_repo("org/public", peft_adapter)
+    _assert_same_adapter(fetch_adapter("org/public", "hub", api_token="EMPTY"), peft_adapter)
 
 
 def test_hub_gated_adapter(hub_env, peft_adapter) -> None:

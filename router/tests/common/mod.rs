@@ -25,7 +25,7 @@ pub fn info() -> Info {
         model_sha: None,
         model_dtype: "float32".into(),
         model_device_type: "cpu".into(),
-        model_pipeline_tag: Some("text-generation".into()),
+        model_pipeline_tag: None,
         architecture: "LlamaForCausalLM".into(),
         max_concurrent_requests: 4,
         max_best_of: 2,

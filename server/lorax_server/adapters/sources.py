@@ -222,7 +222,18 @@ def _fetch_hub(adapter_id: str, api_token: str | None, revision: str | None) -> 
                 f"adapter {where} is not in the hub cache ({_hub_cache(settings)}) and HF_HUB_OFFLINE is set",
             )
     else:
-        folder = _download_hub(adapter_id, revision, settings, token, where)
+        try:
+            folder = _download_hub(adapter_id, revision, settings, token, where)
+        except AdapterFetchError as rejected:
+            if rejected.kind != "unauthorized" or not api_token or api_token == settings.token:
+                raise
+            # The hub refused the request's token outright (OpenAI clients send their api_key, often a
+            # placeholder, as the bearer token): fetch as a request without a token would. That reaches
+            # nothing the request could not reach by leaving the token out.
+            try:
+                folder = _download_hub(adapter_id, revision, settings, settings.token, where)
+            except AdapterFetchError:
+                raise rejected from None
     ensure_adapter_files(folder, f"adapter {where}")
     return folder
 

@@ -26,6 +26,11 @@ class UnsupportedArchitecture(ValueError):
 class TransformersCausalLM:
     supports_adapters = False
     recompute_at_length = None  # every step recomputes whole sequences already
+
+    @property
+    def position_limit(self) -> int | None:
+        """transformers' own module may index a position table: keep within the configured positions."""
+        return self.config.max_position_embeddings
     spec = None
 
     def __init__(

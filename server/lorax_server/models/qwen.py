@@ -18,6 +18,7 @@ QWEN = ArchSpec(
     gate_proj="mlp.w2",
     up_proj="mlp.w1",
     down_proj="mlp.c_proj",
+    hard_context_limit=True,
     adaptable_modules=("c_attn", "c_proj", "w1", "w2"),
 )
 

@@ -58,6 +58,8 @@ class ArchSpec:
     conv1d_weights: bool = False  # linear weights stored [in, out] (GPT-2's Conv1D)
     hidden_act: str | None = None  # the architecture's fixed activation; None: config.json's
     optional_prefix: str = ""  # checkpoints saved from the bare base model omit it (GPT-2 "h.0...")
+    # max_position_embeddings cannot be exceeded (implied by learned positions; Qwen v1's seq_length).
+    hard_context_limit: bool = False
     # Modules a LoRA adapter may target, by the name adapters use.
     adaptable_modules: tuple[str, ...] = (
         "q_proj",

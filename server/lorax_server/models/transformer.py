@@ -264,6 +264,13 @@ class CausalLM:
         return self.rotary.recompute_at_length
 
     @property
+    def position_limit(self) -> int | None:
+        """The longest sequence this model can run, when that is a hard limit; None: no hard limit."""
+        if self.spec.position_encoding == "learned" or self.spec.hard_context_limit:
+            return self.config.max_position_embeddings
+        return None
+
+    @property
     def cache_geometry(self) -> tuple[int, int, int, torch.dtype]:
         """(layers, kv_heads, head_dim, dtype) of the paged KV cache this model writes."""
         c = self.config
