@@ -115,8 +115,8 @@ class TorchAttention:
         layout = self._layout(meta)
         batch, heads, head_dim = meta.batch_size, q.shape[1], q.shape[2]
         kv_heads = cache_k.shape[2]
-        q_grid = q.new_zeros(batch * layout.max_q, heads, head_dim)
-        q_grid[layout.q_index] = q
+        decode = layout.max_q == 1  # one token per sequence: the padded grid is q itself
+        q_grid = q if decode else q.new_zeros(batch * layout.max_q, heads, head_dim).index_copy_(0, layout.q_index, q)
         q_grid = q_grid.view(batch, layout.max_q, heads, head_dim).transpose(1, 2)  # [b, h, max_q, d]
         k = self._gather(cache_k, layout, batch, kv_heads, head_dim)  # [b, kvh, max_k, d]
         v = self._gather(cache_v, layout, batch, kv_heads, head_dim)
@@ -131,7 +131,7 @@ class TorchAttention:
         else:
             out = _softcapped_attention(q_grid, k, v, mask, scale, softcap)
         out = out.transpose(1, 2).reshape(batch * layout.max_q, heads, head_dim)
-        return out[layout.q_index]
+        return out if decode else out[layout.q_index]
 
     @staticmethod
     def _gather(cache: torch.Tensor, layout: _PaddedLayout, batch: int, kv_heads: int, head_dim: int) -> torch.Tensor:
