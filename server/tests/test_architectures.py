@@ -10,6 +10,7 @@ import torch
 import transformers
 from families import FAMILIES, LORA_KWARGS
 from peft import PeftModel
+from ragged_runs import run_reference
 from tiny_models import make_lora_adapter, make_model
 from transformers import AutoModelForCausalLM
 
@@ -76,18 +77,9 @@ def test_prefill_and_decode_match_transformers(family) -> None:
         steps.append(ours.forward(meta, cache))
     decoded = torch.stack(steps, dim=1)  # [batch, steps, vocab]
     for row, p in enumerate(prompts):
-        out = ref.generate(
-            p[None],
-            attention_mask=torch.ones_like(p[None]),
-            max_new_tokens=STEPS,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        assert (decoded[row] - torch.stack(out.logits, 1)[0]).abs().max() < 1e-4, row
-        assert decoded[row].argmax(-1).tolist() == out.sequences[0, len(p) :].tolist()
+        _, want_logits, want_tokens = run_reference(ref, p, STEPS)
+        assert (decoded[row] - want_logits).abs().max() < 1e-4, row
+        assert decoded[row].argmax(-1).tolist() == want_tokens
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ragged_runs import run_reference
 from tiny_models import make_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
@@ -73,19 +74,8 @@ def test_crossing_the_original_context_matches_transformers(phi3_longrope) -> No
     prompts = _prompts(ref.config.vocab_size)
     got = _run(engine, prompts)
     for i, p in enumerate(prompts):
-        ids = torch.tensor([p])
-        want = ref.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=STEPS,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        tokens = want.sequences[0, len(p) :].tolist()
-        logprobs = [torch.log_softmax(step[0], -1)[t].item() for step, t in zip(want.logits, tokens, strict=True)]
+        _, logits, tokens = run_reference(ref, torch.tensor(p), STEPS)
+        logprobs = torch.log_softmax(logits, -1)[torch.arange(STEPS), tokens].tolist()
         assert [t for t, _ in got[i]] == tokens, f"prompt of {len(p)} tokens"
         assert max(abs(a - b) for (_, a), b in zip(got[i], logprobs, strict=True)) < 1e-4, f"prompt of {len(p)}"
 
