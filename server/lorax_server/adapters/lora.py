@@ -3,9 +3,8 @@
 The batch's tokens are grouped by adapter; `segments` are `(start, end, adapter_index)` token ranges.
 For every adapted linear the base matmul has already run once for all tokens; each segment then adds
 `scale · B_a(A_a(x[start:end]))` for every part (q/k/v of a fused qkv, ...) its adapter targets.
-All parts of one adapter share one shrink matmul (their A's stacked) and one expand matmul (their
-B's block-diagonal, scale folded in). Rows whose adapter does not touch a linear, and base-model rows,
-cost nothing.
+All parts of one adapter share one shrink matmul (their A's are stacked). Rows whose adapter does not
+touch a linear, and base-model rows, cost nothing.
 
 Semantics (the oracle faster kernels are tested against):
     y[s:e, out_p] += scale_p * (x[s:e] @ A_p.T) @ B_p.T    for each segment and each adapted part p
@@ -39,13 +38,19 @@ class LoraModuleWeights:
 
 
 @dataclass
-class _AdapterFactors:
-    """One adapter's update of one linear as two matmuls: y[:, out_start:out_end] += (x @ a_t) @ b_t."""
-
-    a_t: torch.Tensor  # [in_features, sum of ranks]: the A of every part this adapter updates
-    b_t: torch.Tensor  # [sum of ranks, out_end - out_start]: each part's scale·B^T in its own block
+class _Expand:
     out_start: int
     out_end: int
+    r_start: int
+    r_end: int
+    b: torch.Tensor  # [out_end - out_start, r_end - r_start]
+    scale: float
+
+
+@dataclass
+class _AdapterFactors:
+    a: torch.Tensor  # [sum of ranks, in_features]: the A of every part this adapter updates
+    expands: list[_Expand]
 
 
 class LoraSlots:
@@ -59,22 +64,14 @@ class LoraSlots:
         self.by_adapter: dict[int, _AdapterFactors] = {}
 
     def install(self, index: int, parts: dict[int, LoraModuleWeights]) -> None:
-        """parts: fused-part position → that part's factors (parts the adapter skips are absent).
-
-        The parts' B's become one block-diagonal expand over the output columns they span, so a
-        segment costs two matmuls however many parts (q, k, v, ...) the adapter updates.
-        """
-        ordered = sorted(parts.items())
-        out_start, out_end = self.part_bounds[ordered[0][0]][0], self.part_bounds[ordered[-1][0]][1]
-        first = ordered[0][1].lora_b
-        b_t = first.new_zeros(sum(w.rank for _, w in ordered), out_end - out_start)
-        r = 0
-        for part, w in ordered:
-            lo, hi = self.part_bounds[part]
-            b_t[r : r + w.rank, lo - out_start : hi - out_start] = (w.lora_b.float() * w.scale).t().to(b_t.dtype)
+        """parts: fused-part position → that part's factors (parts the adapter skips are absent)."""
+        a_list, expands, r = [], [], 0
+        for part, w in sorted(parts.items()):
+            out_start, out_end = self.part_bounds[part]
+            a_list.append(w.lora_a)
+            expands.append(_Expand(out_start, out_end, r, r + w.rank, w.lora_b, w.scale))
             r += w.rank
-        a_t = torch.cat([w.lora_a for _, w in ordered]).t().contiguous()
-        self.by_adapter[index] = _AdapterFactors(a_t, b_t, out_start, out_end)
+        self.by_adapter[index] = _AdapterFactors(torch.cat(a_list) if len(a_list) > 1 else a_list[0], expands)
 
     def remove(self, index: int) -> None:
         self.by_adapter.pop(index, None)
@@ -82,9 +79,15 @@ class LoraSlots:
     def add_to(self, y: torch.Tensor, x: torch.Tensor, segments: list[tuple[int, int, int]]) -> None:
         """y: [num_tokens, out_features] base output, updated in place; x: [num_tokens, in_features]."""
         for start, end, index in segments:
-            f = self.by_adapter.get(index)
-            if f is not None:
-                y[start:end, f.out_start : f.out_end].addmm_(x[start:end] @ f.a_t, f.b_t)
+            factors = self.by_adapter.get(index)
+            if factors is None:
+                continue
+            shrunk = x[start:end] @ factors.a.t()  # [n, sum of ranks]
+            rows = y[start:end]
+            for e in factors.expands:
+                rows[:, e.out_start : e.out_end].addmm_(
+                    shrunk[:, e.r_start : e.r_end], e.b.t(), alpha=e.scale
+                )
 
 
 def iter_linears(obj: object, _seen: set[int] | None = None) -> Iterator[Linear]:
