@@ -11,6 +11,7 @@ import requests
 import torch
 from conftest import launch
 from families import FAMILIES, build_family
+from ragged_runs import run_reference
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 PROMPTS = [
@@ -22,23 +23,10 @@ PROMPTS = [
 NEW_TOKENS = 8
 
 
-@torch.no_grad()
 def _reference(model_dir: Path) -> list[list[int]]:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = []
-    for prompt in PROMPTS:
-        ids = tok(prompt, return_tensors="pt").input_ids
-        seq = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        out.append(seq[0, ids.shape[1] :].tolist())
-    return out
+    return [run_reference(model, torch.tensor(tok(p).input_ids), NEW_TOKENS)[2] for p in PROMPTS]
 
 
 @pytest.mark.parametrize("name", [*sorted(FAMILIES), "qwen_v1"])

@@ -44,8 +44,14 @@ impl From<AdapterCommandError> for ApiError {
     }
 }
 
-/// The adapter a management request names; it must name one explicitly.
-fn named_adapter(state: &AppState, r: &AdapterRef) -> Result<AdapterRequest, ApiError> {
+/// The adapter a management request names (it must name one explicitly), with the request's
+/// `Authorization: Bearer` token as its api_token when the body gives none.
+fn named_adapter(
+    state: &AppState,
+    headers: &HeaderMap,
+    r: &mut AdapterRef,
+) -> Result<AdapterRequest, ApiError> {
+    token_from_header(&mut r.api_token, headers);
     let fields = AdapterFields {
         adapter_id: r.adapter_id.as_deref(),
         merged_adapters: r.merged_adapters.as_ref(),
@@ -75,8 +81,7 @@ pub async fn load(
     headers: HeaderMap,
     JsonBody(mut r): JsonBody<AdapterRef>,
 ) -> Result<Json<AdapterStatus>, ApiError> {
-    token_from_header(&mut r.api_token, &headers);
-    let request = named_adapter(&state, &r)?;
+    let request = named_adapter(&state, &headers, &mut r)?;
     let status = state.infer.queue().load_adapter(request, r.pin).await?;
     Ok(Json(status))
 }
@@ -87,8 +92,7 @@ pub async fn unload(
     headers: HeaderMap,
     JsonBody(mut r): JsonBody<AdapterRef>,
 ) -> Result<Json<AdapterStatus>, ApiError> {
-    token_from_header(&mut r.api_token, &headers);
-    let request = named_adapter(&state, &r)?;
+    let request = named_adapter(&state, &headers, &mut r)?;
     let status = state.infer.queue().unload_adapter(request.key).await?;
     Ok(Json(status))
 }
@@ -99,8 +103,7 @@ pub async fn pin(
     headers: HeaderMap,
     JsonBody(mut r): JsonBody<AdapterRef>,
 ) -> Result<Json<AdapterStatus>, ApiError> {
-    token_from_header(&mut r.api_token, &headers);
-    let request = named_adapter(&state, &r)?;
+    let request = named_adapter(&state, &headers, &mut r)?;
     let status = state.infer.queue().pin_adapter(request.key, true).await?;
     Ok(Json(status))
 }
@@ -111,8 +114,7 @@ pub async fn unpin(
     headers: HeaderMap,
     JsonBody(mut r): JsonBody<AdapterRef>,
 ) -> Result<Json<AdapterStatus>, ApiError> {
-    token_from_header(&mut r.api_token, &headers);
-    let request = named_adapter(&state, &r)?;
+    let request = named_adapter(&state, &headers, &mut r)?;
     let status = state.infer.queue().pin_adapter(request.key, false).await?;
     Ok(Json(status))
 }
