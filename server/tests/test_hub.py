@@ -234,7 +234,7 @@ def test_private_repo_needs_token(hub_env, monkeypatch: pytest.MonkeyPatch) -> N
         download_weights("org/secret")
 
     monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "hf_other")  # valid, but for another repo
-    with pytest.raises(WeightsDownloadError, match="no access"):
+    with pytest.raises(WeightsDownloadError, match="no read access"):
         download_weights("org/secret")
 
     monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "hf_right")

@@ -6,9 +6,9 @@ read with ``torch.load(weights_only=True)``). Every failure is an ``AdapterFetch
 the router maps to an HTTP status: ``not_found`` 404, ``unauthorized`` 401, ``forbidden`` 403,
 ``invalid`` 422, ``unavailable`` 424.
 
-- **hub**: ``huggingface_hub`` with the settings of ``HubSettings.from_env()`` read at call time
-  (``HF_ENDPOINT``, ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE``); only the adapter files are downloaded, into
-  the hub cache. A request's ``api_token`` is passed to that request's calls only; without one the
+- **hub**: ``utils.hub.fetch_snapshot`` (the Hub client model downloads use too), with the settings
+  of ``HubSettings.from_env()`` read at call time (``HF_ENDPOINT``, ``HF_HUB_OFFLINE``,
+  ``HF_HUB_CACHE``); only the adapter files are downloaded, into the hub cache. A request's ``api_token`` is passed to that request's calls only; without one the
   server's ``HUGGING_FACE_HUB_TOKEN``/``HF_TOKEN`` is used. When the Hub is offline or unreachable the
   cached copy is used, but a private adapter's cached copy only with a token it was downloaded with.
 - **local**: an existing directory, absolute or relative to the working directory (a hub id that
@@ -22,7 +22,6 @@ the router maps to an HTTP status: ``not_found`` 404, ``unauthorized`` 401, ``fo
 from __future__ import annotations
 
 import enum
-import glob
 import hashlib
 import json
 import logging
@@ -33,18 +32,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
-from huggingface_hub.utils import (
-    GatedRepoError,
-    HfHubHTTPError,
-    HFValidationError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
 from safetensors import safe_open
 
 from lorax_server.utils.convert import ConversionError, convert_file
-from lorax_server.utils.hub import HubSettings
+from lorax_server.utils.hub import FetchError, HubSettings, RepoKind, fetch_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -88,19 +79,8 @@ class AdapterSource(enum.Enum):
 _PROTO_SOURCES = {0: AdapterSource.HUB, 1: AdapterSource.LOCAL, 2: AdapterSource.S3}
 
 
-class AdapterFetchError(Exception):
+class AdapterFetchError(FetchError):
     """An adapter could not be made available locally; ``kind`` says how the router should answer."""
-
-    KINDS = ("not_found", "unauthorized", "forbidden", "invalid", "unavailable")
-
-    def __init__(self, kind: str, message: str) -> None:
-        if kind not in self.KINDS:
-            raise ValueError(f"unknown AdapterFetchError kind {kind!r}")
-        super().__init__(message)
-        self.kind = kind
-
-    def __reduce__(self) -> tuple[Any, ...]:  # picklable across process pools despite two arguments
-        return (type(self), (self.kind, str(self)))
 
 
 def fetch_adapter(
@@ -190,6 +170,15 @@ def _lock_for(path: Path) -> threading.Lock:
         return _locks.setdefault(path, threading.Lock())
 
 
+def _write_json_atomically(target: Path, data: object) -> None:
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, sort_keys=True))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 # Local directories --------------------------------------------------------------------------------
 
 
@@ -207,35 +196,59 @@ def _fetch_local(adapter_id: str, api_token: str | None, revision: str | None) -
 
 # Hugging Face Hub ---------------------------------------------------------------------------------
 
+ADAPTER = RepoKind(
+    label="adapter ",
+    marker=ADAPTER_CONFIG,
+    invalid_id="is not a valid hub repo id: for a directory use adapter_source local",
+    token_name="api_token",
+    token_hint=TOKEN_HINT,
+    token_fix="pass a valid api_token",
+    error=AdapterFetchError,
+)
+
 
 def _fetch_hub(adapter_id: str, api_token: str | None, revision: str | None) -> Path:
     if Path(adapter_id).expanduser().is_dir():  # like LoRAX: a local directory needs no download
         return _fetch_local(adapter_id, api_token, revision)
     settings = HubSettings.from_env()
-    token = api_token or settings.token
-    where = adapter_id + (f" (revision {revision})" if revision else "")
-    if settings.offline:
-        folder = _cached_hub_adapter(adapter_id, revision, settings, token, where)
-        if folder is None:
-            raise AdapterFetchError(
-                "unavailable",
-                f"adapter {where} is not in the hub cache ({_hub_cache(settings)}) and HF_HUB_OFFLINE is set",
-            )
-    else:
+    try:
+        folder = _hub_snapshot(adapter_id, revision, settings, api_token or settings.token)
+    except AdapterFetchError as rejected:
+        if settings.offline or rejected.kind != "unauthorized" or not api_token or api_token == settings.token:
+            raise
+        # The hub refused the request's token outright (OpenAI clients send their api_key, often a
+        # placeholder, as the bearer token): fetch as a request without a token would. That reaches
+        # nothing the request could not reach by leaving the token out.
         try:
-            folder = _download_hub(adapter_id, revision, settings, token, where)
-        except AdapterFetchError as rejected:
-            if rejected.kind != "unauthorized" or not api_token or api_token == settings.token:
-                raise
-            # The hub refused the request's token outright (OpenAI clients send their api_key, often a
-            # placeholder, as the bearer token): fetch as a request without a token would. That reaches
-            # nothing the request could not reach by leaving the token out.
-            try:
-                folder = _download_hub(adapter_id, revision, settings, settings.token, where)
-            except AdapterFetchError:
-                raise rejected from None
-    ensure_adapter_files(folder, f"adapter {where}")
+            folder = _hub_snapshot(adapter_id, revision, settings, settings.token)
+        except AdapterFetchError:
+            raise rejected from None
+    ensure_adapter_files(folder, ADAPTER.where(adapter_id, revision))
     return folder
+
+
+def _hub_snapshot(adapter_id: str, revision: str | None, settings: HubSettings, token: str | None) -> Path:
+    """The adapter's files from the hub (or its cache), with the access rule for private adapters."""
+    where = ADAPTER.where(adapter_id, revision)
+
+    def select(repo_files: list[str]) -> list[str]:
+        files = select_adapter_files(repo_files)
+        hub = settings.endpoint
+        if ADAPTER_CONFIG not in files:
+            raise AdapterFetchError("invalid", f"{where} on {hub} has no {ADAPTER_CONFIG}: it is not a PEFT adapter")
+        if len(files) < 2:
+            raise AdapterFetchError(
+                "invalid", f"{where} on {hub} has no weights: neither {ADAPTER_SAFETENSORS} nor {ADAPTER_BIN}"
+            )
+        return files
+
+    snapshot = fetch_snapshot(ADAPTER, adapter_id, revision, settings, token, select)
+    record = snapshot.folder.parents[1] / ACCESS_RECORD  # beside snapshots/, one per repo
+    if snapshot.from_cache:
+        _check_cached_access(record, adapter_id, token, where, settings.endpoint)
+    elif snapshot.private:
+        _remember_token(record, adapter_id, token)
+    return snapshot.folder
 
 
 def select_adapter_files(repo_files: list[str]) -> list[str]:
@@ -245,102 +258,25 @@ def select_adapter_files(repo_files: list[str]) -> list[str]:
     return [name for name in (ADAPTER_CONFIG, weights) if name in present]
 
 
-def _download_hub(adapter_id: str, revision: str | None, settings: HubSettings, token: str | None, where: str) -> Path:
-    hub = settings.endpoint
-    try:
-        # model_info: one request, no retries, so an unreachable hub falls back to the cache at once.
-        info = HfApi(endpoint=hub, token=token).model_info(adapter_id, revision=revision, token=token)
-    except HFValidationError as err:
-        raise AdapterFetchError(
-            "invalid", f"{adapter_id} is not a valid hub repo id ({err}); for a directory use adapter_source local"
-        ) from err
-    except HfHubHTTPError as err:
-        if _http_status(err) < 500 and _http_status(err) not in (408, 429):
-            raise _hub_error(err, where, hub, token) from err
-        return _hub_fallback(adapter_id, revision, settings, token, where, err)
-    except Exception as err:  # connection refused, timeout: the types depend on the HTTP backend
-        return _hub_fallback(adapter_id, revision, settings, token, where, err)
-
-    siblings = [s.rfilename for s in info.siblings or []]
-    files = select_adapter_files(siblings)
-    if ADAPTER_CONFIG not in files:
-        raise AdapterFetchError(
-            "invalid", f"adapter {where} on {hub} has no {ADAPTER_CONFIG}: it is not a PEFT adapter"
-        )
-    if len(files) < 2:
-        raise AdapterFetchError(
-            "invalid", f"adapter {where} on {hub} has no weights: neither {ADAPTER_SAFETENSORS} nor {ADAPTER_BIN}"
-        )
-    try:
-        folder = Path(
-            snapshot_download(
-                adapter_id,
-                revision=revision,
-                cache_dir=settings.cache_dir,
-                token=token,
-                endpoint=hub,
-                allow_patterns=[glob.escape(name) for name in files],
-            )
-        )
-    except HfHubHTTPError as err:
-        raise _hub_error(err, where, hub, token) from err
-    except Exception as err:  # connection lost mid-download, disk full, ...
-        raise AdapterFetchError(
-            "unavailable", f"downloading adapter {where} from {hub} failed: {type(err).__name__}: {err}"
-        ) from err
-    if info.private or info.gated:
-        _remember_token(folder, adapter_id, token)
-    return folder
-
-
-def _hub_fallback(
-    adapter_id: str, revision: str | None, settings: HubSettings, token: str | None, where: str, err: Exception
-) -> Path:
-    folder = _cached_hub_adapter(adapter_id, revision, settings, token, where)
-    if folder is None:
-        raise AdapterFetchError(
-            "unavailable",
-            f"cannot reach the hub at {settings.endpoint} ({type(err).__name__}: {err}) and adapter {where} "
-            f"is not in the hub cache ({_hub_cache(settings)})",
-        ) from err
-    logger.warning("hub at %s unreachable (%s); using the cached %s", settings.endpoint, err, folder)
-    return folder
-
-
-def _cached_hub_adapter(
-    adapter_id: str, revision: str | None, settings: HubSettings, token: str | None, where: str
-) -> Path | None:
-    """The cached snapshot of the adapter, when the cache holds its config (checked for access)."""
-    try:
-        config = try_to_load_from_cache(adapter_id, ADAPTER_CONFIG, cache_dir=settings.cache_dir, revision=revision)
-    except HFValidationError as err:
-        raise AdapterFetchError("invalid", f"{adapter_id} is not a valid hub repo id ({err})") from err
-    if not isinstance(config, str):
-        return None
-    folder = Path(config).parent
-    record = folder.parents[1] / ACCESS_RECORD
+def _check_cached_access(record: Path, adapter_id: str, token: str | None, where: str, hub: str) -> None:
+    """A private adapter's cached copy serves only tokens it was downloaded with (the hub cannot be
+    asked whether another token may read it)."""
     if record.is_file() and _token_digest(adapter_id, token) not in _read_access_record(record):
         raise AdapterFetchError(
             "unauthorized" if not token else "forbidden",
-            f"adapter {where} is private and the hub at {settings.endpoint} cannot be asked whether the "
+            f"{where} is private and the hub at {hub} cannot be asked whether the "
             "token may read it: only a token it was downloaded with may use the cached copy; "
             f"{TOKEN_HINT}",
         )
-    return folder
 
 
-def _remember_token(folder: Path, adapter_id: str, token: str | None) -> None:
+def _remember_token(record: Path, adapter_id: str, token: str | None) -> None:
     """Record (a digest of) a token that may read this private adapter, for use when offline."""
-    record = folder.parents[1] / ACCESS_RECORD
     digests = _read_access_record(record) | {_token_digest(adapter_id, token)}
-    tmp = record.with_name(f".{record.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        tmp.write_text(json.dumps({"token_sha256": sorted(digests)}))
-        os.replace(tmp, record)
+        _write_json_atomically(record, {"token_sha256": sorted(digests)})
     except OSError as err:  # a read-only cache still serves online requests
         logger.warning("cannot record access to private adapter %s: %s", adapter_id, err)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _read_access_record(record: Path) -> set[str]:
@@ -352,59 +288,6 @@ def _read_access_record(record: Path) -> set[str]:
 
 def _token_digest(adapter_id: str, token: str | None) -> str:
     return hashlib.sha256(f"{adapter_id}\0{token or ''}".encode()).hexdigest()
-
-
-def _http_status(err: Exception) -> int:
-    response = getattr(err, "response", None)
-    return int(getattr(response, "status_code", 0) or 0)
-
-
-def _hub_error(err: HfHubHTTPError, where: str, hub: str, token: str | None) -> AdapterFetchError:
-    status = _http_status(err)
-    if isinstance(err, GatedRepoError):
-        if status == 403:
-            return AdapterFetchError(
-                "forbidden", f"adapter {where} is gated on {hub} and the token given has not been granted access (403)"
-            )
-        return AdapterFetchError("unauthorized", f"adapter {where} is gated on {hub} ({status}): {TOKEN_HINT}")
-    if isinstance(err, RevisionNotFoundError):
-        return AdapterFetchError("not_found", f"adapter {where}: revision not found on {hub}")
-    if isinstance(err, RepositoryNotFoundError):
-        if status == 401 and not token:  # the Hub answers 401 for private repos to anonymous callers
-            return AdapterFetchError(
-                "unauthorized", f"adapter {where} not found on {hub} (401); if it is private, {TOKEN_HINT}"
-            )
-        if status == 401:
-            return AdapterFetchError(
-                "unauthorized",
-                f"the hub at {hub} rejected the token sent for adapter {where} (401): pass a valid api_token",
-            )
-        if token:
-            return AdapterFetchError(
-                "not_found",
-                f"adapter {where} not found on {hub} ({status}), or the api_token given has no read access to it",
-            )
-        return AdapterFetchError(
-            "not_found", f"adapter {where} not found on {hub} ({status}); if it is private, {TOKEN_HINT}"
-        )
-    if status == 401:
-        return AdapterFetchError(
-            "unauthorized",
-            f"the hub at {hub} rejected the token sent for adapter {where} (401): pass a valid api_token",
-        )
-    if status == 403:
-        return AdapterFetchError("forbidden", f"access to adapter {where} is forbidden on {hub} (403): {TOKEN_HINT}")
-    if status == 404:
-        return AdapterFetchError("not_found", f"adapter {where}: a file was not found on {hub} (404): {err}")
-    return AdapterFetchError("unavailable", f"downloading adapter {where} from {hub} failed ({status}): {err}")
-
-
-def _hub_cache(settings: HubSettings) -> str:
-    if settings.cache_dir:
-        return settings.cache_dir
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
 
 
 # S3 -----------------------------------------------------------------------------------------------
@@ -433,7 +316,7 @@ def _fetch_s3(adapter_id: str, api_token: str | None, revision: str | None) -> P
 
     bucket, prefix = parse_s3_id(adapter_id)
     where = f"adapter s3://{bucket}/{prefix}".rstrip("/")
-    folder = Path(_hub_cache(HubSettings.from_env())) / "s3" / bucket / prefix
+    folder = Path(HubSettings.from_env().cache_name) / "s3" / bucket / prefix
     try:
         client = _s3_client()
     except ValueError as err:  # botocore: "Invalid endpoint: ..."
@@ -526,15 +409,6 @@ def _cached_files_complete(folder: Path, manifest: dict[str, dict[str, Any]]) ->
         return all((folder / name).stat().st_size == meta["size"] for name, meta in manifest.items())
     except (OSError, KeyError, TypeError):
         return False
-
-
-def _write_json_atomically(target: Path, data: object) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, sort_keys=True))
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 _S3_NOT_FOUND = {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}

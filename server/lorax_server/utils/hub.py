@@ -1,10 +1,17 @@
-"""Resolve a model id to a local directory of safetensors weights, downloading from the Hub when needed.
+"""The one Hugging Face Hub client of the shard: model weights and LoRA adapters both download here.
+
+``fetch_snapshot`` is the shared path: with ``HF_HUB_OFFLINE`` the cached copy is used; otherwise the
+Hub is asked for the repo's file list, the caller picks the files it needs, and those are downloaded
+into the Hub cache. An unreachable Hub (connection errors, 5xx, 408, 429) falls back to the cached
+copy. Every failure is a ``FetchError`` whose ``kind`` says how a caller answers it (``not_found``,
+``unauthorized``, ``forbidden``, ``invalid``, ``unavailable``), worded once for models and adapters
+alike; a ``RepoKind`` supplies the few words that differ.
 
 ``download_weights`` is what ``lorax-server download-weights`` runs: a local directory passes through,
-a hub repo id is fetched into the Hugging Face cache (only the files a server needs), and ``.bin``
-checkpoints are converted once to ``.safetensors``. Hub settings (endpoint, token, offline mode,
-cache directory) are read from the environment when the call is made, not when ``huggingface_hub``
-is imported, so a launcher or a test can set them at any time.
+a hub repo id is fetched (only the files a server needs), and ``.bin`` checkpoints are converted
+once to ``.safetensors``. Hub settings (endpoint, token, offline mode, cache directory) are read from
+the environment when the call is made, not when ``huggingface_hub`` is imported, so a launcher or a
+test can set them at any time.
 """
 
 from __future__ import annotations
@@ -14,9 +21,10 @@ import glob
 import json
 import logging
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
 from huggingface_hub.utils import (
@@ -40,7 +48,6 @@ from lorax_server.utils.convert import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-TOKEN_HINT = "set HUGGING_FACE_HUB_TOKEN to a token with read access to it"
 
 # Top-level files a server needs besides the weights: config, tokenizer, chat template, remote code.
 SUPPORT_FILES = (
@@ -61,9 +68,27 @@ SUPPORT_FILES = (
     "*.py",
 )
 
+# Statuses that say "try later", not "no": the cached copy serves instead, like a connection error.
+_TRANSIENT = (408, 429)
 
-class WeightsDownloadError(Exception):
-    """Weights could not be made available locally; the message says which model and why."""
+
+class FetchError(Exception):
+    """A model or adapter could not be made available locally; ``kind`` says how to answer it."""
+
+    KINDS = ("not_found", "unauthorized", "forbidden", "invalid", "unavailable")
+
+    def __init__(self, kind: str, message: str) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown {type(self).__name__} kind {kind!r}")
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across process pools despite two arguments
+        return (type(self), (self.kind, str(self)))
+
+
+class WeightsDownloadError(FetchError):
+    """Model weights could not be made available locally; the message says which model and why."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +111,176 @@ class HubSettings:
             cache_dir=env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or None,
         )
 
+    @property
+    def cache_name(self) -> str:
+        """The Hub cache directory these settings use, for messages and for files kept beside it."""
+        if self.cache_dir:
+            return self.cache_dir
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+
+
+@dataclass(frozen=True)
+class RepoKind:
+    """What differs between fetching a model and an adapter: a few words of the messages, the file
+    that marks a cached copy, and the error class raised."""
+
+    label: str  # put before the repo id in messages ("" for models, "adapter " for adapters)
+    marker: str  # a file every snapshot of this kind holds: how a cached copy is found
+    invalid_id: str  # completes "<id> ..." when the id cannot name a hub repo
+    token_name: str  # what the caller calls the token it sent
+    token_hint: str  # how to supply a token with read access
+    token_fix: str  # what to do when the Hub rejects the token outright
+    error: type[FetchError] = FetchError
+
+    def where(self, repo_id: str, revision: str | None) -> str:
+        return f"{self.label}{repo_id}" + (f" (revision {revision})" if revision else "")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A repo's files in the local Hub cache."""
+
+    folder: Path
+    from_cache: bool  # the Hub was not asked (offline) or could not be reached
+    private: bool = False  # the Hub said the repo is private or gated
+
+
+def fetch_snapshot(
+    kind: RepoKind,
+    repo_id: str,
+    revision: str | None,
+    settings: HubSettings,
+    token: str | None,
+    select: Callable[[list[str]], list[str]],
+) -> Snapshot:
+    """The files of ``repo_id`` that ``select`` picks from the repo's file list, in the Hub cache.
+
+    ``select`` raises (a ``kind.error``) when the repo lacks what the caller needs. ``token`` is sent
+    with this call's requests only. Raises ``kind.error``.
+    """
+    where = kind.where(repo_id, revision)
+    if settings.offline:
+        folder = cached_snapshot(kind, repo_id, revision, settings)
+        if folder is None:
+            raise kind.error(
+                "unavailable",
+                f"{where} is not in the hub cache ({settings.cache_name}) and HF_HUB_OFFLINE is set: "
+                "download it once with network access, or unset HF_HUB_OFFLINE",
+            )
+        return Snapshot(folder, from_cache=True)
+    api = HfApi(endpoint=settings.endpoint, token=token)
+    try:
+        # model_info: one request, no retries, so an unreachable hub falls back to the cache at once.
+        info = api.model_info(repo_id, revision=revision, token=token)
+        if info.siblings is not None:
+            repo_files = [sibling.rfilename for sibling in info.siblings]
+        else:
+            repo_files = api.list_repo_files(repo_id, revision=info.sha or revision, token=token)
+    except HFValidationError as err:
+        raise kind.error("invalid", f"{repo_id} {kind.invalid_id} ({err})") from err
+    except HfHubHTTPError as err:
+        if _status(err) < 500 and _status(err) not in _TRANSIENT:
+            raise hub_error(kind, err, where, settings.endpoint, token) from err
+        return _from_cache_after_failure(kind, repo_id, revision, settings, err)
+    except Exception as err:  # connection refused, timeout: the types depend on the HTTP backend
+        return _from_cache_after_failure(kind, repo_id, revision, settings, err)
+
+    files = select(repo_files)
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=settings.cache_dir,
+            token=token,
+            endpoint=settings.endpoint,
+            allow_patterns=[glob.escape(name) for name in files],
+        )
+    except HfHubHTTPError as err:
+        raise hub_error(kind, err, where, settings.endpoint, token) from err
+    except Exception as err:  # connection lost mid-download, disk full, ...
+        raise kind.error(
+            "unavailable", f"downloading {where} from {settings.endpoint} failed: {type(err).__name__}: {err}"
+        ) from err
+    return Snapshot(Path(folder), from_cache=False, private=bool(info.private or info.gated))
+
+
+def cached_snapshot(kind: RepoKind, repo_id: str, revision: str | None, settings: HubSettings) -> Path | None:
+    """The cached snapshot folder of the repo, when the cache holds its ``kind.marker`` file."""
+    try:
+        marker = try_to_load_from_cache(repo_id, kind.marker, cache_dir=settings.cache_dir, revision=revision)
+    except HFValidationError as err:
+        raise kind.error("invalid", f"{repo_id} {kind.invalid_id} ({err})") from err
+    return Path(marker).parent if isinstance(marker, str) else None
+
+
+def _from_cache_after_failure(
+    kind: RepoKind, repo_id: str, revision: str | None, settings: HubSettings, err: Exception
+) -> Snapshot:
+    folder = cached_snapshot(kind, repo_id, revision, settings)
+    if folder is None:
+        raise kind.error(
+            "unavailable",
+            f"cannot reach the hub at {settings.endpoint} ({type(err).__name__}: {err}) and "
+            f"{kind.where(repo_id, revision)} is not in the hub cache ({settings.cache_name})",
+        ) from err
+    logger.warning("hub at %s unreachable (%s); using the cached %s", settings.endpoint, err, folder)
+    return Snapshot(folder, from_cache=True)
+
+
+def _status(err: Exception) -> int:
+    response = getattr(err, "response", None)
+    return int(getattr(response, "status_code", 0) or 0)
+
+
+def hub_error(kind: RepoKind, err: HfHubHTTPError, where: str, hub: str, token: str | None) -> FetchError:
+    """The Hub's refusal as a ``kind.error``: what went wrong, and what the caller can do about it."""
+    status, name = _status(err), kind.token_name
+    if isinstance(err, GatedRepoError):
+        if status == 403:
+            return kind.error(
+                "forbidden",
+                f"{where} is gated on {hub} and the {name} given has not been granted access (403): "
+                "accept its conditions on the repo's page with the account the token belongs to",
+            )
+        return kind.error("unauthorized", f"{where} is gated on {hub} ({status}): {kind.token_hint}")
+    if isinstance(err, RevisionNotFoundError):
+        return kind.error("not_found", f"{where}: revision not found on {hub}")
+    rejected = f"the hub at {hub} rejected the token sent for {where} (401): {kind.token_fix}"
+    if isinstance(err, RepositoryNotFoundError):
+        if status == 401 and not token:  # the Hub answers 401 for private repos to anonymous callers
+            return kind.error("unauthorized", f"{where} not found on {hub} (401); if it is private, {kind.token_hint}")
+        if status == 401:
+            return kind.error("unauthorized", rejected)
+        if token:
+            return kind.error(
+                "not_found", f"{where} not found on {hub} ({status}), or the {name} given has no read access to it"
+            )
+        return kind.error(
+            "not_found", f"{where} not found on {hub} ({status}); if it is private or gated, {kind.token_hint}"
+        )
+    if status == 401:
+        return kind.error("unauthorized", rejected)
+    if status == 403:
+        return kind.error("forbidden", f"access to {where} is forbidden on {hub} (403): {kind.token_hint}")
+    if status == 404:
+        return kind.error("not_found", f"{where}: a file was not found on {hub} (404): {err}")
+    return kind.error("unavailable", f"downloading {where} from {hub} failed ({status}): {err}")
+
+
+# Model weights ------------------------------------------------------------------------------------
+
+MODEL = RepoKind(
+    label="",
+    marker="config.json",
+    invalid_id="is neither an existing local directory nor a valid hub model id",
+    token_name="token",
+    token_hint="set HUGGING_FACE_HUB_TOKEN to a token with read access to it",
+    token_fix="set HUGGING_FACE_HUB_TOKEN to a valid token",
+    error=WeightsDownloadError,
+)
+
 
 def download_weights(
     model_id: str,
@@ -102,25 +297,28 @@ def download_weights(
     """
     settings = settings or HubSettings.from_env()
     if token:
-        settings = HubSettings(settings.endpoint, token, settings.offline, settings.cache_dir)
+        settings = replace(settings, token=token)
 
     local = Path(model_id).expanduser()
     if local.is_dir():
         _ensure_safetensors(local, f"local directory {local}")
         return local
     if model_id.startswith(("/", "./", "../", "~")) or local.exists():
-        raise WeightsDownloadError(f"{model_id} is not an existing local directory")
+        raise WeightsDownloadError("not_found", f"{model_id} is not an existing local directory")
 
-    where = f"{model_id}" + (f" (revision {revision})" if revision else "")
-    if settings.offline:
-        folder = _cached_snapshot(model_id, revision, settings)
-        if folder is None:
+    where = MODEL.where(model_id, revision)
+
+    def select(repo_files: list[str]) -> list[str]:
+        files = select_files(repo_files)
+        if not any(name.endswith((".safetensors", ".bin")) for name in files):
             raise WeightsDownloadError(
-                f"{where} is not in the hub cache ({_cache_name(settings)}) and HF_HUB_OFFLINE is set: "
-                "download it once with network access, or unset HF_HUB_OFFLINE"
+                "invalid",
+                f"{where} has no weights on {settings.endpoint}: expected *.safetensors or pytorch_model*.bin "
+                "files at the top level of the repo",
             )
-    else:
-        folder = _download(model_id, revision, settings, where)
+        return files
+
+    folder = fetch_snapshot(MODEL, model_id, revision, settings, settings.token, select).folder
     _ensure_safetensors(folder, where)
     return folder
 
@@ -144,135 +342,32 @@ def select_files(repo_files: list[str]) -> list[str]:
     return sorted(set(wanted))
 
 
-def _download(model_id: str, revision: str | None, settings: HubSettings, where: str) -> Path:
-    api = HfApi(endpoint=settings.endpoint, token=settings.token)
-    try:
-        # model_info: one request, no retries, so an unreachable hub falls back to the cache at once.
-        info = api.model_info(model_id, revision=revision)
-        if info.siblings is not None:
-            repo_files = [sibling.rfilename for sibling in info.siblings]
-        else:
-            repo_files = api.list_repo_files(model_id, revision=info.sha or revision)
-    except HFValidationError as err:
-        raise WeightsDownloadError(
-            f"{model_id} is neither an existing local directory nor a valid hub model id ({err})"
-        ) from err
-    except HfHubHTTPError as err:
-        if _status(err) < 500:
-            raise _http_error(err, where, settings) from err
-        return _from_cache_after_failure(model_id, revision, settings, where, err)
-    except Exception as err:  # connection refused, timeout, offline: the types depend on the HTTP backend
-        return _from_cache_after_failure(model_id, revision, settings, where, err)
-
-    files = select_files(repo_files)
-    if not any(name.endswith((".safetensors", ".bin")) for name in files):
-        raise WeightsDownloadError(
-            f"{where} has no weights on {settings.endpoint}: expected *.safetensors or pytorch_model*.bin "
-            "files at the top level of the repo"
-        )
-    try:
-        folder = snapshot_download(
-            model_id,
-            revision=revision,
-            cache_dir=settings.cache_dir,
-            token=settings.token,
-            endpoint=settings.endpoint,
-            allow_patterns=[glob.escape(name) for name in files],
-        )
-    except HfHubHTTPError as err:
-        raise _http_error(err, where, settings) from err
-    except Exception as err:  # connection lost mid-download, disk full, ...
-        raise WeightsDownloadError(
-            f"downloading {where} from {settings.endpoint} failed: {type(err).__name__}: {err}"
-        ) from err
-    return Path(folder)
-
-
-def _from_cache_after_failure(
-    model_id: str, revision: str | None, settings: HubSettings, where: str, err: Exception
-) -> Path:
-    folder = _cached_snapshot(model_id, revision, settings)
-    if folder is None:
-        raise WeightsDownloadError(
-            f"cannot reach the hub at {settings.endpoint} ({type(err).__name__}: {err}) and {where} "
-            f"is not in the hub cache ({_cache_name(settings)})"
-        ) from err
-    logger.warning("hub at %s unreachable (%s); using the cached %s", settings.endpoint, err, folder)
-    return folder
-
-
-def _cached_snapshot(model_id: str, revision: str | None, settings: HubSettings) -> Path | None:
-    try:
-        config = try_to_load_from_cache(
-            model_id, "config.json", cache_dir=settings.cache_dir, revision=revision
-        )
-    except HFValidationError as err:
-        raise WeightsDownloadError(
-            f"{model_id} is neither an existing local directory nor a valid hub model id ({err})"
-        ) from err
-    return Path(config).parent if isinstance(config, str) else None
-
-
-def _status(err: HfHubHTTPError) -> int:
-    response = getattr(err, "response", None)
-    return int(getattr(response, "status_code", 0) or 0)
-
-
-def _http_error(err: HfHubHTTPError, where: str, settings: HubSettings) -> WeightsDownloadError:
-    status = _status(err)
-    hub = settings.endpoint
-    if isinstance(err, GatedRepoError):
-        return WeightsDownloadError(
-            f"{where} is gated on {hub} ({status}): accept its conditions on the model page, then "
-            f"set HUGGING_FACE_HUB_TOKEN to a token of an account that has been granted access"
-        )
-    if isinstance(err, RevisionNotFoundError):
-        return WeightsDownloadError(f"{where}: revision not found on {hub}")
-    if isinstance(err, RepositoryNotFoundError):
-        if settings.token:
-            return WeightsDownloadError(
-                f"{where} not found on {hub} ({status}), or the token given has no access to it"
-            )
-        return WeightsDownloadError(
-            f"{where} not found on {hub} ({status}); if it is private or gated, {TOKEN_HINT}"
-        )
-    if status == 401:
-        return WeightsDownloadError(
-            f"the hub at {hub} rejected the token sent for {where} (401): set HUGGING_FACE_HUB_TOKEN "
-            "to a valid token"
-        )
-    if status == 403:
-        return WeightsDownloadError(f"access to {where} is forbidden on {hub} (403): {TOKEN_HINT}")
-    if status == 404:
-        return WeightsDownloadError(f"{where}: a file was not found on {hub} (404): {err}")
-    return WeightsDownloadError(f"downloading {where} from {hub} failed ({status}): {err}")
-
-
 def _ensure_safetensors(folder: Path, where: str) -> None:
     """Check ``folder`` holds complete safetensors weights, converting ``.bin`` weights once if needed."""
     try:
         bins = bin_weight_files(folder)
     except ConversionError as err:
-        raise WeightsDownloadError(f"{where}: {err}") from err
+        raise WeightsDownloadError("invalid", f"{where}: {err}") from err
     # Safetensors files that are not the conversion's targets mean the repo ships its own weights.
     own = {path.name for path in folder.glob("*.safetensors")} - {safetensors_name(p.name) for p in bins}
     if bins and not own and conversion_pending(folder):
         if not _is_writable(folder):
             raise WeightsDownloadError(
+                "invalid",
                 f"{where} holds only .bin weights and {folder} is not writable, so they cannot be "
-                "converted to .safetensors: copy the model to a writable directory"
+                "converted to .safetensors: copy the model to a writable directory",
             )
         logger.info("converting %d .bin file(s) of %s to safetensors", len(bins), where)
         try:
             convert_bin_to_safetensors(folder)
         except (ConversionError, OSError) as err:
-            raise WeightsDownloadError(f"cannot convert the .bin weights of {where}: {err}") from err
+            raise WeightsDownloadError("invalid", f"cannot convert the .bin weights of {where}: {err}") from err
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
         _check_index(index, where)
     elif not any(folder.glob("*.safetensors")):
         raise WeightsDownloadError(
-            f"{where} has no weights: no *.safetensors or pytorch_model*.bin files in {folder}"
+            "invalid", f"{where} has no weights: no *.safetensors or pytorch_model*.bin files in {folder}"
         )
 
 
@@ -280,19 +375,11 @@ def _check_index(index: Path, where: str) -> None:
     try:
         shards = set(json.loads(index.read_text())["weight_map"].values())
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise WeightsDownloadError(f"{where}: cannot read {index.name}: {err}") from err
+        raise WeightsDownloadError("invalid", f"{where}: cannot read {index.name}: {err}") from err
     missing = sorted(name for name in shards if not (index.parent / name).is_file())
     if missing:
-        raise WeightsDownloadError(f"{where} is incomplete: {index.name} names missing files {missing}")
+        raise WeightsDownloadError("invalid", f"{where} is incomplete: {index.name} names missing files {missing}")
 
 
 def _is_writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK)
-
-
-def _cache_name(settings: HubSettings) -> str:
-    if settings.cache_dir:
-        return settings.cache_dir
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
