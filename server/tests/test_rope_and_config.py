@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 from lorax_server.forward import ForwardBatch
 from lorax_server.kv_cache import BlockManager, KVCache
 from lorax_server.layers.attention import TorchAttention
-from lorax_server.models.config import ModelConfig, RopeConfig
+from lorax_server.layers.rotary import RopeConfig
+from lorax_server.models.config import ModelConfig
 from lorax_server.models.loader import load_model
 
 BLOCK = 8
@@ -93,9 +94,7 @@ def test_transformers4_style_rope_keys_are_understood() -> None:
 
 def test_transformers4_config_file_loads_with_parity(tmp_path: Path) -> None:
     """A config.json written in transformers-4 style (rope_theta + rope_scaling) gives the same logits."""
-    model_dir = make_llama(
-        tmp_path / "m", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}
-    )
+    model_dir = make_llama(tmp_path / "m", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
     cfg = json.loads((model_dir / "config.json").read_text())
     params = cfg.pop("rope_parameters")
     cfg["rope_theta"] = params.pop("rope_theta")

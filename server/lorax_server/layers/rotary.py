@@ -9,10 +9,67 @@ other sequences share its batch.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ..models.config import RopeConfig
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding parameters, normalised from either transformers config style."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"  # default | linear | dynamic | llama3 | yarn | longrope
+    factor: float = 1.0
+    partial_rotary_factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float | None = None  # llama3
+    high_freq_factor: float | None = None  # llama3
+    beta_fast: float | None = None  # yarn
+    beta_slow: float | None = None  # yarn
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    attention_factor: float | None = None  # yarn / longrope
+    truncate: bool = True  # yarn
+    short_factor: tuple[float, ...] | None = None  # longrope
+    long_factor: tuple[float, ...] | None = None  # longrope
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> RopeConfig:
+        """Accept transformers-5 `rope_parameters` and transformers-4 `rope_theta` + `rope_scaling`."""
+        params = dict(cfg.get("rope_parameters") or {})
+        scaling = cfg.get("rope_scaling") or {}
+        if not params:
+            params = dict(scaling)
+            params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = params.get("rope_type") or params.get("type") or "default"
+        if rope_type == "su":  # Phi-3's early name for longrope
+            rope_type = "longrope"
+        partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+
+        def opt_tuple(key: str) -> tuple[float, ...] | None:
+            return tuple(params[key]) if params.get(key) is not None else None
+
+        return cls(
+            theta=float(params.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            rope_type=rope_type,
+            factor=float(params.get("factor") or 1.0),
+            partial_rotary_factor=float(partial),
+            original_max_position_embeddings=params.get(
+                "original_max_position_embeddings", cfg.get("original_max_position_embeddings")
+            ),
+            low_freq_factor=params.get("low_freq_factor"),
+            high_freq_factor=params.get("high_freq_factor"),
+            beta_fast=params.get("beta_fast"),
+            beta_slow=params.get("beta_slow"),
+            mscale=params.get("mscale"),
+            mscale_all_dim=params.get("mscale_all_dim"),
+            attention_factor=params.get("attention_factor"),
+            truncate=bool(params.get("truncate", True)),
+            short_factor=opt_tuple("short_factor"),
+            long_factor=opt_tuple("long_factor"),
+        )
 
 
 def base_inv_freq(theta: float | torch.Tensor, dim: int, device: torch.device | None = None) -> torch.Tensor:
@@ -135,9 +192,7 @@ class RotaryEmbedding:
         return self.inv_freq
 
 
-def apply_rotary(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False
-) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     """x: [num_tokens, heads, head_dim]; cos/sin: [num_tokens, rot_dim]. Rotates the first rot_dim dims."""
     rot_dim = cos.shape[-1]
     x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
