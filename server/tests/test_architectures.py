@@ -3,6 +3,7 @@ equal transformers (float32, ragged batch), and two peft adapters in one mixed b
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from lorax_server.adapters.manager import AdapterManager, AdapterRequest
 from lorax_server.forward import ForwardBatch
 from lorax_server.kv_cache import BlockManager, KVCache
 from lorax_server.layers.attention import TorchAttention
+from lorax_server.layers.linear import Linear
 from lorax_server.models.loader import load_model
 
 BLOCK = 4
@@ -105,3 +107,31 @@ def test_two_adapters_in_one_batch_match_peft(family) -> None:
         assert (logits - want).abs().max() < 1e-4, name
     base_logits = peft(prompts[1][None], adapter_names=["__base__"]).logits[0]
     assert (got[1] - base_logits).abs().max() > 1e-3  # the adapter really changes the output
+
+
+def _reachable_linears(obj: object, seen: set[int]) -> Iterator[Linear]:
+    """Every `Linear` reachable from `obj` through attributes and lists: the oracle for what the model
+    lists (adapters used to find their targets this way)."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, Linear):
+        yield obj
+        return
+    children = obj if isinstance(obj, list | tuple) else getattr(obj, "__dict__", {}).values()
+    for child in children:
+        if isinstance(child, Linear | list | tuple) or type(child).__module__.startswith("lorax_server."):
+            yield from _reachable_linears(child, seen)
+
+
+def test_the_model_lists_every_adaptable_linear(family) -> None:
+    ours, _, _, _ = family
+    adaptable = set(ours.spec.adaptable_modules)
+    found = {
+        name: (id(linear), part)
+        for linear in _reachable_linears(ours, set())
+        for part, name in enumerate(linear.part_names)
+        if name.rsplit(".", 1)[-1] in adaptable
+    }
+    listed = {name: (id(linear), part) for name, (linear, part) in ours.adaptable_linears().items()}
+    assert listed and listed == found

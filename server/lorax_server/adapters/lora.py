@@ -12,7 +12,7 @@ Semantics (the oracle faster kernels are tested against):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +54,8 @@ class _AdapterFactors:
 
 
 class LoraSlots:
-    """The adapters currently installed on one (possibly fused) linear, by adapter index."""
+    """The adapters currently installed on one (possibly fused) linear, by adapter index: the
+    `layers.linear.LinearHook` that LoRA attaches."""
 
     def __init__(self, linear: Linear) -> None:
         bounds = [0]
@@ -76,6 +77,9 @@ class LoraSlots:
     def remove(self, index: int) -> None:
         self.by_adapter.pop(index, None)
 
+    def adapter_indices(self) -> Collection[int]:
+        return self.by_adapter.keys()
+
     def add_to(self, y: torch.Tensor, x: torch.Tensor, segments: list[tuple[int, int, int]]) -> None:
         """y: [num_tokens, out_features] base output, updated in place; x: [num_tokens, in_features]."""
         for start, end, index in segments:
@@ -85,36 +89,21 @@ class LoraSlots:
             shrunk = x[start:end] @ factors.a.t()  # [n, sum of ranks]
             rows = y[start:end]
             for e in factors.expands:
-                rows[:, e.out_start : e.out_end].addmm_(
-                    shrunk[:, e.r_start : e.r_end], e.b.t(), alpha=e.scale
-                )
+                rows[:, e.out_start : e.out_end].addmm_(shrunk[:, e.r_start : e.r_end], e.b.t(), alpha=e.scale)
 
 
-def iter_linears(obj: object, _seen: set[int] | None = None) -> Iterator[Linear]:
-    """Every `Linear` reachable from a model object through attributes and lists."""
-    seen = _seen if _seen is not None else set()
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, Linear):
-        yield obj
-        return
-    children = obj if isinstance(obj, list | tuple) else getattr(obj, "__dict__", {}).values()
-    for child in children:
-        if isinstance(child, Linear | list | tuple) or type(child).__module__.startswith("lorax_server."):
-            yield from iter_linears(child, seen)
+def attach_lora(targets: Mapping[str, tuple[Linear, int]]) -> dict[int, LoraSlots]:
+    """Hook a `LoraSlots` onto every linear that `targets` (module name → (linear, fused part)) names.
 
-
-def attach_lora(model: object, adaptable: tuple[str, ...]) -> dict[str, tuple[Linear, int]]:
-    """Give every linear with an adaptable part a `LoraSlots`; return module name → (linear, part)."""
-    targets: dict[str, tuple[Linear, int]] = {}
-    for linear in iter_linears(model):
-        for part, name in enumerate(linear.part_names):
-            if name.rsplit(".", 1)[-1] in adaptable:
-                targets[name] = (linear, part)
-                if linear.lora is None:
-                    linear.lora = LoraSlots(linear)
-    return targets
+    Returns the hooks by `id(linear)`. A linear that already carries one keeps it, so a second manager
+    over the same model shares the installed adapters instead of hiding them.
+    """
+    slots: dict[int, LoraSlots] = {}
+    for linear, _part in targets.values():
+        if id(linear) not in slots:
+            hook = linear.lora if isinstance(linear.lora, LoraSlots) else LoraSlots(linear)
+            linear.lora = slots[id(linear)] = hook
+    return slots
 
 
 def segments_of(adapter_per_row: list[int], tokens_per_row: list[int]) -> list[tuple[int, int, int]]:

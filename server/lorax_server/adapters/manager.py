@@ -71,7 +71,8 @@ class AdapterManager:
         self.fetch = fetch
         self.device = model.device
         self.dtype = model.dtype
-        self.targets = attach_lora(model, model.spec.adaptable_modules)
+        self.targets = model.adaptable_linears()  # module name → (linear, fused part)
+        self._slots = attach_lora(self.targets)  # id(linear) → its LoRA hook
         self.device_budget_bytes = device_budget_bytes
         self.host_cache_bytes = host_cache_bytes
         self.installed: dict[int, tuple[tuple, int]] = {}  # index → (request key, bytes on device)
@@ -145,12 +146,12 @@ class AdapterManager:
                 f"adapter memory budget ({self.device_budget_bytes} bytes) are free"
             )
         self._uninstall(index)
-        by_linear: dict[int, tuple[object, dict[int, LoraModuleWeights]]] = {}
+        by_linear: dict[int, dict[int, LoraModuleWeights]] = {}  # id(linear) → fused part → factors
         for name, weights in modules.items():
             linear, part = self.targets[name]
-            by_linear.setdefault(id(linear), (linear, {}))[1][part] = weights
-        for linear, parts in by_linear.values():
-            linear.lora.install(index, parts)
+            by_linear.setdefault(id(linear), {})[part] = weights
+        for key, parts in by_linear.items():
+            self._slots[key].install(index, parts)
         self.installed[index] = (request.key, nbytes)
 
     def is_installed(self, index: int, request: AdapterRequest | None = None) -> bool:
@@ -164,8 +165,8 @@ class AdapterManager:
         return True
 
     def _uninstall(self, index: int) -> None:
-        for linear in {id(linear): linear for linear, _ in self.targets.values()}.values():
-            linear.lora.remove(index)
+        for slots in self._slots.values():
+            slots.remove(index)
         self.installed.pop(index, None)
 
     @property

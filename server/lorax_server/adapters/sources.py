@@ -8,9 +8,10 @@ the router maps to an HTTP status: ``not_found`` 404, ``unauthorized`` 401, ``fo
 
 - **hub**: ``utils.hub.fetch_snapshot`` (the Hub client model downloads use too), with the settings
   of ``HubSettings.from_env()`` read at call time (``HF_ENDPOINT``, ``HF_HUB_OFFLINE``,
-  ``HF_HUB_CACHE``); only the adapter files are downloaded, into the hub cache. A request's ``api_token`` is passed to that request's calls only; without one the
-  server's ``HUGGING_FACE_HUB_TOKEN``/``HF_TOKEN`` is used. When the Hub is offline or unreachable the
-  cached copy is used, but a private adapter's cached copy only with a token it was downloaded with.
+  ``HF_HUB_CACHE``); only the adapter files are downloaded, into the hub cache. A request's
+  ``api_token`` is passed to that request's calls only; without one the server's
+  ``HUGGING_FACE_HUB_TOKEN``/``HF_TOKEN`` is used. When the Hub is offline or unreachable the cached
+  copy is used, but a private adapter's cached copy only with a token it was downloaded with.
 - **local**: an existing directory, absolute or relative to the working directory (a hub id that
   names an existing directory is read from there too, as LoRAX does).
 - **s3**: ``s3://bucket/prefix`` or ``bucket/prefix``, fetched with ``boto3`` (endpoint from

@@ -9,7 +9,8 @@ updates are added per adapter segment.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +18,24 @@ import torch.nn.functional as F
 from ..utils.weights import Weights
 
 if TYPE_CHECKING:
-    from ..adapters.lora import LoraSlots
     from ..forward import ForwardBatch
+
+
+class LinearHook(Protocol):
+    """An update added to a `Linear`'s output after its base matmul: LoRA's `adapters.lora.LoraSlots`.
+
+    Declared here, on the layers' side, so that layers never import adapter code: whatever is
+    attached to `Linear.lora` only has to offer these two methods.
+    """
+
+    def adapter_indices(self) -> Collection[int]:
+        """The adapters that have an update on this linear."""
+        ...
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, segments: list[tuple[int, int, int]]) -> None:
+        """y [num_tokens, out_features] += each segment's update of x [num_tokens, in_features];
+        segments are `(start, end, adapter_index)` token ranges."""
+        ...
 
 
 class Linear:
@@ -35,7 +52,7 @@ class Linear:
         self.out_splits = out_splits  # how callers split the output along out_features
         self.part_names = part_names or []  # checkpoint module name of each stored part
         self.part_sizes = part_sizes or list(out_splits)  # out_features of each stored part
-        self.lora: LoraSlots | None = None  # set by adapters.lora.attach_lora for adaptable modules
+        self.lora: LinearHook | None = None  # set by adapters.lora.attach_lora for adaptable modules
 
     def __call__(self, x: torch.Tensor, meta: ForwardBatch | None = None) -> torch.Tensor:
         """x: [num_tokens, in_features] → [num_tokens, out_features]."""

@@ -52,6 +52,10 @@ class SparseMoE:
         ]
         self.down = [Linear(down[e], None, [down.shape[1]], [n[2]] if n else None) for e, n in enumerate(names)]
 
+    def linears(self) -> list[Linear]:
+        """The router, then every expert's gate|up and down (what adapters may target)."""
+        return [self.gate, *self.gate_up, *self.down]
+
     def route(self, x: torch.Tensor, meta: ForwardBatch | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights [num_tokens, top_k] (in x's dtype) and chosen experts [num_tokens, top_k]."""
         probs = torch.softmax(self.gate(x, meta).float(), dim=-1)  # [num_tokens, experts]
@@ -94,7 +98,10 @@ class SparseMoE:
             return []
         adapters = meta.lora_adapters()
         on_experts = {
-            index for linear in self.gate_up + self.down if linear.lora is not None for index in linear.lora.by_adapter
+            index
+            for linear in self.gate_up + self.down
+            if linear.lora is not None
+            for index in linear.lora.adapter_indices()
         }
         return adapters if on_experts.intersection(adapters) else []
 

@@ -29,9 +29,7 @@ def _norm(spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str):  # n
 
 
 class SelfAttention:
-    def __init__(
-        self, spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str, layer_idx: int
-    ) -> None:
+    def __init__(self, spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str, layer_idx: int) -> None:
         h, d, kvh = cfg.num_heads, cfg.head_dim, cfg.num_kv_heads
         bias = cfg.attention_bias if spec.qkv_bias is None else spec.qkv_bias
         q_size, kv_size = h * d, kvh * d
@@ -111,6 +109,9 @@ class SelfAttention:
         )
         return self.o(out.reshape(-1, self.num_heads * self.head_dim), meta)
 
+    def linears(self) -> list[Linear]:
+        return [self.qkv, self.o]
+
 
 class GatedMLP:
     """down(act(gate(x)) * up(x)), with gate and up fused into one matmul."""
@@ -132,14 +133,15 @@ class GatedMLP:
                 bias=cfg.mlp_bias,
                 shapes=[(inter, hidden), (inter, hidden)],
             )
-        self.down = Linear.load(
-            weights, [f"{prefix}.{spec.down_proj}"], bias=cfg.mlp_bias, shapes=[(hidden, inter)]
-        )
+        self.down = Linear.load(weights, [f"{prefix}.{spec.down_proj}"], bias=cfg.mlp_bias, shapes=[(hidden, inter)])
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x: torch.Tensor, meta: ForwardBatch) -> torch.Tensor:
         gate, up = self.gate_up(x, meta).split(self.gate_up.out_splits, dim=-1)
         return self.down(self.act(gate) * up, meta)
+
+    def linears(self) -> list[Linear]:
+        return [self.gate_up, self.down]
 
 
 def _moe(spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str) -> SparseMoE:
@@ -185,6 +187,9 @@ class PlainMLP:
     def __call__(self, x: torch.Tensor, meta: ForwardBatch) -> torch.Tensor:
         return self.down(self.act(self.up(x, meta)), meta)
 
+    def linears(self) -> list[Linear]:
+        return [self.up, self.down]
+
 
 def _mlp(spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str):  # noqa: ANN202
     if spec.moe_gate:
@@ -209,9 +214,7 @@ class DecoderLayer:
         if self.residual_post_norm and (self.parallel or self.sandwich):
             raise ValueError(f"{spec.family}: apply_residual_connection_post_layernorm is not supported")
 
-    def __call__(
-        self, x: torch.Tensor, meta: ForwardBatch, cos, sin, cache: KVCache, backend
-    ) -> torch.Tensor:  # noqa: ANN001
+    def __call__(self, x: torch.Tensor, meta: ForwardBatch, cos, sin, cache: KVCache, backend) -> torch.Tensor:  # noqa: ANN001
         normed = self.input_norm(x)
         attn = self.attn(normed, meta, cos, sin, cache, backend)
         if self.parallel:
@@ -222,6 +225,9 @@ class DecoderLayer:
             return (normed if self.residual_post_norm else x) + self.mlp(normed, meta)
         x = x + self.post_attention_norm(attn)
         return x + self.post_feedforward_norm(self.mlp(self.pre_feedforward_norm(x), meta))
+
+    def linears(self) -> list[Linear]:
+        return self.attn.linears() + self.mlp.linears()
 
 
 class CausalLM:
@@ -256,6 +262,18 @@ class CausalLM:
         )
 
     supports_adapters = True
+
+    def adaptable_linears(self) -> dict[str, tuple[Linear, int]]:
+        """Checkpoint module name → (linear, fused part) for every module the spec lets adapters
+        target (by the short name adapters use, e.g. `q_proj`), in layer order."""
+        adaptable = set(self.spec.adaptable_modules)
+        linears = [linear for layer in self.layers for linear in layer.linears()] + [self.lm_head]
+        return {
+            name: (linear, part)
+            for linear in linears
+            for part, name in enumerate(linear.part_names)
+            if name.rsplit(".", 1)[-1] in adaptable
+        }
 
     @property
     def recompute_at_length(self) -> int | None:
