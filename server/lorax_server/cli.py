@@ -91,7 +91,7 @@ def run_serve(cfg: ShardConfig) -> None:
     from transformers import AutoTokenizer
 
     from .adapters.manager import AdapterManager, device_budget
-    from .adapters.sources import AdapterSource, fetch_adapter
+    from .adapters.sources import fetch_adapter
     from .engine import CacheConfig, Engine
     from .layers.attention import select_backend
     from .models.loader import load_model
@@ -105,11 +105,7 @@ def run_serve(cfg: ShardConfig) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
     adapters = None
     if model.supports_adapters:
-        adapters = AdapterManager(
-            model,
-            lambda adapter_id, source, token: fetch_adapter(adapter_id, AdapterSource(source), token),
-            device_budget(device, cfg.adapter_memory_fraction),
-        )
+        adapters = AdapterManager(model, fetch_adapter, device_budget(device, cfg.adapter_memory_fraction))
     cache = CacheConfig(cfg.block_size, cfg.memory_fraction, cfg.kv_cache_blocks)
     engine = Engine(model, tokenizer, cache, adapters)
     asyncio.run(serve(engine, model.config.architecture, cfg.uds_path, cfg.rank, cfg.world_size))

@@ -15,7 +15,7 @@ import psutil
 import torch
 
 from .adapters.lora import segments_of
-from .adapters.manager import AdapterManager
+from .adapters.manager import AdapterInUse, AdapterManager, AdapterRequest, Modules
 from .batch import Batch, RequestIn, Sequence
 from .forward import ForwardBatch
 from .kv_cache import BlockManager, KVCache, OutOfBlocks
@@ -402,8 +402,49 @@ class Engine:
             return None
         return batch
 
+    # ------------------------------------------------------------------ adapters
+    # The rules for swapping adapters in and out live here, beside the batches they protect: an index
+    # that running requests use is never emptied or given another adapter under them.
     def adapter_in_use(self, index: int) -> bool:
         return any(index in b.adapter_indices for b in self.batches.values())
+
+    def _adapter_manager(self) -> AdapterManager:
+        if self.adapters is None:
+            raise RequestError("this model does not support dynamic adapters")
+        return self.adapters
+
+    def download_adapter(self, request: AdapterRequest) -> float:
+        """(Loader thread.) Fetch and validate every adapter of the request; returns the share of the
+        adapter memory budget it will take once loaded."""
+        manager = self._adapter_manager()
+        return manager.download(request) / max(manager.device_budget_bytes, 1)
+
+    def adapter_loaded(self, index: int, request: AdapterRequest) -> bool:
+        """Whether `index` already holds exactly this request's adapter (then loading is a no-op)."""
+        manager = self._adapter_manager()
+        if index < 1:
+            raise RequestError("adapter_index 0 is the base model")
+        return manager.is_installed(index, request)
+
+    def prepare_adapter(self, request: AdapterRequest) -> Modules:
+        """(Loader thread.) The request's factors on the device, ready for `install_adapter`."""
+        return self._adapter_manager().prepare(request)
+
+    def install_adapter(self, index: int, request: AdapterRequest, modules: Modules) -> None:
+        """Put the adapter at `index`, between steps; refused while running requests use another
+        adapter at that index."""
+        manager = self._adapter_manager()
+        if index < 1:
+            raise RequestError("adapter_index 0 is the base model")
+        if manager.is_installed(index) and not manager.is_installed(index, request) and self.adapter_in_use(index):
+            raise AdapterInUse(f"adapter index {index} holds another adapter that running requests use")
+        manager.install(index, request, modules)
+
+    def offload_adapter(self, index: int) -> bool:
+        """Free `index` (False when it held nothing); refused while running requests use it."""
+        if self.adapter_in_use(index):
+            raise AdapterInUse(f"adapter index {index} is used by running requests")
+        return self._adapter_manager().offload(index)
 
     def clear(self, batch_id: int | None = None) -> None:
         ids = list(self.batches) if batch_id is None else [batch_id]

@@ -18,7 +18,7 @@ import torch
 
 from .adapters.loader import AdapterLoadError
 from .adapters.manager import AdapterBudgetExceeded, AdapterInUse, AdapterRequest
-from .adapters.sources import AdapterFetchError
+from .adapters.sources import AdapterFetchError, AdapterSource
 from .batch import Batch, RequestIn
 from .engine import BatchNotFound, Engine, GenerationOut, NotWarmedUp, RequestError, TokenList
 from .kv_cache import OutOfBlocks
@@ -60,7 +60,7 @@ def adapter_request(params: pb.AdapterParameters, source: int, api_token: str | 
         raise RequestError("adapter_parameters.adapter_ids must name at least one adapter")
     return AdapterRequest(
         ids=ids,
-        source=pb.AdapterSource.Name(source).lower(),
+        source=AdapterSource.from_proto(source),
         weights=tuple(params.weights),
         merge_strategy=params.merge_strategy,
         density=params.density if params.density > 0 else 1.0,
@@ -146,11 +146,6 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
         gens, batch = fn(*args)
         return gens, batch, self.engine.timings
 
-    def _adapters(self):  # noqa: ANN202
-        if self.engine.adapters is None:
-            raise RequestError("this model does not support dynamic adapters")
-        return self.engine.adapters
-
     async def Info(self, request, context):  # noqa: ANN001, ANN201, N802
         model = self.engine.model
         cfg = model.config
@@ -219,9 +214,8 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
 
     async def DownloadAdapter(self, request, context):  # noqa: ANN001, ANN201, N802
         def download() -> float:
-            manager = self._adapters()
             req = adapter_request(request.adapter_parameters, request.adapter_source, request.api_token)
-            return manager.download(req) / max(manager.device_budget_bytes, 1)
+            return self.engine.download_adapter(req)
 
         fraction = await self._run(context, download, on_loader=True)
         return pb.DownloadAdapterResponse(downloaded=True, memory_fraction=fraction)
@@ -231,27 +225,15 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
         req = await self._run(
             context, adapter_request, request.adapter_parameters, request.adapter_source, request.api_token
         )
-        manager = await self._run(context, self._adapters)
-        if index < 1:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "adapter_index 0 is the base model")
-        if not manager.is_installed(index, req):
-            modules = await self._run(context, manager.prepare, req, on_loader=True)
-            await self._run(context, self._install, index, req, modules)
+        if not await self._run(context, self.engine.adapter_loaded, index, req):
+            # Fetching and the host → device copy run on a loader thread, so decode steps go on.
+            modules = await self._run(context, self.engine.prepare_adapter, req, on_loader=True)
+            await self._run(context, self.engine.install_adapter, index, req, modules)
         return pb.LoadAdapterResponse(loaded=True)
 
-    def _install(self, index: int, req: AdapterRequest, modules) -> None:  # noqa: ANN001
-        manager = self._adapters()
-        if manager.is_installed(index) and not manager.is_installed(index, req) and self.engine.adapter_in_use(index):
-            raise AdapterInUse(f"adapter index {index} holds another adapter that running requests use")
-        manager.install(index, req, modules)
-
     async def OffloadAdapter(self, request, context):  # noqa: ANN001, ANN201, N802
-        def offload() -> bool:
-            if self.engine.adapter_in_use(request.adapter_index):
-                raise AdapterInUse(f"adapter index {request.adapter_index} is used by running requests")
-            return self._adapters().offload(request.adapter_index)
-
-        return pb.OffloadAdapterResponse(offloaded=await self._run(context, offload))
+        offloaded = await self._run(context, self.engine.offload_adapter, request.adapter_index)
+        return pb.OffloadAdapterResponse(offloaded=offloaded)
 
 
 def shard_socket(uds_path: str, rank: int) -> str:

@@ -110,6 +110,20 @@ def test_adapter_source_names_and_proto_values() -> None:
         AdapterSource.from_proto(7)
 
 
+def test_the_source_stays_one_enum_from_the_proto_to_the_fetcher() -> None:
+    from lorax_server.adapters.manager import AdapterRequest
+    from lorax_server.pb import generate_pb2 as pb
+    from lorax_server.server import adapter_request
+
+    params = pb.AdapterParameters(adapter_ids=["org/a"])
+    assert adapter_request(params, pb.AdapterSource.S3, None).source is AdapterSource.S3
+    assert adapter_request(params, pb.AdapterSource.LOCAL, "t").source is AdapterSource.LOCAL
+    with pytest.raises(AdapterFetchError, match="enum value 9"):
+        adapter_request(params, 9, None)
+    assert AdapterRequest(ids=("a",), source="LOCAL").source is AdapterSource.LOCAL  # LoRAX's strings
+    assert AdapterRequest(ids=("a",)).key == AdapterRequest(ids=("a",), source="hub").key
+
+
 def test_fetch_error_kind_and_pickling() -> None:
     err = pickle.loads(pickle.dumps(AdapterFetchError("forbidden", "no")))
     assert (err.kind, str(err)) == ("forbidden", "no")

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorax_server.adapters.loader import AdapterLoadError, load_lora_adapter
 from lorax_server.adapters.lora import segments_of
-from lorax_server.adapters.manager import AdapterBudgetExceeded, AdapterManager, AdapterRequest
+from lorax_server.adapters.manager import AdapterBudgetExceeded, AdapterInUse, AdapterManager, AdapterRequest
+from lorax_server.adapters.sources import AdapterSource
 from lorax_server.batch import RequestIn
 from lorax_server.engine import CacheConfig, Engine, RequestError
 from lorax_server.forward import ForwardBatch
@@ -241,3 +242,27 @@ class TestBadAdapters:
             (adapter / "adapter_config.json").write_text(json.dumps({**cfg, key: value}))
             with pytest.raises(AdapterLoadError, match=message):
                 load_lora_adapter(adapter, targets, arch, torch.float32)
+
+
+def test_adapter_swaps_wait_for_the_requests_that_use_the_index(setup) -> None:
+    """The engine's rules: an index that a cached batch uses is neither emptied nor given another
+    adapter; loading the same adapter again is a no-op; index 0 is the base model."""
+    engine, _, indices, dirs, _ = setup
+    idx = indices["mlp_r8"]
+    own = AdapterRequest(ids=(str(dirs["mlp_r8"]),), source=AdapterSource.LOCAL)
+    other = AdapterRequest(ids=(str(dirs["attn_r4"]),), source=AdapterSource.LOCAL)
+    assert engine.adapter_loaded(idx, own) and not engine.adapter_loaded(idx, other)
+    assert 0 < engine.download_adapter(other) < 1
+    with pytest.raises(RequestError, match="base model"):
+        engine.adapter_loaded(0, own)
+    request = RequestIn(1, prompt(4, 5), SamplingParams(), 4, ignore_eos=True, adapter_index=idx)
+    _, batch = engine.prefill(30, [request])
+    with pytest.raises(AdapterInUse, match="used by running requests"):
+        engine.offload_adapter(idx)
+    with pytest.raises(AdapterInUse, match="another adapter"):
+        engine.install_adapter(idx, other, engine.prepare_adapter(other))
+    engine.install_adapter(idx, own, engine.prepare_adapter(own))  # the same adapter again
+    engine.clear(batch.id)
+    assert engine.offload_adapter(idx) and not engine.offload_adapter(idx)
+    engine.install_adapter(idx, own, engine.prepare_adapter(own))
+    assert engine.adapter_loaded(idx, own)

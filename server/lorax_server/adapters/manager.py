@@ -18,6 +18,7 @@ import torch
 
 from .loader import AdapterLoadError, adapter_nbytes, load_lora_adapter
 from .lora import LoraModuleWeights, attach_lora
+from .sources import AdapterSource
 
 Modules = dict[str, LoraModuleWeights]
 
@@ -35,12 +36,16 @@ class AdapterRequest:
     """One adapter (or a merge of several) as a request names it."""
 
     ids: tuple[str, ...]
-    source: str = "hub"
+    source: AdapterSource = AdapterSource.HUB
     weights: tuple[float, ...] = ()
     merge_strategy: str = ""
     density: float = 1.0
     majority_sign_method: str = "total"
     api_token: str | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Callers may name the source as LoRAX's string ("local"); it is kept as the enum from here on.
+        object.__setattr__(self, "source", AdapterSource.parse(self.source))
 
     @property
     def token_hash(self) -> str:
@@ -56,7 +61,7 @@ class AdapterRequest:
         return "+".join(self.ids) if len(self.ids) > 1 else self.ids[0]
 
 
-Fetch = Callable[[str, str, "str | None"], Path]  # (adapter id, source, api token) → local directory
+Fetch = Callable[[str, AdapterSource, "str | None"], Path]  # (adapter id, source, api token) → local directory
 
 
 class AdapterManager:
