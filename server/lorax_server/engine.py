@@ -39,6 +39,10 @@ class NotWarmedUp(RuntimeError):
     pass
 
 
+class HealthCheckFailed(RuntimeError):
+    """The health check's forward pass raised or gave non-finite logits: the shard cannot generate."""
+
+
 @dataclass
 class TokenList:
     ids: list[int]
@@ -161,6 +165,43 @@ class Engine:
         ids = torch.zeros(sum(lens), dtype=torch.int64, device=self.device)
         self.model.forward(ForwardBatch.build(ids, lens, lens, block_tables, bs), cache)
         del cache
+
+    # ------------------------------------------------------------------ health
+    def health(self) -> None:
+        """Run one token through the model's real forward path; raises `HealthCheckFailed`.
+
+        Cached batches are not touched: after warm-up the token goes to a free KV block, whose one
+        written slot is restored and which is freed again; before warm-up, or when every block is in
+        use, to a one-block scratch cache. No adapter applies. Called on the engine thread, between
+        steps, like every other engine call.
+        """
+        layers, kv_heads, head_dim, dtype = self.model.cache_geometry
+        bs = self.cache_config.block_size
+        blocks = self.blocks if self.blocks is not None and self.blocks.num_free else None
+        if blocks is not None and self.cache is not None:
+            cache, table = self.cache, blocks.allocate(1)
+        else:
+            cache, table = KVCache(layers, 1, bs, kv_heads, head_dim, dtype, self.device), [0]
+        # The token is written to slot 0 of the block; keep what was there (a freed block may still
+        # hold another sequence's keys) and put it back, so the shared cache ends bit-identical.
+        tensors = [*cache.keys, *cache.values]  # each [num_blocks, block_size, kv_heads, head_dim]
+        saved = [t[table[0], 0].clone() for t in tensors]
+        try:
+            ids = torch.zeros(1, dtype=torch.int64, device=self.device)
+            block_table = torch.tensor([table], dtype=torch.int64, device=self.device)
+            logits = self.model.forward(ForwardBatch.build(ids, [1], [1], block_table, bs), cache)
+            finite = bool(torch.isfinite(logits).all())
+        except Exception as e:
+            log.exception("health check failed")
+            raise HealthCheckFailed(f"the health check's forward pass failed: {type(e).__name__}: {e}") from e
+        finally:
+            for t, old in zip(tensors, saved, strict=True):
+                t[table[0], 0] = old
+            if blocks is not None:
+                blocks.free(table)
+        if not finite:
+            log.error("health check: the forward pass gave non-finite logits")
+            raise HealthCheckFailed("the health check's forward pass gave non-finite logits")
 
     # ------------------------------------------------------------------ batch lifecycle
     def _require_cache(self) -> tuple[KVCache, BlockManager]:

@@ -1,7 +1,7 @@
 """The shard's gRPC service (grpc.aio on a unix socket): converts messages and calls the engine.
 
-Model work runs in a single worker thread so the event loop keeps answering Health/Info while a
-step runs, and steps never overlap (the engine is not thread-safe).
+Model work (Health's forward pass included) runs in a single worker thread so steps never overlap
+(the engine is not thread-safe) and the event loop keeps answering Info while a step runs.
 """
 
 from __future__ import annotations
@@ -20,7 +20,15 @@ from .adapters.loader import AdapterLoadError
 from .adapters.manager import AdapterBudgetExceeded, AdapterInUse, AdapterRequest
 from .adapters.sources import AdapterFetchError, AdapterSource
 from .batch import Batch, RequestIn
-from .engine import BatchNotFound, Engine, GenerationOut, NotWarmedUp, RequestError, TokenList
+from .engine import (
+    BatchNotFound,
+    Engine,
+    GenerationOut,
+    HealthCheckFailed,
+    NotWarmedUp,
+    RequestError,
+    TokenList,
+)
 from .kv_cache import OutOfBlocks
 from .pb import generate_pb2 as pb
 from .pb import generate_pb2_grpc as pb_grpc
@@ -34,6 +42,7 @@ _STATUS = {
     BatchNotFound: grpc.StatusCode.NOT_FOUND,
     OutOfBlocks: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotWarmedUp: grpc.StatusCode.FAILED_PRECONDITION,
+    HealthCheckFailed: grpc.StatusCode.UNAVAILABLE,
     AdapterLoadError: grpc.StatusCode.INVALID_ARGUMENT,
     AdapterBudgetExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     AdapterInUse: grpc.StatusCode.FAILED_PRECONDITION,
@@ -163,6 +172,8 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
         )
 
     async def Health(self, request, context):  # noqa: ANN001, ANN201, N802
+        # A forward pass on the engine thread, so it waits for the running step and never overlaps it.
+        await self._run(context, self.engine.health)
         return pb.HealthResponse()
 
     async def ServiceDiscovery(self, request, context):  # noqa: ANN001, ANN201, N802

@@ -22,9 +22,7 @@ BLOCK = 4
 
 def make_engine(model_dir, num_blocks: int = 512) -> Engine:
     model = load_model(model_dir, TorchAttention(BLOCK), torch.device("cpu"), "float32")
-    engine = Engine(
-        model, AutoTokenizer.from_pretrained(model_dir), CacheConfig(BLOCK, num_blocks=num_blocks)
-    )
+    engine = Engine(model, AutoTokenizer.from_pretrained(model_dir), CacheConfig(BLOCK, num_blocks=num_blocks))
     engine.warmup(max_input_length=64, max_prefill_tokens=128, max_total_tokens=96)
     return engine
 
@@ -121,8 +119,7 @@ def test_seeded_sampling_is_reproducible_in_any_batch(engine: Engine) -> None:
     target = req(1, prompt(7, 9), max_new=12, sampling=sampling)
     alone = run(engine, 1, [target])[1]
     others = [
-        req(2 + i, prompt(30 + i, 5 + i), max_new=12, sampling=SamplingParams(do_sample=True, seed=i))
-        for i in range(3)
+        req(2 + i, prompt(30 + i, 5 + i), max_new=12, sampling=SamplingParams(do_sample=True, seed=i)) for i in range(3)
     ]
     mixed = run(engine, 2, [others[0], target, *others[1:]])[1]
     assert alone == mixed
@@ -210,3 +207,70 @@ def test_warmup_sizes_the_cache_from_the_memory_budget(llama_dir) -> None:
     tiny = Engine(model, tok, CacheConfig(BLOCK, memory_fraction=1e-12))
     with pytest.raises(RequestError, match="KV cache holds"):
         tiny.warmup(max_input_length=32, max_prefill_tokens=64, max_total_tokens=64)
+
+
+class _ForwardSpy:
+    """Wraps the model's forward to record which KV cache each call wrote to."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.forward, self.caches = engine, engine.model.forward, []
+
+    def __call__(self, meta, cache):  # noqa: ANN001, ANN204
+        self.caches.append(cache)
+        return self.forward(meta, cache)
+
+
+def _decode_all(engine: Engine, batch, gens, tokens: dict[int, list[int]], between=None) -> None:  # noqa: ANN001
+    while True:
+        for g in gens:
+            tokens[g.request_id].append(g.token_id)
+        if batch is None:
+            return
+        if between is not None:
+            between()
+        gens, batch = engine.decode([batch.id])
+
+
+@pytest.mark.parametrize("fill", [False, True], ids=["free-block", "all-blocks-in-use"])
+def test_health_runs_one_token_beside_cached_batches(llama_dir, monkeypatch: pytest.MonkeyPatch, fill: bool) -> None:
+    """Health's forward pass borrows a free block (restored and freed) or, with every block taken, a
+    scratch cache; either way the cached batch's tokens and the shared cache are unchanged."""
+    engine = make_engine(llama_dir, num_blocks=24)  # 96 tokens
+    requests = [req(1, prompt(61, 30), max_new=18), req(2, prompt(62, 9), max_new=(39 if fill else 11))]
+    without_health = run(engine, 1, requests)
+    spy = _ForwardSpy(engine)
+    monkeypatch.setattr(engine.model, "forward", spy)
+    gens, batch = engine.prefill(2, requests)
+    assert (engine.blocks.num_free == 0) == fill
+    free = engine.blocks.num_free
+    snapshot = [t.clone() for t in [*engine.cache.keys, *engine.cache.values]]
+    engine.health()
+    assert engine.blocks.num_free == free
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, [*engine.cache.keys, *engine.cache.values], strict=True))
+    assert (spy.caches[-1] is engine.cache) != fill
+    tokens: dict[int, list[int]] = {1: [], 2: []}
+    _decode_all(engine, batch, gens, tokens, between=engine.health)
+    assert tokens == without_health
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_health_before_warmup_and_when_the_forward_pass_fails(llama_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorax_server.engine import HealthCheckFailed
+
+    model = load_model(llama_dir, TorchAttention(BLOCK), torch.device("cpu"), "float32")
+    engine = Engine(model, AutoTokenizer.from_pretrained(llama_dir), CacheConfig(BLOCK, num_blocks=8))
+    engine.health()  # no KV cache yet: a scratch block
+    engine.warmup(max_input_length=8, max_prefill_tokens=8, max_total_tokens=16)
+
+    def broken(meta, cache):  # noqa: ANN001, ANN202
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.model, "forward", broken)
+    with pytest.raises(HealthCheckFailed, match="device lost"):
+        engine.health()
+    assert engine.blocks.num_free == engine.blocks.num_blocks  # the borrowed block came back
+    monkeypatch.setattr(engine.model, "forward", lambda meta, cache: torch.full((1, 320), float("nan")))
+    with pytest.raises(HealthCheckFailed, match="non-finite"):
+        engine.health()
+    monkeypatch.undo()
+    engine.health()

@@ -1,6 +1,7 @@
 """Drive a real `lorax-server serve` subprocess over its unix socket, the way the router and external
 tools do: Info, Health, ServiceDiscovery, Warmup, Prefill, Decode, FilterBatch, ClearCache, and bad
-requests that must get an error status while the shard keeps serving."""
+requests that must get an error status while the shard keeps serving. Health's failure is tested on
+an in-process service whose model is broken on purpose."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -105,6 +108,36 @@ def test_warmup_prefill_decode_filter_clear(shard) -> None:
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def _run_batch(stub, batch_id: int, requests: list[pb.Request], between=None) -> dict[int, list[tuple[int, float]]]:  # noqa: ANN001
+    """Prefill then decode to the end; (token, logprob) of each request. `between` runs before each step."""
+    out: dict[int, list[tuple[int, float]]] = {r.id: [] for r in requests}
+    if between is not None:
+        between()
+    step = stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=batch_id, requests=requests, size=len(requests))))
+    while True:
+        for g in step.generations:
+            out[g.request_id].append((g.token_id, g.token_logprob))
+        if not step.HasField("batch"):
+            return out
+        if between is not None:
+            between()
+        step = stub.Decode(pb.DecodeRequest(batches=[step.batch]))
+
+
+def test_health_runs_between_steps_of_a_cached_batch_without_changing_it(shard) -> None:
+    """Health is a real forward pass, serialised with the steps; a batch decoded with a Health call
+    before every step gives exactly the tokens and logprobs it gives without them, whether Health
+    finds a free KV block or every block is taken (4 x 256 tokens fill the 64 blocks)."""
+    stub, proc, _ = shard
+    stub.Warmup(pb.WarmupRequest(max_input_length=64, max_prefill_tokens=128, max_total_tokens=128))
+    for n in (2, 4):
+        requests = [request(10 + i, [1, *range(20 + i, 219 + i)], 56) for i in range(n)]
+        plain = _run_batch(stub, 40, requests)
+        checked = _run_batch(stub, 41, requests, between=lambda: stub.Health(pb.HealthRequest()))
+        assert checked == plain
+    assert proc.poll() is None
+
+
 def test_bad_requests_get_error_statuses_and_the_shard_keeps_serving(shard) -> None:
     stub, proc, _ = shard
     stub.Warmup(pb.WarmupRequest(max_input_length=64, max_prefill_tokens=128, max_total_tokens=128))
@@ -170,6 +203,63 @@ def test_sigterm_stops_the_shard_and_removes_its_socket(llama_dir: Path, tmp_pat
     proc.terminate()
     assert proc.wait(timeout=30) == 0
     assert not sock.exists()
+
+
+@contextmanager
+def in_process_shard(engine, tmp: Path) -> Iterator[pb_grpc.LoraxServiceStub]:  # noqa: ANN001
+    """The real gRPC service over a unix socket, served from a thread of this process, so a test can
+    reach into its engine."""
+    import asyncio
+    import threading
+
+    from lorax_server.server import LoraxService
+
+    url = f"unix://{tmp / 'shard-0'}"
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start() -> grpc.aio.Server:
+        server = grpc.aio.server()
+        pb_grpc.add_LoraxServiceServicer_to_server(LoraxService(engine, [url], "LlamaForCausalLM"), server)
+        server.add_insecure_port(url)
+        await server.start()
+        return server
+
+    server = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
+    channel = grpc.insecure_channel(url)
+    try:
+        yield pb_grpc.LoraxServiceStub(channel)
+    finally:
+        channel.close()
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+
+
+def test_health_fails_with_unavailable_when_the_forward_pass_fails(llama_dir: Path, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from lorax_server.engine import CacheConfig, Engine
+    from lorax_server.layers.attention import TorchAttention
+    from lorax_server.models.loader import load_model
+
+    model = load_model(llama_dir, TorchAttention(16), torch.device("cpu"), "float32")
+    engine = Engine(model, AutoTokenizer.from_pretrained(llama_dir), CacheConfig(16, num_blocks=8))
+    with in_process_shard(engine, tmp_path) as stub:
+        stub.Health(pb.HealthRequest())
+        forward = model.forward
+
+        def broken(meta, cache):  # noqa: ANN001, ANN202
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        model.forward = broken
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Health(pb.HealthRequest())
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "illegal memory access" in err.value.details()
+        model.forward = forward
+        stub.Health(pb.HealthRequest())  # healthy again once the forward pass works
 
 
 def _adapter_params(path: Path) -> pb.AdapterParameters:
