@@ -185,6 +185,17 @@ pub struct Args {
     #[arg(long, env, default_value_t = 2)]
     pub adapter_cycle_time_s: u64,
 
+    /// `/health` answers 503 when one prefill or decode step has run this many seconds, or when
+    /// no step (nor a health probe) completed for this long while requests wait. Keep it above
+    /// the longest prefill.
+    #[arg(long, env, default_value_t = 60.0)]
+    pub health_stall_timeout_s: f64,
+
+    /// When no step succeeded this recently (an idle server), `/health` proves the server can
+    /// generate with a one-token generation of the base model, at most this often (seconds).
+    #[arg(long, env, default_value_t = 5.0)]
+    pub health_probe_interval_s: f64,
+
     /// Fraction of the device memory kept free for adapter weights when the KV cache is sized
     /// (passed to the shards as `ADAPTER_MEMORY_FRACTION`).
     #[arg(long, env, default_value_t = 0.1)]

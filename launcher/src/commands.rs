@@ -154,6 +154,10 @@ pub fn router(router: &Path, args: &Args, env: &ChildEnv, tokenizer: &Path) -> C
         .arg(args.waiting_served_ratio.to_string())
         .arg("--adapter-cycle-time-s")
         .arg(args.adapter_cycle_time_s.to_string())
+        .arg("--health-stall-timeout-s")
+        .arg(args.health_stall_timeout_s.to_string())
+        .arg("--health-probe-interval-s")
+        .arg(args.health_probe_interval_s.to_string())
         .arg("--default-adapter-source")
         .arg(args.adapter_source.to_string());
     if let Some(adapter) = &args.adapter_id {
@@ -299,7 +303,8 @@ mod tests {
              --max-concurrent-requests 128 --max-best-of 2 --max-stop-sequences 4 \
              --max-input-length 1024 --max-total-tokens 2048 --max-batch-prefill-tokens 4096 \
              --max-waiting-tokens 20 --max-active-adapters 128 --waiting-served-ratio 1.2 \
-             --adapter-cycle-time-s 2 --default-adapter-source hub \
+             --adapter-cycle-time-s 2 --health-stall-timeout-s 60 --health-probe-interval-s 5 \
+             --default-adapter-source hub \
              --max-batch-total-tokens 10000 --json-output \
              --cors-allow-origin http://a --cors-allow-origin http://b"
         );

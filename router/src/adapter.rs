@@ -3,8 +3,8 @@
 //! when their `AdapterKey`s are equal. The token itself is a secret: it travels to the shard and
 //! nowhere else (it prints as `***`; keys hold only a keyed hash of it).
 
+use crate::errors::ValidationError;
 use crate::pb;
-use crate::validation::ValidationError;
 use serde::{Deserialize, Serialize};
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hash, Hasher};

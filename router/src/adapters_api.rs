@@ -5,12 +5,11 @@
 //! token.
 
 use crate::adapter::{self, AdapterFields, AdapterRequest, ApiToken, MergedAdapters};
-use crate::errors::{ApiError, JsonBody};
-use crate::registry::{AdapterCommandError, AdapterStatus};
-use crate::server::{token_from_header, AppState};
-use crate::validation::ValidationError;
+use crate::api::AdapterStatus;
+use crate::app::{token_from_header, AppState};
+use crate::errors::{ApiError, JsonBody, ValidationError};
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::Json;
 use serde::Deserialize;
 
@@ -28,20 +27,6 @@ pub struct AdapterRef {
     /// `POST /adapters/load` only: pin the adapter once active (never offloaded).
     #[serde(default)]
     pub pin: bool,
-}
-
-impl From<AdapterCommandError> for ApiError {
-    fn from(err: AdapterCommandError) -> Self {
-        match err {
-            AdapterCommandError::NotFound(message) => {
-                ApiError::new(StatusCode::NOT_FOUND, message, "not_found")
-            }
-            AdapterCommandError::Conflict(message) => {
-                ApiError::new(StatusCode::CONFLICT, message, "conflict")
-            }
-            AdapterCommandError::Failed(err) => err.into(),
-        }
-    }
 }
 
 /// The adapter a management request names (it must name one explicitly), with the request's

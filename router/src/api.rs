@@ -1,8 +1,7 @@
 //! The HTTP API's JSON types, shaped as LoRAX's REST reference (and TGI's, which LoRAX extends),
 //! so that `lorax-client` and `text-generation` parse our answers unmodified.
 
-use crate::adapter::{ApiToken, MergedAdapters};
-use crate::registry::AdapterStatus;
+use crate::adapter::{AdapterSource, ApiToken, MergedAdapters};
 use serde::{Deserialize, Serialize};
 
 /// Generation parameters of a request. Absent fields take LoRAX's defaults.
@@ -253,11 +252,43 @@ pub struct StreamResponse {
     pub details: Option<StreamDetails>,
 }
 
-/// Body of every error answer.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct ErrorResponse {
-    pub error: String,
-    pub error_type: String,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+/// Where a tracked adapter is in its life (`GET /adapters`).
+pub enum AdapterState {
+    Queued,
+    Downloading,
+    Downloaded,
+    Loading,
+    Active,
+    Offloading,
+    /// Only in listings: the last attempt failed and the adapter is no longer tracked.
+    Failed,
+}
+
+/// One adapter as `GET /adapters` shows it. Never holds the token.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AdapterStatus {
+    /// The adapter id (merged ids joined by `+`).
+    pub adapter_id: String,
+    pub adapter_ids: Vec<String>,
+    pub merged_adapters: Option<MergedAdapters>,
+    pub adapter_source: AdapterSource,
+    /// Fetched with a request's own `api_token`.
+    pub private: bool,
+    pub state: AdapterState,
+    /// The index requests use at the shard while tracked.
+    pub index: Option<u32>,
+    pub pinned: bool,
+    /// Admits no new requests until it is offloaded (its slot goes to a waiting adapter).
+    pub draining: bool,
+    pub queued: usize,
+    pub running: usize,
+    /// Share of the adapter memory budget it takes on the device (its bytes / the budget's
+    /// bytes), known once downloaded; never above 1 (larger adapters fail after download).
+    pub memory_fraction: Option<f32>,
+    pub active_for_s: Option<f64>,
+    pub last_error: Option<String>,
 }
 
 /// Answer of `GET /info`.

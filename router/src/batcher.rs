@@ -9,10 +9,11 @@
 //! downloads and loads run in the queue task's background: this loop never waits for them.
 
 use crate::client::{ShardClient, ShardError};
+use crate::entry::{prefill_from_proto, token_from_generation, Entry, InferStreamResponse};
 use crate::errors::InferError;
-use crate::infer::{prefill_from_proto, token_from_generation, InferStreamResponse};
+use crate::health::Health;
 use crate::pb;
-use crate::queue::{Entry, NextBatch, Queue};
+use crate::queue::{NextBatch, Queue};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::Notify;
@@ -42,8 +43,21 @@ pub fn spawn_batcher(
     queue: Queue,
     notify: Arc<Notify>,
     config: BatcherConfig,
+    health: Health,
 ) -> JoinHandle<()> {
-    tokio::spawn(batching_task(client, queue, notify, config))
+    // Alive from now (not from the task's first poll), until the task ends or panics.
+    let alive = health.loop_started();
+    tokio::spawn(async move {
+        let _alive = alive;
+        batching_task(client, queue, notify, config, health).await
+    })
+}
+
+/// The shard and the health record every step reports to.
+#[derive(Clone, Copy)]
+struct Shard<'a> {
+    client: &'a dyn ShardClient,
+    health: &'a Health,
 }
 
 async fn batching_task(
@@ -51,8 +65,13 @@ async fn batching_task(
     queue: Queue,
     notify: Arc<Notify>,
     config: BatcherConfig,
+    health: Health,
 ) {
-    let client = client.as_ref();
+    let shard = Shard {
+        client: client.as_ref(),
+        health: &health,
+    };
+    let client = shard.client;
     loop {
         let first = queue
             .next_batch(
@@ -66,7 +85,7 @@ async fn batching_task(
             notify.notified().await;
             continue;
         };
-        let mut cached = prefill(client, batch, &mut entries).await;
+        let mut cached = prefill(shard, batch, &mut entries).await;
         let mut waiting_tokens = 1;
         while let Some(batch) = cached {
             let Some(batch) = filter_cancelled(client, batch, &mut entries).await else {
@@ -95,7 +114,7 @@ async fn batching_task(
                 batch: new_batch,
             }) = next
             {
-                if let Some(new_cached) = prefill(client, new_batch, &mut new_entries).await {
+                if let Some(new_cached) = prefill(shard, new_batch, &mut new_entries).await {
                     batches.push(new_cached);
                 }
                 entries.extend(new_entries);
@@ -104,7 +123,7 @@ async fn batching_task(
             metrics::gauge!("lorax_batch_current_size").set(entries.len() as f64);
             metrics::gauge!("lorax_batch_current_max_tokens")
                 .set(reserved_tokens(&entries, config.block_size) as f64);
-            cached = decode(client, batches, &mut entries).await;
+            cached = decode(shard, batches, &mut entries).await;
             waiting_tokens += 1;
         }
         metrics::gauge!("lorax_batch_current_size").set(0.0);
@@ -130,14 +149,18 @@ fn reserved_tokens(entries: &Entries, block_size: u32) -> u32 {
 }
 
 async fn prefill(
-    client: &dyn ShardClient,
+    shard: Shard<'_>,
     batch: pb::Batch,
     entries: &mut Entries,
 ) -> Option<pb::CachedBatch> {
+    let client = shard.client;
     let batch_id = batch.id;
     metrics::counter!("lorax_batch_inference_count", "method" => "prefill").increment(1);
     let start = Instant::now();
-    match client.prefill(batch).await {
+    shard.health.step_started("prefill");
+    let result = client.prefill(batch).await;
+    shard.health.step_finished(result.is_ok());
+    match result {
         Ok((generations, next)) => {
             record_step("prefill", start);
             send_generations(generations, entries);
@@ -152,14 +175,18 @@ async fn prefill(
 }
 
 async fn decode(
-    client: &dyn ShardClient,
+    shard: Shard<'_>,
     batches: Vec<pb::CachedBatch>,
     entries: &mut Entries,
 ) -> Option<pb::CachedBatch> {
+    let client = shard.client;
     let batch_ids: Vec<u64> = batches.iter().map(|b| b.id).collect();
     metrics::counter!("lorax_batch_inference_count", "method" => "decode").increment(1);
     let start = Instant::now();
-    match client.decode(batches).await {
+    shard.health.step_started("decode");
+    let result = client.decode(batches).await;
+    shard.health.step_finished(result.is_ok());
+    match result {
         Ok((generations, next)) => {
             record_step("decode", start);
             send_generations(generations, entries);

@@ -1,16 +1,78 @@
 //! Errors and their HTTP form: every error answer is JSON `{"error": ..., "error_type": ...}`,
 //! including axum's own rejections (which are plain text by default).
 
-use crate::adapter::AdapterRequest;
-use crate::api::ErrorResponse;
 use crate::client::ShardError;
-use crate::validation::ValidationError;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Body of every error answer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ErrorResponse {
+    pub error: String,
+    pub error_type: String,
+}
+
+/// Why a request is invalid (answered with 422 `validation`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ValidationError {
+    #[error("`best_of` must be > 0 and <= {0}. Given: {1}")]
+    BestOf(usize, usize),
+    #[error("you must use sampling when `best_of` is > 1")]
+    BestOfSampling,
+    #[error("`seed` must not be set when `best_of` > 1")]
+    BestOfSeed,
+    #[error("`best_of` != 1 is not supported when streaming tokens")]
+    BestOfStream,
+    #[error("`decoder_input_details` == true is not supported when streaming tokens")]
+    PrefillDetailsStream,
+    #[error("`temperature` must be strictly positive")]
+    Temperature,
+    #[error("`repetition_penalty` must be strictly positive")]
+    RepetitionPenalty,
+    #[error("`top_p` must be > 0.0 and <= 1.0")]
+    TopP,
+    #[error("`top_k` must be strictly positive")]
+    TopK,
+    #[error("`typical_p` must be > 0.0 and <= 1.0")]
+    TypicalP,
+    #[error("`top_n_tokens` must be <= {0}. Given: {1}")]
+    TopNTokens(u32, u32),
+    #[error("`truncate` must be strictly positive and at most {0}. Given: {1}")]
+    Truncate(usize, usize),
+    #[error("`max_new_tokens` must be strictly positive")]
+    NegativeMaxNewTokens,
+    #[error("`inputs` tokens + `max_new_tokens` must be <= {0}. Given: {1} `inputs` tokens and {2} `max_new_tokens`")]
+    MaxTotalTokens(usize, usize, u32),
+    #[error("`inputs` must have at most {0} tokens. Given: {1}")]
+    InputLength(usize, usize),
+    #[error("`inputs` cannot be empty")]
+    EmptyInput,
+    #[error("`stop` supports up to {0} stop sequences. Given: {1}")]
+    StopSequence(usize, usize),
+    #[error("`adapter_source` must be one of hub, local, s3. Given: {0}")]
+    AdapterSource(String),
+    #[error("architecture {0} does not support dynamic adapter loading")]
+    AdaptersNotSupported(String),
+    #[error("`adapter_id` and `merged_adapters` cannot both be set")]
+    AdapterConflict,
+    #[error("`adapter_id` {0}")]
+    AdapterId(String),
+    #[error("{0}")]
+    MergedAdapters(String),
+    #[error("`{0}` is not supported yet")]
+    NotSupported(&'static str),
+    #[error("watermark is not supported")]
+    Watermark,
+    #[error("{0}")]
+    ChatTemplate(String),
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+}
 
 /// Why a generation request failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -96,17 +158,25 @@ impl InferError {
 
 /// A request's error for an adapter the shard refused, by the shard's status code:
 /// NOT_FOUND and INVALID_ARGUMENT → 422, UNAUTHENTICATED → 401, PERMISSION_DENIED → 403,
-/// anything else → 424.
-pub fn adapter_error(request: &AdapterRequest, what: &str, err: &ShardError) -> InferError {
+/// anything else → 424. `adapter` names it (never with its token), `source` is where it is from.
+pub fn adapter_error(adapter: &str, source: &str, what: &str, err: &ShardError) -> InferError {
     let kind = AdapterErrorKind::from_code(err.code());
     let message = format!(
-        "adapter `{}` ({}) could not be {}ed: {}",
-        request.key.describe(),
-        request.key.source.as_str(),
-        what,
+        "adapter `{adapter}` ({source}) could not be {what}ed: {}",
         err.message()
     );
     InferError::Adapter(kind, message)
+}
+
+/// Why a management command failed.
+#[derive(Debug, Clone)]
+pub enum AdapterCommandError {
+    /// The adapter is not tracked (404).
+    NotFound(String),
+    /// Not possible in the adapter's current state (409).
+    Conflict(String),
+    /// The shard refused (mapped like a request's failure).
+    Failed(InferError),
 }
 
 /// An HTTP error answer: a status and the JSON body.
@@ -185,6 +255,20 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let Json(value) = Json::<T>::from_request(req, state).await?;
         Ok(Self(value))
+    }
+}
+
+impl From<AdapterCommandError> for ApiError {
+    fn from(err: AdapterCommandError) -> Self {
+        match err {
+            AdapterCommandError::NotFound(message) => {
+                ApiError::new(StatusCode::NOT_FOUND, message, "not_found")
+            }
+            AdapterCommandError::Conflict(message) => {
+                ApiError::new(StatusCode::CONFLICT, message, "conflict")
+            }
+            AdapterCommandError::Failed(err) => err.into(),
+        }
     }
 }
 

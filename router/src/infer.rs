@@ -1,64 +1,24 @@
 //! `Infer`: the handle HTTP handlers use to run requests. It admits (concurrency limit),
 //! validates, queues, and hands back the request's stream of generations; `generate` collects a
 //! stream into one answer, `generate_best_of` runs several sampled sequences and keeps the best.
+//! Requests arrive with their adapter resolved (`Validation::resolve`), so the handler's metrics
+//! label and the queue agree on it.
 
-use crate::api::{AlternativeToken, FinishReason, GenerateRequest, PrefillToken, Token};
+use crate::api::{PrefillToken, Token};
 use crate::batcher::{spawn_batcher, BatcherConfig};
 use crate::client::ShardClient;
-use crate::errors::InferError;
+use crate::entry::{Entry, GeneratedText, InferStreamResponse};
+use crate::errors::{InferError, ValidationError};
 use crate::exchange::ExchangeConfig;
-use crate::pb;
-use crate::queue::{Entry, Queue, QueueConfig};
-use crate::validation::{ValidGenerateRequest, Validation, ValidationError};
+use crate::health::{Health, HealthConfig};
+use crate::queue::{Queue, QueueConfig};
+use crate::validation::{ResolvedRequest, ValidGenerateRequest, Validation};
 use futures::future::try_join_all;
 use futures::StreamExt;
 use std::sync::Arc;
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-
-/// What the batcher sends to a request, in order: at most one `Prefill`, then one message per
-/// generated token, the last being `End`.
-#[derive(Debug, Clone)]
-pub enum InferStreamResponse {
-    /// Prompt tokens with log-probabilities (when `decoder_input_details`).
-    Prefill(Vec<PrefillToken>),
-    /// A generated token.
-    Intermediate {
-        token: Token,
-        top_tokens: Vec<Token>,
-    },
-    /// The last generated token and the final text.
-    End {
-        token: Token,
-        top_tokens: Vec<Token>,
-        generated_text: GeneratedText,
-        /// When the request was queued.
-        queued: Instant,
-        /// When it was put in a batch.
-        start: Instant,
-    },
-}
-
-/// The end of a request, from the shard's `GeneratedText`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GeneratedText {
-    pub text: String,
-    pub generated_tokens: u32,
-    pub finish_reason: FinishReason,
-    pub seed: Option<u64>,
-}
-
-impl From<pb::GeneratedText> for GeneratedText {
-    fn from(g: pb::GeneratedText) -> Self {
-        Self {
-            text: g.text,
-            generated_tokens: g.generated_tokens,
-            finish_reason: FinishReason::from_proto(g.finish_reason),
-            seed: g.seed,
-        }
-    }
-}
 
 /// A finished request.
 #[derive(Debug, Clone)]
@@ -95,6 +55,7 @@ pub struct Infer {
     queue: Queue,
     notify: Arc<Notify>,
     limit: Arc<Semaphore>,
+    health: Health,
 }
 
 impl Infer {
@@ -104,6 +65,7 @@ impl Infer {
         validation: Validation,
         config: BatcherConfig,
         exchange: ExchangeConfig,
+        health: HealthConfig,
         max_concurrent_requests: usize,
     ) -> Self {
         let notify = Arc::new(Notify::new());
@@ -112,13 +74,26 @@ impl Infer {
             exchange,
         };
         let queue = Queue::spawn(client.clone(), queue_config, notify.clone());
-        spawn_batcher(client, queue.clone(), notify.clone(), config);
+        let health = Health::new(health, validation.probe_request());
+        spawn_batcher(
+            client,
+            queue.clone(),
+            notify.clone(),
+            config,
+            health.clone(),
+        );
         Self {
             validation,
             queue,
             notify,
             limit: Arc::new(Semaphore::new(max_concurrent_requests)),
+            health,
         }
+    }
+
+    /// Ok when the server can generate now, else why not (see `health`).
+    pub async fn health(&self) -> Result<(), String> {
+        self.health.check(&self.queue, &self.notify).await
     }
 
     pub fn validation(&self) -> &Validation {
@@ -141,7 +116,7 @@ impl Infer {
     /// Validates and queues a request; returns its stream.
     pub async fn generate_stream(
         &self,
-        request: GenerateRequest,
+        request: ResolvedRequest,
     ) -> Result<GenerationStream, InferError> {
         let permit = self.permits(1)?;
         let valid = self.validation.validate(request).await?;
@@ -165,7 +140,7 @@ impl Infer {
     }
 
     /// Runs a request to its end.
-    pub async fn generate(&self, request: GenerateRequest) -> Result<InferResponse, InferError> {
+    pub async fn generate(&self, request: ResolvedRequest) -> Result<InferResponse, InferError> {
         collect(self.generate_stream(request).await?).await
     }
 
@@ -173,7 +148,7 @@ impl Infer {
     /// and returns the one with the highest log-probability sum, and the others.
     pub async fn generate_best_of(
         &self,
-        request: GenerateRequest,
+        request: ResolvedRequest,
         best_of: usize,
     ) -> Result<(InferResponse, Vec<InferResponse>), InferError> {
         let max_best_of = self.validation.limits().max_best_of;
@@ -237,57 +212,4 @@ async fn collect(mut generation: GenerationStream) -> Result<InferResponse, Infe
         }
     }
     Err(InferError::IncompleteGeneration)
-}
-
-/// The API's token from a shard generation (alternatives attached when asked for).
-pub fn token_from_generation(g: &pb::Generation) -> (Token, Vec<Token>) {
-    let top_tokens = g
-        .top_tokens
-        .as_ref()
-        .map(tokens_from_proto)
-        .unwrap_or_default();
-    let alternative_tokens = (!top_tokens.is_empty()).then(|| {
-        top_tokens
-            .iter()
-            .map(|t| AlternativeToken {
-                id: t.id,
-                text: t.text.clone(),
-                logprob: t.logprob,
-            })
-            .collect()
-    });
-    let token = Token {
-        id: g.token_id,
-        text: g.token_text.clone(),
-        logprob: g.token_logprob,
-        special: g.token_is_special,
-        alternative_tokens,
-        skipped: false,
-    };
-    (token, top_tokens)
-}
-
-/// A proto token list as API tokens.
-pub fn tokens_from_proto(tokens: &pb::Tokens) -> Vec<Token> {
-    (0..tokens.ids.len())
-        .map(|i| Token {
-            id: tokens.ids[i],
-            text: tokens.texts.get(i).cloned().unwrap_or_default(),
-            logprob: tokens.logprobs.get(i).copied().unwrap_or(f32::NAN),
-            special: tokens.is_special.get(i).copied().unwrap_or(false),
-            alternative_tokens: None,
-            skipped: false,
-        })
-        .collect()
-}
-
-/// A proto token list as prompt tokens (NaN log-probabilities become null).
-pub fn prefill_from_proto(tokens: &pb::Tokens) -> Vec<PrefillToken> {
-    (0..tokens.ids.len())
-        .map(|i| PrefillToken {
-            id: tokens.ids[i],
-            text: tokens.texts.get(i).cloned().unwrap_or_default(),
-            logprob: tokens.logprobs.get(i).copied().filter(|l| l.is_finite()),
-        })
-        .collect()
 }

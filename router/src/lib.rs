@@ -1,28 +1,42 @@
 //! lorax-router: the HTTP front of a LoRAX-compatible multi-LoRA inference server.
 //!
-//! Request path: `server` (axum handlers) → `infer` (admission, validation, queueing) →
-//! `queue` (waiting entries and token budgets) → `batcher` (continuous batching loop) →
-//! `client` (`ShardClient` trait; gRPC to the Python shards over unix sockets).
+//! Request path: `server` (the route table) → handlers (`native`, `openai`, `adapters_api`, on
+//! the shared steps in `app`, `respond` and `sse`) → `infer` (admission, validation, queueing)
+//! → `queue` (waiting entries and token budgets) → `batcher` (continuous batching loop) →
+//! `client` (`ShardClient` trait; gRPC to the Python shards over unix sockets). `entry` holds
+//! what travels between them (the queue entry and its stream messages); `health` judges
+//! whether the batching loop can generate now.
 //!
 //! Adapters: `adapter` (what a request names and its key) → `registry` (tracked adapters, their
 //! queues and states, owned by the queue task) with `exchange` (the pure slot policy);
 //! `adapters_api` holds the management endpoints.
+//!
+//! Layers (each module uses only those above it): `pb`, `client`, `exchange`, `template` →
+//! `errors` → `adapter` → `api`, `metrics` → `validation` → `entry` → `registry` → `queue` →
+//! `health` → `batcher` → `infer` → `app` → `respond` → `sse` → handlers → `server`.
 
 pub mod adapter;
 pub mod adapters_api;
 pub mod api;
+pub mod app;
 pub mod batcher;
 pub mod client;
+pub mod entry;
 pub mod errors;
 pub mod exchange;
+pub mod health;
 pub mod infer;
 pub mod metrics;
+pub mod native;
 pub mod openai;
 pub mod openapi;
 pub mod queue;
 pub mod registry;
+pub mod respond;
 pub mod server;
+pub mod sse;
 pub mod template;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod validation;
 

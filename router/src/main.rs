@@ -3,12 +3,14 @@
 use clap::Parser;
 use lorax_router::adapter::{AdapterConfig, AdapterSource};
 use lorax_router::api::Info;
+use lorax_router::app::AppState;
 use lorax_router::batcher::BatcherConfig;
 use lorax_router::client::{ShardClient, ShardedClient};
+use lorax_router::entry::round_up;
 use lorax_router::exchange::ExchangeConfig;
+use lorax_router::health::HealthConfig;
 use lorax_router::infer::Infer;
-use lorax_router::queue::round_up;
-use lorax_router::server::{router, AppState};
+use lorax_router::server::router;
 use lorax_router::template::ChatTemplate;
 use lorax_router::validation::{load_tokenizer, Validation, ValidationLimits};
 use lorax_router::{metrics, pb, VERSION};
@@ -16,6 +18,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+use tokenizers::Tokenizer;
 
 /// HTTP router of the LoRAX-compatible inference server: validates and tokenizes requests,
 /// batches them continuously and streams tokens from the model shards.
@@ -85,6 +88,14 @@ struct Args {
     /// OpenTelemetry collector endpoint (accepted for compatibility; not used yet).
     #[arg(long, env)]
     otlp_endpoint: Option<String>,
+    /// `GET /health` answers 503 when a shard step has run this long, or when no step (nor a
+    /// health probe) completed this long while requests wait. Larger than the longest prefill.
+    #[arg(long, env, default_value_t = 60.0)]
+    health_stall_timeout_s: f64,
+    /// When no step succeeded this recently (an idle server), `GET /health` proves the server
+    /// can generate with a one-token generation of the base model, at most this often.
+    #[arg(long, env, default_value_t = 5.0)]
+    health_probe_interval_s: f64,
     /// Origins allowed by CORS (repeatable); any origin when absent.
     #[arg(long, env, value_delimiter = ',')]
     cors_allow_origin: Vec<String>,
@@ -128,6 +139,10 @@ fn check_args(args: &Args) -> Result<(), String> {
     if args.max_active_adapters == 0 {
         return Err("--max-active-adapters must be > 0".into());
     }
+    let positive = |s: f64| s.is_finite() && s > 0.0;
+    if !positive(args.health_stall_timeout_s) || !positive(args.health_probe_interval_s) {
+        return Err("--health-stall-timeout-s and --health-probe-interval-s must be > 0".into());
+    }
     if AdapterSource::parse(&args.default_adapter_source).is_none() {
         return Err(format!(
             "--default-adapter-source must be one of hub, local, s3 (got {})",
@@ -154,23 +169,51 @@ async fn connect(path: &str) -> Result<ShardedClient, String> {
 
 async fn run(args: Args) -> Result<(), String> {
     check_args(&args)?;
-    if args.otlp_endpoint.is_some() {
-        tracing::warn!("--otlp-endpoint is accepted but not used yet");
-    }
-    let tokenizer_path = PathBuf::from(args.tokenizer_name.as_deref().unwrap_or(&args.model_id));
-    let tokenizer = load_tokenizer(&tokenizer_path)?;
-    let tokenizer_dir = if tokenizer_path.is_dir() {
-        tokenizer_path.clone()
-    } else {
-        tokenizer_path
-            .parent()
-            .map(PathBuf::from)
-            .unwrap_or_default()
-    };
-
+    let (tokenizer, tokenizer_dir) = tokenizer_files(&args)?;
     let client = connect(&args.master_shard_uds_path).await?;
     tracing::info!("connected to {} shard(s)", client.len());
-    let shard_info = client.info().await.map_err(|e| e.to_string())?;
+    let shards = warm_up(&client, &args).await?;
+    let prometheus = metrics::install();
+    metrics::spawn_upkeep(prometheus.clone());
+    let client: Arc<dyn ShardClient> = Arc::new(client);
+    let infer = start_inference(&args, &shards, tokenizer, client.clone())?;
+    let chat_template = ChatTemplate::load(&tokenizer_dir)?.map(Arc::new);
+    if chat_template.is_none() {
+        tracing::info!("the tokenizer has no chat template: /v1/chat/completions answers 422");
+    }
+    let state = AppState {
+        infer,
+        info: Arc::new(build_info(&args, &shards)),
+        client,
+        prometheus,
+        chat_template,
+    };
+    serve(&args, router(state, &args.cors_allow_origin)).await
+}
+
+/// The tokenizer, and the directory of its files (where the chat template is found).
+fn tokenizer_files(args: &Args) -> Result<(Tokenizer, PathBuf), String> {
+    let path = PathBuf::from(args.tokenizer_name.as_deref().unwrap_or(&args.model_id));
+    let tokenizer = load_tokenizer(&path)?;
+    let dir = if path.is_dir() {
+        path
+    } else {
+        path.parent().map(PathBuf::from).unwrap_or_default()
+    };
+    Ok((tokenizer, dir))
+}
+
+/// What the shards said at start-up, and the token budgets derived from it.
+struct Shards {
+    info: pb::InfoResponse,
+    max_batch_total_tokens: u32,
+    max_batch_prefill_tokens: u32,
+    block_size: u32,
+}
+
+/// Asks the shards for their Info and runs Warmup; checks the token budget against the flags.
+async fn warm_up(client: &ShardedClient, args: &Args) -> Result<Shards, String> {
+    let info = client.info().await.map_err(|e| e.to_string())?;
     let supported = client
         .warmup(
             args.max_input_length as u32,
@@ -188,7 +231,7 @@ async fn run(args: Args) -> Result<(), String> {
         Some(tokens) => tokens,
         None => supported,
     };
-    let block_size = shard_info.block_size.max(1);
+    let block_size = info.block_size.max(1);
     let longest = round_up(args.max_total_tokens as u32, block_size);
     if max_batch_total_tokens < longest {
         return Err(format!(
@@ -197,27 +240,20 @@ async fn run(args: Args) -> Result<(), String> {
             args.max_total_tokens
         ));
     }
-    let max_batch_prefill_tokens = args.max_batch_prefill_tokens.min(max_batch_total_tokens);
     tracing::info!("max_batch_total_tokens = {max_batch_total_tokens}");
-
-    let prometheus = metrics::install();
-    metrics::spawn_upkeep(prometheus.clone());
-    let limits = ValidationLimits {
-        max_best_of: args.max_best_of,
-        max_stop_sequences: args.max_stop_sequences,
-        max_input_length: args.max_input_length,
-        max_total_tokens: args.max_total_tokens,
-    };
-    let config = BatcherConfig {
-        max_batch_prefill_tokens,
+    Ok(Shards {
+        info,
         max_batch_total_tokens,
-        max_waiting_tokens: args.max_waiting_tokens,
-        waiting_served_ratio: args.waiting_served_ratio,
+        max_batch_prefill_tokens: args.max_batch_prefill_tokens.min(max_batch_total_tokens),
         block_size,
-    };
+    })
+}
+
+/// What requests may say about adapters, from the flags and the shards' architecture.
+fn adapter_config(args: &Args, shards: &Shards) -> Result<AdapterConfig, String> {
     let adapters = AdapterConfig {
-        supports_adapters: shard_info.supports_adapters,
-        architecture: shard_info.architecture.clone(),
+        supports_adapters: shards.info.supports_adapters,
+        architecture: shards.info.architecture.clone(),
         model_id: args.model_id.clone(),
         default_adapter_id: args.default_adapter_id.clone().filter(|id| !id.is_empty()),
         default_source: AdapterSource::parse(&args.default_adapter_source)
@@ -229,42 +265,56 @@ async fn run(args: Args) -> Result<(), String> {
             adapters.architecture
         ));
     }
+    Ok(adapters)
+}
+
+/// Starts the queue and batching tasks, and the default adapter's load.
+fn start_inference(
+    args: &Args,
+    shards: &Shards,
+    tokenizer: Tokenizer,
+    client: Arc<dyn ShardClient>,
+) -> Result<Infer, String> {
+    let limits = ValidationLimits {
+        max_best_of: args.max_best_of,
+        max_stop_sequences: args.max_stop_sequences,
+        max_input_length: args.max_input_length,
+        max_total_tokens: args.max_total_tokens,
+    };
+    let config = BatcherConfig {
+        max_batch_prefill_tokens: shards.max_batch_prefill_tokens,
+        max_batch_total_tokens: shards.max_batch_total_tokens,
+        max_waiting_tokens: args.max_waiting_tokens,
+        waiting_served_ratio: args.waiting_served_ratio,
+        block_size: shards.block_size,
+    };
     let exchange = ExchangeConfig {
         max_active_adapters: args.max_active_adapters,
         cycle_time: Duration::from_secs(args.adapter_cycle_time_s),
     };
-    let client: Arc<dyn ShardClient> = Arc::new(client);
+    let health = HealthConfig {
+        stall_timeout: Duration::from_secs_f64(args.health_stall_timeout_s),
+        probe_interval: Duration::from_secs_f64(args.health_probe_interval_s),
+    };
+    let adapters = adapter_config(args, shards)?;
     let default_adapter = adapters.default_adapter();
     let validation = Validation::new(tokenizer, limits).with_adapters(adapters);
     let infer = Infer::new(
-        client.clone(),
+        client,
         validation,
         config,
         exchange,
+        health,
         args.max_concurrent_requests,
     );
     if let Some(adapter) = default_adapter {
         preload(&infer, adapter);
     }
-    let info = build_info(
-        &args,
-        &shard_info,
-        max_batch_total_tokens,
-        max_batch_prefill_tokens,
-        block_size,
-    );
-    let chat_template = ChatTemplate::load(&tokenizer_dir)?.map(Arc::new);
-    if chat_template.is_none() {
-        tracing::info!("the tokenizer has no chat template: /v1/chat/completions answers 422");
-    }
-    let state = AppState {
-        infer,
-        info: Arc::new(info),
-        client,
-        prometheus,
-        chat_template,
-    };
-    let app = router(state, &args.cors_allow_origin);
+    Ok(infer)
+}
+
+/// Serves HTTP until SIGINT or SIGTERM.
+async fn serve(args: &Args, app: axum::Router) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind((args.hostname.as_str(), args.port))
         .await
         .map_err(|e| format!("cannot listen on {}:{}: {e}", args.hostname, args.port))?;
@@ -278,13 +328,8 @@ async fn run(args: Args) -> Result<(), String> {
 }
 
 /// The `GET /info` answer (its `adapters` are filled per request).
-fn build_info(
-    args: &Args,
-    shard_info: &pb::InfoResponse,
-    max_batch_total_tokens: u32,
-    max_batch_prefill_tokens: u32,
-    block_size: u32,
-) -> Info {
+fn build_info(args: &Args, shards: &Shards) -> Info {
+    let shard_info = &shards.info;
     Info {
         model_id: args.model_id.clone(),
         model_sha: None,
@@ -301,12 +346,12 @@ fn build_info(
         max_input_length: args.max_input_length,
         max_total_tokens: args.max_total_tokens,
         waiting_served_ratio: args.waiting_served_ratio,
-        max_batch_total_tokens,
-        max_batch_prefill_tokens,
+        max_batch_total_tokens: shards.max_batch_total_tokens,
+        max_batch_prefill_tokens: shards.max_batch_prefill_tokens,
         max_waiting_tokens: args.max_waiting_tokens,
         max_active_adapters: args.max_active_adapters,
         adapter_cycle_time_s: args.adapter_cycle_time_s,
-        block_size,
+        block_size: shards.block_size,
         eos_token_ids: shard_info.eos_token_ids.clone(),
         supports_adapters: shard_info.supports_adapters,
         validation_workers: 1,
@@ -376,7 +421,13 @@ mod tests {
                 architecture: "LlamaForCausalLM".into(),
                 ..Default::default()
             };
-            let info = build_info(&args, &shard, 1000, 100, 16);
+            let shards = Shards {
+                info: shard,
+                max_batch_total_tokens: 1000,
+                max_batch_prefill_tokens: 100,
+                block_size: 16,
+            };
+            let info = build_info(&args, &shards);
             assert_eq!(info.model_id, model_id);
             assert_eq!(info.model_pipeline_tag, None);
             let json = serde_json::to_value(&info).unwrap();

@@ -4,13 +4,13 @@
 
 use crate::adapter::ApiToken;
 use crate::api::{
-    ErrorResponse, FinishReason, GenerateParameters, GenerateRequest, GenerateResponse,
-    StreamResponse,
+    FinishReason, GenerateParameters, GenerateRequest, GenerateResponse, StreamResponse,
 };
-use crate::errors::{ApiError, JsonBody};
-use crate::server::{generate_response, stream_with, token_from_header, AppState, EventEncoder};
+use crate::app::{render_chat, token_from_header, AppState};
+use crate::errors::{ApiError, ErrorResponse, JsonBody, ValidationError};
+use crate::respond::generate_response;
+use crate::sse::{stream_with, EventEncoder};
 use crate::template::ChatMessage;
-use crate::validation::ValidationError;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -127,33 +127,6 @@ fn parameters(s: SamplingFields) -> Result<GenerateParameters, ApiError> {
     })
 }
 
-/// A request with `apply_chat_template` gets its `inputs` (a JSON list of messages) rendered
-/// by the tokenizer's chat template.
-pub fn apply_chat_template(
-    state: &AppState,
-    mut request: GenerateRequest,
-) -> Result<GenerateRequest, ApiError> {
-    if !request.parameters.apply_chat_template {
-        return Ok(request);
-    }
-    let messages: Vec<ChatMessage> = serde_json::from_str(&request.inputs).map_err(|e| {
-        ValidationError::ChatTemplate(format!("`inputs` must be a JSON list of messages: {e}"))
-    })?;
-    request.inputs = render(state, &messages)?;
-    request.parameters.apply_chat_template = false;
-    request.parameters.prompt_has_special_tokens = true;
-    Ok(request)
-}
-
-fn render(state: &AppState, messages: &[ChatMessage]) -> Result<String, ApiError> {
-    let template = state.chat_template.as_ref().ok_or_else(|| {
-        ValidationError::ChatTemplate("the tokenizer has no chat template".into())
-    })?;
-    Ok(template
-        .apply(messages)
-        .map_err(ValidationError::ChatTemplate)?)
-}
-
 /// Which OpenAI object the answers are.
 #[derive(Clone, Copy)]
 enum Kind {
@@ -213,7 +186,7 @@ pub async fn chat_completions(
     JsonBody(mut request): JsonBody<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     token_from_header(&mut request.sampling.api_token, &headers);
-    let inputs = render(&state, &request.messages)?;
+    let inputs = render_chat(&state, &request.messages)?;
     let model = request.sampling.model.clone();
     let stream = request.sampling.stream;
     let mut parameters = parameters(request.sampling)?;

@@ -4,70 +4,23 @@
 //! loads and offloads in the background, so answering the batcher never waits on them.
 
 use crate::adapter::{AdapterKey, AdapterRequest};
+use crate::api::AdapterStatus;
 use crate::client::ShardClient;
-use crate::errors::InferError;
+use crate::entry::Entry;
+use crate::errors::{AdapterCommandError, InferError};
 use crate::exchange::ExchangeConfig;
-use crate::infer::InferStreamResponse;
 use crate::metrics as m;
 use crate::pb;
-use crate::registry::{
-    Action, ActionResult, AdapterCommandError, AdapterRegistry, AdapterStatus, Outcome, Waiter,
-};
-use crate::validation::ValidGenerateRequest;
+use crate::registry::{Action, ActionResult, AdapterRegistry, Outcome, Waiter};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::{Instant, MissedTickBehavior};
 
-/// Where a request's generations go; closed when the client went away.
-pub type ResponseSender = mpsc::UnboundedSender<Result<InferStreamResponse, InferError>>;
-
 /// How often the queue task re-plans adapter slots when nothing else happens (cycle times
 /// expire without an event).
 const TICK: Duration = Duration::from_millis(100);
-
-/// A request waiting for, or running in, a batch.
-#[derive(Debug)]
-pub struct Entry {
-    pub request: ValidGenerateRequest,
-    pub response_tx: ResponseSender,
-    /// When it entered the queue.
-    pub queue_time: Instant,
-    /// When it was put in a batch.
-    pub batch_time: Option<Instant>,
-    /// Its adapter's index at the shard, given when it is put in a batch (0: base model).
-    pub adapter_index: u32,
-}
-
-impl Entry {
-    pub fn new(request: ValidGenerateRequest, response_tx: ResponseSender) -> Self {
-        Self {
-            request,
-            response_tx,
-            queue_time: Instant::now(),
-            batch_time: None,
-            adapter_index: 0,
-        }
-    }
-
-    /// KV-cache tokens this request may use: prompt + max_new_tokens, rounded up to whole blocks.
-    pub fn reserved_tokens(&self, block_size: u32) -> u32 {
-        let total = self.request.input_length + self.request.stopping_parameters.max_new_tokens;
-        round_up(total, block_size)
-    }
-
-    /// Whether the client stopped listening.
-    pub fn is_cancelled(&self) -> bool {
-        self.response_tx.is_closed()
-    }
-}
-
-/// `tokens` rounded up to a multiple of `block_size` (a block size of 0 counts as 1).
-pub fn round_up(tokens: u32, block_size: u32) -> u32 {
-    let block = block_size.max(1);
-    tokens.div_ceil(block) * block
-}
 
 /// A new batch taken from the queue.
 #[derive(Debug)]
@@ -128,6 +81,7 @@ impl QueueState {
         self.next_request_id += 1;
         match entry.request.adapter.clone() {
             Some(adapter) => self.adapters.enqueue(id, entry, &adapter, Instant::now()),
+            None if entry.priority => self.base.push_front((id, entry)),
             None => self.base.push_back((id, entry)),
         }
         id
@@ -206,12 +160,17 @@ impl QueueState {
     }
 }
 
-/// The queue whose first entry is the oldest (request ids grow with arrival).
+/// The queue whose first entry goes next: a priority entry (a health probe), else the oldest
+/// (request ids grow with arrival).
 fn oldest_front(queues: &[(u32, &mut Waiting)]) -> Option<usize> {
     queues
         .iter()
         .enumerate()
-        .filter_map(|(pos, (_, queue))| queue.front().map(|(id, _)| (*id, pos)))
+        .filter_map(|(pos, (_, queue))| {
+            queue
+                .front()
+                .map(|(id, entry)| ((!entry.priority, *id), pos))
+        })
         .min()
         .map(|(_, pos)| pos)
 }

@@ -7,13 +7,13 @@
 //! slots are given by the pure policy in `exchange`. An adapter that fails to download or load
 //! fails its own queued requests and is forgotten, so a later request retries it.
 
-use crate::adapter::{AdapterKey, AdapterRequest, AdapterSource, MergedAdapters};
+use crate::adapter::{AdapterKey, AdapterRequest};
+use crate::api::{AdapterState, AdapterStatus};
 use crate::client::ShardError;
-use crate::errors::{adapter_error, InferError};
+use crate::entry::Entry;
+use crate::errors::{adapter_error, AdapterCommandError, InferError};
 use crate::exchange::{self, ExchangeConfig, Phase, SlotView};
 use crate::metrics as m;
-use crate::queue::Entry;
-use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -24,55 +24,6 @@ use tokio::time::Instant;
 const MAX_IDLE_TRACKED: usize = 256;
 /// Failed adapters remembered for `GET /adapters`.
 const MAX_FAILURES_SHOWN: usize = 16;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AdapterState {
-    Queued,
-    Downloading,
-    Downloaded,
-    Loading,
-    Active,
-    Offloading,
-    /// Only in listings: the last attempt failed and the adapter is no longer tracked.
-    Failed,
-}
-
-/// One adapter as `GET /adapters` shows it. Never holds the token.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct AdapterStatus {
-    /// The adapter id (merged ids joined by `+`).
-    pub adapter_id: String,
-    pub adapter_ids: Vec<String>,
-    pub merged_adapters: Option<MergedAdapters>,
-    pub adapter_source: AdapterSource,
-    /// Fetched with a request's own `api_token`.
-    pub private: bool,
-    pub state: AdapterState,
-    /// The index requests use at the shard while tracked.
-    pub index: Option<u32>,
-    pub pinned: bool,
-    /// Admits no new requests until it is offloaded (its slot goes to a waiting adapter).
-    pub draining: bool,
-    pub queued: usize,
-    pub running: usize,
-    /// Share of the adapter memory budget it takes on the device (its bytes / the budget's
-    /// bytes), known once downloaded; never above 1 (larger adapters fail after download).
-    pub memory_fraction: Option<f32>,
-    pub active_for_s: Option<f64>,
-    pub last_error: Option<String>,
-}
-
-/// Why a management command failed.
-#[derive(Debug, Clone)]
-pub enum AdapterCommandError {
-    /// The adapter is not tracked (404).
-    NotFound(String),
-    /// Not possible in the adapter's current state (409).
-    Conflict(String),
-    /// The shard refused (mapped like a request's failure).
-    Failed(InferError),
-}
 
 pub type Waiter = oneshot::Sender<Result<AdapterStatus, AdapterCommandError>>;
 
@@ -128,6 +79,12 @@ struct Tracked {
 }
 
 impl Tracked {
+    /// A request's error for this adapter refused by the shard while doing `what`.
+    fn error(&self, what: &str, err: &ShardError) -> InferError {
+        let key = &self.request.key;
+        adapter_error(&key.describe(), key.source.as_str(), what, err)
+    }
+
     fn wants_slot(&self) -> bool {
         !self.queue.is_empty() || self.pinned || !self.load_waiters.is_empty()
     }
@@ -433,7 +390,7 @@ impl AdapterRegistry {
                 a.last_error = Some(err.message());
                 let error = match err.code() {
                     tonic::Code::FailedPrecondition => AdapterCommandError::Conflict(err.message()),
-                    _ => AdapterCommandError::Failed(adapter_error(&a.request, "offload", &err)),
+                    _ => AdapterCommandError::Failed(a.error("offload", &err)),
                 };
                 for waiter in a.unload_waiters.drain(..) {
                     let _ = waiter.send(Err(error.clone()));
@@ -447,7 +404,7 @@ impl AdapterRegistry {
     /// Fails every request and waiter of the adapter with the shard's reason, and forgets it.
     fn fail(&mut self, index: u32, what: &str, err: &ShardError) {
         let Some(a) = self.forget(index) else { return };
-        let error = adapter_error(&a.request, what, err);
+        let error = a.error(what, err);
         tracing::warn!("{error}");
         m::adapter_failed(err.code());
         for (_, entry) in a.queue {

@@ -13,18 +13,55 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+/// `content` as OpenAI allows it: a string, null, or a list of text parts (`{"type": "text",
+/// "text": ...}`), joined. Anything else (a number, an object, a non-text part) is refused, so
+/// the request gets a 422 naming the field instead of a prompt the client never wrote.
 fn content_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    let value = Option::<serde_json::Value>::deserialize(d)?;
-    Ok(match value {
-        None | Some(serde_json::Value::Null) => String::new(),
-        Some(serde_json::Value::String(s)) => s,
-        Some(serde_json::Value::Array(parts)) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(|t| t.as_str()))
-            .collect::<Vec<_>>()
-            .join(""),
-        Some(other) => other.to_string(),
-    })
+    use serde::de::Error as _;
+    use serde_json::Value;
+    let value = Option::<Value>::deserialize(d)?;
+    let parts = match value {
+        None | Some(Value::Null) => return Ok(String::new()),
+        Some(Value::String(s)) => return Ok(s),
+        Some(Value::Array(parts)) => parts,
+        Some(other) => {
+            return Err(D::Error::custom(format!(
+                "`content` must be a string or a list of content parts, not {}",
+                json_kind(&other)
+            )))
+        }
+    };
+    let mut text = String::new();
+    for (i, part) in parts.iter().enumerate() {
+        let kind = part.get("type").and_then(Value::as_str).unwrap_or("text");
+        match part.get("text").and_then(Value::as_str) {
+            Some(t) if kind == "text" => text.push_str(t),
+            _ => {
+                return Err(D::Error::custom(format!(
+                    "`content[{i}]` must be a text part {{\"type\": \"text\", \"text\": \"...\"}} \
+                     (this model reads text only); got {}",
+                    if kind == "text" {
+                        json_kind(part).to_string()
+                    } else {
+                        format!("type `{kind}`")
+                    }
+                )))
+            }
+        }
+    }
+    Ok(text)
+}
+
+/// How a JSON value is named in messages.
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "a list",
+        serde_json::Value::Object(_) => "an object",
+    }
 }
 
 /// A compiled chat template and the special tokens it may refer to.

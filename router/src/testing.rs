@@ -6,18 +6,25 @@ mod adapters;
 mod step;
 
 use crate::client::{ShardClient, ShardError, StepOutput};
+use crate::entry::round_up;
+use crate::health::{Health, HealthConfig};
 use crate::pb;
-use crate::queue::round_up;
 use crate::validation::ValidGenerateRequest;
 use adapters::{adapter_name, FakeAdapters};
 pub use adapters::{AdapterBehaviour, PrefillRecord};
 use async_trait::async_trait;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use step::{cached, step, FakeRequest};
 use tokenizers::Tokenizer;
 use tokio::sync::Semaphore;
+
+/// A health record with the default bounds, for batchers started by tests.
+pub fn test_health() -> Health {
+    Health::new(HealthConfig::default(), valid_request(1, 1))
+}
 
 /// Id of the end-of-sequence token of the test vocabulary.
 pub const EOS_ID: u32 = 2;
@@ -132,6 +139,8 @@ struct FakeState {
 pub struct FakeShard {
     state: Mutex<FakeState>,
     gate: Option<Arc<Semaphore>>,
+    /// Steps waiting at the gate now.
+    at_gate: AtomicUsize,
     /// Tokens the fake KV cache holds (Warmup's answer).
     pub capacity: u32,
     pub block_size: u32,
@@ -145,6 +154,7 @@ impl FakeShard {
                 ..Default::default()
             }),
             gate: None,
+            at_gate: AtomicUsize::new(0),
             capacity,
             block_size,
         }
@@ -249,9 +259,22 @@ impl FakeShard {
         panic!("expected {n} calls, got {:?}", self.calls());
     }
 
+    /// Waits (up to 5 s) until a step waits at the gate: a request is in the shard.
+    pub async fn wait_at_gate(&self) {
+        for _ in 0..5000 {
+            if self.at_gate.load(Ordering::SeqCst) > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("no step reached the gate");
+    }
+
     async fn pass_gate(&self) {
         if let Some(gate) = &self.gate {
+            self.at_gate.fetch_add(1, Ordering::SeqCst);
             gate.acquire().await.expect("gate").forget();
+            self.at_gate.fetch_sub(1, Ordering::SeqCst);
         }
         let delay = self.state.lock().unwrap().step_delay;
         if !delay.is_zero() {

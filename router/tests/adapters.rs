@@ -3,14 +3,15 @@
 //! adapter still in use): exchange with few slots, fairness, failures, slow downloads, pinning.
 
 use lorax_router::adapter::{AdapterKey, AdapterRequest, AdapterSource};
+use lorax_router::api::AdapterState;
 use lorax_router::batcher::{spawn_batcher, BatcherConfig};
 use lorax_router::client::ShardClient;
+use lorax_router::entry::{Entry, GeneratedText, InferStreamResponse};
+use lorax_router::errors::AdapterCommandError;
 use lorax_router::errors::{AdapterErrorKind, InferError};
 use lorax_router::exchange::ExchangeConfig;
-use lorax_router::infer::{GeneratedText, InferStreamResponse};
-use lorax_router::queue::{Entry, Queue, QueueConfig};
-use lorax_router::registry::{AdapterCommandError, AdapterState};
-use lorax_router::testing::{valid_request, AdapterBehaviour, Call, FakeShard};
+use lorax_router::queue::{Queue, QueueConfig};
+use lorax_router::testing::{test_health, valid_request, AdapterBehaviour, Call, FakeShard};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify, Semaphore};
@@ -43,7 +44,7 @@ fn start(capacity: u32, max_active_adapters: usize, cycle_time: Duration) -> Har
     let notify = Arc::new(Notify::new());
     let client: Arc<dyn ShardClient> = shard.clone();
     let queue = Queue::spawn(client.clone(), queue_config, notify.clone());
-    spawn_batcher(client, queue.clone(), notify.clone(), config);
+    spawn_batcher(client, queue.clone(), notify.clone(), config, test_health());
     Harness {
         shard,
         queue,

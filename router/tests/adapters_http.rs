@@ -9,7 +9,7 @@ use lorax_router::adapter::AdapterConfig;
 use lorax_router::testing::{AdapterBehaviour, Call, FakeShard};
 use serde_json::{json, Value};
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 fn generate(adapter: Value) -> Value {
     let mut parameters = json!({"max_new_tokens": 2});
@@ -91,6 +91,29 @@ async fn each_kind_of_adapter_failure_has_its_status() {
 #[derive(Clone, Default)]
 struct Logs(Arc<Mutex<Vec<u8>>>);
 
+impl Logs {
+    /// Everything every test of this binary logged so far. The subscriber is the process's
+    /// global one, installed once: a thread-local one misses what tasks log on other threads,
+    /// and races with tracing's per-callsite interest cache when tests run in parallel.
+    fn captured() -> &'static Logs {
+        static LOGS: OnceLock<Logs> = OnceLock::new();
+        LOGS.get_or_init(|| {
+            let logs = Logs::default();
+            let writer = logs.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::TRACE)
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
+            logs
+        })
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).to_string()
+    }
+}
+
 impl Write for Logs {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap().extend_from_slice(buf);
@@ -103,13 +126,7 @@ impl Write for Logs {
 
 #[tokio::test]
 async fn tokens_make_distinct_adapters_and_never_leak() {
-    let logs = Logs::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let logs = Logs::captured();
 
     let shard = fake();
     shard.set_adapter(
@@ -148,7 +165,8 @@ async fn tokens_make_distinct_adapters_and_never_leak() {
     // ... and nothing else.
     let metrics = String::from_utf8_lossy(&get(&app, "/metrics").await.body).to_string();
     let info = String::from_utf8_lossy(&get(&app, "/info").await.body).to_string();
-    let logged = String::from_utf8_lossy(&logs.0.lock().unwrap()).to_string();
+    // The failure is logged before the request's error is sent, so it is there already.
+    let logged = logs.text();
     assert!(
         logged.contains("org/gated"),
         "the failure was logged: {logged}"

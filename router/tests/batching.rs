@@ -3,11 +3,11 @@
 use lorax_router::api::{FinishReason, Token};
 use lorax_router::batcher::{spawn_batcher, BatcherConfig};
 use lorax_router::client::ShardClient;
+use lorax_router::entry::{Entry, GeneratedText, InferStreamResponse};
 use lorax_router::errors::InferError;
 use lorax_router::exchange::ExchangeConfig;
-use lorax_router::infer::{GeneratedText, InferStreamResponse};
-use lorax_router::queue::{Entry, Queue, QueueConfig};
-use lorax_router::testing::{valid_request, Call, FakeShard, EOS_ID, STOP_WORD_ID};
+use lorax_router::queue::{Queue, QueueConfig};
+use lorax_router::testing::{test_health, valid_request, Call, FakeShard, EOS_ID, STOP_WORD_ID};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
@@ -42,7 +42,7 @@ fn start(shard: FakeShard, config: BatcherConfig) -> Harness {
         },
     };
     let queue = Queue::spawn(client.clone(), queue_config, notify.clone());
-    spawn_batcher(client, queue.clone(), notify.clone(), config);
+    spawn_batcher(client, queue.clone(), notify.clone(), config, test_health());
     Harness {
         shard,
         queue,

@@ -2,8 +2,9 @@
 
 use super::*;
 use crate::adapter::{AdapterKey, AdapterSource};
+use crate::api::AdapterState;
 use crate::client::ShardError;
-use crate::registry::AdapterState;
+use crate::entry::InferStreamResponse;
 use crate::testing::{valid_request, FakeShard};
 
 fn config(block_size: u32) -> QueueConfig {
@@ -30,13 +31,21 @@ fn entry(
     )
 }
 
-#[test]
-fn rounding_to_blocks() {
-    assert_eq!(round_up(0, 16), 0);
-    assert_eq!(round_up(1, 16), 16);
-    assert_eq!(round_up(16, 16), 16);
-    assert_eq!(round_up(17, 16), 32);
-    assert_eq!(round_up(17, 0), 17);
+#[tokio::test]
+async fn a_health_probe_goes_before_waiting_requests() {
+    let mut state = QueueState::new(config(1));
+    let (first, _rx1) = entry(4, 2);
+    let (second, _rx2) = entry(4, 2);
+    state.append(first);
+    state.append(second);
+    let (tx, _probe_rx) = mpsc::unbounded_channel();
+    let probe = state.append(Entry::probe(valid_request(1, 1), tx));
+    // Room for the probe and one request: the probe, then the oldest request.
+    let next = state.next_batch(None, 5, 100).unwrap();
+    let ids: Vec<u64> = next.batch.requests.iter().map(|r| r.id).collect();
+    assert_eq!(ids, vec![probe, 0]);
+    let rest = state.next_batch(None, 100, 100).unwrap();
+    assert_eq!(rest.batch.requests[0].id, 1);
 }
 
 #[tokio::test]

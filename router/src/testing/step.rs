@@ -2,8 +2,8 @@
 //! the request, the step and the adapter), EOS on the second step of prompts with "stop".
 
 use super::{EOS_ID, STOP_WORD_ID};
+use crate::entry::round_up;
 use crate::pb;
-use crate::queue::round_up;
 
 #[derive(Debug, Clone)]
 pub(super) struct FakeRequest {

@@ -6,11 +6,13 @@ use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
 use lorax_router::adapter::AdapterConfig;
 use lorax_router::api::Info;
+use lorax_router::app::AppState;
 use lorax_router::batcher::BatcherConfig;
 use lorax_router::client::ShardClient;
 use lorax_router::exchange::ExchangeConfig;
+use lorax_router::health::HealthConfig;
 use lorax_router::infer::Infer;
-use lorax_router::server::{router, AppState};
+use lorax_router::server::router;
 use lorax_router::template::ChatTemplate;
 use lorax_router::testing::{test_tokenizer, FakeShard};
 use lorax_router::validation::{Validation, ValidationLimits};
@@ -83,6 +85,23 @@ pub fn app_with(
     adapters: AdapterConfig,
     exchange: ExchangeConfig,
 ) -> Router {
+    app_with_health(
+        shard,
+        max_concurrent_requests,
+        adapters,
+        exchange,
+        HealthConfig::default(),
+    )
+}
+
+/// An app whose `/health` uses `health`'s bounds.
+pub fn app_with_health(
+    shard: Arc<FakeShard>,
+    max_concurrent_requests: usize,
+    adapters: AdapterConfig,
+    exchange: ExchangeConfig,
+    health: HealthConfig,
+) -> Router {
     let limits = ValidationLimits {
         max_best_of: 2,
         max_stop_sequences: 4,
@@ -103,6 +122,7 @@ pub fn app_with(
         validation,
         config,
         exchange,
+        health,
         max_concurrent_requests,
     );
     let state = AppState {

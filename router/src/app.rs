@@ -1,0 +1,79 @@
+//! What every HTTP handler shares: the application state and the request steps common to the
+//! native and the OpenAI endpoints (bearer token, chat template, adapter resolution).
+
+use crate::adapter::ApiToken;
+use crate::api::{GenerateRequest, Info};
+use crate::client::ShardClient;
+use crate::errors::{ApiError, ValidationError};
+use crate::infer::Infer;
+use crate::metrics as m;
+use crate::template::{ChatMessage, ChatTemplate};
+use crate::validation::ResolvedRequest;
+use axum::http::header::AUTHORIZATION;
+use axum::http::HeaderMap;
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::sync::Arc;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub infer: Infer,
+    pub info: Arc<Info>,
+    pub client: Arc<dyn ShardClient>,
+    pub prometheus: PrometheusHandle,
+    /// The tokenizer's chat template, when it has one.
+    pub chat_template: Option<Arc<ChatTemplate>>,
+}
+
+/// The token of an `Authorization: Bearer <token>` header, if the request has one.
+pub fn bearer_token(headers: &HeaderMap) -> Option<ApiToken> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| ApiToken::new(token))
+}
+
+/// As LoRAX does: a request without `api_token` uses the `Authorization: Bearer` token (for its
+/// adapter; the base model needs none).
+pub fn token_from_header(api_token: &mut Option<ApiToken>, headers: &HeaderMap) {
+    if api_token.is_none() {
+        *api_token = bearer_token(headers);
+    }
+}
+
+/// A request with `apply_chat_template` gets its `inputs` (a JSON list of messages) rendered
+/// by the tokenizer's chat template.
+pub fn apply_chat_template(
+    state: &AppState,
+    mut request: GenerateRequest,
+) -> Result<GenerateRequest, ApiError> {
+    if !request.parameters.apply_chat_template {
+        return Ok(request);
+    }
+    let messages: Vec<ChatMessage> = serde_json::from_str(&request.inputs).map_err(|e| {
+        ValidationError::ChatTemplate(format!("`inputs` must be a JSON list of messages: {e}"))
+    })?;
+    request.inputs = render_chat(state, &messages)?;
+    request.parameters.apply_chat_template = false;
+    request.parameters.prompt_has_special_tokens = true;
+    Ok(request)
+}
+
+/// The prompt the tokenizer's chat template makes of `messages`.
+pub fn render_chat(state: &AppState, messages: &[ChatMessage]) -> Result<String, ApiError> {
+    let template = state.chat_template.as_ref().ok_or_else(|| {
+        ValidationError::ChatTemplate("the tokenizer has no chat template".into())
+    })?;
+    Ok(template
+        .apply(messages)
+        .map_err(ValidationError::ChatTemplate)?)
+}
+
+/// Resolves the request's adapter (once); a request naming an invalid one is counted as a
+/// failure of the base label, since it has no adapter.
+pub fn resolve(state: &AppState, request: GenerateRequest) -> Result<ResolvedRequest, ApiError> {
+    state.infer.validation().resolve(request).map_err(|err| {
+        m::request_failed(None, "validation");
+        ApiError::from(err)
+    })
+}

@@ -1,0 +1,175 @@
+//! A request in flight: its queue `Entry` and the messages its stream receives, made from the
+//! shard's generations. A leaf shared by the queue, the batcher and the HTTP side.
+
+use crate::api::{AlternativeToken, FinishReason, PrefillToken, Token};
+use crate::errors::InferError;
+use crate::pb;
+use crate::validation::ValidGenerateRequest;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// What the batcher sends to a request, in order: at most one `Prefill`, then one message per
+/// generated token, the last being `End`.
+#[derive(Debug, Clone)]
+pub enum InferStreamResponse {
+    /// Prompt tokens with log-probabilities (when `decoder_input_details`).
+    Prefill(Vec<PrefillToken>),
+    /// A generated token.
+    Intermediate {
+        token: Token,
+        top_tokens: Vec<Token>,
+    },
+    /// The last generated token and the final text.
+    End {
+        token: Token,
+        top_tokens: Vec<Token>,
+        generated_text: GeneratedText,
+        /// When the request was queued.
+        queued: Instant,
+        /// When it was put in a batch.
+        start: Instant,
+    },
+}
+
+/// The end of a request, from the shard's `GeneratedText`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratedText {
+    pub text: String,
+    pub generated_tokens: u32,
+    pub finish_reason: FinishReason,
+    pub seed: Option<u64>,
+}
+
+impl From<pb::GeneratedText> for GeneratedText {
+    fn from(g: pb::GeneratedText) -> Self {
+        Self {
+            text: g.text,
+            generated_tokens: g.generated_tokens,
+            finish_reason: FinishReason::from_proto(g.finish_reason),
+            seed: g.seed,
+        }
+    }
+}
+
+/// Where a request's generations go; closed when the client went away.
+pub type ResponseSender = mpsc::UnboundedSender<Result<InferStreamResponse, InferError>>;
+
+/// A request waiting for, or running in, a batch.
+#[derive(Debug)]
+pub struct Entry {
+    pub request: ValidGenerateRequest,
+    pub response_tx: ResponseSender,
+    /// When it entered the queue.
+    pub queue_time: Instant,
+    /// When it was put in a batch.
+    pub batch_time: Option<Instant>,
+    /// Its adapter's index at the shard, given when it is put in a batch (0: base model).
+    pub adapter_index: u32,
+    /// A health probe: goes into a batch before every waiting request.
+    pub priority: bool,
+}
+
+impl Entry {
+    pub fn new(request: ValidGenerateRequest, response_tx: ResponseSender) -> Self {
+        Self {
+            request,
+            response_tx,
+            queue_time: Instant::now(),
+            batch_time: None,
+            adapter_index: 0,
+            priority: false,
+        }
+    }
+
+    /// A health probe's entry (see `health`).
+    pub fn probe(request: ValidGenerateRequest, response_tx: ResponseSender) -> Self {
+        Self {
+            priority: true,
+            ..Self::new(request, response_tx)
+        }
+    }
+
+    /// KV-cache tokens this request may use: prompt + max_new_tokens, rounded up to whole blocks.
+    pub fn reserved_tokens(&self, block_size: u32) -> u32 {
+        let total = self.request.input_length + self.request.stopping_parameters.max_new_tokens;
+        round_up(total, block_size)
+    }
+
+    /// Whether the client stopped listening.
+    pub fn is_cancelled(&self) -> bool {
+        self.response_tx.is_closed()
+    }
+}
+
+/// `tokens` rounded up to a multiple of `block_size` (a block size of 0 counts as 1).
+pub fn round_up(tokens: u32, block_size: u32) -> u32 {
+    let block = block_size.max(1);
+    tokens.div_ceil(block) * block
+}
+
+/// The API's token from a shard generation (alternatives attached when asked for).
+pub fn token_from_generation(g: &pb::Generation) -> (Token, Vec<Token>) {
+    let top_tokens = g
+        .top_tokens
+        .as_ref()
+        .map(tokens_from_proto)
+        .unwrap_or_default();
+    let alternative_tokens = (!top_tokens.is_empty()).then(|| {
+        top_tokens
+            .iter()
+            .map(|t| AlternativeToken {
+                id: t.id,
+                text: t.text.clone(),
+                logprob: t.logprob,
+            })
+            .collect()
+    });
+    let token = Token {
+        id: g.token_id,
+        text: g.token_text.clone(),
+        logprob: g.token_logprob,
+        special: g.token_is_special,
+        alternative_tokens,
+        skipped: false,
+    };
+    (token, top_tokens)
+}
+
+/// A proto token list as API tokens.
+pub fn tokens_from_proto(tokens: &pb::Tokens) -> Vec<Token> {
+    (0..tokens.ids.len())
+        .map(|i| Token {
+            id: tokens.ids[i],
+            text: tokens.texts.get(i).cloned().unwrap_or_default(),
+            logprob: tokens.logprobs.get(i).copied().unwrap_or(f32::NAN),
+            special: tokens.is_special.get(i).copied().unwrap_or(false),
+            alternative_tokens: None,
+            skipped: false,
+        })
+        .collect()
+}
+
+/// A proto token list as prompt tokens (NaN log-probabilities become null).
+pub fn prefill_from_proto(tokens: &pb::Tokens) -> Vec<PrefillToken> {
+    (0..tokens.ids.len())
+        .map(|i| PrefillToken {
+            id: tokens.ids[i],
+            text: tokens.texts.get(i).cloned().unwrap_or_default(),
+            logprob: tokens.logprobs.get(i).copied().filter(|l| l.is_finite()),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_to_blocks() {
+        assert_eq!(round_up(0, 16), 0);
+        assert_eq!(round_up(1, 16), 16);
+        assert_eq!(round_up(16, 16), 16);
+        assert_eq!(round_up(17, 16), 32);
+        assert_eq!(round_up(17, 0), 17);
+    }
+}

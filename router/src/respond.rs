@@ -1,0 +1,121 @@
+//! A generation answered as one JSON document: runs the request (or its `best_of` sequences) to
+//! its end, records its metrics, and sets LoRAX's timing headers.
+
+use crate::api::{BestOfSequence, Details, GenerateRequest, GenerateResponse};
+use crate::app::{resolve, AppState};
+use crate::errors::ApiError;
+use crate::infer::InferResponse;
+use crate::metrics::{self as m, RequestTimings};
+use axum::http::{HeaderMap, HeaderValue};
+use tokio::time::Instant;
+
+/// `text` after the prompt when `return_full_text` asked for it.
+pub fn prepend_prompt(prompt: &Option<String>, text: String) -> String {
+    match prompt {
+        Some(prompt) => format!("{prompt}{text}"),
+        None => text,
+    }
+}
+
+fn timings(start: Instant, response: &InferResponse) -> RequestTimings {
+    RequestTimings {
+        total: start.elapsed(),
+        validation: response.queued.saturating_duration_since(start),
+        queue: response.start.saturating_duration_since(response.queued),
+        inference: response.start.elapsed(),
+        prompt_tokens: response.prompt_tokens,
+        generated_tokens: response.generated_text.generated_tokens,
+    }
+}
+
+/// Runs a request to its end and builds the answer and its timing headers.
+pub async fn generate_response(
+    state: &AppState,
+    request: GenerateRequest,
+) -> Result<(HeaderMap, GenerateResponse), ApiError> {
+    let start = Instant::now();
+    let request = resolve(state, request)?;
+    let adapter = request.adapter_key();
+    let p = &request.request.parameters;
+    let prompt = p
+        .return_full_text
+        .unwrap_or(false)
+        .then(|| request.request.inputs.clone());
+    let want_details = p.details || p.decoder_input_details;
+    let compute_characters = request.request.inputs.chars().count();
+    let best_of = p.best_of.unwrap_or(1);
+    let result = if best_of > 1 {
+        state
+            .infer
+            .generate_best_of(request, best_of)
+            .await
+            .map(|(best, others)| (best, Some(others)))
+    } else {
+        state.infer.generate(request).await.map(|r| (r, None))
+    };
+    let (response, others) = result.map_err(|err| {
+        m::request_failed(adapter.as_deref(), err.error_type());
+        ApiError::from(err)
+    })?;
+
+    let t = timings(start, &response);
+    m::request_succeeded(adapter.as_deref(), &t);
+    let headers = timing_headers(state, &t, compute_characters);
+    let best_of_sequences = others.map(|others| {
+        others
+            .into_iter()
+            .map(|r| BestOfSequence {
+                generated_text: prepend_prompt(&prompt, r.generated_text.text),
+                finish_reason: r.generated_text.finish_reason,
+                generated_tokens: r.generated_text.generated_tokens,
+                seed: r.generated_text.seed,
+                prefill: r.prefill,
+                tokens: r.tokens,
+                top_tokens: r.top_tokens,
+            })
+            .collect()
+    });
+    let generated = response.generated_text;
+    let details = want_details.then_some(Details {
+        finish_reason: generated.finish_reason,
+        prompt_tokens: response.prompt_tokens,
+        generated_tokens: generated.generated_tokens,
+        skipped_tokens: 0,
+        seed: generated.seed,
+        prefill: response.prefill,
+        tokens: response.tokens,
+        top_tokens: response.top_tokens,
+        best_of_sequences,
+    });
+    let answer = GenerateResponse {
+        generated_text: prepend_prompt(&prompt, generated.text),
+        details,
+    };
+    Ok((headers, answer))
+}
+
+fn timing_headers(state: &AppState, t: &RequestTimings, characters: usize) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    let mut set = |name: &'static str, value: String| {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    };
+    set("x-compute-type", state.info.model_device_type.clone());
+    set("x-compute-time", t.total.as_millis().to_string());
+    set("x-compute-characters", characters.to_string());
+    set("x-total-time", t.total.as_millis().to_string());
+    set("x-validation-time", t.validation.as_millis().to_string());
+    set("x-queue-time", t.queue.as_millis().to_string());
+    set("x-inference-time", t.inference.as_millis().to_string());
+    set(
+        "x-time-per-token",
+        t.time_per_token().as_millis().to_string(),
+    );
+    set("x-prompt-tokens", t.prompt_tokens.to_string());
+    set("x-generated-tokens", t.generated_tokens.to_string());
+    let total_tokens = t.prompt_tokens + t.generated_tokens;
+    set("x-total-tokens", total_tokens.to_string());
+    set("x-model-id", state.info.model_id.clone());
+    headers
+}

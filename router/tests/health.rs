@@ -1,0 +1,104 @@
+//! `GET /health` answers whether the server can generate now: an idle server proves it with a
+//! one-token probe (never counted as a request), a stuck decode step turns it 503 within the
+//! bound, and it recovers once steps complete again.
+
+mod common;
+
+use axum::http::StatusCode;
+use common::*;
+use lorax_router::health::HealthConfig;
+use lorax_router::testing::{Call, FakeShard};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const STALL: Duration = Duration::from_millis(1000);
+const PROBE_INTERVAL: Duration = Duration::from_millis(300);
+
+fn health_app(shard: Arc<FakeShard>) -> axum::Router {
+    let health = HealthConfig {
+        stall_timeout: STALL,
+        probe_interval: PROBE_INTERVAL,
+    };
+    app_with_health(shard, 4, adapter_config(), exchange(), health)
+}
+
+fn prefills(shard: &FakeShard) -> usize {
+    shard
+        .calls()
+        .iter()
+        .filter(|c| matches!(c, Call::Prefill { .. }))
+        .count()
+}
+
+/// The value of a metric line (`name{labels} value`), 0 when absent.
+async fn metric(app: &axum::Router, line_start: &str) -> f64 {
+    let text = String::from_utf8(get(app, "/metrics").await.body.to_vec()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+// One test per binary: the metrics recorder is global, and the request counts checked below
+// must see this test's requests only.
+#[tokio::test]
+async fn health_generates_when_idle_and_turns_503_when_a_step_hangs() {
+    let shard = Arc::new(FakeShard::gated(1000, 1));
+    let app = health_app(shard.clone());
+    let requests = "lorax_request_count{adapter=\"base\"}";
+
+    // Idle: the check runs one probe (a prefill of one new token).
+    shard.allow_steps(1);
+    assert_eq!(get(&app, "/health").await.status, StatusCode::OK);
+    assert_eq!(prefills(&shard), 1);
+    // Within the probe interval a recent step is proof enough: no second probe.
+    assert_eq!(get(&app, "/health").await.status, StatusCode::OK);
+    assert_eq!(prefills(&shard), 1);
+    tokio::time::sleep(PROBE_INTERVAL + Duration::from_millis(50)).await;
+    shard.allow_steps(1);
+    assert_eq!(get(&app, "/health").await.status, StatusCode::OK);
+    assert_eq!(prefills(&shard), 2);
+    assert_eq!(metric(&app, requests).await, 0.0, "probes are not requests");
+
+    // A request whose decode never returns.
+    let request = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            post(
+                &app,
+                "/generate",
+                json!({"inputs": "hello", "parameters": {"max_new_tokens": 3}}),
+            )
+            .await
+        })
+    };
+    shard.allow_steps(1);
+    let stuck_since = Instant::now();
+    let answer = loop {
+        let answer = get(&app, "/health").await;
+        if answer.status != StatusCode::OK {
+            break answer;
+        }
+        assert!(
+            stuck_since.elapsed() < STALL + Duration::from_secs(3),
+            "still healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_error(&answer, 503, "healthcheck");
+    let reason = answer.json()["error"].as_str().unwrap().to_string();
+    assert!(reason.contains("decode step has been running"), "{reason}");
+    // Not before the bound: the decode started after `stuck_since`.
+    assert!(
+        stuck_since.elapsed() >= STALL,
+        "{:?}",
+        stuck_since.elapsed()
+    );
+
+    // The shard answers again: the request finishes and health comes back.
+    shard.allow_steps(100);
+    let answer = request.await.unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(get(&app, "/health").await.status, StatusCode::OK);
+    assert_eq!(metric(&app, requests).await, 1.0, "only the real request");
+}
