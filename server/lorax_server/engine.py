@@ -22,7 +22,7 @@ from .kv_cache import BlockManager, KVCache, OutOfBlocks
 from .models.transformer import CausalLM
 from .sampling import BatchSampler
 from .stopping import FinishReason, StoppingCriteria
-from .utils.tokens import IncrementalDetokenizer, decode_generated
+from .utils.tokens import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ class Engine:
                 r,
                 t,
                 StoppingCriteria(self.eos_ids, r.max_new_tokens, list(r.stop_sequences), r.ignore_eos),
-                IncrementalDetokenizer(self.tokenizer, list(r.input_ids)),
+                IncrementalDetokenizer(self.tokenizer, list(r.input_ids), self.special_ids),
             )
             for r, t in zip(requests, tables, strict=True)
         ]
@@ -399,6 +399,8 @@ class Engine:
             seq.generated.append(token)
             text = seq.detokenizer.step(token)
             reason = seq.stopping(token, text)
+            if reason is not None:  # a character cut short by the end is streamed too (as U+FFFD)
+                text += seq.detokenizer.flush()
             gen = GenerationOut(seq.request.id, token, lps_host[row], text, token in self.special_ids)
             if prefill is not None:
                 gen.prefill = prefill[row]
@@ -408,7 +410,7 @@ class Engine:
             if reason is not None:
                 sampling = seq.request.sampling
                 gen.finished = Finished(
-                    decode_generated(self.tokenizer, seq.generated),
+                    seq.detokenizer.text,  # what the stream sent, special tokens left out
                     len(seq.generated),
                     reason,
                     sampling.seed if sampling.samples else None,

@@ -23,23 +23,13 @@ from lorax_server.pb import generate_pb2_grpc as pb_grpc
 KV_BLOCKS = 64  # x 16 tokens = 1024 tokens of cache
 
 
-@pytest.fixture(scope="module")
-def shard(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    sock_dir = tmp_path_factory.mktemp("sock")
+@contextmanager
+def run_shard(model_dir: Path, sock_dir: Path) -> Iterator[tuple[pb_grpc.LoraxServiceStub, subprocess.Popen, Path]]:
+    """`lorax-server serve MODEL_DIR` in a subprocess, with a stub connected to its socket."""
     uds = str(sock_dir / "shard")
     exe = shutil.which("lorax-server", path=str(Path(sys.executable).parent)) or "lorax-server"
     proc = subprocess.Popen(
-        [
-            exe,
-            "serve",
-            str(llama_dir),
-            "--uds-path",
-            uds,
-            "--dtype",
-            "float32",
-            "--kv-cache-blocks",
-            str(KV_BLOCKS),
-        ],
+        [exe, "serve", str(model_dir), "--uds-path", uds, "--dtype", "float32", "--kv-cache-blocks", str(KV_BLOCKS)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
@@ -54,11 +44,18 @@ def shard(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
             raise TimeoutError("shard did not start")
         time.sleep(0.1)
     channel = grpc.insecure_channel(f"unix://{sock}")
-    stub = pb_grpc.LoraxServiceStub(channel)
-    yield stub, proc, sock
-    channel.close()
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        yield pb_grpc.LoraxServiceStub(channel), proc, sock
+    finally:
+        channel.close()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def shard(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    with run_shard(llama_dir, tmp_path_factory.mktemp("sock")) as running:
+        yield running
 
 
 def request(rid: int, ids: list[int], max_new: int = 4, **kw) -> pb.Request:
@@ -327,3 +324,57 @@ def test_adapters_over_grpc(shard, llama_dir: Path, tmp_path: Path) -> None:
         assert err.value.code() == code and message in err.value.details(), err.value.details()
     stub.Health(pb.HealthRequest())
     assert proc.poll() is None
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_shard(tmp_path_factory: pytest.TempPathFactory):
+    """A shard serving a tiny Llama with Mistral's SentencePiece tokenizer, forced to generate
+    chosen pieces (server/tests/sentencepiece_models.py)."""
+    from sentencepiece_models import make_forced_llama
+
+    model_dir = make_forced_llama(tmp_path_factory.mktemp("sentencepiece_llama"))
+    with run_shard(model_dir, tmp_path_factory.mktemp("sock")) as (stub, _, _):
+        stub.Warmup(pb.WarmupRequest(max_input_length=64, max_prefill_tokens=128, max_total_tokens=128))
+        yield stub, model_dir
+
+
+def _generate(stub, batch_id: int, ids: list[int], max_new: int, ignore_eos: bool = False):  # noqa: ANN001, ANN202
+    """One request to the end: its (token text, is special) pairs and its GeneratedText."""
+    req = pb.Request(
+        id=1,
+        input_ids=ids,
+        parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0),
+        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=ignore_eos),
+    )
+    step = stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=batch_id, requests=[req], size=1)))
+    tokens = []
+    while True:
+        gen = step.generations[0]
+        tokens.append((gen.token_text, gen.token_is_special))
+        if gen.HasField("generated_text"):
+            return tokens, gen.generated_text
+        step = stub.Decode(pb.DecodeRequest(batches=[step.batch]))
+
+
+def test_sentencepiece_stream_adds_up_to_generated_text(sentencepiece_shard) -> None:
+    """With a real SentencePiece tokenizer (leading and repeated spaces, accents, CJK, emoji,
+    byte-fallback pieces, EOS): the streamed texts, special tokens left out, are generated_text."""
+    from sentencepiece_models import CASES, CUT_SHORT, IGNORE_EOS_TEXT, prompt_ids
+
+    stub, model_dir = sentencepiece_shard
+    for batch_id, case in enumerate(CASES, start=50):
+        tokens, final = _generate(stub, batch_id, prompt_ids(model_dir, case.prompt), 32)
+        assert "".join(text for text, special in tokens if not special) == final.text == case.text, case.name
+        assert tokens[-1] == ("</s>", True) and final.finish_reason == pb.FINISH_REASON_EOS_TOKEN
+        assert final.generated_tokens == len(case.pieces) + 1
+    spaces, emoji = CASES[0], CASES[3]
+    streamed = [text for text, _ in _generate(stub, 60, prompt_ids(model_dir, spaces.prompt), 32)[0]]
+    assert streamed == [" end", "  ", "</s>"]  # the first token keeps its space after the prompt
+    for max_new, text in IGNORE_EOS_TEXT.items():
+        tokens, final = _generate(stub, 61, prompt_ids(model_dir, spaces.prompt), max_new, ignore_eos=True)
+        assert "".join(t for t, special in tokens if not special) == final.text == text
+        assert [t for t, special in tokens if special] == ["</s>"] * ((max_new - 1) // 2)
+    for max_new, text in CUT_SHORT.items():
+        tokens, final = _generate(stub, 62, prompt_ids(model_dir, emoji.prompt), max_new)
+        assert "".join(t for t, _ in tokens) == final.text == text
+        assert final.finish_reason == pb.FINISH_REASON_LENGTH

@@ -6,10 +6,11 @@ import json
 from collections.abc import Callable
 
 import pytest
+from sentencepiece_models import convert_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from lorax_server.utils.tokens import IncrementalDetokenizer, decode_generated
+from lorax_server.utils.tokens import IncrementalDetokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Hello, world!",
@@ -49,9 +50,7 @@ def byte_fallback_bpe() -> Tokenizer:
     """Llama style: Metaspace "▁", BPE with <0xNN> byte-fallback tokens, Replace/ByteFallback/Fuse/Strip."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=SPECIALS, limit_alphabet=60, show_progress=False
-    )
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, limit_alphabet=60, show_progress=False)
     tok.train_from_iterator(CORPUS[:3] * 5, trainer)  # CJK and emoji are left to the byte tokens
     spec = json.loads(tok.to_str())
     vocab = spec["model"]["vocab"]
@@ -70,10 +69,26 @@ def as_transformers(tok: Tokenizer) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-@pytest.fixture(scope="module", params=["byte_level", "byte_fallback", "byte_level_hf", "byte_fallback_hf"])
+@pytest.fixture(scope="module")
+def sentencepiece(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """Mistral's real SentencePiece tokenizer, converted to tokenizer.json by transformers."""
+    return convert_tokenizer(tmp_path_factory.mktemp("sentencepiece"))
+
+
+@pytest.fixture(
+    scope="module", params=["byte_level", "byte_fallback", "byte_level_hf", "byte_fallback_hf", "sentencepiece"]
+)
 def tokenizer(request: pytest.FixtureRequest) -> Tokenizer | PreTrainedTokenizerFast:
+    if request.param == "sentencepiece":
+        return request.getfixturevalue("sentencepiece")
     base = byte_level_bpe() if request.param.startswith("byte_level") else byte_fallback_bpe()
     return as_transformers(base) if request.param.endswith("_hf") else base
+
+
+def special_ids(tokenizer: Tokenizer | PreTrainedTokenizerFast) -> set[int]:
+    if isinstance(tokenizer, Tokenizer):
+        return {tokenizer.token_to_id(t) for t in SPECIALS}
+    return set(tokenizer.all_special_ids)
 
 
 def encode(tokenizer: Tokenizer | PreTrainedTokenizerFast, text: str) -> list[int]:
@@ -86,9 +101,7 @@ def decode(tokenizer: Tokenizer | PreTrainedTokenizerFast, ids: list[int]) -> st
     return tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def stream(
-    tokenizer: Tokenizer | PreTrainedTokenizerFast, prompt: list[int], generated: list[int]
-) -> list[str]:
+def stream(tokenizer: Tokenizer | PreTrainedTokenizerFast, prompt: list[int], generated: list[int]) -> list[str]:
     det = IncrementalDetokenizer(tokenizer, prompt)
     return [det.step(t) for t in generated]
 
@@ -151,8 +164,9 @@ def test_special_tokens_stream_their_text_but_final_text_skips_them(tokenizer: T
     generated = encode(tokenizer, "Hi there 😀") + [eos]
     pieces = stream(tokenizer, encode(tokenizer, "Q:"), generated)
     assert pieces[-1] == "</s>"
-    assert decode_generated(tokenizer, generated) == tokenizer.decode(generated[:-1])
-    assert "</s>" not in decode_generated(tokenizer, generated)
+    det = IncrementalDetokenizer(tokenizer, encode(tokenizer, "Q:"), special_ids(tokenizer))
+    assert [det.step(t) for t in generated] == pieces
+    assert det.text == "".join(pieces[:-1]) and "</s>" not in det.text
 
 
 def test_window_stays_bounded(tokenizer: Tokenizer) -> None:
@@ -172,3 +186,56 @@ def test_invalid_bytes_do_not_stall_forever() -> None:
     det = IncrementalDetokenizer(tok, [])
     pieces = [det.step(lone) for _ in range(20)]
     assert any(pieces) and len(det.ids) <= 16
+
+
+def stream_and_final(
+    tokenizer: Tokenizer | PreTrainedTokenizerFast, prompt: list[int], generated: list[int]
+) -> tuple[list[str], str]:
+    """What the engine sends: each token's text (the last one flushing what is held back), and the
+    final text."""
+    det = IncrementalDetokenizer(tokenizer, prompt, special_ids(tokenizer))
+    pieces = [det.step(t) for t in generated]
+    pieces[-1] += det.flush()
+    return pieces, det.text
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_final_text_is_the_joined_stream_without_special_tokens(tokenizer: Tokenizer, text: str) -> None:
+    """At every split of prompt and output, with </s> between two characters and at the end, and with
+    the output cut short inside a character: the final text equals the streamed texts joined, special
+    tokens' texts left out, and the stream is the generated part of the decode of prompt + output."""
+    specials = special_ids(tokenizer)
+    eos = max(specials - {min(specials)})  # </s>: ids 0, 1, 2 are <unk>, <s>, </s> in every tokenizer here
+    ids = encode(tokenizer, "Say:  " + text)
+    for k in range(1, len(ids)):
+        if not is_boundary(tokenizer, ids, k):  # a prompt is whole text: it ends between characters
+            continue
+        j = next((j for j in range(k + 1, len(ids)) if is_boundary(tokenizer, ids, j)), len(ids))
+        for generated in (ids[k:] + [eos], ids[k:j] + [eos] + ids[j:], ids[k:-1] or ids[k:]):
+            pieces, final = stream_and_final(tokenizer, ids[:k], generated)
+            kept = "".join(p for p, t in zip(pieces, generated, strict=True) if t not in specials)
+            assert final == kept, (k, generated)
+            if generated[-1] == eos:  # complete characters only: the stream is the decode's tail
+                whole, prompt_text = decode(tokenizer, ids[:k] + generated), decode(tokenizer, ids[:k])
+                assert "".join(pieces) == whole[len(prompt_text) :], (k, generated)
+
+
+def test_sentencepiece_first_token_keeps_its_space(sentencepiece) -> None:
+    """With Mistral's tokenizer the stream says ' end  ', and so must the final text (decoding the
+    generated ids alone drops the first space)."""
+    tok = sentencepiece
+    prompt, generated = tok.encode("Say:"), tok.convert_tokens_to_ids(["▁end", "▁▁", "</s>"])
+    pieces, final = stream_and_final(tok, prompt, generated)
+    assert pieces == [" end", "  ", "</s>"] and final == " end  "
+    assert tok.decode(generated, skip_special_tokens=True) == "end  "  # why context matters
+    only_bos = stream_and_final(tok, [tok.bos_token_id], generated)  # context that is a special token
+    assert only_bos == ([" end", "  ", "</s>"], " end  ")
+
+
+def test_flush_emits_a_character_cut_short(sentencepiece) -> None:
+    tok = sentencepiece
+    generated = tok.convert_tokens_to_ids(["😀", "<0xF0>", "<0x9F>"])  # two of 🦙's four bytes
+    det = IncrementalDetokenizer(tok, tok.encode("ǅ"), tok.all_special_ids)
+    assert [det.step(t) for t in generated] == ["😀", "", ""]
+    assert det.flush() == "\ufffd\ufffd" and det.flush() == ""
+    assert det.text == "😀\ufffd\ufffd"
