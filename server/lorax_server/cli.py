@@ -36,9 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="load a model and serve it over gRPC on a unix socket")
     serve.add_argument("model_id", help="local model directory or Hugging Face Hub id")
-    serve.add_argument(
-        "--uds-path", default="/tmp/lorax-server", help="socket path prefix; rank r uses PATH-r"
-    )
+    serve.add_argument("--uds-path", default="/tmp/lorax-server", help="socket path prefix; rank r uses PATH-r")
     serve.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     serve.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     serve.add_argument("--sharded", action="store_true", help="tensor-parallel over WORLD_SIZE ranks")

@@ -133,9 +133,7 @@ class Engine:
             )
         self.cache = KVCache(layers, num_blocks, bs, kv_heads, head_dim, dtype, self.device)
         self.blocks = BlockManager(num_blocks, bs)
-        log.info(
-            "KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs, num_blocks * per_block / 2**20
-        )
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs, num_blocks * per_block / 2**20)
         return num_blocks * bs
 
     def _blocks_from_memory(self, per_block: int) -> int:
@@ -220,9 +218,7 @@ class Engine:
             if r.max_new_tokens < 1:
                 raise RequestError(f"request {r.id}: max_new_tokens must be at least 1")
             if max(r.input_ids) >= vocab:
-                raise RequestError(
-                    f"request {r.id}: token id {max(r.input_ids)} is outside the vocabulary ({vocab})"
-                )
+                raise RequestError(f"request {r.id}: token id {max(r.input_ids)} is outside the vocabulary ({vocab})")
             total = len(r.input_ids) + r.max_new_tokens
             if blocks.blocks_for(total) > blocks.num_blocks:
                 raise RequestError(
@@ -301,9 +297,7 @@ class Engine:
         batch = Batch(batch_id, seqs, sampler, flat.new_zeros(len(requests)), block_tables, history, steps)
         last = torch.tensor(last_rows, dtype=torch.int64, device=dev)
         prefill_lists = (
-            self._prefill_tokens(requests, logits, rows)
-            if any(r.prefill_logprobs for r in requests)
-            else None
+            self._prefill_tokens(requests, logits, rows) if any(r.prefill_logprobs for r in requests) else None
         )
         gens = self._sample_and_advance(batch, logits[last], prefill_lists, forward_start)
         return gens, self._keep_unfinished(batch, gens)
@@ -368,8 +362,7 @@ class Engine:
             return batch.next_ids, ones
         query_lens = [n if n == at else 1 for n in lengths]
         pieces = [
-            batch.history[row, :n] if n == at else batch.next_ids[row : row + 1]
-            for row, n in enumerate(query_lens)
+            batch.history[row, :n] if n == at else batch.next_ids[row : row + 1] for row, n in enumerate(query_lens)
         ]
         return torch.cat(pieces), query_lens
 

@@ -104,12 +104,8 @@ class KVCache:
         self.num_blocks = num_blocks
 
     @staticmethod
-    def bytes_per_block(
-        num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
-    ) -> int:
-        return (
-            2 * num_layers * block_size * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
-        )
+    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """slots [num_tokens]; k, v [num_tokens, kv_heads, head_dim]."""

@@ -235,9 +235,7 @@ class BatchSampler:
         return SamplerOutput(next_ids=next_ids, logprobs=logprobs)
 
 
-def apply_repetition_penalty(
-    scores: torch.Tensor, history: torch.Tensor, penalty: torch.Tensor
-) -> torch.Tensor:
+def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
     """transformers' RepetitionPenaltyLogitsProcessor per row.
 
     scores: [batch, vocab]; history: [batch, max_len] int64, -1 = padding; penalty: [batch].

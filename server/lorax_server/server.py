@@ -112,9 +112,7 @@ def generation_to_proto(g: GenerationOut) -> pb.Generation:
     if g.finished is not None:
         f = g.finished
         msg.generated_text.CopyFrom(
-            pb.GeneratedText(
-                text=f.text, generated_tokens=f.generated_tokens, finish_reason=int(f.reason), seed=f.seed
-            )
+            pb.GeneratedText(text=f.text, generated_tokens=f.generated_tokens, finish_reason=int(f.reason), seed=f.seed)
         )
     return msg
 
@@ -122,9 +120,7 @@ def generation_to_proto(g: GenerationOut) -> pb.Generation:
 def cached_batch(batch: Batch | None) -> pb.CachedBatch | None:
     if batch is None:
         return None
-    return pb.CachedBatch(
-        id=batch.id, request_ids=batch.request_ids, size=len(batch), max_tokens=batch.max_tokens
-    )
+    return pb.CachedBatch(id=batch.id, request_ids=batch.request_ids, size=len(batch), max_tokens=batch.max_tokens)
 
 
 class LoraxService(pb_grpc.LoraxServiceServicer):

@@ -385,9 +385,7 @@ class _Handler(BaseHTTPRequestHandler):
 def _tree_entries(files: dict[str, FileEntry]) -> list[dict]:
     """Tree entries of every file and every directory, directories first, like the Hub lists them."""
     dirs = sorted({"/".join(p.split("/")[:i]) for p in files for i in range(1, p.count("/") + 1)})
-    entries = [
-        {"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d} for d in dirs
-    ]
+    entries = [{"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d} for d in dirs]
     return entries + [entry.tree_entry() for entry in files.values()]
 
 

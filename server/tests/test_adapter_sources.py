@@ -237,8 +237,6 @@ def test_bad_adapter_files_refused(peft_adapter, tmp_path: Path, case: str) -> N
 # Hub ----------------------------------------------------------------------------------------------
 
 
-
-
 def test_hub_adapter_fetches_only_adapter_files_once(hub_env, peft_adapter, tmp_path: Path) -> None:
     files = {**peft_adapter, **HUB_NOISE, ADAPTER_BIN: _bin_only(peft_adapter)[ADAPTER_BIN]}
     hub_env.add_repo("org/lora", files)

@@ -129,6 +129,7 @@ def test_mixed_batch_greedy_tokens_equal_peft(setup) -> None:
 
 def test_continuous_batching_with_adapters_joining(setup) -> None:
     engine, ref, indices, _, _ = setup
+
     def req(rid: int, n: int, new: int, adapter: str | None = None) -> RequestIn:
         index = indices[adapter] if adapter else 0
         return RequestIn(rid, prompt(rid, n), SamplingParams(), new, ignore_eos=True, adapter_index=index)

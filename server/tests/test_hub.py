@@ -62,8 +62,6 @@ class _Exploit:
         return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
 
 
-
-
 # Local directories ------------------------------------------------------------------------------
 
 

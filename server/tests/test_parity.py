@@ -34,9 +34,7 @@ def _prompts(vocab: int) -> list[torch.Tensor]:
 def _cache(model, num_blocks: int = 128) -> tuple[KVCache, BlockManager]:
     c = model.config
     return (
-        KVCache(
-            c.num_layers, num_blocks, BLOCK, c.num_kv_heads, c.head_dim, torch.float32, torch.device("cpu")
-        ),
+        KVCache(c.num_layers, num_blocks, BLOCK, c.num_kv_heads, c.head_dim, torch.float32, torch.device("cpu")),
         BlockManager(num_blocks, BLOCK),
     )
 

@@ -43,9 +43,7 @@ def reference_scores(p: SamplingParams, logits: torch.Tensor, history: list[int]
     return scores[0]
 
 
-def make_history(
-    lengths: list[int], vocab: int = VOCAB, seed: int = 0
-) -> tuple[torch.Tensor, list[list[int]]]:
+def make_history(lengths: list[int], vocab: int = VOCAB, seed: int = 0) -> tuple[torch.Tensor, list[list[int]]]:
     """History [batch, max_len] padded with -1 (ids repeat), and the unpadded rows."""
     g = torch.Generator().manual_seed(seed)
     rows = [torch.randint(0, vocab // 4, (n,), generator=g).tolist() for n in lengths]
@@ -137,9 +135,7 @@ def test_greedy_is_argmax() -> None:
         SamplingParams(temperature=0.1, top_k=2),
         SamplingParams(do_sample=True, temperature=0.0),
     ] + [SamplingParams(seed=i) for i in range(2)]
-    out = BatchSampler.from_params(params, CPU)(
-        logits, torch.full((5, 1), -1), torch.zeros(5, dtype=torch.int64)
-    )
+    out = BatchSampler.from_params(params, CPU)(logits, torch.full((5, 1), -1), torch.zeros(5, dtype=torch.int64))
     assert torch.equal(out.next_ids, logits.argmax(dim=-1))
     assert torch.equal(out.logprobs, torch.log_softmax(logits, dim=-1))
 
@@ -294,9 +290,7 @@ def test_top_n_and_chosen_logprobs() -> None:
         SamplingParams(do_sample=True, seed=1, top_k=2),
         SamplingParams(do_sample=True),
     ]
-    out = BatchSampler.from_params(params, CPU)(
-        logits, torch.full((3, 1), -1), torch.zeros(3, dtype=torch.int64)
-    )
+    out = BatchSampler.from_params(params, CPU)(logits, torch.full((3, 1), -1), torch.zeros(3, dtype=torch.int64))
     chosen = out.chosen_logprobs()
     assert chosen.shape == (3,)
     for i in range(3):

@@ -30,9 +30,7 @@ def _split_key(key: str) -> tuple[str, str]:
         for marker in (f".lora_{side}.weight", f".lora_{side}.default.weight"):
             if name.endswith(marker):
                 return name[: -len(marker)], side
-    raise AdapterLoadError(
-        f"unsupported tensor {key!r} in adapter (only lora_A/lora_B weights of linear layers)"
-    )
+    raise AdapterLoadError(f"unsupported tensor {key!r} in adapter (only lora_A/lora_B weights of linear layers)")
 
 
 def read_lora_tensors(adapter_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -93,9 +91,7 @@ def load_lora_adapter(
                 f"shape mismatch for {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit "
                 f"a base layer of {in_features} inputs and {out_features} outputs"
             )
-        out[module] = LoraModuleWeights(
-            a.to(dtype).contiguous(), b.to(dtype).contiguous(), config.scale_for(module)
-        )
+        out[module] = LoraModuleWeights(a.to(dtype).contiguous(), b.to(dtype).contiguous(), config.scale_for(module))
     return out
 
 

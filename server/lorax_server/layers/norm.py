@@ -23,9 +23,7 @@ class RMSNorm:
         return self.weight * x32.to(dtype)
 
     @classmethod
-    def load(
-        cls, weights: Weights, prefix: str, eps: float, hidden: int, weight_offset: float = 0.0
-    ) -> RMSNorm:
+    def load(cls, weights: Weights, prefix: str, eps: float, hidden: int, weight_offset: float = 0.0) -> RMSNorm:
         return cls(weights.get(f"{prefix}.weight", (hidden,)), eps, weight_offset)
 
 

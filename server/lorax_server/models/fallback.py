@@ -31,6 +31,7 @@ class TransformersCausalLM:
     def position_limit(self) -> int | None:
         """transformers' own module may index a position table: keep within the configured positions."""
         return self.config.max_position_embeddings
+
     spec = None
 
     def __init__(

@@ -79,9 +79,7 @@ class Weights:
             return self._finish(sl[:], name)
         size = shape[dim]
         if size % self.world_size:
-            raise WeightsError(
-                f"{name!r} dim {dim} of size {size} does not split over {self.world_size} shards"
-            )
+            raise WeightsError(f"{name!r} dim {dim} of size {size} does not split over {self.world_size} shards")
         block = size // self.world_size
         index = [slice(None)] * len(shape)
         index[dim] = slice(self.rank * block, (self.rank + 1) * block)
