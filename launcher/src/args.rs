@@ -232,7 +232,8 @@ pub struct Args {
     #[arg(long, env, value_parser = BoolishValueParser::new())]
     pub json_output: bool,
 
-    /// OpenTelemetry collector to send traces to (later feature: accepted, not used yet).
+    /// OpenTelemetry collector (OTLP over gRPC, e.g. `http://collector:4317`) that receives the
+    /// router's and the shards' spans: request, validation, queue wait, each prefill and decode.
     #[arg(long, env)]
     pub otlp_endpoint: Option<String>,
 

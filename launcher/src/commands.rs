@@ -96,6 +96,9 @@ pub fn shard(server: &Path, args: &Args, env: &ChildEnv, rank: usize) -> Command
     if args.trust_remote_code {
         spec = spec.arg("--trust-remote-code");
     }
+    if let Some(endpoint) = &args.otlp_endpoint {
+        spec = spec.arg("--otlp-endpoint").arg(endpoint);
+    }
     spec = spec
         .env("RANK", rank.to_string())
         .env("LOCAL_RANK", rank.to_string())
@@ -165,6 +168,9 @@ pub fn router(router: &Path, args: &Args, env: &ChildEnv, tokenizer: &Path) -> C
     }
     if let Some(total) = args.max_batch_total_tokens {
         spec = spec.arg("--max-batch-total-tokens").arg(total.to_string());
+    }
+    if let Some(endpoint) = &args.otlp_endpoint {
+        spec = spec.arg("--otlp-endpoint").arg(endpoint);
     }
     // Always JSON: the launcher re-logs each line at its level, in the launcher's format.
     spec = spec.arg("--json-output");
@@ -238,6 +244,8 @@ mod tests {
             "--disable-custom-kernels",
             "--shard-uds-path",
             "/run/s",
+            "--otlp-endpoint",
+            "http://otel:4317",
         ]);
         let cache = ChildEnv {
             hub_cache: Some("/data".into()),
@@ -247,7 +255,8 @@ mod tests {
         assert_eq!(
             spec.args_lossy().join(" "),
             "serve org/model --uds-path /run/s --revision main --dtype bfloat16 --sharded \
-             --kv-cache-blocks 64 --memory-fraction 0.5 --trust-remote-code"
+             --kv-cache-blocks 64 --memory-fraction 0.5 --trust-remote-code \
+             --otlp-endpoint http://otel:4317"
         );
         assert_eq!(env_of(&spec, "RANK").as_deref(), Some("1"));
         assert_eq!(env_of(&spec, "LOCAL_RANK").as_deref(), Some("1"));

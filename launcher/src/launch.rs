@@ -80,9 +80,6 @@ impl Launcher {
     /// Runs the launcher to its end: `Ok` after `--download-only` or a stop by SIGINT/SIGTERM,
     /// an error when a step or a child fails.
     pub fn run(&self) -> anyhow::Result<()> {
-        if let Some(endpoint) = &self.args.otlp_endpoint {
-            warn!("--otlp-endpoint {endpoint} is accepted but tracing export is not built yet");
-        }
         let Some(model_dir) = self.download()? else {
             return Ok(());
         };

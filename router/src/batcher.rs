@@ -14,11 +14,13 @@ use crate::errors::InferError;
 use crate::health::Health;
 use crate::pb;
 use crate::queue::{NextBatch, Queue};
+use crate::telemetry;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::{Instrument, Span};
 
 /// The batching policy's limits.
 #[derive(Debug, Clone, Copy)]
@@ -156,9 +158,21 @@ async fn prefill(
     let client = shard.client;
     let batch_id = batch.id;
     metrics::counter!("lorax_batch_inference_count", "method" => "prefill").increment(1);
+    let prefill_tokens: usize = batch.requests.iter().map(|r| r.input_ids.len()).sum();
+    let span = step_span(
+        tracing::info_span!(
+            parent: None,
+            "prefill",
+            batch_id,
+            batch_size = batch.requests.len(),
+            prefill_tokens,
+            trace_id = tracing::field::Empty,
+        ),
+        entries,
+    );
     let start = Instant::now();
     shard.health.step_started("prefill");
-    let result = client.prefill(batch).await;
+    let result = client.prefill(batch).instrument(span).await;
     shard.health.step_finished(result.is_ok());
     match result {
         Ok((generations, next)) => {
@@ -182,9 +196,19 @@ async fn decode(
     let client = shard.client;
     let batch_ids: Vec<u64> = batches.iter().map(|b| b.id).collect();
     metrics::counter!("lorax_batch_inference_count", "method" => "decode").increment(1);
+    let span = step_span(
+        tracing::info_span!(
+            parent: None,
+            "decode",
+            batches = batch_ids.len(),
+            batch_size = entries.len(),
+            trace_id = tracing::field::Empty,
+        ),
+        entries,
+    );
     let start = Instant::now();
     shard.health.step_started("decode");
-    let result = client.decode(batches).await;
+    let result = client.decode(batches).instrument(span).await;
     shard.health.step_finished(result.is_ok());
     match result {
         Ok((generations, next)) => {
@@ -200,6 +224,18 @@ async fn decode(
             None
         }
     }
+}
+
+/// A batch step's span: a trace of its own (it serves many requests), linked to the span of
+/// every request it serves.
+fn step_span(span: Span, entries: &Entries) -> Span {
+    if !span.is_disabled() {
+        for entry in entries.values() {
+            telemetry::link(&span, &entry.span);
+        }
+        telemetry::record_trace_id(&span);
+    }
+    span
 }
 
 fn record_step(method: &'static str, start: Instant) {

@@ -4,12 +4,30 @@
 
 use crate::pb;
 use crate::pb::lorax_service_client::LoraxServiceClient;
+use crate::telemetry;
 use async_trait::async_trait;
 use futures::future::join_all;
 use hyper_util::rt::TokioIo;
 use std::time::Duration;
 use tokio::net::UnixStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Puts the caller's trace context (`traceparent`) into every call's metadata, so the shard's
+/// spans join the router's trace.
+#[derive(Clone, Copy, Debug)]
+pub struct TraceContext;
+
+impl Interceptor for TraceContext {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        telemetry::inject_current(request.metadata_mut());
+        Ok(request)
+    }
+}
 
 /// A failed shard call.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -112,7 +130,7 @@ pub trait ShardClient: Send + Sync + 'static {
 /// One shard's gRPC client over its unix socket.
 #[derive(Clone, Debug)]
 pub struct Shard {
-    client: LoraxServiceClient<Channel>,
+    client: LoraxServiceClient<InterceptedService<Channel, TraceContext>>,
 }
 
 /// Largest gRPC message accepted (prefill answers with prompt log-probabilities can be big).
@@ -134,7 +152,7 @@ impl Shard {
                 }))
                 .await
                 .map_err(|e| ShardError::Connection(format!("{e:?}")))?;
-        let client = LoraxServiceClient::new(channel)
+        let client = LoraxServiceClient::with_interceptor(channel, TraceContext)
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
         Ok(Self { client })

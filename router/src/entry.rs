@@ -7,6 +7,7 @@ use crate::pb;
 use crate::validation::ValidGenerateRequest;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tracing::Span;
 
 /// What the batcher sends to a request, in order: at most one `Prefill`, then one message per
 /// generated token, the last being `End`.
@@ -67,6 +68,10 @@ pub struct Entry {
     pub adapter_index: u32,
     /// A health probe: goes into a batch before every waiting request.
     pub priority: bool,
+    /// The request's span (the batch steps that serve it link to it).
+    pub span: Span,
+    /// Open while the request waits for a batch.
+    pub queue_span: Span,
 }
 
 impl Entry {
@@ -78,13 +83,18 @@ impl Entry {
             batch_time: None,
             adapter_index: 0,
             priority: false,
+            span: Span::current(),
+            queue_span: tracing::info_span!("queue"),
         }
     }
 
     /// A health probe's entry (see `health`).
     pub fn probe(request: ValidGenerateRequest, response_tx: ResponseSender) -> Self {
+        // Probes are not requests: no spans (they would each start a trace).
         Self {
             priority: true,
+            span: Span::none(),
+            queue_span: Span::none(),
             ..Self::new(request, response_tx)
         }
     }
@@ -93,6 +103,12 @@ impl Entry {
     pub fn reserved_tokens(&self, block_size: u32) -> u32 {
         let total = self.request.input_length + self.request.stopping_parameters.max_new_tokens;
         round_up(total, block_size)
+    }
+
+    /// The entry joins a batch: its wait in the queue ends.
+    pub fn admitted(&mut self, now: Instant) {
+        self.batch_time = Some(now);
+        self.queue_span = Span::none();
     }
 
     /// Whether the client stopped listening.

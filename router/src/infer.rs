@@ -19,6 +19,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tracing::Instrument;
 
 /// A finished request.
 #[derive(Debug, Clone)]
@@ -119,8 +120,13 @@ impl Infer {
         request: ResolvedRequest,
     ) -> Result<GenerationStream, InferError> {
         let permit = self.permits(1)?;
-        let valid = self.validation.validate(request).await?;
+        let valid = self.validate(request).await?;
         Ok(self.enqueue(valid, Some(permit)))
+    }
+
+    async fn validate(&self, request: ResolvedRequest) -> Result<ValidGenerateRequest, InferError> {
+        let span = tracing::info_span!("validation");
+        Ok(self.validation.validate(request).instrument(span).await?)
     }
 
     fn enqueue(
@@ -159,7 +165,7 @@ impl Infer {
         let runs = (0..best_of).map(|_| {
             let request = request.clone();
             async move {
-                let valid = self.validation.validate(request).await?;
+                let valid = self.validate(request).await?;
                 collect(self.enqueue(valid, None)).await
             }
         });

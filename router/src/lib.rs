@@ -35,6 +35,7 @@ pub mod registry;
 pub mod respond;
 pub mod server;
 pub mod sse;
+pub mod telemetry;
 pub mod template;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

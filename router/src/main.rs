@@ -13,7 +13,7 @@ use lorax_router::infer::Infer;
 use lorax_router::server::router;
 use lorax_router::template::ChatTemplate;
 use lorax_router::validation::{load_tokenizer, Validation, ValidationLimits};
-use lorax_router::{metrics, pb, VERSION};
+use lorax_router::{metrics, pb, telemetry, VERSION};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -85,7 +85,8 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env)]
     json_output: bool,
-    /// OpenTelemetry collector endpoint (accepted for compatibility; not used yet).
+    /// OpenTelemetry collector (OTLP/gRPC, e.g. `http://collector:4317`) that receives the
+    /// request, queue and batch spans.
     #[arg(long, env)]
     otlp_endpoint: Option<String>,
     /// `GET /health` answers 503 when a shard step has run this long, or when no step (nor a
@@ -101,28 +102,24 @@ struct Args {
     cors_allow_origin: Vec<String>,
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(args.json_output);
-    match run(args).await {
+    let telemetry = telemetry::init(
+        "lorax-router",
+        args.json_output,
+        args.otlp_endpoint.as_deref(),
+    );
+    let code = match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Flushes the spans not exported yet (blocking: off the async workers).
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    code
 }
 
 /// Limits that do not need the shards.

@@ -140,7 +140,7 @@ impl QueueState {
         let mut entries = HashMap::with_capacity(taken.len());
         let mut admitted: HashMap<u32, usize> = HashMap::new();
         for (pos, id, mut entry) in taken {
-            entry.batch_time = Some(now);
+            entry.admitted(now);
             entry.adapter_index = indices[pos];
             *admitted.entry(entry.adapter_index).or_insert(0) += 1;
             requests.push(to_proto_request(id, &entry));

@@ -8,11 +8,16 @@ use crate::native::{
     prometheus_metrics, tokenize,
 };
 use crate::openai;
+use crate::telemetry;
+use axum::extract::Request;
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderValue, Method};
+use axum::middleware::{self, Next};
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tracing::Instrument;
 
 /// The application: every route, JSON fallbacks for unknown paths and methods, CORS.
 pub fn router(state: AppState, cors_allow_origin: &[String]) -> Router {
@@ -51,6 +56,31 @@ pub fn router(state: AppState, cors_allow_origin: &[String]) -> Router {
         .route("/api-doc/openapi.json", get(openapi_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(trace_request))
         .layer(cors)
         .with_state(state)
+}
+
+/// Routes probed often and cheap to answer: no trace of their own.
+const UNTRACED: [&str; 4] = ["/health", "/ping", "/metrics", "/info"];
+
+/// Runs every other request inside a `request` span (parented by its `traceparent` header);
+/// handlers and the request's queue entry hang their spans under it.
+async fn trace_request(request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_string();
+    if UNTRACED.contains(&path.as_str()) || request.method() == Method::GET && path == "/" {
+        return next.run(request).await;
+    }
+    let span = tracing::info_span!(
+        "request",
+        otel.kind = "server",
+        http.request.method = %request.method(),
+        url.path = %path,
+        http.response.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    telemetry::continue_from(&span, request.headers());
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
 }

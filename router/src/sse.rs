@@ -90,6 +90,7 @@ pub async fn stream_with(
         encoder,
         trailer: None,
         done: false,
+        _span: tracing::Span::current(),
     }
     .into_stream();
     let mut response = Response::new(Body::from_stream(events));
@@ -122,6 +123,8 @@ struct SseState {
     /// Sent once after the last event.
     trailer: Option<Bytes>,
     done: bool,
+    /// The request's span, kept open until the stream ends.
+    _span: tracing::Span,
 }
 
 impl SseState {
