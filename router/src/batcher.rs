@@ -8,14 +8,17 @@
 //! an adapter is offloaded only once none of its requests remain in the shard's batch. Adapter
 //! downloads and loads run in the queue task's background: this loop never waits for them.
 
-use crate::client::{ShardClient, ShardError};
-use crate::entry::{prefill_from_proto, token_from_generation, Entry, InferStreamResponse};
+use crate::client::{ShardClient, ShardError, StepOutput};
+use crate::entry::{
+    prefill_from_proto, token_from_generation, Entry, Finished, InferStreamResponse,
+};
 use crate::errors::InferError;
 use crate::health::Health;
 use crate::pb;
 use crate::queue::{NextBatch, Queue};
 use crate::telemetry;
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -155,37 +158,18 @@ async fn prefill(
     batch: pb::Batch,
     entries: &mut Entries,
 ) -> Option<pb::CachedBatch> {
-    let client = shard.client;
-    let batch_id = batch.id;
-    metrics::counter!("lorax_batch_inference_count", "method" => "prefill").increment(1);
     let prefill_tokens: usize = batch.requests.iter().map(|r| r.input_ids.len()).sum();
-    let span = step_span(
-        tracing::info_span!(
-            parent: None,
-            "prefill",
-            batch_id,
-            batch_size = batch.requests.len(),
-            prefill_tokens,
-            trace_id = tracing::field::Empty,
-        ),
-        entries,
+    let span = tracing::info_span!(
+        parent: None,
+        "prefill",
+        batch_id = batch.id,
+        batch_size = batch.requests.len(),
+        prefill_tokens,
+        trace_id = tracing::field::Empty,
     );
-    let start = Instant::now();
-    shard.health.step_started("prefill");
-    let result = client.prefill(batch).instrument(span).await;
-    shard.health.step_finished(result.is_ok());
-    match result {
-        Ok((generations, next)) => {
-            record_step("prefill", start);
-            send_generations(generations, entries);
-            filter_batch(client, next, entries).await
-        }
-        Err(err) => {
-            let _ = client.clear_cache(Some(batch_id)).await;
-            fail_entries("prefill", err, entries);
-            None
-        }
-    }
+    let batch_ids = [batch.id];
+    let call = shard.client.prefill(batch);
+    step(shard, "prefill", span, &batch_ids, call, entries).await
 }
 
 async fn decode(
@@ -193,34 +177,46 @@ async fn decode(
     batches: Vec<pb::CachedBatch>,
     entries: &mut Entries,
 ) -> Option<pb::CachedBatch> {
-    let client = shard.client;
     let batch_ids: Vec<u64> = batches.iter().map(|b| b.id).collect();
-    metrics::counter!("lorax_batch_inference_count", "method" => "decode").increment(1);
-    let span = step_span(
-        tracing::info_span!(
-            parent: None,
-            "decode",
-            batches = batch_ids.len(),
-            batch_size = entries.len(),
-            trace_id = tracing::field::Empty,
-        ),
-        entries,
+    let span = tracing::info_span!(
+        parent: None,
+        "decode",
+        batches = batch_ids.len(),
+        batch_size = entries.len(),
+        trace_id = tracing::field::Empty,
     );
+    let call = shard.client.decode(batches);
+    step(shard, "decode", span, &batch_ids, call, entries).await
+}
+
+/// Runs one shard step (`call`, over `batch_ids`) in its span, reports it to the health record
+/// and the metrics, and hands its generations to their requests. A failed step fails every
+/// entry and clears the batches from the shard.
+async fn step(
+    shard: Shard<'_>,
+    method: &'static str,
+    span: Span,
+    batch_ids: &[u64],
+    call: impl Future<Output = Result<StepOutput, ShardError>>,
+    entries: &mut Entries,
+) -> Option<pb::CachedBatch> {
+    metrics::counter!("lorax_batch_inference_count", "method" => method).increment(1);
+    let span = step_span(span, entries);
     let start = Instant::now();
-    shard.health.step_started("decode");
-    let result = client.decode(batches).instrument(span).await;
+    shard.health.step_started(method);
+    let result = call.instrument(span).await;
     shard.health.step_finished(result.is_ok());
     match result {
         Ok((generations, next)) => {
-            record_step("decode", start);
+            record_step(method, start);
             send_generations(generations, entries);
-            filter_batch(client, next, entries).await
+            filter_batch(shard.client, next, entries).await
         }
         Err(err) => {
             for id in batch_ids {
-                let _ = client.clear_cache(Some(id)).await;
+                let _ = shard.client.clear_cache(Some(*id)).await;
             }
-            fail_entries("decode", err, entries);
+            fail_entries(method, err, entries);
             None
         }
     }
@@ -336,13 +332,13 @@ fn send_generation(generation: pb::Generation, entry: &Entry) -> Result<(), ()> 
     }
     let (token, top_tokens) = token_from_generation(&generation);
     let message = match generation.generated_text {
-        Some(generated_text) => InferStreamResponse::End {
+        Some(generated_text) => InferStreamResponse::End(Finished {
             token,
             top_tokens,
             generated_text: generated_text.into(),
             queued: entry.queue_time,
             start: entry.batch_time.unwrap_or(entry.queue_time),
-        },
+        }),
         None => InferStreamResponse::Intermediate { token, top_tokens },
     };
     tx.send(Ok(message)).map_err(|_| ())

@@ -21,15 +21,19 @@ pub enum InferStreamResponse {
         top_tokens: Vec<Token>,
     },
     /// The last generated token and the final text.
-    End {
-        token: Token,
-        top_tokens: Vec<Token>,
-        generated_text: GeneratedText,
-        /// When the request was queued.
-        queued: Instant,
-        /// When it was put in a batch.
-        start: Instant,
-    },
+    End(Finished),
+}
+
+/// The last message of a request's stream.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub token: Token,
+    pub top_tokens: Vec<Token>,
+    pub generated_text: GeneratedText,
+    /// When the request was queued.
+    pub queued: Instant,
+    /// When it was put in a batch.
+    pub start: Instant,
 }
 
 /// The end of a request, from the shard's `GeneratedText`.

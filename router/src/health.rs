@@ -174,7 +174,7 @@ impl Health {
         let answer = tokio::time::timeout(bound, async {
             loop {
                 match rx.recv().await {
-                    Some(Ok(InferStreamResponse::End { .. })) => return Ok(()),
+                    Some(Ok(InferStreamResponse::End(_))) => return Ok(()),
                     Some(Ok(_)) => continue,
                     Some(Err(err)) => return Err(err),
                     None => return Err(InferError::IncompleteGeneration),

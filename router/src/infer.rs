@@ -7,7 +7,7 @@
 use crate::api::{PrefillToken, Token};
 use crate::batcher::{spawn_batcher, BatcherConfig};
 use crate::client::ShardClient;
-use crate::entry::{Entry, GeneratedText, InferStreamResponse};
+use crate::entry::{Entry, Finished, GeneratedText, InferStreamResponse};
 use crate::errors::{InferError, ValidationError};
 use crate::exchange::ExchangeConfig;
 use crate::health::{Health, HealthConfig};
@@ -193,13 +193,14 @@ async fn collect(mut generation: GenerationStream) -> Result<InferResponse, Infe
                 tokens.push(token);
                 all_top_tokens.push(top_tokens);
             }
-            InferStreamResponse::End {
-                token,
-                top_tokens,
-                generated_text,
-                queued,
-                start,
-            } => {
+            InferStreamResponse::End(end) => {
+                let Finished {
+                    token,
+                    top_tokens,
+                    generated_text,
+                    queued,
+                    start,
+                } = end;
                 tokens.push(token);
                 all_top_tokens.push(top_tokens);
                 if all_top_tokens.iter().all(Vec::is_empty) {

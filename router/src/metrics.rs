@@ -9,6 +9,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::collections::{HashMap, HashSet};
 use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
+use tokio::time::Instant;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -198,6 +199,25 @@ pub struct RequestTimings {
 }
 
 impl RequestTimings {
+    /// Timings of a request received at `received`, queued at `queued` and put in a batch at
+    /// `batched`, measured now (at its end).
+    pub fn new(
+        received: Instant,
+        queued: Instant,
+        batched: Instant,
+        prompt_tokens: u32,
+        generated_tokens: u32,
+    ) -> Self {
+        Self {
+            total: received.elapsed(),
+            validation: queued.saturating_duration_since(received),
+            queue: batched.saturating_duration_since(queued),
+            inference: batched.elapsed(),
+            prompt_tokens,
+            generated_tokens,
+        }
+    }
+
     pub fn time_per_token(&self) -> Duration {
         self.inference / self.generated_tokens.max(1)
     }

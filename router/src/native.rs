@@ -14,15 +14,25 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 
+/// A native request as generation takes it: the `Authorization: Bearer` token as its default
+/// `api_token`, its messages rendered when it asks for the chat template.
+fn prepared(
+    state: &AppState,
+    headers: &HeaderMap,
+    mut request: GenerateRequest,
+) -> Result<GenerateRequest, ApiError> {
+    token_from_header(&mut request.parameters.api_token, headers);
+    apply_chat_template(state, request)
+}
+
 /// `POST /`: `stream` chooses; the non-streamed answer is a list of one object.
 pub async fn compat_generate(
     State(state): State<AppState>,
     headers: HeaderMap,
-    JsonBody(mut request): JsonBody<CompatGenerateRequest>,
+    JsonBody(request): JsonBody<CompatGenerateRequest>,
 ) -> Result<Response, ApiError> {
-    token_from_header(&mut request.parameters.api_token, &headers);
     let stream = request.stream;
-    let request = apply_chat_template(&state, request.into())?;
+    let request = prepared(&state, &headers, request.into())?;
     if stream {
         return stream_with(&state, request, Box::new(LoraxEncoder)).await;
     }
@@ -34,10 +44,9 @@ pub async fn compat_generate(
 pub async fn generate(
     State(state): State<AppState>,
     headers: HeaderMap,
-    JsonBody(mut request): JsonBody<GenerateRequest>,
+    JsonBody(request): JsonBody<GenerateRequest>,
 ) -> Result<Response, ApiError> {
-    token_from_header(&mut request.parameters.api_token, &headers);
-    let request = apply_chat_template(&state, request)?;
+    let request = prepared(&state, &headers, request)?;
     let (headers, response) = generate_response(&state, request).await?;
     Ok((headers, Json(response)).into_response())
 }
@@ -46,10 +55,9 @@ pub async fn generate(
 pub async fn generate_stream(
     State(state): State<AppState>,
     headers: HeaderMap,
-    JsonBody(mut request): JsonBody<GenerateRequest>,
+    JsonBody(request): JsonBody<GenerateRequest>,
 ) -> Result<Response, ApiError> {
-    token_from_header(&mut request.parameters.api_token, &headers);
-    let request = apply_chat_template(&state, request)?;
+    let request = prepared(&state, &headers, request)?;
     stream_with(&state, request, Box::new(LoraxEncoder)).await
 }
 

@@ -4,7 +4,6 @@
 use crate::api::{BestOfSequence, Details, GenerateRequest, GenerateResponse};
 use crate::app::{resolve, AppState};
 use crate::errors::ApiError;
-use crate::infer::InferResponse;
 use crate::metrics::{self as m, RequestTimings};
 use axum::http::{HeaderMap, HeaderValue};
 use tokio::time::Instant;
@@ -14,17 +13,6 @@ pub fn prepend_prompt(prompt: &Option<String>, text: String) -> String {
     match prompt {
         Some(prompt) => format!("{prompt}{text}"),
         None => text,
-    }
-}
-
-fn timings(start: Instant, response: &InferResponse) -> RequestTimings {
-    RequestTimings {
-        total: start.elapsed(),
-        validation: response.queued.saturating_duration_since(start),
-        queue: response.start.saturating_duration_since(response.queued),
-        inference: response.start.elapsed(),
-        prompt_tokens: response.prompt_tokens,
-        generated_tokens: response.generated_text.generated_tokens,
     }
 }
 
@@ -58,7 +46,13 @@ pub async fn generate_response(
         ApiError::from(err)
     })?;
 
-    let t = timings(start, &response);
+    let t = RequestTimings::new(
+        start,
+        response.queued,
+        response.start,
+        response.prompt_tokens,
+        response.generated_text.generated_tokens,
+    );
     m::request_succeeded(adapter.as_deref(), &t);
     let headers = timing_headers(state, &t, compute_characters);
     let best_of_sequences = others.map(|others| {

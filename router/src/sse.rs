@@ -5,7 +5,7 @@ use crate::adapter::AdapterKey;
 use crate::api::GenerateRequest;
 use crate::api::{StreamDetails, StreamResponse};
 use crate::app::{resolve, AppState};
-use crate::entry::InferStreamResponse;
+use crate::entry::{Finished, InferStreamResponse};
 use crate::errors::{ApiError, ErrorResponse, InferError, ValidationError};
 use crate::infer::GenerationStream;
 use crate::metrics::{self as m, RequestTimings};
@@ -161,39 +161,37 @@ impl SseState {
                         details: None,
                     });
                 }
-                InferStreamResponse::End {
-                    token,
-                    top_tokens,
-                    generated_text,
-                    queued,
-                    start,
-                } => {
-                    self.done = true;
-                    let t = RequestTimings {
-                        total: self.start.elapsed(),
-                        validation: queued.saturating_duration_since(self.start),
-                        queue: start.saturating_duration_since(queued),
-                        inference: start.elapsed(),
-                        prompt_tokens: self.generation.prompt_tokens,
-                        generated_tokens: generated_text.generated_tokens,
-                    };
-                    m::request_succeeded(self.adapter.as_deref(), &t);
-                    let details = self.details.then_some(StreamDetails {
-                        finish_reason: generated_text.finish_reason,
-                        prompt_tokens: self.generation.prompt_tokens,
-                        generated_tokens: generated_text.generated_tokens,
-                        seed: generated_text.seed,
-                    });
-                    self.trailer = self.encoder.done();
-                    return self.encoder.event(StreamResponse {
-                        token,
-                        top_tokens,
-                        generated_text: Some(prepend_prompt(&self.prompt, generated_text.text)),
-                        details,
-                    });
-                }
+                InferStreamResponse::End(end) => return self.finish(end),
             }
         }
+    }
+
+    /// The last event: the final text, and the details when asked for.
+    fn finish(&mut self, end: Finished) -> Bytes {
+        self.done = true;
+        let generated = end.generated_text;
+        let prompt_tokens = self.generation.prompt_tokens;
+        let t = RequestTimings::new(
+            self.start,
+            end.queued,
+            end.start,
+            prompt_tokens,
+            generated.generated_tokens,
+        );
+        m::request_succeeded(self.adapter.as_deref(), &t);
+        let details = self.details.then_some(StreamDetails {
+            finish_reason: generated.finish_reason,
+            prompt_tokens,
+            generated_tokens: generated.generated_tokens,
+            seed: generated.seed,
+        });
+        self.trailer = self.encoder.done();
+        self.encoder.event(StreamResponse {
+            token: end.token,
+            top_tokens: end.top_tokens,
+            generated_text: Some(prepend_prompt(&self.prompt, generated.text)),
+            details,
+        })
     }
 
     fn fail(&mut self, err: InferError) -> Bytes {

@@ -64,28 +64,7 @@ pub fn test_tokenizer() -> Tokenizer {
 
 /// A valid greedy request of `input_length` tokens.
 pub fn valid_request(input_length: u32, max_new_tokens: u32) -> ValidGenerateRequest {
-    ValidGenerateRequest {
-        input_ids: vec![4; input_length as usize],
-        input_length,
-        parameters: pb::NextTokenChooserParameters {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            typical_p: 1.0,
-            do_sample: false,
-            seed: 0,
-            repetition_penalty: 1.0,
-            watermark: false,
-        },
-        stopping_parameters: pb::StoppingCriteriaParameters {
-            max_new_tokens,
-            stop_sequences: vec![],
-            ignore_eos_token: false,
-        },
-        decoder_input_details: false,
-        top_n_tokens: 0,
-        adapter: None,
-    }
+    ValidGenerateRequest::greedy(vec![4; input_length as usize], max_new_tokens)
 }
 
 /// A call the fake shard received.

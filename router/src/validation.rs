@@ -40,6 +40,35 @@ pub struct ValidGenerateRequest {
     pub adapter: Option<AdapterRequest>,
 }
 
+impl ValidGenerateRequest {
+    /// A greedy request of the base model: `max_new_tokens` after `input_ids`, no stop
+    /// sequences, no log-probabilities.
+    pub fn greedy(input_ids: Vec<u32>, max_new_tokens: u32) -> Self {
+        Self {
+            input_length: input_ids.len() as u32,
+            input_ids,
+            parameters: pb::NextTokenChooserParameters {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 1.0,
+                typical_p: 1.0,
+                do_sample: false,
+                seed: 0,
+                repetition_penalty: 1.0,
+                watermark: false,
+            },
+            stopping_parameters: pb::StoppingCriteriaParameters {
+                max_new_tokens,
+                stop_sequences: Vec::new(),
+                ignore_eos_token: false,
+            },
+            decoder_input_details: false,
+            top_n_tokens: 0,
+            adapter: None,
+        }
+    }
+}
+
 /// A request whose adapter is resolved (None: the base model).
 #[derive(Debug, Clone)]
 pub struct ResolvedRequest {
@@ -179,28 +208,7 @@ impl Validation {
         if input_ids.is_empty() {
             input_ids.push(0);
         }
-        ValidGenerateRequest {
-            input_length: input_ids.len() as u32,
-            input_ids,
-            parameters: pb::NextTokenChooserParameters {
-                temperature: 1.0,
-                top_k: 0,
-                top_p: 1.0,
-                typical_p: 1.0,
-                do_sample: false,
-                seed: 0,
-                repetition_penalty: 1.0,
-                watermark: false,
-            },
-            stopping_parameters: pb::StoppingCriteriaParameters {
-                max_new_tokens: 1,
-                stop_sequences: Vec::new(),
-                ignore_eos_token: false,
-            },
-            decoder_input_details: false,
-            top_n_tokens: 0,
-            adapter: None,
-        }
+        ValidGenerateRequest::greedy(input_ids, 1)
     }
 
     /// Tokenizes `inputs` for `POST /tokenize`.

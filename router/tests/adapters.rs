@@ -91,8 +91,8 @@ impl Harness {
 async fn finish(mut rx: Receiver) -> Result<GeneratedText, InferError> {
     let read = async {
         while let Some(message) = rx.recv().await {
-            if let InferStreamResponse::End { generated_text, .. } = message? {
-                return Ok(generated_text);
+            if let InferStreamResponse::End(end) = message? {
+                return Ok(end.generated_text);
             }
         }
         Err(InferError::IncompleteGeneration)

@@ -73,13 +73,9 @@ async fn finish(mut rx: Receiver) -> Result<(Vec<Token>, GeneratedText), InferEr
             match message? {
                 InferStreamResponse::Prefill(_) => {}
                 InferStreamResponse::Intermediate { token, .. } => tokens.push(token),
-                InferStreamResponse::End {
-                    token,
-                    generated_text,
-                    ..
-                } => {
-                    tokens.push(token);
-                    return Ok((tokens, generated_text));
+                InferStreamResponse::End(end) => {
+                    tokens.push(end.token);
+                    return Ok((tokens, end.generated_text));
                 }
             }
         }
