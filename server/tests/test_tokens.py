@@ -239,3 +239,15 @@ def test_flush_emits_a_character_cut_short(sentencepiece) -> None:
     assert [det.step(t) for t in generated] == ["😀", "", ""]
     assert det.flush() == "\ufffd\ufffd" and det.flush() == ""
     assert det.text == "😀\ufffd\ufffd"
+
+
+def test_a_special_token_carries_only_its_own_text() -> None:
+    """Bytes pending when a special token comes (here invalid ones) stream with the next token, not
+    with the special token that clients may drop: the final text is then the decode without specials."""
+    tok = as_transformers(byte_level_bpe())
+    bos, lone = tok.bos_token_id, tok.convert_tokens_to_ids(["Ã", "Ã"])  # two lead bytes, never completed
+    generated = [*lone, bos, *encode(tok, "es lo"), tok.eos_token_id]
+    det = IncrementalDetokenizer(tok, encode(tok, "1 + 1 ="), tok.all_special_ids)
+    pieces = [det.step(t) for t in generated]
+    assert pieces[:3] == ["", "", "<s>"] and pieces[3].startswith("\ufffd") and pieces[-1] == "</s>"
+    assert det.text == "".join(pieces[:2] + pieces[3:-1]) == tok.decode(generated, skip_special_tokens=True)

@@ -33,7 +33,8 @@ class IncrementalDetokenizer:
     comes with the token that completes it. Concatenated step() texts, then flush(), are the generated
     part of decode(context + generated), special tokens included, where `context` is the prompt's
     last tokens (from a character boundary); with an empty prompt that is exactly decode(generated).
-    `text` is the same without the texts of `special_ids` tokens. Only the window of ids is kept.
+    Tokens of `special_ids` stream their own text and stay out of the window; `text` is the stream
+    without them. Only the window of ids is kept.
     """
 
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], special_ids: Collection[int] = ()) -> None:
@@ -49,7 +50,7 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self._prefix_text: str | None = None
-        self._kept: list[str] = []  # emitted texts of non-special tokens: the final text
+        self._kept: list[str] = []  # emitted texts but those of special tokens: the final text
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False) if ids else ""
@@ -62,6 +63,10 @@ class IncrementalDetokenizer:
     def step(self, token_id: int) -> str:
         """Text added by this token: "" while a character is incomplete, then the whole character."""
         token_id = int(token_id)
+        if token_id in self.special_ids:
+            # Its own text, kept out of the window: text still pending before it stays pending and
+            # comes with the next token, so a special token (which clients may drop) carries no other.
+            return self._decode([token_id])
         self.ids.append(token_id)
         if self._prefix_text is None:
             self._prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
@@ -71,7 +76,7 @@ class IncrementalDetokenizer:
         complete = len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd")
         if not complete and pending < MAX_PENDING:
             return ""
-        return self._emit(new_text[len(prefix_text) :], special=token_id in self.special_ids)
+        return self._emit(new_text[len(prefix_text) :])
 
     def flush(self) -> str:
         """Text of the tokens still held back (an incomplete character, as U+FFFD), for the last
@@ -79,11 +84,10 @@ class IncrementalDetokenizer:
         if len(self.ids) == self.read_offset:
             return ""
         prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        return self._emit(self._decode(self.ids[self.prefix_offset :])[len(prefix_text) :], special=False)
+        return self._emit(self._decode(self.ids[self.prefix_offset :])[len(prefix_text) :])
 
-    def _emit(self, text: str, special: bool) -> str:
-        if not special:
-            self._kept.append(text)
+    def _emit(self, text: str) -> str:
+        self._kept.append(text)
         # The emitted tokens become the next window's prefix; older ids are dropped.
         del self.ids[: self.read_offset]
         self.prefix_offset, self.read_offset = 0, len(self.ids)
