@@ -175,7 +175,7 @@ class Engine:
         """
         layers, kv_heads, head_dim, dtype = self.model.cache_geometry
         bs = self.cache_config.block_size
-        blocks = self.blocks if self.blocks is not None and self.blocks.num_free else None
+        blocks = self.blocks if self.cache is not None and self.blocks is not None and self.blocks.num_free else None
         if blocks is not None and self.cache is not None:
             cache, table = self.cache, blocks.allocate(1)
         else:
