@@ -285,22 +285,35 @@ impl Args {
                  release; start without --quantize"
             ));
         }
+        self.validate_sharding()?;
+        self.validate_limits()?;
+        self.validate_fractions()?;
+        if self.kv_cache_blocks == Some(0) {
+            return Err("--kv-cache-blocks must be at least 1".to_string());
+        }
+        if self.model_id.trim().is_empty() {
+            return Err("--model-id must not be empty".to_string());
+        }
+        Ok(())
+    }
+
+    fn validate_sharding(&self) -> Result<(), String> {
         positive("--num-shard", self.num_shard)?;
         match self.sharded {
-            Some(true) if self.num_shard < 2 => {
-                return Err(format!(
-                    "--sharded true needs --num-shard of at least 2 (got {})",
-                    self.num_shard
-                ))
-            }
-            Some(false) if self.num_shard > 1 => {
-                return Err(format!(
-                    "--sharded false contradicts --num-shard {}",
-                    self.num_shard
-                ))
-            }
-            _ => {}
+            Some(true) if self.num_shard < 2 => Err(format!(
+                "--sharded true needs --num-shard of at least 2 (got {})",
+                self.num_shard
+            )),
+            Some(false) if self.num_shard > 1 => Err(format!(
+                "--sharded false contradicts --num-shard {}",
+                self.num_shard
+            )),
+            _ => Ok(()),
         }
+    }
+
+    /// The request and batch limits against each other.
+    fn validate_limits(&self) -> Result<(), String> {
         positive("--max-concurrent-requests", self.max_concurrent_requests)?;
         positive("--max-best-of", self.max_best_of)?;
         positive("--max-input-length", self.max_input_length)?;
@@ -334,6 +347,11 @@ impl Args {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Ratios, fractions and durations within their ranges.
+    fn validate_fractions(&self) -> Result<(), String> {
         if !(self.waiting_served_ratio.is_finite() && self.waiting_served_ratio >= 0.0) {
             return Err(format!(
                 "--waiting-served-ratio must be a number of at least 0 (got {})",
@@ -352,11 +370,15 @@ impl Args {
                 self.adapter_memory_fraction
             ));
         }
-        if self.kv_cache_blocks == Some(0) {
-            return Err("--kv-cache-blocks must be at least 1".to_string());
-        }
-        if self.model_id.trim().is_empty() {
-            return Err("--model-id must not be empty".to_string());
+        for (flag, seconds) in [
+            ("--health-stall-timeout-s", self.health_stall_timeout_s),
+            ("--health-probe-interval-s", self.health_probe_interval_s),
+        ] {
+            if !(seconds.is_finite() && seconds > 0.0) {
+                return Err(format!(
+                    "{flag} must be a number of seconds above 0 (got {seconds})"
+                ));
+            }
         }
         Ok(())
     }
@@ -397,181 +419,4 @@ fn positive(flag: &str, value: usize) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::CommandFactory;
-
-    fn parse(extra: &[&str]) -> Args {
-        let mut argv = vec!["lorax-launcher", "--model-id", "m"];
-        argv.extend_from_slice(extra);
-        Args::try_parse_from(argv).expect("parses")
-    }
-
-    fn error_of(extra: &[&str]) -> String {
-        parse(extra).validate().expect_err("must be rejected")
-    }
-
-    #[test]
-    fn clap_definition_is_consistent() {
-        Args::command().debug_assert();
-    }
-
-    #[test]
-    fn defaults_match_lorax() {
-        let a = parse(&[]);
-        assert_eq!(a.num_shard, 1);
-        assert_eq!(a.adapter_source, AdapterSource::Hub);
-        assert_eq!(a.max_concurrent_requests, 128);
-        assert_eq!(a.max_best_of, 2);
-        assert_eq!(a.max_stop_sequences, 4);
-        assert_eq!(a.max_input_length, 1024);
-        assert_eq!(a.max_total_tokens, 2048);
-        assert_eq!(a.waiting_served_ratio, 1.2);
-        assert_eq!(a.max_batch_prefill_tokens, 4096);
-        assert_eq!(a.max_batch_total_tokens, None);
-        assert_eq!(a.max_waiting_tokens, 20);
-        assert_eq!(a.max_active_adapters, 128);
-        assert_eq!(a.adapter_cycle_time_s, 2);
-        assert_eq!(a.adapter_memory_fraction, 0.1);
-        assert_eq!(a.hostname, "0.0.0.0");
-        assert_eq!(a.port, 3000);
-        assert_eq!(a.shard_uds_path, "/tmp/lorax-server");
-        assert_eq!(a.master_addr, "localhost");
-        assert_eq!(a.master_port, 29500);
-        assert_eq!(a.cuda_memory_fraction, 1.0);
-        assert!(!a.json_output && !a.download_only && !a.trust_remote_code);
-        assert!(a.cors_allow_origin.is_empty());
-        a.validate().expect("defaults are valid");
-    }
-
-    #[test]
-    fn every_flag_has_an_environment_variable_named_after_it() {
-        for arg in Args::command().get_arguments() {
-            let Some(long) = arg.get_long() else { continue };
-            if long == "help" || long == "version" {
-                continue;
-            }
-            let env = arg
-                .get_env()
-                .unwrap_or_else(|| panic!("--{long} has no env var"));
-            assert_eq!(env.to_str().unwrap(), long.replace('-', "_").to_uppercase());
-        }
-    }
-
-    #[test]
-    fn hostname_becomes_an_ip_address() {
-        assert_eq!(listen_address("::", false).unwrap(), "::");
-        assert_eq!(listen_address("127.0.0.1", true).unwrap(), "127.0.0.1");
-        // Docker sets HOSTNAME to the container's name.
-        assert_eq!(listen_address("3f2a9c1b7d", true).unwrap(), "0.0.0.0");
-        let local = listen_address("localhost", false).unwrap();
-        assert!(local == "127.0.0.1" || local == "::1", "{local}");
-        let err = listen_address("no-such-host.invalid", false).unwrap_err();
-        assert!(err.contains("--hostname no-such-host.invalid"), "{err}");
-        let matches = Args::command()
-            .try_get_matches_from(["l", "--model-id", "m", "--hostname", "localhost"])
-            .unwrap();
-        let host = Args::from_matches(&matches).unwrap().hostname;
-        assert!(host == "127.0.0.1" || host == "::1", "{host}");
-    }
-
-    #[test]
-    fn model_id_is_required() {
-        let err = Args::try_parse_from(["lorax-launcher"]).unwrap_err();
-        assert!(err.to_string().contains("--model-id"), "{err}");
-    }
-
-    #[test]
-    fn enums_parse_by_their_lorax_names() {
-        let a = parse(&["--dtype", "bfloat16", "--adapter-source", "s3"]);
-        assert_eq!(a.dtype, Some(Dtype::BFloat16));
-        assert_eq!(a.adapter_source, AdapterSource::S3);
-        assert_eq!(parse(&["--dtype", "fp16"]).dtype, Some(Dtype::Float16));
-        for name in [
-            "bitsandbytes",
-            "bitsandbytes-nf4",
-            "bitsandbytes-fp4",
-            "gptq",
-            "awq",
-            "eetq",
-            "hqq-4bit",
-            "hqq-3bit",
-            "hqq-2bit",
-            "fp8",
-        ] {
-            let q = parse(&["--quantize", name]).quantize.unwrap();
-            assert_eq!(q.to_string(), name);
-        }
-        assert!(Args::try_parse_from(["l", "--model-id", "m", "--dtype", "int8"]).is_err());
-    }
-
-    #[test]
-    fn quantize_is_refused_with_a_clear_message() {
-        let err = error_of(&["--quantize", "gptq"]);
-        assert!(
-            err.contains("--quantize gptq is not supported yet"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn cors_origins_repeat_or_split_on_commas() {
-        let a = parse(&[
-            "--cors-allow-origin",
-            "http://a",
-            "--cors-allow-origin",
-            "http://b,http://c",
-        ]);
-        assert_eq!(a.cors_allow_origin, ["http://a", "http://b", "http://c"]);
-    }
-
-    #[test]
-    fn input_must_be_shorter_than_total() {
-        let err = error_of(&["--max-input-length", "2048", "--max-total-tokens", "2048"]);
-        assert!(
-            err.contains("--max-input-length (2048) must be less than"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn prefill_budget_must_fit_the_longest_prompt() {
-        let err = error_of(&["--max-batch-prefill-tokens", "512"]);
-        assert!(err.contains("--max-batch-prefill-tokens (512)"), "{err}");
-    }
-
-    #[test]
-    fn batch_total_must_fit_prefill_and_one_request() {
-        let err = error_of(&["--max-batch-total-tokens", "1000"]);
-        assert!(err.contains("--max-batch-total-tokens (1000)"), "{err}");
-        let err = error_of(&[
-            "--max-batch-total-tokens",
-            "4096",
-            "--max-total-tokens",
-            "8192",
-        ]);
-        assert!(err.contains("at least --max-total-tokens (8192)"), "{err}");
-        parse(&["--max-batch-total-tokens", "4096"])
-            .validate()
-            .unwrap();
-    }
-
-    #[test]
-    fn sharded_must_agree_with_num_shard() {
-        assert!(error_of(&["--sharded", "true"]).contains("--num-shard"));
-        assert!(error_of(&["--sharded", "false", "--num-shard", "2"]).contains("contradicts"));
-        let a = parse(&["--sharded", "true", "--num-shard", "2"]);
-        a.validate().unwrap();
-        assert!(a.is_sharded());
-    }
-
-    #[test]
-    fn fractions_and_counts_are_range_checked() {
-        assert!(error_of(&["--num-shard", "0"]).contains("--num-shard must be at least 1"));
-        assert!(error_of(&["--cuda-memory-fraction", "1.5"]).contains("(0, 1]"));
-        assert!(error_of(&["--cuda-memory-fraction", "0"]).contains("(0, 1]"));
-        assert!(error_of(&["--adapter-memory-fraction", "1"]).contains("[0, 1)"));
-        assert!(error_of(&["--kv-cache-blocks", "0"]).contains("--kv-cache-blocks"));
-        assert!(error_of(&["--max-best-of", "0"]).contains("--max-best-of"));
-    }
-}
+mod tests;

@@ -64,6 +64,10 @@ fn parse_tracing_json(line: &str) -> Option<LogLine> {
         };
         text.push_str(&format!(" {key}={shown}"));
     }
+    // The router's request and batch spans carry the trace id: keep it for correlation.
+    if let Some(trace_id) = value.pointer("/span/trace_id").and_then(|t| t.as_str()) {
+        text.push_str(&format!(" trace_id={trace_id}"));
+    }
     Some(LogLine { level, text })
 }
 
@@ -95,6 +99,15 @@ mod tests {
                 level: Level::WARN,
                 text: "slow ms=12 who=a".to_string()
             }
+        );
+    }
+
+    #[test]
+    fn the_trace_id_of_the_current_span_is_kept() {
+        let line = r#"{"level":"ERROR","fields":{"message":"decode failed"},"span":{"name":"decode","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736"},"spans":[]}"#;
+        assert_eq!(
+            parse(line).text,
+            "decode failed trace_id=4bf92f3577b34da6a3ce929d0e0e4736"
         );
     }
 

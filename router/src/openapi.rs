@@ -67,7 +67,17 @@ fn health_operation(summary: &str) -> Value {
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}}})
 }
 
+/// Every component schema: the requests' and the answers'.
 fn schemas() -> Value {
+    let mut all = request_schemas();
+    if let (Some(all), Value::Object(more)) = (all.as_object_mut(), answer_schemas()) {
+        all.extend(more);
+    }
+    all
+}
+
+/// What generation requests send.
+fn request_schemas() -> Value {
     let num = json!({"type": "number", "nullable": true});
     let int = json!({"type": "integer", "nullable": true, "minimum": 1});
     json!({
@@ -103,6 +113,12 @@ fn schemas() -> Value {
             "parameters": {"$ref": "#/components/schemas/GenerateParameters"},
             "stream": {"type": "boolean", "default": false},
         }},
+    })
+}
+
+/// What the endpoints answer (and the adapter management bodies).
+fn answer_schemas() -> Value {
+    json!({
         "Token": {"type": "object", "properties": {
             "id": {"type": "integer"}, "text": {"type": "string"}, "logprob": {"type": "number"},
             "special": {"type": "boolean"}, "skipped": {"type": "boolean"},
