@@ -223,9 +223,18 @@ impl RequestTimings {
     }
 }
 
-/// A request for `adapter` was answered.
+/// A request for `adapter` was answered (logged in the caller's span, so with its trace id).
 pub fn request_succeeded(adapter: Option<&AdapterKey>, t: &RequestTimings) {
     let a = adapter_label(adapter);
+    tracing::info!(
+        adapter = %a,
+        total_ms = t.total.as_millis() as u64,
+        queue_ms = t.queue.as_millis() as u64,
+        inference_ms = t.inference.as_millis() as u64,
+        prompt_tokens = t.prompt_tokens,
+        generated_tokens = t.generated_tokens,
+        "request answered"
+    );
     metrics::counter!("lorax_request_count", "adapter" => a.clone()).increment(1);
     metrics::counter!("lorax_request_success", "adapter" => a.clone()).increment(1);
     let seconds = [

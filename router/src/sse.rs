@@ -90,7 +90,7 @@ pub async fn stream_with(
         encoder,
         trailer: None,
         done: false,
-        _span: tracing::Span::current(),
+        span: tracing::Span::current(),
     }
     .into_stream();
     let mut response = Response::new(Body::from_stream(events));
@@ -124,7 +124,7 @@ struct SseState {
     trailer: Option<Bytes>,
     done: bool,
     /// The request's span, kept open until the stream ends.
-    _span: tracing::Span,
+    span: tracing::Span,
 }
 
 impl SseState {
@@ -161,7 +161,12 @@ impl SseState {
                         details: None,
                     });
                 }
-                InferStreamResponse::End(end) => return self.finish(end),
+                InferStreamResponse::End(end) => {
+                    // The body is polled outside the handler: log and count in its span.
+                    let span = self.span.clone();
+                    let _inside = span.enter();
+                    return self.finish(end);
+                }
             }
         }
     }
