@@ -158,13 +158,14 @@ async fn prefill(
     batch: pb::Batch,
     entries: &mut Entries,
 ) -> Option<pb::CachedBatch> {
+    // Integers as i64: OpenTelemetry has no unsigned attribute (u64 would become a string).
     let prefill_tokens: usize = batch.requests.iter().map(|r| r.input_ids.len()).sum();
     let span = tracing::info_span!(
         parent: None,
         "prefill",
-        batch_id = batch.id,
-        batch_size = batch.requests.len(),
-        prefill_tokens,
+        batch_id = batch.id as i64,
+        batch_size = batch.requests.len() as i64,
+        prefill_tokens = prefill_tokens as i64,
         trace_id = tracing::field::Empty,
     );
     let batch_ids = [batch.id];
@@ -181,8 +182,8 @@ async fn decode(
     let span = tracing::info_span!(
         parent: None,
         "decode",
-        batches = batch_ids.len(),
-        batch_size = entries.len(),
+        batches = batch_ids.len() as i64,
+        batch_size = entries.len() as i64,
         trace_id = tracing::field::Empty,
     );
     let call = shard.client.decode(batches);

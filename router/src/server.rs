@@ -81,6 +81,9 @@ async fn trace_request(request: Request, next: Next) -> Response {
     );
     telemetry::continue_from(&span, request.headers());
     let response = next.run(request).instrument(span.clone()).await;
-    span.record("http.response.status_code", response.status().as_u16());
+    span.record(
+        "http.response.status_code",
+        i64::from(response.status().as_u16()),
+    );
     response
 }

@@ -28,6 +28,7 @@ class ShardConfig:
     kv_cache_blocks: int | None
     adapter_memory_fraction: float
     trust_remote_code: bool
+    otlp_endpoint: str | None = None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
         help="share of GPU memory (available RAM on CPU) reserved for loaded adapters; env ADAPTER_MEMORY_FRACTION",
     )
     serve.add_argument("--trust-remote-code", action="store_true")
+    serve.add_argument(
+        "--otlp-endpoint",
+        default=os.environ.get("OTLP_ENDPOINT"),
+        help="OpenTelemetry collector (OTLP/gRPC, e.g. http://collector:4317) for the shard's spans",
+    )
     serve.add_argument("--log-level", default="INFO")
 
     download = sub.add_parser("download-weights", help="fetch a model; prints its local directory last")
@@ -82,6 +88,7 @@ def _shard_config(args: argparse.Namespace) -> ShardConfig:
         kv_cache_blocks=args.kv_cache_blocks,
         adapter_memory_fraction=args.adapter_memory_fraction,
         trust_remote_code=args.trust_remote_code,
+        otlp_endpoint=args.otlp_endpoint,
     )
 
 
@@ -94,8 +101,10 @@ def run_serve(cfg: ShardConfig) -> None:
     from .layers.attention import select_backend
     from .models.loader import load_model
     from .server import serve
+    from .utils import telemetry
     from .utils.hub import download_weights
 
+    telemetry.setup(cfg.otlp_endpoint, cfg.rank)
     model_dir = download_weights(cfg.model_id, cfg.revision)
     device = torch.device(f"cuda:{cfg.rank}" if torch.cuda.is_available() else "cpu")
     backend = select_backend(device, cfg.block_size)
@@ -106,7 +115,10 @@ def run_serve(cfg: ShardConfig) -> None:
         adapters = AdapterManager(model, fetch_adapter, device_budget(device, cfg.adapter_memory_fraction))
     cache = CacheConfig(cfg.block_size, cfg.memory_fraction, cfg.kv_cache_blocks)
     engine = Engine(model, tokenizer, cache, adapters)
-    asyncio.run(serve(engine, model.config.architecture, cfg.uds_path, cfg.rank, cfg.world_size))
+    try:
+        asyncio.run(serve(engine, model.config.architecture, cfg.uds_path, cfg.rank, cfg.world_size))
+    finally:
+        telemetry.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:

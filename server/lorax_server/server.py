@@ -33,6 +33,7 @@ from .kv_cache import OutOfBlocks
 from .pb import generate_pb2 as pb
 from .pb import generate_pb2_grpc as pb_grpc
 from .sampling import SamplingParams
+from .utils.telemetry import rpc_span
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,14 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
     async def Prefill(self, request, context):  # noqa: ANN001, ANN201, N802
         start = time.perf_counter_ns()
         requests = [request_from_proto(r) for r in request.batch.requests]
-        gens, batch, t = await self._run(context, self._timed, self.engine.prefill, request.batch.id, requests)
+        attributes = {
+            "batch_id": request.batch.id,
+            "batch_size": len(requests),
+            "prefill_tokens": sum(len(r.input_ids) for r in requests),
+        }
+        with rpc_span("prefill", context.invocation_metadata(), **attributes) as span:
+            gens, batch, t = await self._run(context, self._timed, self.engine.prefill, request.batch.id, requests)
+            span.set_attribute("forward_ns", t.forward_ns)
         return pb.PrefillResponse(
             generations=[generation_to_proto(g) for g in gens],
             batch=cached_batch(batch),
@@ -203,7 +211,11 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
 
     async def Decode(self, request, context):  # noqa: ANN001, ANN201, N802
         start = time.perf_counter_ns()
-        gens, batch, t = await self._run(context, self._timed, self.engine.decode, [b.id for b in request.batches])
+        attributes = {"batches": len(request.batches), "batch_size": sum(b.size for b in request.batches)}
+        with rpc_span("decode", context.invocation_metadata(), **attributes) as span:
+            ids = [b.id for b in request.batches]
+            gens, batch, t = await self._run(context, self._timed, self.engine.decode, ids)
+            span.set_attribute("forward_ns", t.forward_ns)
         return pb.DecodeResponse(
             generations=[generation_to_proto(g) for g in gens],
             batch=cached_batch(batch),
@@ -224,7 +236,9 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
             req = adapter_request(request.adapter_parameters, request.adapter_source, request.api_token)
             return self.engine.download_adapter(req)
 
-        fraction = await self._run(context, download, on_loader=True)
+        adapter = "+".join(request.adapter_parameters.adapter_ids)
+        with rpc_span("download_adapter", context.invocation_metadata(), adapter=adapter):
+            fraction = await self._run(context, download, on_loader=True)
         return pb.DownloadAdapterResponse(downloaded=True, memory_fraction=fraction)
 
     async def LoadAdapter(self, request, context):  # noqa: ANN001, ANN201, N802
@@ -232,10 +246,11 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
         req = await self._run(
             context, adapter_request, request.adapter_parameters, request.adapter_source, request.api_token
         )
-        if not await self._run(context, self.engine.adapter_loaded, index, req):
-            # Fetching and the host → device copy run on a loader thread, so decode steps go on.
-            modules = await self._run(context, self.engine.prepare_adapter, req, on_loader=True)
-            await self._run(context, self.engine.install_adapter, index, req, modules)
+        with rpc_span("load_adapter", context.invocation_metadata(), adapter="+".join(req.ids), index=index):
+            if not await self._run(context, self.engine.adapter_loaded, index, req):
+                # Fetching and the host → device copy run on a loader thread, so decode steps go on.
+                modules = await self._run(context, self.engine.prepare_adapter, req, on_loader=True)
+                await self._run(context, self.engine.install_adapter, index, req, modules)
         return pb.LoadAdapterResponse(loaded=True)
 
     async def OffloadAdapter(self, request, context):  # noqa: ANN001, ANN201, N802
