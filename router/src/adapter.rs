@@ -249,8 +249,39 @@ impl AdapterConfig {
     }
 }
 
-/// The adapter-naming fields of a request (generate parameters, OpenAI fields, management
-/// endpoints all have them).
+/// The JSON fields that name an adapter, as LoRAX spells them: flattened into the generate
+/// parameters and into the bodies of the adapter management endpoints.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct AdapterParams {
+    /// LoRA adapter to apply; absent or empty means the default adapter (if the server has
+    /// one) or the base model; the base model's id means the base model.
+    #[serde(default)]
+    pub adapter_id: Option<String>,
+    /// Where the adapter comes from: `hub`, `local` or `s3` (default: the server's default).
+    #[serde(default)]
+    pub adapter_source: Option<String>,
+    /// Several adapters merged per request (`ids`, `weights`, `merge_strategy`, ...).
+    #[serde(default)]
+    pub merged_adapters: Option<MergedAdapters>,
+    /// Token for private adapters (overrides the server's token for this request; never
+    /// logged or echoed).
+    #[serde(default)]
+    pub api_token: Option<ApiToken>,
+}
+
+impl AdapterParams {
+    /// The fields as `resolve` reads them.
+    pub fn fields(&self) -> AdapterFields<'_> {
+        AdapterFields {
+            adapter_id: self.adapter_id.as_deref(),
+            merged_adapters: self.merged_adapters.as_ref(),
+            adapter_source: self.adapter_source.as_deref(),
+            api_token: self.api_token.as_ref(),
+        }
+    }
+}
+
+/// A borrowed view of the adapter-naming fields (`AdapterParams::fields`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AdapterFields<'a> {
     pub adapter_id: Option<&'a str>,

@@ -4,7 +4,7 @@
 //! the `Authorization: Bearer` token); a private adapter is the same adapter only with the same
 //! token.
 
-use crate::adapter::{self, AdapterFields, AdapterRequest, ApiToken, MergedAdapters};
+use crate::adapter::{self, AdapterParams, AdapterRequest};
 use crate::api::AdapterStatus;
 use crate::app::{token_from_header, AppState};
 use crate::errors::{ApiError, JsonBody, ValidationError};
@@ -16,14 +16,9 @@ use serde::Deserialize;
 /// Body of the `POST /adapters/*` endpoints.
 #[derive(Debug, Clone, Deserialize)]
 pub struct AdapterRef {
-    #[serde(default)]
-    pub adapter_id: Option<String>,
-    #[serde(default)]
-    pub merged_adapters: Option<MergedAdapters>,
-    #[serde(default)]
-    pub adapter_source: Option<String>,
-    #[serde(default)]
-    pub api_token: Option<ApiToken>,
+    /// `adapter_id` or `merged_adapters`, `adapter_source`, `api_token`.
+    #[serde(flatten)]
+    pub adapter: AdapterParams,
     /// `POST /adapters/load` only: pin the adapter once active (never offloaded).
     #[serde(default)]
     pub pin: bool,
@@ -36,17 +31,12 @@ fn named_adapter(
     headers: &HeaderMap,
     r: &mut AdapterRef,
 ) -> Result<AdapterRequest, ApiError> {
-    token_from_header(&mut r.api_token, headers);
-    let fields = AdapterFields {
-        adapter_id: r.adapter_id.as_deref(),
-        merged_adapters: r.merged_adapters.as_ref(),
-        adapter_source: r.adapter_source.as_deref(),
-        api_token: r.api_token.as_ref(),
-    };
-    let named = r.adapter_id.as_deref().is_some_and(|id| !id.is_empty());
+    let a = &mut r.adapter;
+    token_from_header(&mut a.api_token, headers);
+    let named = a.adapter_id.as_deref().is_some_and(|id| !id.is_empty());
     let config = state.infer.validation().adapter_config();
-    match adapter::resolve(config, fields)? {
-        Some(request) if named || r.merged_adapters.is_some() => Ok(request),
+    match adapter::resolve(config, a.fields())? {
+        Some(request) if named || a.merged_adapters.is_some() => Ok(request),
         _ => Err(ValidationError::AdapterId(
             "must name an adapter (or give `merged_adapters`); the base model is always loaded"
                 .into(),

@@ -1,26 +1,15 @@
 //! The HTTP API's JSON types, shaped as LoRAX's REST reference (and TGI's, which LoRAX extends),
 //! so that `lorax-client` and `text-generation` parse our answers unmodified.
 
-use crate::adapter::{AdapterSource, ApiToken, MergedAdapters};
+use crate::adapter::{AdapterParams, AdapterSource, MergedAdapters};
 use serde::{Deserialize, Serialize};
 
 /// Generation parameters of a request. Absent fields take LoRAX's defaults.
 #[derive(Clone, Debug, Deserialize)]
 pub struct GenerateParameters {
-    /// LoRA adapter to apply; absent or empty means the default adapter (if the server has
-    /// one) or the base model; the base model's id means the base model.
-    #[serde(default)]
-    pub adapter_id: Option<String>,
-    /// Where the adapter comes from: `hub`, `local` or `s3` (default: the server's default).
-    #[serde(default)]
-    pub adapter_source: Option<String>,
-    /// Several adapters merged per request (`ids`, `weights`, `merge_strategy`, ...).
-    #[serde(default)]
-    pub merged_adapters: Option<MergedAdapters>,
-    /// Token for private adapters (overrides the server's token for this request; never
-    /// logged or echoed).
-    #[serde(default)]
-    pub api_token: Option<ApiToken>,
+    /// `adapter_id`, `adapter_source`, `merged_adapters`, `api_token`.
+    #[serde(flatten)]
+    pub adapter: AdapterParams,
     /// Generate this many sequences and return the one with the highest log-probability.
     #[serde(default)]
     pub best_of: Option<usize>,
@@ -86,10 +75,7 @@ fn default_true() -> bool {
 impl Default for GenerateParameters {
     fn default() -> Self {
         Self {
-            adapter_id: None,
-            adapter_source: None,
-            merged_adapters: None,
-            api_token: None,
+            adapter: AdapterParams::default(),
             best_of: None,
             temperature: None,
             repetition_penalty: None,

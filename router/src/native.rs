@@ -21,7 +21,7 @@ fn prepared(
     headers: &HeaderMap,
     mut request: GenerateRequest,
 ) -> Result<GenerateRequest, ApiError> {
-    token_from_header(&mut request.parameters.api_token, headers);
+    token_from_header(&mut request.parameters.adapter.api_token, headers);
     apply_chat_template(state, request)
 }
 

@@ -2,7 +2,7 @@
 //! `stream`) and `GET /v1/models`. Requests become native generate requests; `model` names the
 //! adapter (empty: the default adapter or the base model; the served model's id: the base model).
 
-use crate::adapter::ApiToken;
+use crate::adapter::{AdapterParams, ApiToken};
 use crate::api::{
     FinishReason, GenerateParameters, GenerateRequest, GenerateResponse, StreamResponse,
 };
@@ -109,9 +109,12 @@ fn parameters(s: SamplingFields) -> Result<GenerateParameters, ApiError> {
     let temperature = s.temperature.filter(|t| *t != 0.0);
     Ok(GenerateParameters {
         // The served model's id means the base model (resolved in validation).
-        adapter_id: (!s.model.is_empty()).then_some(s.model),
-        adapter_source: s.adapter_source,
-        api_token: s.api_token,
+        adapter: AdapterParams {
+            adapter_id: (!s.model.is_empty()).then_some(s.model),
+            adapter_source: s.adapter_source,
+            merged_adapters: None,
+            api_token: s.api_token,
+        },
         temperature,
         top_p: s.top_p,
         top_k: s.top_k,

@@ -1,7 +1,7 @@
 //! Request validation: parameter ranges, tokenization (with the `tokenizers` crate, special
 //! tokens added as the Hugging Face tokenizer does), truncation and the length limits.
 
-use crate::adapter::{self, AdapterConfig, AdapterFields, AdapterKey, AdapterRequest};
+use crate::adapter::{self, AdapterConfig, AdapterKey, AdapterRequest};
 use crate::api::{GenerateParameters, GenerateRequest, SimpleToken};
 use crate::errors::ValidationError;
 use crate::pb;
@@ -136,13 +136,7 @@ impl Validation {
         &self,
         p: &GenerateParameters,
     ) -> Result<Option<AdapterRequest>, ValidationError> {
-        let fields = AdapterFields {
-            adapter_id: p.adapter_id.as_deref(),
-            merged_adapters: p.merged_adapters.as_ref(),
-            adapter_source: p.adapter_source.as_deref(),
-            api_token: p.api_token.as_ref(),
-        };
-        adapter::resolve(&self.adapters, fields)
+        adapter::resolve(&self.adapters, p.adapter.fields())
     }
 
     /// Validates a request; `best_of` is checked here too (its sequences are queued separately).
@@ -348,20 +342,23 @@ mod tests {
 
     #[tokio::test]
     async fn adapters_are_resolved_and_unsupported_features_refused() {
-        let named = check("hello", params(|p| p.adapter_id = Some("org/lora".into())))
-            .await
-            .unwrap();
+        let named = check(
+            "hello",
+            params(|p| p.adapter.adapter_id = Some("org/lora".into())),
+        )
+        .await
+        .unwrap();
         assert_eq!(named.adapter.unwrap().key.describe(), "org/lora");
         let source = params(|p| {
-            p.adapter_id = Some("a".into());
-            p.adapter_source = Some("ftp".into());
+            p.adapter.adapter_id = Some("a".into());
+            p.adapter.adapter_source = Some("ftp".into());
         });
         assert_eq!(
             check("hello", source).await.unwrap_err(),
             E::AdapterSource("ftp".into())
         );
         let merged = params(|p| {
-            p.merged_adapters = Some(crate::adapter::MergedAdapters {
+            p.adapter.merged_adapters = Some(crate::adapter::MergedAdapters {
                 ids: vec!["a".into()],
                 weights: Some(vec![1.0, 2.0]),
                 ..Default::default()
@@ -376,8 +373,8 @@ mod tests {
         assert_eq!(param_error(format), E::NotSupported("response_format"));
         // An empty adapter id with a source is the base model.
         let base = params(|p| {
-            p.adapter_id = Some(String::new());
-            p.adapter_source = Some("hub".into());
+            p.adapter.adapter_id = Some(String::new());
+            p.adapter.adapter_source = Some("hub".into());
         });
         assert!(check("hello", base).await.unwrap().adapter.is_none());
         let unsupported =
@@ -388,7 +385,7 @@ mod tests {
             });
         let request = GenerateRequest {
             inputs: "hello".into(),
-            parameters: params(|p| p.adapter_id = Some("org/lora".into())),
+            parameters: params(|p| p.adapter.adapter_id = Some("org/lora".into())),
         };
         assert_eq!(
             unsupported.resolve(request).unwrap_err(),
