@@ -49,6 +49,16 @@ pub enum Quantization {
     Hqq2bit,
     /// FP8 (e4m3) weights.
     Fp8,
+    /// FP8 KV cache.
+    #[value(name = "fp8-kv")]
+    Fp8Kv,
+    /// ExLlamaV2 checkpoints (CUDA kernels only).
+    Exl2,
+}
+
+impl Quantization {
+    /// Methods this release serves (the rest are refused at start-up with a message).
+    pub const SUPPORTED: [Quantization; 1] = [Quantization::Eetq];
 }
 
 /// Data type of the base model's weights and activations.
@@ -120,8 +130,9 @@ pub struct Args {
     #[arg(long, env)]
     pub sharded: Option<bool>,
 
-    /// Quantize the base model's weights (later feature: not supported yet, the launcher refuses
-    /// to start with it).
+    /// Quantize the base model's linear weights; adapters keep their own precision. Supported
+    /// now: `eetq` (int8 per output channel, quantized at load); the other LoRAX methods are
+    /// refused at start-up with a message (docs/quantization.md).
     #[arg(long, env, value_enum)]
     pub quantize: Option<Quantization>,
 
@@ -279,10 +290,13 @@ impl Args {
     /// Checks what clap cannot: relations between limits and features that are not built yet.
     /// The error is a complete sentence naming the flags involved.
     pub fn validate(&self) -> Result<(), String> {
-        if let Some(q) = self.quantize {
+        if let Some(q) = self
+            .quantize
+            .filter(|q| !Quantization::SUPPORTED.contains(q))
+        {
             return Err(format!(
-                "--quantize {q} is not supported yet: quantized base models arrive in a later \
-                 release; start without --quantize"
+                "--quantize {q} is not supported yet (supported: eetq); start without --quantize \
+                 or with a supported method"
             ));
         }
         self.validate_sharding()?;

@@ -96,6 +96,9 @@ pub fn shard(server: &Path, args: &Args, env: &ChildEnv, rank: usize) -> Command
     if args.trust_remote_code {
         spec = spec.arg("--trust-remote-code");
     }
+    if let Some(quantize) = args.quantize {
+        spec = spec.arg("--quantize").arg(quantize.to_string());
+    }
     if let Some(endpoint) = &args.otlp_endpoint {
         spec = spec.arg("--otlp-endpoint").arg(endpoint);
     }
@@ -246,6 +249,8 @@ mod tests {
             "/run/s",
             "--otlp-endpoint",
             "http://otel:4317",
+            "--quantize",
+            "eetq",
         ]);
         let cache = ChildEnv {
             hub_cache: Some("/data".into()),
@@ -255,7 +260,7 @@ mod tests {
         assert_eq!(
             spec.args_lossy().join(" "),
             "serve org/model --uds-path /run/s --revision main --dtype bfloat16 --sharded \
-             --kv-cache-blocks 64 --memory-fraction 0.5 --trust-remote-code \
+             --kv-cache-blocks 64 --memory-fraction 0.5 --trust-remote-code --quantize eetq \
              --otlp-endpoint http://otel:4317"
         );
         assert_eq!(env_of(&spec, "RANK").as_deref(), Some("1"));

@@ -29,6 +29,7 @@ class ShardConfig:
     adapter_memory_fraction: float
     trust_remote_code: bool
     otlp_endpoint: str | None = None
+    quantize: str | None = None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
         help="share of GPU memory (available RAM on CPU) reserved for loaded adapters; env ADAPTER_MEMORY_FRACTION",
     )
     serve.add_argument("--trust-remote-code", action="store_true")
+    serve.add_argument(
+        "--quantize",
+        default=os.environ.get("QUANTIZE") or None,
+        help="quantize the base model's linear weights (adapters keep their precision); see docs/quantization.md",
+    )
     serve.add_argument(
         "--otlp-endpoint",
         default=os.environ.get("OTLP_ENDPOINT"),
@@ -89,6 +95,7 @@ def _shard_config(args: argparse.Namespace) -> ShardConfig:
         adapter_memory_fraction=args.adapter_memory_fraction,
         trust_remote_code=args.trust_remote_code,
         otlp_endpoint=args.otlp_endpoint,
+        quantize=args.quantize,
     )
 
 
@@ -108,7 +115,9 @@ def run_serve(cfg: ShardConfig) -> None:
     model_dir = download_weights(cfg.model_id, cfg.revision)
     device = torch.device(f"cuda:{cfg.rank}" if torch.cuda.is_available() else "cpu")
     backend = select_backend(device, cfg.block_size)
-    model = load_model(model_dir, backend, device, cfg.dtype, cfg.rank, cfg.world_size, cfg.trust_remote_code)
+    model = load_model(
+        model_dir, backend, device, cfg.dtype, cfg.rank, cfg.world_size, cfg.trust_remote_code, cfg.quantize
+    )
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
     adapters = None
     if model.supports_adapters:

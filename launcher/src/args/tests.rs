@@ -100,6 +100,8 @@ fn enums_parse_by_their_lorax_names() {
         "hqq-3bit",
         "hqq-2bit",
         "fp8",
+        "fp8-kv",
+        "exl2",
     ] {
         let q = parse(&["--quantize", name]).quantize.unwrap();
         assert_eq!(q.to_string(), name);
@@ -111,9 +113,10 @@ fn enums_parse_by_their_lorax_names() {
 fn quantize_is_refused_with_a_clear_message() {
     let err = error_of(&["--quantize", "gptq"]);
     assert!(
-        err.contains("--quantize gptq is not supported yet"),
+        err.contains("--quantize gptq is not supported yet (supported: eetq)"),
         "{err}"
     );
+    parse(&["--quantize", "eetq"]).validate().unwrap();
 }
 
 #[test]

@@ -4,7 +4,8 @@ Fused projections (q|k|v, gate|up) are one matmul. `part_names`/`part_sizes` are
 modules the weight was built from (what LoRA adapters target); `out_splits` is how callers split the
 output (the same as the parts, unless the checkpoint itself stores a fused module such as `qkv_proj`).
 The base matmul runs once for the whole batch; when adapters are attached (`lora`), their low-rank
-updates are added per adapter segment.
+updates are added per adapter segment. The weight is a dense tensor or a quantized `WeightFormat`
+(`layers.quant`); nothing else here depends on which.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.weights import Weights
+from .quant import Quantizer, WeightFormat
 
 if TYPE_CHECKING:
     from ..forward import ForwardBatch
@@ -41,22 +43,38 @@ class LinearHook(Protocol):
 class Linear:
     def __init__(
         self,
-        weight: torch.Tensor,
+        weight: torch.Tensor | WeightFormat,
         bias: torch.Tensor | None,
         out_splits: list[int],
         part_names: list[str] | None = None,
         part_sizes: list[int] | None = None,
     ) -> None:
-        self.weight = weight  # [out_features, in_features]
+        self.weight = weight  # [out_features, in_features], dense or quantized
         self.bias = bias  # [out_features] or None
         self.out_splits = out_splits  # how callers split the output along out_features
         self.part_names = part_names or []  # checkpoint module name of each stored part
         self.part_sizes = part_sizes or list(out_splits)  # out_features of each stored part
         self.lora: LinearHook | None = None  # set by adapters.lora.attach_lora for adaptable modules
 
+    @property
+    def in_features(self) -> int:
+        w = self.weight
+        return w.shape[1] if isinstance(w, torch.Tensor) else w.in_features
+
+    def quantize(self, quantizer: Quantizer | None) -> None:
+        """Replace a dense weight by its quantized format (the dense tensor is released)."""
+        if quantizer is not None and isinstance(self.weight, torch.Tensor):
+            self.weight = quantizer(self.weight)
+
     def __call__(self, x: torch.Tensor, meta: ForwardBatch | None = None) -> torch.Tensor:
         """x: [num_tokens, in_features] → [num_tokens, out_features]."""
-        y = F.linear(x, self.weight, self.bias)
+        w = self.weight
+        if isinstance(w, torch.Tensor):
+            y = F.linear(x, w, self.bias)
+        else:
+            y = w.matmul(x)
+            if self.bias is not None:
+                y += self.bias
         if self.lora is not None and meta is not None and meta.lora_segments:
             self.lora.add_to(y, x, meta.lora_segments)
         return y
@@ -70,11 +88,13 @@ class Linear:
         shapes: list[tuple[int, int]] | None = None,
         transposed: bool = False,
         out_splits: list[int] | None = None,
+        quantize: bool = True,
     ) -> Linear:
         """Load and fuse `prefix.weight` (+ `prefix.bias`) for each prefix along the output dim.
 
         `shapes` gives each part's expected [out, in]; `transposed` reads Conv1D-style [in, out] tensors;
         `out_splits` splits a checkpoint-fused module (one prefix) into its logical outputs.
+        With `quantize` (the default), the weight takes the checkpoint's `weights.quantizer` format.
         """
         parts, biases = [], []
         for i, prefix in enumerate(prefixes):
@@ -90,4 +110,7 @@ class Linear:
         if bias:
             fused_bias = biases[0] if len(biases) == 1 else torch.cat(biases, dim=0)
         sizes = [p.shape[0] for p in parts]
-        return cls(weight, fused_bias, out_splits or sizes, list(prefixes), sizes)
+        linear = cls(weight, fused_bias, out_splits or sizes, list(prefixes), sizes)
+        if quantize:
+            linear.quantize(weights.quantizer)
+        return linear

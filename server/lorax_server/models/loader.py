@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..layers.attention import AttentionBackend
+from ..layers.quant import QuantizationError, quantizer
 from ..utils.weights import Weights
 from .config import ModelConfig
 from .fallback import TransformersCausalLM
@@ -36,14 +37,22 @@ def load_model(
     rank: int = 0,
     world_size: int = 1,
     trust_remote_code: bool = False,
+    quantize: str | None = None,
 ) -> CausalLM | TransformersCausalLM:
-    """Our own implementation when the architecture has a spec, else the transformers fallback."""
+    """Our own implementation when the architecture has a spec, else the transformers fallback.
+    `quantize`: a `--quantize` method (`layers.quant`); the fallback cannot be quantized."""
+    quantize_weight = quantizer(quantize)
     config = ModelConfig.from_dir(model_dir)
     if world_size > 1:
         raise NotImplementedError("tensor-parallel sharding (--sharded / --num-shard > 1) is not supported yet")
     torch_dtype = resolve_dtype(dtype, config, device)
     spec = REGISTRY.get(config.architecture)
     if spec is None:
+        if quantize is not None:
+            raise QuantizationError(
+                f"--quantize {quantize}: {config.architecture} is served by the transformers fallback, "
+                "which cannot be quantized"
+            )
         return TransformersCausalLM(Path(model_dir), config, torch_dtype, device, trust_remote_code)
-    weights = Weights(model_dir, torch_dtype, device, rank, world_size, spec.optional_prefix)
+    weights = Weights(model_dir, torch_dtype, device, rank, world_size, spec.optional_prefix, quantize_weight)
     return CausalLM(spec, config, weights, backend, device)

@@ -146,7 +146,8 @@ class GatedMLP:
 
 def _moe(spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str) -> SparseMoE:
     hidden, inter, experts = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
-    gate = Linear.load(weights, [f"{prefix}.{spec.moe_gate}"], bias=False, shapes=[(experts, hidden)])
+    # The router stays dense (small, and its top-k choice is sensitive); the experts are quantized.
+    gate = Linear.load(weights, [f"{prefix}.{spec.moe_gate}"], bias=False, shapes=[(experts, hidden)], quantize=False)
     # Filled in place, one checkpoint tensor at a time, to keep the peak memory of loading low.
     gate_up = torch.empty(experts, 2 * inter, hidden, dtype=weights.dtype, device=weights.device)
     if spec.moe_stacked:
@@ -166,7 +167,10 @@ def _moe(spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str) -> Spa
             gate_up[e, inter:] = weights.get(f"{w3}.weight", (inter, hidden))
             down[e] = weights.get(f"{w2}.weight", (hidden, inter))
     act = activation(cfg.hidden_act)
-    return SparseMoE(gate, gate_up, down, cfg.experts_per_token, act, cfg.moe_norm_p, names)
+    moe = SparseMoE(gate, gate_up, down, cfg.experts_per_token, act, cfg.moe_norm_p, names)
+    for linear in [*moe.gate_up, *moe.down]:
+        linear.quantize(weights.quantizer)
+    return moe
 
 
 class PlainMLP:
@@ -255,7 +259,11 @@ class CausalLM:
             self.lm_head = Linear(self.embed, None, [cfg.vocab_size])
         else:
             self.lm_head = Linear.load(
-                weights, [spec.lm_head], bias=spec.lm_head_bias, shapes=[(cfg.vocab_size, cfg.hidden_size)]
+                weights,
+                [spec.lm_head],
+                bias=spec.lm_head_bias,
+                shapes=[(cfg.vocab_size, cfg.hidden_size)],
+                quantize=False,
             )
         self.rotary = RotaryEmbedding(
             cfg.rope, cfg.head_dim, cfg.max_position_embeddings, device, interleaved=spec.rope_interleaved

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -28,11 +30,14 @@ class Weights:
         rank: int = 0,
         world_size: int = 1,
         optional_prefix: str = "",
+        quantizer: Callable[[torch.Tensor], Any] | None = None,
     ) -> None:
         files = sorted(Path(model_dir).glob("*.safetensors"))
         if not files:
             raise WeightsError(f"no *.safetensors files in {model_dir}")
         self.dtype, self.device = dtype, device
+        # How `Linear.load` stores dense linear weights (`layers.quant.quantizer`); None: as they are.
+        self.quantizer = quantizer
         self.rank, self.world_size = rank, world_size
         self._handles = [safe_open(str(f), framework="pt") for f in files]
         self._where: dict[str, int] = {}
