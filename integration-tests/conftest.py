@@ -93,6 +93,14 @@ def launch(
     assert proc.returncode == 0, f"launcher exited with {proc.returncode}"
 
 
+def greedy_ids(server: Server, prompt: str, new_tokens: int, **params: object) -> list[int]:
+    """The token ids a greedy `/generate` returns (EOS ignored, so always `new_tokens` of them)."""
+    parameters = {"max_new_tokens": new_tokens, "ignore_eos_token": True, "details": True, **params}
+    r = requests.post(f"{server.url}/generate", json={"inputs": prompt, "parameters": parameters}, timeout=120)
+    assert r.status_code == 200, r.text
+    return [t["id"] for t in r.json()["details"]["tokens"]]
+
+
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_llama(tmp_path_factory.mktemp("llama"))

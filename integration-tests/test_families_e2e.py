@@ -7,9 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import requests
 import torch
-from conftest import launch
+from conftest import greedy_ids, launch
 from families import FAMILIES, build_family
 from ragged_runs import run_reference
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -33,14 +32,6 @@ def _reference(model_dir: Path) -> list[list[int]]:
 def test_greedy_tokens_over_http_equal_transformers(name: str, tmp_path: Path) -> None:
     model_dir, reference_dir = build_family(name, tmp_path / name)
     want = _reference(reference_dir)
-    with launch(model_dir, tmp_path) as server:
-
-        def generate(prompt: str) -> list[int]:
-            params = {"max_new_tokens": NEW_TOKENS, "ignore_eos_token": True, "details": True}
-            r = requests.post(f"{server.url}/generate", json={"inputs": prompt, "parameters": params}, timeout=120)
-            assert r.status_code == 200, r.text
-            return [t["id"] for t in r.json()["details"]["tokens"]]
-
-        with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            got = list(pool.map(generate, PROMPTS))
+    with launch(model_dir, tmp_path) as server, ThreadPoolExecutor(len(PROMPTS)) as pool:
+        got = list(pool.map(lambda prompt: greedy_ids(server, prompt, NEW_TOKENS), PROMPTS))
     assert got == want

@@ -9,9 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import requests
 import torch
-from conftest import BIN, launch
+from conftest import BIN, greedy_ids, launch
 from families import FAMILIES, LORA_KWARGS, build_family
 from peft import PeftModel
 from quantized import reference_checkpoint
@@ -44,19 +43,9 @@ def test_quantized_base_with_an_adapter_over_http(family: str, tmp_path: Path) -
         run_reference(with_adapter.eval() if use else base, torch.tensor(tok(p).input_ids), NEW_TOKENS)[2]
         for p, use in requests_
     ]
-    with launch(model_dir, tmp_path, "--quantize", "eetq") as server:
-
-        def generate(request: tuple[str, bool]) -> list[int]:
-            prompt, use = request
-            params = {"max_new_tokens": NEW_TOKENS, "ignore_eos_token": True, "details": True}
-            if use:
-                params |= {"adapter_id": str(adapter), "adapter_source": "local"}
-            r = requests.post(f"{server.url}/generate", json={"inputs": prompt, "parameters": params}, timeout=120)
-            assert r.status_code == 200, r.text
-            return [t["id"] for t in r.json()["details"]["tokens"]]
-
-        with ThreadPoolExecutor(len(requests_)) as pool:
-            got = list(pool.map(generate, requests_))
+    lora = {"adapter_id": str(adapter), "adapter_source": "local"}
+    with launch(model_dir, tmp_path, "--quantize", "eetq") as server, ThreadPoolExecutor(len(requests_)) as pool:
+        got = list(pool.map(lambda r: greedy_ids(server, r[0], NEW_TOKENS, **(lora if r[1] else {})), requests_))
     assert got == want
 
 

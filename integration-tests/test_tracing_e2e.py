@@ -68,7 +68,7 @@ def attribute(span: trace_pb2.Span, key: str) -> int | str | None:
     return None
 
 
-def wait_for(collector: Collector, ready, timeout: float = 30.0) -> list[tuple[str, trace_pb2.Span]]:  # noqa: ANN001
+def wait_for(collector: Collector, ready, timeout: float = 60.0) -> list[tuple[str, trace_pb2.Span]]:  # noqa: ANN001
     deadline = time.time() + timeout
     while True:
         spans = collector.snapshot()
@@ -94,10 +94,12 @@ def test_one_request_is_traced_across_router_and_shard(
         assert answer.status_code == 200, answer.text
 
         def complete(spans: list[tuple[str, trace_pb2.Span]]) -> bool:
+            # The launcher relays the router's log lines asynchronously: wait for the line too.
             return (
                 len(find(spans, "lorax-server", "decode")) >= 2
                 and find(spans, "lorax-router", "request")
                 and find(spans, "lorax-router", "queue")
+                and f"trace_id={CALLER_TRACE}" in server.log()
             )
 
         spans = wait_for(receiver, complete)

@@ -20,7 +20,7 @@ pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// An idle server proves it can generate at most this often.
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
-/// "Never" in the millisecond clocks below.
+/// "Never" in the nanosecond clocks below.
 const NEVER: u64 = u64::MAX;
 
 /// The health check's bounds.
@@ -42,7 +42,7 @@ impl Default for HealthConfig {
 }
 
 /// Shared by the batching loop (which reports steps) and the `/health` handler. Times are
-/// milliseconds since `epoch` in atomics, so the loop never waits on a lock to report.
+/// nanoseconds since `epoch` in atomics, so the loop never waits on a lock to report.
 #[derive(Clone)]
 pub struct Health {
     inner: Arc<Inner>,
@@ -91,12 +91,12 @@ impl Health {
         self.inner.config
     }
 
-    fn now_ms(&self) -> u64 {
-        self.inner.epoch.elapsed().as_millis() as u64
+    fn now_ns(&self) -> u64 {
+        self.inner.epoch.elapsed().as_nanos() as u64
     }
 
-    fn since(&self, ms: u64) -> Option<Duration> {
-        (ms != NEVER).then(|| Duration::from_millis(self.now_ms().saturating_sub(ms)))
+    fn since(&self, ns: u64) -> Option<Duration> {
+        (ns != NEVER).then(|| Duration::from_nanos(self.now_ns().saturating_sub(ns)))
     }
 
     /// Called by the batching task when it starts; the loop counts as stopped once the guard
@@ -111,7 +111,7 @@ impl Health {
         let code = if method == "prefill" { 1 } else { 2 };
         self.inner
             .step_started
-            .store(self.now_ms(), Ordering::SeqCst);
+            .store(self.now_ns(), Ordering::SeqCst);
         self.inner.step_method.store(code, Ordering::SeqCst);
     }
 
@@ -122,7 +122,7 @@ impl Health {
         if ok {
             self.inner
                 .last_success
-                .store(self.now_ms(), Ordering::SeqCst);
+                .store(self.now_ns(), Ordering::SeqCst);
         }
     }
 
@@ -148,7 +148,7 @@ impl Health {
         }
         let recent = self
             .since(self.inner.last_success.load(Ordering::SeqCst))
-            .is_some_and(|ago| ago <= self.inner.config.probe_interval);
+            .is_some_and(|ago| ago < self.inner.config.probe_interval);
         recent.then_some(Ok(()))
     }
 
@@ -212,7 +212,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stopped_loop_is_unhealthy() {
-        let h = health(1000, 1000);
+        let h = health(1000, 600_000);
         assert!(h.quick_verdict().unwrap().unwrap_err().contains("stopped"));
         let alive = h.loop_started();
         assert!(h.quick_verdict().is_none(), "no step yet: a probe decides");
@@ -222,7 +222,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_recent_step_proves_health_and_a_long_one_disproves_it() {
-        let h = health(50, 1000);
+        // A probe interval far longer than the test: "recent" cannot depend on its speed.
+        let h = health(50, 600_000);
         let _alive = h.loop_started();
         h.step_started("prefill");
         h.step_finished(true);
@@ -233,7 +234,7 @@ mod tests {
         assert!(reason.contains("decode step has been running"), "{reason}");
         // A failed step is no proof.
         h.step_finished(false);
-        let h2 = health(50, 1000);
+        let h2 = health(50, 600_000);
         let _alive2 = h2.loop_started();
         h2.step_started("decode");
         h2.step_finished(false);

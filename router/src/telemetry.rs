@@ -13,12 +13,22 @@ use opentelemetry_sdk::runtime::Tokio;
 use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
+
+/// Whether spans leave the process (`--otlp-endpoint` with a working exporter). Without it, spans
+/// only label log lines, so the per-step links to every request are not worth building.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are exported.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
 
 /// The tracer provider; `shutdown` flushes the spans not exported yet.
 pub struct Telemetry {
@@ -47,7 +57,8 @@ pub fn init(service: &'static str, json: bool, otlp_endpoint: Option<&str>) -> T
         {
             Ok(exporter) => {
                 builder = builder
-                    .with_span_processor(BatchSpanProcessor::builder(exporter, Tokio).build())
+                    .with_span_processor(BatchSpanProcessor::builder(exporter, Tokio).build());
+                EXPORTING.store(true, Ordering::Relaxed);
             }
             Err(err) => export_error = Some(err.to_string()),
         }

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from families import FAMILIES, LORA_KWARGS, build_family
 from peft import PeftModel
 from quantized import fake_int8, quantized_linears, reference_checkpoint
@@ -119,5 +118,3 @@ def test_quantized_weights_take_a_quarter_of_the_bytes(quantized) -> None:
     packed = sum(lin.weight.nbytes() for lin in linears)
     assert packed <= 0.27 * dense_bytes, (packed, dense_bytes)
 
-
-assert transformers  # imported for the families' config classes
