@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from lorax_server.adapters.manager import AdapterManager, AdapterRequest
 from lorax_server.layers.attention import TorchAttention
 from lorax_server.layers.quant import QuantizationError, quantizer
-from lorax_server.layers.quant.int8 import Int8Weight
+from lorax_server.layers.quant.int8 import quantize_eetq
 from lorax_server.models.loader import load_model
 
 LENGTHS = [7, 3, 12, 5]
@@ -38,12 +38,12 @@ def quantized(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 def test_int8_format_matches_its_definition() -> None:
     w = torch.randn(24, 40) * torch.linspace(0.01, 3, 24)[:, None]
     w[5] = 0  # an all-zero row keeps a finite scale
-    q = Int8Weight.quantize(w)
-    assert q.values.dtype == torch.int8 and q.values.abs().max() <= 127
+    q = quantize_eetq(w)
+    assert q.codes.dtype == torch.uint8 and q.bits == 8
     assert torch.equal(q.dequantize(), fake_int8(w, 0))
     x = torch.randn(6, 40)
     assert (q.matmul(x) - x @ q.dequantize().t()).abs().max() < 1e-4
-    assert q.nbytes() == 24 * 40 + 24 * 4
+    assert q.nbytes() == 24 * 40 + 24 * 4  # a byte per weight and a float32 scale per output channel
 
 
 def test_quantized_family_equals_transformers_on_dequantized_weights(quantized) -> None:

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.nn.functional as F
 
-from ..utils.weights import Weights
+from ..utils.weights import Weights, WeightsError
 from .quant import Quantizer, WeightFormat
+from .quant.grouped import stack_parts
 
 if TYPE_CHECKING:
     from ..forward import ForwardBatch
@@ -94,23 +95,38 @@ class Linear:
 
         `shapes` gives each part's expected [out, in]; `transposed` reads Conv1D-style [in, out] tensors;
         `out_splits` splits a checkpoint-fused module (one prefix) into its logical outputs.
-        With `quantize` (the default), the weight takes the checkpoint's `weights.quantizer` format.
+        A pre-quantized checkpoint's modules load in its format (`weights.checkpoint_format`); dense
+        ones take the load-time `weights.quantizer` format when `quantize` (the default).
         """
-        parts, biases = [], []
+        parts: list[torch.Tensor | WeightFormat] = []
+        biases = []
         for i, prefix in enumerate(prefixes):
-            expect = None
-            if shapes is not None:
-                expect = shapes[i][::-1] if transposed else shapes[i]
-            w = weights.get(f"{prefix}.weight", expect)
-            parts.append(w.t().contiguous() if transposed else w)
+            shape = shapes[i] if shapes is not None else None
+            part = None
+            if weights.checkpoint_format is not None:
+                part = weights.checkpoint_format.load(weights, prefix, shape, required=quantize)
+            if part is None:
+                expect = shape[::-1] if shape is not None and transposed else shape
+                w = weights.get(f"{prefix}.weight", expect)
+                part = w.t().contiguous() if transposed else w
+            parts.append(part)
             if bias:
-                biases.append(weights.get(f"{prefix}.bias", (parts[-1].shape[0],)))
-        weight = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+                biases.append(weights.get(f"{prefix}.bias", (_out_features(part),)))
         fused_bias = None
         if bias:
             fused_bias = biases[0] if len(biases) == 1 else torch.cat(biases, dim=0)
-        sizes = [p.shape[0] for p in parts]
+        sizes = [_out_features(p) for p in parts]
+        if all(isinstance(p, torch.Tensor) for p in parts):
+            weight = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # type: ignore[arg-type]
+        elif not any(isinstance(p, torch.Tensor) for p in parts):
+            weight = stack_parts(parts)
+        else:
+            raise WeightsError(f"{', '.join(prefixes)}: some parts are quantized in the checkpoint and some are not")
         linear = cls(weight, fused_bias, out_splits or sizes, list(prefixes), sizes)
         if quantize:
             linear.quantize(weights.quantizer)
         return linear
+
+
+def _out_features(weight: torch.Tensor | WeightFormat) -> int:
+    return weight.shape[0] if isinstance(weight, torch.Tensor) else weight.out_features

@@ -31,26 +31,18 @@ class SparseMoE:
     def __init__(
         self,
         gate: Linear,
-        gate_up: torch.Tensor,  # [experts, 2 * intermediate, hidden]: each expert's gate rows, then up rows
-        down: torch.Tensor,  # [experts, hidden, intermediate] (a transposed view is fine)
+        gate_up: list[Linear],  # per expert: its gate rows, then its up rows
+        down: list[Linear],  # per expert
         top_k: int,
         act: Callable[[torch.Tensor], torch.Tensor],
         norm_p: float | None = 1.0,
-        expert_names: list[tuple[str, str, str]] | None = None,
     ) -> None:
         """`norm_p`: the top-k weights are divided by their p-norm (Mixtral: 1, i.e. they sum to 1);
-        None keeps the softmax probabilities. `expert_names`: each expert's checkpoint module names
-        (gate, up, down), the names LoRA adapters target; None: the experts cannot be adapted."""
+        None keeps the softmax probabilities. Experts whose linears have no `part_names` cannot be adapted."""
         self.gate = gate  # router: [num_tokens, hidden] → [num_tokens, experts]
         self.top_k, self.act, self.norm_p = top_k, act, norm_p
-        self.num_experts, inter = gate_up.shape[0], gate_up.shape[1] // 2
-        names = expert_names or [None] * self.num_experts
-        # Per-expert views of the stacked weights: what adapters attach to.
-        self.gate_up = [
-            Linear(gate_up[e], None, [inter, inter], list(n[:2]) if n else None, [inter, inter])
-            for e, n in enumerate(names)
-        ]
-        self.down = [Linear(down[e], None, [down.shape[1]], [n[2]] if n else None) for e, n in enumerate(names)]
+        self.num_experts = len(gate_up)
+        self.gate_up, self.down = gate_up, down  # what adapters attach to
 
     def linears(self) -> list[Linear]:
         """The router, then every expert's gate|up and down (what adapters may target)."""

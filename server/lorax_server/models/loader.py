@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..layers.attention import AttentionBackend
-from ..layers.quant import QuantizationError, quantizer
+from ..layers.quant import QuantizationError, checkpoint, quantizer
 from ..utils.weights import Weights
 from .config import ModelConfig
 from .fallback import TransformersCausalLM
@@ -41,7 +41,9 @@ def load_model(
 ) -> CausalLM | TransformersCausalLM:
     """Our own implementation when the architecture has a spec, else the transformers fallback.
     `quantize`: a `--quantize` method (`layers.quant`); the fallback cannot be quantized."""
-    quantize_weight = quantizer(quantize)
+    quantize, stored_format = checkpoint.resolve(quantize, model_dir)
+    # Dense modules of a pre-quantized checkpoint stay dense (it left them so on purpose).
+    quantize_weight = quantizer(quantize) if stored_format is None else None
     config = ModelConfig.from_dir(model_dir)
     if world_size > 1:
         raise NotImplementedError("tensor-parallel sharding (--sharded / --num-shard > 1) is not supported yet")
@@ -54,5 +56,7 @@ def load_model(
                 "which cannot be quantized"
             )
         return TransformersCausalLM(Path(model_dir), config, torch_dtype, device, trust_remote_code)
-    weights = Weights(model_dir, torch_dtype, device, rank, world_size, spec.optional_prefix, quantize_weight)
+    weights = Weights(
+        model_dir, torch_dtype, device, rank, world_size, spec.optional_prefix, quantize_weight, stored_format
+    )
     return CausalLM(spec, config, weights, backend, device)

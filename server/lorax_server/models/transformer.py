@@ -148,29 +148,26 @@ def _moe(spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str) -> Spa
     hidden, inter, experts = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
     # The router stays dense (small, and its top-k choice is sensitive); the experts are quantized.
     gate = Linear.load(weights, [f"{prefix}.{spec.moe_gate}"], bias=False, shapes=[(experts, hidden)], quantize=False)
-    # Filled in place, one checkpoint tensor at a time, to keep the peak memory of loading low.
-    gate_up = torch.empty(experts, 2 * inter, hidden, dtype=weights.dtype, device=weights.device)
-    if spec.moe_stacked:
+    if spec.moe_stacked:  # DBRX: one tensor per projection; views per expert, quantized one by one
 
         def get(name: str) -> torch.Tensor:  # [experts, inter, hidden]
             return weights.get(f"{prefix}.{spec.moe_stacked}.{name}", (experts * inter, hidden)).view(-1, inter, hidden)
 
-        gate_up[:, :inter] = get("w1")
-        gate_up[:, inter:] = get("v1")
-        down, names = get("w2").transpose(1, 2), None
+        gate_up_all = torch.cat([get("w1"), get("v1")], dim=1)  # [experts, 2 * inter, hidden]
+        down_all = get("w2").transpose(1, 2)  # [experts, hidden, inter]
+        gate_up = [Linear(gate_up_all[e], None, [inter, inter]) for e in range(experts)]
+        down = [Linear(down_all[e], None, [hidden]) for e in range(experts)]
+        for linear in [*gate_up, *down]:
+            linear.quantize(weights.quantizer)
     else:
         expert = [f"{prefix}.{spec.moe_expert.format(e=e)}" for e in range(experts)]
         names = [(f"{p}.w1", f"{p}.w3", f"{p}.w2") for p in expert]  # gate, up, down: what adapters target
-        down = torch.empty(experts, hidden, inter, dtype=weights.dtype, device=weights.device)
-        for e, (w1, w3, w2) in enumerate(names):
-            gate_up[e, :inter] = weights.get(f"{w1}.weight", (inter, hidden))
-            gate_up[e, inter:] = weights.get(f"{w3}.weight", (inter, hidden))
-            down[e] = weights.get(f"{w2}.weight", (hidden, inter))
+        gate_up = [
+            Linear.load(weights, [w1, w3], bias=False, shapes=[(inter, hidden)] * 2) for w1, w3, _ in names
+        ]
+        down = [Linear.load(weights, [w2], bias=False, shapes=[(hidden, inter)]) for _, _, w2 in names]
     act = activation(cfg.hidden_act)
-    moe = SparseMoE(gate, gate_up, down, cfg.experts_per_token, act, cfg.moe_norm_p, names)
-    for linear in [*moe.gate_up, *moe.down]:
-        linear.quantize(weights.quantizer)
-    return moe
+    return SparseMoE(gate, gate_up, down, cfg.experts_per_token, act, cfg.moe_norm_p)
 
 
 class PlainMLP:

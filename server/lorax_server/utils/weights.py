@@ -31,6 +31,7 @@ class Weights:
         world_size: int = 1,
         optional_prefix: str = "",
         quantizer: Callable[[torch.Tensor], Any] | None = None,
+        checkpoint_format: Any = None,
     ) -> None:
         files = sorted(Path(model_dir).glob("*.safetensors"))
         if not files:
@@ -38,6 +39,9 @@ class Weights:
         self.dtype, self.device = dtype, device
         # How `Linear.load` stores dense linear weights (`layers.quant.quantizer`); None: as they are.
         self.quantizer = quantizer
+        # A pre-quantized checkpoint's reader (`layers.quant.checkpoint`): `load(weights, prefix, shape)`
+        # returns a module's quantized weight, or None where the module is stored dense.
+        self.checkpoint_format = checkpoint_format
         self.rank, self.world_size = rank, world_size
         self._handles = [safe_open(str(f), framework="pt") for f in files]
         self._where: dict[str, int] = {}
@@ -60,9 +64,13 @@ class Weights:
             raise WeightsError(f"checkpoint is missing tensor {name!r}")
         return self._handles[self._where[stored]].get_slice(stored)
 
+    def dtype_of(self, name: str) -> str:
+        """The stored dtype as safetensors names it (e.g. "F32", "F8_E4M3", "I32")."""
+        return self._slice(name).get_dtype()
+
     def _finish(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
-        # Integer tensors (quantized weights, indices) keep their dtype.
-        if tensor.is_floating_point():
+        # Integer tensors (quantized weights, indices) and float8 values keep their dtype.
+        if tensor.is_floating_point() and tensor.element_size() > 1:
             tensor = tensor.to(self.dtype)
         return tensor.to(self.device)
 

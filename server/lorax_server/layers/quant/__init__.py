@@ -54,21 +54,48 @@ class WeightFormat(Protocol):
         ...
 
 
+def missing_tensor(method: str, prefix: str) -> str:
+    """The error for a module a pre-quantized checkpoint should store quantized but does not."""
+    tensors = "qweight, qzeros, scales and g_idx" if method == "gptq" else "qweight, qzeros and scales"
+    return (
+        f"--quantize {method} expects a checkpoint quantized with {method.upper()} ({tensors} per linear "
+        f"module), but tensor '{prefix}.qweight' is missing; to quantize a full-precision checkpoint "
+        "while loading it, use a load-time method such as --quantize bitsandbytes-nf4"
+    )
+
+
 Quantizer = Callable[[torch.Tensor], WeightFormat]
+
+# Methods that need a checkpoint already quantized in their format.
+PRE_QUANTIZED = ("gptq", "awq")
 
 
 def quantizer(method: str | None) -> Quantizer | None:
-    """The load-time quantizer of `method`; None for a dense model."""
-    if method is None:
+    """The load-time quantizer of `method`; None for a dense model or a pre-quantized method."""
+    if method is None or method in PRE_QUANTIZED:
         return None
-    from .int8 import Int8Weight
+    from .bnb4 import quantize_4bit
+    from .fp8 import quantize_fp8
+    from .hqq import quantize_hqq
+    from .int8 import quantize_bnb_int8, quantize_eetq
 
-    on_load: dict[str, Quantizer] = {"eetq": Int8Weight.quantize}
+    on_load: dict[str, Quantizer] = {
+        "eetq": quantize_eetq,
+        "bitsandbytes": quantize_bnb_int8,
+        "bitsandbytes-nf4": lambda w: quantize_4bit(w, "nf4"),
+        "bitsandbytes-fp4": lambda w: quantize_4bit(w, "fp4"),
+        "fp8": quantize_fp8,
+        "fp8-kv": quantize_fp8,
+        "hqq-4bit": lambda w: quantize_hqq(w, 4),
+        "hqq-3bit": lambda w: quantize_hqq(w, 3),
+        "hqq-2bit": lambda w: quantize_hqq(w, 2),
+    }
     if method in on_load:
         return on_load[method]
-    if method in METHODS:
+    if method == "exl2":
         raise QuantizationError(
-            f"--quantize {method} is not supported yet (supported: {', '.join(on_load)}); "
-            "start without --quantize or with a supported method"
+            "--quantize exl2 needs ExLlamaV2's CUDA kernels, which this build does not have; serve a GPTQ "
+            "or AWQ checkpoint, or quantize a full-precision checkpoint on load (for example --quantize "
+            "bitsandbytes-nf4 or hqq-4bit)"
         )
     raise QuantizationError(f"unknown --quantize {method!r}; LoRAX's methods are {', '.join(METHODS)}")

@@ -1,36 +1,39 @@
-"""`eetq`: int8 weight-only quantization with one symmetric scale per output channel, from a
-full-precision checkpoint at load time. The matmul dequantizes transiently in the activations'
-dtype (on CPU this measured faster than torch's packed int8 kernel), so no full-precision copy
-stays resident: 1 byte per weight plus 4 per output channel.
+"""8-bit integer weights, one symmetric scale per output channel, quantized from a full-precision
+checkpoint at load time: 1 byte per weight plus 4 per output channel.
+
+- `eetq`: scale = max |w| / 127, code = round(w / scale).
+- `bitsandbytes` (LLM.int8's vector-wise weight quantization): code = round(w · 127 / max |w|), value =
+  code · max |w| / 127, as `bitsandbytes.functional.int8_vectorwise_quant` defines it. LLM.int8 also
+  quantizes the activations and keeps outlier columns in half precision to protect them; here the
+  activations stay in full precision, so there is nothing to protect and no threshold.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from .grouped import GroupedWeight
+
+SIGNED = torch.arange(256, dtype=torch.float32) - 128  # code c stores the integer c - 128
 
 
-class Int8Weight:
-    def __init__(self, values: torch.Tensor, scales: torch.Tensor) -> None:
-        self.values = values  # int8 [out, in]
-        self.scales = scales  # float32 [out]
-        self.out_features, self.in_features = values.shape
+def _grouped(q: torch.Tensor, scales: torch.Tensor) -> GroupedWeight:
+    codes = (q + 128).to(torch.uint8)
+    return GroupedWeight.from_codes(codes, 8, SIGNED.to(q.device), scales[:, None], None, q.shape[1])
 
-    @classmethod
-    def quantize(cls, weight: torch.Tensor) -> Int8Weight:
-        """Round-to-nearest with scale = max |w| / 127 per output channel (rows of zeros get scale 1)."""
-        w = weight.detach().float()
-        scales = w.abs().amax(dim=1) / 127.0
-        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-        values = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-        return cls(values, scales)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.values.to(x.dtype))
-        return y * self.scales.to(x.dtype)
+def _absmax(weight: torch.Tensor) -> torch.Tensor:
+    amax = weight.detach().float().abs().amax(dim=1)
+    return torch.where(amax > 0, amax, torch.full_like(amax, 127.0))  # rows of zeros: any finite scale
 
-    def dequantize(self) -> torch.Tensor:
-        return self.values.float() * self.scales[:, None]
 
-    def nbytes(self) -> int:
-        return self.values.numel() * self.values.element_size() + self.scales.numel() * self.scales.element_size()
+def quantize_eetq(weight: torch.Tensor) -> GroupedWeight:
+    scales = _absmax(weight) / 127.0
+    q = torch.round(weight.detach().float() / scales[:, None]).clamp_(-127, 127)
+    return _grouped(q, scales)
+
+
+def quantize_bnb_int8(weight: torch.Tensor) -> GroupedWeight:
+    absmax = _absmax(weight)
+    q = torch.round(weight.detach().float() * (127.0 / absmax[:, None])).clamp_(-127, 127)
+    return _grouped(q, absmax * (1.0 / 127.0))

@@ -1,0 +1,59 @@
+"""`awq`: pre-quantized AWQ checkpoints in AutoAWQ's GEMM layout (4 bits).
+
+Per linear module: `qweight` int32 [in, out/8] and `qzeros` int32 [groups, out/8], both packed along the
+output dimension with an interleaved order (nibble i of a word holds output column ORDER[i] of its 8),
+and `scales` [groups, out]. W[n, k] = scales[g, n] · (q[k, n] − zero[g, n]) with g = k // group_size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...utils.weights import Weights
+from . import QuantizationError, missing_tensor
+from .gptq import grouped_from_affine
+from .grouped import GroupedWeight
+
+ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of each word holds column ORDER[i] of its group of 8
+
+
+def unpack_columns(words: torch.Tensor, columns: int) -> torch.Tensor:
+    """int32 [rows, columns/8] in AWQ's interleaved order → int64 [rows, columns]."""
+    shifts = 4 * torch.arange(8, device=words.device)
+    nibbles = ((words.to(torch.int64) & 0xFFFFFFFF)[..., None] >> shifts) & 15  # [rows, columns/8, 8]
+    out = torch.empty_like(nibbles)
+    out[:, :, list(ORDER)] = nibbles
+    return out.view(words.shape[0], columns)
+
+
+@dataclass(frozen=True)
+class AwqCheckpoint:
+    group_size: int | None = None  # None: inferred from the scales' shape
+    method: str = "awq"
+    dense_modules: tuple[str, ...] = ()  # quantization_config's modules_to_not_convert
+
+    def load(
+        self, weights: Weights, prefix: str, shape: tuple[int, int] | None, required: bool
+    ) -> GroupedWeight | None:
+        if not weights.has(f"{prefix}.qweight"):
+            if required and not any(prefix.endswith(m) for m in self.dense_modules):
+                raise QuantizationError(missing_tensor(self.method, prefix))
+            return None
+        if shape is None:
+            raise QuantizationError(f"{prefix}: a pre-quantized module needs its expected shape")
+        out_features, in_features = shape
+        if out_features % 8:
+            raise QuantizationError(f"AWQ packs 8 outputs per word; {prefix} has {out_features}")
+        qweight = weights.get(f"{prefix}.qweight", (in_features, out_features // 8))
+        scales = weights.get(f"{prefix}.scales").float()  # [groups, out]
+        groups = scales.shape[0]
+        size = self.group_size if self.group_size not in (None, -1) else -(-in_features // groups)
+        if scales.shape[1] != out_features or -(-in_features // size) != groups:
+            raise QuantizationError(f"{prefix}.scales has shape {tuple(scales.shape)} for {in_features} inputs, "
+                                    f"{out_features} outputs and group_size {size}")  # fmt: skip
+        zeros = unpack_columns(weights.get(f"{prefix}.qzeros", (groups, out_features // 8)), out_features)
+        codes = unpack_columns(qweight, out_features)  # [in, out]
+        g_idx = torch.arange(in_features, device=codes.device) // size
+        return grouped_from_affine(codes.t(), 4, scales.t(), zeros.t(), g_idx, prefix)
