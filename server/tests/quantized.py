@@ -64,3 +64,33 @@ def reference_checkpoint(model_dir: Path, model, out: Path) -> Path:  # noqa: AN
             shutil.copy(f, out / f.name)
     save_file(tensors, str(out / "model.safetensors"))
     return out
+
+
+def dequantized_checkpoint(model_dir: Path, model, out: Path) -> Path:  # noqa: ANN001
+    """The checkpoint with every weight our model quantized replaced by its `dequantize()`: the
+    reference for load-time methods, whose `dequantize()` the format tests check independently."""
+    tensors = load_file(str(next(model_dir.glob("*.safetensors"))))
+    conv1d = model.spec.conv1d_weights
+    for linear in quantized_linears(model):
+        if not linear.part_names:
+            continue
+        w = linear.weight.dequantize()
+        for name, part in zip(linear.part_names, w.split(linear.part_sizes), strict=True):
+            key = f"{name}.weight"
+            tensors[key] = (part.t() if conv1d else part).contiguous().to(tensors[key].dtype)
+    stacked = model.spec.moe_stacked  # DBRX: w1 | v1 [experts * inter, hidden], w2 stored transposed
+    if stacked:
+        for i, layer in enumerate(model.layers):
+            moe, prefix = layer.mlp, f"{model.spec.layer.format(i=i)}.{stacked}"
+            gate_up = torch.stack([lin.weight.dequantize() for lin in moe.gate_up])  # [e, 2 * inter, hidden]
+            inter = gate_up.shape[1] // 2
+            tensors[f"{prefix}.w1"] = gate_up[:, :inter].reshape(-1, gate_up.shape[2]).contiguous()
+            tensors[f"{prefix}.v1"] = gate_up[:, inter:].reshape(-1, gate_up.shape[2]).contiguous()
+            down = torch.stack([lin.weight.dequantize().t() for lin in moe.down])  # [e, inter, hidden]
+            tensors[f"{prefix}.w2"] = down.reshape(-1, down.shape[2]).contiguous()
+    out.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, out / f.name)
+    save_file(tensors, str(out / "model.safetensors"))
+    return out

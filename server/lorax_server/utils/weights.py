@@ -80,8 +80,9 @@ class Weights:
     def get(self, name: str, expect_shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The whole tensor; `expect_shape` (full, unsharded shape) is checked with a clear error."""
         sl = self._slice(name)
-        self._check_shape(name, list(sl.get_shape()), expect_shape)
-        return self._finish(sl[:], name)
+        shape = list(sl.get_shape())
+        self._check_shape(name, shape, expect_shape)
+        return self._finish(sl[:] if shape else sl[()], name)
 
     def get_sharded(self, name: str, dim: int, expect_shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """This rank's contiguous 1/world_size slice along `dim` (which must divide evenly)."""

@@ -59,10 +59,10 @@ class GptqCheckpoint:
         bits = self.bits or packed_rows * 32 // in_features
         if bits not in BITS:
             raise QuantizationError(f"GPTQ with {bits} bits is not supported (supported: 2, 3, 4, 8)")
-        if packed_rows * 32 != in_features * bits:
+        if packed_rows != -(-in_features * bits // 32):
             raise QuantizationError(
                 f"{prefix}.qweight has {packed_rows} rows, but {in_features} inputs at {bits} bits pack into "
-                f"{in_features * bits / 32:g}"
+                f"{-(-in_features * bits // 32)}"
             )
         return bits
 
