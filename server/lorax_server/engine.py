@@ -133,7 +133,14 @@ class Engine:
             )
         self.cache = KVCache(layers, num_blocks, bs, kv_heads, head_dim, dtype, self.device)
         self.blocks = BlockManager(num_blocks, bs)
-        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs, num_blocks * per_block / 2**20)
+        log.info(
+            "KV cache: %s, %d blocks of %d tokens = %d tokens (%.1f MiB)",
+            str(dtype).removeprefix("torch."),  # float8_e4m3fn under --quantize fp8-kv: 1 byte per value
+            num_blocks,
+            bs,
+            num_blocks * bs,
+            num_blocks * per_block / 2**20,
+        )
         return num_blocks * bs
 
     def _blocks_from_memory(self, per_block: int) -> int:

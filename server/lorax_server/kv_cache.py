@@ -82,8 +82,21 @@ def slot_mapping(
     return blocks * block_size + positions % block_size
 
 
+# `--quantize fp8-kv`'s cache format: keys and values stored as float8_e4m3fn after division by a per-layer
+# scale (vLLM's convention); the attention backend multiplies the scale back after gathering blocks.
+FP8_KV = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(FP8_KV).max  # 448: e4m3fn has no infinity, so larger values are saturated here
+
+
+def to_fp8_kv(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x / scale as float8_e4m3fn, saturated at ±448 rather than relying on the cast (which may turn an
+    out-of-range value into NaN on some backends)."""
+    return (x / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(FP8_KV)
+
+
 class KVCache:
-    """Per layer `[num_blocks, block_size, kv_heads, head_dim]` key and value tensors."""
+    """Per layer `[num_blocks, block_size, kv_heads, head_dim]` key and value tensors, in the model's dtype
+    or, for `--quantize fp8-kv`, in float8_e4m3fn (see `write`)."""
 
     def __init__(
         self,
@@ -102,13 +115,28 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.dtype = dtype
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """slots [num_tokens]; k, v [num_tokens, kv_heads, head_dim]."""
+    def write(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
+    ) -> None:
+        """slots [num_tokens]; k, v [num_tokens, kv_heads, head_dim]. A float8 cache stores k / k_scale
+        and v / v_scale; any other cache stores k and v as they are and ignores the scales."""
         kv_heads, head_dim = k.shape[1], k.shape[2]
-        self.keys[layer].view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
-        self.values[layer].view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
+        keys, values = self.keys[layer], self.values[layer]
+        if self.dtype == FP8_KV:
+            # index_copy_ has no float8 kernel on CPU: copy the bytes through uint8 views instead.
+            keys, values = keys.view(torch.uint8), values.view(torch.uint8)
+            k, v = to_fp8_kv(k, k_scale).view(torch.uint8), to_fp8_kv(v, v_scale).view(torch.uint8)
+        keys.view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
+        values.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)

@@ -4,7 +4,9 @@ that faster (CUDA) backends are tested against.
 Interface: `attend(q, cache_k, cache_v, meta, scale, window, softcap, alibi_slopes) -> out`, called
 after the layer has written this step's keys/values into the cache; every sequence attends to its first
 `meta.context_lens[b]` cached tokens, causally. With `alibi_slopes` each head adds
-`slope · (key position − query position)` to its scores (ALiBi, Bloom).
+`slope · (key position − query position)` to its scores (ALiBi, Bloom). A float8 cache (`--quantize
+fp8-kv`) holds keys / `k_scale` and values / `v_scale`: a backend reads them back as `cached · scale` in
+q's dtype; other caches ignore the scales.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class AttentionBackend(Protocol):
         window: int | None = None,
         softcap: float | None = None,
         alibi_slopes: torch.Tensor | None = None,  # [heads] float32
+        k_scale: float = 1.0,  # float8 caches only
+        v_scale: float = 1.0,
     ) -> torch.Tensor:  # [num_tokens, heads, head_dim]
         ...
 
@@ -111,6 +115,8 @@ class TorchAttention:
         window: int | None = None,
         softcap: float | None = None,
         alibi_slopes: torch.Tensor | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         layout = self._layout(meta)
         batch, heads, head_dim = meta.batch_size, q.shape[1], q.shape[2]
@@ -118,8 +124,8 @@ class TorchAttention:
         decode = layout.max_q == 1  # one token per sequence: the padded grid is q itself
         q_grid = q if decode else q.new_zeros(batch * layout.max_q, heads, head_dim).index_copy_(0, layout.q_index, q)
         q_grid = q_grid.view(batch, layout.max_q, heads, head_dim).transpose(1, 2)  # [b, h, max_q, d]
-        k = self._gather(cache_k, layout, batch, kv_heads, head_dim)  # [b, kvh, max_k, d]
-        v = self._gather(cache_v, layout, batch, kv_heads, head_dim)
+        k = self._gather(cache_k, layout, batch, kv_heads, head_dim, q.dtype, k_scale)  # [b, kvh, max_k, d]
+        v = self._gather(cache_v, layout, batch, kv_heads, head_dim, q.dtype, v_scale)
         if alibi_slopes is None:
             mask = layout.mask(window)  # bool
         else:
@@ -134,10 +140,21 @@ class TorchAttention:
         return out if decode else out[layout.q_index]
 
     @staticmethod
-    def _gather(cache: torch.Tensor, layout: _PaddedLayout, batch: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    def _gather(
+        cache: torch.Tensor,
+        layout: _PaddedLayout,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        scale: float,
+    ) -> torch.Tensor:
         # index_select on whole blocks copies contiguous rows: much faster than advanced indexing.
         blocks = cache.view(cache.shape[0], -1).index_select(0, layout.tables.reshape(-1))
         seq = blocks.view(batch, -1, kv_heads, head_dim)[:, : layout.max_k]
+        if cache.dtype == torch.float8_e4m3fn:
+            # Only the gathered blocks are widened, never the whole cache; × 1.0 would be exact, so skip it.
+            seq = seq.to(dtype) if scale == 1.0 else seq.to(dtype) * scale
         return seq.transpose(1, 2)
 
 

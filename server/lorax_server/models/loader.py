@@ -59,4 +59,5 @@ def load_model(
     weights = Weights(
         model_dir, torch_dtype, device, rank, world_size, spec.optional_prefix, quantize_weight, stored_format
     )
-    return CausalLM(spec, config, weights, backend, device)
+    kv_cache_dtype = torch.float8_e4m3fn if quantize == "fp8-kv" else None  # fp8-kv: float8 weights and KV cache
+    return CausalLM(spec, config, weights, backend, device, kv_cache_dtype)

@@ -6,11 +6,13 @@ with no padding; only attention knows about sequences.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from ..forward import ForwardBatch
-from ..kv_cache import KVCache
+from ..kv_cache import FP8_KV, KVCache
 from ..layers.activations import activation
 from ..layers.attention import AttentionBackend, alibi_slopes
 from ..layers.linear import Linear
@@ -72,6 +74,9 @@ class SelfAttention:
             self.k_norm = HeadLayerNorm(weights.get(f"{prefix}.{spec.k_norm}.weight", (kvh, d)), cfg.norm_eps)
         self.window = cfg.window_for(layer_idx) if spec.uses_sliding_window else None
         self.layer_idx = layer_idx
+        # Per-layer scales of a float8 KV cache (`CausalLM` reads them from the checkpoint for `fp8-kv`);
+        # caches in the model's dtype ignore them.
+        self.k_scale = self.v_scale = 1.0
 
     def __call__(
         self,
@@ -96,7 +101,7 @@ class SelfAttention:
             q = apply_rotary(q, cos, sin, self.interleaved)
             k = apply_rotary(k, cos, sin, self.interleaved)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        cache.write(self.layer_idx, meta.slots, k, v)
+        cache.write(self.layer_idx, meta.slots, k, v, self.k_scale, self.v_scale)
         out = backend.attend(
             q,
             cache.keys[self.layer_idx],
@@ -106,6 +111,8 @@ class SelfAttention:
             self.window,
             self.softcap,
             alibi_slopes=self.alibi,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
         )
         return self.o(out.reshape(-1, self.num_heads * self.head_dim), meta)
 
@@ -231,6 +238,26 @@ class DecoderLayer:
         return self.attn.linears() + self.mlp.linears()
 
 
+def _kv_scales(spec: ArchSpec, weights: Weights, layer_prefix: str) -> tuple[float, float]:
+    """A layer's float8 KV cache scales as FP8 checkpoints store them beside the projections
+    (`<attention module>.k_scale` / `.v_scale`, or one `.kv_scale` for both); 1.0 where absent, as vLLM."""
+    module = (spec.fused_qkv or spec.q_proj).rpartition(".")[0]
+    prefix = f"{layer_prefix}.{module}" if module else layer_prefix
+    scales = []
+    for kind in ("k_scale", "v_scale"):
+        name = next((n for n in (f"{prefix}.{kind}", f"{prefix}.kv_scale") if weights.has(n)), None)
+        if name is None:
+            scales.append(1.0)
+            continue
+        # Read as stored (float32, not rounded to the model's dtype); `Weights.get` slices with [:], which
+        # the 0-dim tensors most FP8 exports use for these scales refuse, while [...] reads any shape.
+        value = weights._slice(name)[...].float()
+        if value.numel() != 1 or not (math.isfinite(value.item()) and value.item() > 0):
+            raise ValueError(f"{name}: a float8 KV cache needs one positive scale per layer, got {value.tolist()}")
+        scales.append(value.item())
+    return scales[0], scales[1]
+
+
 class CausalLM:
     """A loaded model: call `forward` with a batch's metadata to get logits of `meta.logits_index` tokens."""
 
@@ -241,9 +268,15 @@ class CausalLM:
         weights: Weights,
         backend: AttentionBackend,
         device: torch.device,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> None:
+        """`kv_cache_dtype`: None keeps the KV cache in the model's dtype; float8_e4m3fn (`--quantize
+        fp8-kv`) stores it scaled, with each layer's k/v scales from the checkpoint (1.0 without)."""
         self.spec, self.config, self.backend, self.device = spec, cfg, backend, device
         self.dtype = weights.dtype
+        if kv_cache_dtype not in (None, weights.dtype, FP8_KV):
+            raise ValueError(f"unsupported KV cache dtype {kv_cache_dtype}: the model's dtype or {FP8_KV}")
+        self.kv_cache_dtype = kv_cache_dtype or weights.dtype
         self.embed = weights.get(f"{spec.embed}.weight", (cfg.vocab_size, cfg.hidden_size))
         self.embed_norm = _norm(spec, cfg, weights, spec.embed_norm) if spec.embed_norm else None
         self.position_embed = None  # [max_positions, hidden]: learned absolute positions
@@ -251,6 +284,9 @@ class CausalLM:
             shape = (cfg.max_position_embeddings, cfg.hidden_size)
             self.position_embed = weights.get(f"{spec.position_embed}.weight", shape)
         self.layers = [DecoderLayer(spec, cfg, weights, i) for i in range(cfg.num_layers)]
+        if self.kv_cache_dtype == FP8_KV:
+            for i, layer in enumerate(self.layers):
+                layer.attn.k_scale, layer.attn.v_scale = _kv_scales(spec, weights, spec.layer.format(i=i))
         self.norm = _norm(spec, cfg, weights, spec.final_norm)
         if cfg.tie_word_embeddings or not weights.has(f"{spec.lm_head}.weight"):
             self.lm_head = Linear(self.embed, None, [cfg.vocab_size])
@@ -297,7 +333,7 @@ class CausalLM:
     def cache_geometry(self) -> tuple[int, int, int, torch.dtype]:
         """(layers, kv_heads, head_dim, dtype) of the paged KV cache this model writes."""
         c = self.config
-        return c.num_layers, c.num_kv_heads, c.head_dim, self.dtype
+        return c.num_layers, c.num_kv_heads, c.head_dim, self.kv_cache_dtype
 
     @torch.inference_mode()
     def forward(self, meta: ForwardBatch, cache: KVCache) -> torch.Tensor:
