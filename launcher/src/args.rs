@@ -56,11 +56,6 @@ pub enum Quantization {
     Exl2,
 }
 
-impl Quantization {
-    /// Methods this release serves (the rest are refused at start-up with a message).
-    pub const SUPPORTED: [Quantization; 1] = [Quantization::Eetq];
-}
-
 /// Data type of the base model's weights and activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Dtype {
@@ -130,9 +125,11 @@ pub struct Args {
     #[arg(long, env)]
     pub sharded: Option<bool>,
 
-    /// Quantize the base model's linear weights; adapters keep their own precision. Supported
-    /// now: `eetq` (int8 per output channel, quantized at load); the other LoRAX methods are
-    /// refused at start-up with a message (docs/quantization.md).
+    /// Quantize the base model's linear weights; adapters keep their own precision. Quantized
+    /// while loading a full-precision checkpoint: `bitsandbytes` (int8), `bitsandbytes-nf4`,
+    /// `bitsandbytes-fp4`, `eetq`, `fp8`, `fp8-kv` (also a float8 KV cache), `hqq-4bit`,
+    /// `hqq-3bit`, `hqq-2bit`. Pre-quantized checkpoints: `gptq`, `awq`, and FP8 ones (detected
+    /// from config.json without this flag). `exl2` needs CUDA kernels. See docs/quantization.md.
     #[arg(long, env, value_enum)]
     pub quantize: Option<Quantization>,
 
@@ -290,15 +287,6 @@ impl Args {
     /// Checks what clap cannot: relations between limits and features that are not built yet.
     /// The error is a complete sentence naming the flags involved.
     pub fn validate(&self) -> Result<(), String> {
-        if let Some(q) = self
-            .quantize
-            .filter(|q| !Quantization::SUPPORTED.contains(q))
-        {
-            return Err(format!(
-                "--quantize {q} is not supported yet (supported: eetq); start without --quantize \
-                 or with a supported method"
-            ));
-        }
         self.validate_sharding()?;
         self.validate_limits()?;
         self.validate_fractions()?;

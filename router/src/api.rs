@@ -286,6 +286,8 @@ pub struct Info {
     pub model_device_type: String,
     pub model_pipeline_tag: Option<String>,
     pub architecture: String,
+    /// The `--quantize` method of the base model (also when detected from the checkpoint).
+    pub quantize: Option<String>,
     pub max_concurrent_requests: usize,
     pub max_best_of: usize,
     pub max_stop_sequences: usize,

@@ -337,6 +337,7 @@ fn build_info(args: &Args, shards: &Shards) -> Info {
         // does not know the tag: null rather than a guess.
         model_pipeline_tag: None,
         architecture: shard_info.architecture.clone(),
+        quantize: shard_info.quantize.clone(),
         max_concurrent_requests: args.max_concurrent_requests,
         max_best_of: args.max_best_of,
         max_stop_sequences: args.max_stop_sequences,

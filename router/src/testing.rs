@@ -291,6 +291,7 @@ impl ShardClient for FakeShard {
             eos_token_ids: vec![EOS_ID],
             supports_adapters: true,
             architecture: "LlamaForCausalLM".into(),
+            quantize: None,
         })
     }
 

@@ -166,6 +166,7 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
             eos_token_ids=sorted(self.engine.eos_ids),
             supports_adapters=self.engine.adapters is not None,
             architecture=self.architecture,
+            quantize=getattr(model, "quantize", None),
         )
 
     async def Health(self, request, context):  # noqa: ANN001, ANN201, N802

@@ -14,6 +14,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from lorax_server.layers.attention import TorchAttention
+from lorax_server.models.loader import load_model
+
 AWQ_NIBBLE_COLUMNS = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of a word holds column AWQ_NIBBLE_COLUMNS[i]
 
 
@@ -150,3 +153,13 @@ def write_prequantized(
     cfg["quantization_config"] = {"quant_method": method, **config}
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out, reference
+
+
+def gptq_checkpoint(
+    model_dir: Path, tmp: Path, bits: int = 4, group_size: int = 32, act_order: bool = True
+) -> tuple[Path, Path]:
+    """A GPTQ checkpoint of `model_dir` (asymmetric, v1 zeros) and its dequantized reference."""
+    dense = load_model(model_dir, TorchAttention(4), torch.device("cpu"), "float32")
+    config = {"bits": bits, "group_size": group_size, "desc_act": act_order, "sym": False}
+    return write_prequantized(model_dir, dense, tmp / "gptq", tmp / "gptq_reference", "gptq", config,
+                              lambda w: gptq_pack(w, bits, group_size, act_order))  # fmt: skip

@@ -14,7 +14,7 @@ import torch
 from quant_packers import awq_pack, gptq_pack
 from safetensors.torch import save_file
 
-from lorax_server.layers.quant import QuantizationError, checkpoint, quantizer
+from lorax_server.layers.quant import QuantizationError, checkpoint
 from lorax_server.layers.quant.awq import AwqCheckpoint
 from lorax_server.layers.quant.bnb4 import quantize_4bit
 from lorax_server.layers.quant.fp8 import Fp8Checkpoint, quantize_fp8
@@ -22,6 +22,7 @@ from lorax_server.layers.quant.gptq import GptqCheckpoint
 from lorax_server.layers.quant.grouped import GroupedWeight, StackedWeight, stack_parts
 from lorax_server.layers.quant.hqq import quantize_hqq
 from lorax_server.layers.quant.int8 import quantize_bnb_int8
+from lorax_server.layers.quant.methods import quantizer
 from lorax_server.utils.weights import Weights
 
 

@@ -17,7 +17,6 @@ from transformers import AutoModelForCausalLM
 
 from lorax_server.adapters.manager import AdapterManager, AdapterRequest
 from lorax_server.layers.attention import TorchAttention
-from lorax_server.layers.quant import QuantizationError, quantizer
 from lorax_server.layers.quant.int8 import quantize_eetq
 from lorax_server.models.loader import load_model
 
@@ -98,17 +97,6 @@ def test_adapters_on_a_quantized_base_equal_peft(family: str, tmp_path: Path) ->
         if adapter:
             ref = PeftModel.from_pretrained(ref, adapters[adapter - 1]).eval()
         assert_matches(out, row, ref, prompt)
-
-
-def test_unsupported_and_unknown_methods_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(QuantizationError, match="gptq is not supported yet"):
-        quantizer("gptq")
-    with pytest.raises(QuantizationError, match="unknown --quantize 'int3'"):
-        quantizer("int3")
-    assert quantizer(None) is None
-    model_dir, _ = build_family("llama", tmp_path / "base")
-    with pytest.raises(QuantizationError, match="bitsandbytes-nf4 is not supported yet"):
-        load_model(model_dir, TorchAttention(4), torch.device("cpu"), "float32", quantize="bitsandbytes-nf4")
 
 
 def test_quantized_weights_take_a_quarter_of_the_bytes(quantized) -> None:

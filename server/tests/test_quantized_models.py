@@ -14,7 +14,7 @@ import pytest
 import torch
 from families import FAMILIES, LORA_KWARGS, build_family
 from peft import PeftModel
-from quant_packers import awq_pack, gptq_pack, write_prequantized
+from quant_packers import awq_pack, gptq_checkpoint, write_prequantized
 from quantized import dequantized_checkpoint, quantized_linears
 from ragged_runs import assert_matches, prompts, run_ours
 from safetensors.torch import load_file, save_file
@@ -48,14 +48,6 @@ def _assert_equal_to_reference(ours, ref_dir: Path, adapters: list[int] | None =
         assert_matches(out, row, ref, prompt)
 
 
-def gptq_checkpoint(model_dir: Path, tmp: Path, bits: int = 4, group_size: int = 32, act_order: bool = True):  # noqa: ANN201
-    """A GPTQ checkpoint of `model_dir` and its dequantized reference (shared with the HTTP tests)."""
-    dense = _load(model_dir)
-    config = {"bits": bits, "group_size": group_size, "desc_act": act_order, "sym": False}
-    return write_prequantized(model_dir, dense, tmp / "gptq", tmp / "gptq_reference", "gptq", config,
-                              lambda w: gptq_pack(w, bits, group_size, act_order))  # fmt: skip
-
-
 @pytest.mark.parametrize("family", NAMED)
 @pytest.mark.parametrize("method", ["bitsandbytes-nf4", "gptq"])
 def test_every_family_quantized(family: str, method: str, tmp_path: Path) -> None:
@@ -71,10 +63,9 @@ def test_every_family_quantized(family: str, method: str, tmp_path: Path) -> Non
     _assert_equal_to_reference(ours, ref_dir)
 
 
-@pytest.mark.parametrize(
-    "method", ["bitsandbytes", "bitsandbytes-fp4", "hqq-4bit", "hqq-3bit", "hqq-2bit", "fp8", "fp8-kv"]
-)
+@pytest.mark.parametrize("method", ["bitsandbytes", "bitsandbytes-fp4", "hqq-4bit", "hqq-3bit", "hqq-2bit", "fp8"])
 def test_load_time_methods(method: str, tmp_path: Path) -> None:
+    """(fp8-kv's float8 weights are fp8's; its KV cache is tested in test_fp8_kv.py.)"""
     family = "mixtral" if method in ("hqq-4bit", "fp8") else "llama"  # experts too
     model_dir, _ = build_family(family, tmp_path / "base")
     ours = _load(model_dir, method)
@@ -157,3 +148,13 @@ def test_a_method_contradicting_the_checkpoint_is_refused(tmp_path: Path) -> Non
         _load(quantized_dir, "awq")
     config = json.loads((quantized_dir / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "gptq"
+
+
+def test_the_transformers_fallback_cannot_be_quantized(tmp_path: Path) -> None:
+    import transformers
+    from tiny_models import make_model
+
+    model_dir = make_model(transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM, tmp_path / "neox",
+                           num_key_value_heads=None)  # fmt: skip
+    with pytest.raises(QuantizationError, match="served by the transformers fallback, which cannot be quantized"):
+        _load(model_dir, "bitsandbytes-nf4")

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from ..layers.attention import AttentionBackend
-from ..layers.quant import QuantizationError, checkpoint, quantizer
+from ..layers.quant import QuantizationError, checkpoint
+from ..layers.quant.methods import quantizer
 from ..utils.weights import Weights
 from .config import ModelConfig
 from .fallback import TransformersCausalLM
@@ -60,4 +61,6 @@ def load_model(
         model_dir, torch_dtype, device, rank, world_size, spec.optional_prefix, quantize_weight, stored_format
     )
     kv_cache_dtype = torch.float8_e4m3fn if quantize == "fp8-kv" else None  # fp8-kv: float8 weights and KV cache
-    return CausalLM(spec, config, weights, backend, device, kv_cache_dtype)
+    model = CausalLM(spec, config, weights, backend, device, kv_cache_dtype)
+    model.quantize = quantize  # what /info reports, a method detected from the checkpoint included
+    return model

@@ -249,9 +249,7 @@ def _kv_scales(spec: ArchSpec, weights: Weights, layer_prefix: str) -> tuple[flo
         if name is None:
             scales.append(1.0)
             continue
-        # Read as stored (float32, not rounded to the model's dtype); `Weights.get` slices with [:], which
-        # the 0-dim tensors most FP8 exports use for these scales refuse, while [...] reads any shape.
-        value = weights._slice(name)[...].float()
+        value = weights.get_stored(name).float()  # as stored: not rounded to a half-precision model dtype
         if value.numel() != 1 or not (math.isfinite(value.item()) and value.item() > 0):
             raise ValueError(f"{name}: a float8 KV cache needs one positive scale per layer, got {value.tolist()}")
         scales.append(value.item())

@@ -84,6 +84,11 @@ class Weights:
         self._check_shape(name, shape, expect_shape)
         return self._finish(sl[:] if shape else sl[()], name)
 
+    def get_stored(self, name: str) -> torch.Tensor:
+        """The whole tensor in its stored dtype (scales that must not be rounded to the model's dtype)."""
+        sl = self._slice(name)
+        return (sl[:] if sl.get_shape() else sl[()]).to(self.device)
+
     def get_sharded(self, name: str, dim: int, expect_shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """This rank's contiguous 1/world_size slice along `dim` (which must divide evenly)."""
         sl = self._slice(name)

@@ -2,8 +2,9 @@
 
 A `Linear` holds either a dense tensor or a `WeightFormat`: an object with a matmul and a
 `dequantize()` (what tests compare against a `transformers` model loaded with the dequantized
-weights). Specs, LoRA and the loaders never look inside a format; `quantizer(method)` turns the
-`--quantize` value into the function that quantizes a dense [out, in] weight at load time.
+weights). Specs, LoRA and the loaders never look inside a format: `methods.quantizer(method)` turns the
+`--quantize` value into the function that quantizes a dense [out, in] weight at load time, and
+`checkpoint.resolve` finds the reader of a pre-quantized checkpoint.
 Embeddings, norms, the LM head and MoE routers stay dense.
 """
 
@@ -68,34 +69,3 @@ Quantizer = Callable[[torch.Tensor], WeightFormat]
 
 # Methods that need a checkpoint already quantized in their format.
 PRE_QUANTIZED = ("gptq", "awq")
-
-
-def quantizer(method: str | None) -> Quantizer | None:
-    """The load-time quantizer of `method`; None for a dense model or a pre-quantized method."""
-    if method is None or method in PRE_QUANTIZED:
-        return None
-    from .bnb4 import quantize_4bit
-    from .fp8 import quantize_fp8
-    from .hqq import quantize_hqq
-    from .int8 import quantize_bnb_int8, quantize_eetq
-
-    on_load: dict[str, Quantizer] = {
-        "eetq": quantize_eetq,
-        "bitsandbytes": quantize_bnb_int8,
-        "bitsandbytes-nf4": lambda w: quantize_4bit(w, "nf4"),
-        "bitsandbytes-fp4": lambda w: quantize_4bit(w, "fp4"),
-        "fp8": quantize_fp8,
-        "fp8-kv": quantize_fp8,
-        "hqq-4bit": lambda w: quantize_hqq(w, 4),
-        "hqq-3bit": lambda w: quantize_hqq(w, 3),
-        "hqq-2bit": lambda w: quantize_hqq(w, 2),
-    }
-    if method in on_load:
-        return on_load[method]
-    if method == "exl2":
-        raise QuantizationError(
-            "--quantize exl2 needs ExLlamaV2's CUDA kernels, which this build does not have; serve a GPTQ "
-            "or AWQ checkpoint, or quantize a full-precision checkpoint on load (for example --quantize "
-            "bitsandbytes-nf4 or hqq-4bit)"
-        )
-    raise QuantizationError(f"unknown --quantize {method!r}; LoRAX's methods are {', '.join(METHODS)}")
