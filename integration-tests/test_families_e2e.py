@@ -1,5 +1,7 @@
 """Every natively supported family served over HTTP by the real launcher: concurrent ragged greedy
-requests return exactly the tokens transformers generates for each prompt alone."""
+requests return exactly the tokens transformers generates for each prompt alone; quantized with
+`--quantize bitsandbytes-nf4` and from a GPTQ checkpoint, the tokens transformers generates with the
+dequantized weights."""
 
 from __future__ import annotations
 
@@ -10,8 +12,13 @@ import pytest
 import torch
 from conftest import greedy_ids, launch
 from families import FAMILIES, build_family
+from quant_packers import gptq_checkpoint
+from quantized import dequantized_checkpoint
 from ragged_runs import run_reference
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lorax_server.layers.attention import TorchAttention
+from lorax_server.models.loader import load_model
 
 PROMPTS = [
     "The quick brown fox",
@@ -33,5 +40,31 @@ def test_greedy_tokens_over_http_equal_transformers(name: str, tmp_path: Path) -
     model_dir, reference_dir = build_family(name, tmp_path / name)
     want = _reference(reference_dir)
     with launch(model_dir, tmp_path) as server, ThreadPoolExecutor(len(PROMPTS)) as pool:
+        got = list(pool.map(lambda prompt: greedy_ids(server, prompt, NEW_TOKENS), PROMPTS))
+    assert got == want
+
+
+# One variant of each architecture (Qwen v1 has no transformers class to hold the dequantized reference).
+ARCHITECTURES = ["bloom", "cohere", "dbrx", "gemma", "gemma2", "gpt2", "llama", "mistral", "mixtral", "phi", "phi3",
+                 "qwen2"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("method", ["bitsandbytes-nf4", "gptq"])
+def test_quantized_families_over_http_equal_transformers_on_the_dequantized_weights(
+    name: str, method: str, tmp_path: Path
+) -> None:
+    model_dir, _ = build_family(name, tmp_path / name)
+    if method == "gptq":  # a GPTQ checkpoint written by the tests' packer (4-bit, group 32, act-order)
+        served, reference_dir = gptq_checkpoint(model_dir, tmp_path)
+    else:
+        served = model_dir
+        ours = load_model(model_dir, TorchAttention(4), torch.device("cpu"), "float32", quantize=method)
+        reference_dir = dequantized_checkpoint(model_dir, ours, tmp_path / "reference")
+        del ours
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
+    want = [run_reference(model, torch.tensor(tok(p).input_ids), NEW_TOKENS)[2] for p in PROMPTS]
+    with launch(served, tmp_path, "--quantize", method) as server, ThreadPoolExecutor(len(PROMPTS)) as pool:
         got = list(pool.map(lambda prompt: greedy_ids(server, prompt, NEW_TOKENS), PROMPTS))
     assert got == want
