@@ -113,6 +113,13 @@ impl Launcher {
     /// Step 1: `download-weights`. The model's local directory, or `None` when stopped by a
     /// signal.
     fn download(&self) -> anyhow::Result<Option<PathBuf>> {
+        if let Some(dir) = locate::ready_local_dir(&self.args.model_id) {
+            info!(
+                "{} holds safetensors weights: nothing to download",
+                dir.display()
+            );
+            return Ok(Some(dir));
+        }
         info!("Downloading the weights of {}", self.args.model_id);
         let spec = commands::download(&self.server, &self.args, &self.env);
         let mut children = Children {

@@ -65,6 +65,27 @@ fn is_executable(path: &Path) -> bool {
 /// The Hugging Face Hub cache directory, as the Hub library decides it: the explicit one, else
 /// `HF_HUB_CACHE`, `HUGGINGFACE_HUB_CACHE`, `HF_HOME/hub`, `XDG_CACHE_HOME/huggingface/hub`,
 /// `HOME/.cache/huggingface/hub`.
+/// `model_id` as a local directory that the download step would return untouched: it holds
+/// `*.safetensors` weights, no `.bin` weights that might need converting and no index to check
+/// (those cases go through `lorax-server download-weights`). Skipping the step saves starting a
+/// Python process.
+pub fn ready_local_dir(model_id: &str) -> Option<PathBuf> {
+    let dir = Path::new(model_id);
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .collect();
+    let safetensors = names.iter().any(|n| n.ends_with(".safetensors"));
+    let needs_checks = names
+        .iter()
+        .any(|n| n.ends_with(".bin") || n.ends_with(".safetensors.index.json"));
+    if safetensors && !needs_checks {
+        std::fs::canonicalize(dir).ok()
+    } else {
+        None
+    }
+}
+
 pub fn hub_cache_dir(
     explicit: Option<&Path>,
     env: impl Fn(&str) -> Option<OsString>,
@@ -238,5 +259,22 @@ mod tests {
         );
         assert_eq!(model_dir("org/name", Some("v9"), None, Some(&cache)), None);
         assert_eq!(model_dir("org/other", None, None, Some(&cache)), None);
+    }
+
+    #[test]
+    fn only_plain_safetensors_directories_skip_the_download_step() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("m");
+        fs::create_dir_all(&dir).unwrap();
+        let id = dir.to_str().unwrap();
+        assert_eq!(ready_local_dir(id), None); // no weights: the downloader explains
+        fs::write(dir.join("model.safetensors"), b"").unwrap();
+        assert_eq!(ready_local_dir(id), Some(fs::canonicalize(&dir).unwrap()));
+        fs::write(dir.join("pytorch_model.bin"), b"").unwrap(); // may need converting
+        assert_eq!(ready_local_dir(id), None);
+        fs::remove_file(dir.join("pytorch_model.bin")).unwrap();
+        fs::write(dir.join("model.safetensors.index.json"), b"{}").unwrap(); // to be checked
+        assert_eq!(ready_local_dir(id), None);
+        assert_eq!(ready_local_dir("org/name"), None);
     }
 }
