@@ -146,7 +146,7 @@ def write_prequantized(
     for target, weights in ((out, quantized), (reference, dense)):
         target.mkdir(parents=True)
         for f in model_dir.iterdir():
-            if f.suffix != ".safetensors":
+            if f.is_file() and f.suffix != ".safetensors":
                 shutil.copy(f, target / f.name)
         save_file(weights, str(target / "model.safetensors"))
     cfg = json.loads((out / "config.json").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import torch
@@ -63,4 +64,16 @@ def load_model(
     kv_cache_dtype = torch.float8_e4m3fn if quantize == "fp8-kv" else None  # fp8-kv: float8 weights and KV cache
     model = CausalLM(spec, config, weights, backend, device, kv_cache_dtype)
     model.quantize = quantize  # what /info reports, a method detected from the checkpoint included
+    if quantize_weight is not None and device.type == "cpu":
+        _return_freed_memory()
     return model
+
+
+def _return_freed_memory() -> None:
+    """Hand the dense weights freed by load-time quantization back to the OS. glibc keeps freed heap
+    memory (and raises its mmap threshold after large frees), so without this the process would stay
+    as large as the dense model although no dense copy is alive."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass

@@ -72,7 +72,13 @@ class Weights:
         # Integer tensors (quantized weights, indices) and float8 values keep their dtype.
         if tensor.is_floating_point() and tensor.element_size() > 1:
             tensor = tensor.to(self.dtype)
-        return tensor.to(self.device)
+        tensor = tensor.to(self.device)
+        if self.quantizer is not None or self.checkpoint_format is not None:
+            # Tensors read as they are stay backed by the memory-mapped file, which keeps every page read
+            # while loading resident (the quantized weights' dense originals included) for as long as
+            # any of them lives: a quantized model owns its tensors and lets the file go.
+            tensor = tensor.clone()
+        return tensor
 
     def shape(self, name: str) -> list[int]:
         return list(self._slice(name).get_shape())
