@@ -158,3 +158,27 @@ def test_the_transformers_fallback_cannot_be_quantized(tmp_path: Path) -> None:
                            num_key_value_heads=None)  # fmt: skip
     with pytest.raises(QuantizationError, match="served by the transformers fallback, which cannot be quantized"):
         _load(model_dir, "bitsandbytes-nf4")
+
+
+DEMO = Path(__file__).resolve().parents[2] / "models" / "demo"
+# Floors on the trained demo model's top-1 agreement with float32 (teacher-forced on float32's greedy
+# answers): 8-bit formats round within half a step of 1/127 of a channel's range and should change
+# almost nothing; 4-bit ones round to 16 levels per block and may flip near-ties. bench/quantization.py
+# prints the measured values of every method.
+QUALITY_FLOORS = {"eetq": 0.99, "fp8": 0.97, "bitsandbytes-nf4": 0.9, "hqq-4bit": 0.9}
+
+
+@pytest.mark.parametrize("method", sorted(QUALITY_FLOORS))
+def test_quantized_demo_model_agrees_with_float32(method: str) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(DEMO)
+    questions = [f"Q: What is {a} + {b}?\nA:" for a in (2, 7, 11, 19) for b in (0, 5, 13)]
+    questions += [f"Q: What is {a} - {b}?\nA:" for a in (12, 20) for b in (3, 9)] + ["Q: Copy: apple river\nA:"]
+    ids = [torch.tensor(tok(q).input_ids) for q in questions]
+    answers = run_ours(_load(DEMO), ids, 6)[1].argmax(-1)  # [questions, 6] float32 greedy tokens
+    forced = [torch.cat([i, a[:-1]]) for i, a in zip(ids, answers, strict=True)]
+    prefill, _ = run_ours(_load(DEMO, method), forced, 1)
+    predicted = torch.stack([logits[-answers.shape[1] :].argmax(-1) for logits in prefill])
+    agreement = (predicted == answers).float().mean().item()
+    assert agreement >= QUALITY_FLOORS[method], agreement
