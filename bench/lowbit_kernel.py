@@ -17,13 +17,17 @@ row are interleaved over several rounds and the fastest round is kept, to be fai
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-import torch
+# numpy (imported by torch) starts OpenBLAS threads that only compete for the cores measured here.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 from lorax_server.layers.quant.lut import kernel_available, lut_dequantize, lut_matmul, pack_codes  # noqa: E402

@@ -4,13 +4,14 @@
 //
 // Design (chosen by measurement on an AVX2 EPYC, see bench/lowbit_kernel.py):
 // - The weight is read once per call, in packed form; each thread owns a range of output rows.
-// - M <= 3: rows of W are decoded straight into registers and multiplied with every row of x.
+// - M <= 3 (decode): rows of W are decoded straight into registers and multiplied with every row of
+//   x; scales and offsets are applied once per group, not per weight.
 // - Larger M: NR rows of a K-chunk are decoded into an L1 buffer and an MR x NR dot-product tile
 //   runs over all rows of x, so decoding is amortized over M. The K-chunk loop is outermost so the
 //   chunk of x being used stays in L2.
-// - Very large M: decode a bounded block of rows into scratch and let BLAS do the blocking.
-// The AVX2 code lives in target("avx2,fma") functions picked at run time; the scalar path computes
-// the same thing on any other CPU (and is the only code compiled off x86).
+// - M > 128 (prefill): decode a bounded block of rows into scratch and let BLAS do the blocking.
+// The SIMD code lives in target("avx2,fma,f16c") functions picked at run time; the scalar path
+// computes the same thing on any other CPU (and is the only code compiled off x86).
 // Only the ATen pieces used are included: <torch/extension.h> (pybind11 and the whole C++ API)
 // triples the compile time. The op is registered with the dispatcher (torch.ops.lorax_quant).
 #include <ATen/Parallel.h>
@@ -407,7 +408,7 @@ void set_avx2(Kernels& ks) {
 }
 #endif
 
-Kernels pick_kernels(const Weights& w) {
+Kernels pick_kernels([[maybe_unused]] const Weights& w) {
   Kernels ks;
 #ifdef LUT_X86
   if (!has_avx2() || !g_simd) return ks;
@@ -505,7 +506,7 @@ at::Tensor lut_matmul(const at::Tensor& x_in, const at::Tensor& codes, int64_t b
 
   Weights w{codes_c.data_ptr<uint8_t>(), codes.size(1), static_cast<int>(bits), table.data_ptr<float>(),
             scales.data_ptr<float>(), offsets.defined() ? offsets.data_ptr<float>() : nullptr, groups, group_size, N,
-            K, Mode::kTable, 0.f, 1.f};
+            K, Mode::kTable, 0.f, 1.f, {}};
   w.mode = detect_mode(w.table, static_cast<int>(bits), w.a, w.b);
   if (bits == 4 && w.mode == Mode::kTable) w.make_planes();
   const Kernels ks = pick_kernels(w);
