@@ -12,7 +12,7 @@ RUST_BINS := $(VENV)/bin/lorax-router $(VENV)/bin/lorax-launcher
 
 .PHONY: install run test test-rust test-python lint fmt clean FORCE
 
-install: $(VENV)/.python-installed $(PB)/generate_pb2.py $(RUST_BINS)
+install: $(VENV)/.python-installed $(PB)/generate_pb2.py $(VENV)/.cpu-kernels-built $(RUST_BINS)
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -24,6 +24,12 @@ $(VENV)/bin/python:
 $(VENV)/.python-installed: $(VENV)/bin/python server/pyproject.toml
 	$(PIP) install --quiet -e 'server[test]'
 	$(PIP) install --quiet --no-deps lorax-client==0.6.3 text-generation==0.7.0
+	touch $@
+
+# The CPU kernel for quantized weights, compiled once into torch's extension cache (a failed build
+# fails here, rather than leaving the shard on its slow fallback path).
+$(VENV)/.cpu-kernels-built: server/lorax_server/layers/quant/csrc/lut_matmul.cpp server/lorax_server/layers/quant/lut.py $(VENV)/.python-installed
+	$(PY) -m lorax_server.layers.quant.lut --build
 	touch $@
 
 # gRPC stubs are generated, never committed. grpc_tools writes an absolute import; make it relative.

@@ -1,7 +1,8 @@
 """Quantized bases through the real launcher. Concurrent greedy requests, a mixed batch of the base and
 three adapters (fp32, fp16 and bf16 files), return exactly the tokens transformers and peft generate on
 the dequantized reference, on a GPTQ checkpoint and with `--quantize bitsandbytes-nf4`; `/info` reports
-the method. Checkpoints that do not fit the method stop the launcher with a message."""
+the method; an adapter whose shapes do not fit the base gets a 422 and harms nothing. Checkpoints that
+do not fit the method stop the launcher with a message."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from quant_packers import gptq_checkpoint
 from quantized import dequantized_checkpoint
 from ragged_runs import run_reference
 from safetensors.torch import load_file, save_file
-from tiny_models import make_lora_adapter
+from tiny_models import make_llama, make_lora_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorax_server.layers.attention import TorchAttention
@@ -61,11 +62,17 @@ def test_quantized_base_with_three_adapters_over_http(method: str, tmp_path: Pat
             ref = PeftModel.from_pretrained(ref, adapters[i - 1]).eval()
         want.append(run_reference(ref, torch.tensor(tok(prompt).input_ids), NEW_TOKENS)[2])
     lora = [{}] + [{"adapter_id": str(a), "adapter_source": "local"} for a in adapters]
+    wide = make_lora_adapter(make_llama(tmp_path / "wide_base", hidden_size=96, intermediate_size=160),
+                             tmp_path / "wide", 0, r=4, target_modules=["q_proj"])  # fmt: skip
     with launch(served, tmp_path, "--quantize", method) as server, ThreadPoolExecutor(len(PROMPTS)) as pool:
         got = list(pool.map(lambda i: greedy_ids(server, PROMPTS[i], NEW_TOKENS, **lora[i]), range(len(PROMPTS))))
         info = requests.get(f"{server.url}/info", timeout=10).json()
+        misfit = requests.post(f"{server.url}/generate", timeout=60, json={"inputs": PROMPTS[0], "parameters": {
+            "adapter_id": str(wide), "adapter_source": "local", "max_new_tokens": 2}})  # fmt: skip
+        assert greedy_ids(server, PROMPTS[1], NEW_TOKENS, **lora[1]) == want[1]  # unharmed
     assert got == want
     assert info["quantize"] == method
+    assert misfit.status_code == 422 and "shape mismatch" in misfit.json()["error"]
 
 
 def _refused(model_dir: Path, *extra: str) -> str:

@@ -22,6 +22,7 @@ from .kv_cache import BlockManager, KVCache, OutOfBlocks
 from .models.transformer import CausalLM
 from .sampling import BatchSampler
 from .stopping import FinishReason, StoppingCriteria
+from .utils.memory import return_freed_memory
 from .utils.tokens import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,8 @@ class Engine:
         self.clear()
         self.cache = self.blocks = None
         self._dummy_prefill(max_input_length, max_prefill_tokens)
+        if self.device.type == "cpu":
+            return_freed_memory()  # the dummy prefill's activations: free memory is measured next
         bs = self.cache_config.block_size
         layers, kv_heads, head_dim, dtype = self.model.cache_geometry
         per_block = KVCache.bytes_per_block(layers, bs, kv_heads, head_dim, dtype)

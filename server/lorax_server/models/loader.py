@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import torch
@@ -10,6 +9,7 @@ import torch
 from ..layers.attention import AttentionBackend
 from ..layers.quant import QuantizationError, checkpoint
 from ..layers.quant.methods import quantizer
+from ..utils.memory import return_freed_memory
 from ..utils.weights import Weights
 from .config import ModelConfig
 from .fallback import TransformersCausalLM
@@ -65,15 +65,5 @@ def load_model(
     model = CausalLM(spec, config, weights, backend, device, kv_cache_dtype)
     model.quantize = quantize  # what /info reports, a method detected from the checkpoint included
     if quantize_weight is not None and device.type == "cpu":
-        _return_freed_memory()
+        return_freed_memory()
     return model
-
-
-def _return_freed_memory() -> None:
-    """Hand the dense weights freed by load-time quantization back to the OS. glibc keeps freed heap
-    memory (and raises its mmap threshold after large frees), so without this the process would stay
-    as large as the dense model although no dense copy is alive."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
