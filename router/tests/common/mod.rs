@@ -29,6 +29,7 @@ pub fn info() -> Info {
         model_device_type: "cpu".into(),
         model_pipeline_tag: None,
         architecture: "LlamaForCausalLM".into(),
+        quantize: None,
         max_concurrent_requests: 4,
         max_best_of: 2,
         max_stop_sequences: 4,
