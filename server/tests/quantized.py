@@ -58,12 +58,7 @@ def reference_checkpoint(model_dir: Path, model, out: Path) -> Path:  # noqa: AN
             tensors[key] = torch.cat([fake_int8(b, 1) for b in blocks]).view_as(w)
         done.add(key)
     assert done, "nothing was quantized"
-    out.mkdir(parents=True)
-    for f in model_dir.iterdir():
-        if f.suffix != ".safetensors":
-            shutil.copy(f, out / f.name)
-    save_file(tensors, str(out / "model.safetensors"))
-    return out
+    return save_checkpoint(model_dir, tensors, out)
 
 
 def dequantized_checkpoint(model_dir: Path, model, out: Path) -> Path:  # noqa: ANN001
@@ -88,9 +83,14 @@ def dequantized_checkpoint(model_dir: Path, model, out: Path) -> Path:  # noqa: 
             tensors[f"{prefix}.v1"] = gate_up[:, inter:].reshape(-1, gate_up.shape[2]).contiguous()
             down = torch.stack([lin.weight.dequantize().t() for lin in moe.down])  # [e, inter, hidden]
             tensors[f"{prefix}.w2"] = down.reshape(-1, down.shape[2]).contiguous()
+    return save_checkpoint(model_dir, tensors, out)
+
+
+def save_checkpoint(model_dir: Path, tensors: dict[str, torch.Tensor], out: Path) -> Path:
+    """`out`: `model_dir`'s config and tokenizer files with `tensors` as its weights."""
     out.mkdir(parents=True)
     for f in model_dir.iterdir():
-        if f.suffix != ".safetensors":
+        if f.is_file() and f.suffix != ".safetensors":
             shutil.copy(f, out / f.name)
     save_file(tensors, str(out / "model.safetensors"))
     return out

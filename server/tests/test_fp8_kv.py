@@ -15,7 +15,7 @@ import ragged_runs
 import torch
 import torch.nn.functional as F
 from families import build_family
-from quantized import quantized_linears
+from quantized import quantized_linears, save_checkpoint
 from ragged_runs import assert_matches, prompts, run_ours
 from safetensors.torch import load_file, save_file
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
@@ -81,12 +81,7 @@ def reference_checkpoint(model_dir: Path, ours, out: Path) -> Path:  # noqa: ANN
         # Our format holds exactly these values (fused parts are quantized row by row, like each part).
         fused = torch.cat([tensors[f"{name}.weight"] for name in linear.part_names])
         assert torch.equal(linear.weight.dequantize(), fused), linear.part_names
-    out.mkdir(parents=True)
-    for f in model_dir.iterdir():
-        if f.suffix != ".safetensors":
-            shutil.copy(f, out / f.name)
-    save_file(tensors, str(out / "model.safetensors"))
-    return out
+    return save_checkpoint(model_dir, tensors, out)
 
 
 def run_fp8(model, batch: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch):  # noqa: ANN001, ANN201

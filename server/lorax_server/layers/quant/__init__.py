@@ -65,6 +65,26 @@ def missing_tensor(method: str, prefix: str) -> str:
     )
 
 
+def stored_shape(
+    method: str,
+    weights_has: Callable[[str], bool],
+    prefix: str,
+    shape: tuple[int, int] | None,
+    required: bool,
+    dense_modules: tuple[str, ...],
+) -> tuple[int, int] | None:
+    """A pre-quantized reader's first step: the module's [out, in] when the checkpoint stores it
+    quantized (`prefix.qweight`), None when it is stored dense; a module that should be quantized but
+    is not (`required`, not in `dense_modules`) is an error naming the missing tensor."""
+    if not weights_has(f"{prefix}.qweight"):
+        if required and not any(prefix.endswith(m) for m in dense_modules):
+            raise QuantizationError(missing_tensor(method, prefix))
+        return None
+    if shape is None:
+        raise QuantizationError(f"{prefix}: a pre-quantized module needs its expected shape")
+    return shape
+
+
 Quantizer = Callable[[torch.Tensor], WeightFormat]
 
 # Methods that need a checkpoint already quantized in their format.

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ...utils.weights import Weights
-from . import QuantizationError, missing_tensor
+from . import QuantizationError, stored_shape
 from .grouped import GroupedWeight
 from .packed import unpack_stream
 
@@ -33,12 +33,9 @@ class GptqCheckpoint:
     def load(
         self, weights: Weights, prefix: str, shape: tuple[int, int] | None, required: bool
     ) -> GroupedWeight | None:
-        if not weights.has(f"{prefix}.qweight"):
-            if required and not any(prefix.endswith(m) for m in self.dense_modules):
-                raise QuantizationError(missing_tensor(self.method, prefix))
-            return None
+        shape = stored_shape(self.method, weights.has, prefix, shape, required, self.dense_modules)
         if shape is None:
-            raise QuantizationError(f"{prefix}: a pre-quantized module needs its expected shape")
+            return None
         out_features, in_features = shape
         qweight = weights.get(f"{prefix}.qweight")
         bits = self._bits(prefix, qweight.shape, in_features)
