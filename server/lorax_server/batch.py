@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import xgrammar as xgr
 
+from .grammar import GrammarSpec, TokenMasks
 from .kv_cache import BlockManager
 from .sampling import BatchSampler, SamplingParams
 from .stopping import StoppingCriteria
@@ -26,6 +28,7 @@ class RequestIn:
     prefill_logprobs: bool = False
     top_n_tokens: int = 0
     adapter_index: int = 0
+    grammar: GrammarSpec | None = None  # constrain the output (None: unconstrained)
 
 
 @dataclass
@@ -36,6 +39,7 @@ class Sequence:
     block_table: list[int]
     stopping: StoppingCriteria
     detokenizer: IncrementalDetokenizer
+    matcher: xgr.GrammarMatcher | None = None  # the grammar's parse state, for constrained requests
     generated: list[int] = field(default_factory=list)
 
     @property
@@ -56,6 +60,7 @@ class Batch:
         block_tables: torch.Tensor,  # [batch, max_blocks] int64
         history: torch.Tensor,  # [batch, max_len] int64, prompt + generated ids, -1 padded
         steps: torch.Tensor,  # [batch] int64, tokens generated so far
+        prompt_lens: torch.Tensor,  # [batch] int64, where each row's generated tokens start in history
     ) -> None:
         self.id = batch_id
         self.seqs = seqs
@@ -64,6 +69,21 @@ class Batch:
         self.block_tables = block_tables
         self.history = history
         self.steps = steps
+        self.prompt_lens = prompt_lens
+        self._index_grammar_rows()
+
+    def _index_grammar_rows(self) -> None:
+        """Which rows are constrained (redone whenever rows change, never per step)."""
+        rows = [r for r, s in enumerate(self.seqs) if s.matcher is not None]
+        self.grammar_rows = rows
+        self.matchers = [self.seqs[r].matcher for r in rows]
+        self._grammar_rows_tensor = torch.tensor(rows, dtype=torch.int64, device=self.next_ids.device)
+
+    def token_masks(self, vocab: int) -> TokenMasks | None:
+        """This step's allowed tokens of the constrained rows; None when no row is constrained."""
+        if not self.matchers:
+            return None
+        return TokenMasks.fill(self.matchers, self._grammar_rows_tensor, len(self), vocab, self.next_ids.device)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -90,6 +110,8 @@ class Batch:
         self.sampler = self.sampler.filter(index)
         self.next_ids = self.next_ids[index]
         self.steps = self.steps[index]
+        self.prompt_lens = self.prompt_lens[index]
+        self._index_grammar_rows()
         self.history = self.history[
             index, : max(len(s.request.input_ids) + s.request.max_new_tokens for s in self.seqs)
         ]
@@ -110,8 +132,10 @@ class Batch:
         self.sampler = self.sampler.filter(index)
         self.next_ids = self.next_ids[index]
         self.steps = self.steps[index]
+        self.prompt_lens = self.prompt_lens[index]
         self.history = self.history[index]
         self.block_tables = self.block_tables[index]
+        self._index_grammar_rows()
 
     def group_by_adapter(self) -> None:
         """Keep rows of one adapter contiguous so each adapter's tokens form one segment."""
@@ -133,6 +157,7 @@ class Batch:
             _cat_padded([b.block_tables for b in batches], pad=0),
             _cat_padded([b.history for b in batches], pad=-1),
             torch.cat([b.steps for b in batches]),
+            torch.cat([b.prompt_lens for b in batches]),
         )
         merged.group_by_adapter()
         return merged

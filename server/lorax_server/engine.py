@@ -18,6 +18,7 @@ from .adapters.lora import segments_of
 from .adapters.manager import AdapterInUse, AdapterManager, AdapterRequest, Modules
 from .batch import Batch, RequestIn, Sequence
 from .forward import ForwardBatch
+from .grammar import GrammarCompiler, GrammarError, GrammarSpec, advance
 from .kv_cache import BlockManager, KVCache, OutOfBlocks
 from .models.transformer import CausalLM
 from .sampling import BatchSampler
@@ -103,6 +104,7 @@ class Engine:
         self.device = model.device
         self.eos_ids = set(model.config.eos_token_ids)
         self.special_ids = set(tokenizer.all_special_ids)
+        self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size, self.eos_ids)
         self.batches: dict[int, Batch] = {}
         self.cache: KVCache | None = None
         self.blocks: BlockManager | None = None
@@ -211,6 +213,21 @@ class Engine:
             log.error("health check: the forward pass gave non-finite logits")
             raise HealthCheckFailed("the health check's forward pass gave non-finite logits")
 
+    # ------------------------------------------------------------------ grammars
+    def compile_grammar(self, spec: GrammarSpec) -> None:
+        """(Grammar thread.) Compile `spec` into the cache, so prefill finds it ready."""
+        self.grammars.compile(spec)
+
+    def _matcher(self, r: RequestIn):  # noqa: ANN202 - an xgrammar matcher or None
+        if r.grammar is None:
+            return None
+        if not self.grammars.is_cached(r.grammar):  # the router compiles first; direct gRPC callers may not
+            log.warning("request %d: compiling its grammar inside prefill (call CompileGrammar first)", r.id)
+        try:
+            return self.grammars.matcher(r.grammar)
+        except GrammarError as e:
+            raise RequestError(f"request {r.id}: {e}") from e
+
     # ------------------------------------------------------------------ batch lifecycle
     def _require_cache(self) -> tuple[KVCache, BlockManager]:
         if self.cache is None or self.blocks is None:
@@ -256,17 +273,18 @@ class Engine:
             sampler = BatchSampler.from_params([r.sampling for r in requests], self.device)
         except ValueError as e:
             raise RequestError(str(e)) from e
+        matchers = [self._matcher(r) for r in requests]
         cache, blocks = self._require_cache()
         tables = [blocks.allocate(len(r.input_ids) + r.max_new_tokens) for r in requests]
         try:
-            return self._prefill(batch_id, requests, sampler, tables, cache, blocks)
+            return self._prefill(batch_id, requests, sampler, matchers, tables, cache, blocks)
         except BaseException:
             for t in tables:
                 if t:
                     blocks.free(t)
             raise
 
-    def _prefill(self, batch_id, requests, sampler, tables, cache, blocks):  # noqa: ANN001, ANN202
+    def _prefill(self, batch_id, requests, sampler, matchers, tables, cache, blocks):  # noqa: ANN001, ANN202
         dev = self.device
         lens = [len(r.input_ids) for r in requests]
         flat = torch.tensor([t for r in requests for t in r.input_ids], dtype=torch.int64, device=dev)
@@ -300,11 +318,13 @@ class Engine:
                 t,
                 StoppingCriteria(self.eos_ids, r.max_new_tokens, list(r.stop_sequences), r.ignore_eos),
                 IncrementalDetokenizer(self.tokenizer, list(r.input_ids), self.special_ids),
+                matcher,
             )
-            for r, t in zip(requests, tables, strict=True)
+            for r, t, matcher in zip(requests, tables, matchers, strict=True)
         ]
         steps = torch.zeros(len(requests), dtype=torch.int64, device=dev)
-        batch = Batch(batch_id, seqs, sampler, flat.new_zeros(len(requests)), block_tables, history, steps)
+        prompt_lens = torch.tensor(lens, dtype=torch.int64, device=dev)
+        batch = Batch(batch_id, seqs, sampler, flat.new_zeros(len(requests)), block_tables, history, steps, prompt_lens)
         last = torch.tensor(last_rows, dtype=torch.int64, device=dev)
         prefill_lists = (
             self._prefill_tokens(requests, logits, rows) if any(r.prefill_logprobs for r in requests) else None
@@ -380,7 +400,8 @@ class Engine:
         self, batch: Batch, logits: torch.Tensor, prefill: list[TokenList | None] | None, forward_start: int
     ) -> list[GenerationOut]:
         """Choose every row's next token in one batched pass, then do the per-request host work."""
-        out = batch.sampler(logits, batch.history, batch.steps)
+        masks = batch.token_masks(self.model.config.vocab_size)
+        out = batch.sampler(logits, batch.history, batch.steps, batch.prompt_lens, masks)
         rows = torch.arange(len(batch), device=self.device)
         lengths = torch.tensor([s.length for s in batch.seqs], dtype=torch.int64, device=self.device)
         batch.history[rows, lengths] = out.next_ids
@@ -396,12 +417,16 @@ class Engine:
         host_start = time.perf_counter_ns()
         # The forward pass is asynchronous on GPU: it is done once the sync above returns.
         self.timings.forward_ns = host_start - forward_start
+        if batch.matchers:
+            advance(batch.matchers, [int(ids_host[r]) for r in batch.grammar_rows])
         gens = []
         for row, seq in enumerate(batch.seqs):
             token = int(ids_host[row])
             seq.generated.append(token)
             text = seq.detokenizer.step(token)
             reason = seq.stopping(token, text)
+            if reason is None and seq.matcher is not None and seq.matcher.is_terminated():
+                reason = FinishReason.EOS_TOKEN  # the grammar took EOS: it allows nothing more (ignore_eos)
             if reason is not None:  # a character cut short by the end is streamed too (as U+FFFD)
                 text += seq.detokenizer.flush()
             gen = GenerationOut(seq.request.id, token, lps_host[row], text, token in self.special_ids)

@@ -1,6 +1,8 @@
 """Batched next-token choice: logits processors and seeded sampling for a whole batch in one pass.
 
-Processing order and semantics follow transformers (and TGI): repetition penalty, then for sampling
+Processing order and semantics follow transformers (and TGI): repetition penalty, OpenAI's frequency
+and presence penalties (over generated tokens), the grammar mask of constrained rows (disallowed
+tokens become -inf, so the warpers below renormalise over allowed tokens only), then for sampling
 rows temperature, top-k, top-p and typical-p (filtered scores become -inf, at least one token is
 always kept), then log-softmax and the choice: greedy rows take the arg-max, sampling rows draw from
 softmax(processed scores). Each per-request parameter is a per-row tensor, so one batch mixes any
@@ -16,9 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .grammar import TokenMasks
 
 _MASK32 = 0xFFFFFFFF
 # Multipliers of a two-round xorshift-multiply mixer (murmur3 fmix32 family), and Weyl increments that
@@ -87,7 +92,7 @@ class SamplingParams:
 
     Normalisation: a row samples only if `do_sample` and `temperature > 0` (temperature 0 means greedy);
     the warpers apply to sampling rows only; top_k <= 0, top_p >= 1, typical_p outside (0, 1) and
-    repetition_penalty <= 0 or == 1 are disabled.
+    repetition_penalty <= 0 or == 1 are disabled; frequency/presence penalties of 0 are disabled.
     """
 
     temperature: float = 1.0
@@ -98,6 +103,8 @@ class SamplingParams:
     seed: int = 0
     repetition_penalty: float = 1.0
     watermark: bool = False
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     @classmethod
     def from_proto(cls, p: Any) -> SamplingParams:
@@ -111,6 +118,8 @@ class SamplingParams:
             seed=int(p.seed),
             repetition_penalty=float(p.repetition_penalty),
             watermark=bool(p.watermark),
+            frequency_penalty=float(p.frequency_penalty),
+            presence_penalty=float(p.presence_penalty),
         )
 
     @property
@@ -166,11 +175,14 @@ class BatchSampler:
         self.typical_on = tensor(typical_on, torch.bool)  # [batch]
         self.penalty = tensor(penalty, torch.float32)  # [batch]
         self.seed_keys = tensor([seed_key(p.seed) for p in params], torch.int32)  # [batch]
+        self.frequency = tensor([p.frequency_penalty for p in params], torch.float32)  # [batch]
+        self.presence = tensor([p.presence_penalty for p in params], torch.float32)  # [batch]
 
         # Host-side flags: which stages this batch needs.
         self.any_sample = any(sample)
         self.all_sample = bool(params) and all(sample)
         self.any_penalty = any(x != 1.0 for x in penalty)
+        self.any_count_penalty = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
         self.any_temperature = any(x != 1.0 for x in temperature)
         self.max_top_k = max(top_k, default=0)
         self.any_top_p = any(top_p_on)
@@ -199,11 +211,25 @@ class BatchSampler:
         params = [p for s in samplers for p in s.params]
         return cls(params, samplers[0].device)
 
-    def process(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        """Processed scores [batch, vocab] float32 of logits [batch, vocab] given history [batch, max_len]."""
+    def process(
+        self,
+        logits: torch.Tensor,
+        history: torch.Tensor,
+        prompt_lens: torch.Tensor | None = None,
+        masks: TokenMasks | None = None,
+    ) -> torch.Tensor:
+        """Processed scores [batch, vocab] float32 of logits [batch, vocab] given history [batch, max_len]
+        (prompt_lens [batch] int64: where each row's generated tokens start; needed by the frequency and
+        presence penalties) and the constrained rows' token masks."""
         scores = logits.float()
         if self.any_penalty and history.shape[1] > 0:
             scores = apply_repetition_penalty(scores, history, self.penalty)
+        if self.any_count_penalty and history.shape[1] > 0:
+            if prompt_lens is None:
+                raise ValueError("frequency and presence penalties need the prompt lengths")
+            scores = apply_count_penalties(scores, history, prompt_lens, self.frequency, self.presence)
+        if masks is not None:
+            scores = masks.apply(scores)
         if self.any_temperature:
             scores = scores / self.temperature[:, None]
         if self.max_top_k > 0:
@@ -214,13 +240,21 @@ class BatchSampler:
             scores = apply_typical(scores, self.typical_mass, self.typical_on)
         return scores
 
-    def __call__(self, logits: torch.Tensor, history: torch.Tensor, steps: torch.Tensor) -> SamplerOutput:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        history: torch.Tensor,
+        steps: torch.Tensor,
+        prompt_lens: torch.Tensor | None = None,
+        masks: TokenMasks | None = None,
+    ) -> SamplerOutput:
         """Choose the next token of every row.
 
         logits: [batch, vocab]; history: [batch, max_len] int64 ids seen so far (prompt + generated),
-        padded with -1; steps: [batch] int64 tokens generated so far (the random stream's counter).
+        padded with -1; steps: [batch] int64 tokens generated so far (the random stream's counter);
+        prompt_lens: [batch] int64; masks: the allowed tokens of constrained rows.
         """
-        scores = self.process(logits, history)  # [batch, vocab]
+        scores = self.process(logits, history, prompt_lens, masks)  # [batch, vocab]
         logprobs = torch.log_softmax(scores, dim=-1)
         vocab = scores.shape[-1]
         if self.all_sample:
@@ -248,6 +282,27 @@ def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalt
     pen = penalty[:, None]
     seen = torch.where(seen < 0, seen * pen, seen / pen)
     return padded.scatter(1, ids, seen)[:, :vocab]
+
+
+def apply_count_penalties(
+    scores: torch.Tensor,
+    history: torch.Tensor,
+    prompt_lens: torch.Tensor,
+    frequency: torch.Tensor,
+    presence: torch.Tensor,
+) -> torch.Tensor:
+    """OpenAI's penalties per row: scores - frequency·count - presence·[count > 0], where count is
+    how often the token was generated so far (prompt tokens do not count).
+
+    scores: [batch, vocab]; history: [batch, max_len] int64, -1 = padding; prompt_lens: [batch];
+    frequency, presence: [batch]. Ids outside the vocabulary go to a spare column.
+    """
+    batch, vocab = scores.shape
+    positions = torch.arange(history.shape[1], device=history.device)
+    generated = (positions[None, :] >= prompt_lens[:, None]) & (history >= 0)  # [batch, max_len]
+    ids = torch.where(generated, history.clamp(max=vocab), vocab)
+    counts = scores.new_zeros(batch, vocab + 1).scatter_add_(1, ids, generated.to(scores.dtype))[:, :vocab]
+    return scores - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(scores.dtype)
 
 
 def apply_top_k(scores: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ from .engine import (
     RequestError,
     TokenList,
 )
+from .grammar import GrammarError, GrammarKind, GrammarSpec
 from .kv_cache import OutOfBlocks
 from .pb import generate_pb2 as pb
 from .pb import generate_pb2_grpc as pb_grpc
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 # Engine and adapter exceptions → gRPC status codes. Anything else is INTERNAL and logged.
 _STATUS = {
     RequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    GrammarError: grpc.StatusCode.INVALID_ARGUMENT,
     BatchNotFound: grpc.StatusCode.NOT_FOUND,
     OutOfBlocks: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotWarmedUp: grpc.StatusCode.FAILED_PRECONDITION,
@@ -79,6 +81,15 @@ def adapter_request(params: pb.AdapterParameters, source: int, api_token: str | 
     )
 
 
+def grammar_from_proto(g: pb.Grammar) -> GrammarSpec | None:
+    """The request's grammar; None when it has none (or GRAMMAR_TYPE_NONE)."""
+    try:
+        kind = GrammarKind(g.type)
+    except ValueError:
+        raise RequestError(f"unknown grammar type {g.type}") from None
+    return None if kind == GrammarKind.NONE else GrammarSpec(kind, g.value)
+
+
 def request_from_proto(r: pb.Request) -> RequestIn:
     p, s = r.parameters, r.stopping_parameters
     return RequestIn(
@@ -91,6 +102,7 @@ def request_from_proto(r: pb.Request) -> RequestIn:
         prefill_logprobs=r.prefill_logprobs,
         top_n_tokens=r.top_n_tokens,
         adapter_index=r.adapter_index,
+        grammar=grammar_from_proto(r.grammar) if r.HasField("grammar") else None,
     )
 
 
@@ -132,11 +144,13 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         # Adapter fetching/validation/merging runs here so decode steps go on meanwhile.
         self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-loader")
+        # Grammar compilation too (xgrammar releases the GIL while it compiles).
+        self._compiler = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
 
-    async def _run(self, context: grpc.aio.ServicerContext, fn, *args, on_loader: bool = False):  # noqa: ANN001, ANN202
-        """Run `fn` on the engine thread (or a loader thread); map errors to gRPC statuses (the shard
-        keeps serving)."""
-        executor = self._loader if on_loader else self._worker
+    async def _run(self, context: grpc.aio.ServicerContext, fn, *args, on_loader: bool = False, executor=None):  # noqa: ANN001, ANN202
+        """Run `fn` on the engine thread (or a loader thread, or `executor`); map errors to gRPC statuses
+        (the shard keeps serving)."""
+        executor = executor or (self._loader if on_loader else self._worker)
         try:
             return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
         except Exception as e:
@@ -253,6 +267,17 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
                 modules = await self._run(context, self.engine.prepare_adapter, req, on_loader=True)
                 await self._run(context, self.engine.install_adapter, index, req, modules)
         return pb.LoadAdapterResponse(loaded=True)
+
+    async def CompileGrammar(self, request, context):  # noqa: ANN001, ANN201, N802
+        def compile_grammar() -> None:
+            spec = grammar_from_proto(request.grammar)
+            if spec is None:
+                raise RequestError("CompileGrammar needs a grammar (its type is GRAMMAR_TYPE_NONE)")
+            self.engine.compile_grammar(spec)
+
+        with rpc_span("compile_grammar", context.invocation_metadata(), grammar_type=request.grammar.type):
+            await self._run(context, compile_grammar, executor=self._compiler)
+        return pb.CompileGrammarResponse()
 
     async def OffloadAdapter(self, request, context):  # noqa: ANN001, ANN201, N802
         offloaded = await self._run(context, self.engine.offload_adapter, request.adapter_index)
