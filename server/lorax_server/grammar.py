@@ -28,6 +28,9 @@ import xgrammar as xgr
 JSON_SEPARATORS = (", ", ": ")
 # Text in "JSON or text" mode: empty, or text whose first non-whitespace character is not `{`.
 _TEXT_REGEX = r"(\s*[^{\s][\s\S]*)?"
+# One unescaped string character: xgrammar's class for length-bounded strings, and JSON's.
+_BOUNDED_STRING_CHAR = r"[^\"\\\r\n]"
+_JSON_STRING_CHAR = r"[^\0-\x1f\"\\]"
 
 
 class GrammarKind(enum.IntEnum):
@@ -170,7 +173,12 @@ def _json_grammar(schema: str) -> xgr.Grammar:
         json.loads(schema)
     except ValueError as e:
         raise GrammarError(f"the JSON schema is not valid JSON: {e}") from e
-    return xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=JSON_SEPARATORS)
+    grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=JSON_SEPARATORS)
+    # xgrammar's strings with a length bound let raw control characters through, which JSON forbids
+    # (json.loads refuses them): give those strings the character class of its unbounded strings.
+    ebnf = str(grammar)
+    fixed = ebnf.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR)
+    return grammar if fixed == ebnf else xgr.Grammar.from_ebnf(fixed)
 
 
 def _reason(e: Exception) -> str:

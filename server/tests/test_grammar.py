@@ -229,3 +229,13 @@ def test_batched_mask_equals_xgrammar_reference(compiler: GrammarCompiler, token
         assert torch.equal(scores, logits[:batch])  # not modified in place
         untouched = [r for r in range(batch) if r not in rows]
         assert torch.equal(got[untouched], logits[untouched])
+
+
+def test_strings_never_hold_raw_control_characters(compiler: GrammarCompiler, tokenizer) -> None:
+    """JSON forbids unescaped U+0000..U+001F in strings, bounded-length strings included."""
+    eos = tokenizer.eos_token_id
+    for schema in ({"type": "string"}, {"type": "string", "maxLength": 5}, {"type": "string", "minLength": 1}):
+        spec = GrammarSpec(GrammarKind.JSON, json.dumps(schema))
+        assert matches(compiler, spec, '"aé"', eos)
+        for bad in ('"a\x17"', '"a\tb"', '"\n"'):
+            assert not matches(compiler, spec, bad, eos), (schema, bad)

@@ -339,3 +339,52 @@ def test_cuda_draws_equal_cpu_draws() -> None:
     cpu_ids = BatchSampler.from_params(params, CPU)(logits, history, steps).next_ids
     gpu = BatchSampler.from_params(params, cuda)(logits.to(cuda), history.to(cuda), steps.to(cuda))
     assert torch.equal(gpu.next_ids.cpu(), cpu_ids)
+
+
+def openai_penalised(logits: torch.Tensor, generated: list[int], frequency: float, presence: float) -> torch.Tensor:
+    """OpenAI's definition, token by token: logit - frequency·count - presence·[count > 0]."""
+    out = logits.clone()
+    for token in set(generated):
+        count = generated.count(token)
+        out[token] = logits[token] - frequency * count - presence * (1.0 if count > 0 else 0.0)
+    return out
+
+
+def test_frequency_and_presence_penalties_equal_openai_definition_batched_with_rows_without_them() -> None:
+    torch.manual_seed(5)
+    logits = torch.randn(5, VOCAB) * 2
+    # Prompt ids repeat too, but only generated tokens count.
+    prompts = [[7, 7, 8], [1], [9, 9, 9, 9], [4, 5], [2]]
+    generated = [[7, 3, 3, 3, 299], [], [9, 10, 10], [4, 5, 4], [6, 6]]
+    params = [
+        SamplingParams(frequency_penalty=0.5, presence_penalty=0.25),
+        SamplingParams(frequency_penalty=2.0),  # nothing generated yet: no change
+        SamplingParams(),  # unpenalised row in the same batch: untouched, bit for bit
+        SamplingParams(presence_penalty=-2.0, repetition_penalty=1.3),  # negative: encourages; after repetition
+        SamplingParams(frequency_penalty=-0.75, do_sample=True, temperature=0.5),  # before temperature
+    ]
+    rows = [p + g for p, g in zip(prompts, generated, strict=True)]
+    history = torch.full((5, max(map(len, rows)) + 2), -1, dtype=torch.int64)
+    for i, row in enumerate(rows):
+        history[i, : len(row)] = torch.tensor(row)
+    prompt_lens = torch.tensor([len(p) for p in prompts])
+    processed = BatchSampler.from_params(params, CPU).process(logits, history, prompt_lens)
+    for i, p in enumerate(params):
+        base = logits[i]
+        if p.repetition_penalty != 1.0:
+            base = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(torch.tensor([rows[i]]), base[None].clone())[
+                0
+            ]
+        expected = openai_penalised(base, generated[i], p.frequency_penalty, p.presence_penalty)
+        if p.samples and p.temperature != 1.0:
+            expected = expected / p.temperature
+        torch.testing.assert_close(processed[i], expected, rtol=0, atol=1e-6)
+    assert torch.equal(processed[1], logits[1]) and torch.equal(processed[2], logits[2])
+
+
+def test_count_penalties_need_prompt_lengths_and_are_skipped_when_unused() -> None:
+    sampler = BatchSampler.from_params([SamplingParams(presence_penalty=1.0), SamplingParams()], CPU)
+    assert sampler.any_count_penalty
+    with pytest.raises(ValueError, match="prompt lengths"):
+        sampler.process(torch.zeros(2, VOCAB), torch.zeros(2, 3, dtype=torch.int64))
+    assert not BatchSampler.from_params([SamplingParams()] * 2, CPU).any_count_penalty
