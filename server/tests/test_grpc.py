@@ -175,6 +175,41 @@ def test_bad_requests_get_error_statuses_and_the_shard_keeps_serving(shard) -> N
     assert proc.poll() is None
 
 
+def test_compile_grammar_then_a_constrained_request(shard) -> None:
+    stub, _, _ = shard
+    stub.Warmup(pb.WarmupRequest(max_input_length=64, max_prefill_tokens=128, max_total_tokens=128))
+    digits = pb.Grammar(type=pb.GRAMMAR_TYPE_REGEX, value="[0-9]{4}")
+    stub.CompileGrammar(pb.CompileGrammarRequest(grammar=digits))
+    for bad, reason in [
+        (pb.Grammar(type=pb.GRAMMAR_TYPE_JSON, value='{"type": "strng"}'), "Unsupported type"),
+        (pb.Grammar(type=pb.GRAMMAR_TYPE_JSON, value="{"), "not valid JSON"),
+        (pb.Grammar(type=pb.GRAMMAR_TYPE_REGEX, value="(a"), "regex grammar cannot be compiled"),
+        (pb.Grammar(type=pb.GRAMMAR_TYPE_NONE), "needs a grammar"),
+        (pb.Grammar(type=9, value="x"), "unknown grammar type 9"),
+    ]:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.CompileGrammar(pb.CompileGrammarRequest(grammar=bad))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and reason in err.value.details()
+    requests = [request(1, [1, 5, 6], 8, grammar=digits), request(2, [1, 5, 6], 8)]
+    requests[0].stopping_parameters.ignore_eos_token = False
+    texts = _run_texts(stub, 30, requests)
+    assert len(texts[1]) == 4 and texts[1].isdigit()
+    assert stub.Health(pb.HealthRequest()) is not None  # the shard keeps serving
+
+
+def _run_texts(stub, batch_id: int, requests: list[pb.Request]) -> dict[int, str]:  # noqa: ANN001
+    """Prefill then decode to the end; the generated text of each request."""
+    out: dict[int, str] = {}
+    step = stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=batch_id, requests=requests, size=len(requests))))
+    while True:
+        for g in step.generations:
+            if g.HasField("generated_text"):
+                out[g.request_id] = g.generated_text.text
+        if not step.HasField("batch"):
+            return out
+        step = stub.Decode(pb.DecodeRequest(batches=[step.batch]))
+
+
 def test_sigterm_stops_the_shard_and_removes_its_socket(llama_dir: Path, tmp_path: Path) -> None:
     uds = str(tmp_path / "s")
     proc = subprocess.Popen(
