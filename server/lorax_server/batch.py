@@ -77,13 +77,12 @@ class Batch:
         rows = [r for r, s in enumerate(self.seqs) if s.matcher is not None]
         self.grammar_rows = rows
         self.matchers = [self.seqs[r].matcher for r in rows]
-        self._grammar_rows_tensor = torch.tensor(rows, dtype=torch.int64, device=self.next_ids.device)
 
     def token_masks(self, vocab: int) -> TokenMasks | None:
         """This step's allowed tokens of the constrained rows; None when no row is constrained."""
         if not self.matchers:
             return None
-        return TokenMasks.fill(self.matchers, self._grammar_rows_tensor, len(self), vocab, self.next_ids.device)
+        return TokenMasks.fill(self.matchers, self.grammar_rows, len(self), vocab, self.next_ids.device)
 
     def __len__(self) -> int:
         return len(self.seqs)

@@ -401,7 +401,9 @@ class Engine:
     ) -> list[GenerationOut]:
         """Choose every row's next token in one batched pass, then do the per-request host work."""
         masks = batch.token_masks(self.model.config.vocab_size)
-        out = batch.sampler(logits, batch.history, batch.steps, batch.prompt_lens, masks)
+        if masks is not None:  # before every processor: penalties and warpers keep -inf at -inf
+            masks.apply_(logits)  # in place: these logits feed nothing but this step's sampling
+        out = batch.sampler(logits, batch.history, batch.steps, batch.prompt_lens)
         rows = torch.arange(len(batch), device=self.device)
         lengths = torch.tensor([s.length for s in batch.seqs], dtype=torch.int64, device=self.device)
         batch.history[rows, lengths] = out.next_ids

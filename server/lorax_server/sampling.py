@@ -1,9 +1,8 @@
 """Batched next-token choice: logits processors and seeded sampling for a whole batch in one pass.
 
 Processing order and semantics follow transformers (and TGI): repetition penalty, OpenAI's frequency
-and presence penalties (over generated tokens), the grammar mask of constrained rows (disallowed
-tokens become -inf, so the warpers below renormalise over allowed tokens only), then for sampling
-rows temperature, top-k, top-p and typical-p (filtered scores become -inf, at least one token is
+and presence penalties (over generated tokens), then for sampling rows temperature, top-k, top-p and
+typical-p (filtered scores become -inf, at least one token is
 always kept), then log-softmax and the choice: greedy rows take the arg-max, sampling rows draw from
 softmax(processed scores). Each per-request parameter is a per-row tensor, so one batch mixes any
 parameters without a Python loop over rows. Which stages run at all is decided once per batch
@@ -18,12 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from .grammar import TokenMasks
 
 _MASK32 = 0xFFFFFFFF
 # Multipliers of a two-round xorshift-multiply mixer (murmur3 fmix32 family), and Weyl increments that
@@ -216,11 +212,11 @@ class BatchSampler:
         logits: torch.Tensor,
         history: torch.Tensor,
         prompt_lens: torch.Tensor | None = None,
-        masks: TokenMasks | None = None,
     ) -> torch.Tensor:
         """Processed scores [batch, vocab] float32 of logits [batch, vocab] given history [batch, max_len]
         (prompt_lens [batch] int64: where each row's generated tokens start; needed by the frequency and
-        presence penalties) and the constrained rows' token masks."""
+        presence penalties). Constrained rows come with their disallowed tokens at -inf already, which
+        every stage keeps at -inf (the warpers then renormalise over allowed tokens only)."""
         scores = logits.float()
         if self.any_penalty and history.shape[1] > 0:
             scores = apply_repetition_penalty(scores, history, self.penalty)
@@ -228,8 +224,6 @@ class BatchSampler:
             if prompt_lens is None:
                 raise ValueError("frequency and presence penalties need the prompt lengths")
             scores = apply_count_penalties(scores, history, prompt_lens, self.frequency, self.presence)
-        if masks is not None:
-            scores = masks.apply(scores)
         if self.any_temperature:
             scores = scores / self.temperature[:, None]
         if self.max_top_k > 0:
@@ -246,15 +240,14 @@ class BatchSampler:
         history: torch.Tensor,
         steps: torch.Tensor,
         prompt_lens: torch.Tensor | None = None,
-        masks: TokenMasks | None = None,
     ) -> SamplerOutput:
         """Choose the next token of every row.
 
         logits: [batch, vocab]; history: [batch, max_len] int64 ids seen so far (prompt + generated),
         padded with -1; steps: [batch] int64 tokens generated so far (the random stream's counter);
-        prompt_lens: [batch] int64; masks: the allowed tokens of constrained rows.
+        prompt_lens: [batch] int64.
         """
-        scores = self.process(logits, history, prompt_lens, masks)  # [batch, vocab]
+        scores = self.process(logits, history, prompt_lens)  # [batch, vocab]
         logprobs = torch.log_softmax(scores, dim=-1)
         vocab = scores.shape[-1]
         if self.all_sample:

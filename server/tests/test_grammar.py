@@ -207,28 +207,25 @@ def test_each_grammar_compiles_once_and_the_cache_keeps_its_byte_budget(tokenize
     assert calls == [a, b, a]
 
 
-def test_batched_mask_equals_xgrammar_reference(compiler: GrammarCompiler, tokenizer) -> None:
+def test_batched_masks_equal_the_torch_reference_and_leave_others_alone(compiler: GrammarCompiler, tokenizer) -> None:
     vocab = len(tokenizer)
     specs = [
         GrammarSpec(GrammarKind.REGEX, r"[0-9]+"),
         GrammarSpec(GrammarKind.JSON, json.dumps({"type": "object"})),
         GrammarSpec(GrammarKind.REGEX, r"(yes|no)"),
     ]
-    matchers = [compiler.matcher(s) for s in specs]
     logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(0))
-    for rows in ([0, 1, 2], [1, 3, 4]):  # every row constrained; some rows of a larger batch
-        batch = len(rows) if rows == [0, 1, 2] else 5
-        scores = logits[:batch].clone()
-        masks = TokenMasks.fill(matchers, torch.tensor(rows), batch, vocab, torch.device("cpu"))
-        got = masks.apply(scores)
-        expected = scores.clone()
-        full = torch.full((batch, masks.bitmask.shape[1]), -1, dtype=torch.int32)  # -1: all bits set
-        full[rows] = masks.bitmask
-        xgr.apply_token_bitmask_inplace(expected, full)
-        assert torch.equal(got, expected)
-        assert torch.equal(scores, logits[:batch])  # not modified in place
-        untouched = [r for r in range(batch) if r not in rows]
-        assert torch.equal(got[untouched], logits[untouched])
+    for rows, batch in (([0, 1, 2], 3), ([1, 3, 4], 5)):  # every row constrained; some rows of a batch
+        matchers = [compiler.matcher(s) for s in specs]
+        masks = TokenMasks.fill(matchers, rows, batch, vocab, torch.device("cpu"))
+        got = masks.apply_(logits[:batch].clone())
+        for m, row in zip(matchers, rows, strict=True):  # the reference: one matcher, one unpacked row
+            alone = xgr.allocate_token_bitmask(1, vocab)
+            m.fill_next_token_bitmask(alone)
+            expected = logits[row].masked_fill(~unpack_bitmask(alone, vocab)[0], float("-inf"))
+            assert torch.equal(got[row], expected)
+        for row in set(range(batch)) - set(rows):
+            assert torch.equal(got[row], logits[row])
 
 
 def test_strings_never_hold_raw_control_characters(compiler: GrammarCompiler, tokenizer) -> None:
