@@ -17,6 +17,12 @@ pub struct GenerateParameters {
     pub temperature: Option<f32>,
     #[serde(default)]
     pub repetition_penalty: Option<f32>,
+    /// OpenAI's frequency penalty, -2..=2 (0: off).
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    /// OpenAI's presence penalty, -2..=2 (0: off).
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
     #[serde(default)]
     pub top_k: Option<i32>,
     #[serde(default)]
@@ -56,9 +62,19 @@ pub struct GenerateParameters {
     /// Sampling seed.
     #[serde(default)]
     pub seed: Option<u64>,
-    /// JSON-schema constrained decoding (`{"type": "json_object", "schema": ...}`).
+    /// Constrained decoding, LoRAX's and OpenAI's forms: `{"type": "json_object", "schema":
+    /// ...}`, `{"type": "json_schema", "schema": ...}` or `{"type": "json_schema",
+    /// "json_schema": {"schema": ...}}`, `{"type": "text"}`. Checked in `validation::grammar`.
     #[serde(default)]
     pub response_format: Option<serde_json::Value>,
+    /// Constrained decoding, TGI's form: `{"type": "json", "value": <schema>}` or
+    /// `{"type": "regex", "value": "<regex>"}`. Exclusive with `response_format`.
+    #[serde(default)]
+    pub grammar: Option<serde_json::Value>,
+    /// Set by the router (never from JSON): a grammar it built and checked itself (tool calls,
+    /// see `validation::schema_grammar`). Exclusive with `grammar` and `response_format`.
+    #[serde(skip)]
+    pub prepared_grammar: Option<crate::pb::Grammar>,
     /// Format `inputs` (a JSON list of chat messages) with the tokenizer's chat template.
     #[serde(default)]
     pub apply_chat_template: bool,
@@ -79,6 +95,8 @@ impl Default for GenerateParameters {
             best_of: None,
             temperature: None,
             repetition_penalty: None,
+            frequency_penalty: None,
+            presence_penalty: None,
             top_k: None,
             top_p: None,
             typical_p: None,
@@ -95,6 +113,8 @@ impl Default for GenerateParameters {
             return_k_alternatives: None,
             seed: None,
             response_format: None,
+            grammar: None,
+            prepared_grammar: None,
             apply_chat_template: false,
             prompt_has_special_tokens: false,
         }

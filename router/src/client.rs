@@ -125,6 +125,9 @@ pub trait ShardClient: Send + Sync + 'static {
         source: pb::AdapterSource,
         index: u32,
     ) -> Result<bool, ShardError>;
+    /// Compiles a constrained-decoding grammar into the shard's cache (before its request is
+    /// queued); INVALID_ARGUMENT with the reason when it cannot be compiled.
+    async fn compile_grammar(&self, grammar: pb::Grammar) -> Result<(), ShardError>;
 }
 
 /// One shard's gRPC client over its unix socket.
@@ -257,6 +260,14 @@ impl Shard {
     ) -> Result<bool, ShardError> {
         let response = self.client.clone().offload_adapter(request).await?;
         Ok(response.into_inner().offloaded)
+    }
+
+    async fn compile_grammar(&self, grammar: pb::Grammar) -> Result<(), ShardError> {
+        let request = pb::CompileGrammarRequest {
+            grammar: Some(grammar),
+        };
+        self.client.clone().compile_grammar(request).await?;
+        Ok(())
     }
 }
 
@@ -417,6 +428,16 @@ impl ShardClient for ShardedClient {
             .shards
             .iter()
             .map(|s| s.offload_adapter(request.clone()));
+        first_answer(join_all(calls).await)
+    }
+
+    /// Every shard compiles it (each rank constrains its own copy of the batch); any refusal
+    /// fails the call.
+    async fn compile_grammar(&self, grammar: pb::Grammar) -> Result<(), ShardError> {
+        let calls = self
+            .shards
+            .iter()
+            .map(|s| s.compile_grammar(grammar.clone()));
         first_answer(join_all(calls).await)
     }
 }

@@ -68,6 +68,26 @@ pub enum ValidationError {
     NotSupported(&'static str),
     #[error("watermark is not supported")]
     Watermark,
+    /// `frequency_penalty` or `presence_penalty` out of range (or NaN).
+    #[error("`{0}` must be between -2.0 and 2.0. Given: {1}")]
+    Penalty(&'static str, f32),
+    #[error("`grammar` and `response_format` cannot both be set")]
+    GrammarConflict,
+    /// A `grammar` or `response_format` the router refuses (the message names the field, the
+    /// place in the schema and what is allowed).
+    #[error("{0}")]
+    Constraint(String),
+    /// The shard could not compile the request's grammar (its INVALID_ARGUMENT message).
+    #[error("the grammar cannot be compiled: {0}")]
+    GrammarCompile(String),
+    #[error("`n` must be between 1 and {0}. Given: {1}")]
+    N(usize, u32),
+    #[error("`n` > 1 cannot be combined with `best_of` > 1")]
+    NWithBestOf,
+    #[error("`{0}` must be between 0 and {1}. Given: {2}")]
+    TopLogprobs(&'static str, u32, u32),
+    #[error("`top_logprobs` needs `logprobs: true`")]
+    TopLogprobsWithoutLogprobs,
     #[error("{0}")]
     ChatTemplate(String),
     #[error("tokenizer error: {0}")]

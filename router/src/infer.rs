@@ -1,16 +1,19 @@
 //! `Infer`: the handle HTTP handlers use to run requests. It admits (concurrency limit),
 //! validates, queues, and hands back the request's stream of generations; `generate` collects a
-//! stream into one answer, `generate_best_of` runs several sampled sequences and keeps the best.
+//! stream into one answer, `generate_best_of` runs several sampled sequences and keeps the best,
+//! `generate_streams` runs several requests at once (OpenAI's `n` choices). A request with a
+//! grammar waits here until every shard compiled it, never in a batch.
 //! Requests arrive with their adapter resolved (`Validation::resolve`), so the handler's metrics
 //! label and the queue agree on it.
 
 use crate::api::{PrefillToken, Token};
 use crate::batcher::{spawn_batcher, BatcherConfig};
-use crate::client::ShardClient;
+use crate::client::{ShardClient, ShardError};
 use crate::entry::{Entry, Finished, GeneratedText, InferStreamResponse};
 use crate::errors::{InferError, ValidationError};
 use crate::exchange::ExchangeConfig;
 use crate::health::{Health, HealthConfig};
+use crate::pb;
 use crate::queue::{Queue, QueueConfig};
 use crate::validation::{ResolvedRequest, ValidGenerateRequest, Validation};
 use futures::future::try_join_all;
@@ -49,9 +52,22 @@ pub struct GenerationStream {
     _permit: Option<OwnedSemaphorePermit>,
 }
 
+/// The stream's messages (the permit stays held while the stream lives).
+impl futures::Stream for GenerationStream {
+    type Item = Result<InferStreamResponse, InferError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.stream).poll_next(cx)
+    }
+}
+
 /// Cloneable handle to validation, the queue and the batching task.
 #[derive(Clone)]
 pub struct Infer {
+    client: Arc<dyn ShardClient>,
     validation: Validation,
     queue: Queue,
     notify: Arc<Notify>,
@@ -77,13 +93,14 @@ impl Infer {
         let queue = Queue::spawn(client.clone(), queue_config, notify.clone());
         let health = Health::new(health, validation.probe_request());
         spawn_batcher(
-            client,
+            client.clone(),
             queue.clone(),
             notify.clone(),
             config,
             health.clone(),
         );
         Self {
+            client,
             validation,
             queue,
             notify,
@@ -124,9 +141,40 @@ impl Infer {
         Ok(self.enqueue(valid, Some(permit)))
     }
 
+    /// Validates and queues several requests at once (all or none); returns their streams in
+    /// order. Each is validated on its own (a sampled one draws its own seed when it has none).
+    pub async fn generate_streams(
+        &self,
+        requests: Vec<ResolvedRequest>,
+    ) -> Result<Vec<GenerationStream>, InferError> {
+        let mut permit = self.permits(requests.len() as u32)?;
+        let valid = try_join_all(requests.into_iter().map(|r| self.validate(r))).await?;
+        // Each stream holds one of the permits: a choice that ends frees its slot.
+        Ok(valid
+            .into_iter()
+            .map(|request| {
+                let own = permit.split(1);
+                self.enqueue(request, own)
+            })
+            .collect())
+    }
+
+    /// Validates a request and has the shards compile its grammar, if it has one.
     async fn validate(&self, request: ResolvedRequest) -> Result<ValidGenerateRequest, InferError> {
         let span = tracing::info_span!("validation");
-        Ok(self.validation.validate(request).instrument(span).await?)
+        let valid = self.validation.validate(request).instrument(span).await?;
+        if let Some(grammar) = &valid.grammar {
+            self.compile(grammar.clone()).await?;
+        }
+        Ok(valid)
+    }
+
+    /// Compiles a grammar on every shard: a grammar a shard cannot compile is the request's
+    /// fault (422 with the shard's reason); any other failure is the shard's (424).
+    async fn compile(&self, grammar: pb::Grammar) -> Result<(), InferError> {
+        let span = tracing::info_span!("compile_grammar");
+        let result = self.client.compile_grammar(grammar).instrument(span).await;
+        result.map_err(|err| grammar_error(&err))
     }
 
     fn enqueue(
@@ -181,8 +229,16 @@ impl Infer {
     }
 }
 
+/// A failed grammar compilation as the request's error.
+fn grammar_error(err: &ShardError) -> InferError {
+    match err.code() {
+        tonic::Code::InvalidArgument => ValidationError::GrammarCompile(err.message()).into(),
+        _ => InferError::Generation(err.to_string()),
+    }
+}
+
 /// Reads a stream to its `End`.
-async fn collect(mut generation: GenerationStream) -> Result<InferResponse, InferError> {
+pub async fn collect(mut generation: GenerationStream) -> Result<InferResponse, InferError> {
     let mut prefill = Vec::new();
     let mut tokens = Vec::new();
     let mut all_top_tokens = Vec::new();

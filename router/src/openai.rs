@@ -1,90 +1,39 @@
 //! OpenAI-compatible endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both with
-//! `stream`) and `GET /v1/models`. Requests become native generate requests; `model` names the
-//! adapter (empty: the default adapter or the base model; the served model's id: the base model).
+//! `stream`, `n` choices, log-probabilities, `response_format`) and `GET /v1/models`. Requests
+//! become native generate requests, one per choice; `model` names the adapter (`""` and the
+//! placeholders "dummy"/"tgi": the default adapter or the base model; the served model's id:
+//! the base model).
+//!
+//! Parts: `request` (bodies, their native parameters), `body` (answer objects and choices),
+//! `stream` (the chunk encoder).
 
-use crate::adapter::{AdapterParams, ApiToken};
-use crate::api::{
-    FinishReason, GenerateParameters, GenerateRequest, GenerateResponse, StreamResponse,
+mod body;
+mod request;
+mod stream;
+
+pub use body::{
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatDelta, ChatLogprobs, CompletionChoice,
+    Logprobs, Usage,
 };
+pub use request::{
+    adapter_of_model, ChatCompletionRequest, ChatFields, CompletionFields, CompletionRequest,
+    OpenAiRequest, SamplingFields, StreamOptions, StringOrList, MODEL_PLACEHOLDERS,
+};
+pub use stream::{openai_event, Kind, OpenAiEncoder, StreamSettings};
+
+use crate::api::{GenerateParameters, GenerateRequest, GenerateResponse};
 use crate::app::{render_chat, token_from_header, AppState};
-use crate::errors::{ApiError, ErrorResponse, JsonBody, ValidationError};
-use crate::respond::generate_response;
-use crate::sse::{stream_with, EventEncoder};
-use crate::template::ChatMessage;
-use axum::body::Bytes;
+use crate::errors::{ApiError, JsonBody, ValidationError};
+use crate::respond::generate_responses;
+use crate::sse::stream_choices;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::{Deserialize, Serialize};
+use body::{chat_choice, completion_choice, usage_of, Answer, Header};
+use request::{chat_logprobs, choice_parameters, completion_logprobs, is_unnamed};
 use serde_json::{json, Value};
 use std::time::{SystemTime, UNIX_EPOCH};
-
-/// `stop` as a string or a list of strings.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(untagged)]
-pub enum StringOrList {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl StringOrList {
-    fn into_vec(self) -> Vec<String> {
-        match self {
-            Self::One(s) => vec![s],
-            Self::Many(v) => v,
-        }
-    }
-}
-
-/// Sampling fields shared by both endpoints (OpenAI's, plus LoRAX's extras).
-#[derive(Clone, Debug, Default, Deserialize)]
-pub struct SamplingFields {
-    #[serde(default)]
-    pub model: String,
-    pub max_tokens: Option<u32>,
-    pub max_completion_tokens: Option<u32>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub n: Option<u32>,
-    #[serde(default)]
-    pub stream: bool,
-    pub stop: Option<StringOrList>,
-    pub seed: Option<u64>,
-    pub repetition_penalty: Option<f32>,
-    pub top_k: Option<i32>,
-    pub ignore_eos_token: Option<bool>,
-    pub adapter_source: Option<String>,
-    pub api_token: Option<ApiToken>,
-    pub response_format: Option<Value>,
-}
-
-/// Body of `POST /v1/completions`.
-#[derive(Clone, Debug, Deserialize)]
-pub struct CompletionRequest {
-    pub prompt: StringOrList,
-    #[serde(default)]
-    pub echo: bool,
-    pub best_of: Option<usize>,
-    pub logprobs: Option<u32>,
-    #[serde(flatten)]
-    pub sampling: SamplingFields,
-}
-
-/// Body of `POST /v1/chat/completions`.
-#[derive(Clone, Debug, Deserialize)]
-pub struct ChatCompletionRequest {
-    pub messages: Vec<ChatMessage>,
-    #[serde(flatten)]
-    pub sampling: SamplingFields,
-}
-
-#[derive(Clone, Debug, Serialize)]
-struct Usage {
-    prompt_tokens: u32,
-    completion_tokens: u32,
-    total_tokens: u32,
-}
 
 fn now() -> u64 {
     SystemTime::now()
@@ -93,58 +42,30 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-fn finish_reason(reason: FinishReason) -> &'static str {
-    match reason {
-        FinishReason::Length => "length",
-        FinishReason::EndOfSequenceToken | FinishReason::StopSequence => "stop",
-    }
+/// What an OpenAI request asks for beyond its native parameters.
+#[derive(Clone, Debug)]
+pub struct OpenAiCall {
+    pub kind: Kind,
+    /// `model` as given.
+    pub model: String,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// Choices (`n`), already checked against the limit.
+    pub n: usize,
+    pub logprobs: Logprobs,
 }
 
-/// The native parameters of an OpenAI request.
-fn parameters(s: SamplingFields) -> Result<GenerateParameters, ApiError> {
-    if s.n.unwrap_or(1) != 1 {
-        return Err(ValidationError::NotSupported("n > 1").into());
-    }
-    // OpenAI's temperature 0 means greedy; ours must be > 0, so it becomes "unset".
-    let temperature = s.temperature.filter(|t| *t != 0.0);
-    Ok(GenerateParameters {
-        // The served model's id means the base model (resolved in validation).
-        adapter: AdapterParams {
-            adapter_id: (!s.model.is_empty()).then_some(s.model),
-            adapter_source: s.adapter_source,
-            merged_adapters: None,
-            api_token: s.api_token,
-        },
-        temperature,
-        top_p: s.top_p,
-        top_k: s.top_k,
-        repetition_penalty: s.repetition_penalty,
-        do_sample: temperature.is_some() || s.top_p.is_some_and(|p| p < 1.0) || s.top_k.is_some(),
-        max_new_tokens: s.max_tokens.or(s.max_completion_tokens),
-        ignore_eos_token: s.ignore_eos_token.unwrap_or(false),
-        stop: s.stop.map(StringOrList::into_vec).unwrap_or_default(),
-        seed: s.seed,
-        response_format: s.response_format,
-        details: true,
-        ..Default::default()
-    })
-}
-
-/// Which OpenAI object the answers are.
-#[derive(Clone, Copy)]
-enum Kind {
-    Completion,
-    Chat,
-}
-
-impl Kind {
-    /// A new response id, prefixed as OpenAI's: `cmpl-…` or `chatcmpl-…`.
-    fn new_id(self) -> String {
-        let prefix = match self {
-            Self::Completion => "cmpl",
-            Self::Chat => "chatcmpl",
-        };
-        format!("{prefix}-{:016x}", rand::random::<u64>())
+impl OpenAiCall {
+    /// Reads what the shared fields ask for; `n` is bounded by `--max-best-of`.
+    fn new(kind: Kind, s: &SamplingFields, state: &AppState) -> Result<Self, ValidationError> {
+        Ok(Self {
+            kind,
+            model: s.model.clone(),
+            stream: s.stream,
+            include_usage: s.include_usage(),
+            n: s.choices(state.info.max_best_of)?,
+            logprobs: Logprobs::None,
+        })
     }
 }
 
@@ -155,31 +76,25 @@ pub async fn completions(
     JsonBody(mut request): JsonBody<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     token_from_header(&mut request.sampling.api_token, &headers);
-    let prompt = match request.prompt {
+    let mut call = OpenAiCall::new(Kind::Completion, &request.sampling, &state)?;
+    let fields = request.fields;
+    let (logprobs, top_n_tokens) = completion_logprobs(&fields)?;
+    call.logprobs = logprobs;
+    let prompt = match fields.prompt {
         StringOrList::One(p) => p,
         StringOrList::Many(mut v) if v.len() == 1 => v.remove(0),
         StringOrList::Many(_) => {
             return Err(ValidationError::NotSupported("a list of several prompts").into())
         }
     };
-    let model = request.sampling.model.clone();
-    let stream = request.sampling.stream;
-    let mut parameters = parameters(request.sampling)?;
-    parameters.return_full_text = Some(request.echo);
-    parameters.best_of = request.best_of;
-    let generate = GenerateRequest {
-        inputs: prompt,
-        parameters,
-    };
-    respond(
-        &state,
-        generate,
-        Kind::Completion,
-        model,
-        stream,
-        request.logprobs.is_some(),
-    )
-    .await
+    if call.n > 1 && fields.best_of.is_some_and(|b| b > 1) {
+        return Err(ValidationError::NWithBestOf.into());
+    }
+    let mut parameters = request.sampling.parameters()?;
+    parameters.return_full_text = Some(fields.echo);
+    parameters.best_of = fields.best_of;
+    parameters.top_n_tokens = Some(top_n_tokens);
+    respond(&state, prompt, parameters, call).await
 }
 
 /// `POST /v1/chat/completions`.
@@ -189,13 +104,14 @@ pub async fn chat_completions(
     JsonBody(mut request): JsonBody<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     token_from_header(&mut request.sampling.api_token, &headers);
-    let inputs = render_chat(&state, &request.messages)?;
-    let model = request.sampling.model.clone();
-    let stream = request.sampling.stream;
-    let mut parameters = parameters(request.sampling)?;
+    let mut call = OpenAiCall::new(Kind::Chat, &request.sampling, &state)?;
+    let (logprobs, top_n_tokens) = chat_logprobs(&request.fields)?;
+    call.logprobs = logprobs;
+    let inputs = render_chat(&state, &request.fields.messages)?;
+    let mut parameters = request.sampling.parameters()?;
     parameters.prompt_has_special_tokens = true;
-    let generate = GenerateRequest { inputs, parameters };
-    respond(&state, generate, Kind::Chat, model, stream, false).await
+    parameters.top_n_tokens = Some(top_n_tokens);
+    respond(&state, inputs, parameters, call).await
 }
 
 /// `GET /v1/models`: the served model.
@@ -205,145 +121,69 @@ pub async fn models(State(state): State<AppState>) -> Json<Value> {
     ]}))
 }
 
-async fn respond(
+/// Runs the call's choices (each one native request; choice `i` samples with `seed + i` when a
+/// seed is given) and answers in OpenAI's format, whole or streamed.
+pub async fn respond(
     state: &AppState,
-    request: GenerateRequest,
-    kind: Kind,
-    model: String,
-    stream: bool,
-    logprobs: bool,
+    inputs: String,
+    parameters: GenerateParameters,
+    call: OpenAiCall,
 ) -> Result<Response, ApiError> {
-    let id = kind.new_id();
-    let model = if model.is_empty() {
-        state.info.model_id.clone()
-    } else {
-        model
+    let requests: Vec<GenerateRequest> = (0..call.n)
+        .map(|i| GenerateRequest {
+            inputs: inputs.clone(),
+            parameters: choice_parameters(&parameters, i),
+        })
+        .collect();
+    let header = Header {
+        id: call.kind.new_id(),
+        object: call.kind.object(),
+        created: now(),
+        model: if is_unnamed(&call.model) {
+            state.info.model_id.clone()
+        } else {
+            call.model.clone()
+        },
     };
-    if stream {
-        let encoder = OpenAiEncoder {
-            kind,
-            id,
-            model,
-            created: now(),
-            first: true,
-        };
-        return stream_with(state, request, Box::new(encoder)).await;
+    if call.stream {
+        let encoder = OpenAiEncoder::new(StreamSettings {
+            kind: call.kind,
+            id: header.id,
+            model: header.model,
+            created: header.created,
+            n: call.n,
+            logprobs: call.logprobs,
+            include_usage: call.include_usage,
+        });
+        return stream_choices(state, requests, Box::new(encoder)).await;
     }
-    let (headers, answer) = generate_response(state, request).await?;
-    let body = completion_body(kind, &id, &model, answer, logprobs);
+    let (headers, answers) = generate_responses(state, requests).await?;
+    let body = answer_body(call.kind, header, answers, call.logprobs);
     Ok((headers, Json(body)).into_response())
 }
 
-fn completion_body(
+/// The whole answer of a call: one choice per native answer.
+fn answer_body(
     kind: Kind,
-    id: &str,
-    model: &str,
-    answer: GenerateResponse,
-    logprobs: bool,
+    header: Header,
+    answers: Vec<GenerateResponse>,
+    logprobs: Logprobs,
 ) -> Value {
-    let details = answer.details;
-    let usage = details.as_ref().map(|d| Usage {
-        prompt_tokens: d.prompt_tokens,
-        completion_tokens: d.generated_tokens,
-        total_tokens: d.prompt_tokens + d.generated_tokens,
-    });
-    let reason = details.as_ref().map(|d| finish_reason(d.finish_reason));
-    let choice = match kind {
-        Kind::Completion => {
-            let logprobs = details.as_ref().filter(|_| logprobs).map(|d| {
-                let mut offset = 0;
-                let offsets: Vec<usize> = d
-                    .tokens
-                    .iter()
-                    .map(|t| {
-                        let at = offset;
-                        offset += t.text.len();
-                        at
-                    })
-                    .collect();
-                json!({
-                    "tokens": d.tokens.iter().map(|t| &t.text).collect::<Vec<_>>(),
-                    "token_logprobs": d.tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
-                    "top_logprobs": null,
-                    "text_offset": offsets,
-                })
-            });
-            json!({"index": 0, "text": answer.generated_text, "logprobs": logprobs, "finish_reason": reason})
-        }
-        Kind::Chat => json!({
-            "index": 0,
-            "message": {"role": "assistant", "content": answer.generated_text},
-            "logprobs": null,
-            "finish_reason": reason,
+    let usage = usage_of(&answers);
+    let choices = answers.into_iter().enumerate();
+    let body = match kind {
+        Kind::Completion => serde_json::to_value(Answer {
+            header,
+            choices: choices
+                .map(|(i, a)| completion_choice(i, a, logprobs))
+                .collect(),
+            usage,
+        }),
+        Kind::Chat => serde_json::to_value(Answer {
+            header,
+            choices: choices.map(|(i, a)| chat_choice(i, a, logprobs)).collect(),
+            usage,
         }),
     };
-    let object = match kind {
-        Kind::Completion => "text_completion",
-        Kind::Chat => "chat.completion",
-    };
-    json!({"id": id, "object": object, "created": now(), "model": model, "choices": [choice], "usage": usage})
-}
-
-/// One SSE event as OpenAI frames it: `data: {json}` (with a space), chunks and errors alike.
-fn openai_event<T: Serialize>(payload: &T) -> Bytes {
-    let json = serde_json::to_string(payload).unwrap_or_else(|_| "{}".to_string());
-    Bytes::from(format!("data: {json}\n\n"))
-}
-
-/// SSE chunks in OpenAI's format, ending with `data: [DONE]` (not after an error).
-struct OpenAiEncoder {
-    kind: Kind,
-    id: String,
-    model: String,
-    created: u64,
-    first: bool,
-}
-
-impl EventEncoder for OpenAiEncoder {
-    fn event(&mut self, response: StreamResponse) -> Bytes {
-        let reason = response
-            .details
-            .as_ref()
-            .map(|d| finish_reason(d.finish_reason));
-        let text = if response.token.special {
-            String::new()
-        } else {
-            response.token.text
-        };
-        let usage = response.details.as_ref().map(|d| Usage {
-            prompt_tokens: d.prompt_tokens,
-            completion_tokens: d.generated_tokens,
-            total_tokens: d.prompt_tokens + d.generated_tokens,
-        });
-        let (object, choice) = match self.kind {
-            Kind::Completion => (
-                "text_completion",
-                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason}),
-            ),
-            Kind::Chat => {
-                let mut delta = json!({"content": text});
-                if self.first {
-                    delta["role"] = json!("assistant");
-                }
-                (
-                    "chat.completion.chunk",
-                    json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": reason}),
-                )
-            }
-        };
-        self.first = false;
-        let chunk = json!({
-            "id": self.id, "object": object, "created": self.created, "model": self.model,
-            "choices": [choice], "usage": usage,
-        });
-        openai_event(&chunk)
-    }
-
-    fn error(&mut self, body: &ErrorResponse) -> Bytes {
-        openai_event(body)
-    }
-
-    fn done(&mut self) -> Option<Bytes> {
-        Some(Bytes::from_static(b"data: [DONE]\n\n"))
-    }
+    body.unwrap_or_else(|_| json!({}))
 }

@@ -185,6 +185,7 @@ fn to_proto_request(id: u64, entry: &Entry) -> pb::Request {
         prefill_logprobs: request.decoder_input_details,
         top_n_tokens: request.top_n_tokens,
         adapter_index: entry.adapter_index,
+        grammar: request.grammar.clone(),
     }
 }
 

@@ -1,11 +1,15 @@
-//! A generation answered as one JSON document: runs the request (or its `best_of` sequences) to
-//! its end, records its metrics, and sets LoRAX's timing headers.
+//! A generation answered as one JSON document: runs the request (or its `best_of` sequences, or
+//! several requests of one prompt: OpenAI's `n` choices) to its end, records its metrics, and
+//! sets LoRAX's timing headers.
 
 use crate::api::{BestOfSequence, Details, GenerateRequest, GenerateResponse};
 use crate::app::{resolve, AppState};
-use crate::errors::ApiError;
+use crate::errors::{ApiError, ValidationError};
+use crate::infer::{collect, InferResponse};
 use crate::metrics::{self as m, RequestTimings};
+use crate::validation::ResolvedRequest;
 use axum::http::{HeaderMap, HeaderValue};
+use futures::future::try_join_all;
 use tokio::time::Instant;
 
 /// `text` after the prompt when `return_full_text` asked for it.
@@ -69,6 +73,73 @@ pub async fn generate_response(
             })
             .collect()
     });
+    let answer = answer_of(response, &prompt, want_details, best_of_sequences);
+    Ok((headers, answer))
+}
+
+/// Runs several requests of one prompt at once (OpenAI's `n` choices; each one sequence, no
+/// `best_of`) and answers with each one's answer, in order. Counted as one request.
+pub async fn generate_responses(
+    state: &AppState,
+    requests: Vec<GenerateRequest>,
+) -> Result<(HeaderMap, Vec<GenerateResponse>), ApiError> {
+    if requests.len() == 1 {
+        let (headers, answer) =
+            generate_response(state, requests.into_iter().next().unwrap()).await?;
+        return Ok((headers, vec![answer]));
+    }
+    let start = Instant::now();
+    let resolved = requests
+        .into_iter()
+        .map(|r| resolve(state, r))
+        .collect::<Result<Vec<ResolvedRequest>, ApiError>>()?;
+    let Some(first) = resolved.first() else {
+        return Err(ValidationError::N(state.info.max_best_of, 0).into());
+    };
+    let adapter = first.adapter_key();
+    let p = &first.request.parameters;
+    let prompt = p
+        .return_full_text
+        .unwrap_or(false)
+        .then(|| first.request.inputs.clone());
+    let want_details = p.details || p.decoder_input_details;
+    let compute_characters = first.request.inputs.chars().count();
+    let run = async {
+        let streams = state.infer.generate_streams(resolved).await?;
+        try_join_all(streams.into_iter().map(collect)).await
+    };
+    let responses = run.await.map_err(|err| {
+        m::request_failed(adapter.as_deref(), err.error_type());
+        ApiError::from(err)
+    })?;
+    let generated_tokens = responses
+        .iter()
+        .map(|r| r.generated_text.generated_tokens)
+        .sum();
+    let first = &responses[0];
+    let t = RequestTimings::new(
+        start,
+        first.queued,
+        first.start,
+        first.prompt_tokens,
+        generated_tokens,
+    );
+    m::request_succeeded(adapter.as_deref(), &t);
+    let headers = timing_headers(state, &t, compute_characters);
+    let answers = responses
+        .into_iter()
+        .map(|r| answer_of(r, &prompt, want_details, None))
+        .collect();
+    Ok((headers, answers))
+}
+
+/// The answer of one finished request.
+fn answer_of(
+    response: InferResponse,
+    prompt: &Option<String>,
+    want_details: bool,
+    best_of_sequences: Option<Vec<BestOfSequence>>,
+) -> GenerateResponse {
     let generated = response.generated_text;
     let details = want_details.then_some(Details {
         finish_reason: generated.finish_reason,
@@ -81,11 +152,10 @@ pub async fn generate_response(
         top_tokens: response.top_tokens,
         best_of_sequences,
     });
-    let answer = GenerateResponse {
-        generated_text: prepend_prompt(&prompt, generated.text),
+    GenerateResponse {
+        generated_text: prepend_prompt(prompt, generated.text),
         details,
-    };
-    Ok((headers, answer))
+    }
 }
 
 fn timing_headers(state: &AppState, t: &RequestTimings, characters: usize) -> HeaderMap {

@@ -3,6 +3,7 @@
 //! and records every call, so the queue and the batching loop are tested without a model.
 
 mod adapters;
+mod grammars;
 mod step;
 
 use crate::client::{ShardClient, ShardError, StepOutput};
@@ -13,6 +14,8 @@ use crate::validation::ValidGenerateRequest;
 use adapters::{adapter_name, FakeAdapters};
 pub use adapters::{AdapterBehaviour, PrefillRecord};
 use async_trait::async_trait;
+use grammars::FakeGrammars;
+pub use grammars::{FAILING_GRAMMAR_MARKER, REFUSED_GRAMMAR_MARKER};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -97,6 +100,9 @@ pub enum Call {
         adapter: String,
         index: u32,
     },
+    CompileGrammar {
+        grammar: pb::Grammar,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -111,6 +117,9 @@ struct FakeState {
     /// Every Prefill/Decode takes this long.
     step_delay: Duration,
     adapters: FakeAdapters,
+    grammars: FakeGrammars,
+    /// Every request prefilled, as the shard received it.
+    requests: Vec<pb::Request>,
 }
 
 /// In-memory shard. The batch it returns after a step still holds the requests that just
@@ -206,6 +215,11 @@ impl FakeShard {
     /// Every prefilled request with the adapter installed at its index at that time.
     pub fn prefills(&self) -> Vec<PrefillRecord> {
         self.state.lock().unwrap().adapters.prefills.clone()
+    }
+
+    /// Every request prefilled so far, as the shard received it (sampling parameters, grammar).
+    pub fn prefilled_requests(&self) -> Vec<pb::Request> {
+        self.state.lock().unwrap().requests.clone()
     }
 
     /// Most adapters installed at once.
@@ -331,6 +345,10 @@ impl ShardClient for FakeShard {
         let names = state
             .adapters
             .prefill(&batch.requests, &mut state.violations)?;
+        state
+            .grammars
+            .check_prefill(&batch.requests, &mut state.violations);
+        state.requests.extend(batch.requests.iter().cloned());
         let mut requests: Vec<FakeRequest> = batch
             .requests
             .into_iter()
@@ -504,5 +522,13 @@ impl ShardClient for FakeShard {
         state
             .adapters
             .offload(&name, index, in_use, &mut state.violations)
+    }
+
+    async fn compile_grammar(&self, grammar: pb::Grammar) -> Result<(), ShardError> {
+        let mut state = self.state.lock().unwrap();
+        state.calls.push(Call::CompileGrammar {
+            grammar: grammar.clone(),
+        });
+        state.grammars.compile(&grammar)
     }
 }

@@ -10,8 +10,11 @@ use std::path::Path;
 use std::sync::Arc;
 use tokenizers::{Encoding, Tokenizer, TruncationDirection};
 
+mod grammar;
 mod parameters;
+pub mod schema;
 
+pub use grammar::schema_grammar;
 pub use parameters::{samples, MAX_TOP_N_TOKENS};
 
 /// The limits a request is checked against.
@@ -38,6 +41,8 @@ pub struct ValidGenerateRequest {
     /// The adapter to run with; None is the base model. (Its index at the shard is given
     /// when the request is admitted into a batch.)
     pub adapter: Option<AdapterRequest>,
+    /// The output constraint (None: unconstrained); compiled by the shards before queueing.
+    pub grammar: Option<pb::Grammar>,
 }
 
 impl ValidGenerateRequest {
@@ -56,6 +61,8 @@ impl ValidGenerateRequest {
                 seed: 0,
                 repetition_penalty: 1.0,
                 watermark: false,
+                frequency_penalty: 0.0,
+                presence_penalty: 0.0,
             },
             stopping_parameters: pb::StoppingCriteriaParameters {
                 max_new_tokens,
@@ -65,6 +72,7 @@ impl ValidGenerateRequest {
             decoder_input_details: false,
             top_n_tokens: 0,
             adapter: None,
+            grammar: None,
         }
     }
 }
@@ -188,6 +196,7 @@ impl Validation {
             decoder_input_details: p.decoder_input_details,
             top_n_tokens: checked.top_n_tokens,
             adapter,
+            grammar: checked.grammar,
         })
     }
 
@@ -370,7 +379,14 @@ mod tests {
         ));
         let format =
             params(|p| p.response_format = Some(serde_json::json!({"type": "json_object"})));
-        assert_eq!(param_error(format), E::NotSupported("response_format"));
+        let grammar = check("hello", format).await.unwrap().grammar.unwrap();
+        assert_eq!(grammar.r#type, pb::GrammarType::Json as i32);
+        assert_eq!(grammar.value, r#"{"type":"object"}"#);
+        let conflict = params(|p| {
+            p.response_format = Some(serde_json::json!({"type": "json_object"}));
+            p.grammar = Some(serde_json::json!({"type": "regex", "value": "a+"}));
+        });
+        assert_eq!(param_error(conflict), E::GrammarConflict);
         // An empty adapter id with a source is the base model.
         let base = params(|p| {
             p.adapter.adapter_id = Some(String::new());

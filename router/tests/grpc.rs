@@ -5,7 +5,9 @@
 use lorax_router::client::{ShardClient, ShardError, ShardedClient};
 use lorax_router::pb;
 use lorax_router::pb::lorax_service_server::{LoraxService, LoraxServiceServer};
-use lorax_router::testing::{valid_request, AdapterBehaviour, Call, FakeShard};
+use lorax_router::testing::{
+    valid_request, AdapterBehaviour, Call, FakeShard, REFUSED_GRAMMAR_MARKER,
+};
 use std::path::Path;
 use std::sync::Arc;
 use tokio::net::UnixListener;
@@ -164,6 +166,15 @@ impl LoraxService for Service {
             .map_err(status)?;
         Ok(Response::new(pb::OffloadAdapterResponse { offloaded }))
     }
+
+    async fn compile_grammar(
+        &self,
+        r: Request<pb::CompileGrammarRequest>,
+    ) -> Result<Response<pb::CompileGrammarResponse>, Status> {
+        let grammar = r.into_inner().grammar.unwrap_or_default();
+        self.shard.compile_grammar(grammar).await.map_err(status)?;
+        Ok(Response::new(pb::CompileGrammarResponse {}))
+    }
 }
 
 fn serve(path: &Path, shard: Arc<FakeShard>, urls: Vec<String>) {
@@ -188,6 +199,7 @@ fn batch(id: u64) -> pb::Batch {
                 prefill_logprobs: false,
                 top_n_tokens: 0,
                 adapter_index: 0,
+                grammar: None,
             }
         })
         .collect();
@@ -337,6 +349,36 @@ async fn adapter_calls_reach_every_shard_and_keep_their_status_codes() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     assert!(err.message().contains("api_token is required"), "{err}");
+}
+
+#[tokio::test]
+async fn grammars_compile_on_every_shard_and_refusals_keep_their_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shards, client) = two_shards(dir.path()).await;
+    let grammar = |value: &str| pb::Grammar {
+        r#type: pb::GrammarType::Regex as i32,
+        value: value.into(),
+    };
+    client.compile_grammar(grammar("[0-9]+")).await.unwrap();
+    for shard in &shards {
+        assert_eq!(
+            shard.calls(),
+            vec![Call::CompileGrammar {
+                grammar: grammar("[0-9]+")
+            }]
+        );
+    }
+    let err = client
+        .compile_grammar(grammar(REFUSED_GRAMMAR_MARKER))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("cannot compile the grammar"),
+        "{err}"
+    );
+    // Every shard got it, even though the first refused.
+    assert!(shards.iter().all(|s| s.calls().len() == 2));
 }
 
 #[tokio::test]

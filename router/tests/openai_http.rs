@@ -82,8 +82,12 @@ async fn openai_completions() {
         .unwrap()
         .to_string();
     assert!(text.contains("[org/adapter]"), "{text}");
-    let n = post(&app, "/v1/completions", json!({"prompt": "hello", "n": 2})).await;
+    let n = post(&app, "/v1/completions", json!({"prompt": "hello", "n": 3})).await;
     assert_error(&n, 422, "validation");
+    assert!(n.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("`n` must be between 1 and 2"));
     let models = get(&app, "/v1/models").await.json();
     assert_eq!(models["data"][0]["id"], "test/model");
 }

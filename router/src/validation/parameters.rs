@@ -1,6 +1,7 @@
 //! Generation parameters checked before tokenization: ranges, `best_of` rules, stop sequences,
 //! truncation bounds, and the features refused rather than ignored. Pure: no tokenizer needed.
 
+use super::grammar::grammar_of;
 use super::ValidationLimits;
 use crate::api::GenerateParameters;
 use crate::errors::ValidationError;
@@ -16,6 +17,7 @@ pub(super) struct CheckedParameters {
     pub max_new_tokens: Option<u32>,
     pub truncate: Option<usize>,
     pub top_n_tokens: u32,
+    pub grammar: Option<pb::Grammar>,
 }
 
 /// Checks every parameter range and limit that does not need the token count.
@@ -44,6 +46,8 @@ pub(super) fn check_parameters(
     if !(typical_p > 0.0 && typical_p <= 1.0) {
         return Err(ValidationError::TypicalP);
     }
+    let frequency_penalty = penalty("frequency_penalty", p.frequency_penalty)?;
+    let presence_penalty = penalty("presence_penalty", p.presence_penalty)?;
     let top_k = match p.top_k {
         Some(k) if k <= 0 => return Err(ValidationError::TopK),
         Some(k) => k as u32,
@@ -91,11 +95,23 @@ pub(super) fn check_parameters(
             seed: p.seed.unwrap_or_else(rand::random),
             repetition_penalty,
             watermark: p.watermark,
+            frequency_penalty,
+            presence_penalty,
         },
         max_new_tokens: p.max_new_tokens,
         truncate: p.truncate,
         top_n_tokens,
+        grammar: grammar_of(p)?,
     })
+}
+
+/// A frequency or presence penalty: -2..=2, default 0 (off).
+fn penalty(name: &'static str, value: Option<f32>) -> Result<f32, ValidationError> {
+    match value {
+        None => Ok(0.0),
+        Some(v) if (-2.0..=2.0).contains(&v) => Ok(v),
+        Some(v) => Err(ValidationError::Penalty(name, v)),
+    }
 }
 
 /// Whether a request samples. As in LoRAX (and TGI), any logits warper that changes the
@@ -108,9 +124,6 @@ pub fn samples(do_sample: bool, temperature: f32, top_k: u32, top_p: f32, typica
 /// Features that are not implemented: refused clearly rather than silently ignored (or failed
 /// by the shard).
 fn check_unsupported(p: &GenerateParameters) -> Result<(), ValidationError> {
-    if p.response_format.as_ref().is_some_and(|f| !f.is_null()) {
-        return Err(ValidationError::NotSupported("response_format"));
-    }
     if p.watermark {
         return Err(ValidationError::Watermark);
     }
@@ -252,6 +265,42 @@ pub(super) mod tests {
         assert_eq!(
             param_error(params(|p| p.temperature = Some(f32::NAN))),
             E::Temperature
+        );
+    }
+
+    #[test]
+    fn penalties_are_bounded_and_reach_the_shard() {
+        for name in ["frequency_penalty", "presence_penalty"] {
+            let set = |v: f32| {
+                params(|p| match name {
+                    "frequency_penalty" => p.frequency_penalty = Some(v),
+                    _ => p.presence_penalty = Some(v),
+                })
+            };
+            for bad in [2.01, -2.01, 100.0] {
+                assert_eq!(param_error(set(bad)), E::Penalty(name, bad));
+            }
+            // NaN compares unequal to itself: check the variant and the message.
+            let nan = param_error(set(f32::NAN));
+            assert!(matches!(nan, E::Penalty(n, v) if n == name && v.is_nan()));
+            assert!(nan
+                .to_string()
+                .starts_with(&format!("`{name}` must be between -2.0 and 2.0")));
+            for ok in [-2.0, 0.0, 0.5, 2.0] {
+                let checked = check_parameters(&limits(), &set(ok)).unwrap().parameters;
+                let (f, p) = (checked.frequency_penalty, checked.presence_penalty);
+                assert_eq!(if name == "frequency_penalty" { f } else { p }, ok);
+                // Penalties do not turn sampling on.
+                assert!(!checked.do_sample);
+            }
+        }
+        let defaults = check_parameters(&limits(), &params(|_| {})).unwrap();
+        assert_eq!(defaults.parameters.frequency_penalty, 0.0);
+        assert_eq!(defaults.parameters.presence_penalty, 0.0);
+        assert!(defaults.grammar.is_none());
+        assert_eq!(
+            E::Penalty("presence_penalty", 3.0).to_string(),
+            "`presence_penalty` must be between -2.0 and 2.0. Given: 3"
         );
     }
 
