@@ -736,13 +736,21 @@ impl ToolCall {
     }
 }
 
-/// The call in `text`: a JSON object, after optional whitespace, with a string `name` (not
+/// The tag Hermes-style models (Qwen2.5, Qwen3, Hermes, ...) open a call with, as their
+/// templates teach them: `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`. With
+/// `tool_choice` "auto" the grammar lets such a model write it (it is text, not `{`), and the
+/// call after it is unconstrained; accepting it keeps those calls from ending up as text.
+pub const CALL_TAG: &str = "<tool_call>";
+
+/// The call in `text`: a JSON object, after optional whitespace (and an optional [`CALL_TAG`]
+/// and whitespace), with a string `name` (not
 /// empty) and optional `arguments` (or `parameters`, as some models write it). Arguments given
 /// as a string are taken as they are (their JSON text); absent, they are `{}`; anything else is
 /// re-serialized compactly, keeping its member order. Other members and text after the object
 /// are ignored. None when `text` is not such a call (the model answered with text).
 pub fn parse_call(text: &str) -> Option<ToolCall> {
     let text = text.trim_start();
+    let text = text.strip_prefix(CALL_TAG).map_or(text, str::trim_start);
     if !text.starts_with('{') {
         return None;
     }
@@ -822,8 +830,9 @@ impl ToolDelta {
 /// The streamed form of [`parse_call`]: fed the generated text piece by piece (token texts, cut
 /// anywhere), it tells what to send.
 ///
-/// Whitespace at the start is held back. If the first other character is not `{`, the output is
-/// text: everything passes through as content as it comes. If it is `{`, nothing is sent until
+/// Whitespace at the start is held back. If the first other character is not `{` (nor the start
+/// of a [`CALL_TAG`] before the `{`), the output is text: everything passes through as content
+/// as it comes. If it is `{`, nothing is sent until
 /// the call's `name` is complete; then a [`ToolDelta::CallStart`], then the text of the
 /// `arguments` value as it is generated, exactly as the model writes it (the pieces concatenate
 /// to that value's JSON text: not the wrapper's separators or its closing `}`). Arguments that
@@ -855,6 +864,10 @@ enum ArgsState {
 enum State {
     /// Only whitespace so far.
     Lead,
+    /// This many characters of [`CALL_TAG`] so far.
+    Tag(usize),
+    /// After [`CALL_TAG`], before the call's `{`.
+    AfterTag,
     /// The output is text.
     Text,
     /// In the call's object, before a key (after `{` when `first`, else after `,`).
@@ -1093,11 +1106,19 @@ impl ToolCallStream {
         self.state = match state {
             State::Lead if c.is_whitespace() => State::Lead,
             State::Lead if c == '{' => State::BeforeKey { first: true },
-            State::Lead => {
-                self.pending_content.push_str(&self.held);
-                self.held.clear();
-                State::Text
+            State::Lead if c == '<' => State::Tag(1),
+            State::Lead => return self.broken(),
+            State::Tag(n) if CALL_TAG[n..].starts_with(c) => {
+                if n + 1 == CALL_TAG.len() {
+                    State::AfterTag
+                } else {
+                    State::Tag(n + 1)
+                }
             }
+            State::Tag(_) => return self.broken(),
+            State::AfterTag if c.is_whitespace() => State::AfterTag,
+            State::AfterTag if c == '{' => State::BeforeKey { first: true },
+            State::AfterTag => return self.broken(),
             State::Text => {
                 self.pending_content.push(c);
                 State::Text
@@ -1633,6 +1654,12 @@ mod tests {
                 r#"{"name": "say", "arguments": {"text": "«\"hi\"»\n\u00e9"}}"#,
                 call("say", r#"{"text":"«\"hi\"»\né"}"#),
             ),
+            (
+                "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>",
+                call("f", r#"{"a":1}"#),
+            ),
+            ("<tool_call>hello", None),
+            ("<tool_call>", None),
             // Text after the object is ignored.
             (
                 r#"{"name": "f", "arguments": {}}</s> trailing"#,
@@ -1804,6 +1831,14 @@ mod tests {
             r#"{"name": "f", "parameters": {"a": 1}}"#,
             r#"{"id": 7, "name": "f", "x": [1, {"y": "}"}], "arguments": {"a": true}, "z": -1.5e3}"#,
             r#"{"name": "f", "arguments": {"a": 1}}<|eot_id|>trailing"#,
+            // Hermes-style tags.
+            "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>",
+            " <tool_call>{\"name\": \"f\"}</tool_call>",
+            "<tool_call>hello",
+            "<tool_call> [1]",
+            "<tool",
+            "<b>bold</b>",
+            "<tool_calls>",
             // Not calls: text, JSON of another shape, a call cut short.
             "The answer is 42.",
             "  Leading whitespace, then text {\"name\": \"f\"}",
