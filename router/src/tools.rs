@@ -435,9 +435,26 @@ impl Tools {
         grammar(&self.tools, &self.choice)
     }
 
-    /// The same as the shard's message.
+    /// The same as the shard's message. Its `value` keeps the schema's member order (so the
+    /// call's `name` is generated before its `arguments`): check schemas with
+    /// [`Self::parameter_schemas`] rather than re-serializing this one through
+    /// `serde_json::Value`, which would sort them.
     pub fn pb_grammar(&self) -> Option<pb::Grammar> {
         self.grammar().map(|(kind, schema)| kind.to_pb(schema))
+    }
+
+    /// Each function's parameters schema (absent: the empty-object schema) and the field that
+    /// names it in a refusal (`tools[i].function.parameters`), for the router's check of the
+    /// JSON Schema subset the shard enforces.
+    pub fn parameter_schemas(&self) -> Vec<(String, serde_json::Value)> {
+        self.tools
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let schema = serde_json::to_value(t.function.parameters()).unwrap_or_default();
+                (format!("tools[{i}].function.parameters"), schema)
+            })
+            .collect()
     }
 }
 
@@ -832,12 +849,11 @@ impl ToolDelta {
 ///
 /// Whitespace at the start is held back. If the first other character is not `{` (nor the start
 /// of a [`CALL_TAG`] before the `{`), the output is text: everything passes through as content
-/// as it comes. If it is `{`, nothing is sent until
-/// the call's `name` is complete; then a [`ToolDelta::CallStart`], then the text of the
-/// `arguments` value as it is generated, exactly as the model writes it (the pieces concatenate
-/// to that value's JSON text: not the wrapper's separators or its closing `}`). Arguments that
-/// come before the name are sent right after the start; arguments written as a JSON string are
-/// sent once complete, as the string's contents. If the object turns out not to be a call
+/// as it comes. If it is `{`, nothing is sent until the call's `name` is complete; then a
+/// [`ToolDelta::CallStart`], then the text of the `arguments` value as it is generated, exactly
+/// as the model writes it (the pieces concatenate to that value's JSON text: not the wrapper's
+/// separators or its closing `}`). Arguments that come before the name are sent right after the
+/// start; arguments written as a JSON string are sent once complete, as the string's contents. If the object turns out not to be a call
 /// before its name is complete (another shape, or the stream ends), everything held is sent as
 /// content and the rest passes through. After the end of the call's object, the rest is ignored.
 pub struct ToolCallStream {
@@ -870,8 +886,8 @@ enum State {
     AfterTag,
     /// The output is text.
     Text,
-    /// In the call's object, before a key (after `{` when `first`, else after `,`).
-    BeforeKey { first: bool },
+    /// In the call's object, before a key (after `{` or `,`).
+    BeforeKey,
     /// Reading a key.
     Key(ValueScan),
     /// After a key, before `:`.
@@ -1105,7 +1121,7 @@ impl ToolCallStream {
         let state = std::mem::replace(&mut self.state, State::End);
         self.state = match state {
             State::Lead if c.is_whitespace() => State::Lead,
-            State::Lead if c == '{' => State::BeforeKey { first: true },
+            State::Lead if c == '{' => State::BeforeKey,
             State::Lead if c == '<' => State::Tag(1),
             State::Lead => return self.broken(),
             State::Tag(n) if CALL_TAG[n..].starts_with(c) => {
@@ -1117,14 +1133,14 @@ impl ToolCallStream {
             }
             State::Tag(_) => return self.broken(),
             State::AfterTag if c.is_whitespace() => State::AfterTag,
-            State::AfterTag if c == '{' => State::BeforeKey { first: true },
+            State::AfterTag if c == '{' => State::BeforeKey,
             State::AfterTag => return self.broken(),
             State::Text => {
                 self.pending_content.push(c);
                 State::Text
             }
-            State::BeforeKey { first } => match c {
-                _ if c.is_whitespace() => State::BeforeKey { first },
+            State::BeforeKey => match c {
+                _ if c.is_whitespace() => State::BeforeKey,
                 '"' => State::Key(ValueScan::start(c)),
                 _ => return self.broken(),
             },
@@ -1192,7 +1208,7 @@ impl ToolCallStream {
             },
             State::AfterValue => match c {
                 _ if c.is_whitespace() => State::AfterValue,
-                ',' => State::BeforeKey { first: false },
+                ',' => State::BeforeKey,
                 '}' if self.name.is_some() => {
                     self.complete = true;
                     State::End
@@ -1614,7 +1630,16 @@ mod tests {
         .unwrap();
         let g = resolved.pb_grammar().unwrap();
         assert_eq!(g.r#type, pb::GrammarType::Json as i32);
-        assert!(g.value.contains(r#"{"const":"f"}"#));
+        assert!(g
+            .value
+            .starts_with(r#"{"type":"object","properties":{"name":{"const":"f"},"#));
+        assert_eq!(
+            resolved.parameter_schemas(),
+            vec![(
+                "tools[0].function.parameters".to_string(),
+                json!({"type": "object", "properties": {}})
+            )]
+        );
     }
 
     // -- Parsing ---------------------------------------------------------------------------
