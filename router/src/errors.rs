@@ -92,6 +92,9 @@ pub enum ValidationError {
     ChatTemplate(String),
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
+    /// Invalid `tools` / `tool_choice` (the message names the field).
+    #[error("{0}")]
+    Tools(String),
 }
 
 /// Why a generation request failed.

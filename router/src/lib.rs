@@ -11,9 +11,9 @@
 //! queues and states, owned by the queue task) with `exchange` (the pure slot policy);
 //! `adapters_api` holds the management endpoints.
 //!
-//! Layers (each module uses only those above it): `pb`, `client`, `exchange`, `template` →
-//! `errors` → `adapter` → `api`, `metrics` → `validation` → `entry` → `registry` → `queue` →
-//! `health` → `batcher` → `infer` → `app` → `respond` → `sse` → handlers → `server`.
+//! Layers (each module uses only those above it): `pb`, `client`, `exchange` → `errors` →
+//! `tools` (OpenAI tool calling) → `template` → `adapter` → `api`, `metrics` → `validation` →
+//! `entry` → `registry` → `queue` → `health` → `batcher` → `infer` → `app` → `respond` → `sse` → handlers → `server`.
 
 pub mod adapter;
 pub mod adapters_api;
@@ -39,6 +39,7 @@ pub mod telemetry;
 pub mod template;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod tools;
 pub mod validation;
 
 /// Code generated from `proto/generate.proto` (package `generate.v1`).

@@ -1,16 +1,98 @@
 //! The tokenizer's chat template (Jinja, as Hugging Face tokenizers ship it), rendered with
 //! minijinja: turns chat messages into one prompt for `/v1/chat/completions`.
+//!
+//! Tool calling: the template gets the request's tools in `tools` and the messages' tool calls
+//! and results as OpenAI clients send them (see [`ChatMessage`]), as Hugging Face's
+//! `apply_chat_template` does. A template that does not render `tools` gets a tool prompt
+//! instead (see [`ChatTemplate::apply_with_tools`]). Values reach the template with their object
+//! members in order (a function's parameters as declared, a call's arguments as written), and
+//! `tojson` writes JSON as Python's `json.dumps` does, so prompts read as the model saw them in
+//! training.
 
-use minijinja::{context, Environment, Error, ErrorKind};
+use crate::tools::{tool_prompt, Json, Tool};
+use minijinja::value::{Enumerator, Kwargs, Object};
+use minijinja::{context, Environment, Error, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use std::sync::Arc;
 
-/// One chat message; `content` may be a string or a list of `{"type": "text", "text": ...}` parts.
+/// One chat message; `content` may be a string or a list of `{"type": "text", "text": ...}` parts
+/// (null: empty). The tool fields are left out of what the template sees when absent, so
+/// templates that test for them (`'tool_calls' in message`) see plain messages as before.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 pub struct ChatMessage {
     pub role: String,
     #[serde(default, deserialize_with = "content_text")]
     pub content: String,
+    /// An assistant message's calls (null or `[]`: none).
+    #[serde(
+        default,
+        deserialize_with = "some_tool_calls",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tool_calls: Option<Vec<ChatToolCall>>,
+    /// A `tool` message: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A `tool` message's function (or a participant's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    /// A message of `role` with `content` and no tool fields.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
+        }
+    }
+}
+
+/// One of an assistant message's `tool_calls`: `{"id", "type": "function", "function": {"name",
+/// "arguments"}}`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct ChatToolCall {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    pub function: ChatFunctionCall,
+}
+
+/// A call's function and arguments.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct ChatFunctionCall {
+    pub name: String,
+    /// The arguments as an object, as Hugging Face templates expect them (`arguments | tojson`).
+    /// OpenAI clients send JSON text, which is parsed here; text that is not JSON stays a string.
+    #[serde(default = "no_arguments", deserialize_with = "arguments_value")]
+    pub arguments: Json,
+}
+
+fn function_type() -> String {
+    "function".to_string()
+}
+
+fn no_arguments() -> Json {
+    Json::Object(Vec::new())
+}
+
+fn some_tool_calls<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<ChatToolCall>>, D::Error> {
+    Ok(Option::<Vec<ChatToolCall>>::deserialize(d)?.filter(|calls| !calls.is_empty()))
+}
+
+fn arguments_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Json, D::Error> {
+    Ok(match Json::deserialize(d)? {
+        Json::String(text) => Json::parse(&text).unwrap_or(Json::String(text)),
+        Json::Null => no_arguments(),
+        value => value,
+    })
 }
 
 /// `content` as OpenAI allows it: a string, null, or a list of text parts (`{"type": "text",
@@ -69,6 +151,12 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// The template reads the `tools` variable.
+    uses_tools: bool,
+    /// Its source mentions `tool_calls` (it renders an assistant's calls).
+    renders_tool_calls: bool,
+    /// Its source mentions the role `tool` (it renders tool results, or refuses them itself).
+    renders_tool_role: bool,
 }
 
 fn raise_exception(message: String) -> Result<String, Error> {
@@ -90,15 +178,28 @@ fn token_text(value: Option<&serde_json::Value>) -> String {
 
 impl ChatTemplate {
     pub fn new(source: String, bos_token: String, eos_token: String) -> Result<Self, String> {
+        let renders_tool_calls = source.contains("tool_calls");
+        let renders_tool_role = source.contains("'tool'") || source.contains("\"tool\"");
         let mut env = Environment::new();
+        // As Hugging Face renders chat templates (`trim_blocks`, `lstrip_blocks`).
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
+        env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source)
             .map_err(|e| format!("invalid chat template: {e}"))?;
+        let uses_tools = env
+            .get_template("chat")
+            .map(|t| t.undeclared_variables(false).contains("tools"))
+            .unwrap_or(false);
         Ok(Self {
             env,
             bos_token,
             eos_token,
+            uses_tools,
+            renders_tool_calls,
+            renders_tool_role,
         })
     }
 
@@ -132,17 +233,349 @@ impl ChatTemplate {
         Self::new(source, bos, eos).map(Some)
     }
 
-    /// The prompt for `messages`, ending with the assistant's turn.
+    /// Whether the template renders the `tools` variable itself.
+    pub fn uses_tools(&self) -> bool {
+        self.uses_tools
+    }
+
+    /// The prompt for `messages`, ending with the assistant's turn (no tools).
     pub fn apply(&self, messages: &[ChatMessage]) -> Result<String, String> {
+        self.apply_with_tools(messages, None, None)
+    }
+
+    /// The prompt for `messages` and the request's `tools` (None or empty: no tools),
+    /// ending with the assistant's turn.
+    ///
+    /// A template that reads `tools` gets them there, as `[{"type": "function", "function":
+    /// {"name", "description", "parameters"}}]` (None when there are none), and the messages as
+    /// they are. A template that does not is given plain chat instead:
+    /// - if it never mentions `tool_calls`, an assistant message's calls become its text, one
+    ///   `{"name": ..., "arguments": ...}` a line (what the model is told to answer with);
+    /// - if it never mentions the role `tool`, a tool result becomes a user message ("Result of
+    ///   the function call `<name>`: ..."), merged with neighbouring user messages so that roles
+    ///   still alternate;
+    /// - with tools, [`tool_prompt`] (its instruction replaced by `tool_prompt` when given) is
+    ///   appended to the last user message, where a model without tool training is most likely
+    ///   to heed it and which every template renders (some refuse a system message); with no
+    ///   user message, to the first message if it is a system message, else in a new system
+    ///   message first.
+    pub fn apply_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[Tool]>,
+        tool_prompt: Option<&str>,
+    ) -> Result<String, String> {
+        let tools = tools.filter(|t| !t.is_empty());
+        let plain;
+        let messages = if self.uses_tools {
+            messages
+        } else {
+            plain = self.plain_messages(messages, tools, tool_prompt);
+            &plain[..]
+        };
+        let tools = tools.map(|tools| {
+            Value::from(
+                tools
+                    .iter()
+                    .map(|t| jinja_value(&t.to_json()))
+                    .collect::<Vec<_>>(),
+            )
+        });
         let template = self.env.get_template("chat").map_err(|e| e.to_string())?;
         template
             .render(context! {
-                messages => messages,
+                messages => ordered_value(&messages)?,
+                tools => tools,
                 add_generation_prompt => true,
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
             })
             .map_err(|e| format!("chat template error: {e}"))
+    }
+
+    /// The messages as plain chat, for a template that does not read `tools`.
+    fn plain_messages(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[Tool]>,
+        instruction: Option<&str>,
+    ) -> Vec<ChatMessage> {
+        // (message, whether it holds tool results)
+        let mut out: Vec<(ChatMessage, bool)> = Vec::with_capacity(messages.len() + 1);
+        for (i, message) in messages.iter().enumerate() {
+            let mut message = message.clone();
+            let mut from_tool = false;
+            if !self.renders_tool_calls {
+                if let Some(calls) = message.tool_calls.take() {
+                    let mut lines: Vec<String> = Vec::new();
+                    if !message.content.is_empty() {
+                        lines.push(std::mem::take(&mut message.content));
+                    }
+                    lines.extend(calls.iter().map(|call| {
+                        Json::object([
+                            ("name", Json::string(&call.function.name)),
+                            ("arguments", call.function.arguments.clone()),
+                        ])
+                        .to_spaced()
+                    }));
+                    message.content = lines.join("\n");
+                }
+            }
+            if message.role == "tool" && !self.renders_tool_role {
+                let function = message.name.take().or_else(|| {
+                    let id = message.tool_call_id.as_deref()?;
+                    messages[..i]
+                        .iter()
+                        .rev()
+                        .flat_map(|m| m.tool_calls.iter().flatten())
+                        .find(|call| call.id.as_deref() == Some(id))
+                        .map(|call| call.function.name.clone())
+                });
+                let what = function
+                    .or_else(|| message.tool_call_id.clone())
+                    .map(|f| format!(" `{f}`"))
+                    .unwrap_or_default();
+                message = ChatMessage::new(
+                    "user",
+                    format!("Result of the function call{what}:\n{}", message.content),
+                );
+                from_tool = true;
+            }
+            match out.last_mut() {
+                Some((last, last_from_tool))
+                    if message.role == "user"
+                        && last.role == "user"
+                        && (from_tool || *last_from_tool) =>
+                {
+                    last.content.push_str("\n\n");
+                    last.content.push_str(&message.content);
+                    *last_from_tool = from_tool;
+                }
+                _ => out.push((message, from_tool)),
+            }
+        }
+        let mut out: Vec<ChatMessage> = out.into_iter().map(|(m, _)| m).collect();
+        if let Some(tools) = tools {
+            let prompt = tool_prompt(tools, instruction);
+            let at = out.iter().rposition(|m| m.role == "user");
+            match at.or_else(|| out.first().filter(|m| m.role == "system").map(|_| 0)) {
+                Some(i) => {
+                    let content = &mut out[i].content;
+                    if !content.is_empty() {
+                        content.push_str("\n\n");
+                    }
+                    content.push_str(&prompt);
+                }
+                None => out.insert(0, ChatMessage::new("system", prompt)),
+            }
+        }
+        out
+    }
+}
+
+/// `value` for the template, its objects' members in order (minijinja's own maps sort them).
+fn ordered_value<T: Serialize + ?Sized>(value: &T) -> Result<Value, String> {
+    let text = serde_json::to_string(value).map_err(|e| e.to_string())?;
+    let json = Json::parse(&text).map_err(|e| e.to_string())?;
+    Ok(jinja_value(&json))
+}
+
+/// A JSON value as a template value; objects keep their member order.
+fn jinja_value(value: &Json) -> Value {
+    match value {
+        Json::Null => Value::from(()),
+        Json::Bool(b) => Value::from(*b),
+        Json::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::from(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::from(u)
+            } else {
+                Value::from(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        Json::String(s) => Value::from(s.as_str()),
+        Json::Array(items) => Value::from(items.iter().map(jinja_value).collect::<Vec<_>>()),
+        Json::Object(members) => Value::from_object(OrderedMap(
+            members
+                .iter()
+                .map(|(k, v)| (Value::from(k.as_str()), jinja_value(v)))
+                .collect(),
+        )),
+    }
+}
+
+/// A template map that keeps the order of its keys (iteration, `items()`, `tojson`).
+#[derive(Debug)]
+struct OrderedMap(Vec<(Value, Value)>);
+
+impl Object for OrderedMap {
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Values(self.0.iter().map(|(k, _)| k.clone()).collect())
+    }
+}
+
+/// Hugging Face's `tojson` filter (Python's `json.dumps(value, ensure_ascii=False, indent=indent,
+/// separators=separators, sort_keys=sort_keys)`): `", "` and `": "` separators, `","` between
+/// items when indenting, no HTML escaping (minijinja's own filter writes compact JSON and
+/// escapes `<`, `>`, `&` and `'`, which changes prompts).
+fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Value, Error> {
+    let indent = match indent {
+        Some(indent) => Some(indent),
+        None => kwargs.get::<Option<Value>>("indent")?,
+    };
+    let indent = match indent {
+        None => None,
+        Some(v) if v.is_none() => None,
+        Some(v) => Some(match v.as_str() {
+            Some(s) => s.to_string(),
+            None => " ".repeat(usize::try_from(v)?),
+        }),
+    };
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
+    kwargs.assert_all_used()?;
+    let (item, key) = match separators.as_deref() {
+        Some([item, key]) => (item.clone(), key.clone()),
+        Some(_) => {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "tojson: `separators` must be a list of two strings",
+            ))
+        }
+        None if indent.is_some() => (",".to_string(), ": ".to_string()),
+        None => (", ".to_string(), ": ".to_string()),
+    };
+    let formatter = PyFormatter {
+        item: item.into_bytes(),
+        key: key.into_bytes(),
+        indent: indent.map(String::into_bytes),
+        level: 0,
+        has_value: false,
+    };
+    let mut out = Vec::new();
+    let mut serializer = serde_json::Serializer::with_formatter(&mut out, formatter);
+    let written = if sort_keys.unwrap_or(false) {
+        serde_json::to_value(value).and_then(|v| v.serialize(&mut serializer))
+    } else {
+        value.serialize(&mut serializer)
+    };
+    written.map_err(|e| {
+        Error::new(ErrorKind::InvalidOperation, "cannot serialize to JSON").with_source(e)
+    })?;
+    let mut text = String::from_utf8(out).unwrap_or_default();
+    if ensure_ascii.unwrap_or(false) {
+        let mut escaped = String::with_capacity(text.len());
+        for c in text.chars() {
+            if c.is_ascii() {
+                escaped.push(c);
+            } else {
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    escaped.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+        }
+        text = escaped;
+    }
+    Ok(Value::from_safe_string(text))
+}
+
+/// JSON with Python's `json.dumps` layout: the given separators, and with `indent` a newline and
+/// the indentation before every item.
+struct PyFormatter {
+    item: Vec<u8>,
+    key: Vec<u8>,
+    indent: Option<Vec<u8>>,
+    level: usize,
+    has_value: bool,
+}
+
+impl PyFormatter {
+    fn newline<W: ?Sized + std::io::Write>(&self, w: &mut W) -> std::io::Result<()> {
+        if let Some(indent) = &self.indent {
+            w.write_all(b"\n")?;
+            for _ in 0..self.level {
+                w.write_all(indent)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn begin<W: ?Sized + std::io::Write>(&mut self, w: &mut W, open: &[u8]) -> std::io::Result<()> {
+        self.level += 1;
+        self.has_value = false;
+        w.write_all(open)
+    }
+
+    fn end<W: ?Sized + std::io::Write>(&mut self, w: &mut W, close: &[u8]) -> std::io::Result<()> {
+        self.level -= 1;
+        if self.has_value {
+            self.newline(w)?;
+        }
+        w.write_all(close)
+    }
+
+    fn item<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if !first {
+            w.write_all(&self.item)?;
+        }
+        self.newline(w)
+    }
+}
+
+impl serde_json::ser::Formatter for PyFormatter {
+    fn begin_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.begin(w, b"[")
+    }
+
+    fn end_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.end(w, b"]")
+    }
+
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.item(w, first)
+    }
+
+    fn end_array_value<W: ?Sized + std::io::Write>(&mut self, _: &mut W) -> std::io::Result<()> {
+        self.has_value = true;
+        Ok(())
+    }
+
+    fn begin_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.begin(w, b"{")
+    }
+
+    fn end_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.end(w, b"}")
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.item(w, first)
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(&self.key)
+    }
+
+    fn end_object_value<W: ?Sized + std::io::Write>(&mut self, _: &mut W) -> std::io::Result<()> {
+        self.has_value = true;
+        Ok(())
     }
 }
 
@@ -195,5 +628,430 @@ mod tests {
         std::fs::write(dir.path().join("chat_template.jinja"), "J{{ eos_token }}").unwrap();
         let t = ChatTemplate::load(dir.path()).unwrap().unwrap();
         assert_eq!(t.apply(&[]).unwrap(), "J</s>");
+    }
+
+    /// Tools from JSON text (members in order).
+    fn tools(json: &str) -> Vec<Tool> {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn weather() -> Vec<Tool> {
+        tools(
+            r#"[{"type": "function", "function": {"name": "get_weather",
+                "description": "Current weather",
+                "parameters": {"type": "object", "properties": {
+                    "location": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+                    "required": ["location"]}, "strict": true}},
+                {"type": "function", "function": {"name": "now"}}]"#,
+        )
+    }
+
+    /// A multi-turn tool conversation as the OpenAI client sends it.
+    fn conversation() -> Vec<ChatMessage> {
+        messages(
+            r#"[{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Weather in Paris, and the time?"},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                     "arguments": "{\"location\": \"Paris\", \"unit\": \"c\"}"}},
+                    {"id": "call_2", "type": "function", "function": {"name": "now",
+                     "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "22"},
+                {"role": "tool", "tool_call_id": "call_2", "name": "now", "content": "12:00"}]"#,
+        )
+    }
+
+    #[test]
+    fn messages_carry_tool_fields() {
+        let m = conversation();
+        assert_eq!(m[2].content, "");
+        let calls = m[2].tool_calls.as_ref().unwrap();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].id.as_deref(), Some("call_1"));
+        assert_eq!(calls[0].kind, "function");
+        assert_eq!(calls[0].function.name, "get_weather");
+        // JSON text arguments become an object, members in order.
+        assert_eq!(
+            calls[0].function.arguments.to_compact(),
+            r#"{"location":"Paris","unit":"c"}"#
+        );
+        assert_eq!(m[3].tool_call_id.as_deref(), Some("call_1"));
+        assert_eq!(m[3].name, None);
+        assert_eq!(m[4].name.as_deref(), Some("now"));
+        // Absent fields are left out of what the template sees; null and [] calls are none.
+        let plain = messages(
+            r#"[{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "x", "tool_calls": null},
+                {"role": "assistant", "content": "y", "tool_calls": []}]"#,
+        );
+        for (message, content) in plain.iter().zip(["hi", "x", "y"]) {
+            let value = serde_json::to_value(message).unwrap();
+            assert_eq!(value.as_object().unwrap().len(), 2, "{value}");
+            assert_eq!(value["content"], content);
+        }
+        assert_eq!(plain[0], ChatMessage::new("user", "hi"));
+        // Arguments that are not JSON stay text; an object stays an object; absent is `{}`.
+        let m = messages(
+            r#"[{"role": "assistant", "tool_calls": [
+                {"function": {"name": "a", "arguments": "not json"}},
+                {"function": {"name": "b", "arguments": {"z": 1, "a": 2}}},
+                {"function": {"name": "c"}}]}]"#,
+        );
+        let calls = m[0].tool_calls.as_ref().unwrap();
+        assert_eq!(calls[0].function.arguments, Json::string("not json"));
+        assert_eq!(calls[1].function.arguments.to_compact(), r#"{"z":1,"a":2}"#);
+        assert_eq!(calls[2].function.arguments.to_compact(), "{}");
+        assert_eq!(calls[2].kind, "function");
+        assert_eq!(calls[2].id, None);
+    }
+
+    /// A Hermes / Qwen2.5-style template that renders `tools` and tool calls itself.
+    const QWEN_LIKE: &str = r#"<|im_start|>system
+{% if messages and messages[0].role == 'system' %}
+{{ messages[0].content }}
+{% else %}
+You are a helpful assistant.
+{% endif %}
+{% if tools %}
+
+Functions you can call:
+<tools>
+{% for tool in tools %}
+{{ tool | tojson }}
+{% endfor %}
+</tools>
+Call one as <tool_call>{"name": ..., "arguments": ...}</tool_call>.
+{% endif %}
+<|im_end|>
+{% for m in messages %}
+    {% if m.role == 'system' and loop.first %}
+    {% elif m.role == 'assistant' and m.tool_calls %}
+<|im_start|>assistant
+        {% if m.content %}
+{{ m.content }}
+        {% endif %}
+        {% for call in m.tool_calls %}
+<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>
+        {% endfor %}
+<|im_end|>
+    {% elif m.role == 'tool' %}
+<|im_start|>user
+<tool_response>
+{{ m.content }}
+</tool_response>
+<|im_end|>
+    {% else %}
+<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+    {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+<|im_start|>assistant
+{% endif %}"#;
+
+    #[test]
+    fn a_template_with_tools_renders_them() {
+        let t = ChatTemplate::new(QWEN_LIKE.into(), String::new(), String::new()).unwrap();
+        assert!(t.uses_tools());
+        let tools = weather();
+        let prompt = t
+            .apply_with_tools(&conversation(), Some(&tools), Some("ignored here"))
+            .unwrap();
+        let expected = r#"<|im_start|>system
+Be brief.
+
+Functions you can call:
+<tools>
+{"type": "function", "function": {"name": "get_weather", "description": "Current weather", "parameters": {"type": "object", "properties": {"location": {"type": "string"}, "unit": {"enum": ["c", "f"]}}, "required": ["location"]}}}
+{"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}
+</tools>
+Call one as <tool_call>{"name": ..., "arguments": ...}</tool_call>.
+<|im_end|>
+<|im_start|>user
+Weather in Paris, and the time?<|im_end|>
+<|im_start|>assistant
+<tool_call>
+{"name": "get_weather", "arguments": {"location": "Paris", "unit": "c"}}
+</tool_call>
+<tool_call>
+{"name": "now", "arguments": {}}
+</tool_call>
+<|im_end|>
+<|im_start|>user
+<tool_response>
+22
+</tool_response>
+<|im_end|>
+<|im_start|>user
+<tool_response>
+12:00
+</tool_response>
+<|im_end|>
+<|im_start|>assistant
+"#;
+        assert_eq!(prompt, expected);
+        // Without tools: `tools` is none, plain chat renders as before.
+        let m = messages(r#"[{"role": "user", "content": "hi"}]"#);
+        assert_eq!(
+            t.apply(&m).unwrap(),
+            "<|im_start|>system\nYou are a helpful assistant.\n<|im_end|>\n\
+             <|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        assert_eq!(t.apply_with_tools(&m, Some(&[]), None), t.apply(&m));
+    }
+
+    /// A Llama-3.1-style template: `tools is not none`, `tojson(indent=...)`, `'tool_calls' in
+    /// message`, iterating a schema's properties.
+    const LLAMA_LIKE: &str = r#"{{ bos_token }}
+{% if tools is not none %}
+<|system|>Tools:
+{% for t in tools %}
+{{ t | tojson(indent=2) }}
+{% endfor %}
+{% for name, spec in tools[0].function.parameters.properties.items() %}
+- {{ name }}: {{ spec | tojson }}
+{% endfor %}
+{% endif %}
+{% for message in messages %}
+{% if 'tool_calls' in message %}
+<|assistant|>{% for c in message.tool_calls %}{"name": "{{ c.function.name }}", "parameters": {{ c.function.arguments | tojson }}}{% endfor %}<|eot|>
+{% elif message.role == 'tool' %}
+<|ipython|>{{ message.content }}<|eot|>
+{% else %}
+<|{{ message.role }}|>{{ message.content }}<|eot|>
+{% endif %}
+{% endfor %}
+<|assistant|>"#;
+
+    #[test]
+    fn a_template_iterating_tools_keeps_their_order() {
+        let t = ChatTemplate::new(LLAMA_LIKE.into(), "<s>".into(), String::new()).unwrap();
+        let tools = tools(
+            r#"[{"type": "function", "function": {"name": "f", "parameters": {
+                "type": "object", "properties": {"zeta": {"type": "integer"},
+                "alpha": {"type": "array", "items": {}}, "mid": {}}}}}]"#,
+        );
+        let m = messages(
+            r#"[{"role": "user", "content": "go"},
+                {"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                 "function": {"name": "f", "arguments": "{\"zeta\": 1, \"alpha\": []}"}}]},
+                {"role": "tool", "tool_call_id": "c", "content": "ok"}]"#,
+        );
+        let prompt = t.apply_with_tools(&m, Some(&tools), None).unwrap();
+        let expected = r#"<s>
+<|system|>Tools:
+{
+  "type": "function",
+  "function": {
+    "name": "f",
+    "parameters": {
+      "type": "object",
+      "properties": {
+        "zeta": {
+          "type": "integer"
+        },
+        "alpha": {
+          "type": "array",
+          "items": {}
+        },
+        "mid": {}
+      }
+    }
+  }
+}
+- zeta: {"type": "integer"}
+- alpha: {"type": "array", "items": {}}
+- mid: {}
+<|user|>go<|eot|>
+<|assistant|>{"name": "f", "parameters": {"zeta": 1, "alpha": []}}<|eot|>
+<|ipython|>ok<|eot|>
+<|assistant|>"#;
+        assert_eq!(prompt, expected);
+        // No tools: `tools is not none` is false.
+        let prompt = t.apply(&m[..1]).unwrap();
+        assert_eq!(prompt, "<s>\n<|user|>go<|eot|>\n<|assistant|>");
+    }
+
+    /// The demo model's template: no tools, no tool calls, no tool role.
+    const PLAIN: &str = "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + \
+        '|> ' + message['content'] }}{% if message['role'] == 'assistant' %}{{ eos_token }}\
+        {% else %}{{ '\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}\
+        {{ '<|assistant|>' }}{% endif %}";
+
+    #[test]
+    fn a_template_without_tools_gets_a_tool_prompt() {
+        let t = ChatTemplate::new(PLAIN.into(), "<s>".into(), "</s>".into()).unwrap();
+        assert!(!t.uses_tools());
+        let tools = weather();
+        let listing = tool_prompt(&tools, None);
+        // Appended to the last user message.
+        let m = messages(
+            r#"[{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+                {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]"#,
+        );
+        assert_eq!(
+            t.apply_with_tools(&m, Some(&tools), None).unwrap(),
+            format!(
+                "<s><|system|> S\n<|user|> Q1\n<|assistant|> A1</s><|user|> Q2\n\n{listing}\n\
+                 <|assistant|>"
+            )
+        );
+        // `tool_prompt` replaces the instruction.
+        let prompt = t
+            .apply_with_tools(&m, Some(&tools), Some("Answer with a call."))
+            .unwrap();
+        assert!(
+            prompt.contains("\n\nAnswer with a call.\n<|assistant|>"),
+            "{prompt}"
+        );
+        assert!(!prompt.contains(crate::tools::DEFAULT_TOOL_INSTRUCTION));
+        // No user message: the system message, else a new one.
+        let m = messages(r#"[{"role": "system", "content": "S"}]"#);
+        assert_eq!(
+            t.apply_with_tools(&m, Some(&tools), None).unwrap(),
+            format!("<s><|system|> S\n\n{listing}\n<|assistant|>")
+        );
+        let m = messages(r#"[{"role": "assistant", "content": "Hi"}]"#);
+        assert_eq!(
+            t.apply_with_tools(&m, Some(&tools), None).unwrap(),
+            format!("<s><|system|> {listing}\n<|assistant|> Hi</s><|assistant|>")
+        );
+        // Without tools nothing changes.
+        let m = messages(r#"[{"role": "user", "content": "Q"}]"#);
+        assert_eq!(t.apply(&m).unwrap(), "<s><|user|> Q\n<|assistant|>");
+        assert_eq!(
+            t.apply_with_tools(&m, None, Some("x")).unwrap(),
+            "<s><|user|> Q\n<|assistant|>"
+        );
+    }
+
+    #[test]
+    fn a_template_without_tools_gets_tool_turns_as_plain_chat() {
+        let t = ChatTemplate::new(PLAIN.into(), "<s>".into(), "</s>".into()).unwrap();
+        let mut m = conversation();
+        m.push(ChatMessage::new("user", "Thanks. Tomorrow?"));
+        let prompt = t.apply(&m).unwrap();
+        assert_eq!(
+            prompt,
+            "<s><|system|> Be brief.\n<|user|> Weather in Paris, and the time?\n<|assistant|> \
+             {\"name\": \"get_weather\", \"arguments\": {\"location\": \"Paris\", \"unit\": \
+             \"c\"}}\n{\"name\": \"now\", \"arguments\": {}}</s><|user|> Result of the function \
+             call `get_weather`:\n22\n\nResult of the function call `now`:\n12:00\n\nThanks. \
+             Tomorrow?\n<|assistant|>"
+        );
+        // With tools, the prompt goes after the results (the last user message).
+        let tools = weather();
+        let prompt = t
+            .apply_with_tools(&conversation(), Some(&tools), None)
+            .unwrap();
+        assert!(
+            prompt.ends_with(&format!(
+                "call `now`:\n12:00\n\n{}\n<|assistant|>",
+                tool_prompt(&tools, None)
+            )),
+            "{prompt}"
+        );
+        // An assistant's text stays before its calls; an unknown call id is named as is.
+        let m = messages(
+            r#"[{"role": "user", "content": "Q"},
+                {"role": "assistant", "content": "Let me check.", "tool_calls": [
+                  {"id": "x", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "y", "content": "r"},
+                {"role": "tool", "content": "s"}]"#,
+        );
+        assert_eq!(
+            t.apply(&m).unwrap(),
+            "<s><|user|> Q\n<|assistant|> Let me check.\n{\"name\": \"now\", \"arguments\": \
+             {}}</s><|user|> Result of the function call `y`:\nr\n\nResult of the function \
+             call:\ns\n<|assistant|>"
+        );
+    }
+
+    #[test]
+    fn a_template_handling_the_tool_role_keeps_it() {
+        // TEMPLATE refuses tool messages itself: they reach it as they are.
+        let t = ChatTemplate::new(TEMPLATE.into(), String::new(), String::new()).unwrap();
+        let err = t
+            .apply_with_tools(&conversation(), Some(&weather()), None)
+            .unwrap_err();
+        assert!(err.contains("no tools"), "{err}");
+    }
+
+    #[test]
+    fn tools_variable_detection() {
+        let uses = |source: &str| {
+            ChatTemplate::new(source.into(), String::new(), String::new())
+                .unwrap()
+                .uses_tools()
+        };
+        assert!(uses("{% if tools %}{{ tools | length }}{% endif %}"));
+        assert!(uses("{% for t in tools or [] %}{{ t }}{% endfor %}"));
+        assert!(uses("{{ tools is defined }}"));
+        assert!(!uses("{# tools #}no tools here: {{ 'tools' }}"));
+        assert!(!uses("{% for tools in messages %}{{ tools }}{% endfor %}"));
+        assert!(!uses(PLAIN));
+    }
+
+    #[test]
+    fn tojson_writes_json_as_python_does() {
+        let render = |source: &str| {
+            let t = ChatTemplate::new(source.into(), String::new(), String::new()).unwrap();
+            t.apply(&messages(
+                r#"[{"role": "user", "content": "<a href='x'>&</a> é🙂"}]"#,
+            ))
+            .unwrap()
+        };
+        assert_eq!(
+            render("{{ messages[0] | tojson }}"),
+            r#"{"role": "user", "content": "<a href='x'>&</a> é🙂"}"#
+        );
+        assert_eq!(
+            render("{{ messages[0].content | tojson(ensure_ascii=true) }}"),
+            r#""<a href='x'>&</a> \u00e9\ud83d\ude42""#
+        );
+        assert_eq!(
+            render("{{ {'b': [1, 2.5, none, true], 'a': {}} | tojson(separators=(',', ':')) }}"),
+            r#"{"a":{},"b":[1,2.5,null,true]}"#
+        );
+        assert_eq!(
+            render("{{ messages[0] | tojson(sort_keys=true) }}"),
+            r#"{"content": "<a href='x'>&</a> é🙂", "role": "user"}"#
+        );
+        assert_eq!(
+            render("{{ {'a': [1, []], 'b': {}} | tojson(indent=2) }}"),
+            "{\n  \"a\": [\n    1,\n    []\n  ],\n  \"b\": {}\n}"
+        );
+        assert_eq!(
+            render("{{ [1] | tojson(indent='\\t') }}|{{ [1, 2] | tojson(indent=0) }}"),
+            "[\n\t1\n]|[\n1,\n2\n]"
+        );
+        assert_eq!(render("{{ 'x' | tojson(indent=none) }}"), "\"x\"");
+        let t = ChatTemplate::new(
+            "{{ 1 | tojson(colour=1) }}".into(),
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
+        assert!(t.apply(&[]).is_err());
+    }
+
+    #[test]
+    fn ordered_maps_behave_as_maps() {
+        let source = "{% set m = messages[0] %}{{ m | length }} {{ 'role' in m }} \
+            {{ 'name' in m }} {{ m.get('name', 'anon') }} {{ m['role'] }} {{ m.keys() | list }} \
+            {% for k, v in m.items() %}{{ k }}={{ v }};{% endfor %} {{ m is mapping }} \
+            {{ m.content is string }} {% if m %}true{% endif %} {{ messages | length }} \
+            {{ messages[-1:][0].role }} {{ m | dictsort | first | first }}";
+        let t = ChatTemplate::new(source.into(), String::new(), String::new()).unwrap();
+        let m = messages(
+            r#"[{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]"#,
+        );
+        assert_eq!(
+            t.apply(&m).unwrap(),
+            "2 True False anon user [\"role\", \"content\"] role=user;content=c; True True \
+             true 2 assistant content"
+        );
     }
 }
