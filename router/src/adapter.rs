@@ -251,22 +251,47 @@ impl AdapterConfig {
 
 /// The JSON fields that name an adapter, as LoRAX spells them: flattened into the generate
 /// parameters and into the bodies of the adapter management endpoints.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default)]
 pub struct AdapterParams {
     /// LoRA adapter to apply; absent or empty means the default adapter (if the server has
     /// one) or the base model; the base model's id means the base model.
-    #[serde(default)]
     pub adapter_id: Option<String>,
     /// Where the adapter comes from: `hub`, `local` or `s3` (default: the server's default).
-    #[serde(default)]
     pub adapter_source: Option<String>,
     /// Several adapters merged per request (`ids`, `weights`, `merge_strategy`, ...).
-    #[serde(default)]
     pub merged_adapters: Option<MergedAdapters>,
     /// Token for private adapters (overrides the server's token for this request; never
     /// logged or echoed).
-    #[serde(default)]
     pub api_token: Option<ApiToken>,
+}
+
+/// `AdapterParams` as JSON.
+#[derive(Deserialize)]
+struct AdapterParamsJson {
+    #[serde(default)]
+    adapter_id: Option<String>,
+    #[serde(default)]
+    adapter_source: Option<String>,
+    #[serde(default)]
+    merged_adapters: Option<MergedAdapters>,
+    #[serde(default)]
+    api_token: Option<ApiToken>,
+}
+
+/// Read with its own path tracking: a field of the wrong type is refused naming it, although
+/// `#[serde(flatten)]` (how the bodies hold these fields) loses the path.
+impl<'de> Deserialize<'de> for AdapterParams {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let json: AdapterParamsJson = serde_path_to_error::deserialize(deserializer)
+            .map_err(|e| D::Error::custom(e.to_string()))?;
+        Ok(Self {
+            adapter_id: json.adapter_id,
+            adapter_source: json.adapter_source,
+            merged_adapters: json.merged_adapters,
+            api_token: json.api_token,
+        })
+    }
 }
 
 impl AdapterParams {

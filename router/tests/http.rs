@@ -224,6 +224,39 @@ async fn malformed_requests_answer_json_errors() {
 }
 
 #[tokio::test]
+async fn wrong_types_name_their_field_even_when_flattened() {
+    let app = app(fake(), 4);
+    for (parameters, says) in [
+        (
+            json!({"adapter_id": 5}),
+            "parameters: adapter_id: invalid type: integer `5`",
+        ),
+        (
+            json!({"api_token": []}),
+            "parameters: api_token: invalid type: sequence",
+        ),
+        (
+            json!({"merged_adapters": {"ids": "a"}}),
+            "parameters: merged_adapters.ids: invalid type: string",
+        ),
+        (
+            json!({"temperature": "hot"}),
+            "parameters.temperature: invalid type",
+        ),
+    ] {
+        let answer = post(
+            &app,
+            "/generate",
+            json!({"inputs": "hello", "parameters": parameters}),
+        )
+        .await;
+        assert_error(&answer, 422, "validation");
+        let error = answer.json()["error"].as_str().unwrap().to_string();
+        assert!(error.contains(says), "{parameters}: {error}");
+    }
+}
+
+#[tokio::test]
 async fn validation_errors_are_422() {
     let app = app(fake(), 4);
     let cases = [
