@@ -464,7 +464,10 @@ fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Value,
     let mut out = Vec::new();
     let mut serializer = serde_json::Serializer::with_formatter(&mut out, formatter);
     let written = if sort_keys.unwrap_or(false) {
-        serde_json::to_value(value).and_then(|v| v.serialize(&mut serializer))
+        serde_json::to_value(value).and_then(|mut v| {
+            v.sort_all_objects();
+            v.serialize(&mut serializer)
+        })
     } else {
         value.serialize(&mut serializer)
     };

@@ -1332,7 +1332,7 @@ mod tests {
         );
         assert_eq!(
             Json::from(json!({"b": 1, "a": "x"})).to_compact(),
-            r#"{"a":"x","b":1}"#
+            r#"{"b":1,"a":"x"}"#
         );
     }
 

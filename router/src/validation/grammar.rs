@@ -19,7 +19,7 @@ pub fn grammar_of(p: &GenerateParameters) -> Result<Option<pb::Grammar>, Validat
         (_, _, Some(_)) => Err(ValidationError::Constraint(
             "`grammar` and `response_format` cannot be combined with tools".into(),
         )),
-        (Some(grammar), None, None) => from_grammar(grammar),
+        (Some(grammar), None, None) => from_grammar("grammar", grammar),
         (None, Some(format), None) => from_response_format(format),
     }
 }
@@ -72,23 +72,27 @@ fn json_grammar(field: &str, schema: &Value) -> Result<Option<pb::Grammar>, Vali
 }
 
 /// TGI's `{"type": "json", "value": <schema>}` or `{"type": "regex", "value": "<regex>"}`
-/// (`json_object` is accepted for `json`).
-fn from_grammar(grammar: &Value) -> Result<Option<pb::Grammar>, ValidationError> {
-    let map = object("grammar", grammar)?;
-    let grammar_type = type_of("grammar", map, &["json", "json_object", "regex"])?;
+/// (`json_object` is accepted for `json`), as `field` (`grammar`, or TGI's chat
+/// `response_format`).
+fn from_grammar(field: &str, grammar: &Value) -> Result<Option<pb::Grammar>, ValidationError> {
+    let map = object(field, grammar)?;
+    let grammar_type = type_of(field, map, &["json", "json_object", "regex"])?;
+    let value_field = format!("{field}.value");
     let value = map.get("value").filter(|v| !v.is_null()).ok_or_else(|| {
-        refuse("`grammar.value` is required (a JSON schema, or a regex)".to_string())
+        refuse(format!(
+            "`{value_field}` is required (a JSON schema, or a regex)"
+        ))
     })?;
     if grammar_type != "regex" {
-        return json_grammar("grammar.value", value);
+        return json_grammar(&value_field, value);
     }
     let regex = value.as_str().ok_or_else(|| {
         refuse(format!(
-            "`grammar.value` must be a regex string. Given: {}",
+            "`{value_field}` must be a regex string. Given: {}",
             kind(value)
         ))
     })?;
-    check_regex("grammar.value", regex)?;
+    check_regex(&value_field, regex)?;
     Ok(Some(pb::Grammar {
         r#type: pb::GrammarType::Regex as i32,
         value: regex.to_string(),
@@ -98,14 +102,24 @@ fn from_grammar(grammar: &Value) -> Result<Option<pb::Grammar>, ValidationError>
 /// LoRAX's `{"type": "json_object", "schema": ...}` (any JSON object without a schema),
 /// `{"type": "json_schema", "schema": ...}`, OpenAI's
 /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`, and
-/// `{"type": "text"}` (no constraint).
+/// `{"type": "text"}` (no constraint), and TGI's chat forms, which name the schema `value`
+/// (`{"type": "json_object", "value": ...}`, as `huggingface_hub`'s InferenceClient sends it) and
+/// take `{"type": "json" | "regex", "value": ...}` as `grammar` does.
 fn from_response_format(format: &Value) -> Result<Option<pb::Grammar>, ValidationError> {
     let map = object("response_format", format)?;
     let format_type = type_of(
         "response_format",
         map,
-        &["text", "json_object", "json_schema"],
+        &["text", "json_object", "json_schema", "json", "regex"],
     )?;
+    if matches!(format_type, "json" | "regex") {
+        return from_grammar("response_format", format);
+    }
+    if let Some(value) = map.get("value").filter(|v| !v.is_null()) {
+        if map.get("schema").is_none_or(Value::is_null) {
+            return json_grammar("response_format.value", value);
+        }
+    }
     let schema = map.get("schema").filter(|s| !s.is_null());
     match format_type {
         "text" => Ok(None),
@@ -177,6 +191,28 @@ mod tests {
     }
 
     #[test]
+    fn tgi_chat_response_format_forms() {
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let expected = json_of(&schema.to_string());
+        assert_eq!(
+            format(json!({"type": "json_object", "value": schema})),
+            Ok(expected.clone())
+        );
+        assert_eq!(
+            format(json!({"type": "json", "value": schema})),
+            Ok(expected)
+        );
+        let regex = format(json!({"type": "regex", "value": "[0-9]+"}))
+            .unwrap()
+            .unwrap();
+        assert_eq!(regex.r#type, pb::GrammarType::Regex as i32);
+        let err = format(json!({"type": "regex"})).unwrap_err();
+        assert!(err.contains("`response_format.value` is required"), "{err}");
+        let err = format(json!({"type": "json_object", "value": {"type": 5}})).unwrap_err();
+        assert!(err.contains("response_format.value"), "{err}");
+    }
+
+    #[test]
     fn response_format_forms() {
         let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
         let expected = json_of(&schema.to_string());
@@ -209,11 +245,11 @@ mod tests {
             (json!("json"), "`response_format` must be an object. Given: a string"),
             (
                 json!({"type": "xml"}),
-                "`response_format.type` must be one of text, json_object, json_schema. Given: \"xml\"",
+                "`response_format.type` must be one of text, json_object, json_schema, json, regex. Given: \"xml\"",
             ),
             (
                 json!({"schema": {}}),
-                "`response_format.type` must be one of text, json_object, json_schema. Given: nothing",
+                "`response_format.type` must be one of text, json_object, json_schema, json, regex. Given: nothing",
             ),
             (json!({"type": "json_schema"}), "needs `schema`"),
             (
