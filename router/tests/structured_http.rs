@@ -92,6 +92,30 @@ async fn every_form_reaches_the_shard_compiled_before_its_prefill() {
 }
 
 #[tokio::test]
+async fn the_shard_gets_the_members_in_the_order_the_client_wrote_them() {
+    let shard = fake();
+    let app = app(shard.clone(), 4);
+    let schema = r#"{"type": "object", "properties": {"zeta": {"type": "string"}, "alpha": {"type": "integer"}}}"#;
+    let expected =
+        r#"{"type":"object","properties":{"zeta":{"type":"string"},"alpha":{"type":"integer"}}}"#;
+    // The schema as an object, and as a JSON string.
+    for schema in [schema.to_string(), serde_json::to_string(schema).unwrap()] {
+        let body = format!(
+            r#"{{"inputs": "hello", "parameters": {{"max_new_tokens": 1,
+            "response_format": {{"type": "json_object", "schema": {schema}}}}}}}"#
+        );
+        let answer = send(
+            &app,
+            request("POST", "/generate", Some("application/json"), body),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK, "{schema}");
+        let grammar = shard.prefilled_requests().pop().unwrap().grammar.unwrap();
+        assert_eq!(grammar.value, expected);
+    }
+}
+
+#[tokio::test]
 async fn streams_and_best_of_compile_before_queueing_too() {
     let shard = fake();
     let app = app(shard.clone(), 4);
@@ -203,7 +227,7 @@ async fn router_refusals_name_the_field_and_never_reach_the_shard() {
             vec!["`grammar.value` must be a non-empty regex"],
         ),
         (
-            json!({"response_format": {"type": "json"}}),
+            json!({"response_format": {"type": "xml"}}),
             vec!["`response_format.type` must be one of text, json_object, json_schema"],
         ),
         (

@@ -32,8 +32,9 @@ pub static SUPPORT: LazyLock<SchemaSupport> = LazyLock::new(|| {
 });
 
 /// Checks a JSON schema given as a JSON object or as a string holding one; returns it as
-/// compact JSON text (what the shard receives). `field` names it in refusals
-/// (`response_format.schema`, `grammar.value`).
+/// compact JSON text (what the shard receives), object members in the order the client wrote
+/// them (the shard generates them in that order; `serde_json` keeps it: `preserve_order`).
+/// `field` names it in refusals (`response_format.schema`, `grammar.value`).
 pub fn check_schema(field: &str, schema: &Value) -> Result<String, ValidationError> {
     let support = &*SUPPORT;
     let parsed;
@@ -334,6 +335,17 @@ mod tests {
         // The same schema as a string holding JSON.
         let as_string = Value::String(schema.to_string());
         assert_eq!(check_schema(FIELD, &as_string).unwrap(), text);
+    }
+
+    #[test]
+    fn member_order_is_kept_for_the_shard() {
+        // The shard generates object members in the order the schema lists them.
+        let text = r#"{"type": "object", "required": ["reasoning", "answer"], "properties": {"reasoning": {"type": "string"}, "answer": {"type": "integer"}}}"#;
+        let expected = r#"{"type":"object","required":["reasoning","answer"],"properties":{"reasoning":{"type":"string"},"answer":{"type":"integer"}}}"#;
+        let as_string = Value::String(text.to_string());
+        assert_eq!(check_schema(FIELD, &as_string).unwrap(), expected);
+        let as_object: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(check_schema(FIELD, &as_object).unwrap(), expected);
     }
 
     #[test]
