@@ -8,6 +8,7 @@ use crate::errors::{ApiError, ValidationError};
 use crate::infer::Infer;
 use crate::metrics as m;
 use crate::template::{ChatMessage, ChatTemplate};
+use crate::tools::Tools;
 use crate::validation::ResolvedRequest;
 use axum::http::header::AUTHORIZATION;
 use axum::http::HeaderMap;
@@ -61,11 +62,24 @@ pub fn apply_chat_template(
 
 /// The prompt the tokenizer's chat template makes of `messages`.
 pub fn render_chat(state: &AppState, messages: &[ChatMessage]) -> Result<String, ApiError> {
+    render_chat_with_tools(state, messages, None)
+}
+
+/// The prompt of `messages` with the tools the model may call (see `ChatTemplate::apply_with_tools`).
+pub fn render_chat_with_tools(
+    state: &AppState,
+    messages: &[ChatMessage],
+    tools: Option<&Tools>,
+) -> Result<String, ApiError> {
     let template = state.chat_template.as_ref().ok_or_else(|| {
         ValidationError::ChatTemplate("the tokenizer has no chat template".into())
     })?;
+    let (list, prompt) = match tools {
+        Some(t) => (Some(&t.tools[..]), t.prompt.as_deref()),
+        None => (None, None),
+    };
     Ok(template
-        .apply(messages)
+        .apply_with_tools(messages, list, prompt)
         .map_err(ValidationError::ChatTemplate)?)
 }
 

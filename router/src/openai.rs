@@ -22,10 +22,11 @@ pub use request::{
 pub use stream::{openai_event, Kind, OpenAiEncoder, StreamSettings};
 
 use crate::api::{GenerateParameters, GenerateRequest, GenerateResponse};
-use crate::app::{render_chat, token_from_header, AppState};
+use crate::app::{render_chat_with_tools, token_from_header, AppState};
 use crate::errors::{ApiError, JsonBody, ValidationError};
 use crate::respond::generate_responses;
 use crate::sse::stream_choices;
+use crate::validation::schema::check_schema;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
@@ -53,6 +54,8 @@ pub struct OpenAiCall {
     /// Choices (`n`), already checked against the limit.
     pub n: usize,
     pub logprobs: Logprobs,
+    /// The model may call tools: answers that are calls become `tool_calls`.
+    pub tools: bool,
 }
 
 impl OpenAiCall {
@@ -65,6 +68,7 @@ impl OpenAiCall {
             include_usage: s.include_usage(),
             n: s.choices(state.info.max_best_of)?,
             logprobs: Logprobs::None,
+            tools: false,
         })
     }
 }
@@ -107,10 +111,19 @@ pub async fn chat_completions(
     let mut call = OpenAiCall::new(Kind::Chat, &request.sampling, &state)?;
     let (logprobs, top_n_tokens) = chat_logprobs(&request.fields)?;
     call.logprobs = logprobs;
-    let inputs = render_chat(&state, &request.fields.messages)?;
+    let tools = request.fields.tools.resolve()?;
+    let inputs = render_chat_with_tools(&state, &request.fields.messages, tools.as_ref())?;
     let mut parameters = request.sampling.parameters()?;
     parameters.prompt_has_special_tokens = true;
     parameters.top_n_tokens = Some(top_n_tokens);
+    if let Some(tools) = &tools {
+        // Each function's parameters obey the same schema rules as response_format's.
+        for (field, schema) in tools.parameter_schemas() {
+            check_schema(&field, &schema)?;
+        }
+        parameters.prepared_grammar = tools.pb_grammar();
+        call.tools = true;
+    }
     respond(&state, inputs, parameters, call).await
 }
 
@@ -154,11 +167,12 @@ pub async fn respond(
             n: call.n,
             logprobs: call.logprobs,
             include_usage: call.include_usage,
+            tools: call.tools,
         });
         return stream_choices(state, requests, Box::new(encoder)).await;
     }
     let (headers, answers) = generate_responses(state, requests).await?;
-    let body = answer_body(call.kind, header, answers, call.logprobs);
+    let body = answer_body(call.kind, header, answers, call.logprobs, call.tools);
     Ok((headers, Json(body)).into_response())
 }
 
@@ -168,6 +182,7 @@ fn answer_body(
     header: Header,
     answers: Vec<GenerateResponse>,
     logprobs: Logprobs,
+    tools: bool,
 ) -> Value {
     let usage = usage_of(&answers);
     let choices = answers.into_iter().enumerate();
@@ -181,7 +196,9 @@ fn answer_body(
         }),
         Kind::Chat => serde_json::to_value(Answer {
             header,
-            choices: choices.map(|(i, a)| chat_choice(i, a, logprobs)).collect(),
+            choices: choices
+                .map(|(i, a)| chat_choice(i, a, logprobs, tools))
+                .collect(),
             usage,
         }),
     };

@@ -3,6 +3,7 @@
 //! `StreamResponse`), one choice at a time.
 
 use crate::api::{FinishReason, GenerateResponse, Token};
+use crate::tools::{new_call_id, parse_call};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -206,20 +207,39 @@ pub fn visible_text(token: &Token) -> &str {
 }
 
 /// The chat choice of a native answer (details are always asked for by the OpenAI routes).
-pub fn chat_choice(index: usize, answer: GenerateResponse, logprobs: Logprobs) -> ChatChoice {
+pub fn chat_choice(
+    index: usize,
+    answer: GenerateResponse,
+    logprobs: Logprobs,
+    tools: bool,
+) -> ChatChoice {
     let details = answer.details;
+    let mut reason = details.as_ref().map(|d| finish_reason(d.finish_reason));
+    // With tools, an answer that is a call becomes `tool_calls` (and `finish_reason` says so).
+    let call = tools.then(|| parse_call(&answer.generated_text)).flatten();
+    let message = match call {
+        Some(call) => {
+            reason = Some("tool_calls".to_string());
+            AssistantMessage {
+                role: "assistant",
+                content: None,
+                tool_calls: Some(vec![call.to_openai(&new_call_id())]),
+            }
+        }
+        None => AssistantMessage {
+            role: "assistant",
+            content: Some(answer.generated_text),
+            tool_calls: None,
+        },
+    };
     ChatChoice {
         index,
         logprobs: details
             .as_ref()
             .filter(|_| logprobs == Logprobs::Chat)
             .map(|d| chat_logprobs(&d.tokens)),
-        finish_reason: details.as_ref().map(|d| finish_reason(d.finish_reason)),
-        message: AssistantMessage {
-            role: "assistant",
-            content: Some(answer.generated_text),
-            tool_calls: None,
-        },
+        finish_reason: reason,
+        message,
     }
 }
 
@@ -300,7 +320,7 @@ mod tests {
             token(" é", -0.5, false, &[(" é", -0.5), (" e", -1.5)]),
             token("</s>", -0.1, true, &[]),
         ];
-        let choice = chat_choice(1, answer(tokens), Logprobs::Chat);
+        let choice = chat_choice(1, answer(tokens), Logprobs::Chat, false);
         let v = serde_json::to_value(&choice).unwrap();
         assert_eq!(
             v,
@@ -314,8 +334,49 @@ mod tests {
             0,
             answer(vec![token("a", -1.0, false, &[])]),
             Logprobs::None,
+            false,
         );
         assert!(serde_json::to_value(&plain).unwrap()["logprobs"].is_null());
+    }
+
+    #[test]
+    fn with_tools_a_call_becomes_tool_calls_and_text_stays_content() {
+        let call = r#"{"name": "get_weather", "arguments": {"city": "Paris"}}"#;
+        let choice = chat_choice(
+            0,
+            answer(vec![token(call, -1.0, false, &[])]),
+            Logprobs::None,
+            true,
+        );
+        let v = serde_json::to_value(&choice).unwrap();
+        assert_eq!(v["finish_reason"], "tool_calls");
+        assert!(v["message"]["content"].is_null());
+        let calls = v["message"]["tool_calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 1);
+        assert!(calls[0]["id"].as_str().unwrap().starts_with("call_"));
+        assert_eq!(calls[0]["type"], "function");
+        assert_eq!(calls[0]["function"]["name"], "get_weather");
+        assert_eq!(calls[0]["function"]["arguments"], r#"{"city":"Paris"}"#);
+        let text = chat_choice(
+            0,
+            answer(vec![token("Sunny.", -1.0, false, &[])]),
+            Logprobs::None,
+            true,
+        );
+        let v = serde_json::to_value(&text).unwrap();
+        assert_eq!(v["message"]["content"], "Sunny.");
+        assert_eq!(v["finish_reason"], "stop");
+        // Without tools, JSON text is just content.
+        let plain = chat_choice(
+            0,
+            answer(vec![token(call, -1.0, false, &[])]),
+            Logprobs::None,
+            false,
+        );
+        assert_eq!(
+            serde_json::to_value(&plain).unwrap()["message"]["content"],
+            call
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ use crate::adapter::{AdapterParams, ApiToken};
 use crate::api::GenerateParameters;
 use crate::errors::ValidationError;
 use crate::template::ChatMessage;
+use crate::tools::ToolFields;
 use crate::validation::MAX_TOP_N_TOKENS;
 use serde::de::{DeserializeOwned, Deserializer, Error as _};
 use serde::Deserialize;
@@ -92,6 +93,9 @@ pub struct CompletionFields {
 #[derive(Clone, Debug, Deserialize)]
 pub struct ChatFields {
     pub messages: Vec<ChatMessage>,
+    /// `tools`, `tool_choice`, `tool_prompt`, `parallel_tool_calls`.
+    #[serde(flatten)]
+    pub tools: ToolFields,
     /// Log-probabilities of the generated tokens.
     #[serde(default)]
     pub logprobs: bool,
@@ -352,6 +356,7 @@ mod tests {
             messages: vec![],
             logprobs,
             top_logprobs: top,
+            tools: Default::default(),
         };
         assert_eq!(
             chat_logprobs(&chat_fields(false, None)),

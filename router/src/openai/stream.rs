@@ -7,9 +7,10 @@ use super::body::{
     chat_token_logprob, completion_logprobs, finish_reason, visible_text, Answer, ChatChunkChoice,
     ChatDelta, ChatLogprobs, CompletionChoice, Header, Logprobs, Usage,
 };
-use crate::api::StreamResponse;
+use crate::api::{FinishReason, StreamResponse};
 use crate::errors::ErrorResponse;
 use crate::sse::EventEncoder;
+use crate::tools::{ToolCallStream, ToolDelta};
 use axum::body::Bytes;
 use serde::Serialize;
 
@@ -65,6 +66,8 @@ pub struct StreamSettings {
     pub logprobs: Logprobs,
     /// `stream_options.include_usage`.
     pub include_usage: bool,
+    /// The model may call tools: a choice that is a call streams as tool-call deltas.
+    pub tools: bool,
 }
 
 /// SSE chunks in OpenAI's format for `n` choices, ending with `data: [DONE]` (not after an
@@ -77,18 +80,71 @@ pub struct OpenAiEncoder {
     offsets: Vec<usize>,
     finished: usize,
     usage: Usage,
+    /// Per choice, with tools: what its text has turned out to be so far (text or a call).
+    calls: Vec<ToolCallStream>,
 }
 
 impl OpenAiEncoder {
     pub fn new(settings: StreamSettings) -> Self {
         let n = settings.n.max(1);
         Self {
+            calls: (0..if settings.tools { n } else { 0 })
+                .map(|_| ToolCallStream::new())
+                .collect(),
             settings,
             started: vec![false; n],
             offsets: vec![0; n],
             finished: 0,
             usage: Usage::default(),
         }
+    }
+
+    /// A chat choice's chunks for one token when tools are offered: the token's text goes
+    /// through the choice's `ToolCallStream`, which may hold it back (a call's name is not
+    /// complete yet) or turn it into tool-call deltas; each delta is one chunk. The last token
+    /// flushes what is held, and its chunk carries the finish reason (`tool_calls` for a call).
+    fn tool_chunks(
+        &mut self,
+        index: usize,
+        text: &str,
+        logprobs: Option<ChatLogprobs>,
+        finish: Option<&'static str>,
+        usage: Option<Usage>,
+    ) -> Bytes {
+        if index >= self.calls.len() {
+            self.calls.resize_with(index + 1, ToolCallStream::new);
+        }
+        let stream = &mut self.calls[index];
+        let mut deltas = stream.push(text);
+        let reason = finish.map(|native| {
+            deltas.extend(stream.finish());
+            stream.finish_reason(native).to_string()
+        });
+        let mut out = Vec::new();
+        let count = deltas.len().max(usize::from(reason.is_some()));
+        let mut logprobs = logprobs;
+        for k in 0..count {
+            let first = !std::mem::replace(&mut self.started[index], true);
+            let mut delta = ChatDelta {
+                role: first.then_some("assistant"),
+                content: None,
+                tool_calls: None,
+            };
+            match deltas.get(k) {
+                Some(ToolDelta::Content(text)) => delta.content = Some(text.clone()),
+                Some(call) => delta.tool_calls = call.to_json()["tool_calls"].as_array().cloned(),
+                None => {}
+            }
+            let last = k + 1 == count;
+            let choice = ChatChunkChoice {
+                index,
+                delta,
+                logprobs: logprobs.take(),
+                finish_reason: if last { reason.clone() } else { None },
+            };
+            out.extend_from_slice(&self.chunk(choice, if last { usage } else { None }));
+        }
+        Bytes::from(out)
     }
 
     fn header(&self) -> Header {
@@ -153,6 +209,16 @@ impl EventEncoder for OpenAiEncoder {
                 let logprobs = (self.settings.logprobs == Logprobs::Chat).then(|| ChatLogprobs {
                     content: chat_token_logprob(token).into_iter().collect(),
                 });
+                if self.settings.tools {
+                    self.started[index] = !first; // tool_chunks decides which chunk is first
+                    let native = response.generated_text.is_some().then(|| {
+                        match response.details.as_ref().map(|d| d.finish_reason) {
+                            Some(FinishReason::Length) => "length",
+                            _ => "stop",
+                        }
+                    });
+                    return self.tool_chunks(index, &text, logprobs, native, usage);
+                }
                 let choice = ChatChunkChoice {
                     index,
                     delta: ChatDelta {
@@ -202,6 +268,7 @@ mod tests {
             n,
             logprobs,
             include_usage,
+            tools: false,
         }
     }
 
@@ -235,6 +302,68 @@ mod tests {
                 serde_json::from_str(data).unwrap_or(Value::String(data.into()))
             })
             .collect()
+    }
+
+    fn tool_settings(n: usize) -> StreamSettings {
+        StreamSettings {
+            tools: true,
+            ..settings(Kind::Chat, n, Logprobs::None, false)
+        }
+    }
+
+    fn stop_event(text: &str, last: bool) -> StreamResponse {
+        let mut e = event(text, last.then_some(9));
+        if let Some(d) = e.details.as_mut() {
+            d.finish_reason = FinishReason::EndOfSequenceToken;
+        }
+        e
+    }
+
+    #[test]
+    fn with_tools_a_call_streams_as_tool_call_deltas() {
+        let mut e = OpenAiEncoder::new(tool_settings(1));
+        let pieces = [
+            "{\"na",
+            "me\": \"get_",
+            "weather\", \"argu",
+            "ments\": {\"ci",
+            "ty\": \"Paris\"}",
+            "}",
+        ];
+        let mut chunks = Vec::new();
+        for (i, piece) in pieces.iter().enumerate() {
+            chunks.extend(parse(&e.event(0, stop_event(piece, i + 1 == pieces.len()))));
+        }
+        let deltas: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["delta"]).collect();
+        // Nothing until the name is complete; then the call's header with the role.
+        let start = &deltas[0]["tool_calls"][0];
+        assert_eq!(deltas[0]["role"], "assistant");
+        assert_eq!(start["index"], 0);
+        assert_eq!(start["type"], "function");
+        assert_eq!(start["function"]["name"], "get_weather");
+        assert!(start["id"].as_str().unwrap().starts_with("call_"));
+        let arguments: String = deltas[1..]
+            .iter()
+            .filter_map(|d| d["tool_calls"][0]["function"]["arguments"].as_str())
+            .collect();
+        assert_eq!(arguments, "{\"city\": \"Paris\"}");
+        assert!(deltas[1..].iter().all(|d| d.get("role").is_none()));
+        let last = chunks.last().unwrap();
+        assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
+        assert!(chunks[..chunks.len() - 1]
+            .iter()
+            .all(|c| c["choices"][0]["finish_reason"].is_null()));
+    }
+
+    #[test]
+    fn with_tools_text_streams_as_content() {
+        let mut e = OpenAiEncoder::new(tool_settings(1));
+        let first = parse(&e.event(0, stop_event("Sun", false)));
+        let last = parse(&e.event(0, stop_event("ny.", true)));
+        assert_eq!(first[0]["choices"][0]["delta"]["content"], "Sun");
+        assert_eq!(first[0]["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(last[0]["choices"][0]["delta"]["content"], "ny.");
+        assert_eq!(last[0]["choices"][0]["finish_reason"], "stop");
     }
 
     #[test]
