@@ -49,16 +49,20 @@ def launch(
     process it started is left behind."""
     port = free_port()
     log_path = tmp / f"launcher-{port}.log"
+    limits = {  # small defaults; `extra` may give other values
+        "--kv-cache-blocks": "256",
+        "--max-input-length": "64",
+        "--max-total-tokens": "128",
+        "--max-batch-prefill-tokens": "512",
+    }
+    defaults = [arg for flag, value in limits.items() if flag not in extra for arg in (flag, value)]
     args = [
         str(BIN / "lorax-launcher"),
         "--model-id", str(model_dir),
         "--port", str(port),
         "--hostname", "127.0.0.1",
         "--shard-uds-path", str(tmp / f"shard-{port}"),
-        "--kv-cache-blocks", "256",
-        "--max-input-length", "64",
-        "--max-total-tokens", "128",
-        "--max-batch-prefill-tokens", "512",
+        *defaults,
         *extra,
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", **(env or {})}
