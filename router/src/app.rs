@@ -91,3 +91,19 @@ pub fn resolve(state: &AppState, request: GenerateRequest) -> Result<ResolvedReq
         ApiError::from(err)
     })
 }
+
+/// Resolves the requests of one call's choices (each its own sequence of the same prompt); there
+/// is at least one.
+pub fn resolve_choices(
+    state: &AppState,
+    requests: Vec<GenerateRequest>,
+) -> Result<Vec<ResolvedRequest>, ApiError> {
+    let resolved = requests
+        .into_iter()
+        .map(|r| resolve(state, r))
+        .collect::<Result<Vec<ResolvedRequest>, ApiError>>()?;
+    if resolved.is_empty() {
+        return Err(ValidationError::N(state.info.max_best_of, 0).into());
+    }
+    Ok(resolved)
+}

@@ -3,11 +3,10 @@
 //! sets LoRAX's timing headers.
 
 use crate::api::{BestOfSequence, Details, GenerateRequest, GenerateResponse};
-use crate::app::{resolve, AppState};
-use crate::errors::{ApiError, ValidationError};
+use crate::app::{resolve, resolve_choices, AppState};
+use crate::errors::ApiError;
 use crate::infer::{collect, InferResponse};
 use crate::metrics::{self as m, RequestTimings};
-use crate::validation::ResolvedRequest;
 use axum::http::{HeaderMap, HeaderValue};
 use futures::future::try_join_all;
 use tokio::time::Instant;
@@ -89,13 +88,8 @@ pub async fn generate_responses(
         return Ok((headers, vec![answer]));
     }
     let start = Instant::now();
-    let resolved = requests
-        .into_iter()
-        .map(|r| resolve(state, r))
-        .collect::<Result<Vec<ResolvedRequest>, ApiError>>()?;
-    let Some(first) = resolved.first() else {
-        return Err(ValidationError::N(state.info.max_best_of, 0).into());
-    };
+    let resolved = resolve_choices(state, requests)?;
+    let first = &resolved[0];
     let adapter = first.adapter_key();
     let p = &first.request.parameters;
     let prompt = p

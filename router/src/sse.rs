@@ -5,12 +5,11 @@
 use crate::adapter::AdapterKey;
 use crate::api::GenerateRequest;
 use crate::api::{StreamDetails, StreamResponse};
-use crate::app::{resolve, AppState};
+use crate::app::{resolve_choices, AppState};
 use crate::entry::{Finished, InferStreamResponse};
 use crate::errors::{ApiError, ErrorResponse, InferError, ValidationError};
 use crate::metrics::{self as m, RequestTimings};
 use crate::respond::prepend_prompt;
-use crate::validation::ResolvedRequest;
 use axum::body::{Body, Bytes};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::HeaderValue;
@@ -65,13 +64,8 @@ pub async fn stream_choices(
     encoder: Box<dyn EventEncoder>,
 ) -> Result<Response, ApiError> {
     let start = Instant::now();
-    let resolved = requests
-        .into_iter()
-        .map(|r| resolve(state, r))
-        .collect::<Result<Vec<ResolvedRequest>, ApiError>>()?;
-    let Some(first) = resolved.first() else {
-        return Err(ValidationError::N(state.info.max_best_of, 0).into());
-    };
+    let resolved = resolve_choices(state, requests)?;
+    let first = &resolved[0];
     let adapter = first.adapter_key();
     let p = &first.request.parameters;
     let early = if p.best_of.unwrap_or(1) != 1 {
