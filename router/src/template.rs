@@ -9,7 +9,7 @@
 //! `tojson` writes JSON as Python's `json.dumps` does, so prompts read as the model saw them in
 //! training.
 
-use crate::tools::{tool_prompt, Json, Tool};
+use crate::tools::{json_kind, spaced_json, tool_prompt, Tool};
 use minijinja::value::{Enumerator, Kwargs, Object};
 use minijinja::{context, Environment, Error, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
@@ -70,15 +70,15 @@ pub struct ChatFunctionCall {
     /// The arguments as an object, as Hugging Face templates expect them (`arguments | tojson`).
     /// OpenAI clients send JSON text, which is parsed here; text that is not JSON stays a string.
     #[serde(default = "no_arguments", deserialize_with = "arguments_value")]
-    pub arguments: Json,
+    pub arguments: serde_json::Value,
 }
 
 fn function_type() -> String {
     "function".to_string()
 }
 
-fn no_arguments() -> Json {
-    Json::Object(Vec::new())
+fn no_arguments() -> serde_json::Value {
+    serde_json::Value::Object(serde_json::Map::new())
 }
 
 fn some_tool_calls<'de, D: serde::Deserializer<'de>>(
@@ -87,10 +87,11 @@ fn some_tool_calls<'de, D: serde::Deserializer<'de>>(
     Ok(Option::<Vec<ChatToolCall>>::deserialize(d)?.filter(|calls| !calls.is_empty()))
 }
 
-fn arguments_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Json, D::Error> {
-    Ok(match Json::deserialize(d)? {
-        Json::String(text) => Json::parse(&text).unwrap_or(Json::String(text)),
-        Json::Null => no_arguments(),
+fn arguments_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<serde_json::Value, D::Error> {
+    use serde_json::Value;
+    Ok(match Value::deserialize(d)? {
+        Value::String(text) => serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        Value::Null => no_arguments(),
         value => value,
     })
 }
@@ -132,18 +133,6 @@ fn content_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Err
         }
     }
     Ok(text)
-}
-
-/// How a JSON value is named in messages.
-fn json_kind(value: &serde_json::Value) -> &'static str {
-    match value {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "a list",
-        serde_json::Value::Object(_) => "an object",
-    }
 }
 
 /// A compiled chat template and the special tokens it may refer to.
@@ -312,11 +301,10 @@ impl ChatTemplate {
                         lines.push(std::mem::take(&mut message.content));
                     }
                     lines.extend(calls.iter().map(|call| {
-                        Json::object([
-                            ("name", Json::string(&call.function.name)),
-                            ("arguments", call.function.arguments.clone()),
-                        ])
-                        .to_spaced()
+                        spaced_json(&serde_json::json!({
+                            "name": call.function.name,
+                            "arguments": call.function.arguments,
+                        }))
                     }));
                     message.content = lines.join("\n");
                 }
@@ -375,17 +363,16 @@ impl ChatTemplate {
 
 /// `value` for the template, its objects' members in order (minijinja's own maps sort them).
 fn ordered_value<T: Serialize + ?Sized>(value: &T) -> Result<Value, String> {
-    let text = serde_json::to_string(value).map_err(|e| e.to_string())?;
-    let json = Json::parse(&text).map_err(|e| e.to_string())?;
+    let json = serde_json::to_value(value).map_err(|e| e.to_string())?;
     Ok(jinja_value(&json))
 }
 
 /// A JSON value as a template value; objects keep their member order.
-fn jinja_value(value: &Json) -> Value {
+fn jinja_value(value: &serde_json::Value) -> Value {
     match value {
-        Json::Null => Value::from(()),
-        Json::Bool(b) => Value::from(*b),
-        Json::Number(n) => {
+        serde_json::Value::Null => Value::from(()),
+        serde_json::Value::Bool(b) => Value::from(*b),
+        serde_json::Value::Number(n) => {
             if let Some(i) = n.as_i64() {
                 Value::from(i)
             } else if let Some(u) = n.as_u64() {
@@ -394,9 +381,11 @@ fn jinja_value(value: &Json) -> Value {
                 Value::from(n.as_f64().unwrap_or(f64::NAN))
             }
         }
-        Json::String(s) => Value::from(s.as_str()),
-        Json::Array(items) => Value::from(items.iter().map(jinja_value).collect::<Vec<_>>()),
-        Json::Object(members) => Value::from_object(OrderedMap(
+        serde_json::Value::String(s) => Value::from(s.as_str()),
+        serde_json::Value::Array(items) => {
+            Value::from(items.iter().map(jinja_value).collect::<Vec<_>>())
+        }
+        serde_json::Value::Object(members) => Value::from_object(OrderedMap(
             members
                 .iter()
                 .map(|(k, v)| (Value::from(k.as_str()), jinja_value(v)))
@@ -675,7 +664,7 @@ mod tests {
         assert_eq!(calls[0].function.name, "get_weather");
         // JSON text arguments become an object, members in order.
         assert_eq!(
-            calls[0].function.arguments.to_compact(),
+            calls[0].function.arguments.to_string(),
             r#"{"location":"Paris","unit":"c"}"#
         );
         assert_eq!(m[3].tool_call_id.as_deref(), Some("call_1"));
@@ -701,9 +690,9 @@ mod tests {
                 {"function": {"name": "c"}}]}]"#,
         );
         let calls = m[0].tool_calls.as_ref().unwrap();
-        assert_eq!(calls[0].function.arguments, Json::string("not json"));
-        assert_eq!(calls[1].function.arguments.to_compact(), r#"{"z":1,"a":2}"#);
-        assert_eq!(calls[2].function.arguments.to_compact(), "{}");
+        assert_eq!(calls[0].function.arguments, "not json");
+        assert_eq!(calls[1].function.arguments.to_string(), r#"{"z":1,"a":2}"#);
+        assert_eq!(calls[2].function.arguments.to_string(), "{}");
         assert_eq!(calls[2].kind, "function");
         assert_eq!(calls[2].id, None);
     }
