@@ -8,6 +8,7 @@ import random
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -127,3 +128,45 @@ def test_openai_chat_with_an_adapter(demo: Server) -> None:
         extra_body={"adapter_source": "local"},
     )
     assert reply.choices[0].message.content.strip() == "GREEN MOON RIVER"
+
+
+def test_an_adapter_with_its_own_chat_template(demo: Server, tmp_path: Path) -> None:
+    """An adapter whose files carry a chat template (as `transformers` saves one) gets its requests
+    rendered with it, on the OpenAI and the native endpoints; the prompt tokens equal
+    `transformers`' `apply_chat_template` with the adapter's tokenizer files."""
+    import json
+    import shutil
+
+    from openai import OpenAI
+    from transformers import AutoTokenizer
+
+    adapter = tmp_path / "upper-qa"
+    shutil.copytree(DEMO / "adapters" / "upper", adapter)
+    tokenizer = AutoTokenizer.from_pretrained(DEMO)
+    tokenizer.chat_template = "{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}A:"
+    tokenizer.save_pretrained(adapter)
+    messages = [{"role": "user", "content": "Uppercase: green moon river"}]
+
+    def prompt_ids(folder: Path) -> list[int]:
+        rendered = AutoTokenizer.from_pretrained(folder).apply_chat_template(
+            messages, add_generation_prompt=True, return_dict=True
+        )
+        return list(rendered["input_ids"])
+
+    own = prompt_ids(adapter)
+    assert own != prompt_ids(DEMO)
+
+    params = {"adapter_id": str(adapter), "adapter_source": "local", "max_new_tokens": 12, "details": True}
+    native = requests.post(
+        f"{demo.url}/generate",
+        json={"inputs": json.dumps(messages), "parameters": {
+            **params, "apply_chat_template": True, "decoder_input_details": True}},
+        timeout=120,
+    ).json()  # fmt: skip
+    assert [t["id"] for t in native["details"]["prefill"]] == own
+    client = OpenAI(base_url=f"{demo.url}/v1", api_key="unused")
+    reply = client.chat.completions.create(
+        model=str(adapter), messages=messages, max_tokens=12, temperature=0, extra_body={"adapter_source": "local"}
+    )
+    assert reply.usage.prompt_tokens == len(own)
+    assert reply.choices[0].message.content == native["generated_text"]

@@ -2,7 +2,7 @@
 //! native and the OpenAI endpoints (bearer token, chat template, adapter resolution).
 
 use crate::adapter::ApiToken;
-use crate::api::{GenerateRequest, Info};
+use crate::api::{GenerateParameters, GenerateRequest, Info};
 use crate::client::ShardClient;
 use crate::errors::{ApiError, ValidationError};
 use crate::infer::Infer;
@@ -43,8 +43,8 @@ pub fn token_from_header(api_token: &mut Option<ApiToken>, headers: &HeaderMap) 
 }
 
 /// A request with `apply_chat_template` gets its `inputs` (a JSON list of messages) rendered
-/// by the tokenizer's chat template.
-pub fn apply_chat_template(
+/// by its chat template (see `chat_template`).
+pub async fn apply_chat_template(
     state: &AppState,
     mut request: GenerateRequest,
 ) -> Result<GenerateRequest, ApiError> {
@@ -54,26 +54,62 @@ pub fn apply_chat_template(
     let messages: Vec<ChatMessage> = serde_json::from_str(&request.inputs).map_err(|e| {
         ValidationError::ChatTemplate(format!("`inputs` must be a JSON list of messages: {e}"))
     })?;
-    request.inputs = render_chat(state, &messages)?;
+    let template = chat_template(state, &request.parameters).await?;
+    request.inputs = render_chat(&template, &messages, None)?;
     request.parameters.apply_chat_template = false;
     request.parameters.prompt_has_special_tokens = true;
     Ok(request)
 }
 
-/// The prompt the tokenizer's chat template makes of `messages`.
-pub fn render_chat(state: &AppState, messages: &[ChatMessage]) -> Result<String, ApiError> {
-    render_chat_with_tools(state, messages, None)
+/// The chat template a request is rendered with: its adapter's own when the adapter ships one
+/// (the adapter is downloaded first, as its request would be), else the tokenizer's.
+pub async fn chat_template(
+    state: &AppState,
+    parameters: &GenerateParameters,
+) -> Result<Arc<ChatTemplate>, ApiError> {
+    let adapter = state
+        .infer
+        .validation()
+        .resolve_adapter(parameters)
+        .map_err(|err| {
+            m::request_failed(None, "validation");
+            ApiError::from(err)
+        })?;
+    if let Some(adapter) = adapter {
+        let key = adapter.key.clone();
+        let own = state
+            .infer
+            .queue()
+            .adapter_chat_template(adapter)
+            .await
+            .map_err(|err| {
+                m::request_failed(Some(&key), err.error_type());
+                ApiError::from(err)
+            })?;
+        match own {
+            Ok(Some(template)) => return Ok(template),
+            Ok(None) => {}
+            Err(why) => {
+                return Err(ValidationError::ChatTemplate(format!(
+                    "adapter `{}` ships a chat template that cannot be used: {why}",
+                    key.describe()
+                ))
+                .into())
+            }
+        }
+    }
+    state.chat_template.clone().ok_or_else(|| {
+        ValidationError::ChatTemplate("the tokenizer has no chat template".into()).into()
+    })
 }
 
-/// The prompt of `messages` with the tools the model may call (see `ChatTemplate::apply_with_tools`).
-pub fn render_chat_with_tools(
-    state: &AppState,
+/// The prompt `template` makes of `messages`, with the tools the model may call (see
+/// `ChatTemplate::apply_with_tools`).
+pub fn render_chat(
+    template: &ChatTemplate,
     messages: &[ChatMessage],
     tools: Option<&Tools>,
 ) -> Result<String, ApiError> {
-    let template = state.chat_template.as_ref().ok_or_else(|| {
-        ValidationError::ChatTemplate("the tokenizer has no chat template".into())
-    })?;
     let (list, prompt) = match tools {
         Some(t) => (Some(&t.tools[..]), t.prompt.as_deref()),
         None => (None, None),

@@ -75,6 +75,15 @@ impl From<tonic::Status> for ShardError {
     }
 }
 
+/// What a shard answers once it has fetched an adapter.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DownloadedAdapter {
+    /// The share of the adapter memory budget it will take once loaded.
+    pub memory_fraction: f32,
+    /// The adapter's own chat template, when its files have one.
+    pub chat_template: Option<pb::AdapterChatTemplate>,
+}
+
 /// What a prefill or decode step returns: one generation per request, and the batch as cached
 /// afterwards (absent when every request finished).
 pub type StepOutput = (Vec<pb::Generation>, Option<pb::CachedBatch>);
@@ -102,14 +111,13 @@ pub trait ShardClient: Send + Sync + 'static {
     ) -> Result<Option<pb::CachedBatch>, ShardError>;
     /// Drops one cached batch, or all of them.
     async fn clear_cache(&self, batch_id: Option<u64>) -> Result<(), ShardError>;
-    /// Fetches and validates an adapter (off the shard's request path); returns the share of
-    /// the adapter memory budget it will take.
+    /// Fetches and validates an adapter (off the shard's request path).
     async fn download_adapter(
         &self,
         parameters: pb::AdapterParameters,
         source: pb::AdapterSource,
         api_token: Option<String>,
-    ) -> Result<f32, ShardError>;
+    ) -> Result<DownloadedAdapter, ShardError>;
     /// Installs a downloaded adapter under `index` (between decode steps).
     async fn load_adapter(
         &self,
@@ -231,7 +239,7 @@ impl Shard {
     async fn download_adapter(
         &self,
         request: pb::DownloadAdapterRequest,
-    ) -> Result<f32, ShardError> {
+    ) -> Result<DownloadedAdapter, ShardError> {
         let response = self.client.clone().download_adapter(request).await?;
         let response = response.into_inner();
         if !response.downloaded {
@@ -240,7 +248,10 @@ impl Shard {
                 "the shard did not download the adapter",
             ));
         }
-        Ok(response.memory_fraction)
+        Ok(DownloadedAdapter {
+            memory_fraction: response.memory_fraction,
+            chat_template: response.chat_template,
+        })
     }
 
     async fn load_adapter(&self, request: pb::LoadAdapterRequest) -> Result<(), ShardError> {
@@ -372,13 +383,14 @@ impl ShardClient for ShardedClient {
         first_answer(join_all(self.shards.iter().map(|s| s.clear_cache(batch_id))).await)
     }
 
-    /// The largest share any shard reports.
+    /// The largest share any shard reports; the chat template of the first shard (every shard
+    /// reads the same files).
     async fn download_adapter(
         &self,
         parameters: pb::AdapterParameters,
         source: pb::AdapterSource,
         api_token: Option<String>,
-    ) -> Result<f32, ShardError> {
+    ) -> Result<DownloadedAdapter, ShardError> {
         let request = pb::DownloadAdapterRequest {
             adapter_parameters: Some(parameters),
             adapter_source: source as i32,
@@ -390,11 +402,15 @@ impl ShardClient for ShardedClient {
                 .map(|s| s.download_adapter(request.clone())),
         )
         .await;
-        let mut fraction: f32 = 0.0;
+        let mut combined: Option<DownloadedAdapter> = None;
         for result in results {
-            fraction = fraction.max(result?);
+            let answer = result?;
+            match &mut combined {
+                Some(c) => c.memory_fraction = c.memory_fraction.max(answer.memory_fraction),
+                None => combined = Some(answer),
+            }
         }
-        Ok(fraction)
+        Ok(combined.unwrap_or_default())
     }
 
     async fn load_adapter(

@@ -16,13 +16,13 @@ use axum::Json;
 
 /// A native request as generation takes it: the `Authorization: Bearer` token as its default
 /// `api_token`, its messages rendered when it asks for the chat template.
-fn prepared(
+async fn prepared(
     state: &AppState,
     headers: &HeaderMap,
     mut request: GenerateRequest,
 ) -> Result<GenerateRequest, ApiError> {
     token_from_header(&mut request.parameters.adapter.api_token, headers);
-    apply_chat_template(state, request)
+    apply_chat_template(state, request).await
 }
 
 /// `POST /`: `stream` chooses; the non-streamed answer is a list of one object.
@@ -32,7 +32,7 @@ pub async fn compat_generate(
     JsonBody(request): JsonBody<CompatGenerateRequest>,
 ) -> Result<Response, ApiError> {
     let stream = request.stream;
-    let request = prepared(&state, &headers, request.into())?;
+    let request = prepared(&state, &headers, request.into()).await?;
     if stream {
         return stream_with(&state, request, Box::new(LoraxEncoder)).await;
     }
@@ -46,7 +46,7 @@ pub async fn generate(
     headers: HeaderMap,
     JsonBody(request): JsonBody<GenerateRequest>,
 ) -> Result<Response, ApiError> {
-    let request = prepared(&state, &headers, request)?;
+    let request = prepared(&state, &headers, request).await?;
     let (headers, response) = generate_response(&state, request).await?;
     Ok((headers, Json(response)).into_response())
 }
@@ -57,7 +57,7 @@ pub async fn generate_stream(
     headers: HeaderMap,
     JsonBody(request): JsonBody<GenerateRequest>,
 ) -> Result<Response, ApiError> {
-    let request = prepared(&state, &headers, request)?;
+    let request = prepared(&state, &headers, request).await?;
     stream_with(&state, request, Box::new(LoraxEncoder)).await
 }
 

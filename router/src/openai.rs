@@ -22,7 +22,7 @@ pub use request::{
 pub use stream::{openai_event, Kind, OpenAiEncoder, StreamSettings};
 
 use crate::api::{GenerateParameters, GenerateRequest, GenerateResponse};
-use crate::app::{render_chat_with_tools, token_from_header, AppState};
+use crate::app::{chat_template, render_chat, token_from_header, AppState};
 use crate::errors::{ApiError, JsonBody, ValidationError};
 use crate::respond::generate_responses;
 use crate::sse::stream_choices;
@@ -112,8 +112,9 @@ pub async fn chat_completions(
     let (logprobs, top_n_tokens) = chat_logprobs(&request.fields)?;
     call.logprobs = logprobs;
     let tools = request.fields.tools.resolve()?;
-    let inputs = render_chat_with_tools(&state, &request.fields.messages, tools.as_ref())?;
     let mut parameters = request.sampling.parameters()?;
+    let template = chat_template(&state, &parameters).await?;
+    let inputs = render_chat(&template, &request.fields.messages, tools.as_ref())?;
     parameters.prompt_has_special_tokens = true;
     parameters.top_n_tokens = Some(top_n_tokens);
     if let Some(tools) = &tools {

@@ -11,7 +11,10 @@ use crate::errors::{AdapterCommandError, InferError};
 use crate::exchange::ExchangeConfig;
 use crate::metrics as m;
 use crate::pb;
-use crate::registry::{Action, ActionResult, AdapterRegistry, Outcome, Waiter};
+use crate::registry::{
+    Action, ActionResult, AdapterRegistry, AdapterTemplate, Outcome, TemplateWaiter, Waiter,
+};
+use crate::template::ChatTemplate;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -204,6 +207,7 @@ enum Command {
     LoadAdapter(AdapterRequest, bool, Waiter),
     UnloadAdapter(Arc<AdapterKey>, Waiter),
     PinAdapter(Arc<AdapterKey>, bool, Waiter),
+    ChatTemplate(AdapterRequest, TemplateWaiter),
 }
 
 /// Handle to the queue task.
@@ -221,6 +225,7 @@ impl std::fmt::Debug for Command {
             Self::LoadAdapter(..) => "LoadAdapter",
             Self::UnloadAdapter(..) => "UnloadAdapter",
             Self::PinAdapter(..) => "PinAdapter",
+            Self::ChatTemplate(..) => "ChatTemplate",
         };
         f.write_str(name)
     }
@@ -317,6 +322,20 @@ impl Queue {
         self.ask(|reply| Command::PinAdapter(key, pinned, reply))
             .await
     }
+
+    /// The adapter's own chat template, once it is downloaded (it is downloaded now when it is
+    /// not tracked yet); an error when it cannot be downloaded.
+    pub async fn adapter_chat_template(
+        &self,
+        request: AdapterRequest,
+    ) -> Result<AdapterTemplate, InferError> {
+        let stopped = || InferError::Generation("the queue stopped".into());
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::ChatTemplate(request, reply))
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
 }
 
 async fn queue_task(
@@ -379,6 +398,9 @@ fn handle(state: &mut QueueState, command: Command) {
         Command::PinAdapter(key, pinned, waiter) => {
             let _ = waiter.send(state.adapters.set_pinned(&key, pinned, now));
         }
+        Command::ChatTemplate(request, waiter) => {
+            state.adapters.chat_template(&request, waiter, now);
+        }
     }
 }
 
@@ -393,7 +415,8 @@ async fn run_action(
             let key = &request.key;
             let result = client
                 .download_adapter(key.to_proto(), key.source.to_proto(), request.token())
-                .await;
+                .await
+                .map(|d| (d.memory_fraction, compile_template(d.chat_template)));
             (request, index, Outcome::Downloaded(result))
         }
         Action::Load(request, index) => {
@@ -421,6 +444,12 @@ async fn run_action(
         key: request.key,
         outcome,
     });
+}
+
+/// An adapter's own chat template, compiled here, off the queue task.
+fn compile_template(shipped: Option<pb::AdapterChatTemplate>) -> AdapterTemplate {
+    let Some(t) = shipped else { return Ok(None) };
+    ChatTemplate::new(t.template, t.bos_token, t.eos_token).map(|t| Some(Arc::new(t)))
 }
 
 #[cfg(test)]

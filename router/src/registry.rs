@@ -5,7 +5,9 @@
 //!
 //! Downloads start as soon as a request names the adapter (prefetch, not limited by slots);
 //! slots are given by the pure policy in `exchange`. An adapter that fails to download or load
-//! fails its own queued requests and is forgotten, so a later request retries it.
+//! fails its own queued requests and is forgotten, so a later request retries it. A download
+//! brings the adapter's own chat template, if it ships one; chat requests wait for it before
+//! their prompt is rendered.
 
 use crate::adapter::{AdapterKey, AdapterRequest};
 use crate::api::{AdapterState, AdapterStatus};
@@ -14,6 +16,7 @@ use crate::entry::Entry;
 use crate::errors::{adapter_error, AdapterCommandError, InferError};
 use crate::exchange::{self, ExchangeConfig, Phase, SlotView};
 use crate::metrics as m;
+use crate::template::ChatTemplate;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -27,6 +30,11 @@ const MAX_FAILURES_SHOWN: usize = 16;
 
 pub type Waiter = oneshot::Sender<Result<AdapterStatus, AdapterCommandError>>;
 
+/// An adapter's own chat template: None when it ships none, Err (why) when it does not compile.
+pub type AdapterTemplate = Result<Option<Arc<ChatTemplate>>, String>;
+/// Hears an adapter's chat template once it is downloaded, or why it could not be.
+pub type TemplateWaiter = oneshot::Sender<Result<AdapterTemplate, InferError>>;
+
 /// Shard work the queue task runs in the background.
 #[derive(Debug)]
 pub enum Action {
@@ -38,8 +46,8 @@ pub enum Action {
 /// How an action ended.
 #[derive(Debug)]
 pub enum Outcome {
-    /// The adapter's share of the adapter memory budget.
-    Downloaded(Result<f32, ShardError>),
+    /// The adapter's share of the adapter memory budget, and its chat template.
+    Downloaded(Result<(f32, AdapterTemplate), ShardError>),
     Loaded(Result<(), ShardError>),
     Offloaded(Result<bool, ShardError>),
 }
@@ -76,6 +84,9 @@ struct Tracked {
     label: Option<String>,
     load_waiters: Vec<Waiter>,
     unload_waiters: Vec<Waiter>,
+    /// Known once downloaded.
+    chat_template: AdapterTemplate,
+    template_waiters: Vec<TemplateWaiter>,
 }
 
 impl Tracked {
@@ -193,6 +204,8 @@ impl AdapterRegistry {
                 label: None,
                 load_waiters: Vec::new(),
                 unload_waiters: Vec::new(),
+                chat_template: Ok(None),
+                template_waiters: Vec::new(),
             },
         );
         index
@@ -250,6 +263,7 @@ impl AdapterRegistry {
         for a in self.adapters.values_mut() {
             a.queue.retain(|(_, e)| !e.is_cancelled());
             a.load_waiters.retain(|w| !w.is_closed());
+            a.template_waiters.retain(|w| !w.is_closed());
             if a.state == AdapterState::Queued {
                 a.state = AdapterState::Downloading;
                 a.download_started = Some(now);
@@ -339,7 +353,7 @@ impl AdapterRegistry {
             return;
         }
         match result.outcome {
-            Outcome::Downloaded(Ok(fraction)) if !fits_budget(fraction) => {
+            Outcome::Downloaded(Ok((fraction, _))) if !fits_budget(fraction) => {
                 // Larger than the whole adapter memory budget: no exchange can ever make room
                 // for it, so it fails now rather than evicting every other adapter first (or
                 // waiting forever behind a pinned one).
@@ -352,11 +366,15 @@ impl AdapterRegistry {
                 );
                 self.fail(result.index, "load", &err);
             }
-            Outcome::Downloaded(Ok(fraction)) => {
+            Outcome::Downloaded(Ok((fraction, chat_template))) => {
                 a.state = AdapterState::Downloaded;
                 a.memory_fraction = Some(fraction);
                 a.download_secs = a.download_started.map(|s| (now - s).as_secs_f64());
                 a.label = Some(m::register_adapter_label(&a.request.key.describe()));
+                for waiter in a.template_waiters.drain(..) {
+                    let _ = waiter.send(Ok(chat_template.clone()));
+                }
+                a.chat_template = chat_template;
             }
             Outcome::Loaded(Ok(())) => {
                 a.state = AdapterState::Active;
@@ -413,6 +431,9 @@ impl AdapterRegistry {
         for waiter in a.load_waiters.into_iter().chain(a.unload_waiters) {
             let _ = waiter.send(Err(AdapterCommandError::Failed(error.clone())));
         }
+        for waiter in a.template_waiters {
+            let _ = waiter.send(Err(error.clone()));
+        }
         self.failures.push_front((a.request.key, error.to_string()));
         self.failures.truncate(MAX_FAILURES_SHOWN);
     }
@@ -459,6 +480,26 @@ impl AdapterRegistry {
             let _ = waiter.send(Ok(a.status(now)));
         } else {
             a.load_waiters.push(waiter);
+        }
+    }
+
+    /// `waiter` hears the adapter's own chat template as soon as it is downloaded (downloading it
+    /// when it is not tracked yet), or why the download failed.
+    pub fn chat_template(
+        &mut self,
+        request: &AdapterRequest,
+        waiter: TemplateWaiter,
+        now: Instant,
+    ) {
+        let index = self.track(request, now);
+        let Some(a) = self.adapters.get_mut(&index) else {
+            return;
+        };
+        match a.state {
+            AdapterState::Queued | AdapterState::Downloading => a.template_waiters.push(waiter),
+            _ => {
+                let _ = waiter.send(Ok(a.chat_template.clone()));
+            }
         }
     }
 

@@ -148,6 +148,14 @@ pub struct ChatTemplate {
     renders_tool_role: bool,
 }
 
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("uses_tools", &self.uses_tools)
+            .finish_non_exhaustive()
+    }
+}
+
 fn raise_exception(message: String) -> Result<String, Error> {
     Err(Error::new(ErrorKind::InvalidOperation, message))
 }

@@ -6,7 +6,7 @@ mod adapters;
 mod grammars;
 mod step;
 
-use crate::client::{ShardClient, ShardError, StepOutput};
+use crate::client::{DownloadedAdapter, ShardClient, ShardError, StepOutput};
 use crate::entry::round_up;
 use crate::health::{Health, HealthConfig};
 use crate::pb;
@@ -464,7 +464,7 @@ impl ShardClient for FakeShard {
         parameters: pb::AdapterParameters,
         _source: pb::AdapterSource,
         api_token: Option<String>,
-    ) -> Result<f32, ShardError> {
+    ) -> Result<DownloadedAdapter, ShardError> {
         let name = adapter_name(&Some(parameters));
         self.state.lock().unwrap().calls.push(Call::Download {
             adapter: name.clone(),

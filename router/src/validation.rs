@@ -140,7 +140,8 @@ impl Validation {
         Ok(ResolvedRequest { request, adapter })
     }
 
-    fn resolve_adapter(
+    /// The adapter a request's parameters name (None: the base model).
+    pub fn resolve_adapter(
         &self,
         p: &GenerateParameters,
     ) -> Result<Option<AdapterRequest>, ValidationError> {

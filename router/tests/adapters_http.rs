@@ -564,3 +564,79 @@ async fn adapter_larger_than_the_whole_budget_fails_at_once() {
     .await;
     assert!(text_of(&small).contains("[org/small]"));
 }
+
+/// The token ids of the first prefilled request since `seen` prefills.
+fn prompt_ids(shard: &FakeShard, seen: usize) -> Vec<u32> {
+    shard.prefilled_requests()[seen].input_ids.clone()
+}
+
+#[tokio::test]
+async fn an_adapter_with_its_own_chat_template_is_rendered_with_it() {
+    let shard = fake();
+    // "hello hello </s>" where the base template makes "<s>hello ".
+    let own =
+        "{% for m in messages %}{{ m['content'] }} {{ m['content'] }} {% endfor %}{{ eos_token }}";
+    shard.set_adapter(
+        "org/templated",
+        AdapterBehaviour {
+            chat_template: Some(own.into()),
+            ..Default::default()
+        },
+    );
+    shard.set_adapter(
+        "org/broken",
+        AdapterBehaviour {
+            chat_template: Some("{% for %}".into()),
+            ..Default::default()
+        },
+    );
+    shard.set_adapter(
+        "org/missing",
+        failing(tonic::Code::NotFound, "no such repo"),
+    );
+    let app = app(shard.clone(), 8);
+    let messages = json!([{"role": "user", "content": "hello"}]);
+    let chat = |model: &str| json!({"model": model, "messages": messages, "max_tokens": 1});
+    let cases = [
+        ("org/templated", vec![4, 4, 2]),
+        ("org/plain", vec![1, 4]),
+        ("", vec![1, 4]),
+    ];
+    for (model, ids) in cases {
+        let seen = shard.prefilled_requests().len();
+        let answer = post(&app, "/v1/chat/completions", chat(model)).await;
+        assert_eq!(answer.status.as_u16(), 200, "{model}");
+        assert_eq!(prompt_ids(&shard, seen), ids, "{model}");
+    }
+    // The native endpoints' `apply_chat_template` too, streamed or not.
+    for uri in ["/generate", "/generate_stream"] {
+        let seen = shard.prefilled_requests().len();
+        let body = json!({"inputs": messages.to_string(), "parameters": {
+            "apply_chat_template": true, "max_new_tokens": 1, "adapter_id": "org/templated"}});
+        assert_eq!(post(&app, uri, body).await.status.as_u16(), 200, "{uri}");
+        assert_eq!(prompt_ids(&shard, seen), vec![4, 4, 2], "{uri}");
+    }
+    // A template that does not compile is the request's error, not the base template's prompt.
+    let broken = post(&app, "/v1/chat/completions", chat("org/broken")).await;
+    assert_error(&broken, 422, "validation");
+    let message = broken.json()["error"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("adapter `org/broken` ships a chat template that cannot be used"),
+        "{message}"
+    );
+    // An adapter that cannot be downloaded fails as its generate request would.
+    let missing = post(&app, "/v1/chat/completions", chat("org/missing")).await;
+    assert_error(&missing, 422, "validation");
+    assert!(missing.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("no such repo"));
+    // Its adapter's generation still works without a chat template.
+    let plain = post(
+        &app,
+        "/generate",
+        generate(json!({"adapter_id": "org/broken"})),
+    )
+    .await;
+    assert!(!text_of(&plain).is_empty());
+}

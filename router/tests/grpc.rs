@@ -127,14 +127,15 @@ impl LoraxService for Service {
         let r = r.into_inner();
         let source = r.adapter_source();
         let parameters = r.adapter_parameters.unwrap_or_default();
-        let memory_fraction = self
+        let downloaded = self
             .shard
             .download_adapter(parameters, source, r.api_token)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::DownloadAdapterResponse {
             downloaded: true,
-            memory_fraction,
+            memory_fraction: downloaded.memory_fraction,
+            chat_template: downloaded.chat_template,
         }))
     }
 
@@ -311,11 +312,14 @@ async fn adapter_calls_reach_every_shard_and_keep_their_status_codes() {
     };
     let source = pb::AdapterSource::Local;
     let token = Some("hf_token".to_string());
-    let fraction = client
+    let downloaded = client
         .download_adapter(params("a"), source, token.clone())
         .await
         .unwrap();
-    assert_eq!(fraction, 0.25, "the largest share of any shard");
+    assert_eq!(
+        downloaded.memory_fraction, 0.25,
+        "the largest share of any shard"
+    );
     client
         .load_adapter(params("a"), source, 3, token)
         .await

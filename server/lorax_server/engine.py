@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from .adapters.chat_template import ChatTemplateFiles
 from .adapters.lora import segments_of
 from .adapters.manager import AdapterInUse, AdapterManager, AdapterRequest, Modules
 from .batch import Batch, RequestIn, Sequence
@@ -491,6 +492,18 @@ class Engine:
         adapter memory budget it will take once loaded."""
         manager = self._adapter_manager()
         return manager.download(request) / max(manager.device_budget_bytes, 1)
+
+    def adapter_chat_template(self, request: AdapterRequest) -> ChatTemplateFiles | None:
+        """(Loader thread, after `download_adapter`.) The adapter's own chat template, with the base
+        tokenizer's special tokens where the adapter's files name none."""
+        template = self._adapter_manager().chat_template(request)
+        if template is None:
+            return None
+        return ChatTemplateFiles(
+            template.template,
+            template.bos_token if template.bos_token is not None else self.tokenizer.bos_token or "",
+            template.eos_token if template.eos_token is not None else self.tokenizer.eos_token or "",
+        )
 
     def adapter_loaded(self, index: int, request: AdapterRequest) -> bool:
         """Whether `index` already holds exactly this request's adapter (then loading is a no-op)."""

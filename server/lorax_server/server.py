@@ -247,14 +247,22 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
         return pb.FilterBatchResponse(batch=cached_batch(batch))
 
     async def DownloadAdapter(self, request, context):  # noqa: ANN001, ANN201, N802
-        def download() -> float:
+        def download() -> pb.DownloadAdapterResponse:
             req = adapter_request(request.adapter_parameters, request.adapter_source, request.api_token)
-            return self.engine.download_adapter(req)
+            fraction = self.engine.download_adapter(req)
+            template = self.engine.adapter_chat_template(req)
+            chat_template = (
+                pb.AdapterChatTemplate(
+                    template=template.template, bos_token=template.bos_token, eos_token=template.eos_token
+                )
+                if template is not None
+                else None
+            )
+            return pb.DownloadAdapterResponse(downloaded=True, memory_fraction=fraction, chat_template=chat_template)
 
         adapter = "+".join(request.adapter_parameters.adapter_ids)
         with rpc_span("download_adapter", context.invocation_metadata(), adapter=adapter):
-            fraction = await self._run(context, download, on_loader=True)
-        return pb.DownloadAdapterResponse(downloaded=True, memory_fraction=fraction)
+            return await self._run(context, download, on_loader=True)
 
     async def LoadAdapter(self, request, context):  # noqa: ANN001, ANN201, N802
         index = request.adapter_index

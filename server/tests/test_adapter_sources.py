@@ -28,7 +28,6 @@ from lorax_server.adapters.sources import (
 HUB_NOISE = {  # files an adapter repo may hold that a server never needs
     "README.md": b"# adapter card",
     "tokenizer.json": b'{"version": "1.0"}',
-    "tokenizer_config.json": b"{}",
     "training_args.bin": b"\0" * 64,
     "checkpoint-10/adapter_model.safetensors": b"\0" * 64,
 }
@@ -249,6 +248,30 @@ def test_hub_adapter_fetches_only_adapter_files_once(hub_env, peft_adapter, tmp_
     before = len(hub_env.requests)
     assert fetch_adapter("org/lora", "hub", revision="main") == folder
     assert not _resolve_gets(hub_env, before)
+
+
+def test_hub_and_s3_adapters_bring_their_chat_template_files(hub_env, s3, peft_adapter) -> None:
+    """The files that may hold the adapter's own chat template come along (top level only)."""
+    template_files = {
+        "tokenizer_config.json": json.dumps({"chat_template": "{{ messages }}", "bos_token": "<s>"}).encode(),
+        "special_tokens_map.json": b'{"eos_token": "</s>"}',
+        "chat_template.jinja": b"{% for m in messages %}{{ m.content }}{% endfor %}",
+    }
+    nested = {f"checkpoint-10/{name}": data for name, data in template_files.items()}
+    hub_env.add_repo("org/chatty", {**peft_adapter, **HUB_NOISE, **template_files, **nested})
+    _upload(s3, "loras/chatty", {**peft_adapter, "README.md": b"card", **template_files, **nested})
+    expected = sorted([ADAPTER_CONFIG, ADAPTER_SAFETENSORS, *template_files])
+    for adapter_id, source in [("org/chatty", "hub"), (f"s3://{s3.bucket}/loras/chatty", "s3")]:
+        folder = fetch_adapter(adapter_id, source)
+        assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == expected, source
+        for name, data in template_files.items():
+            assert (folder / name).read_bytes() == data
+    assert hub_env.downloaded("org/chatty") == set(expected)
+
+    # A template file removed from the bucket is removed from the cached copy too.
+    s3.delete_object(Bucket=s3.bucket, Key="loras/chatty/chat_template.jinja")
+    folder = fetch_adapter(f"s3://{s3.bucket}/loras/chatty", "s3")
+    assert not (folder / "chat_template.jinja").exists()
 
 
 def test_hub_private_adapter_token_per_request(hub_env, peft_adapter, monkeypatch) -> None:

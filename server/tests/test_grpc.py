@@ -298,6 +298,42 @@ def _adapter_params(path: Path) -> pb.AdapterParameters:
     return pb.AdapterParameters(adapter_ids=[str(path)])
 
 
+def test_download_adapter_answers_the_adapters_own_chat_template(shard, llama_dir: Path, tmp_path: Path) -> None:
+    """An adapter saved with its tokenizer and a chat template of its own (as transformers writes them)
+    brings it; one whose files name no special tokens gets the base model's; of a merge, the first
+    adapter's that has one."""
+    import json
+
+    from tiny_models import make_lora_adapter
+    from transformers import AutoTokenizer
+
+    stub, _, _ = shard
+    plain = make_lora_adapter(llama_dir, tmp_path / "plain", 4, r=4, target_modules=["q_proj"])
+    chatty = make_lora_adapter(llama_dir, tmp_path / "chatty", 5, r=4, target_modules=["q_proj"])
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    tokenizer.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}{{ eos_token }}"
+    tokenizer.save_pretrained(chatty)
+    bare = make_lora_adapter(llama_dir, tmp_path / "bare", 6, r=4, target_modules=["q_proj"])
+    (bare / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ bos_token }}B"}))
+
+    def download(*adapters: Path, **merge) -> pb.DownloadAdapterResponse:  # noqa: ANN003
+        params = pb.AdapterParameters(adapter_ids=[str(a) for a in adapters], **merge)
+        return stub.DownloadAdapter(
+            pb.DownloadAdapterRequest(adapter_parameters=params, adapter_source=pb.AdapterSource.LOCAL)
+        )
+
+    own = download(chatty).chat_template
+    assert (own.template, own.bos_token, own.eos_token) == (
+        tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token
+    )  # fmt: skip
+    base = AutoTokenizer.from_pretrained(llama_dir)
+    filled = download(bare).chat_template
+    assert (filled.template, filled.bos_token, filled.eos_token) == ("{{ bos_token }}B", base.bos_token, base.eos_token)
+    merged = download(plain, chatty, bare, weights=[0.5, 0.3, 0.2], merge_strategy="linear")
+    assert merged.chat_template.template == tokenizer.chat_template
+    assert not download(plain).HasField("chat_template")
+
+
 def test_adapters_over_grpc(shard, llama_dir: Path, tmp_path: Path) -> None:
     """Download, load, use and offload a LoRA adapter through the shard's RPCs; tokens equal peft's."""
     import torch
@@ -313,6 +349,7 @@ def test_adapters_over_grpc(shard, llama_dir: Path, tmp_path: Path) -> None:
         pb.DownloadAdapterRequest(adapter_parameters=_adapter_params(adapter), adapter_source=local)
     )
     assert info.downloaded and 0 < info.memory_fraction < 1
+    assert not info.HasField("chat_template")  # it ships none: the router uses the base model's
     assert stub.LoadAdapter(
         pb.LoadAdapterRequest(adapter_parameters=_adapter_params(adapter), adapter_source=local, adapter_index=1)
     ).loaded

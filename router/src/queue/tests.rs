@@ -165,7 +165,7 @@ fn run_actions(state: &mut QueueState) -> Vec<String> {
     let mut done = Vec::new();
     for action in actions {
         let (request, index, outcome, name) = match action {
-            Action::Download(r, i) => (r, i, Outcome::Downloaded(Ok(0.1)), "download"),
+            Action::Download(r, i) => (r, i, Outcome::Downloaded(Ok((0.1, Ok(None)))), "download"),
             Action::Load(r, i) => (r, i, Outcome::Loaded(Ok(())), "load"),
             Action::Offload(r, i) => (r, i, Outcome::Offloaded(Ok(true)), "offload"),
         };
@@ -232,7 +232,7 @@ async fn a_failed_download_fails_only_its_requests_and_is_retried_later() {
                 "no adapter at /x/missing",
             )))
         } else {
-            Outcome::Downloaded(Ok(0.1))
+            Outcome::Downloaded(Ok((0.1, Ok(None))))
         };
         let key = request.key;
         let result = ActionResult {

@@ -3,7 +3,7 @@
 //! be loaded; an adapter still used by cached requests must not be offloaded). Anything the
 //! router should never cause is recorded as a violation.
 
-use crate::client::ShardError;
+use crate::client::{DownloadedAdapter, ShardError};
 use crate::pb;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -25,6 +25,8 @@ pub struct AdapterBehaviour {
     pub memory_fraction: Option<f32>,
     /// Downloads wait for a permit of this semaphore (a download the test releases).
     pub download_gate: Option<Arc<Semaphore>>,
+    /// The adapter ships this chat template (with bos `<s>` and eos `</s>`).
+    pub chat_template: Option<String>,
 }
 
 /// One prefilled request: its id, adapter index and the adapter installed there at the time.
@@ -72,9 +74,15 @@ impl FakeAdapters {
             .find_map(|id| self.behaviours.get(id)?.download_gate.clone())
     }
 
-    pub fn download(&mut self, name: &str, token: Option<String>) -> Result<f32, ShardError> {
+    /// As the real shard: the share of every id, the chat template of the first that has one.
+    pub fn download(
+        &mut self,
+        name: &str,
+        token: Option<String>,
+    ) -> Result<DownloadedAdapter, ShardError> {
         self.tokens_seen.push(token.clone());
         let mut fraction = 0.0;
+        let mut chat_template = None;
         for id in name.split('+') {
             let b = self.behaviours.get(id).cloned().unwrap_or_default();
             match (&b.token, &token) {
@@ -96,9 +104,19 @@ impl FakeAdapters {
                 return Err(ShardError::status(code, message));
             }
             fraction += b.memory_fraction.unwrap_or(0.1);
+            if chat_template.is_none() {
+                chat_template = b.chat_template.map(|template| pb::AdapterChatTemplate {
+                    template,
+                    bos_token: "<s>".into(),
+                    eos_token: "</s>".into(),
+                });
+            }
         }
         self.downloaded.insert((name.to_string(), token));
-        Ok(fraction)
+        Ok(DownloadedAdapter {
+            memory_fraction: fraction,
+            chat_template,
+        })
     }
 
     pub fn load(

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 
+from .chat_template import ChatTemplateFiles, read_chat_template
 from .loader import AdapterLoadError, adapter_nbytes, load_lora_adapter
 from .lora import LoraModuleWeights, attach_lora
 from .sources import AdapterSource
 
 Modules = dict[str, LoraModuleWeights]
+MAX_TEMPLATES_KEPT = 1024  # chat templates are a few KiB: kept for far more adapters than factors are
 
 
 class AdapterInUse(RuntimeError):
@@ -82,6 +84,7 @@ class AdapterManager:
         self.host_cache_bytes = host_cache_bytes
         self.installed: dict[int, tuple[tuple, int]] = {}  # index → (request key, bytes on device)
         self._host: OrderedDict[tuple, Modules] = OrderedDict()  # (id, source, token hash) → host factors
+        self._templates: OrderedDict[tuple, ChatTemplateFiles | None] = OrderedDict()  # same keys
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ loader threads
@@ -93,6 +96,7 @@ class AdapterManager:
                 return self._host[key]
         adapter_dir = self.fetch(adapter_id, request.source, request.api_token)
         modules = load_lora_adapter(adapter_dir, self.targets, self.model.config.architecture, self.dtype)
+        self._remember_template(key, adapter_dir)
         with self._lock:
             self._host[key] = modules
             while len(self._host) > 1 and sum(adapter_nbytes(m) for m in self._host.values()) > self.host_cache_bytes:
@@ -116,6 +120,29 @@ class AdapterManager:
     def download(self, request: AdapterRequest) -> int:
         """Fetch and validate every adapter of the request; returns the bytes it will take on device."""
         return adapter_nbytes(self._modules(request))
+
+    def _remember_template(self, key: tuple, adapter_dir: Path) -> ChatTemplateFiles | None:
+        template = read_chat_template(adapter_dir)
+        with self._lock:
+            self._templates[key] = template
+            self._templates.move_to_end(key)
+            while len(self._templates) > MAX_TEMPLATES_KEPT:
+                self._templates.popitem(last=False)
+        return template
+
+    def chat_template(self, request: AdapterRequest) -> ChatTemplateFiles | None:
+        """(Loader thread, after `download`.) The chat template the request's adapter ships; of a
+        merge, the first adapter's that has one."""
+        for adapter_id in request.ids:
+            key = (adapter_id, request.source, request.token_hash)
+            with self._lock:
+                known = key in self._templates
+                template = self._templates.get(key)
+            if not known:  # forgotten since it was fetched: its files are still in the disk cache
+                template = self._remember_template(key, self.fetch(adapter_id, request.source, request.api_token))
+            if template is not None:
+                return template
+        return None
 
     def prepare(self, request: AdapterRequest) -> Modules:
         """The request's (merged) factors, copied to the device, ready to install."""

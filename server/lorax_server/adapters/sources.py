@@ -4,7 +4,8 @@
 ``adapter_config.json`` and ``adapter_model.safetensors`` (a ``.bin``-only adapter is converted once,
 read with ``torch.load(weights_only=True)``). Every failure is an ``AdapterFetchError`` whose ``kind``
 the router maps to an HTTP status: ``not_found`` 404, ``unauthorized`` 401, ``forbidden`` 403,
-``invalid`` 422, ``unavailable`` 424.
+``invalid`` 422, ``unavailable`` 424. The adapter's own chat template files (``tokenizer_config.json``,
+``special_tokens_map.json``, ``chat_template.jinja``) come along when the adapter has them.
 
 - **hub**: ``utils.hub.fetch_snapshot`` (the Hub client model downloads use too), with the settings
   of ``HubSettings.from_env()`` read at call time (``HF_ENDPOINT``, ``HF_HUB_OFFLINE``,
@@ -35,6 +36,7 @@ from typing import Any
 
 from safetensors import safe_open
 
+from lorax_server.adapters.chat_template import TEMPLATE_FILES
 from lorax_server.utils.convert import ConversionError, convert_file
 from lorax_server.utils.hub import FetchError, HubSettings, RepoKind, fetch_snapshot
 
@@ -237,7 +239,7 @@ def _hub_snapshot(adapter_id: str, revision: str | None, settings: HubSettings, 
         hub = settings.endpoint
         if ADAPTER_CONFIG not in files:
             raise AdapterFetchError("invalid", f"{where} on {hub} has no {ADAPTER_CONFIG}: it is not a PEFT adapter")
-        if len(files) < 2:
+        if ADAPTER_SAFETENSORS not in files and ADAPTER_BIN not in files:
             raise AdapterFetchError(
                 "invalid", f"{where} on {hub} has no weights: neither {ADAPTER_SAFETENSORS} nor {ADAPTER_BIN}"
             )
@@ -253,10 +255,11 @@ def _hub_snapshot(adapter_id: str, revision: str | None, settings: HubSettings, 
 
 
 def select_adapter_files(repo_files: list[str]) -> list[str]:
-    """The files to fetch: the config and the safetensors weights, else the ``.bin`` ones (top level)."""
+    """The files to fetch (top level): the config, the safetensors weights, else the ``.bin`` ones, and
+    the chat template files present."""
     present = set(repo_files)
     weights = ADAPTER_SAFETENSORS if ADAPTER_SAFETENSORS in present else ADAPTER_BIN
-    return [name for name in (ADAPTER_CONFIG, weights) if name in present]
+    return [name for name in (ADAPTER_CONFIG, weights, *TEMPLATE_FILES) if name in present]
 
 
 def _check_cached_access(record: Path, adapter_id: str, token: str | None, where: str, hub: str) -> None:
@@ -366,7 +369,7 @@ def _list_s3_adapter(client: Any, bucket: str, prefix: str, where: str) -> dict[
         raise AdapterFetchError(
             "not_found", f"{where} not found: no {ADAPTER_CONFIG} or adapter_model.* objects under that prefix"
         )
-    files = select_adapter_files(found)
+    files = select_adapter_files(list(objects))
     if ADAPTER_CONFIG not in files:
         raise AdapterFetchError("invalid", f"{where} has no {ADAPTER_CONFIG}: it is not a PEFT adapter")
     return {name: objects[name] for name in files}
@@ -379,7 +382,7 @@ def _download_s3(
     old = _read_manifest(folder) or {}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / S3_MANIFEST).unlink(missing_ok=True)  # incomplete until every file is in place
-    for name in ADAPTER_FILES:  # stale files, including a safetensors file converted from a .bin
+    for name in (*ADAPTER_FILES, *TEMPLATE_FILES):  # stale files, including a safetensors file converted from a .bin
         if name not in remote:
             (folder / name).unlink(missing_ok=True)
     for name, meta in remote.items():
