@@ -133,6 +133,19 @@ pub struct Args {
     #[arg(long, env, value_enum)]
     pub quantize: Option<Quantization>,
 
+    /// Reuse the KV cache of prompt prefixes seen before, for the same adapter, instead of
+    /// computing them again (`--prefix-caching` or `--prefix-caching true|false`). See
+    /// docs/operations.md.
+    #[arg(
+        long,
+        env,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pub prefix_caching: bool,
+
     /// Data type of the weights and activations. Unset: the shard's default for the device
     /// (bfloat16 or float16 on GPU, float32 on CPU).
     #[arg(long, env, value_enum)]

@@ -99,6 +99,9 @@ pub fn shard(server: &Path, args: &Args, env: &ChildEnv, rank: usize) -> Command
     if let Some(quantize) = args.quantize {
         spec = spec.arg("--quantize").arg(quantize.to_string());
     }
+    if args.prefix_caching {
+        spec = spec.arg("--prefix-caching");
+    }
     if let Some(endpoint) = &args.otlp_endpoint {
         spec = spec.arg("--otlp-endpoint").arg(endpoint);
     }
@@ -251,6 +254,7 @@ mod tests {
             "http://otel:4317",
             "--quantize",
             "eetq",
+            "--prefix-caching",
         ]);
         let cache = ChildEnv {
             hub_cache: Some("/data".into()),
@@ -261,7 +265,7 @@ mod tests {
             spec.args_lossy().join(" "),
             "serve org/model --uds-path /run/s --revision main --dtype bfloat16 --sharded \
              --kv-cache-blocks 64 --memory-fraction 0.5 --trust-remote-code --quantize eetq \
-             --otlp-endpoint http://otel:4317"
+             --prefix-caching --otlp-endpoint http://otel:4317"
         );
         assert_eq!(env_of(&spec, "RANK").as_deref(), Some("1"));
         assert_eq!(env_of(&spec, "LOCAL_RANK").as_deref(), Some("1"));
@@ -283,6 +287,21 @@ mod tests {
             Some("true")
         );
         assert_eq!(shard_socket(&a, 1), PathBuf::from("/run/s-1"));
+    }
+
+    #[test]
+    fn prefix_caching_as_a_switch_or_with_a_value() {
+        let cache = ChildEnv::default();
+        for (extra, on) in [
+            (&[][..], false),
+            (&["--prefix-caching"][..], true),
+            (&["--prefix-caching", "true"][..], true),
+            (&["--prefix-caching", "false"][..], false),
+        ] {
+            let spec = shard(Path::new("srv"), &args(extra), &cache, 0);
+            let passed = spec.args_lossy().iter().any(|a| a == "--prefix-caching");
+            assert_eq!(passed, on, "{extra:?}");
+        }
     }
 
     #[test]

@@ -30,6 +30,7 @@ class ShardConfig:
     trust_remote_code: bool
     otlp_endpoint: str | None = None
     quantize: str | None = None
+    prefix_caching: bool = False
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
         "--quantize",
         default=os.environ.get("QUANTIZE") or None,
         help="quantize the base model's linear weights (adapters keep their precision); see docs/quantization.md",
+    )
+    serve.add_argument(
+        "--prefix-caching",
+        action="store_true",
+        help="reuse the KV cache blocks of prompt prefixes seen before (same adapter) instead of computing them",
     )
     serve.add_argument(
         "--otlp-endpoint",
@@ -96,6 +102,7 @@ def _shard_config(args: argparse.Namespace) -> ShardConfig:
         trust_remote_code=args.trust_remote_code,
         otlp_endpoint=args.otlp_endpoint,
         quantize=args.quantize,
+        prefix_caching=args.prefix_caching,
     )
 
 
@@ -122,7 +129,7 @@ def run_serve(cfg: ShardConfig) -> None:
     adapters = None
     if model.supports_adapters:
         adapters = AdapterManager(model, fetch_adapter, device_budget(device, cfg.adapter_memory_fraction))
-    cache = CacheConfig(cfg.block_size, cfg.memory_fraction, cfg.kv_cache_blocks)
+    cache = CacheConfig(cfg.block_size, cfg.memory_fraction, cfg.kv_cache_blocks, cfg.prefix_caching)
     engine = Engine(model, tokenizer, cache, adapters)
     try:
         asyncio.run(serve(engine, model.config.architecture, cfg.uds_path, cfg.rank, cfg.world_size))

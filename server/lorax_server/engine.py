@@ -21,6 +21,7 @@ from .batch import Batch, RequestIn, Sequence
 from .forward import ForwardBatch
 from .grammar import GrammarCompiler, GrammarError, GrammarSpec, advance
 from .kv_cache import BlockManager, KVCache, OutOfBlocks
+from .prefix_cache import block_hashes
 from .models.transformer import CausalLM
 from .sampling import BatchSampler
 from .stopping import FinishReason, StoppingCriteria
@@ -88,6 +89,7 @@ class CacheConfig:
     block_size: int = 16
     memory_fraction: float | None = None  # of free device memory (CUDA) or available RAM (CPU)
     num_blocks: int | None = None  # explicit size; overrides memory_fraction
+    prefix_caching: bool = False  # reuse the KV blocks of prompt prefixes seen before (same adapter)
 
 
 class Engine:
@@ -110,6 +112,16 @@ class Engine:
         self.cache: KVCache | None = None
         self.blocks: BlockManager | None = None
         self.timings = StepTimings()
+        self.prefix_caching = cache_config.prefix_caching
+        if self.prefix_caching and model.recompute_at_length is not None:
+            # Such a model rewrites a sequence's whole cache at that length: shared blocks would change
+            # under the other sequences reading them.
+            log.warning(
+                "prefix caching is off: this model recomputes every cached key at length %d",
+                model.recompute_at_length,
+            )
+            self.prefix_caching = False
+        self.cached_prompt_tokens = 0  # prompt tokens prefix caching spared, since start
 
     # ------------------------------------------------------------------ warm-up and cache sizing
     def warmup(self, max_input_length: int, max_prefill_tokens: int, max_total_tokens: int) -> int:
@@ -276,22 +288,54 @@ class Engine:
             raise RequestError(str(e)) from e
         matchers = [self._matcher(r) for r in requests]
         cache, blocks = self._require_cache()
-        tables = [blocks.allocate(len(r.input_ids) + r.max_new_tokens) for r in requests]
+        tables: list[list[int]] = []
         try:
-            return self._prefill(batch_id, requests, sampler, matchers, tables, cache, blocks)
+            cached, keys = self._allocate(requests, blocks, tables)
+            return self._prefill(batch_id, requests, sampler, matchers, tables, cached, keys, cache, blocks)
         except BaseException:
             for t in tables:
                 if t:
                     blocks.free(t)
             raise
 
-    def _prefill(self, batch_id, requests, sampler, matchers, tables, cache, blocks):  # noqa: ANN001, ANN202
+    def _allocate(
+        self, requests: list[RequestIn], blocks: BlockManager, tables: list[list[int]]
+    ) -> tuple[list[int], list[list[bytes]]]:
+        """Fills `tables` with each request's block table (its cached prefix blocks first, under prefix
+        caching); returns how many prompt tokens of each are cached, and the prefix keys of its full
+        prompt blocks (to register once they are written)."""
+        bs = blocks.block_size
+        cached, keys = [], []
+        for r in requests:
+            n = len(r.input_ids)
+            own = block_hashes(self._adapter_identity(r.adapter_index), r.input_ids, bs, n // bs) if (
+                self.prefix_caching
+            ) else []  # fmt: skip
+            # The last prompt token is always computed (its logits choose the first token); prompt
+            # logprobs need every prompt token's logits.
+            usable = 0 if r.prefill_logprobs else (n - 1) // bs
+            table = blocks.match(own[:usable])
+            tables.append(table)
+            cached.append(len(table) * bs)
+            blocks.append(table, n + r.max_new_tokens)
+            keys.append(own)
+        return cached, keys
+
+    def _adapter_identity(self, index: int) -> object:
+        """What prefix keys are salted with: the weights a request runs with (its adapter, not the
+        index, which may later hold another adapter)."""
+        if index == 0 or self.adapters is None:
+            return "base"
+        return self.adapters.installed_key(index)
+
+    def _prefill(self, batch_id, requests, sampler, matchers, tables, cached, keys, cache, blocks):  # noqa: ANN001, ANN202
         dev = self.device
         lens = [len(r.input_ids) for r in requests]
-        flat = torch.tensor([t for r in requests for t in r.input_ids], dtype=torch.int64, device=dev)
+        query_lens = [n - c for n, c in zip(lens, cached, strict=True)]
+        flat = torch.tensor([t for r, c in zip(requests, cached) for t in r.input_ids[c:]], dtype=torch.int64, device=dev)
         block_tables = _pad_tables(tables, dev)
         rows, last_rows, start = [], [], 0
-        for r, n in zip(requests, lens, strict=True):
+        for r, n in zip(requests, query_lens, strict=True):
             if r.prefill_logprobs:
                 rows.extend(range(start, start + n))
             else:
@@ -300,19 +344,25 @@ class Engine:
             start += n
         meta = ForwardBatch.build(
             flat,
-            lens,
+            query_lens,
             lens,
             block_tables,
             blocks.block_size,
             torch.tensor(rows, dtype=torch.int64, device=dev),
-            segments_of([r.adapter_index for r in requests], lens),
+            segments_of([r.adapter_index for r in requests], query_lens),
         )
         self.timings = StepTimings()
         forward_start = time.perf_counter_ns()
         logits = self.model.forward(meta, cache)  # [len(rows), vocab]
+        for table, own in zip(tables, keys, strict=True):
+            blocks.register(table, own)  # written now: later prompts may reuse them
+        self.cached_prompt_tokens += sum(cached)
         width = max(len(r.input_ids) + r.max_new_tokens for r in requests)
         history = torch.full((len(requests), width), -1, dtype=torch.int64, device=dev)
         history[meta.seq_index, meta.positions] = flat
+        for row, c in enumerate(cached):
+            if c:  # the cached prefix's ids, which the forward pass did not take
+                history[row, :c] = torch.tensor(requests[row].input_ids[:c], dtype=torch.int64, device=dev)
         seqs = [
             Sequence(
                 r,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 
 import torch
 
@@ -12,7 +12,15 @@ class OutOfBlocks(RuntimeError):
 
 
 class BlockManager:
-    """Hands out fixed-size KV cache blocks; ref counts let sequences share blocks (e.g. best_of forks)."""
+    """Hands out fixed-size KV cache blocks; ref counts let sequences share blocks (best_of forks, and
+    prompt prefixes under prefix caching).
+
+    Prefix caching: a full block of prompt tokens is registered under its hash (see `prefix_cache`)
+    once its keys and values are written. A later sequence whose prompt starts with the same blocks
+    takes a reference on them (`match`) instead of computing them again. A registered block nobody
+    references is kept as long as it can be: it counts as free, and is recycled, least recently used
+    first, only when no never-used block is left.
+    """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks < 1 or block_size < 1:
@@ -21,10 +29,18 @@ class BlockManager:
         self.block_size = block_size
         self._free: deque[int] = deque(range(num_blocks))
         self._refs = [0] * num_blocks
+        self._by_hash: dict[bytes, int] = {}  # registered prefix blocks
+        self._hash_of: dict[int, bytes] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, unreferenced; LRU first
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached(self) -> int:
+        """Registered prefix blocks (referenced or not)."""
+        return len(self._by_hash)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -32,26 +48,33 @@ class BlockManager:
     def can_allocate(self, num_tokens: int) -> bool:
         return self.blocks_for(num_tokens) <= self.num_free
 
+    def _take(self, n: int) -> list[int]:
+        if n > self.num_free:
+            raise OutOfBlocks(f"need {n} more KV cache blocks, {self.num_free} free")
+        taken = []
+        for _ in range(n):
+            if self._free:
+                block = self._free.popleft()
+            else:  # recycle the least recently used cached prefix block
+                block, _ = self._evictable.popitem(last=False)
+                del self._by_hash[self._hash_of.pop(block)]
+            self._refs[block] = 1
+            taken.append(block)
+        return taken
+
     def allocate(self, num_tokens: int) -> list[int]:
         """A new block table with room for `num_tokens` tokens."""
         needed = self.blocks_for(num_tokens)
         if needed > self.num_free:
             raise OutOfBlocks(f"need {needed} KV cache blocks, {self.num_free} free")
-        table = [self._free.popleft() for _ in range(needed)]
-        for block in table:
-            self._refs[block] = 1
-        return table
+        return self._take(needed)
 
     def append(self, table: list[int], num_tokens: int) -> list[int]:
         """Grow `table` in place so it holds `num_tokens` tokens; returns the blocks added."""
         extra = self.blocks_for(num_tokens) - len(table)
         if extra <= 0:
             return []
-        if extra > self.num_free:
-            raise OutOfBlocks(f"need {extra} more KV cache blocks, {self.num_free} free")
-        added = [self._free.popleft() for _ in range(extra)]
-        for block in added:
-            self._refs[block] = 1
+        added = self._take(extra)
         table.extend(added)
         return added
 
@@ -62,13 +85,39 @@ class BlockManager:
         return list(table)
 
     def free(self, table: list[int]) -> None:
-        for block in table:
+        # Last block first: of a cached prefix, the tail is then recycled before the blocks that lead
+        # to it (a prefix whose first block is gone cannot be matched at all).
+        for block in reversed(table):
             if self._refs[block] <= 0:
                 raise RuntimeError(f"block {block} freed twice")
             self._refs[block] -= 1
             if self._refs[block] == 0:
-                self._free.append(block)
+                if block in self._hash_of:
+                    self._evictable[block] = None  # most recently used last
+                else:
+                    self._free.append(block)
         table.clear()
+
+    def match(self, hashes: list[bytes]) -> list[int]:
+        """The cached blocks of the longest run of leading `hashes`, each now referenced once more."""
+        table = []
+        for h in hashes:
+            block = self._by_hash.get(h)
+            if block is None:
+                break
+            if self._refs[block] == 0:
+                del self._evictable[block]
+            self._refs[block] += 1
+            table.append(block)
+        return table
+
+    def register(self, blocks: list[int], hashes: list[bytes]) -> None:
+        """Make full blocks, whose keys and values are written, reusable under their prefix hashes. A
+        hash already registered keeps its block (two sequences computed the same prefix at once)."""
+        for block, h in zip(blocks, hashes, strict=False):
+            if h not in self._by_hash and block not in self._hash_of:
+                self._by_hash[h] = block
+                self._hash_of[block] = h
 
 
 def slot_mapping(

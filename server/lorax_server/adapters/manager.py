@@ -186,6 +186,10 @@ class AdapterManager:
             self._slots[key].install(index, parts)
         self.installed[index] = (request.key, nbytes)
 
+    def installed_key(self, index: int) -> tuple:
+        """The key of the adapter (or merge) installed at `index`."""
+        return self.installed[index][0]
+
     def is_installed(self, index: int, request: AdapterRequest | None = None) -> bool:
         entry = self.installed.get(index)
         return entry is not None and (request is None or entry[0] == request.key)
