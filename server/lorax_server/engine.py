@@ -289,23 +289,27 @@ class Engine:
         matchers = [self._matcher(r) for r in requests]
         cache, blocks = self._require_cache()
         tables: list[list[int]] = []
+        registered: list[int] = []
         try:
-            cached, keys = self._allocate(requests, blocks, tables)
-            return self._prefill(batch_id, requests, sampler, matchers, tables, cached, keys, cache, blocks)
+            cached = self._allocate(requests, blocks, tables, registered)
+            return self._prefill(batch_id, requests, sampler, matchers, tables, cached, cache, blocks)
         except BaseException:
+            blocks.unregister(registered)  # their keys and values may never have been written
             for t in tables:
                 if t:
                     blocks.free(t)
             raise
 
     def _allocate(
-        self, requests: list[RequestIn], blocks: BlockManager, tables: list[list[int]]
-    ) -> tuple[list[int], list[list[bytes]]]:
-        """Fills `tables` with each request's block table (its cached prefix blocks first, under prefix
-        caching); returns how many prompt tokens of each are cached, and the prefix keys of its full
-        prompt blocks (to register once they are written)."""
+        self, requests: list[RequestIn], blocks: BlockManager, tables: list[list[int]], registered: list[int]
+    ) -> list[int]:
+        """Fills `tables` with each request's block table and returns how many prompt tokens of each
+        are cached already. Under prefix caching a table starts with the cached blocks of its prompt's
+        prefix, and its full prompt blocks are registered (into `registered`) before the forward pass:
+        a later request of the same batch sharing the prefix reads them as they are written, since
+        every layer writes the whole batch's keys and values before any token attends."""
         bs = blocks.block_size
-        cached, keys = [], []
+        cached = []
         for r in requests:
             n = len(r.input_ids)
             own = block_hashes(self._adapter_identity(r.adapter_index), r.input_ids, bs, n // bs) if (
@@ -318,8 +322,8 @@ class Engine:
             tables.append(table)
             cached.append(len(table) * bs)
             blocks.append(table, n + r.max_new_tokens)
-            keys.append(own)
-        return cached, keys
+            registered += blocks.register(table, own)
+        return cached
 
     def _adapter_identity(self, index: int) -> object:
         """What prefix keys are salted with: the weights a request runs with (its adapter, not the
@@ -328,7 +332,7 @@ class Engine:
             return "base"
         return self.adapters.installed_key(index)
 
-    def _prefill(self, batch_id, requests, sampler, matchers, tables, cached, keys, cache, blocks):  # noqa: ANN001, ANN202
+    def _prefill(self, batch_id, requests, sampler, matchers, tables, cached, cache, blocks):  # noqa: ANN001, ANN202
         dev = self.device
         lens = [len(r.input_ids) for r in requests]
         query_lens = [n - c for n, c in zip(lens, cached, strict=True)]
@@ -354,8 +358,6 @@ class Engine:
         self.timings = StepTimings()
         forward_start = time.perf_counter_ns()
         logits = self.model.forward(meta, cache)  # [len(rows), vocab]
-        for table, own in zip(tables, keys, strict=True):
-            blocks.register(table, own)  # written now: later prompts may reuse them
         self.cached_prompt_tokens += sum(cached)
         width = max(len(r.input_ids) + r.max_new_tokens for r in requests)
         history = torch.full((len(requests), width), -1, dtype=torch.int64, device=dev)

@@ -111,13 +111,27 @@ class BlockManager:
             table.append(block)
         return table
 
-    def register(self, blocks: list[int], hashes: list[bytes]) -> None:
-        """Make full blocks, whose keys and values are written, reusable under their prefix hashes. A
-        hash already registered keeps its block (two sequences computed the same prefix at once)."""
+    def register(self, blocks: list[int], hashes: list[bytes]) -> list[int]:
+        """Make full blocks reusable under their prefix hashes; returns the blocks newly registered. A
+        hash already registered keeps its block."""
+        added = []
         for block, h in zip(blocks, hashes, strict=False):
             if h not in self._by_hash and block not in self._hash_of:
                 self._by_hash[h] = block
                 self._hash_of[block] = h
+                added.append(block)
+        return added
+
+    def unregister(self, blocks: list[int]) -> None:
+        """Undo `register` for blocks whose contents were never written (a failed forward pass)."""
+        for block in blocks:
+            h = self._hash_of.pop(block, None)
+            if h is None:
+                continue
+            del self._by_hash[h]
+            if block in self._evictable:
+                del self._evictable[block]
+                self._free.append(block)
 
 
 def slot_mapping(

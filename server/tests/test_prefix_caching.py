@@ -204,11 +204,31 @@ def test_eviction_under_memory_pressure(engine: Engine) -> None:
     want, _ = run(fresh(engine, False, num_blocks=12), workload(), overlap=False)
     got, hits = run(fresh(engine, True, num_blocks=12), workload(), overlap=False)
     assert_same(got, want)
-    # Each batch takes 10 of the 12 blocks, so it recycles most of what earlier batches cached, tails
-    # first: nothing of prefix 0 is left for batch 5, while batch 6 still finds the first 2 of prefix
-    # 3's blocks (batch 4's), for both of its requests.
-    assert hits == [0, 0, 0, 0, 0, 2 * 2 * BLOCK]
+    # In every batch the second request shares the first's 3 prefix blocks, written in the same pass.
+    # Each batch takes 7 of the 12 blocks, so it recycles what earlier batches cached, least recently
+    # used and tails first: prefix 0 is gone when batch 5 asks for it again (only its second request
+    # hits), while batch 4's prefix 3 is whole for both requests of batch 6.
+    assert hits == [3 * BLOCK] * 5 + [2 * 3 * BLOCK]
     assert engine.blocks.num_free == 12
+
+
+def test_a_failed_prefill_leaves_nothing_to_reuse(engine: Engine, monkeypatch) -> None:  # noqa: ANN001
+    """Blocks registered for a forward pass that failed were never written: no later prompt finds them."""
+    fresh(engine, True)
+    want, _ = run(fresh(engine, False), [(1, [req(1, prompt(1, 3))])], overlap=False)
+    fresh(engine, True)
+
+    def broken(meta, cache):  # noqa: ANN001, ANN202
+        raise RuntimeError("device lost")
+
+    with monkeypatch.context() as m:
+        m.setattr(engine.model, "forward", broken)
+        with pytest.raises(RuntimeError, match="device lost"):
+            engine.prefill(1, [req(1, prompt(1, 3)), req(2, prompt(2, 3))])
+    assert engine.blocks.num_cached == 0 and engine.blocks.num_free == engine.blocks.num_blocks
+    got, hits = run(engine, [(1, [req(1, prompt(1, 3))])], overlap=False)
+    assert hits == [0]
+    assert_same(got, want)
 
 
 def test_a_model_that_rewrites_its_cache_turns_prefix_caching_off(engine: Engine, monkeypatch) -> None:  # noqa: ANN001
