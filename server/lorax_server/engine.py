@@ -21,8 +21,8 @@ from .batch import Batch, RequestIn, Sequence
 from .forward import ForwardBatch
 from .grammar import GrammarCompiler, GrammarError, GrammarSpec, advance
 from .kv_cache import BlockManager, KVCache, OutOfBlocks
-from .prefix_cache import block_hashes
 from .models.transformer import CausalLM
+from .prefix_cache import block_hashes
 from .sampling import BatchSampler
 from .stopping import FinishReason, StoppingCriteria
 from .utils.memory import return_freed_memory
@@ -336,7 +336,8 @@ class Engine:
         dev = self.device
         lens = [len(r.input_ids) for r in requests]
         query_lens = [n - c for n, c in zip(lens, cached, strict=True)]
-        flat = torch.tensor([t for r, c in zip(requests, cached) for t in r.input_ids[c:]], dtype=torch.int64, device=dev)
+        suffixes = [t for r, c in zip(requests, cached, strict=True) for t in r.input_ids[c:]]
+        flat = torch.tensor(suffixes, dtype=torch.int64, device=dev)
         block_tables = _pad_tables(tables, dev)
         rows, last_rows, start = [], [], 0
         for r, n in zip(requests, query_lens, strict=True):

@@ -105,4 +105,3 @@ def test_quantized_weights_take_a_quarter_of_the_bytes(quantized) -> None:
     dense_bytes = sum(lin.weight.out_features * lin.weight.in_features * 4 for lin in linears)
     packed = sum(lin.weight.nbytes() for lin in linears)
     assert packed <= 0.27 * dense_bytes, (packed, dense_bytes)
-

@@ -169,9 +169,7 @@ def _moe(spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str) -> Spa
     else:
         expert = [f"{prefix}.{spec.moe_expert.format(e=e)}" for e in range(experts)]
         names = [(f"{p}.w1", f"{p}.w3", f"{p}.w2") for p in expert]  # gate, up, down: what adapters target
-        gate_up = [
-            Linear.load(weights, [w1, w3], bias=False, shapes=[(inter, hidden)] * 2) for w1, w3, _ in names
-        ]
+        gate_up = [Linear.load(weights, [w1, w3], bias=False, shapes=[(inter, hidden)] * 2) for w1, w3, _ in names]
         down = [Linear.load(weights, [w2], bias=False, shapes=[(hidden, inter)]) for _, _, w2 in names]
     act = activation(cfg.hidden_act)
     return SparseMoE(gate, gate_up, down, cfg.experts_per_token, act, cfg.moe_norm_p)
