@@ -18,11 +18,11 @@ $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# Editable install of the shard with its test extras; redone when its metadata changes.
+# Editable install of the shard with its test and bench extras; redone when its metadata changes.
 # The acceptance clients pin an old huggingface_hub that breaks transformers 5: installed without
 # their dependencies (theirs that we need, aiohttp and pydantic, come with the test extras).
 $(VENV)/.python-installed: $(VENV)/bin/python server/pyproject.toml
-	$(PIP) install --quiet -e 'server[test]'
+	$(PIP) install --quiet -e 'server[test,bench]'
 	$(PIP) install --quiet --no-deps lorax-client==0.6.3 text-generation==0.7.0
 	touch $@
 
