@@ -17,16 +17,16 @@ import torch
 from .adapters.chat_template import ChatTemplateFiles
 from .adapters.lora import segments_of
 from .adapters.manager import AdapterInUse, AdapterManager, AdapterRequest, Modules
-from .batch import Batch, RequestIn, Sequence
+from .batch import Batch, Pending, RequestIn, cat_padded
 from .forward import ForwardBatch
 from .grammar import GrammarCompiler, GrammarError, GrammarSpec, advance
 from .kv_cache import BlockManager, KVCache, OutOfBlocks
 from .models.transformer import CausalLM
-from .prefix_cache import block_hashes
+from .prompts import add_prompt_logprobs, allocate, start_rows
+from .prompts import pieces as prompt_pieces
 from .sampling import BatchSampler
-from .stopping import FinishReason, StoppingCriteria
+from .stopping import FinishReason
 from .utils.memory import return_freed_memory
-from .utils.tokens import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class Engine:
         tokenizer,  # noqa: ANN001 - a transformers tokenizer
         cache_config: CacheConfig,
         adapters: AdapterManager | None = None,
+        chunked_prefill: bool = False,
     ) -> None:
         self.model = model
         self.adapters = adapters
@@ -122,6 +123,10 @@ class Engine:
             )
             self.prefix_caching = False
         self.cached_prompt_tokens = 0  # prompt tokens prefix caching spared, since start
+        self.chunked_prefill = chunked_prefill
+        # Under chunked prefill, the most prompt tokens one step computes (the router's prefill budget,
+        # known at warm-up); None: every prompt is computed whole in its prefill step.
+        self.chunk_tokens: int | None = None
 
     # ------------------------------------------------------------------ warm-up and cache sizing
     def warmup(self, max_input_length: int, max_prefill_tokens: int, max_total_tokens: int) -> int:
@@ -137,7 +142,9 @@ class Engine:
             )
         self.clear()
         self.cache = self.blocks = None
-        self._dummy_prefill(max_input_length, max_prefill_tokens)
+        self.chunk_tokens = max_prefill_tokens if self.chunked_prefill else None
+        self._dummy_prefill(min(max_input_length, max_prefill_tokens) if self.chunked_prefill else max_input_length,
+                            max_prefill_tokens)  # fmt: skip
         if self.device.type == "cpu":
             return_freed_memory()  # the dummy prefill's activations: free memory is measured next
         bs = self.cache_config.block_size
@@ -278,52 +285,32 @@ class Engine:
             raise OutOfBlocks(f"batch needs {needed} KV cache blocks, {blocks.num_free} free")
 
     def prefill(self, batch_id: int, requests: list[RequestIn]) -> tuple[list[GenerationOut], Batch | None]:
+        """Start a batch: every prompt is computed (under chunked prefill, as much of them as the chunk
+        budget allows) and every request whose prompt is whole samples its first token."""
         if batch_id in self.batches:
             raise RequestError(f"batch {batch_id} already exists")
         self._validate(requests)
         requests = sorted(requests, key=lambda r: r.adapter_index)  # one contiguous segment per adapter
         try:
-            sampler = BatchSampler.from_params([r.sampling for r in requests], self.device)
+            BatchSampler.from_params([r.sampling for r in requests], self.device)  # refuse bad parameters now
         except ValueError as e:
             raise RequestError(str(e)) from e
         matchers = [self._matcher(r) for r in requests]
-        cache, blocks = self._require_cache()
-        tables: list[list[int]] = []
+        _, blocks = self._require_cache()
+        batch = Batch.empty(batch_id, self.device)
         registered: list[int] = []
         try:
-            cached = self._allocate(requests, blocks, tables, registered)
-            return self._prefill(batch_id, requests, sampler, matchers, tables, cached, cache, blocks)
+            identity = self._adapter_identity if self.prefix_caching else None
+            self.cached_prompt_tokens += allocate(
+                batch, requests, matchers, blocks, identity, self.chunk_tokens, registered
+            )
+            self.timings = StepTimings()
+            gens, batch = self._step(batch, decode=False)
         except BaseException:
             blocks.unregister(registered)  # their keys and values may never have been written
-            for t in tables:
-                if t:
-                    blocks.free(t)
+            batch.free(blocks)
             raise
-
-    def _allocate(
-        self, requests: list[RequestIn], blocks: BlockManager, tables: list[list[int]], registered: list[int]
-    ) -> list[int]:
-        """Fills `tables` with each request's block table and returns how many prompt tokens of each
-        are cached already. Under prefix caching a table starts with the cached blocks of its prompt's
-        prefix, and its full prompt blocks are registered (into `registered`) before the forward pass:
-        a later request of the same batch sharing the prefix reads them as they are written, since
-        every layer writes the whole batch's keys and values before any token attends."""
-        bs = blocks.block_size
-        cached = []
-        for r in requests:
-            n = len(r.input_ids)
-            own = block_hashes(self._adapter_identity(r.adapter_index), r.input_ids, bs, n // bs) if (
-                self.prefix_caching
-            ) else []  # fmt: skip
-            # The last prompt token is always computed (its logits choose the first token); prompt
-            # logprobs need every prompt token's logits.
-            usable = 0 if r.prefill_logprobs else (n - 1) // bs
-            table = blocks.match(own[:usable])
-            tables.append(table)
-            cached.append(len(table) * bs)
-            blocks.append(table, n + r.max_new_tokens)
-            registered += blocks.register(table, own)
-        return cached
+        return gens, self._keep_unfinished(batch, gens)
 
     def _adapter_identity(self, index: int) -> object:
         """What prefix keys are salted with: the weights a request runs with (its adapter, not the
@@ -332,78 +319,85 @@ class Engine:
             return "base"
         return self.adapters.installed_key(index)
 
-    def _prefill(self, batch_id, requests, sampler, matchers, tables, cached, cache, blocks):  # noqa: ANN001, ANN202
-        dev = self.device
-        lens = [len(r.input_ids) for r in requests]
-        query_lens = [n - c for n, c in zip(lens, cached, strict=True)]
-        suffixes = [t for r, c in zip(requests, cached, strict=True) for t in r.input_ids[c:]]
-        flat = torch.tensor(suffixes, dtype=torch.int64, device=dev)
-        block_tables = _pad_tables(tables, dev)
-        rows, last_rows, start = [], [], 0
-        for r, n in zip(requests, query_lens, strict=True):
-            if r.prefill_logprobs:
-                rows.extend(range(start, start + n))
+    def _step(self, batch: Batch, decode: bool) -> tuple[list[GenerationOut], Batch]:
+        """One forward pass over the next token of every row (`decode`) and the next piece of every
+        pending prompt. Rows sample their next token; prompts that are now whole become rows and sample
+        their first. Returns the generations and the batch (with its new rows)."""
+        cache, blocks = self._require_cache()
+        dev, bs = self.device, blocks.block_size
+        rows = len(batch) if decode else 0
+        lengths = [s.length for s in batch.seqs] if rows else []
+        row_ids, row_query = self._decode_inputs(batch, lengths) if rows else (None, [])
+        pieces = prompt_pieces(batch.pending, self.chunk_tokens)
+        prompt_ids = [t for p, s, e in pieces for t in p.request.input_ids[s:e]]
+        ids = torch.tensor(prompt_ids, dtype=torch.int64, device=dev)
+        if row_ids is not None:
+            ids = torch.cat([row_ids, ids])
+        query_lens = row_query + [e - s for _, s, e in pieces]
+        # Logits: each row's last token; a whole prompt's last token; every token of a prompt whose
+        # logprobs were asked for (then also of its partial pieces).
+        logit_rows, spans, offset = [], [], 0
+        for q in row_query:
+            offset += q
+            logit_rows.append(offset - 1)
+        for p, s, e in pieces:
+            if p.request.prefill_logprobs:
+                wanted = list(range(offset, offset + e - s))
             else:
-                rows.append(start + n - 1)
-            last_rows.append(len(rows) - 1)
-            start += n
+                wanted = [offset + e - s - 1] if e == len(p.request.input_ids) else []
+            spans.append((len(logit_rows), len(wanted)))
+            logit_rows += wanted
+            offset += e - s
+        tables = [batch.block_tables[:rows]] if rows else []
+        if pieces:
+            tables.append(_pad_tables([p.block_table for p, _, _ in pieces], dev))
+        adapters = [s.request.adapter_index for s in batch.seqs[:rows]]
+        adapters += [p.request.adapter_index for p, _, _ in pieces]
         meta = ForwardBatch.build(
-            flat,
+            ids,
             query_lens,
-            lens,
-            block_tables,
-            blocks.block_size,
-            torch.tensor(rows, dtype=torch.int64, device=dev),
-            segments_of([r.adapter_index for r in requests], query_lens),
+            lengths + [e for _, _, e in pieces],
+            cat_padded(tables, pad=0),
+            bs,
+            torch.tensor(logit_rows, dtype=torch.int64, device=dev),
+            segments_of(adapters, query_lens),
         )
-        self.timings = StepTimings()
+        # The prompt blocks this pass fills become reusable (see `_allocate`; a prefill's are already).
+        registered = [b for p, _, e in pieces for b in blocks.register(p.block_table, p.keys[: e // bs])]
         forward_start = time.perf_counter_ns()
-        logits = self.model.forward(meta, cache)  # [len(rows), vocab]
-        self.cached_prompt_tokens += sum(cached)
-        width = max(len(r.input_ids) + r.max_new_tokens for r in requests)
-        history = torch.full((len(requests), width), -1, dtype=torch.int64, device=dev)
-        history[meta.seq_index, meta.positions] = flat
-        for row, c in enumerate(cached):
-            if c:  # the cached prefix's ids, which the forward pass did not take
-                history[row, :c] = torch.tensor(requests[row].input_ids[:c], dtype=torch.int64, device=dev)
-        seqs = [
-            Sequence(
-                r,
-                t,
-                StoppingCriteria(self.eos_ids, r.max_new_tokens, list(r.stop_sequences), r.ignore_eos),
-                IncrementalDetokenizer(self.tokenizer, list(r.input_ids), self.special_ids),
-                matcher,
-            )
-            for r, t, matcher in zip(requests, tables, matchers, strict=True)
-        ]
-        steps = torch.zeros(len(requests), dtype=torch.int64, device=dev)
-        prompt_lens = torch.tensor(lens, dtype=torch.int64, device=dev)
-        batch = Batch(batch_id, seqs, sampler, flat.new_zeros(len(requests)), block_tables, history, steps, prompt_lens)
-        last = torch.tensor(last_rows, dtype=torch.int64, device=dev)
-        prefill_lists = (
-            self._prefill_tokens(requests, logits, rows) if any(r.prefill_logprobs for r in requests) else None
-        )
-        gens = self._sample_and_advance(batch, logits[last], prefill_lists, forward_start)
-        return gens, self._keep_unfinished(batch, gens)
+        try:
+            logits = self.model.forward(meta, cache)
+        except BaseException:
+            blocks.unregister(registered)  # never written
+            raise
+        gens = self._sample_and_advance(batch, logits[:rows], None, forward_start) if rows else []
+        whole: list[tuple[Pending, torch.Tensor]] = []
+        for (p, s, e), (at, count) in zip(pieces, spans, strict=True):
+            p.done = e
+            if p.request.prefill_logprobs:
+                add_prompt_logprobs(p, logits[at : at + count], s, e)
+            if not p.remaining:
+                whole.append((p, logits[at + count - 1]))
+        if whole:
+            batch.pending = [p for p in batch.pending if p.remaining]
+            first, started = self._start_rows(batch.id, whole, forward_start)
+            gens += first
+            batch = Batch.concatenate([batch, started])
+        return gens, batch
 
-    def _prefill_tokens(
-        self, requests: list[RequestIn], logits: torch.Tensor, rows: list[int]
-    ) -> list[TokenList | None]:
-        """Prompt tokens with the log-probability the model gave each one (NaN for the first)."""
-        logprobs = torch.log_softmax(logits, dim=-1)
-        out: list[TokenList | None] = []
-        row = 0
-        for r in requests:
-            if not r.prefill_logprobs:
-                out.append(None)
-                row += 1
-                continue
-            n = len(r.input_ids)
-            ids = torch.tensor(r.input_ids[1:], dtype=torch.int64, device=logprobs.device)
-            lps = logprobs[row : row + n - 1].gather(1, ids[:, None]).squeeze(1).tolist()
-            out.append(self._token_list(r.input_ids, [math.nan, *lps]))
-            row += n
-        return out
+    def _start_rows(
+        self, batch_id: int, whole: list[tuple[Pending, torch.Tensor]], forward_start: int
+    ) -> tuple[list[GenerationOut], Batch]:
+        """Requests whose prompt is now in the KV cache as rows of a new batch, each with its first token
+        sampled from its last prompt token's logits."""
+        pending = [p for p, _ in whole]
+        started = start_rows(batch_id, pending, self.eos_ids, self.tokenizer, self.special_ids, self.device)
+        prefill = None
+        if any(p.request.prefill_logprobs for p in pending):
+            prefill = [self._token_list(p.request.input_ids, p.prompt_logprobs) if p.request.prefill_logprobs
+                       else None for p in pending]  # fmt: skip
+        logits = torch.stack([row for _, row in whole])
+        return self._sample_and_advance(started, logits, prefill, forward_start), started
 
     def _token_list(self, ids: list[int], logprobs: list[float]) -> TokenList:
         texts = self.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
@@ -417,24 +411,13 @@ class Engine:
             raise BatchNotFound(f"unknown batch id(s) {missing}")
         if len(set(batch_ids)) != len(batch_ids):
             raise RequestError("decode got the same batch twice")
-        cache, blocks = self._require_cache()
+        self._require_cache()
         start = time.perf_counter_ns()
         batch = Batch.concatenate([self.batches.pop(b) for b in batch_ids])
         self.timings = StepTimings(concat_ns=time.perf_counter_ns() - start)
         self.batches[batch.id] = batch
-        lengths = [s.length for s in batch.seqs]
-        input_ids, query_lens = self._decode_inputs(batch, lengths)
-        meta = ForwardBatch.build(
-            input_ids,
-            query_lens,
-            lengths,
-            batch.block_tables,
-            blocks.block_size,
-            lora_segments=segments_of(batch.adapter_indices, query_lens),
-        )
-        forward_start = time.perf_counter_ns()
-        logits = self.model.forward(meta, cache)
-        gens = self._sample_and_advance(batch, logits, None, forward_start)
+        gens, batch = self._step(batch, decode=True)
+        self.batches[batch.id] = batch
         return gens, self._keep_unfinished(batch, gens)
 
     def _decode_inputs(self, batch: Batch, lengths: list[int]) -> tuple[torch.Tensor, list[int]]:
@@ -506,10 +489,10 @@ class Engine:
     def _keep_unfinished(self, batch: Batch, gens: list[GenerationOut]) -> Batch | None:
         """Finished requests leave the batch at once, freeing their blocks."""
         _, blocks = self._require_cache()
-        keep = [row for row, g in enumerate(gens) if g.finished is None]
-        if len(keep) != len(batch):
-            batch.filter(keep, blocks)
-        if not keep:
+        finished = {g.request_id for g in gens if g.finished is not None}
+        if finished:
+            batch.filter([row for row, s in enumerate(batch.seqs) if s.request.id not in finished], blocks)
+        if not len(batch) and not batch.pending:
             self.batches.pop(batch.id, None)
             return None
         self.batches[batch.id] = batch
@@ -522,9 +505,8 @@ class Engine:
         _, blocks = self._require_cache()
         batch = self.batches[batch_id]
         wanted = set(request_ids)
-        keep = [row for row, s in enumerate(batch.seqs) if s.request.id in wanted]
-        batch.filter(keep, blocks)
-        if not keep:
+        batch.filter([row for row, s in enumerate(batch.seqs) if s.request.id in wanted], blocks, wanted)
+        if not len(batch) and not batch.pending:
             del self.batches[batch_id]
             return None
         return batch
