@@ -146,6 +146,20 @@ pub struct Args {
     )]
     pub prefix_caching: bool,
 
+    /// Prefill prompts longer than `--max-batch-prefill-tokens` in chunks of that many tokens,
+    /// each computed with a decode step of the running batch, so a long prompt never stalls the
+    /// requests already generating (`--chunked-prefill` or `--chunked-prefill true|false`).
+    /// `--max-input-length` may then exceed `--max-batch-prefill-tokens`.
+    #[arg(
+        long,
+        env,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pub chunked_prefill: bool,
+
     /// Data type of the weights and activations. Unset: the shard's default for the device
     /// (bfloat16 or float16 on GPU, float32 on CPU).
     #[arg(long, env, value_enum)]
@@ -340,10 +354,10 @@ impl Args {
                 self.max_input_length, self.max_total_tokens
             ));
         }
-        if self.max_batch_prefill_tokens < self.max_input_length {
+        if self.max_batch_prefill_tokens < self.max_input_length && !self.chunked_prefill {
             return Err(format!(
                 "--max-batch-prefill-tokens ({}) must be at least --max-input-length ({}), or \
-                 the longest prompts could never be prefilled",
+                 the longest prompts could never be prefilled (unless --chunked-prefill)",
                 self.max_batch_prefill_tokens, self.max_input_length
             ));
         }

@@ -102,6 +102,9 @@ pub fn shard(server: &Path, args: &Args, env: &ChildEnv, rank: usize) -> Command
     if args.prefix_caching {
         spec = spec.arg("--prefix-caching");
     }
+    if args.chunked_prefill {
+        spec = spec.arg("--chunked-prefill");
+    }
     if let Some(endpoint) = &args.otlp_endpoint {
         spec = spec.arg("--otlp-endpoint").arg(endpoint);
     }
@@ -174,6 +177,9 @@ pub fn router(router: &Path, args: &Args, env: &ChildEnv, tokenizer: &Path) -> C
     }
     if let Some(total) = args.max_batch_total_tokens {
         spec = spec.arg("--max-batch-total-tokens").arg(total.to_string());
+    }
+    if args.chunked_prefill {
+        spec = spec.arg("--chunked-prefill");
     }
     if let Some(endpoint) = &args.otlp_endpoint {
         spec = spec.arg("--otlp-endpoint").arg(endpoint);
@@ -302,6 +308,24 @@ mod tests {
             let passed = spec.args_lossy().iter().any(|a| a == "--prefix-caching");
             assert_eq!(passed, on, "{extra:?}");
         }
+    }
+
+    #[test]
+    fn chunked_prefill_reaches_the_shard_and_the_router() {
+        let cache = ChildEnv::default();
+        let long = ["--max-input-length", "3000", "--max-total-tokens", "4000"];
+        let small_budget = ["--max-batch-prefill-tokens", "512"];
+        let a = args(&[&["--chunked-prefill"][..], &long, &small_budget].concat());
+        assert!(a.validate().is_ok(), "{:?}", a.validate());
+        for spec in [
+            shard(Path::new("srv"), &a, &cache, 0),
+            router(Path::new("rt"), &a, &cache, Path::new("tok")),
+        ] {
+            assert!(spec.args_lossy().iter().any(|x| x == "--chunked-prefill"));
+        }
+        let unchunked = args(&[&long[..], &small_budget].concat());
+        let err = unchunked.validate().unwrap_err();
+        assert!(err.contains("unless --chunked-prefill"), "{err}");
     }
 
     #[test]

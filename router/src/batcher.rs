@@ -38,6 +38,8 @@ pub struct BatcherConfig {
     pub waiting_served_ratio: f32,
     /// KV-cache block size of the shard.
     pub block_size: u32,
+    /// The shards prefill long prompts in chunks of `max_batch_prefill_tokens` (see `QueueConfig`).
+    pub chunked_prefill: bool,
 }
 
 type Entries = HashMap<u64, Entry>;

@@ -88,6 +88,7 @@ impl Infer {
         let notify = Arc::new(Notify::new());
         let queue_config = QueueConfig {
             block_size: config.block_size,
+            chunked_prefill: config.chunked_prefill,
             exchange,
         };
         let queue = Queue::spawn(client.clone(), queue_config, notify.clone());

@@ -46,6 +46,17 @@ struct Args {
     /// Most prompt tokens in one prefill.
     #[arg(long, env, default_value_t = 4096)]
     max_batch_prefill_tokens: u32,
+    /// The shards prefill prompts longer than `--max-batch-prefill-tokens` in chunks, so
+    /// `--max-input-length` may exceed it.
+    #[arg(
+        long,
+        env,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    chunked_prefill: bool,
     /// Most tokens (prompts + max_new_tokens) in flight at once; by default what the shards'
     /// Warmup reports. Refused when larger than that.
     #[arg(long, env)]
@@ -127,8 +138,11 @@ fn check_args(args: &Args) -> Result<(), String> {
     if args.max_input_length >= args.max_total_tokens {
         return Err("--max-input-length must be < --max-total-tokens".into());
     }
-    if (args.max_batch_prefill_tokens as usize) < args.max_input_length {
-        return Err("--max-batch-prefill-tokens must be >= --max-input-length".into());
+    if (args.max_batch_prefill_tokens as usize) < args.max_input_length && !args.chunked_prefill {
+        return Err(
+            "--max-batch-prefill-tokens must be >= --max-input-length (unless --chunked-prefill)"
+                .into(),
+        );
     }
     if args.max_best_of == 0 || args.max_concurrent_requests == 0 {
         return Err("--max-best-of and --max-concurrent-requests must be > 0".into());
@@ -284,6 +298,7 @@ fn start_inference(
         max_waiting_tokens: args.max_waiting_tokens,
         waiting_served_ratio: args.waiting_served_ratio,
         block_size: shards.block_size,
+        chunked_prefill: args.chunked_prefill,
     };
     let exchange = ExchangeConfig {
         max_active_adapters: args.max_active_adapters,

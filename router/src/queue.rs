@@ -39,6 +39,9 @@ pub struct NextBatch {
 pub struct QueueConfig {
     /// KV-cache block size of the shard.
     pub block_size: u32,
+    /// The shards compute at most the prefill budget of prompt tokens per step and prefill longer
+    /// prompts in chunks over several steps: a prompt counts as at most the whole budget.
+    pub chunked_prefill: bool,
     /// Adapter slots and rotation.
     pub exchange: ExchangeConfig,
 }
@@ -53,6 +56,7 @@ pub struct QueueState {
     next_request_id: u64,
     next_batch_id: u64,
     block_size: u32,
+    chunked_prefill: bool,
 }
 
 impl QueueState {
@@ -63,6 +67,7 @@ impl QueueState {
             next_request_id: 0,
             next_batch_id: 0,
             block_size: config.block_size,
+            chunked_prefill: config.chunked_prefill,
         }
     }
 
@@ -96,8 +101,8 @@ impl QueueState {
     }
 
     /// Takes entries oldest first across the base model and the active adapters (requests of
-    /// other adapters wait for theirs) while the new batch's prompt tokens stay within
-    /// `prefill_token_budget` and its reserved tokens within `token_budget`; the first entry
+    /// other adapters wait for theirs) while the new batch's prompt tokens (with chunked prefill,
+    /// at most the budget per prompt) stay within `prefill_token_budget` and its reserved tokens within `token_budget`; the first entry
     /// that does not fit ends the batch (no jumping ahead). Cancelled entries are dropped.
     /// Returns None when nothing fits, or when fewer than `min_size` entries fit.
     pub fn next_batch(
@@ -107,6 +112,7 @@ impl QueueState {
         token_budget: u32,
     ) -> Option<NextBatch> {
         let block_size = self.block_size;
+        let chunked = self.chunked_prefill;
         let mut queues: Vec<(u32, &mut Waiting)> = vec![(0, &mut self.base)];
         queues.extend(self.adapters.admissible_queues());
         for (_, queue) in queues.iter_mut() {
@@ -121,7 +127,13 @@ impl QueueState {
         let mut taken: Vec<(usize, u64, Entry)> = Vec::new();
         while let Some(pos) = oldest_front(&queues) {
             let (_, entry) = queues[pos].1.front()?;
-            let prefill = prefill_tokens + entry.request.input_length;
+            let prompt = entry.request.input_length;
+            let prefill = prefill_tokens
+                + if chunked {
+                    prompt.min(prefill_token_budget)
+                } else {
+                    prompt
+                };
             let reserved = reserved_tokens + entry.reserved_tokens(block_size);
             if prefill > prefill_token_budget || reserved > token_budget {
                 break;

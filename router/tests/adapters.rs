@@ -33,9 +33,11 @@ fn start(capacity: u32, max_active_adapters: usize, cycle_time: Duration) -> Har
         max_waiting_tokens: 1,
         waiting_served_ratio: 0.0,
         block_size: 1,
+        chunked_prefill: false,
     };
     let queue_config = QueueConfig {
         block_size: 1,
+        chunked_prefill: false,
         exchange: ExchangeConfig {
             max_active_adapters,
             cycle_time,

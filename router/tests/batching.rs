@@ -27,6 +27,7 @@ fn config(total: u32, prefill: u32, max_waiting_tokens: usize, ratio: f32) -> Ba
         max_waiting_tokens,
         waiting_served_ratio: ratio,
         block_size: 1,
+        chunked_prefill: false,
     }
 }
 
@@ -36,6 +37,7 @@ fn start(shard: FakeShard, config: BatcherConfig) -> Harness {
     let client: Arc<dyn ShardClient> = shard.clone();
     let queue_config = QueueConfig {
         block_size: config.block_size,
+        chunked_prefill: config.chunked_prefill,
         exchange: ExchangeConfig {
             max_active_adapters: 2,
             cycle_time: Duration::from_secs(2),

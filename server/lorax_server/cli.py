@@ -31,6 +31,7 @@ class ShardConfig:
     otlp_endpoint: str | None = None
     quantize: str | None = None
     prefix_caching: bool = False
+    chunked_prefill: bool = False
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
         help="reuse the KV cache blocks of prompt prefixes seen before (same adapter) instead of computing them",
     )
     serve.add_argument(
+        "--chunked-prefill",
+        action="store_true",
+        help="compute at most the router's prefill budget of prompt tokens per step; longer prompts take several",
+    )
+    serve.add_argument(
         "--otlp-endpoint",
         default=os.environ.get("OTLP_ENDPOINT"),
         help="OpenTelemetry collector (OTLP/gRPC, e.g. http://collector:4317) for the shard's spans",
@@ -103,6 +109,7 @@ def _shard_config(args: argparse.Namespace) -> ShardConfig:
         otlp_endpoint=args.otlp_endpoint,
         quantize=args.quantize,
         prefix_caching=args.prefix_caching,
+        chunked_prefill=args.chunked_prefill,
     )
 
 
@@ -130,7 +137,7 @@ def run_serve(cfg: ShardConfig) -> None:
     if model.supports_adapters:
         adapters = AdapterManager(model, fetch_adapter, device_budget(device, cfg.adapter_memory_fraction))
     cache = CacheConfig(cfg.block_size, cfg.memory_fraction, cfg.kv_cache_blocks, cfg.prefix_caching)
-    engine = Engine(model, tokenizer, cache, adapters)
+    engine = Engine(model, tokenizer, cache, adapters, chunked_prefill=cfg.chunked_prefill)
     try:
         asyncio.run(serve(engine, model.config.architecture, cfg.uds_path, cfg.rank, cfg.world_size))
     finally:

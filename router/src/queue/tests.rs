@@ -10,6 +10,7 @@ use crate::testing::{valid_request, FakeShard};
 fn config(block_size: u32) -> QueueConfig {
     QueueConfig {
         block_size,
+        chunked_prefill: false,
         exchange: ExchangeConfig {
             max_active_adapters: 2,
             cycle_time: Duration::from_secs(2),
@@ -82,6 +83,43 @@ async fn prefill_budget_stops_the_batch() {
     assert_eq!(state.len(), 1);
     let next = state.next_batch(None, 25, 1000).unwrap();
     assert_eq!(next.batch.requests[0].id, 2);
+}
+
+#[tokio::test]
+async fn with_chunked_prefill_a_long_prompt_counts_as_the_whole_budget() {
+    let mut state = QueueState::new(QueueConfig {
+        chunked_prefill: true,
+        ..config(1)
+    });
+    let lengths = [50, 8, 30, 2];
+    let _rx: Vec<_> = lengths
+        .iter()
+        .map(|&n| {
+            let (e, rx) = entry(n, 5);
+            state.append(e);
+            rx
+        })
+        .collect();
+    let batch = |state: &mut QueueState| {
+        let next = state.next_batch(None, 20, 1000).unwrap();
+        next.batch
+            .requests
+            .iter()
+            .map(|r| r.id)
+            .collect::<Vec<u64>>()
+    };
+    // 50 tokens count as 20: alone in its prefill; then 8 + min(30, 20) > 20: the 8 alone; then
+    // 20 + 2 > 20: the 30 alone, and the 2.
+    assert_eq!(batch(&mut state), vec![0]);
+    assert_eq!(batch(&mut state), vec![1]);
+    assert_eq!(batch(&mut state), vec![2]);
+    assert_eq!(batch(&mut state), vec![3]);
+    // Without chunked prefill a prompt over the budget is never admitted (the router refuses
+    // such limits at start-up).
+    let mut whole = QueueState::new(config(1));
+    let (e, _rx) = entry(50, 5);
+    whole.append(e);
+    assert!(whole.next_batch(None, 20, 1000).is_none());
 }
 
 #[tokio::test]
@@ -275,6 +313,7 @@ async fn a_failed_download_fails_only_its_requests_and_is_retried_later() {
 async fn full_slots_rotate_after_the_cycle_time_without_touching_running_requests() {
     let mut state = QueueState::new(QueueConfig {
         block_size: 1,
+        chunked_prefill: false,
         exchange: ExchangeConfig {
             max_active_adapters: 1,
             cycle_time: Duration::ZERO,
