@@ -34,9 +34,10 @@ MODEL = dict(
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_bench_model(out: Path, num_adapters: int, rank: int = 16) -> tuple[Path, list[Path]]:
-    """The bench model and `num_adapters` rank-`rank` LoRA adapters on all its linear layers."""
-    model = make_llama(out / "model", **MODEL)
+def make_bench_model(out: Path, num_adapters: int, rank: int = 16, **overrides) -> tuple[Path, list[Path]]:
+    """The bench model (its config changed by `overrides`) and `num_adapters` rank-`rank` LoRA adapters
+    on all its linear layers."""
+    model = make_llama(out / "model", **{**MODEL, **overrides})
     lora = dict(r=rank, lora_alpha=2 * rank, target_modules=ALL_LINEAR)
     adapters = [make_lora_adapter(model, out / f"adapter-{i}", seed=i + 1, **lora) for i in range(num_adapters)]
     return model, adapters

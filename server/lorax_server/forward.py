@@ -32,6 +32,9 @@ class ForwardBatch:
     lora_segments: list[tuple[int, int, int]] = field(default_factory=list)
     # Attention backends cache derived tensors (masks, gather indices) here, once per forward pass.
     backend_state: dict = field(default_factory=dict)
+    # Host copies of the per-sequence lengths (empty when the batch was built without them).
+    host_query_lens: list[int] = field(default_factory=list)
+    host_context_lens: list[int] = field(default_factory=list)
     _adapter_slots: torch.Tensor | None = field(default=None, init=False, repr=False)  # see adapter_slots
 
     @property
@@ -99,4 +102,6 @@ class ForwardBatch:
             max_context_len=max(context_lens),
             logits_index=logits_index,
             lora_segments=lora_segments or [],
+            host_query_lens=list(query_lens),
+            host_context_lens=list(context_lens),
         )

@@ -59,6 +59,7 @@ class _PaddedLayout:
 
     def __init__(self, meta: ForwardBatch, block_size: int) -> None:
         batch, device = meta.batch_size, meta.input_ids.device
+        self.batch = batch
         self.max_q, self.max_k = meta.max_query_len, meta.max_context_len
         self.num_blocks = -(-self.max_k // block_size)
         self.tables = meta.block_tables[:, : self.num_blocks]  # [batch, num_blocks]
@@ -92,18 +93,46 @@ class _PaddedLayout:
 
 class TorchAttention:
     """Gathers each sequence's cached keys into a padded grid and runs SDPA (or an explicit softmax
-    when logits are soft-capped)."""
+    when logits are soft-capped).
+
+    A batch that mixes one-token sequences (decode) with longer ones (prompts, chunks of prompts) is
+    attended as two groups, each padded to its own longest query and context: padding every decoding
+    sequence to a long prompt's shape would multiply its work by that prompt's length."""
 
     name = "torch"
 
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
 
-    def _layout(self, meta: ForwardBatch) -> _PaddedLayout:
-        layout = meta.backend_state.get(self.name)
-        if layout is None:
-            layout = meta.backend_state[self.name] = _PaddedLayout(meta, self.block_size)
-        return layout
+    def _layouts(self, meta: ForwardBatch) -> list[tuple[torch.Tensor | None, _PaddedLayout]]:
+        """(tokens of the group, or None for all; its layout), built once per forward pass."""
+        layouts = meta.backend_state.get(self.name)
+        if layouts is None:
+            layouts = meta.backend_state[self.name] = self._group(meta)
+        return layouts
+
+    def _group(self, meta: ForwardBatch) -> list[tuple[torch.Tensor | None, _PaddedLayout]]:
+        q_lens, ctx = meta.host_query_lens, meta.host_context_lens
+        decoding = [n == 1 for n in q_lens]
+        if not q_lens or all(decoding) or not any(decoding):
+            return [(None, _PaddedLayout(meta, self.block_size))]
+        device = meta.input_ids.device
+        starts = [0]
+        for n in q_lens:
+            starts.append(starts[-1] + n)
+        groups = []
+        for want in (True, False):
+            seqs = [i for i, d in enumerate(decoding) if d == want]
+            tokens = torch.cat([torch.arange(starts[i], starts[i + 1], device=device) for i in seqs])
+            sub = ForwardBatch.build(
+                meta.input_ids[tokens],
+                [q_lens[i] for i in seqs],
+                [ctx[i] for i in seqs],
+                meta.block_tables[torch.tensor(seqs, device=device)],
+                self.block_size,
+            )
+            groups.append((tokens, _PaddedLayout(sub, self.block_size)))
+        return groups
 
     def attend(
         self,
@@ -118,8 +147,29 @@ class TorchAttention:
         k_scale: float = 1.0,
         v_scale: float = 1.0,
     ) -> torch.Tensor:
-        layout = self._layout(meta)
-        batch, heads, head_dim = meta.batch_size, q.shape[1], q.shape[2]
+        groups = self._layouts(meta)
+        args = (cache_k, cache_v, scale, window, softcap, alibi_slopes, k_scale, v_scale)
+        if len(groups) == 1:
+            return self._attend(q, groups[0][1], *args)
+        out = torch.empty_like(q)
+        for tokens, layout in groups:
+            out[tokens] = self._attend(q[tokens], layout, *args)
+        return out
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        layout: _PaddedLayout,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        scale: float,
+        window: int | None,
+        softcap: float | None,
+        alibi_slopes: torch.Tensor | None,
+        k_scale: float,
+        v_scale: float,
+    ) -> torch.Tensor:
+        batch, heads, head_dim = layout.batch, q.shape[1], q.shape[2]
         kv_heads = cache_k.shape[2]
         decode = layout.max_q == 1  # one token per sequence: the padded grid is q itself
         q_grid = q if decode else q.new_zeros(batch * layout.max_q, heads, head_dim).index_copy_(0, layout.q_index, q)
