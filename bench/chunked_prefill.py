@@ -107,8 +107,8 @@ def main() -> None:
         steady = [g for s, _, _ in runs for g in s]
         during = [g for _, d, _ in runs for g in d]
         ttft = sum(t for _, _, t in runs) / len(runs)
-        row = (*(percentile(gaps, q) for gaps in (steady, during) for q in (0.5, 0.99)), ttft)
-        row = (row[0], row[1], row[2], row[3], ttft)
+        row = (percentile(steady, 0.5), percentile(steady, 0.99), percentile(during, 0.5), percentile(during, 0.99))
+        row = (*row, ttft)
         rows[mode] = row
         print(f"| {mode} | {row[0] * 1000:.0f} | {row[1] * 1000:.0f} | {row[2] * 1000:.0f} | {row[3] * 1000:.0f} | "
               f"{row[3] / row[1]:.2f}× | {ttft:.2f} |")  # fmt: skip
