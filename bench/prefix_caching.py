@@ -52,16 +52,17 @@ def plot(rows: dict[str, tuple[float, float, float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(rows)
+    labels = [n.replace(", ", "\n") for n in names]
     fig, (ax_ttft, ax_tps) = plt.subplots(1, 2, figsize=(9, 3.6))
     width = 0.38
     xs = range(len(names))
     ax_ttft.bar([x - width / 2 for x in xs], [rows[n][0] for n in names], width, label="mean")
     ax_ttft.bar([x + width / 2 for x in xs], [rows[n][1] for n in names], width, label="p90")
-    ax_ttft.set_xticks(list(xs), names)
+    ax_ttft.set_xticks(list(xs), labels)
     ax_ttft.set_ylabel("time to first token (s)")
     ax_ttft.legend()
     ax_tps.bar(list(xs), [rows[n][2] for n in names], 0.5, color="tab:green")
-    ax_tps.set_xticks(list(xs), names)
+    ax_tps.set_xticks(list(xs), labels)
     ax_tps.set_ylabel("generated tokens/s")
     ax_ttft.tick_params(axis="x", labelsize=7)
     ax_tps.tick_params(axis="x", labelsize=7)
