@@ -300,7 +300,7 @@ class Engine:
         batch = Batch.empty(batch_id, self.device)
         registered: list[int] = []
         try:
-            identity = self._adapter_identity if self.prefix_caching else None
+            identity = self._prefix_identity if self.prefix_caching else None
             self.cached_prompt_tokens += allocate(
                 batch, requests, matchers, blocks, identity, self.chunk_tokens, registered
             )
@@ -312,12 +312,15 @@ class Engine:
             raise
         return gens, self._keep_unfinished(batch, gens)
 
-    def _adapter_identity(self, index: int) -> object:
-        """What prefix keys are salted with: the weights a request runs with (its adapter, not the
-        index, which may later hold another adapter)."""
-        if index == 0 or self.adapters is None:
-            return "base"
-        return self.adapters.installed_key(index)
+    def _prefix_identity(self, r: RequestIn) -> object:
+        """What a request's prefix keys are salted with: the weights it runs with (its adapter, not the
+        index, which may later hold another adapter), and its prompt's length when the model's keys
+        depend on it (see `CausalLM.length_dependent_above`)."""
+        adapter = (
+            "base" if r.adapter_index == 0 or self.adapters is None else self.adapters.installed_key(r.adapter_index)
+        )
+        above = self.model.length_dependent_above
+        return (adapter, len(r.input_ids)) if above is not None and len(r.input_ids) > above else adapter
 
     def _step(self, batch: Batch, decode: bool) -> tuple[list[GenerationOut], Batch]:
         """One forward pass over the next token of every row (`decode`) and the next piece of every
@@ -361,6 +364,7 @@ class Engine:
             bs,
             torch.tensor(logit_rows, dtype=torch.int64, device=dev),
             segments_of(adapters, query_lens),
+            rope_lens=lengths + [len(p.request.input_ids) for p, _, _ in pieces],
         )
         # The prompt blocks this pass fills become reusable (see `_allocate`; a prefill's are already).
         registered = [b for p, _, e in pieces for b in blocks.register(p.block_table, p.keys[: e // bs])]

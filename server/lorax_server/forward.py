@@ -72,10 +72,13 @@ class ForwardBatch:
         block_size: int,
         logits_index: torch.Tensor | None = None,
         lora_segments: list[tuple[int, int, int]] | None = None,
+        rope_lens: list[int] | None = None,
     ) -> ForwardBatch:
         """Derive every per-token tensor from per-sequence lengths.
 
         input_ids: [num_tokens] on the target device; query_lens/context_lens: host lists, one per sequence.
+        rope_lens: the sequence length rotary frequencies see (default: context_lens); a chunk of a prompt
+        gives the whole prompt's, so it is rotated as the whole prompt would be.
         """
         device = input_ids.device
         q_lens = torch.tensor(query_lens, dtype=torch.int64, device=device)  # [batch]
@@ -87,13 +90,14 @@ class ForwardBatch:
         query_start = torch.cumsum(q_lens, 0) - q_lens
         offset_in_query = torch.arange(num_tokens, device=device) - query_start[seq_index]
         positions = (ctx - q_lens)[seq_index] + offset_in_query
+        rope_ctx = ctx if rope_lens is None else torch.tensor(rope_lens, dtype=torch.int64, device=device)
         if logits_index is None:
             logits_index = torch.cumsum(q_lens, 0) - 1  # last token of each sequence
         return cls(
             input_ids=input_ids,
             positions=positions,
             seq_index=seq_index,
-            seq_lens=ctx[seq_index],
+            seq_lens=rope_ctx[seq_index],
             slots=slot_mapping(block_tables, seq_index, positions, block_size),
             block_tables=block_tables,
             context_lens=ctx,

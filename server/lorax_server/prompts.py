@@ -28,22 +28,22 @@ def allocate(
     requests: list[RequestIn],
     matchers: list,
     blocks: BlockManager,
-    identity: Callable[[int], object] | None,
+    identity: Callable[[RequestIn], object] | None,
     chunk_tokens: int | None,
     registered: list[int],
 ) -> int:
     """Make every request a pending one of `batch`, with its block table; returns the prompt tokens found
-    cached. With `identity` (an adapter index → what prefix keys are salted with; None: no prefix
-    caching) a table starts with the cached blocks of its prompt's prefix, which need no computing, and
-    the prompt blocks the first step computes are registered at once (into `registered`): a later
-    request of the same batch with the same prefix then reads them as they are written, since every
-    layer writes the whole batch's keys and values before any token attends."""
+    cached. With `identity` (a request → what its prefix keys are salted with; None: no prefix caching)
+    a table starts with the cached blocks of its prompt's prefix, which need no computing, and the
+    prompt blocks the first step computes are registered at once (into `registered`): a later request
+    of the same batch with the same prefix then reads them as they are written, since every layer
+    writes the whole batch's keys and values before any token attends."""
     bs = blocks.block_size
     budget = chunk_tokens if chunk_tokens is not None else math.inf  # spent as `pieces` spends it
     cached_total = 0
     for r, matcher in zip(requests, matchers, strict=True):
         n = len(r.input_ids)
-        keys = block_hashes(identity(r.adapter_index), r.input_ids, bs, n // bs) if identity else []
+        keys = block_hashes(identity(r), r.input_ids, bs, n // bs) if identity else []
         # The last prompt token is always computed (its logits choose the first token); prompt logprobs
         # need every prompt token's logits.
         usable = 0 if r.prefill_logprobs else (n - 1) // bs

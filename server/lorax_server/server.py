@@ -133,7 +133,8 @@ def generation_to_proto(g: GenerationOut) -> pb.Generation:
 def cached_batch(batch: Batch | None) -> pb.CachedBatch | None:
     if batch is None:
         return None
-    return pb.CachedBatch(id=batch.id, request_ids=batch.request_ids, size=len(batch), max_tokens=batch.max_tokens)
+    ids = batch.request_ids  # generating rows and requests still being prefilled (chunked prefill)
+    return pb.CachedBatch(id=batch.id, request_ids=ids, size=len(ids), max_tokens=batch.max_tokens)
 
 
 class LoraxService(pb_grpc.LoraxServiceServicer):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from test_prefix_caching import BLOCK, assert_same, engine, prompt, run  # noqa: F401 - `engine` is a fixture
 
 from lorax_server.batch import RequestIn
@@ -119,3 +120,44 @@ def test_without_chunking_a_prompt_is_computed_in_its_prefill(engine: Engine) ->
     assert sorted(g.request_id for g in gens) == [1, 2] and len(batch) == 2
     engine.clear()
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+@pytest.fixture(scope="module")
+def dynamic_rope(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    """A model whose rotary frequencies depend on the sequence's length beyond 24 tokens (dynamic NTK)."""
+    from tiny_models import make_llama
+    from transformers import AutoTokenizer
+
+    from lorax_server.engine import CacheConfig
+    from lorax_server.layers.attention import TorchAttention
+    from lorax_server.models.loader import load_model
+
+    model_dir = make_llama(
+        tmp_path_factory.mktemp("dynamic"),
+        max_position_embeddings=24,
+        rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+    )
+    model = load_model(model_dir, TorchAttention(BLOCK), torch.device("cpu"), "float32")
+    assert model.length_dependent_above == 24
+    return Engine(model, AutoTokenizer.from_pretrained(model_dir), CacheConfig(BLOCK, num_blocks=96))
+
+
+def test_length_dependent_rotary_chunks_and_prefixes_stay_exact(dynamic_rope: Engine) -> None:
+    """A chunk of a long prompt is rotated as the whole prompt is; a cached prefix is reused only by a
+    prompt of the same length (its keys depend on the length), so every answer stays exact."""
+    shared = prompt(60, 28)
+    workload = [
+        (1, [RequestIn(1, shared + prompt(1, 8), SamplingParams(), 6, ignore_eos=True)]),
+        (2, [RequestIn(2, shared + prompt(2, 4), SamplingParams(), 6, ignore_eos=True),  # other length: miss
+             RequestIn(3, shared[:20], SamplingParams(), 6, ignore_eos=True)]),  # under 24 tokens
+        (3, [RequestIn(4, shared + prompt(4, 8), SamplingParams(), 6, ignore_eos=True),  # same length: hit
+             RequestIn(5, shared[:20] + prompt(5, 2), SamplingParams(), 6, ignore_eos=True)]),  # hit
+    ]  # fmt: skip
+    want, _ = run(configure(dynamic_rope, None), workload, overlap=True)
+    got, _ = run(configure(dynamic_rope, 8), workload, overlap=True)
+    assert_same(got, want)
+    got, hits = run(configure(dynamic_rope, None, prefix_caching=True), workload, overlap=True)
+    assert_same(got, want)
+    assert hits == [0, 0, 7 * BLOCK + 5 * BLOCK]
+    got, _ = run(configure(dynamic_rope, 8, prefix_caching=True), workload, overlap=True)
+    assert_same(got, want)

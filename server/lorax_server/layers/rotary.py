@@ -139,6 +139,9 @@ class RotaryEmbedding:
         # Longrope switches frequencies once a sequence outgrows the original context; the keys cached
         # before then were rotated with the short factors and must be recomputed at that length.
         self.recompute_at_length: int | None = None
+        # Above this sequence length the frequencies depend on the length itself (dynamic NTK, longrope):
+        # a prompt's keys then depend on the whole prompt's length, not only on the tokens before them.
+        self.length_dependent_above: int | None = max_positions if rope.rope_type == "dynamic" else None
         inv_freq = base_inv_freq(rope.theta, self.dim)
         if rope.rope_type == "linear":
             inv_freq = inv_freq / rope.factor
@@ -160,6 +163,7 @@ class RotaryEmbedding:
             self.original_max_positions = original
             if rope.short_factor != rope.long_factor:
                 self.recompute_at_length = original + 1
+                self.length_dependent_above = original
         elif rope.rope_type not in ("default", "dynamic"):
             raise ValueError(f"unsupported rope type {rope.rope_type!r}")
         self.inv_freq = inv_freq.to(device)  # [dim / 2]

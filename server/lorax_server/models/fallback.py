@@ -26,6 +26,7 @@ class UnsupportedArchitecture(ValueError):
 class TransformersCausalLM:
     supports_adapters = False
     recompute_at_length = None  # every step recomputes whole sequences already
+    length_dependent_above = None  # transformers' own module: the cache holds token ids, not keys
 
     @property
     def position_limit(self) -> int | None:

@@ -319,6 +319,12 @@ class CausalLM:
         return self.rotary.recompute_at_length
 
     @property
+    def length_dependent_above(self) -> int | None:
+        """Prompts longer than this have keys that depend on the prompt's whole length (see
+        `RotaryEmbedding.length_dependent_above`); None: never."""
+        return self.rotary.length_dependent_above
+
+    @property
     def position_limit(self) -> int | None:
         """The longest sequence this model can run, when that is a hard limit; None: no hard limit."""
         if self.spec.position_encoding == "learned" or self.spec.hard_context_limit:
