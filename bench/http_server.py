@@ -20,18 +20,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 BIN = REPO / ".venv" / "bin"
 sys.path.insert(0, str(REPO / "server" / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
+from adapter_throughput import ALL_LINEAR  # noqa: E402
+from shard_throughput import MODEL  # noqa: E402  DESIGN.md's bench model: a random Llama of 26M parameters
 from tiny_models import make_llama, make_lora_adapter  # noqa: E402
 
-# DESIGN.md's bench model: a random Llama of 26M parameters.
-MODEL = dict(
-    hidden_size=512,
-    intermediate_size=1376,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    max_position_embeddings=512,
-)
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def make_bench_model(out: Path, num_adapters: int, rank: int = 16, **overrides) -> tuple[Path, list[Path]]:
