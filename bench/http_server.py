@@ -26,7 +26,6 @@ from shard_throughput import MODEL  # noqa: E402  DESIGN.md's bench model: a ran
 from tiny_models import make_llama, make_lora_adapter  # noqa: E402
 
 
-
 def make_bench_model(out: Path, num_adapters: int, rank: int = 16, **overrides) -> tuple[Path, list[Path]]:
     """The bench model (its config changed by `overrides`) and `num_adapters` rank-`rank` LoRA adapters
     on all its linear layers."""
