@@ -36,7 +36,8 @@ from lorax_server.sampling import SamplingParams  # noqa: E402
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def run_ours(model_dir: Path, adapters: list[Path], work, use_adapters: bool, prefill_budget: int):
+def engine_with_adapters(model_dir: Path, adapters: list[Path], prefill_budget: int) -> Engine:
+    """The engine on the bench model, warmed up, with `adapters` installed at indices 1, 2, ..."""
     model = load_model(model_dir, TorchAttention(16), torch.device("cpu"), "float32")
     manager = AdapterManager(model, fetch=lambda a, s, t: Path(a), device_budget_bytes=2**31)
     for i, path in enumerate(adapters, start=1):
@@ -44,6 +45,11 @@ def run_ours(model_dir: Path, adapters: list[Path], work, use_adapters: bool, pr
         manager.install(i, req, manager.prepare(req))
     engine = Engine(model, AutoTokenizer.from_pretrained(model_dir), CacheConfig(16, num_blocks=2048), manager)
     engine.warmup(256, prefill_budget, 512)
+    return engine
+
+
+def run_ours(model_dir: Path, adapters: list[Path], work, use_adapters: bool, prefill_budget: int):
+    engine = engine_with_adapters(model_dir, adapters, prefill_budget)
     pending = [
         RequestIn(
             id=i,

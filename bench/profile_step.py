@@ -20,26 +20,12 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from adapter_throughput import engine_with_adapters  # noqa: E402
 from http_server import make_bench_model  # noqa: E402
 from shard_throughput import serve_all, workload  # noqa: E402
 
-from lorax_server.adapters.manager import AdapterManager, AdapterRequest  # noqa: E402
 from lorax_server.batch import RequestIn  # noqa: E402
-from lorax_server.engine import CacheConfig, Engine  # noqa: E402
-from lorax_server.layers.attention import TorchAttention  # noqa: E402
-from lorax_server.models.loader import load_model  # noqa: E402
 from lorax_server.sampling import SamplingParams  # noqa: E402
-
-
-def engine_with(model_dir: Path, adapters: list[Path]) -> Engine:
-    model = load_model(model_dir, TorchAttention(16), torch.device("cpu"), "float32")
-    manager = AdapterManager(model, fetch=lambda a, s, t: Path(a), device_budget_bytes=2**31)
-    for i, path in enumerate(adapters, start=1):
-        req = AdapterRequest(ids=(str(path),), source="local")
-        manager.install(i, req, manager.prepare(req))
-    engine = Engine(model, AutoTokenizer.from_pretrained(model_dir), CacheConfig(16, num_blocks=2048), manager)
-    engine.warmup(256, 4096, 512)
-    return engine
 
 
 def requests_for(work: list[tuple[list[int], int]], num_adapters: int) -> list[RequestIn]:
@@ -59,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, adapters = make_bench_model(Path(tmp), args.adapters)
-        engine = engine_with(model_dir, adapters)
+        engine = engine_with_adapters(model_dir, adapters, 4096)
         work = workload(args.requests, AutoTokenizer.from_pretrained(model_dir).vocab_size)
         serve_all(engine, requests_for(work, args.adapters)[:8], 4096)  # warm the allocator and caches
         python = cProfile.Profile()
