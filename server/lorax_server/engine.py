@@ -6,6 +6,7 @@ Proto-free: `server.py` converts messages to and from the dataclasses used here.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -327,46 +328,18 @@ class Engine:
         pending prompt. Rows sample their next token; prompts that are now whole become rows and sample
         their first. Returns the generations and the batch (with its new rows)."""
         cache, blocks = self._require_cache()
-        dev, bs = self.device, blocks.block_size
+        bs = blocks.block_size
         rows = len(batch) if decode else 0
         lengths = [s.length for s in batch.seqs] if rows else []
         row_ids, row_query = self._decode_inputs(batch, lengths) if rows else (None, [])
         pieces = prompt_pieces(batch.pending, self.chunk_tokens)
-        prompt_ids = [t for p, s, e in pieces for t in p.request.input_ids[s:e]]
-        ids = torch.tensor(prompt_ids, dtype=torch.int64, device=dev)
-        if row_ids is not None:
-            ids = torch.cat([row_ids, ids])
-        query_lens = row_query + [e - s for _, s, e in pieces]
-        # Logits: each row's last token; a whole prompt's last token; every token of a prompt whose
-        # logprobs were asked for (then also of its partial pieces).
-        logit_rows, spans, offset = [], [], 0
-        for q in row_query:
-            offset += q
-            logit_rows.append(offset - 1)
-        for p, s, e in pieces:
-            if p.request.prefill_logprobs:
-                wanted = list(range(offset, offset + e - s))
-            else:
-                wanted = [offset + e - s - 1] if e == len(p.request.input_ids) else []
-            spans.append((len(logit_rows), len(wanted)))
-            logit_rows += wanted
-            offset += e - s
-        tables = [batch.block_tables[:rows]] if rows else []
         if pieces:
-            tables.append(_pad_tables([p.block_table for p, _, _ in pieces], dev))
-        adapters = [s.request.adapter_index for s in batch.seqs[:rows]]
-        adapters += [p.request.adapter_index for p, _, _ in pieces]
-        meta = ForwardBatch.build(
-            ids,
-            query_lens,
-            lengths + [e for _, _, e in pieces],
-            cat_padded(tables, pad=0),
-            bs,
-            torch.tensor(logit_rows, dtype=torch.int64, device=dev),
-            segments_of(adapters, query_lens),
-            rope_lens=lengths + [len(p.request.input_ids) for p, _, _ in pieces],
-        )
-        # The prompt blocks this pass fills become reusable (see `_allocate`; a prefill's are already).
+            meta, spans = self._with_pieces(batch, rows, lengths, row_ids, row_query, pieces, bs)
+        else:  # a plain decode step: the rows' tensors as they are, nothing built per row
+            segments = segments_of([s.request.adapter_index for s in batch.seqs], row_query)
+            meta = ForwardBatch.build(row_ids, row_query, lengths, batch.block_tables, bs, lora_segments=segments)
+            spans = []
+        # The prompt blocks this pass fills become reusable (see `prompts.allocate`; a prefill's already are).
         registered = [b for p, _, e in pieces for b in blocks.register(p.block_table, p.keys[: e // bs])]
         forward_start = time.perf_counter_ns()
         try:
@@ -388,6 +361,42 @@ class Engine:
             gens += first
             batch = Batch.concatenate([batch, started])
         return gens, batch
+
+    def _with_pieces(self, batch, rows, lengths, row_ids, row_query, pieces, bs):  # noqa: ANN001, ANN202
+        """The forward pass over the rows' next tokens and the prompt pieces, and where each piece's
+        logits are: (start, count) in the logits. A piece gets its last token's logits when it ends its
+        prompt, and every token's when its prompt logprobs were asked for."""
+        dev = self.device
+        prompt_ids = [t for p, s, e in pieces for t in p.request.input_ids[s:e]]
+        ids = torch.tensor(prompt_ids, dtype=torch.int64, device=dev)
+        if row_ids is not None:
+            ids = torch.cat([row_ids, ids])
+        query_lens = row_query + [e - s for _, s, e in pieces]
+        logit_rows = list(itertools.accumulate(row_query, initial=-1))[1:]  # each row's last token
+        spans, offset = [], sum(row_query)
+        for p, s, e in pieces:
+            if p.request.prefill_logprobs:
+                wanted = list(range(offset, offset + e - s))
+            else:
+                wanted = [offset + e - s - 1] if e == len(p.request.input_ids) else []
+            spans.append((len(logit_rows), len(wanted)))
+            logit_rows += wanted
+            offset += e - s
+        tables = [batch.block_tables[:rows]] if rows else []
+        tables.append(_pad_tables([p.block_table for p, _, _ in pieces], dev))
+        adapters = [s.request.adapter_index for s in batch.seqs[:rows]]
+        adapters += [p.request.adapter_index for p, _, _ in pieces]
+        meta = ForwardBatch.build(
+            ids,
+            query_lens,
+            lengths + [e for _, _, e in pieces],
+            cat_padded(tables, pad=0),
+            bs,
+            torch.tensor(logit_rows, dtype=torch.int64, device=dev),
+            segments_of(adapters, query_lens),
+            rope_lens=lengths + [len(p.request.input_ids) for p, _, _ in pieces],
+        )
+        return meta, spans
 
     def _start_rows(
         self, batch_id: int, whole: list[tuple[Pending, torch.Tensor]], forward_start: int
