@@ -26,10 +26,10 @@ $(VENV)/.python-installed: $(VENV)/bin/python server/pyproject.toml
 	$(PIP) install --quiet --no-deps lorax-client==0.6.3 text-generation==0.7.0
 	touch $@
 
-# The CPU kernel for quantized weights, compiled once into torch's extension cache (a failed build
-# fails here, rather than leaving the shard on its slow fallback path).
-$(VENV)/.cpu-kernels-built: server/lorax_server/layers/quant/csrc/lut_matmul.cpp server/lorax_server/layers/quant/lut.py $(VENV)/.python-installed
-	$(PY) -m lorax_server.layers.quant.lut --build
+# The CPU kernels (low-bit matmul, paged decode attention), compiled once into torch's extension
+# cache (a failed build fails here, rather than leaving the shard on its slow fallback path).
+$(VENV)/.cpu-kernels-built: $(wildcard server/lorax_server/layers/csrc/*.cpp server/lorax_server/layers/quant/csrc/*.cpp) server/lorax_server/utils/cpu_extension.py $(VENV)/.python-installed
+	$(PY) -m lorax_server.utils.cpu_extension --build
 	touch $@
 
 # gRPC stubs are generated, never committed. grpc_tools writes an absolute import; make it relative.

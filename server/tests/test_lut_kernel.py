@@ -115,8 +115,8 @@ def test_packing_is_little_endian_within_a_byte():
 
 def test_env_switch_takes_reference_path(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("LORAX_CPU_KERNELS", "0")
-    monkeypatch.setattr(lut, "_load_attempted", False)
-    monkeypatch.setattr(lut, "_op", None)
+    monkeypatch.setattr(lut.EXTENSION, "_attempted", False)
+    monkeypatch.setattr(lut.EXTENSION, "_ops", None)
     assert not lut.kernel_available()
     weight = make_weight(9, 32, 4, 16, True, "random")
     check(torch.randn(3, 32), weight, 4, 16, rel=1e-5)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..forward import ForwardBatch
+from . import paged_attention
 
 
 class AttentionBackend(Protocol):
@@ -63,6 +64,7 @@ class _PaddedLayout:
         self.max_q, self.max_k = meta.max_query_len, meta.max_context_len
         self.num_blocks = -(-self.max_k // block_size)
         self.tables = meta.block_tables[:, : self.num_blocks]  # [batch, num_blocks]
+        self.context_lens = meta.context_lens
         offset = torch.arange(meta.input_ids.shape[0], device=device) - meta.query_start[meta.seq_index]
         self.q_index = meta.seq_index * self.max_q + offset  # [num_tokens] row in the padded query grid
         # Padded query slots sit at position 0 so they see key 0 and never produce NaN rows.
@@ -70,11 +72,14 @@ class _PaddedLayout:
         q_pos[self.q_index] = meta.positions
         self.q_pos = q_pos.view(batch, self.max_q, 1)  # [batch, max_q, 1]
         self.k_pos = torch.arange(self.max_k, device=device).view(1, 1, -1)  # [1, 1, max_k]
-        causal = (self.k_pos <= self.q_pos) & (self.k_pos < meta.context_lens.view(-1, 1, 1))
-        self._masks: dict[int | None, torch.Tensor] = {None: causal.unsqueeze(1)}  # [batch, 1, max_q, max_k]
+        # Built on first use: a decode step served by the paged kernel never needs them.
+        self._masks: dict[int | None, torch.Tensor] = {}  # [batch, 1, max_q, max_k]
         self._biases: dict[tuple, torch.Tensor] = {}  # [batch, heads, max_q, max_k] additive ALiBi biases
 
     def mask(self, window: int | None) -> torch.Tensor:
+        if None not in self._masks:
+            causal = (self.k_pos <= self.q_pos) & (self.k_pos < self.context_lens.view(-1, 1, 1))
+            self._masks[None] = causal.unsqueeze(1)
         if window not in self._masks:
             in_window = (self.q_pos - self.k_pos) < window
             self._masks[window] = self._masks[None] & in_window.unsqueeze(1)
@@ -93,7 +98,9 @@ class _PaddedLayout:
 
 class TorchAttention:
     """Gathers each sequence's cached keys into a padded grid and runs SDPA (or an explicit softmax
-    when logits are soft-capped).
+    when logits are soft-capped). With `decode_kernel` (the default), decoding sequences on the CPU in
+    float32 are attended by `layers.paged_attention` instead, which reads the paged cache in place,
+    when its kernel is built (`LORAX_CPU_KERNELS=0` turns it off).
 
     A batch that mixes one-token sequences (decode) with longer ones (prompts, chunks of prompts) is
     attended as two groups, each padded to its own longest query and context: padding every decoding
@@ -101,8 +108,9 @@ class TorchAttention:
 
     name = "torch"
 
-    def __init__(self, block_size: int) -> None:
+    def __init__(self, block_size: int, decode_kernel: bool = True) -> None:
         self.block_size = block_size
+        self.decode_kernel = decode_kernel
 
     def _layouts(self, meta: ForwardBatch) -> list[tuple[torch.Tensor | None, _PaddedLayout]]:
         """(tokens of the group, or None for all; its layout), built once per forward pass."""
@@ -172,6 +180,10 @@ class TorchAttention:
         batch, heads, head_dim = layout.batch, q.shape[1], q.shape[2]
         kv_heads = cache_k.shape[2]
         decode = layout.max_q == 1  # one token per sequence: the padded grid is q itself
+        if decode and self._use_kernel(q, cache_k):
+            return paged_attention.paged_decode_attention(
+                q, cache_k, cache_v, layout.tables, layout.context_lens, scale, window, softcap, alibi_slopes
+            )
         q_grid = q if decode else q.new_zeros(batch * layout.max_q, heads, head_dim).index_copy_(0, layout.q_index, q)
         q_grid = q_grid.view(batch, layout.max_q, heads, head_dim).transpose(1, 2)  # [b, h, max_q, d]
         k = self._gather(cache_k, layout, batch, kv_heads, head_dim, q.dtype, k_scale)  # [b, kvh, max_k, d]
@@ -188,6 +200,9 @@ class TorchAttention:
             out = _softcapped_attention(q_grid, k, v, mask, scale, softcap)
         out = out.transpose(1, 2).reshape(batch * layout.max_q, heads, head_dim)
         return out if decode else out[layout.q_index]
+
+    def _use_kernel(self, q: torch.Tensor, cache: torch.Tensor) -> bool:
+        return self.decode_kernel and paged_attention.kernel_applies(q, cache) and paged_attention.kernel_available()
 
     @staticmethod
     def _gather(
