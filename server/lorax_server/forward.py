@@ -10,6 +10,54 @@ from .kv_cache import slot_mapping
 
 
 @dataclass
+class LoraGroups:
+    """The adapter segments laid out as a padded grid [segments, longest segment], so that every
+    adapted linear can apply all of the batch's adapters with a few batched matmuls.
+
+    `gather` reads the grid's cells from the token rows (padding cells read some row of their own
+    segment and their results are never used); `inverse` reads each adapted token's result back from
+    the flattened grid, for the tokens `span` (when the segments cover one contiguous range of tokens,
+    as in a batch grouped by adapter) or `tokens`. Both gathers are None when the grid is exactly the
+    span's rows (equal segments, nothing to pad)."""
+
+    adapters: tuple[int, ...]  # the adapter index of each segment, in segment order
+    longest: int
+    gather: torch.Tensor | None  # [segments * longest] int64
+    inverse: torch.Tensor | None  # [adapted tokens] int64
+    span: tuple[int, int] | None
+    tokens: torch.Tensor | None  # [adapted tokens] int64, when there is no span
+
+    # Padding the grid to more than this many times the adapted tokens costs more than looping over
+    # the segments (prefill batches with one long prompt and short ones).
+    MAX_PADDING = 2.0
+
+    @classmethod
+    def build(cls, segments: list[tuple[int, int, int]], device: torch.device) -> LoraGroups | None:
+        """None when there are fewer than two segments or the grid would pad too much."""
+        if len(segments) < 2:
+            return None
+        longest = max(end - start for start, end, _ in segments)
+        covered = sum(end - start for start, end, _ in segments)
+        if len(segments) * longest > cls.MAX_PADDING * covered:
+            return None
+        adapters = tuple(index for _, _, index in segments)
+        contiguous = all(a[1] == b[0] for a, b in zip(segments, segments[1:], strict=False))
+        span = (segments[0][0], segments[-1][1]) if contiguous else None
+        if contiguous and len(segments) * longest == covered:
+            return cls(adapters, longest, None, None, span, None)
+        gather, inverse, tokens = [], [], []
+        for seg, (start, end, _) in enumerate(segments):
+            gather += [*range(start, end), *[start] * (longest - (end - start))]
+            inverse += range(seg * longest, seg * longest + end - start)
+            tokens += range(start, end)
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        return cls(adapters, longest, tensor(gather), tensor(inverse), span, None if contiguous else tensor(tokens))
+
+
+@dataclass
 class ForwardBatch:
     """Tokens of several sequences laid end to end (no padding in the linear layers).
 
@@ -36,6 +84,7 @@ class ForwardBatch:
     host_query_lens: list[int] = field(default_factory=list)
     host_context_lens: list[int] = field(default_factory=list)
     _adapter_slots: torch.Tensor | None = field(default=None, init=False, repr=False)  # see adapter_slots
+    _lora_groups: LoraGroups | None | bool = field(default=False, init=False, repr=False)  # False: not built
 
     @property
     def batch_size(self) -> int:
@@ -61,6 +110,13 @@ class ForwardBatch:
             slots = torch.tensor(values).repeat_interleave(torch.tensor(lengths))
             self._adapter_slots = slots.to(self.input_ids.device)
         return self._adapter_slots
+
+    def lora_groups(self) -> LoraGroups | None:
+        """The segments as a padded grid (see `LoraGroups`), built on first use; None when looping over
+        the segments is the better plan."""
+        if self._lora_groups is False:
+            self._lora_groups = LoraGroups.build(self.lora_segments, self.input_ids.device)
+        return self._lora_groups
 
     @classmethod
     def build(

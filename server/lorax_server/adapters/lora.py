@@ -6,6 +6,13 @@ For every adapted linear the base matmul has already run once for all tokens; ea
 All parts of one adapter share one shrink matmul (their A's are stacked). Rows whose adapter does not
 touch a linear, and base-model rows, cost nothing.
 
+Two plans compute this. When the batch's segments pad into a grid cheaply (`forward.LoraGroups`:
+decode steps, where each row is one token), every adapter is applied at once: one batched shrink
+over the adapters' A's stacked in segment order, one batched expand per part. The stacks are copies
+of the batch's adapters' factors, kept while the batch's adapter order holds (a decoding batch keeps
+it for many steps), so a steady decode step copies no weights. Otherwise (prefill, one segment, MoE
+experts' rows) a loop over the segments runs two small matmuls per segment and part.
+
 Semantics (the oracle faster kernels are tested against):
     y[s:e, out_p] += scale_p * (x[s:e] @ A_p.T) @ B_p.T    for each segment and each adapted part p
 """
@@ -17,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layers.linear import Linear
+from ..forward import ForwardBatch, LoraGroups
+from ..layers.linear import Linear, LoraRows
 
 
 @dataclass
@@ -51,6 +59,25 @@ class _Expand:
 class _AdapterFactors:
     a: torch.Tensor  # [sum of ranks, in_features]: the A of every part this adapter updates
     expands: list[_Expand]
+    parts: dict[int, LoraModuleWeights]
+
+
+@dataclass
+class _StackedPart:
+    out_start: int
+    out_end: int
+    r_start: int
+    r_end: int
+    b: torch.Tensor  # [segments, rank of this part, out_end - out_start], scale folded in
+
+
+@dataclass
+class _Stacked:
+    """A batch's adapters stacked in segment order (absent parts and smaller ranks are zeros)."""
+
+    adapters: tuple[int, ...]
+    a: torch.Tensor  # [segments, in_features, sum of the parts' ranks]
+    parts: list[_StackedPart]
 
 
 class LoraSlots:
@@ -63,6 +90,7 @@ class LoraSlots:
             bounds.append(bounds[-1] + size)
         self.part_bounds = list(zip(bounds[:-1], bounds[1:], strict=True))
         self.by_adapter: dict[int, _AdapterFactors] = {}
+        self._stacked: _Stacked | None = None
 
     def install(self, index: int, parts: dict[int, LoraModuleWeights]) -> None:
         """parts: fused-part position → that part's factors (parts the adapter skips are absent)."""
@@ -72,17 +100,25 @@ class LoraSlots:
             a_list.append(w.lora_a)
             expands.append(_Expand(out_start, out_end, r, r + w.rank, w.lora_b, w.scale))
             r += w.rank
-        self.by_adapter[index] = _AdapterFactors(torch.cat(a_list) if len(a_list) > 1 else a_list[0], expands)
+        self.by_adapter[index] = _AdapterFactors(torch.cat(a_list) if len(a_list) > 1 else a_list[0], expands, parts)
+        self._stacked = None
 
     def remove(self, index: int) -> None:
         self.by_adapter.pop(index, None)
+        self._stacked = None
 
     def adapter_indices(self) -> Collection[int]:
         return self.by_adapter.keys()
 
-    def add_to(self, y: torch.Tensor, x: torch.Tensor, segments: list[tuple[int, int, int]]) -> None:
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, rows: LoraRows) -> None:
         """y: [num_tokens, out_features] base output, updated in place; x: [num_tokens, in_features]."""
-        for start, end, index in segments:
+        groups = rows.lora_groups() if isinstance(rows, ForwardBatch) else None
+        if groups is not None:
+            stacked = self._stack(groups.adapters)
+            if stacked is not None:
+                self._add_grouped(y, x, groups, stacked)
+            return
+        for start, end, index in rows.lora_segments:
             factors = self.by_adapter.get(index)
             if factors is None:
                 continue
@@ -90,6 +126,54 @@ class LoraSlots:
             rows = y[start:end]
             for e in factors.expands:
                 rows[:, e.out_start : e.out_end].addmm_(shrunk[:, e.r_start : e.r_end], e.b.t(), alpha=e.scale)
+
+    def _add_grouped(self, y: torch.Tensor, x: torch.Tensor, groups: LoraGroups, stacked: _Stacked) -> None:
+        segments = len(groups.adapters)
+        if groups.gather is None:  # the grid is the span's rows as they are
+            grid = x[groups.span[0] : groups.span[1]]
+        else:
+            grid = x.index_select(0, groups.gather)
+        shrunk = torch.bmm(grid.view(segments, groups.longest, -1), stacked.a)  # [segments, longest, ranks]
+        for part in stacked.parts:
+            delta = torch.bmm(shrunk[:, :, part.r_start : part.r_end], part.b).view(-1, part.b.shape[2])
+            if groups.inverse is not None:
+                delta = delta.index_select(0, groups.inverse)  # [adapted tokens, part's out_features]
+            columns = y if part.b.shape[2] == y.shape[1] else y[:, part.out_start : part.out_end]
+            if groups.span is not None:
+                columns[groups.span[0] : groups.span[1]] += delta
+            else:
+                columns.index_add_(0, groups.tokens, delta)
+
+    def _stack(self, adapters: tuple[int, ...]) -> _Stacked | None:
+        """The factors of `adapters` (segment order) stacked; None when none of them adapts this linear."""
+        if self._stacked is not None and self._stacked.adapters == adapters:
+            return self._stacked
+        present = [self.by_adapter.get(index) for index in adapters]
+        if not any(present):
+            return None
+        ranks = {}  # part → the largest rank any of the adapters gives it
+        for factors in filter(None, present):
+            for part, w in factors.parts.items():
+                ranks[part] = max(ranks.get(part, 0), w.rank)
+        offsets, total = {}, 0
+        for part in sorted(ranks):
+            offsets[part] = total
+            total += ranks[part]
+        sample = next(filter(None, present)).a
+        a = sample.new_zeros(len(adapters), sample.shape[1], total)
+        parts = []
+        for part in sorted(ranks):
+            out_start, out_end = self.part_bounds[part]
+            r0 = offsets[part]
+            b = sample.new_zeros(len(adapters), ranks[part], out_end - out_start)
+            for seg, factors in enumerate(present):
+                w = factors.parts.get(part) if factors is not None else None
+                if w is not None:
+                    a[seg, :, r0 : r0 + w.rank] = w.lora_a.t()
+                    b[seg, : w.rank] = w.lora_b.t() * w.scale
+            parts.append(_StackedPart(out_start, out_end, r0, r0 + ranks[part], b))
+        self._stacked = _Stacked(adapters, a, parts)
+        return self._stacked
 
 
 def attach_lora(targets: Mapping[str, tuple[Linear, int]]) -> dict[int, LoraSlots]:

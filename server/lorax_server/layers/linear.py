@@ -11,7 +11,7 @@ updates are added per adapter segment. The weight is a dense tensor or a quantiz
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +20,11 @@ from ..utils.weights import Weights, WeightsError
 from .quant import Quantizer, WeightFormat
 from .quant.grouped import stack_parts
 
-if TYPE_CHECKING:
-    from ..forward import ForwardBatch
+
+class LoraRows(Protocol):
+    """What an adapted linear needs of its batch: a `ForwardBatch`, or a MoE expert's `ExpertRows`."""
+
+    lora_segments: list[tuple[int, int, int]]  # (start, end, adapter_index) token ranges
 
 
 class LinearHook(Protocol):
@@ -35,9 +38,8 @@ class LinearHook(Protocol):
         """The adapters that have an update on this linear."""
         ...
 
-    def add_to(self, y: torch.Tensor, x: torch.Tensor, segments: list[tuple[int, int, int]]) -> None:
-        """y [num_tokens, out_features] += each segment's update of x [num_tokens, in_features];
-        segments are `(start, end, adapter_index)` token ranges."""
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, rows: LoraRows) -> None:
+        """y [num_tokens, out_features] += each segment's update of x [num_tokens, in_features]."""
         ...
 
 
@@ -67,7 +69,7 @@ class Linear:
         if quantizer is not None and isinstance(self.weight, torch.Tensor):
             self.weight = quantizer(self.weight)
 
-    def __call__(self, x: torch.Tensor, meta: ForwardBatch | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, meta: LoraRows | None = None) -> torch.Tensor:
         """x: [num_tokens, in_features] → [num_tokens, out_features]."""
         w = self.weight
         if isinstance(w, torch.Tensor):
@@ -77,7 +79,7 @@ class Linear:
             if self.bias is not None:
                 y += self.bias
         if self.lora is not None and meta is not None and meta.lora_segments:
-            self.lora.add_to(y, x, meta.lora_segments)
+            self.lora.add_to(y, x, meta)
         return y
 
     @classmethod

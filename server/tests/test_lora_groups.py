@@ -1,0 +1,114 @@
+"""The batched LoRA plan (adapters stacked, segments padded into a grid) against the per-segment loop
+and against the dense update scale·B·A: mixed ranks, adapters that skip parts or the whole linear,
+rows without adapters, and the stacks' cache across installs and removals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorax_server.adapters.lora import LoraModuleWeights, LoraSlots
+from lorax_server.forward import ForwardBatch, LoraGroups
+from lorax_server.layers.linear import Linear
+from lorax_server.layers.moe import ExpertRows
+
+PART_SIZES = [12, 4, 4]  # a fused q|k|v with fewer kv heads
+IN = 16
+
+
+def factors(rank: int, out: int, seed: int) -> LoraModuleWeights:
+    g = torch.Generator().manual_seed(seed)
+    return LoraModuleWeights(torch.randn(rank, IN, generator=g), torch.randn(out, rank, generator=g), 0.5 + seed / 10)
+
+
+def adapted_linear(adapters: dict[int, dict[int, int]]) -> Linear:
+    """adapters: index → {part: rank}."""
+    weight = torch.randn(sum(PART_SIZES), IN, generator=torch.Generator().manual_seed(0))
+    linear = Linear(weight, None, PART_SIZES, ["q", "k", "v"], PART_SIZES)
+    linear.lora = LoraSlots(linear)
+    for index, parts in adapters.items():
+        install(linear, index, parts, seed=index)
+    return linear
+
+
+def install(linear: Linear, index: int, parts: dict[int, int], seed: int) -> None:
+    weights = {p: factors(r, PART_SIZES[p], seed * 10 + p) for p, r in parts.items()}
+    linear.lora.install(index, weights)
+
+
+def dense_reference(linear: Linear, x: torch.Tensor, segments: list[tuple[int, int, int]]) -> torch.Tensor:
+    y = x.double() @ linear.weight.double().t()
+    bounds = linear.lora.part_bounds
+    for start, end, index in segments:
+        installed = linear.lora.by_adapter.get(index)
+        for part, w in (installed.parts if installed else {}).items():
+            lo, hi = bounds[part]
+            y[start:end, lo:hi] += x[start:end].double() @ w.delta().double().t()
+    return y
+
+
+def batch(segments: list[tuple[int, int, int]], num_tokens: int) -> ForwardBatch:
+    ids = torch.zeros(num_tokens, dtype=torch.int64)
+    tables = torch.zeros(num_tokens, 1, dtype=torch.int64)
+    return ForwardBatch.build(ids, [1] * num_tokens, [1] * num_tokens, tables, 4, lora_segments=segments)
+
+
+ADAPTERS = {1: {0: 4, 1: 4, 2: 4}, 2: {0: 2, 2: 8}, 3: {1: 3}, 5: {0: 8, 1: 8, 2: 8}}
+CASES = {
+    "grouped by adapter, base rows first": (10, [(2, 4, 1), (4, 5, 2), (5, 8, 3), (8, 10, 5)]),
+    "equal segments, no padding": (8, [(0, 2, 1), (2, 4, 2), (4, 6, 3), (6, 8, 5)]),
+    "base rows between segments": (12, [(0, 3, 2), (4, 6, 1), (9, 12, 5)]),
+    "an adapter absent from this linear": (9, [(0, 3, 1), (3, 5, 4), (5, 9, 2)]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_grouped_plan_matches_the_loop_and_the_dense_update(case: str):
+    num_tokens, segments = CASES[case]
+    linear = adapted_linear(ADAPTERS)
+    x = torch.randn(num_tokens, IN, generator=torch.Generator().manual_seed(1))
+    meta = batch(segments, num_tokens)
+    assert meta.lora_groups() is not None
+    grouped = linear(x, meta)
+    looped = linear(x, ExpertRows(segments))  # no grid: the per-segment loop
+    reference = dense_reference(linear, x, segments)
+    torch.testing.assert_close(grouped.double(), reference, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grouped, looped, rtol=1e-5, atol=1e-4)
+
+
+def test_no_adapter_of_the_batch_on_this_linear_leaves_the_base_output():
+    linear = adapted_linear({1: {0: 4}})
+    x = torch.randn(6, IN)
+    meta = batch([(0, 3, 7), (3, 6, 8)], 6)
+    assert torch.equal(linear(x, meta), linear(x, None))
+
+
+def test_stacks_follow_installs_removals_and_order():
+    linear = adapted_linear(ADAPTERS)
+    x = torch.randn(8, IN, generator=torch.Generator().manual_seed(2))
+    segments = [(0, 4, 1), (4, 8, 5)]
+    before = linear(x, batch(segments, 8))
+    install(linear, 5, {0: 2}, seed=42)  # index 5 now holds other weights
+    after = linear(x, batch(segments, 8))
+    torch.testing.assert_close(after.double(), dense_reference(linear, x, segments), rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(before, after)
+    swapped = [(0, 4, 5), (4, 8, 1)]
+    torch.testing.assert_close(
+        linear(x, batch(swapped, 8)).double(), dense_reference(linear, x, swapped), rtol=1e-5, atol=1e-4
+    )
+    linear.lora.remove(5)
+    torch.testing.assert_close(
+        linear(x, batch(segments, 8)).double(), dense_reference(linear, x, segments), rtol=1e-5, atol=1e-4
+    )
+
+
+def test_grid_layouts():
+    assert LoraGroups.build([(0, 5, 1)], torch.device("cpu")) is None  # one segment: the loop
+    skewed = [(0, 20, 1), (20, 21, 2), (21, 22, 3)]
+    assert LoraGroups.build(skewed, torch.device("cpu")) is None  # 60 cells for 22 tokens
+    equal = LoraGroups.build([(1, 3, 1), (3, 5, 2)], torch.device("cpu"))
+    assert equal.gather is None and equal.span == (1, 5) and equal.longest == 2
+    ragged = LoraGroups.build([(0, 3, 1), (5, 6, 2)], torch.device("cpu"))
+    assert ragged.adapters == (1, 2) and ragged.span is None
+    assert ragged.gather.tolist() == [0, 1, 2, 5, 5, 5]
+    assert ragged.inverse.tolist() == [0, 1, 2, 3] and ragged.tokens.tolist() == [0, 1, 2, 5]
