@@ -51,7 +51,9 @@ def workload(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
     return out
 
 
-def run_ours(model_dir: Path, work: list[tuple[list[int], int]], prefill_budget: int) -> tuple[int, float]:
+def run_ours(
+    model_dir: Path, work: list[tuple[list[int], int]], prefill_budget: int, policy: tuple[float, int] | None = None
+) -> tuple[int, float]:
     model = load_model(model_dir, TorchAttention(16), torch.device("cpu"), "float32")
     engine = Engine(model, AutoTokenizer.from_pretrained(model_dir), CacheConfig(16, num_blocks=2048))
     engine.warmup(256, prefill_budget, 512)
@@ -59,13 +61,22 @@ def run_ours(model_dir: Path, work: list[tuple[list[int], int]], prefill_budget:
         RequestIn(id=i, input_ids=ids, sampling=SamplingParams(), max_new_tokens=o, ignore_eos=True)
         for i, (ids, o) in enumerate(work)
     ]
-    return serve_all(engine, requests, prefill_budget)
+    return serve_all(engine, requests, prefill_budget, policy)
 
 
-def serve_all(engine: Engine, requests: list[RequestIn], prefill_budget: int) -> tuple[int, float]:
+# The router's defaults (LoRAX's): a running batch takes new requests only when at least 1.2 times
+# as many wait as run, or after 20 decode steps.
+ROUTER_POLICY = (1.2, 20)
+
+
+def serve_all(
+    engine: Engine, requests: list[RequestIn], prefill_budget: int, policy: tuple[float, int] | None = None
+) -> tuple[int, float]:
     """Run every request to completion the way the router does: prefill waiting requests in chunks of
-    the prefill budget, each chunk joining the running batch. Returns (tokens generated, seconds)."""
-    generated, running, batch_id = 0, None, 0
+    the prefill budget, each chunk joining the running batch. Without a `policy` a chunk joins at the
+    next step; with `(waiting_served_ratio, max_waiting_tokens)` it joins as the router's would (see
+    ROUTER_POLICY). Returns (tokens generated, seconds)."""
+    generated, running, batch_id, waited = 0, None, 0, 0
     pending = list(requests)
     start = time.perf_counter()
     while pending or running is not None:
@@ -73,16 +84,22 @@ def serve_all(engine: Engine, requests: list[RequestIn], prefill_budget: int) ->
         while pending and (tokens + len(pending[0].input_ids) <= prefill_budget or (not chunk and running is None)):
             tokens += len(pending[0].input_ids)
             chunk.append(pending.pop(0))
+        if chunk and running is not None and policy is not None and waited < policy[1]:
+            min_size = int(len(running.request_ids) * policy[0])
+            if len(chunk) + len(pending) < min_size or len(chunk) < min_size:
+                pending[:0], chunk = chunk, []  # not yet: they wait for a later step
         if chunk:
             batch_id += 1
             gens, new = engine.prefill(batch_id, chunk)
             generated += len(gens)
+            waited = 0
             ids = [b.id for b in (running, new) if b is not None]
             if not ids:
                 continue
             gens, running = engine.decode(ids)
         else:
             gens, running = engine.decode([running.id])
+        waited += 1
         generated += len(gens)
     return generated, time.perf_counter() - start
 

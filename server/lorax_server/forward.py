@@ -11,18 +11,19 @@ from .kv_cache import slot_mapping
 
 @dataclass
 class LoraGroups:
-    """The adapter segments laid out as a padded grid [segments, longest segment], so that every
-    adapted linear can apply all of the batch's adapters with a few batched matmuls.
+    """The adapted tokens laid out as a padded grid [adapters, most tokens of one adapter], one row per
+    adapter in `adapters` order, so that every adapted linear can apply all of the batch's adapters
+    with a few batched matmuls over their factors stacked in that order.
 
-    `gather` reads the grid's cells from the token rows (padding cells read some row of their own
-    segment and their results are never used); `inverse` reads each adapted token's result back from
-    the flattened grid, for the tokens `span` (when the segments cover one contiguous range of tokens,
-    as in a batch grouped by adapter) or `tokens`. Both gathers are None when the grid is exactly the
-    span's rows (equal segments, nothing to pad)."""
+    `gather` reads the grid's cells from the token rows (padding cells read some token and their
+    results are never used; a row may be all padding when its adapter has no tokens in this batch);
+    `inverse` reads each adapted token's result back from the flattened grid, for the tokens `span`
+    (when the segments cover one contiguous range of tokens, as in a batch grouped by adapter) or
+    `tokens`. Both gathers are None when the grid is exactly the span's rows."""
 
-    adapters: tuple[int, ...]  # the adapter index of each segment, in segment order
+    adapters: tuple[int, ...]  # the adapter of each grid row
     longest: int
-    gather: torch.Tensor | None  # [segments * longest] int64
+    gather: torch.Tensor | None  # [len(adapters) * longest] int64
     inverse: torch.Tensor | None  # [adapted tokens] int64
     span: tuple[int, int] | None
     tokens: torch.Tensor | None  # [adapted tokens] int64, when there is no span
@@ -32,29 +33,39 @@ class LoraGroups:
     MAX_PADDING = 2.0
 
     @classmethod
-    def build(cls, segments: list[tuple[int, int, int]], device: torch.device) -> LoraGroups | None:
-        """None when there are fewer than two segments or the grid would pad too much."""
+    def build(
+        cls, segments: list[tuple[int, int, int]], device: torch.device, order: tuple[int, ...] | None = None
+    ) -> LoraGroups | None:
+        """Rows in `order` (default: the segments' adapters as they come), which must hold every
+        adapter of the segments. None when there are fewer than two segments or, without an order,
+        when the grid would pad too much."""
         if len(segments) < 2:
             return None
-        longest = max(end - start for start, end, _ in segments)
+        tokens_of: dict[int, list[int]] = {}
+        for start, end, index in segments:
+            tokens_of.setdefault(index, []).extend(range(start, end))
+        adapters = order if order is not None else tuple(tokens_of)
+        longest = max(len(t) for t in tokens_of.values())
         covered = sum(end - start for start, end, _ in segments)
-        if len(segments) * longest > cls.MAX_PADDING * covered:
+        if order is None and len(adapters) * longest > cls.MAX_PADDING * covered:
             return None
-        adapters = tuple(index for _, _, index in segments)
         contiguous = all(a[1] == b[0] for a, b in zip(segments, segments[1:], strict=False))
         span = (segments[0][0], segments[-1][1]) if contiguous else None
-        if contiguous and len(segments) * longest == covered:
+        if contiguous and len(adapters) * longest == covered and adapters == tuple(i for _, _, i in segments):
             return cls(adapters, longest, None, None, span, None)
-        gather, inverse, tokens = [], [], []
-        for seg, (start, end, _) in enumerate(segments):
-            gather += [*range(start, end), *[start] * (longest - (end - start))]
-            inverse += range(seg * longest, seg * longest + end - start)
-            tokens += range(start, end)
+        gather, cell_of = [], {}
+        for row, index in enumerate(adapters):
+            own = tokens_of.get(index, [])
+            for k, token in enumerate(own):
+                cell_of[token] = row * longest + k
+            gather += [*own, *[own[0] if own else segments[0][0]] * (longest - len(own))]
+        in_order = [token for start, end, _ in segments for token in range(start, end)]
 
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=device)
 
-        return cls(adapters, longest, tensor(gather), tensor(inverse), span, None if contiguous else tensor(tokens))
+        inverse = tensor([cell_of[t] for t in in_order])
+        return cls(adapters, longest, tensor(gather), inverse, span, None if contiguous else tensor(in_order))
 
 
 @dataclass
@@ -84,7 +95,7 @@ class ForwardBatch:
     host_query_lens: list[int] = field(default_factory=list)
     host_context_lens: list[int] = field(default_factory=list)
     _adapter_slots: torch.Tensor | None = field(default=None, init=False, repr=False)  # see adapter_slots
-    _lora_groups: LoraGroups | None | bool = field(default=False, init=False, repr=False)  # False: not built
+    _lora_groups: dict = field(default_factory=dict, init=False, repr=False)  # see lora_groups
 
     @property
     def batch_size(self) -> int:
@@ -111,12 +122,15 @@ class ForwardBatch:
             self._adapter_slots = slots.to(self.input_ids.device)
         return self._adapter_slots
 
-    def lora_groups(self) -> LoraGroups | None:
-        """The segments as a padded grid (see `LoraGroups`), built on first use; None when looping over
-        the segments is the better plan."""
-        if self._lora_groups is False:
-            self._lora_groups = LoraGroups.build(self.lora_segments, self.input_ids.device)
-        return self._lora_groups
+    def lora_groups(self, order: tuple[int, ...] | None = None) -> LoraGroups | None:
+        """On a decode step (one token per sequence), the adapted tokens as a padded grid with rows in
+        `order` (see `LoraGroups`), built once per order; None when looping over the segments is the
+        better plan (any step with a prompt in it)."""
+        if self.max_query_len > 1:  # prompts: long segments, which the loop adds in place without copies
+            return None
+        if order not in self._lora_groups:
+            self._lora_groups[order] = LoraGroups.build(self.lora_segments, self.input_ids.device, order)
+        return self._lora_groups[order]
 
     @classmethod
     def build(

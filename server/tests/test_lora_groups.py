@@ -102,6 +102,20 @@ def test_stacks_follow_installs_removals_and_order():
     )
 
 
+def test_a_kept_stack_serves_a_batch_of_fewer_adapters():
+    """Requests finishing leave the stack as it is; its rows without tokens are padding."""
+    linear = adapted_linear(ADAPTERS)
+    x = torch.randn(10, IN, generator=torch.Generator().manual_seed(3))
+    linear(x, batch([(0, 3, 1), (3, 5, 2), (5, 8, 3), (8, 10, 5)], 10))
+    kept = linear.lora._stacked
+    for segments in ([(0, 4, 2), (4, 10, 5)], [(0, 2, 5), (2, 3, 3), (5, 9, 1)]):
+        out = linear(x, batch(segments, 10))
+        assert linear.lora._stacked is kept
+        torch.testing.assert_close(out.double(), dense_reference(linear, x, segments), rtol=1e-5, atol=1e-4)
+    linear(x, batch([(0, 4, 2), (4, 10, 4)], 10))  # adapter 4 is new (and absent here): restacked
+    assert linear.lora._stacked is not kept and linear.lora._stacked.adapters == (2, 4)
+
+
 def test_grid_layouts():
     assert LoraGroups.build([(0, 5, 1)], torch.device("cpu")) is None  # one segment: the loop
     skewed = [(0, 20, 1), (20, 21, 2), (21, 22, 3)]
@@ -112,3 +126,7 @@ def test_grid_layouts():
     assert ragged.adapters == (1, 2) and ragged.span is None
     assert ragged.gather.tolist() == [0, 1, 2, 5, 5, 5]
     assert ragged.inverse.tolist() == [0, 1, 2, 3] and ragged.tokens.tolist() == [0, 1, 2, 5]
+    ordered = LoraGroups.build([(0, 2, 1), (2, 3, 2)], torch.device("cpu"), order=(2, 7, 1))
+    assert ordered.adapters == (2, 7, 1) and ordered.span == (0, 3)
+    assert ordered.gather.tolist() == [2, 2, 0, 0, 0, 1]  # adapter 7's row is all padding
+    assert ordered.inverse.tolist() == [4, 5, 0]

@@ -9,9 +9,10 @@ touch a linear, and base-model rows, cost nothing.
 Two plans compute this. When the batch's segments pad into a grid cheaply (`forward.LoraGroups`:
 decode steps, where each row is one token), every adapter is applied at once: one batched shrink
 over the adapters' A's stacked in segment order, one batched expand per part. The stacks are copies
-of the batch's adapters' factors, kept while the batch's adapter order holds (a decoding batch keeps
-it for many steps), so a steady decode step copies no weights. Otherwise (prefill, one segment, MoE
-experts' rows) a loop over the segments runs two small matmuls per segment and part.
+of the batch's adapters' factors, kept while they still hold every adapter of the batch (a decoding
+batch keeps its adapters for many steps), so a steady decode step copies no weights. Otherwise
+(prefill, one segment, MoE experts' rows) a loop over the segments runs two small matmuls per segment
+and part.
 
 Semantics (the oracle faster kernels are tested against):
     y[s:e, out_p] += scale_p * (x[s:e] @ A_p.T) @ B_p.T    for each segment and each adapted part p
@@ -116,6 +117,8 @@ class LoraSlots:
         if groups is not None:
             stacked = self._stack(groups.adapters)
             if stacked is not None:
+                if stacked.adapters != groups.adapters:
+                    groups = rows.lora_groups(stacked.adapters)
                 self._add_grouped(y, x, groups, stacked)
             return
         for start, end, index in rows.lora_segments:
@@ -145,9 +148,14 @@ class LoraSlots:
                 columns.index_add_(0, groups.tokens, delta)
 
     def _stack(self, adapters: tuple[int, ...]) -> _Stacked | None:
-        """The factors of `adapters` (segment order) stacked; None when none of them adapts this linear."""
-        if self._stacked is not None and self._stacked.adapters == adapters:
-            return self._stacked
+        """Stacked factors holding at least `adapters`; None when none of them adapts this linear.
+
+        The stack kept from earlier steps serves as long as it holds every adapter of the batch and
+        not more than twice as many (its extra rows are computed as padding): requests finishing do
+        not restack the others' weights, only new adapters and a much smaller batch do."""
+        kept = self._stacked
+        if kept is not None and set(adapters) <= set(kept.adapters) and len(kept.adapters) <= 2 * len(adapters):
+            return kept
         present = [self.by_adapter.get(index) for index in adapters]
         if not any(present):
             return None
