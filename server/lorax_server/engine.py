@@ -27,7 +27,7 @@ from .prompts import add_prompt_logprobs, allocate, start_rows
 from .prompts import pieces as prompt_pieces
 from .sampling import BatchSampler
 from .stopping import FinishReason
-from .utils.memory import keep_freed_memory, return_freed_memory
+from .utils.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,6 @@ class Engine:
                             max_prefill_tokens)  # fmt: skip
         if self.device.type == "cpu":
             return_freed_memory()  # the dummy prefill's activations: free memory is measured next
-            keep_freed_memory()  # from now on, steps reuse their temporaries' memory
         bs = self.cache_config.block_size
         layers, kv_heads, head_dim, dtype = self.model.cache_geometry
         per_block = KVCache.bytes_per_block(layers, bs, kv_heads, head_dim, dtype)
