@@ -88,6 +88,9 @@ def test_stacks_follow_installs_removals_and_order():
     x = torch.randn(8, IN, generator=torch.Generator().manual_seed(2))
     segments = [(0, 4, 1), (4, 8, 5)]
     before = linear(x, batch(segments, 8))
+    kept = linear.lora._stacked
+    install(linear, 9, {0: 2}, seed=9)  # another adapter loads: the batch's stack stays
+    assert linear.lora._stacked is kept
     install(linear, 5, {0: 2}, seed=42)  # index 5 now holds other weights
     after = linear(x, batch(segments, 8))
     torch.testing.assert_close(after.double(), dense_reference(linear, x, segments), rtol=1e-5, atol=1e-4)

@@ -102,11 +102,17 @@ class LoraSlots:
             expands.append(_Expand(out_start, out_end, r, r + w.rank, w.lora_b, w.scale))
             r += w.rank
         self.by_adapter[index] = _AdapterFactors(torch.cat(a_list) if len(a_list) > 1 else a_list[0], expands, parts)
-        self._stacked = None
+        self._forget_stack_of(index)
 
     def remove(self, index: int) -> None:
         self.by_adapter.pop(index, None)
-        self._stacked = None
+        self._forget_stack_of(index)
+
+    def _forget_stack_of(self, index: int) -> None:
+        """Drop the kept stack if it holds a copy of `index`'s factors. Loading another adapter keeps
+        it: the running batch goes on without restacking its adapters' weights."""
+        if self._stacked is not None and index in self._stacked.adapters:
+            self._stacked = None
 
     def adapter_indices(self) -> Collection[int]:
         return self.by_adapter.keys()
