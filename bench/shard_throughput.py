@@ -86,7 +86,7 @@ def serve_all(
             chunk.append(pending.pop(0))
         if chunk and running is not None and policy is not None and waited < policy[1]:
             min_size = int(len(running.request_ids) * policy[0])
-            if len(chunk) + len(pending) < min_size or len(chunk) < min_size:
+            if len(chunk) < min_size:  # the router's queue: fewer than min_size fit (or wait)
                 pending[:0], chunk = chunk, []  # not yet: they wait for a later step
         if chunk:
             batch_id += 1

@@ -29,7 +29,7 @@ class LoraGroups:
     tokens: torch.Tensor | None  # [adapted tokens] int64, when there is no span
 
     # Padding the grid to more than this many times the adapted tokens costs more than looping over
-    # the segments (prefill batches with one long prompt and short ones).
+    # the segments (a decode batch where one adapter has most of the rows).
     MAX_PADDING = 2.0
 
     @classmethod

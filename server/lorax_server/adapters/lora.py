@@ -132,9 +132,9 @@ class LoraSlots:
             if factors is None:
                 continue
             shrunk = x[start:end] @ factors.a.t()  # [n, sum of ranks]
-            rows = y[start:end]
+            out = y[start:end]
             for e in factors.expands:
-                rows[:, e.out_start : e.out_end].addmm_(shrunk[:, e.r_start : e.r_end], e.b.t(), alpha=e.scale)
+                out[:, e.out_start : e.out_end].addmm_(shrunk[:, e.r_start : e.r_end], e.b.t(), alpha=e.scale)
 
     def _add_grouped(self, y: torch.Tensor, x: torch.Tensor, groups: LoraGroups, stacked: _Stacked) -> None:
         segments = len(groups.adapters)
