@@ -6,7 +6,7 @@ use crate::pb;
 use crate::pb::lorax_service_client::LoraxServiceClient;
 use crate::telemetry;
 use async_trait::async_trait;
-use futures::future::join_all;
+use futures::future::{join_all, try_join_all};
 use hyper_util::rt::TokioIo;
 use std::time::Duration;
 use tokio::net::UnixStream;
@@ -283,21 +283,13 @@ impl Shard {
 }
 
 /// All shards of one model; every call goes to every shard.
+///
+/// The ranks of a tensor-parallel model run each step together (their collectives wait for one
+/// another), so a call ends as soon as any rank fails: a rank that died must not leave the call
+/// waiting for the others, which wait for it.
 #[derive(Clone, Debug)]
 pub struct ShardedClient {
     shards: Vec<Shard>,
-}
-
-/// The first shard's answer; any shard's error.
-fn first_answer<T>(results: Vec<Result<T, ShardError>>) -> Result<T, ShardError> {
-    let mut first = None;
-    for result in results {
-        let value = result?;
-        if first.is_none() {
-            first = Some(value);
-        }
-    }
-    first.ok_or(ShardError::Connection("no shard".into()))
 }
 
 impl ShardedClient {
@@ -326,16 +318,37 @@ impl ShardedClient {
     pub fn is_empty(&self) -> bool {
         self.shards.is_empty()
     }
+
+    /// Every shard's answer, in rank order; the first error as soon as any shard fails.
+    async fn every<'a, T, F, Fut>(&'a self, call: F) -> Result<Vec<T>, ShardError>
+    where
+        F: Fn(&'a Shard) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ShardError>>,
+    {
+        if self.shards.is_empty() {
+            return Err(ShardError::Connection("no shard".into()));
+        }
+        try_join_all(self.shards.iter().map(call)).await
+    }
+
+    /// Rank 0's answer, once every shard has answered.
+    async fn first<'a, T, F, Fut>(&'a self, call: F) -> Result<T, ShardError>
+    where
+        F: Fn(&'a Shard) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ShardError>>,
+    {
+        Ok(self.every(call).await?.swap_remove(0))
+    }
 }
 
 #[async_trait]
 impl ShardClient for ShardedClient {
     async fn info(&self) -> Result<pb::InfoResponse, ShardError> {
-        first_answer(join_all(self.shards.iter().map(|s| s.info())).await)
+        self.first(|s| s.info()).await
     }
 
     async fn health(&self) -> Result<(), ShardError> {
-        first_answer(join_all(self.shards.iter().map(|s| s.health())).await)
+        self.first(|s| s.health()).await
     }
 
     /// The smallest capacity of all shards (they should agree).
@@ -350,21 +363,16 @@ impl ShardClient for ShardedClient {
             max_prefill_tokens,
             max_total_tokens,
         };
-        let results = join_all(self.shards.iter().map(|s| s.warmup(request))).await;
-        let mut capacity: Option<u32> = None;
-        for result in results {
-            let tokens = result?;
-            capacity = Some(capacity.map_or(tokens, |c| c.min(tokens)));
-        }
-        capacity.ok_or(ShardError::Connection("no shard".into()))
+        let capacities = self.every(|s| s.warmup(request)).await?;
+        Ok(capacities.into_iter().min().unwrap_or_default())
     }
 
     async fn prefill(&self, batch: pb::Batch) -> Result<StepOutput, ShardError> {
-        first_answer(join_all(self.shards.iter().map(|s| s.prefill(batch.clone()))).await)
+        self.first(|s| s.prefill(batch.clone())).await
     }
 
     async fn decode(&self, batches: Vec<pb::CachedBatch>) -> Result<StepOutput, ShardError> {
-        first_answer(join_all(self.shards.iter().map(|s| s.decode(batches.clone()))).await)
+        self.first(|s| s.decode(batches.clone())).await
     }
 
     async fn filter_batch(
@@ -372,15 +380,12 @@ impl ShardClient for ShardedClient {
         batch_id: u64,
         request_ids: Vec<u64>,
     ) -> Result<Option<pb::CachedBatch>, ShardError> {
-        let calls = self
-            .shards
-            .iter()
-            .map(|s| s.filter_batch(batch_id, request_ids.clone()));
-        first_answer(join_all(calls).await)
+        self.first(|s| s.filter_batch(batch_id, request_ids.clone()))
+            .await
     }
 
     async fn clear_cache(&self, batch_id: Option<u64>) -> Result<(), ShardError> {
-        first_answer(join_all(self.shards.iter().map(|s| s.clear_cache(batch_id))).await)
+        self.first(|s| s.clear_cache(batch_id)).await
     }
 
     /// The largest share any shard reports; the chat template of the first shard (every shard
@@ -396,23 +401,17 @@ impl ShardClient for ShardedClient {
             adapter_source: source as i32,
             api_token,
         };
-        let results = join_all(
-            self.shards
-                .iter()
-                .map(|s| s.download_adapter(request.clone())),
-        )
-        .await;
-        let mut combined: Option<DownloadedAdapter> = None;
-        for result in results {
-            let answer = result?;
-            match &mut combined {
-                Some(c) => c.memory_fraction = c.memory_fraction.max(answer.memory_fraction),
-                None => combined = Some(answer),
-            }
+        let answers = self.every(|s| s.download_adapter(request.clone())).await?;
+        let mut answers = answers.into_iter();
+        let mut combined = answers.next().unwrap_or_default();
+        for answer in answers {
+            combined.memory_fraction = combined.memory_fraction.max(answer.memory_fraction);
         }
-        Ok(combined.unwrap_or_default())
+        Ok(combined)
     }
 
+    /// Every shard loads its slice. Where some shard fails, the adapter is offloaded from every
+    /// shard again, so that no rank keeps an adapter the others lack.
     async fn load_adapter(
         &self,
         parameters: pb::AdapterParameters,
@@ -421,12 +420,19 @@ impl ShardClient for ShardedClient {
         api_token: Option<String>,
     ) -> Result<(), ShardError> {
         let request = pb::LoadAdapterRequest {
-            adapter_parameters: Some(parameters),
+            adapter_parameters: Some(parameters.clone()),
             adapter_source: source as i32,
             adapter_index: index,
             api_token,
         };
-        first_answer(join_all(self.shards.iter().map(|s| s.load_adapter(request.clone()))).await)
+        let results = join_all(self.shards.iter().map(|s| s.load_adapter(request.clone()))).await;
+        let Some(error) = results.into_iter().find_map(Result::err) else {
+            return Ok(());
+        };
+        if self.shards.len() > 1 {
+            let _ = self.offload_adapter(parameters, source, index).await;
+        }
+        Err(error)
     }
 
     async fn offload_adapter(
@@ -440,20 +446,12 @@ impl ShardClient for ShardedClient {
             adapter_source: source as i32,
             adapter_index: index,
         };
-        let calls = self
-            .shards
-            .iter()
-            .map(|s| s.offload_adapter(request.clone()));
-        first_answer(join_all(calls).await)
+        self.first(|s| s.offload_adapter(request.clone())).await
     }
 
     /// Every shard compiles it (each rank constrains its own copy of the batch); any refusal
     /// fails the call.
     async fn compile_grammar(&self, grammar: pb::Grammar) -> Result<(), ShardError> {
-        let calls = self
-            .shards
-            .iter()
-            .map(|s| s.compile_grammar(grammar.clone()));
-        first_answer(join_all(calls).await)
+        self.first(|s| s.compile_grammar(grammar.clone())).await
     }
 }

@@ -120,6 +120,7 @@ def run_serve(cfg: ShardConfig) -> None:
     from .adapters.sources import fetch_adapter
     from .engine import CacheConfig, Engine
     from .layers.attention import select_backend
+    from .layers.parallel import init_process_group
     from .models.loader import load_model
     from .server import serve
     from .utils import telemetry
@@ -129,6 +130,8 @@ def run_serve(cfg: ShardConfig) -> None:
     model_dir = download_weights(cfg.model_id, cfg.revision)
     device = torch.device(f"cuda:{cfg.rank}" if torch.cuda.is_available() else "cpu")
     backend = select_backend(device, cfg.block_size)
+    if cfg.world_size > 1:
+        init_process_group(cfg.rank, cfg.world_size, device)
     model = load_model(
         model_dir, backend, device, cfg.dtype, cfg.rank, cfg.world_size, cfg.trust_remote_code, cfg.quantize
     )

@@ -152,6 +152,10 @@ class Engine:
         layers, kv_heads, head_dim, dtype = self.model.cache_geometry
         per_block = KVCache.bytes_per_block(layers, bs, kv_heads, head_dim, dtype)
         num_blocks = self.cache_config.num_blocks or self._blocks_from_memory(per_block)
+        # Ranks hand out blocks in lockstep: every rank's cache has the smallest rank's size.
+        tp = getattr(self.model, "tp", None)
+        if tp is not None:
+            num_blocks = tp.all_reduce_min(num_blocks)
         if num_blocks * bs < max_total_tokens:
             raise RequestError(
                 f"the KV cache holds {num_blocks * bs} tokens, fewer than "

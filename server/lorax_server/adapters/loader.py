@@ -79,7 +79,7 @@ def load_lora_adapter(
             raise AdapterLoadError(f"adapter module {module!r} lacks lora_{'B' if 'A' in sides else 'A'}")
         linear, part = targets[module]
         a, b = sides["A"], sides["B"]
-        in_features, out_features = linear.in_features, linear.part_sizes[part]
+        in_features, out_features = linear.full_in_features, linear.full_part_sizes[part]
         if (
             a.dim() != 2
             or b.dim() != 2

@@ -145,11 +145,14 @@ class AdapterManager:
         return None
 
     def prepare(self, request: AdapterRequest) -> Modules:
-        """The request's (merged) factors, copied to the device, ready to install."""
-        return {
-            name: LoraModuleWeights(m.lora_a.to(self.device), m.lora_b.to(self.device), m.scale)
-            for name, m in self._modules(request).items()
-        }
+        """The request's (merged) factors, this rank's slice of them (`layers.parallel.LinearShard`),
+        copied to the device, ready to install."""
+        prepared = {}
+        for name, m in self._modules(request).items():
+            linear, part = self.targets[name]
+            a, b = (m.lora_a, m.lora_b) if linear.shard is None else linear.shard.lora(part, m.lora_a, m.lora_b)
+            prepared[name] = LoraModuleWeights(a.to(self.device), b.to(self.device), m.scale)
+        return prepared
 
     def _merge(self, parts: list[Modules], request: AdapterRequest) -> Modules:
         from .merge import MergeSpec, merge_adapters

@@ -4,8 +4,10 @@ Fused projections (q|k|v, gate|up) are one matmul. `part_names`/`part_sizes` are
 modules the weight was built from (what LoRA adapters target); `out_splits` is how callers split the
 output (the same as the parts, unless the checkpoint itself stores a fused module such as `qkv_proj`).
 The base matmul runs once for the whole batch; when adapters are attached (`lora`), their low-rank
-updates are added per adapter segment. The weight is a dense tensor or a quantized `WeightFormat`
-(`layers.quant`); nothing else here depends on which.
+updates are added per adapter segment. Under tensor parallelism a linear holds its rank's slice
+(`shard`, see `layers.parallel`); a row-parallel one sums its partial output over the ranks (`reduce`)
+after the LoRA updates, and adds its bias once, after the sum. The weight is a dense tensor or a
+quantized `WeightFormat` (`layers.quant`); nothing else here depends on which.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.weights import Weights, WeightsError
+from .parallel import LinearShard, Range, TensorParallel
 from .quant import Quantizer, WeightFormat
 from .quant.grouped import stack_parts
 
@@ -58,6 +61,18 @@ class Linear:
         self.part_names = part_names or []  # checkpoint module name of each stored part
         self.part_sizes = part_sizes or list(out_splits)  # out_features of each stored part
         self.lora: LinearHook | None = None  # set by adapters.lora.attach_lora for adaptable modules
+        self.shard: LinearShard | None = None  # this rank's slice of the whole weight; None: all of it
+        self.reduce: TensorParallel | None = None  # row-parallel: the group the output is summed over
+
+    @property
+    def full_in_features(self) -> int:
+        """in_features of the whole, unsharded weight (what adapters are shaped for)."""
+        return self.shard.full_in_features if self.shard is not None else self.in_features
+
+    @property
+    def full_part_sizes(self) -> list[int]:
+        """Each part's out_features in the whole, unsharded weight."""
+        return list(self.shard.full_part_sizes) if self.shard is not None else self.part_sizes
 
     @property
     def in_features(self) -> int:
@@ -72,14 +87,19 @@ class Linear:
     def __call__(self, x: torch.Tensor, meta: LoraRows | None = None) -> torch.Tensor:
         """x: [num_tokens, in_features] → [num_tokens, out_features]."""
         w = self.weight
+        bias_now = self.bias if self.reduce is None else None  # row-parallel: added once, after the sum
         if isinstance(w, torch.Tensor):
-            y = F.linear(x, w, self.bias)
+            y = F.linear(x, w, bias_now)
         else:
             y = w.matmul(x)
-            if self.bias is not None:
-                y += self.bias
+            if bias_now is not None:
+                y += bias_now
         if self.lora is not None and meta is not None and meta.lora_segments:
             self.lora.add_to(y, x, meta)
+        if self.reduce is not None:
+            self.reduce.all_reduce(y)
+            if self.bias is not None:
+                y += self.bias
         return y
 
     @classmethod
@@ -92,6 +112,9 @@ class Linear:
         transposed: bool = False,
         out_splits: list[int] | None = None,
         quantize: bool = True,
+        rows: list[tuple[Range, ...]] | None = None,
+        cols: Range | None = None,
+        reduce: bool = True,
     ) -> Linear:
         """Load and fuse `prefix.weight` (+ `prefix.bias`) for each prefix along the output dim.
 
@@ -99,6 +122,10 @@ class Linear:
         `out_splits` splits a checkpoint-fused module (one prefix) into its logical outputs.
         A pre-quantized checkpoint's modules load in its format (`weights.checkpoint_format`); dense
         ones take the load-time `weights.quantizer` format when `quantize` (the default).
+
+        Tensor parallelism: `rows` (column-parallel: per part, the ranges of its output rows this rank
+        loads, `out_splits` then being the local sizes) or `cols` (row-parallel: the range of input
+        columns; the output is summed over the ranks unless `reduce` is False, where the caller sums).
         """
         parts: list[torch.Tensor | WeightFormat] = []
         biases = []
@@ -106,13 +133,23 @@ class Linear:
             shape = shapes[i] if shapes is not None else None
             part = None
             if weights.checkpoint_format is not None:
-                part = weights.checkpoint_format.load(weights, prefix, shape, required=quantize)
+                part = weights.checkpoint_format.load(
+                    weights, prefix, shape, required=quantize, rows=rows[i] if rows is not None else None, cols=cols
+                )
             if part is None:
                 expect = shape[::-1] if shape is not None and transposed else shape
-                w = weights.get(f"{prefix}.weight", expect)
+                if rows is not None:  # output rows: dim 0 as stored, dim 1 of a Conv1D [in, out]
+                    w = weights.get_ranges(f"{prefix}.weight", 1 if transposed else 0, rows[i], expect)
+                elif cols is not None:
+                    w = weights.get_ranges(f"{prefix}.weight", 0 if transposed else 1, (cols,), expect)
+                else:
+                    w = weights.get(f"{prefix}.weight", expect)
                 part = w.t().contiguous() if transposed else w
             parts.append(part)
-            if bias:
+            if bias and rows is not None:
+                full = (shape[0],) if shape is not None else None
+                biases.append(weights.get_ranges(f"{prefix}.bias", 0, rows[i], full))
+            elif bias:
                 biases.append(weights.get(f"{prefix}.bias", (_out_features(part),)))
         fused_bias = None
         if bias:
@@ -125,6 +162,12 @@ class Linear:
         else:
             raise WeightsError(f"{', '.join(prefixes)}: some parts are quantized in the checkpoint and some are not")
         linear = cls(weight, fused_bias, out_splits or sizes, list(prefixes), sizes)
+        if rows is not None or cols is not None:
+            full_sizes = tuple(s[0] for s in shapes) if shapes is not None else tuple(sizes)
+            full_in = shapes[0][1] if shapes is not None else linear.in_features
+            linear.shard = LinearShard(full_in, full_sizes, tuple(rows) if rows is not None else None, cols)
+            if cols is not None and reduce:
+                linear.reduce = weights.tp
         if quantize:
             linear.quantize(weights.quantizer)
         return linear

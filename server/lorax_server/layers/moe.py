@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from .linear import Linear
+from .parallel import SINGLE, TensorParallel
 
 if TYPE_CHECKING:
     from ..forward import ForwardBatch
@@ -36,9 +37,13 @@ class SparseMoE:
         top_k: int,
         act: Callable[[torch.Tensor], torch.Tensor],
         norm_p: float | None = 1.0,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         """`norm_p`: the top-k weights are divided by their p-norm (Mixtral: 1, i.e. they sum to 1);
-        None keeps the softmax probabilities. Experts whose linears have no `part_names` cannot be adapted."""
+        None keeps the softmax probabilities. Experts whose linears have no `part_names` cannot be adapted.
+        `tp`: under tensor parallelism each expert holds a slice of its intermediate rows; the experts'
+        partial outputs are summed over the ranks once per layer."""
+        self.tp = tp
         self.gate = gate  # router: [num_tokens, hidden] → [num_tokens, experts]
         self.top_k, self.act, self.norm_p = top_k, act, norm_p
         self.num_experts = len(gate_up)
@@ -82,7 +87,7 @@ class SparseMoE:
             h = self.down[e](self.act(gate) * up, rows)
             out.index_add_(0, idx, h * routed_weights[start : start + n, None])
             start += n
-        return out
+        return self.tp.all_reduce(out)
 
     def _adapters_in(self, meta: ForwardBatch | None) -> list[int]:
         """The batch's adapters, when any of them has LoRA on this layer's experts (else none)."""

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..layers.attention import AttentionBackend
+from ..layers.parallel import ShardingError
 from ..layers.quant import QuantizationError, checkpoint
 from ..layers.quant.methods import quantizer
 from ..utils.memory import return_freed_memory
@@ -47,11 +48,14 @@ def load_model(
     # Dense modules of a pre-quantized checkpoint stay dense (it left them so on purpose).
     quantize_weight = quantizer(quantize) if stored_format is None else None
     config = ModelConfig.from_dir(model_dir)
-    if world_size > 1:
-        raise NotImplementedError("tensor-parallel sharding (--sharded / --num-shard > 1) is not supported yet")
     torch_dtype = resolve_dtype(dtype, config, device)
     spec = REGISTRY.get(config.architecture)
     if spec is None:
+        if world_size > 1:
+            raise ShardingError(
+                f"{config.architecture} is served by the transformers fallback, which cannot be sharded; "
+                "serve it with --num-shard 1"
+            )
         if quantize is not None:
             raise QuantizationError(
                 f"--quantize {quantize}: {config.architecture} is served by the transformers fallback, "

@@ -18,6 +18,7 @@ from ..layers.attention import AttentionBackend, alibi_slopes
 from ..layers.linear import Linear
 from ..layers.moe import SparseMoE
 from ..layers.norm import HeadLayerNorm, LayerNorm, RMSNorm
+from ..layers.parallel import LinearShard
 from ..layers.rotary import RotaryEmbedding, apply_rotary
 from ..utils.weights import Weights
 from .config import ModelConfig
@@ -33,16 +34,26 @@ def _norm(spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str):  # n
 class SelfAttention:
     def __init__(self, spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str, layer_idx: int) -> None:
         h, d, kvh = cfg.num_heads, cfg.head_dim, cfg.num_kv_heads
+        tp = weights.tp
+        h0, hl = tp.split(h, "the number of attention heads")  # this rank's query heads
+        kv0, kvl = tp.kv_heads(kvh, h)  # ... and the key/value heads they read
         bias = cfg.attention_bias if spec.qkv_bias is None else spec.qkv_bias
         q_size, kv_size = h * d, kvh * d
+        q_rows, kv_rows = (h0 * d, hl * d), (kv0 * d, kvl * d)
+        local = [hl * d, kvl * d, kvl * d]
         if spec.fused_qkv:
+            if spec.qkv_per_head:  # rows [heads, 3, head_dim]: a rank's heads are one range
+                fused_rows = ((h0 * 3 * d, hl * 3 * d),)
+            else:
+                fused_rows = (q_rows, (q_size + kv_rows[0], kv_rows[1]), (q_size + kv_size + kv_rows[0], kv_rows[1]))
             self.qkv = Linear.load(
                 weights,
                 [f"{prefix}.{spec.fused_qkv}"],
                 bias=bias,
                 shapes=[(q_size + 2 * kv_size, cfg.hidden_size)],
                 transposed=spec.conv1d_weights,
-                out_splits=[q_size, kv_size, kv_size],
+                out_splits=local,
+                rows=[fused_rows] if tp.sharded else None,
             )
         else:
             self.qkv = Linear.load(
@@ -50,6 +61,7 @@ class SelfAttention:
                 [f"{prefix}.{spec.q_proj}", f"{prefix}.{spec.k_proj}", f"{prefix}.{spec.v_proj}"],
                 bias=bias,
                 shapes=[(q_size, cfg.hidden_size), (kv_size, cfg.hidden_size), (kv_size, cfg.hidden_size)],
+                rows=[(q_rows,), (kv_rows,), (kv_rows,)] if tp.sharded else None,
             )
         self.o = Linear.load(
             weights,
@@ -57,21 +69,25 @@ class SelfAttention:
             bias=spec.o_bias,
             shapes=[(cfg.hidden_size, h * d)],
             transposed=spec.conv1d_weights,
+            cols=q_rows if tp.sharded else None,
         )
-        self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
+        self.num_heads, self.num_kv_heads, self.head_dim = hl, kvl, d
         self.qkv_per_head = spec.qkv_per_head
         self.scale = (cfg.query_pre_attn_scalar or d) ** -0.5 if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
             self.scale /= layer_idx + 1
         self.rotary = spec.position_encoding == "rope"
-        self.alibi = alibi_slopes(h, weights.device) if spec.position_encoding == "alibi" else None
+        self.alibi = None
+        if spec.position_encoding == "alibi":  # slopes follow the head: a rank takes its heads' slopes
+            self.alibi = alibi_slopes(h, weights.device)[h0 : h0 + hl].contiguous()
         self.softcap = cfg.attn_logit_softcap
         self.clip_qkv = cfg.clip_qkv
         self.interleaved = spec.rope_interleaved
         self.q_norm = self.k_norm = None
         if cfg.use_qk_norm:
-            self.q_norm = HeadLayerNorm(weights.get(f"{prefix}.{spec.q_norm}.weight", (h, d)), cfg.norm_eps)
-            self.k_norm = HeadLayerNorm(weights.get(f"{prefix}.{spec.k_norm}.weight", (kvh, d)), cfg.norm_eps)
+            q_norm, k_norm = f"{prefix}.{spec.q_norm}.weight", f"{prefix}.{spec.k_norm}.weight"
+            self.q_norm = HeadLayerNorm(weights.get_ranges(q_norm, 0, ((h0, hl),), (h, d)), cfg.norm_eps)
+            self.k_norm = HeadLayerNorm(weights.get_ranges(k_norm, 0, ((kv0, kvl),), (kvh, d)), cfg.norm_eps)
         self.window = cfg.window_for(layer_idx) if spec.uses_sliding_window else None
         self.layer_idx = layer_idx
         # Per-layer scales of a float8 KV cache (`CausalLM` reads them from the checkpoint for `fp8-kv`);
@@ -125,13 +141,16 @@ class GatedMLP:
 
     def __init__(self, spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str) -> None:
         hidden, inter = cfg.hidden_size, cfg.intermediate_size
+        sharded = weights.tp.sharded
+        i0, il = weights.tp.split(inter, "intermediate_size")
         if spec.fused_gate_up:
             self.gate_up = Linear.load(
                 weights,
                 [f"{prefix}.{spec.fused_gate_up}"],
                 bias=cfg.mlp_bias,
                 shapes=[(2 * inter, hidden)],
-                out_splits=[inter, inter],
+                out_splits=[il, il],
+                rows=[((i0, il), (inter + i0, il))] if sharded else None,
             )
         else:
             self.gate_up = Linear.load(
@@ -139,8 +158,15 @@ class GatedMLP:
                 [f"{prefix}.{spec.gate_proj}", f"{prefix}.{spec.up_proj}"],
                 bias=cfg.mlp_bias,
                 shapes=[(inter, hidden), (inter, hidden)],
+                rows=[((i0, il),)] * 2 if sharded else None,
             )
-        self.down = Linear.load(weights, [f"{prefix}.{spec.down_proj}"], bias=cfg.mlp_bias, shapes=[(hidden, inter)])
+        self.down = Linear.load(
+            weights,
+            [f"{prefix}.{spec.down_proj}"],
+            bias=cfg.mlp_bias,
+            shapes=[(hidden, inter)],
+            cols=(i0, il) if sharded else None,
+        )
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x: torch.Tensor, meta: ForwardBatch) -> torch.Tensor:
@@ -153,26 +179,37 @@ class GatedMLP:
 
 def _moe(spec: ArchSpec, cfg: ModelConfig, weights: Weights, prefix: str) -> SparseMoE:
     hidden, inter, experts = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+    tp = weights.tp
+    i0, il = tp.split(inter, "intermediate_size")  # every rank holds a slice of every expert
     # The router stays dense (small, and its top-k choice is sensitive); the experts are quantized.
     gate = Linear.load(weights, [f"{prefix}.{spec.moe_gate}"], bias=False, shapes=[(experts, hidden)], quantize=False)
     if spec.moe_stacked:  # DBRX: one tensor per projection; views per expert, quantized one by one
+        per_expert = tuple((e * inter + i0, il) for e in range(experts))
 
-        def get(name: str) -> torch.Tensor:  # [experts, inter, hidden]
-            return weights.get(f"{prefix}.{spec.moe_stacked}.{name}", (experts * inter, hidden)).view(-1, inter, hidden)
+        def get(name: str) -> torch.Tensor:  # [experts, rank's inter, hidden]
+            full = f"{prefix}.{spec.moe_stacked}.{name}"
+            return weights.get_ranges(full, 0, per_expert, (experts * inter, hidden)).view(-1, il, hidden)
 
         gate_up_all = torch.cat([get("w1"), get("v1")], dim=1)  # [experts, 2 * inter, hidden]
         down_all = get("w2").transpose(1, 2)  # [experts, hidden, inter]
-        gate_up = [Linear(gate_up_all[e], None, [inter, inter]) for e in range(experts)]
+        gate_up = [Linear(gate_up_all[e], None, [il, il]) for e in range(experts)]
         down = [Linear(down_all[e], None, [hidden]) for e in range(experts)]
         for linear in [*gate_up, *down]:
             linear.quantize(weights.quantizer)
     else:
         expert = [f"{prefix}.{spec.moe_expert.format(e=e)}" for e in range(experts)]
         names = [(f"{p}.w1", f"{p}.w3", f"{p}.w2") for p in expert]  # gate, up, down: what adapters target
-        gate_up = [Linear.load(weights, [w1, w3], bias=False, shapes=[(inter, hidden)] * 2) for w1, w3, _ in names]
-        down = [Linear.load(weights, [w2], bias=False, shapes=[(hidden, inter)]) for _, _, w2 in names]
+        rows, cols = ([((i0, il),)] * 2, (i0, il)) if tp.sharded else (None, None)
+        gate_up = [
+            Linear.load(weights, [w1, w3], bias=False, shapes=[(inter, hidden)] * 2, rows=rows) for w1, w3, _ in names
+        ]
+        # The experts' partial outputs are summed over the ranks once, by the MoE layer.
+        down = [
+            Linear.load(weights, [w2], bias=False, shapes=[(hidden, inter)], cols=cols, reduce=False)
+            for _, _, w2 in names
+        ]
     act = activation(cfg.hidden_act)
-    return SparseMoE(gate, gate_up, down, cfg.experts_per_token, act, cfg.moe_norm_p)
+    return SparseMoE(gate, gate_up, down, cfg.experts_per_token, act, cfg.moe_norm_p, tp)
 
 
 class PlainMLP:
@@ -182,11 +219,23 @@ class PlainMLP:
         hidden, inter = cfg.hidden_size, cfg.intermediate_size
         bias = cfg.mlp_bias if spec.mlp_bias is None else spec.mlp_bias
         conv1d = spec.conv1d_weights
+        sharded = weights.tp.sharded
+        i0, il = weights.tp.split(inter, "intermediate_size")
         self.up = Linear.load(
-            weights, [f"{prefix}.{spec.up_proj}"], bias=bias, shapes=[(inter, hidden)], transposed=conv1d
+            weights,
+            [f"{prefix}.{spec.up_proj}"],
+            bias=bias,
+            shapes=[(inter, hidden)],
+            transposed=conv1d,
+            rows=[((i0, il),)] if sharded else None,
         )
         self.down = Linear.load(
-            weights, [f"{prefix}.{spec.down_proj}"], bias=bias, shapes=[(hidden, inter)], transposed=conv1d
+            weights,
+            [f"{prefix}.{spec.down_proj}"],
+            bias=bias,
+            shapes=[(hidden, inter)],
+            transposed=conv1d,
+            cols=(i0, il) if sharded else None,
         )
         self.act = activation(spec.hidden_act or cfg.hidden_act)
 
@@ -273,7 +322,11 @@ class CausalLM:
         if kv_cache_dtype not in (None, weights.dtype, FP8_KV):
             raise ValueError(f"unsupported KV cache dtype {kv_cache_dtype}: the model's dtype or {FP8_KV}")
         self.kv_cache_dtype = kv_cache_dtype or weights.dtype
-        self.embed = weights.get(f"{spec.embed}.weight", (cfg.vocab_size, cfg.hidden_size))
+        self.tp = weights.tp
+        # Vocab-parallel: a rank holds the embedding rows (and LM head rows) of its block of the vocabulary.
+        self.vocab_rows = self.tp.vocab(cfg.vocab_size)
+        embed_name, embed_shape = f"{spec.embed}.weight", (cfg.vocab_size, cfg.hidden_size)
+        self.embed = weights.get_ranges(embed_name, 0, (self.vocab_rows,), embed_shape)
         self.embed_norm = _norm(spec, cfg, weights, spec.embed_norm) if spec.embed_norm else None
         self.position_embed = None  # [max_positions, hidden]: learned absolute positions
         if spec.position_encoding == "learned":
@@ -285,7 +338,9 @@ class CausalLM:
                 layer.attn.k_scale, layer.attn.v_scale = _kv_scales(spec, weights, spec.layer.format(i=i))
         self.norm = _norm(spec, cfg, weights, spec.final_norm)
         if cfg.tie_word_embeddings or not weights.has(f"{spec.lm_head}.weight"):
-            self.lm_head = Linear(self.embed, None, [cfg.vocab_size])
+            self.lm_head = Linear(self.embed, None, [self.vocab_rows[1]])
+            if self.tp.sharded:
+                self.lm_head.shard = LinearShard(cfg.hidden_size, (cfg.vocab_size,), ((self.vocab_rows,),))
         else:
             self.lm_head = Linear.load(
                 weights,
@@ -293,6 +348,7 @@ class CausalLM:
                 bias=spec.lm_head_bias,
                 shapes=[(cfg.vocab_size, cfg.hidden_size)],
                 quantize=False,
+                rows=[(self.vocab_rows,)] if self.tp.sharded else None,
             )
         self.rotary = RotaryEmbedding(
             cfg.rope, cfg.head_dim, cfg.max_position_embeddings, device, interleaved=spec.rope_interleaved
@@ -334,13 +390,13 @@ class CausalLM:
     @property
     def cache_geometry(self) -> tuple[int, int, int, torch.dtype]:
         """(layers, kv_heads, head_dim, dtype) of the paged KV cache this model writes."""
-        c = self.config
-        return c.num_layers, c.num_kv_heads, c.head_dim, self.kv_cache_dtype
+        attn = self.layers[0].attn  # this rank's kv heads
+        return self.config.num_layers, attn.num_kv_heads, attn.head_dim, self.kv_cache_dtype
 
     @torch.inference_mode()
     def forward(self, meta: ForwardBatch, cache: KVCache) -> torch.Tensor:
         """Returns float32 logits [num_logits, vocab] for the tokens in `meta.logits_index`."""
-        x = F.embedding(meta.input_ids, self.embed)  # [num_tokens, hidden]
+        x = self._embed(meta.input_ids)  # [num_tokens, hidden]
         if self.spec.embed_scale:
             x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
         if self.embed_norm is not None:
@@ -358,9 +414,19 @@ class CausalLM:
         for layer in self.layers:
             x = layer(x, meta, cos, sin, cache, self.backend)
         logits = self.lm_head(self.norm(x[meta.logits_index])).float()
+        logits = self.tp.all_gather_columns(logits, self.config.vocab_size)  # every rank's vocabulary block
         if self.config.logit_scale is not None:
             logits = logits * self.config.logit_scale
         if self.config.final_logit_softcap:
             cap = self.config.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.tp.sharded:
+            return F.embedding(ids, self.embed)
+        start, size = self.vocab_rows
+        local = ids - start
+        outside = (local < 0) | (local >= size)  # another rank's tokens: zeros here, its rows there
+        x = F.embedding(local.masked_fill(outside, 0), self.embed)
+        return self.tp.all_reduce(x.masked_fill_(outside[:, None], 0))

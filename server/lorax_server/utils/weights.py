@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ..layers.parallel import Range, TensorParallel
+
 
 class WeightsError(RuntimeError):
     """A checkpoint lacks a tensor or has one of the wrong shape; the message names it."""
@@ -17,7 +19,7 @@ class WeightsError(RuntimeError):
 class Weights:
     """Name → tensor access over every safetensors file of a model directory.
 
-    `rank`/`world_size` describe tensor parallelism: `get_sharded` returns this rank's slice.
+    `rank`/`world_size` describe tensor parallelism (`tp`): `get_ranges` reads this rank's slice.
     `optional_prefix`: a name that starts with it is also found without it (GPT-2 and Bloom checkpoints
     saved from the bare base model store `h.0...` for `transformer.h.0...`).
     """
@@ -43,6 +45,7 @@ class Weights:
         # returns a module's quantized weight, or None where the module is stored dense.
         self.checkpoint_format = checkpoint_format
         self.rank, self.world_size = rank, world_size
+        self.tp = TensorParallel(rank, world_size)
         self._handles = [safe_open(str(f), framework="pt") for f in files]
         self._where: dict[str, int] = {}
         for i, handle in enumerate(self._handles):
@@ -95,20 +98,24 @@ class Weights:
         sl = self._slice(name)
         return (sl[:] if sl.get_shape() else sl[()]).to(self.device)
 
-    def get_sharded(self, name: str, dim: int, expect_shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """This rank's contiguous 1/world_size slice along `dim` (which must divide evenly)."""
+    def get_ranges(
+        self, name: str, dim: int, ranges: tuple[Range, ...], expect_shape: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        """The (start, size) `ranges` along `dim`, read one after the other and concatenated: a rank's
+        slice of a sharded tensor (several ranges where the checkpoint fuses parts, e.g. q|k|v)."""
         sl = self._slice(name)
         shape = list(sl.get_shape())
         self._check_shape(name, shape, expect_shape)
-        if self.world_size == 1:
+        if len(ranges) == 1 and ranges[0] == (0, shape[dim]):
             return self._finish(sl[:], name)
-        size = shape[dim]
-        if size % self.world_size:
-            raise WeightsError(f"{name!r} dim {dim} of size {size} does not split over {self.world_size} shards")
-        block = size // self.world_size
-        index = [slice(None)] * len(shape)
-        index[dim] = slice(self.rank * block, (self.rank + 1) * block)
-        return self._finish(sl[tuple(index)], name)
+        pieces = []
+        for start, size in ranges:
+            if start < 0 or start + size > shape[dim]:
+                raise WeightsError(f"{name!r}: rows {start}..{start + size} outside dim {dim} of size {shape[dim]}")
+            index = [slice(None)] * len(shape)
+            index[dim] = slice(start, start + size)
+            pieces.append(sl[tuple(index)])
+        return self._finish(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim), name)
 
     @staticmethod
     def _check_shape(name: str, shape: list[int], expect: tuple[int, ...] | None) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ...utils.weights import Weights
+from ..parallel import Range, ShardingError
 from . import QuantizationError, stored_shape
 from .gptq import grouped_from_affine
 from .grouped import GroupedWeight
@@ -35,8 +36,16 @@ class AwqCheckpoint:
     dense_modules: tuple[str, ...] = ()  # quantization_config's modules_to_not_convert
 
     def load(
-        self, weights: Weights, prefix: str, shape: tuple[int, int] | None, required: bool
+        self,
+        weights: Weights,
+        prefix: str,
+        shape: tuple[int, int] | None,
+        required: bool,
+        rows: tuple[Range, ...] | None = None,
+        cols: Range | None = None,
     ) -> GroupedWeight | None:
+        if rows is not None or cols is not None:
+            raise ShardingError(f"{prefix}: AWQ checkpoints cannot be sharded yet; serve them with one shard")
         shape = stored_shape(self.method, weights.has, prefix, shape, required, self.dense_modules)
         if shape is None:
             return None

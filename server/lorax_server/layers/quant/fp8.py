@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ...utils.weights import Weights
+from ..parallel import Range, ShardingError
 from . import QuantizationError
 from .grouped import GroupedWeight
 
@@ -46,8 +47,16 @@ class Fp8Checkpoint:
         self.block = block
 
     def load(
-        self, weights: Weights, prefix: str, shape: tuple[int, int] | None, required: bool
+        self,
+        weights: Weights,
+        prefix: str,
+        shape: tuple[int, int] | None,
+        required: bool,
+        rows: tuple[Range, ...] | None = None,
+        cols: Range | None = None,
     ) -> GroupedWeight | None:
+        if rows is not None or cols is not None:
+            raise ShardingError(f"{prefix}: FP8 checkpoints cannot be sharded yet; serve them with one shard")
         name = f"{prefix}.weight"
         if not weights.has(name) or weights.dtype_of(name) != "F8_E4M3":
             return None
