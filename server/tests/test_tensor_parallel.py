@@ -22,7 +22,7 @@ from families import FAMILIES, LORA_KWARGS, build_family
 from test_expert_lora import ADAPTERS as EXPERT_ADAPTERS
 from test_expert_lora import write_adapter
 from tiny_models import make_lora_adapter, make_model
-from tp_ranks import mixed_batch_run, run_ranks
+from tp_ranks import engine_tokens, mixed_batch_run, run_ranks
 
 from lorax_server.layers.attention import TorchAttention
 from lorax_server.layers.parallel import LinearShard, ShardingError, TensorParallel
@@ -259,36 +259,7 @@ def test_a_two_rank_shard_set_over_grpc_answers_like_one_shard(llama_dir: Path, 
             p.terminate()
         for p in procs:
             p.wait(timeout=60)
-    want = _one_shard(llama_dir, adapter, prompts, [1, 0, 1], [6, 6, 5])
+    want = engine_tokens(llama_dir, [str(adapter)], [(prompts[0], 1, 6), (prompts[1], 0, 6), (prompts[2], 1, 5)])
     for rid in (1, 2, 3):
-        assert [t for t, _ in got[rid]] == [t for t, _ in want[rid]], rid
-        assert max(abs(a - b) for (_, a), (_, b) in zip(got[rid], want[rid], strict=True)) < 1e-4
-
-
-def _one_shard(model_dir: Path, adapter: Path, prompts: list[list[int]], adapters: list[int], new: list[int]) -> dict:
-    """(token, logprob) of each request from the engine in this process, one shard."""
-    from transformers import AutoTokenizer
-
-    from lorax_server.adapters.manager import AdapterManager, AdapterRequest
-    from lorax_server.batch import RequestIn
-    from lorax_server.engine import CacheConfig, Engine
-    from lorax_server.sampling import SamplingParams
-
-    model = load_model(model_dir, TorchAttention(16), torch.device("cpu"), "float32")
-    manager = AdapterManager(model, fetch=lambda a, s, t: Path(a), device_budget_bytes=2**30)
-    request = AdapterRequest(ids=(str(adapter),), source="local")
-    manager.install(1, request, manager.prepare(request))
-    engine = Engine(model, AutoTokenizer.from_pretrained(model_dir), CacheConfig(16, num_blocks=64), manager)
-    engine.warmup(max_input_length=64, max_prefill_tokens=128, max_total_tokens=128)
-    requests = [
-        RequestIn(id=i, input_ids=p, sampling=SamplingParams(), max_new_tokens=n, ignore_eos=True, adapter_index=a)
-        for i, (p, a, n) in enumerate(zip(prompts, adapters, new, strict=True), start=1)
-    ]
-    out: dict[int, list[tuple[int, float]]] = {r.id: [] for r in requests}
-    gens, batch = engine.prefill(1, requests)
-    while True:
-        for g in gens:
-            out[g.request_id].append((g.token_id, g.logprob))
-        if batch is None:
-            return out
-        gens, batch = engine.decode([batch.id])
+        assert [t for t, _ in got[rid]] == [t for t, _ in want[rid - 1]], rid
+        assert max(abs(a - b) for (_, a), (_, b) in zip(got[rid], want[rid - 1], strict=True)) < 1e-4

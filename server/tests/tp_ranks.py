@@ -66,6 +66,38 @@ def mixed_batch_run(
     return {"prefill": prefill, "decoded": torch.stack(steps, dim=1)}
 
 
+def engine_tokens(
+    model_dir: str | Path, adapters: list[str], requests: list[tuple[list[int], int, int]]
+) -> list[list[tuple[int, float]]]:
+    """(token, logprob) of each greedy request (prompt ids, adapter index (i: `adapters[i - 1]`, 0: base),
+    new tokens), all in one batch of the engine in this process: one shard."""
+    from transformers import AutoTokenizer
+
+    from lorax_server.batch import RequestIn
+    from lorax_server.engine import CacheConfig, Engine
+    from lorax_server.sampling import SamplingParams
+
+    model = load_model(model_dir, TorchAttention(16), torch.device("cpu"), "float32")
+    manager = AdapterManager(model, fetch=lambda a, s, t: Path(a), device_budget_bytes=2**30)
+    for i, path in enumerate(adapters, start=1):
+        request = AdapterRequest(ids=(str(path),), source="local")
+        manager.install(i, request, manager.prepare(request))
+    engine = Engine(model, AutoTokenizer.from_pretrained(model_dir), CacheConfig(16, num_blocks=256), manager)
+    engine.warmup(max_input_length=64, max_prefill_tokens=512, max_total_tokens=128)
+    batch_in = [
+        RequestIn(id=i, input_ids=ids, sampling=SamplingParams(), max_new_tokens=n, ignore_eos=True, adapter_index=a)
+        for i, (ids, a, n) in enumerate(requests)
+    ]
+    out: list[list[tuple[int, float]]] = [[] for _ in requests]
+    gens, batch = engine.prefill(1, batch_in)
+    while True:
+        for g in gens:
+            out[g.request_id].append((g.token_id, g.logprob))
+        if batch is None:
+            return out
+        gens, batch = engine.decode([batch.id])
+
+
 def run_ranks(jobs: list[dict], out: Path, world_size: int = 2, port: int = 29611, timeout: float = 600) -> dict:
     """Run `jobs` ({"name", "model_dir", "adapters", "quantize"?}) on `world_size` rank processes;
     rank 0's results by job name."""
