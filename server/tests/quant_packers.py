@@ -56,13 +56,17 @@ def gptq_pack(
     sym: bool = False,
     v2: bool = False,
     seed: int = 0,
+    shards: int = 1,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """GPTQ tensors (qweight, qzeros, scales, g_idx) and the dequantized weight [out, in] float32."""
+    """GPTQ tensors (qweight, qzeros, scales, g_idx) and the dequantized weight [out, in] float32.
+    `shards` > 1: the act-order permutation stays within each of that many equal blocks of input
+    columns (so each block, a tensor-parallel rank's columns, holds whole groups)."""
     out_features, in_features = w.shape
     size = in_features if group_size == -1 else group_size
     order = torch.arange(in_features)
     if act_order:  # GPTQ quantizes columns in a data-dependent order; groups follow that order
-        order = torch.randperm(in_features, generator=torch.Generator().manual_seed(seed))
+        generator, block = torch.Generator().manual_seed(seed), in_features // shards
+        order = torch.cat([b * block + torch.randperm(block, generator=generator) for b in range(shards)])
     g_idx = torch.empty(in_features, dtype=torch.int64)
     g_idx[order] = torch.arange(in_features) // size
     groups = int(g_idx.max()) + 1

@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 
 from ...utils.weights import Weights
-from ..parallel import Range, ShardingError
+from ..parallel import Range
 from . import QuantizationError
+from .affine import input_groups, take_ranges
 from .grouped import GroupedWeight
 
 E4M3_MAX = 448.0
@@ -39,7 +40,11 @@ class Fp8Checkpoint:
     """An FP8 checkpoint: float8_e4m3fn `weight` with `weight_scale` (one per tensor or per output
     channel, as compressed-tensors and most FP8 exports store it) or `weight_scale_inv` over
     [block_rows, block_cols] tiles (transformers' fine-grained FP8). Modules stored in higher precision
-    stay dense."""
+    stay dense.
+
+    Under tensor parallelism a rank reads its output rows (any ranges: scales are per row, or tiles
+    looked up row by row) or its input columns, which with block-wise scales must keep whole blocks
+    (the rule of `affine.input_groups`)."""
 
     method = "fp8"
 
@@ -55,24 +60,50 @@ class Fp8Checkpoint:
         rows: tuple[Range, ...] | None = None,
         cols: Range | None = None,
     ) -> GroupedWeight | None:
-        if rows is not None or cols is not None:
-            raise ShardingError(f"{prefix}: FP8 checkpoints cannot be sharded yet; serve them with one shard")
+        """The module's weight, or this rank's output `rows` or input `cols` of it."""
         name = f"{prefix}.weight"
         if not weights.has(name) or weights.dtype_of(name) != "F8_E4M3":
             return None
-        values = weights.get(name, shape)
+        full = tuple(weights.shape(name))
+        if rows is not None:
+            values = weights.get_ranges(name, 0, rows, shape)
+        elif cols is not None:
+            values = weights.get_ranges(name, 1, (cols,), shape)
+        else:
+            values = weights.get(name, shape)
         if weights.has(f"{prefix}.weight_scale"):
-            return from_fp8(values, weights.get(f"{prefix}.weight_scale").float())
+            scale = weights.get(f"{prefix}.weight_scale").float()
+            if rows is not None and scale.numel() > 1:  # one per output channel
+                scale = take_ranges(scale.reshape(-1), 0, rows)
+            return from_fp8(values, scale)
         if not weights.has(f"{prefix}.weight_scale_inv") or self.block is None:
             raise QuantizationError(f"{name} is float8 but {prefix}.weight_scale is missing")
+        return self._blockwise(weights, prefix, values, full, rows, cols)
+
+    def _blockwise(
+        self,
+        weights: Weights,
+        prefix: str,
+        values: torch.Tensor,  # float8 [out, in], a rank's slice of the whole `full`
+        full: tuple[int, ...],
+        rows: tuple[Range, ...] | None,
+        cols: Range | None,
+    ) -> GroupedWeight:
         tiles = weights.get(f"{prefix}.weight_scale_inv").float()  # [ceil(out / rows), ceil(in / cols)]
-        rows, cols = self.block
-        out_features, in_features = values.shape
-        if tuple(tiles.shape) != (-(-out_features // rows), -(-in_features // cols)):
+        block_rows, block_cols = self.block
+        out_features, in_features = full
+        if tuple(tiles.shape) != (-(-out_features // block_rows), -(-in_features // block_cols)):
             raise QuantizationError(
-                f"{prefix}.weight_scale_inv has shape {tuple(tiles.shape)} for {tuple(values.shape)} "
-                f"in {rows}x{cols} blocks"
+                f"{prefix}.weight_scale_inv has shape {tuple(tiles.shape)} for {full} "
+                f"in {block_rows}x{block_cols} blocks"
             )
-        scales = tiles.repeat_interleave(rows, dim=0)[:out_features]  # [out, groups of `cols` inputs]
+        ranges = rows if rows is not None else ((0, out_features),)
+        out_rows = torch.cat([torch.arange(start, start + size, device=tiles.device) for start, size in ranges])
+        scales = tiles[out_rows // block_rows]  # [out, groups of `block_cols` inputs]
+        group_size = block_cols
+        if cols is not None:
+            what = f"{prefix} ({block_rows}x{block_cols} blocks)"
+            groups = input_groups(torch.arange(in_features, device=tiles.device) // block_cols, cols, "block", what)
+            scales, group_size = scales[:, groups.used], groups.size
         table = E4M3_VALUES.to(values.device)
-        return GroupedWeight.from_codes(values.view(torch.uint8), 8, table, scales, None, cols)
+        return GroupedWeight.from_codes(values.view(torch.uint8), 8, table, scales, None, group_size)

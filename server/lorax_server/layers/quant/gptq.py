@@ -6,6 +6,9 @@ optionally `g_idx` int32 [in] (the group of each input channel; act-order checkp
 W[n, k] = scales[g, n] · (q[k, n] − zero[g, n]) with g = g_idx[k]. The "gptq" checkpoint format stores
 zero − 1 (a historical quirk), "gptq_v2" stores the zero itself. Bits 2, 3, 4 and 8; any group size,
 -1 meaning one group over all input channels.
+
+Under tensor parallelism a rank reads only the qweight words that hold its slice of W (output rows or
+input columns); which input slices keep exact groups (act-order ones mostly do not) is said in `affine`.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from ...utils.weights import Weights
-from ..parallel import Range, ShardingError
+from ..parallel import Range
 from . import QuantizationError, stored_shape
+from .affine import grouped_from_affine, shard_groups
 from .grouped import GroupedWeight
 from .packed import unpack_stream
 
@@ -40,27 +44,38 @@ class GptqCheckpoint:
         rows: tuple[Range, ...] | None = None,
         cols: Range | None = None,
     ) -> GroupedWeight | None:
-        if rows is not None or cols is not None:
-            raise ShardingError(f"{prefix}: GPTQ checkpoints cannot be sharded yet; serve them with one shard")
+        """The module's weight, or this rank's output `rows` or input `cols` of it (see `affine`)."""
         shape = stored_shape(self.method, weights.has, prefix, shape, required, self.dense_modules)
         if shape is None:
             return None
         out_features, in_features = shape
-        qweight = weights.get(f"{prefix}.qweight")
-        bits = self._bits(prefix, qweight.shape, in_features)
-        if qweight.shape[1] != out_features:
-            raise QuantizationError(f"{prefix}.qweight has shape {tuple(qweight.shape)} for a [{in_features} → "
-                                    f"{out_features}] linear")  # fmt: skip
+        bits = self._bits(prefix, weights.shape(f"{prefix}.qweight"), in_features, out_features)
         scales = weights.get(f"{prefix}.scales").float()  # [groups, out]
-        groups = scales.shape[0]
-        g_idx = self._group_index(weights, prefix, in_features, groups)
-        codes = unpack_stream(qweight, bits, in_features)  # [in, out]
+        g_idx = self._group_index(weights, prefix, in_features, scales.shape[0])
         zeros = unpack_stream(weights.get(f"{prefix}.qzeros").t(), bits, out_features).t()  # [groups, out]
         if self.zeros_minus_one:
             zeros = (zeros + 1) & (2**bits - 1)
+        codes = self._codes(weights, f"{prefix}.qweight", bits, in_features, rows, cols)  # [in, out], sliced
+        scales, zeros, g_idx = shard_groups(scales, zeros, g_idx, rows, cols, prefix)
         return grouped_from_affine(codes.t(), bits, scales.t(), zeros.t(), g_idx, f"{prefix}.g_idx")
 
-    def _bits(self, prefix: str, shape: torch.Size, in_features: int) -> int:
+    @staticmethod
+    def _codes(
+        weights: Weights, name: str, bits: int, in_features: int, rows: tuple[Range, ...] | None, cols: Range | None
+    ) -> torch.Tensor:
+        """The codes [in, out] of the packed qweight, only the words that hold a rank's slice read."""
+        if rows is not None:  # each output column is its own stream
+            return unpack_stream(weights.get_ranges(name, 1, rows), bits, in_features)
+        if cols is None:
+            return unpack_stream(weights.get(name), bits, in_features)
+        start, size = cols
+        first = start - start % 32  # 32 values fill whole words at any width (3-bit values straddle words)
+        last = min(-(-(start + size) // 32) * 32, in_features)
+        first_word = first * bits // 32
+        words = weights.get_ranges(name, 0, ((first_word, -(-last * bits // 32) - first_word),))
+        return unpack_stream(words, bits, last - first)[start - first : start - first + size]
+
+    def _bits(self, prefix: str, shape: list[int], in_features: int, out_features: int) -> int:
         packed_rows = shape[0]
         bits = self.bits or packed_rows * 32 // in_features
         if bits not in BITS:
@@ -70,6 +85,9 @@ class GptqCheckpoint:
                 f"{prefix}.qweight has {packed_rows} rows, but {in_features} inputs at {bits} bits pack into "
                 f"{-(-in_features * bits // 32)}"
             )
+        if shape[1] != out_features:
+            raise QuantizationError(f"{prefix}.qweight has shape {tuple(shape)} for a [{in_features} → "
+                                    f"{out_features}] linear")  # fmt: skip
         return bits
 
     def _group_index(self, weights: Weights, prefix: str, in_features: int, groups: int) -> torch.Tensor:
@@ -84,28 +102,3 @@ class GptqCheckpoint:
         if g_idx.min() < 0 or g_idx.max() >= groups:
             raise QuantizationError(f"{prefix}.g_idx names groups outside the {groups} of {prefix}.scales")
         return g_idx
-
-
-def grouped_from_affine(
-    codes: torch.Tensor,  # [out, in] integers
-    bits: int,
-    scales: torch.Tensor,  # [out, groups]
-    zeros: torch.Tensor,  # [out, groups] integers
-    g_idx: torch.Tensor,  # [in] group of each input channel
-    what: str,
-) -> GroupedWeight:
-    """W = scales · (codes − zeros) per group, with the input channels sorted by group when the
-    checkpoint's order is not already group by group (act-order)."""
-    groups = scales.shape[1]
-    perm = None
-    if bool((g_idx[1:] < g_idx[:-1]).any()):
-        perm = torch.argsort(g_idx, stable=True)
-        codes, g_idx = codes[:, perm], g_idx[perm]
-    counts = torch.bincount(g_idx, minlength=groups)
-    group_size = int(counts[0])
-    uniform = bool((counts[:-1] == group_size).all()) and 0 < int(counts[-1]) <= group_size
-    if not uniform:
-        raise QuantizationError(f"{what}: groups of unequal sizes {counts.tolist()} are not supported")
-    offsets = -zeros.float() * scales
-    table = torch.arange(2**bits, dtype=torch.float32, device=codes.device)
-    return GroupedWeight.from_codes(codes, bits, table, scales, offsets, group_size, perm)
