@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save_file
 from tiny_models import make_llama, make_model
 
 
-def run_launcher(model_dir: Path, tmp: Path, max_total_tokens: int = 64) -> subprocess.CompletedProcess:
+def run_launcher(model_dir: Path, tmp: Path, max_total_tokens: int = 64, *extra: str) -> subprocess.CompletedProcess:
     args = [str(BIN / "lorax-launcher"), "--model-id", str(model_dir), "--port", str(free_port()),
             "--shard-uds-path", str(tmp / "shard"), "--kv-cache-blocks", "16",
             "--max-input-length", "32", "--max-total-tokens", str(max_total_tokens),
-            "--max-batch-prefill-tokens", "64"]  # fmt: skip
+            "--max-batch-prefill-tokens", "64", *extra]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(args, capture_output=True, text=True, timeout=240, env=env)
 
@@ -64,3 +64,11 @@ def test_more_tokens_than_learned_positions_fails_fast(tmp_path: Path) -> None:
     assert done.returncode != 0
     output = done.stdout + done.stderr
     assert "max_total_tokens=64 exceeds the 48 positions" in output, output[-3000:]
+
+
+def test_a_model_that_does_not_split_over_the_shards_names_the_number(tmp_path: Path) -> None:
+    model_dir = make_llama(tmp_path / "m", hidden_size=96, num_attention_heads=3, num_key_value_heads=3)
+    done = run_launcher(model_dir, tmp_path, 64, "--num-shard", "2")
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert "the number of attention heads (3) does not divide over 2 shards" in output, output[-3000:]

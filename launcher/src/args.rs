@@ -116,7 +116,10 @@ pub struct Args {
     #[arg(long, env)]
     pub revision: Option<String>,
 
-    /// Number of shards (tensor-parallel ranks, one per GPU).
+    /// Number of shards: tensor-parallel ranks, one process each (one GPU each on CUDA, NCCL; on
+    /// CPU they share the cores, gloo). The attention heads, the intermediate size and the key/value
+    /// heads must divide over the shards (fewer key/value heads than shards must divide the shard
+    /// count: they are replicated). See docs/sharding.md.
     #[arg(long, env, default_value_t = 1)]
     pub num_shard: usize,
 

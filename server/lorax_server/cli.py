@@ -132,6 +132,9 @@ def run_serve(cfg: ShardConfig) -> None:
     backend = select_backend(device, cfg.block_size)
     if cfg.world_size > 1:
         init_process_group(cfg.rank, cfg.world_size, device)
+        if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # The ranks share the machine's cores: each takes its share instead of all of them.
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // cfg.world_size))
     model = load_model(
         model_dir, backend, device, cfg.dtype, cfg.rank, cfg.world_size, cfg.trust_remote_code, cfg.quantize
     )
