@@ -356,6 +356,44 @@ async fn adapter_calls_reach_every_shard_and_keep_their_status_codes() {
 }
 
 #[tokio::test]
+async fn a_load_that_fails_on_one_rank_is_undone_on_every_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shards, client) = two_shards(dir.path()).await;
+    shards[1].set_adapter(
+        "big",
+        AdapterBehaviour {
+            load_error: Some((
+                tonic::Code::ResourceExhausted,
+                "out of adapter memory".into(),
+            )),
+            ..Default::default()
+        },
+    );
+    let params = pb::AdapterParameters {
+        adapter_ids: vec!["big".into()],
+        density: 1.0,
+        ..Default::default()
+    };
+    let source = pb::AdapterSource::Local;
+    client
+        .download_adapter(params.clone(), source, None)
+        .await
+        .unwrap();
+    let err = client
+        .load_adapter(params, source, 4, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert!(err.message().contains("out of adapter memory"), "{err}");
+    for shard in &shards {
+        assert!(
+            shard.installed_adapters().is_empty(),
+            "every rank is back to no adapter at index 4"
+        );
+    }
+}
+
+#[tokio::test]
 async fn grammars_compile_on_every_shard_and_refusals_keep_their_code() {
     let dir = tempfile::tempdir().unwrap();
     let (shards, client) = two_shards(dir.path()).await;

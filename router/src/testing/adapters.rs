@@ -18,6 +18,8 @@ pub struct AdapterBehaviour {
     pub load_delay: Duration,
     /// Download fails with this status.
     pub error: Option<(Code, String)>,
+    /// Load fails with this status (after a successful download).
+    pub load_error: Option<(Code, String)>,
     /// Private: downloads need exactly this token (UNAUTHENTICATED without one, PERMISSION_DENIED
     /// with another).
     pub token: Option<String>,
@@ -133,6 +135,12 @@ impl FakeAdapters {
         }
         if !self.downloaded.contains(&(name.to_string(), token)) {
             violations.push(format!("{name} loaded before it was downloaded"));
+        }
+        let failure = name
+            .split('+')
+            .find_map(|id| self.behaviours.get(id)?.load_error.clone());
+        if let Some((code, message)) = failure {
+            return Err(ShardError::status(code, message));
         }
         self.installed.insert(index, name.to_string());
         self.max_installed = self.max_installed.max(self.installed.len());
