@@ -28,10 +28,11 @@ class ShardingError(ValueError):
 class TensorParallel:
     """This rank within the group and the collectives over it; a group of one runs none."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside a group of {world_size}")
         self.rank, self.world_size = rank, world_size
+        self.device = device or torch.device("cpu")  # where collectives' own tensors live (NCCL: the GPU)
         self.collective_bytes = 0  # bytes this rank contributed to collectives since start (benchmarks)
 
     @property
@@ -49,7 +50,7 @@ class TensorParallel:
         """The smallest `value` any rank holds (ranks agree on sizes they measured separately)."""
         if not self.sharded:
             return value
-        t = torch.tensor([value], dtype=torch.int64)
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
 
@@ -134,8 +135,10 @@ def init_process_group(rank: int, world_size: int, device: torch.device, timeout
     """Join the ranks' `torch.distributed` group (gloo on CPU, NCCL on CUDA) from the launcher's
     MASTER_ADDR/MASTER_PORT; a group of one needs none. `timeout_s` bounds the wait for the other
     ranks (at start-up, and in a collective when one of them is gone)."""
-    tp = TensorParallel(rank, world_size)
+    tp = TensorParallel(rank, world_size, device)
     if tp.sharded and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL binds each rank's communicator to its current GPU
         os.environ.setdefault("MASTER_ADDR", "localhost")
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(

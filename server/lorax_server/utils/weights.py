@@ -45,7 +45,7 @@ class Weights:
         # returns a module's quantized weight, or None where the module is stored dense.
         self.checkpoint_format = checkpoint_format
         self.rank, self.world_size = rank, world_size
-        self.tp = TensorParallel(rank, world_size)
+        self.tp = TensorParallel(rank, world_size, device)
         self._handles = [safe_open(str(f), framework="pt") for f in files]
         self._where: dict[str, int] = {}
         for i, handle in enumerate(self._handles):
