@@ -106,8 +106,15 @@ class Weights:
         sl = self._slice(name)
         shape = list(sl.get_shape())
         self._check_shape(name, shape, expect_shape)
-        if len(ranges) == 1 and ranges[0] == (0, shape[dim]):
+        merged: list[tuple[int, int]] = []  # adjacent ranges read as one (one shard's experts, say)
+        for start, size in ranges:
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1] = (merged[-1][0], merged[-1][1] + size)
+            else:
+                merged.append((start, size))
+        if merged == [(0, shape[dim])]:
             return self._finish(sl[:], name)
+        ranges = tuple(merged)
         pieces = []
         for start, size in ranges:
             if start < 0 or start + size > shape[dim]:
