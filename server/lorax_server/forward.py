@@ -69,6 +69,50 @@ class LoraGroups:
 
 
 @dataclass
+class LoraKernelRows:
+    """The adapted tokens as the Triton LoRA kernels read them (`layers.triton.lora`), for factors
+    stacked in `adapters` order: each segment's token range and stack slot (SGMV), and on decode steps
+    each token's slot, -1 for tokens without an adapter (BGMV). Built on the host from the segments and
+    copied to the device in one asynchronous transfer; the grid sizes are host values, so launching the
+    kernels never waits on the device."""
+
+    adapters: tuple[int, ...]  # the adapter of each stack slot
+    seg_start: torch.Tensor  # [segments] int32
+    seg_end: torch.Tensor  # [segments] int32
+    seg_slot: torch.Tensor  # [segments] int32, -1 for an adapter outside `adapters`
+    longest: int  # host copy: the most tokens in one segment (the SGMV grid)
+    row_slot: torch.Tensor | None  # [num_tokens] int32 when every row is one token (decode), else None
+
+    @classmethod
+    def build(
+        cls,
+        segments: list[tuple[int, int, int]],
+        num_tokens: int,
+        device: torch.device,
+        order: tuple[int, ...] | None = None,
+        decode: bool = False,
+    ) -> LoraKernelRows:
+        """Slots in `order` (default: the segments' adapters as they first come)."""
+        adapters = order if order is not None else tuple(dict.fromkeys(index for _, _, index in segments))
+        slot_of = {index: slot for slot, index in enumerate(adapters)}
+        slots = [slot_of.get(index, -1) for _, _, index in segments]
+        values = [start for start, _, _ in segments] + [end for _, end, _ in segments] + slots
+        if decode:
+            row_slot = [-1] * num_tokens
+            for (start, end, _), slot in zip(segments, slots, strict=True):
+                row_slot[start:end] = [slot] * (end - start)
+            values += row_slot
+        host = torch.tensor(values, dtype=torch.int32)
+        if device.type == "cuda":  # pinned, the copy queues on the stream instead of waiting for it
+            host = host.pin_memory()
+        packed = host.to(device, non_blocking=True)
+        n = len(segments)
+        longest = max((end - start for start, end, _ in segments), default=0)
+        row = packed[3 * n :] if decode else None
+        return cls(adapters, packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n], longest, row)
+
+
+@dataclass
 class ForwardBatch:
     """Tokens of several sequences laid end to end (no padding in the linear layers).
 
@@ -96,6 +140,8 @@ class ForwardBatch:
     host_context_lens: list[int] = field(default_factory=list)
     _adapter_slots: torch.Tensor | None = field(default=None, init=False, repr=False)  # see adapter_slots
     _lora_groups: dict = field(default_factory=dict, init=False, repr=False)  # see lora_groups
+    _lora_kernel_rows: dict = field(default_factory=dict, init=False, repr=False)  # see lora_kernel_rows
+    _lora_order: tuple[int, ...] | None = field(default=None, init=False, repr=False)  # see lora_order
 
     @property
     def batch_size(self) -> int:
@@ -131,6 +177,23 @@ class ForwardBatch:
         if order not in self._lora_groups:
             self._lora_groups[order] = LoraGroups.build(self.lora_segments, self.input_ids.device, order)
         return self._lora_groups[order]
+
+    def lora_order(self) -> tuple[int, ...]:
+        """The distinct adapters of `lora_segments` as they first come (the kernels' stack order)."""
+        if self._lora_order is None:
+            self._lora_order = tuple(dict.fromkeys(index for _, _, index in self.lora_segments))
+        return self._lora_order
+
+    def lora_kernel_rows(self, order: tuple[int, ...] | None = None) -> LoraKernelRows:
+        """The segments as the Triton LoRA kernels read them, slots in `order` (default: `lora_order()`),
+        with per-token slots on decode steps; built once per order and forward pass, so the batch's
+        adapted linears share one host-to-device copy."""
+        order = order if order is not None else self.lora_order()
+        if order not in self._lora_kernel_rows:
+            self._lora_kernel_rows[order] = LoraKernelRows.build(
+                self.lora_segments, self.input_ids.shape[0], self.input_ids.device, order, self.max_query_len == 1
+            )
+        return self._lora_kernel_rows[order]
 
     @classmethod
     def build(

@@ -14,6 +14,10 @@ batch keeps its adapters for many steps), so a steady decode step copies no weig
 (prefill, one segment, MoE experts' rows) a loop over the segments runs two small matmuls per segment
 and part.
 
+With `set_kernels("triton")` (chosen with the Triton attention backend) both plans give way to the
+kernels of `layers.triton.lora` over the same kept stacks: BGMV (a stack slot per token) on decode
+steps, SGMV (a slot per segment) on prompts and MoE experts' rows; no grid padding, no copies of x.
+
 Semantics (the oracle faster kernels are tested against):
     y[s:e, out_p] += scale_p * (x[s:e] @ A_p.T) @ B_p.T    for each segment and each adapted part p
 """
@@ -25,8 +29,32 @@ from dataclasses import dataclass
 
 import torch
 
-from ..forward import ForwardBatch, LoraGroups
+from ..forward import ForwardBatch, LoraGroups, LoraKernelRows
 from ..layers.linear import Linear, LoraRows
+
+KERNELS = ("torch", "triton")
+_kernels = "torch"
+_triton_lora = None  # layers.triton.lora, imported when its kernels are chosen
+
+
+def set_kernels(name: str) -> None:
+    """How every `LoraSlots.add_to` computes from now on: "torch" (the default: the batched plan or the
+    segment loop, any device) or "triton" (`layers.triton.lora`'s kernels: CUDA tensors, or CPU ones
+    under TRITON_INTERPRET=1). The kernels are imported here, so a missing triton fails at start-up
+    rather than on the first adapted batch."""
+    global _kernels, _triton_lora
+    if name not in KERNELS:
+        raise ValueError(f"unknown LoRA kernels {name!r}: expected one of {', '.join(KERNELS)}")
+    if name == "triton" and _triton_lora is None:
+        from ..layers.triton import lora as triton_lora
+
+        _triton_lora = triton_lora
+    _kernels = name
+
+
+def kernels() -> str:
+    """The kernels `set_kernels` chose."""
+    return _kernels
 
 
 @dataclass
@@ -119,6 +147,9 @@ class LoraSlots:
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, rows: LoraRows) -> None:
         """y: [num_tokens, out_features] base output, updated in place; x: [num_tokens, in_features]."""
+        if _kernels == "triton":
+            self._add_with_kernels(y, x, rows)
+            return
         groups = rows.lora_groups() if isinstance(rows, ForwardBatch) else None
         if groups is not None:
             stacked = self._stack(groups.adapters)
@@ -153,6 +184,32 @@ class LoraSlots:
             else:
                 columns.index_add_(0, groups.tokens, delta)
 
+    def _add_with_kernels(self, y: torch.Tensor, x: torch.Tensor, rows: LoraRows) -> None:
+        """The Triton kernels over the kept stack: one shrink for every part, one expand per part."""
+        batch = rows if isinstance(rows, ForwardBatch) else None
+        if batch is not None:
+            order = batch.lora_order()
+        else:
+            order = tuple(dict.fromkeys(index for _, _, index in rows.lora_segments))
+        stacked = self._kernel_stack(order, grow=batch is None)
+        if stacked is None:
+            return
+        if batch is not None:  # built once per forward pass and stack order, shared by the linears
+            plan = batch.lora_kernel_rows(stacked.adapters)
+        else:  # a MoE expert's rows: built per call, as the expert's segments themselves are
+            plan = LoraKernelRows.build(rows.lora_segments, y.shape[0], y.device, stacked.adapters)
+        k = _triton_lora
+        if plan.row_slot is not None:  # decode: one token per row, each reads its own slot
+            shrunk = k.bgmv_shrink(x, stacked.a, plan.row_slot)
+            for part in stacked.parts:
+                k.bgmv_expand(y, shrunk[:, part.r_start : part.r_end], part.b, plan.row_slot, part.out_start)
+            return
+        segments = (plan.seg_start, plan.seg_end, plan.seg_slot)
+        shrunk = k.sgmv_shrink(x, stacked.a, *segments, max_len=plan.longest)
+        for part in stacked.parts:
+            columns = shrunk[:, part.r_start : part.r_end]
+            k.sgmv_expand(y, columns, part.b, *segments, out_offset=part.out_start, max_len=plan.longest)
+
     def _stack(self, adapters: tuple[int, ...]) -> _Stacked | None:
         """Stacked factors holding at least `adapters`; None when none of them adapts this linear.
 
@@ -162,9 +219,30 @@ class LoraSlots:
         kept = self._stacked
         if kept is not None and set(adapters) <= set(kept.adapters) and len(kept.adapters) <= 2 * len(adapters):
             return kept
-        present = [self.by_adapter.get(index) for index in adapters]
-        if not any(present):
+        if not any(index in self.by_adapter for index in adapters):
             return None
+        return self._build_stack(adapters)
+
+    def _kernel_stack(self, adapters: tuple[int, ...], grow: bool) -> _Stacked | None:
+        """The stack the kernels read: kept while it holds every adapter of `adapters` that adapts this
+        linear. Unlike the grid, the kernels never read a slot no token points at, and give the batch's
+        adapters absent from this linear slot -1, so a larger stack costs no work and absent adapters
+        need no zero slots. `grow` (a MoE expert's rows, whose adapters change with the routing at every
+        step) restacks with the kept adapters too, so that adapters coming and going are not copied
+        again each time; removing an adapter drops the stack, which bounds it by the installed ones."""
+        present = tuple(index for index in adapters if index in self.by_adapter)
+        if not present:
+            return None
+        kept = self._stacked
+        if kept is not None and set(present) <= set(kept.adapters):
+            return kept
+        if grow and kept is not None:
+            present += tuple(index for index in kept.adapters if index in self.by_adapter and index not in present)
+        return self._build_stack(present)
+
+    def _build_stack(self, adapters: tuple[int, ...]) -> _Stacked:
+        """Copy the factors of `adapters` (at least one of which adapts this linear) into a new kept stack."""
+        present = [self.by_adapter.get(index) for index in adapters]
         ranks = {}  # part → the largest rank any of the adapters gives it
         for factors in filter(None, present):
             for part, w in factors.parts.items():
