@@ -67,6 +67,17 @@ pub enum Dtype {
     BFloat16,
 }
 
+/// Attention kernels of the shards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AttentionBackend {
+    /// Pure torch: runs anywhere; the reference the others are tested against.
+    Torch,
+    /// Triton kernels over the paged KV cache (CUDA).
+    Triton,
+    /// The `flash_attn` package (CUDA; float16/bfloat16), when installed.
+    Flash,
+}
+
 /// Prints an enum the way it is spelled on the command line.
 fn cli_name(value: &impl ValueEnum, f: &mut fmt::Formatter<'_>) -> fmt::Result {
     let possible = value.to_possible_value().expect("no skipped variants");
@@ -80,6 +91,12 @@ impl fmt::Display for AdapterSource {
 }
 
 impl fmt::Display for Quantization {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        cli_name(self, f)
+    }
+}
+
+impl fmt::Display for AttentionBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         cli_name(self, f)
     }
@@ -162,6 +179,12 @@ pub struct Args {
         action = clap::ArgAction::Set
     )]
     pub chunked_prefill: bool,
+
+    /// Attention kernels, chosen once when the shards start. Unset: the best available (`triton`
+    /// on a GPU when Triton imports, else `torch`). `flash` needs the `flash_attn` package; a
+    /// backend that cannot run on the machine stops the shard at start-up with the reason.
+    #[arg(long, env, value_enum)]
+    pub attention_backend: Option<AttentionBackend>,
 
     /// Data type of the weights and activations. Unset: the shard's default for the device
     /// (bfloat16 or float16 on GPU, float32 on CPU).

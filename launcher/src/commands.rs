@@ -105,6 +105,9 @@ pub fn shard(server: &Path, args: &Args, env: &ChildEnv, rank: usize) -> Command
     if args.chunked_prefill {
         spec = spec.arg("--chunked-prefill");
     }
+    if let Some(backend) = args.attention_backend {
+        spec = spec.arg("--attention-backend").arg(backend.to_string());
+    }
     if let Some(endpoint) = &args.otlp_endpoint {
         spec = spec.arg("--otlp-endpoint").arg(endpoint);
     }
@@ -261,6 +264,8 @@ mod tests {
             "--quantize",
             "eetq",
             "--prefix-caching",
+            "--attention-backend",
+            "triton",
         ]);
         let cache = ChildEnv {
             hub_cache: Some("/data".into()),
@@ -271,7 +276,7 @@ mod tests {
             spec.args_lossy().join(" "),
             "serve org/model --uds-path /run/s --revision main --dtype bfloat16 --sharded \
              --kv-cache-blocks 64 --memory-fraction 0.5 --trust-remote-code --quantize eetq \
-             --prefix-caching --otlp-endpoint http://otel:4317"
+             --prefix-caching --attention-backend triton --otlp-endpoint http://otel:4317"
         );
         assert_eq!(env_of(&spec, "RANK").as_deref(), Some("1"));
         assert_eq!(env_of(&spec, "LOCAL_RANK").as_deref(), Some("1"));

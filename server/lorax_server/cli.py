@@ -32,6 +32,7 @@ class ShardConfig:
     quantize: str | None = None
     prefix_caching: bool = False
     chunked_prefill: bool = False
+    attention_backend: str | None = None  # None: the best available on the device
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
         help="compute at most the router's prefill budget of prompt tokens per step; longer prompts take several",
     )
     serve.add_argument(
+        "--attention-backend",
+        choices=["torch", "triton", "flash"],
+        default=os.environ.get("ATTENTION_BACKEND") or None,
+        help="attention kernels; default: triton on CUDA when it imports, else torch; env ATTENTION_BACKEND",
+    )
+    serve.add_argument(
         "--otlp-endpoint",
         default=os.environ.get("OTLP_ENDPOINT"),
         help="OpenTelemetry collector (OTLP/gRPC, e.g. http://collector:4317) for the shard's spans",
@@ -110,16 +117,24 @@ def _shard_config(args: argparse.Namespace) -> ShardConfig:
         quantize=args.quantize,
         prefix_caching=args.prefix_caching,
         chunked_prefill=args.chunked_prefill,
+        attention_backend=args.attention_backend,
     )
 
 
 def run_serve(cfg: ShardConfig) -> None:
+    from .layers.attention import BackendUnavailable, select_backend
+
+    device = torch.device(f"cuda:{cfg.rank}" if torch.cuda.is_available() else "cpu")
+    try:  # first of all: a backend that cannot run here fails at once, before any download
+        backend = select_backend(device, cfg.block_size, cfg.attention_backend)
+    except (BackendUnavailable, ValueError) as e:
+        raise SystemExit(f"error: {e}") from e
+
     from transformers import AutoTokenizer
 
     from .adapters.manager import AdapterManager, device_budget
     from .adapters.sources import fetch_adapter
     from .engine import CacheConfig, Engine
-    from .layers.attention import select_backend
     from .layers.parallel import init_process_group
     from .models.loader import load_model
     from .server import serve
@@ -128,8 +143,6 @@ def run_serve(cfg: ShardConfig) -> None:
 
     telemetry.setup(cfg.otlp_endpoint, cfg.rank)
     model_dir = download_weights(cfg.model_id, cfg.revision)
-    device = torch.device(f"cuda:{cfg.rank}" if torch.cuda.is_available() else "cpu")
-    backend = select_backend(device, cfg.block_size)
     if cfg.world_size > 1:
         init_process_group(cfg.rank, cfg.world_size, device)
         if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:

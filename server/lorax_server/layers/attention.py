@@ -7,11 +7,16 @@ after the layer has written this step's keys/values into the cache; every sequen
 `slope · (key position − query position)` to its scores (ALiBi, Bloom). A float8 cache (`--quantize
 fp8-kv`) holds keys / `k_scale` and values / `v_scale`: a backend reads them back as `cached · scale` in
 q's dtype; other caches ignore the scales.
+
+Backends: `torch` (here), `triton` (`layers/triton/attention.py`, CUDA) and `flash` (`layers/flash_attention.py`,
+over the `flash_attn` package); `select_backend` picks one once at start-up (`--attention-backend`).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
 from typing import Protocol
 
 import torch
@@ -238,6 +243,51 @@ def _softcapped_attention(
     return torch.matmul(probs, v)
 
 
-def select_backend(device: torch.device, block_size: int) -> AttentionBackend:
-    """Chosen once at start-up. CUDA kernels arrive behind the same interface in a later issue."""
-    return TorchAttention(block_size)
+BACKENDS = ("torch", "triton", "flash")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested attention backend cannot run here (a package is missing, or no GPU)."""
+
+
+def _imports(package: str) -> bool:
+    # Importing, not just finding the package: an install that is present but broken (no driver, a
+    # mismatched build) must not be chosen.
+    try:
+        importlib.import_module(package)
+    except Exception:  # ImportError, or whatever a broken native extension raises on import
+        return False
+    return True
+
+
+def select_backend(device: torch.device, block_size: int, name: str | None = None) -> AttentionBackend:
+    """The attention backend, chosen once at start-up: `name` is one of `BACKENDS`; None picks the best
+    available (Triton on CUDA when it imports, else torch). Raises `BackendUnavailable` when the named
+    backend cannot run on `device`, `ValueError` for an unknown name."""
+    if name is None:
+        name = "triton" if device.type == "cuda" and _imports("triton") else "torch"
+    if name == "torch":
+        return TorchAttention(block_size)
+    if name == "triton":
+        if not _imports("triton"):
+            raise BackendUnavailable("attention backend 'triton' needs the `triton` package, which does not import")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise BackendUnavailable(
+                "attention backend 'triton' needs a CUDA GPU (on the CPU only under TRITON_INTERPRET=1, "
+                "Triton's interpreter, which is for tests); use --attention-backend torch"
+            )
+        from .triton.attention import TritonAttention
+
+        return TritonAttention(block_size)
+    if name == "flash":
+        if not _imports("flash_attn"):
+            raise BackendUnavailable(
+                "attention backend 'flash' needs the `flash_attn` package (pip install flash-attn), which is not "
+                "installed; use --attention-backend triton or torch"
+            )
+        if device.type != "cuda":
+            raise BackendUnavailable("attention backend 'flash' needs a CUDA GPU; use --attention-backend torch")
+        from .flash_attention import FlashAttention
+
+        return FlashAttention(block_size)
+    raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
