@@ -8,8 +8,12 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .layers.attention import AttentionBackend
 
 
 @dataclass(frozen=True)
@@ -121,14 +125,23 @@ def _shard_config(args: argparse.Namespace) -> ShardConfig:
     )
 
 
-def run_serve(cfg: ShardConfig) -> None:
+def choose_kernels(cfg: ShardConfig, device: torch.device) -> AttentionBackend:
+    """The attention backend, and the LoRA kernels that go with it (Triton's with Triton attention);
+    SystemExit with the reason when the backend cannot run here."""
+    from .adapters import lora
     from .layers.attention import BackendUnavailable, select_backend
 
-    device = torch.device(f"cuda:{cfg.rank}" if torch.cuda.is_available() else "cpu")
-    try:  # first of all: a backend that cannot run here fails at once, before any download
+    try:
         backend = select_backend(device, cfg.block_size, cfg.attention_backend)
     except (BackendUnavailable, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
+    lora.set_kernels("triton" if backend.name == "triton" else "torch")
+    return backend
+
+
+def run_serve(cfg: ShardConfig) -> None:
+    device = torch.device(f"cuda:{cfg.rank}" if torch.cuda.is_available() else "cpu")
+    backend = choose_kernels(cfg, device)  # first of all: a backend that cannot run here fails before any download
 
     from transformers import AutoTokenizer
 

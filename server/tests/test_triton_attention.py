@@ -301,6 +301,17 @@ def test_attention_backend_flag(monkeypatch: pytest.MonkeyPatch, capsys: pytest.
         cli.main(["serve", "/nonexistent/model", "--attention-backend", "flash"])
 
 
+def test_the_lora_kernels_follow_the_attention_backend(monkeypatch: pytest.MonkeyPatch):
+    from lorax_server.adapters import lora
+
+    chosen = []
+    monkeypatch.setattr(lora, "set_kernels", chosen.append)  # record, leave the process's choice alone
+    for name, expected in (("triton", TritonAttention), ("torch", TorchAttention)):
+        config = cli._shard_config(cli._parser().parse_args(["serve", "m", "--attention-backend", name]))
+        assert isinstance(cli.choose_kernels(config, CPU), expected)
+    assert chosen == ["triton", "torch"]
+
+
 def fake_flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, **options) -> torch.Tensor:  # noqa: ANN001
     """flash-attn's documented semantics, written out per sequence: causal aligned to the end of the
     keys, window (left, right) around query i + sk - sq, ALiBi bias -slope·|i + sk - sq - j|."""
