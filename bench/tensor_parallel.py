@@ -200,7 +200,8 @@ def print_tables(results: list[tuple[str, dict]], args: argparse.Namespace) -> N
         cells = []
         for phase in ("decode", "prefill"):
             ms = r[phase]["ms"]
-            cells += [f"{ms:.1f}", f"{r[phase]['collective_ms']:.1f}"]
+            waited = f"{r[phase]['collective_ms']:.1f}" if r[phase]["collectives"] else "-"
+            cells += [f"{ms:.1f}", waited]
             cells += [f"{one[phase]['ms'] / ms:.2f}", f"{two_threads[phase]['ms'] / ms:.2f}"]
         print(f"| {name} | {' | '.join(cells)} |")
 
