@@ -33,7 +33,8 @@ class TensorParallel:
             raise ValueError(f"rank {rank} outside a group of {world_size}")
         self.rank, self.world_size = rank, world_size
         self.device = device or torch.device("cpu")  # where collectives' own tensors live (NCCL: the GPU)
-        self.collective_bytes = 0  # bytes this rank contributed to collectives since start (benchmarks)
+        # Since start, for benchmarks: the collectives this rank ran and the bytes it contributed to them.
+        self.collectives = self.collective_bytes = 0
 
     @property
     def sharded(self) -> bool:
@@ -42,7 +43,7 @@ class TensorParallel:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the ranks, in place; returns it."""
         if self.sharded:
-            self.collective_bytes += x.numel() * x.element_size()
+            self._count(x)
             dist.all_reduce(x)
         return x
 
@@ -51,6 +52,7 @@ class TensorParallel:
         if not self.sharded:
             return value
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        self._count(t)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
 
@@ -62,10 +64,14 @@ class TensorParallel:
         block = -(-total // self.world_size)
         if x.shape[-1] < block:
             x = torch.nn.functional.pad(x, (0, block - x.shape[-1]))
-        self.collective_bytes += x.numel() * x.element_size()
+        self._count(x)
         pieces = [torch.empty_like(x) for _ in range(self.world_size)]
         dist.all_gather(pieces, x.contiguous())
         return torch.cat(pieces, dim=-1)[..., :total]
+
+    def _count(self, x: torch.Tensor) -> None:
+        self.collectives += 1
+        self.collective_bytes += x.numel() * x.element_size()
 
     # ------------------------------------------------------------------ who holds what
     def split(self, size: int, what: str) -> Range:
