@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import huggingface_hub
 import pytest
+import torch
 from fake_hub import FakeHub
+
+# Without a GPU the Triton kernels run in Triton's interpreter. Triton reads the switch when a kernel is
+# defined, so it is set here, before any test module imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
