@@ -128,12 +128,7 @@ class LinearShard:
             start, size = self.cols
             lora_a = lora_a[:, start : start + size]
         if self.rows is not None:
-            ranges = self.rows[part]
-            lora_b = (
-                torch.cat([lora_b[start : start + size] for start, size in ranges])
-                if len(ranges) > 1
-                else (lora_b[ranges[0][0] : ranges[0][0] + ranges[0][1]])
-            )
+            lora_b = torch.cat([lora_b[start : start + size] for start, size in self.rows[part]])
         return lora_a.contiguous(), lora_b.contiguous()
 
 
