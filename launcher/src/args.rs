@@ -180,6 +180,19 @@ pub struct Args {
     )]
     pub chunked_prefill: bool,
 
+    /// Speculative decoding by prompt lookup: each decode step drafts up to this many tokens per
+    /// request by copying what followed the last occurrence of its latest tokens in its prompt or
+    /// output, checks them in the same forward pass and keeps those the request's own sampling
+    /// agrees with. Outputs are unchanged; copy-heavy requests (extraction, rewriting, code edits)
+    /// take fewer steps. Unset or 0: off.
+    #[arg(long, env)]
+    pub speculative_tokens: Option<u32>,
+
+    /// Decode steps over more requests than this draft nothing (large batches are already
+    /// compute-bound, where drafts that get rejected cost more than they save).
+    #[arg(long, env, default_value_t = 32)]
+    pub speculation_max_batch_size: u32,
+
     /// Attention kernels, chosen once when the shards start. Unset: the best available (`triton`
     /// on a GPU when Triton imports, else `torch`). `flash` needs the `flash_attn` package; a
     /// backend that cannot run on the machine stops the shard at start-up with the reason.

@@ -108,6 +108,13 @@ pub fn shard(server: &Path, args: &Args, env: &ChildEnv, rank: usize) -> Command
     if let Some(backend) = args.attention_backend {
         spec = spec.arg("--attention-backend").arg(backend.to_string());
     }
+    if let Some(tokens) = args.speculative_tokens.filter(|&n| n > 0) {
+        spec = spec
+            .arg("--speculative-tokens")
+            .arg(tokens.to_string())
+            .arg("--speculation-max-batch-size")
+            .arg(args.speculation_max_batch_size.to_string());
+    }
     if let Some(endpoint) = &args.otlp_endpoint {
         spec = spec.arg("--otlp-endpoint").arg(endpoint);
     }
@@ -331,6 +338,29 @@ mod tests {
         let unchunked = args(&[&long[..], &small_budget].concat());
         let err = unchunked.validate().unwrap_err();
         assert!(err.contains("unless --chunked-prefill"), "{err}");
+    }
+
+    #[test]
+    fn speculation_flags_reach_the_shard() {
+        let cache = ChildEnv::default();
+        let line = |extra: &[&str]| {
+            shard(Path::new("srv"), &args(extra), &cache, 0)
+                .args_lossy()
+                .join(" ")
+        };
+        let on = line(&[
+            "--speculative-tokens",
+            "3",
+            "--speculation-max-batch-size",
+            "8",
+        ]);
+        assert!(
+            on.contains("--speculative-tokens 3 --speculation-max-batch-size 8"),
+            "{on}"
+        );
+        for off in [&[][..], &["--speculative-tokens", "0"][..]] {
+            assert!(!line(off).contains("--speculative-tokens"), "{off:?}");
+        }
     }
 
     #[test]

@@ -173,7 +173,8 @@ pub struct Token {
     pub special: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alternative_tokens: Option<Vec<AlternativeToken>>,
-    /// Always false: we do no speculative decoding (lorax-client requires the field).
+    /// True for the extra tokens a speculative decode step accepted (from a draft) beyond the
+    /// first token of that step.
     pub skipped: bool,
 }
 
@@ -218,7 +219,7 @@ pub struct Details {
     pub finish_reason: FinishReason,
     pub prompt_tokens: u32,
     pub generated_tokens: u32,
-    /// Always 0: no speculative decoding.
+    /// Generated tokens that speculative decoding accepted beyond one per decode step.
     pub skipped_tokens: u32,
     pub seed: Option<u64>,
     pub prefill: Vec<PrefillToken>,
@@ -308,6 +309,8 @@ pub struct Info {
     pub architecture: String,
     /// The `--quantize` method of the base model (also when detected from the checkpoint).
     pub quantize: Option<String>,
+    /// Most tokens a decode step drafts per request (`--speculative-tokens`; 0: no speculation).
+    pub speculate: u32,
     pub max_concurrent_requests: usize,
     pub max_best_of: usize,
     pub max_stop_sequences: usize,

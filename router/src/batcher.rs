@@ -317,10 +317,14 @@ fn fail_orphans(batch_ids: &[u64], entries: &mut Entries) {
 fn send_generations(generations: Vec<pb::Generation>, entries: &mut Entries) {
     for generation in generations {
         let id = generation.request_id;
-        let Some(entry) = entries.get(&id) else {
+        let Some(entry) = entries.get_mut(&id) else {
             continue;
         };
+        entry.skipped_tokens += u32::from(generation.skipped);
         let finished = generation.generated_text.is_some();
+        if finished {
+            metrics::histogram!("lorax_request_skipped_tokens").record(entry.skipped_tokens as f64);
+        }
         if send_generation(generation, entry).is_err() || finished {
             entries.remove(&id);
         }

@@ -76,6 +76,8 @@ pub struct Entry {
     pub span: Span,
     /// Open while the request waits for a batch.
     pub queue_span: Span,
+    /// Tokens speculative decode steps gave it beyond one per step.
+    pub skipped_tokens: u32,
 }
 
 impl Entry {
@@ -89,6 +91,7 @@ impl Entry {
             priority: false,
             span: Span::current(),
             queue_span: tracing::info_span!("queue"),
+            skipped_tokens: 0,
         }
     }
 
@@ -150,7 +153,7 @@ pub fn token_from_generation(g: &pb::Generation) -> (Token, Vec<Token>) {
         logprob: g.token_logprob,
         special: g.token_is_special,
         alternative_tokens,
-        skipped: false,
+        skipped: g.skipped,
     };
     (token, top_tokens)
 }

@@ -353,6 +353,7 @@ fn build_info(args: &Args, shards: &Shards) -> Info {
         model_pipeline_tag: None,
         architecture: shard_info.architecture.clone(),
         quantize: shard_info.quantize.clone(),
+        speculate: shard_info.speculate,
         max_concurrent_requests: args.max_concurrent_requests,
         max_best_of: args.max_best_of,
         max_stop_sequences: args.max_stop_sequences,

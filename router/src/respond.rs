@@ -139,7 +139,7 @@ fn answer_of(
         finish_reason: generated.finish_reason,
         prompt_tokens: response.prompt_tokens,
         generated_tokens: generated.generated_tokens,
-        skipped_tokens: 0,
+        skipped_tokens: response.tokens.iter().filter(|t| t.skipped).count() as u32,
         seed: generated.seed,
         prefill: response.prefill,
         tokens: response.tokens,

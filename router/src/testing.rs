@@ -306,6 +306,7 @@ impl ShardClient for FakeShard {
             supports_adapters: true,
             architecture: "LlamaForCausalLM".into(),
             quantize: None,
+            speculate: 0,
         })
     }
 

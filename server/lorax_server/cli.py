@@ -37,6 +37,8 @@ class ShardConfig:
     prefix_caching: bool = False
     chunked_prefill: bool = False
     attention_backend: str | None = None  # None: the best available on the device
+    speculative_tokens: int = 0
+    speculation_max_batch_size: int = 32
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,6 +88,18 @@ def _parser() -> argparse.ArgumentParser:
         help="attention kernels; default: triton on CUDA when it imports, else torch; env ATTENTION_BACKEND",
     )
     serve.add_argument(
+        "--speculative-tokens",
+        type=int,
+        default=0,
+        help="draft up to N tokens per row and step by prompt lookup and keep those sampling agrees with (0: off)",
+    )
+    serve.add_argument(
+        "--speculation-max-batch-size",
+        type=int,
+        default=int(os.environ.get("SPECULATION_MAX_BATCH_SIZE", "32")),
+        help="decode steps over more rows draft nothing; env SPECULATION_MAX_BATCH_SIZE",
+    )
+    serve.add_argument(
         "--otlp-endpoint",
         default=os.environ.get("OTLP_ENDPOINT"),
         help="OpenTelemetry collector (OTLP/gRPC, e.g. http://collector:4317) for the shard's spans",
@@ -122,6 +136,8 @@ def _shard_config(args: argparse.Namespace) -> ShardConfig:
         prefix_caching=args.prefix_caching,
         chunked_prefill=args.chunked_prefill,
         attention_backend=args.attention_backend,
+        speculative_tokens=args.speculative_tokens,
+        speculation_max_batch_size=args.speculation_max_batch_size,
     )
 
 
@@ -151,6 +167,7 @@ def run_serve(cfg: ShardConfig) -> None:
     from .layers.parallel import init_process_group
     from .models.loader import load_model
     from .server import serve
+    from .speculation import SpeculationConfig
     from .utils import telemetry
     from .utils.hub import download_weights
 
@@ -169,7 +186,10 @@ def run_serve(cfg: ShardConfig) -> None:
     if model.supports_adapters:
         adapters = AdapterManager(model, fetch_adapter, device_budget(device, cfg.adapter_memory_fraction))
     cache = CacheConfig(cfg.block_size, cfg.memory_fraction, cfg.kv_cache_blocks, cfg.prefix_caching)
-    engine = Engine(model, tokenizer, cache, adapters, chunked_prefill=cfg.chunked_prefill)
+    if cfg.speculative_tokens < 0 or cfg.speculation_max_batch_size < 0:
+        raise SystemExit("--speculative-tokens and --speculation-max-batch-size must not be negative")
+    speculation = SpeculationConfig(cfg.speculative_tokens, cfg.speculation_max_batch_size)
+    engine = Engine(model, tokenizer, cache, adapters, chunked_prefill=cfg.chunked_prefill, speculation=speculation)
     try:
         asyncio.run(serve(engine, model.config.architecture, cfg.uds_path, cfg.rank, cfg.world_size))
     finally:

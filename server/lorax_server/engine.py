@@ -23,10 +23,11 @@ from .forward import ForwardBatch
 from .grammar import GrammarCompiler, GrammarError, GrammarSpec, advance
 from .kv_cache import BlockManager, KVCache, OutOfBlocks
 from .models.transformer import CausalLM
+from .outputs import Emitter, GenerationOut, StepTimings, TokenList
 from .prompts import add_prompt_logprobs, allocate, start_rows
 from .prompts import pieces as prompt_pieces
 from .sampling import BatchSampler
-from .stopping import FinishReason
+from .speculation import SpeculationConfig, Speculator
 from .utils.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
@@ -49,43 +50,6 @@ class HealthCheckFailed(RuntimeError):
 
 
 @dataclass
-class TokenList:
-    ids: list[int]
-    logprobs: list[float]
-    texts: list[str]
-    special: list[bool]
-
-
-@dataclass
-class Finished:
-    text: str
-    generated_tokens: int
-    reason: FinishReason
-    seed: int | None
-
-
-@dataclass
-class GenerationOut:
-    request_id: int
-    token_id: int
-    logprob: float
-    text: str
-    special: bool
-    prefill: TokenList | None = None
-    top_tokens: TokenList | None = None
-    finished: Finished | None = None
-
-
-@dataclass
-class StepTimings:
-    """Where the last prefill/decode call spent its time, in nanoseconds."""
-
-    concat_ns: int = 0  # merging batches
-    forward_ns: int = 0  # model forward and sampling
-    decode_ns: int = 0  # per-request host work: detokenization, stop checks
-
-
-@dataclass
 class CacheConfig:
     block_size: int = 16
     memory_fraction: float | None = None  # of free device memory (CUDA) or available RAM (CPU)
@@ -101,6 +65,7 @@ class Engine:
         cache_config: CacheConfig,
         adapters: AdapterManager | None = None,
         chunked_prefill: bool = False,
+        speculation: SpeculationConfig | None = None,
     ) -> None:
         self.model = model
         self.adapters = adapters
@@ -109,6 +74,7 @@ class Engine:
         self.device = model.device
         self.eos_ids = set(model.config.eos_token_ids)
         self.special_ids = set(tokenizer.all_special_ids)
+        self.emitter = Emitter(tokenizer, self.special_ids)
         self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size, self.eos_ids)
         self.batches: dict[int, Batch] = {}
         self.cache: KVCache | None = None
@@ -128,6 +94,7 @@ class Engine:
         # Under chunked prefill, the most prompt tokens one step computes (the router's prefill budget,
         # known at warm-up); None: every prompt is computed whole in its prefill step.
         self.chunk_tokens: int | None = None
+        self.speculator = Speculator(speculation, model, self.emitter) if speculation and speculation.enabled else None
 
     # ------------------------------------------------------------------ warm-up and cache sizing
     def warmup(self, max_input_length: int, max_prefill_tokens: int, max_total_tokens: int) -> int:
@@ -335,8 +302,12 @@ class Engine:
         bs = blocks.block_size
         rows = len(batch) if decode else 0
         lengths = [s.length for s in batch.seqs] if rows else []
-        row_ids, row_query = self._decode_inputs(batch, lengths) if rows else (None, [])
         pieces = prompt_pieces(batch.pending, self.chunk_tokens)
+        if rows and not pieces and self.speculator is not None:
+            gens = self.speculator.step(batch, lengths, cache, blocks.block_size, self.timings)
+            if gens is not None:
+                return gens, batch
+        row_ids, row_query = self._decode_inputs(batch, lengths) if rows else (None, [])
         if pieces:
             meta, spans = self._with_pieces(batch, rows, lengths, row_ids, row_query, pieces, bs)
         else:  # a plain decode step: the rows' tensors as they are, nothing built per row
@@ -411,14 +382,10 @@ class Engine:
         started = start_rows(batch_id, pending, self.eos_ids, self.tokenizer, self.special_ids, self.device)
         prefill = None
         if any(p.request.prefill_logprobs for p in pending):
-            prefill = [self._token_list(p.request.input_ids, p.prompt_logprobs) if p.request.prefill_logprobs
+            prefill = [self.emitter.token_list(p.request.input_ids, p.prompt_logprobs) if p.request.prefill_logprobs
                        else None for p in pending]  # fmt: skip
         logits = torch.stack([row for _, row in whole])
         return self._sample_and_advance(started, logits, prefill, forward_start), started
-
-    def _token_list(self, ids: list[int], logprobs: list[float]) -> TokenList:
-        texts = self.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
-        return TokenList(list(ids), logprobs, texts, [i in self.special_ids for i in ids])
 
     def decode(self, batch_ids: list[int]) -> tuple[list[GenerationOut], Batch | None]:
         if not batch_ids:
@@ -477,28 +444,10 @@ class Engine:
             advance(batch.matchers, [int(ids_host[r]) for r in batch.grammar_rows])
         gens = []
         for row, seq in enumerate(batch.seqs):
-            token = int(ids_host[row])
-            seq.generated.append(token)
-            text = seq.detokenizer.step(token)
-            reason = seq.stopping(token, text)
-            if reason is None and seq.matcher is not None and seq.matcher.is_terminated():
-                reason = FinishReason.EOS_TOKEN  # the grammar took EOS: it allows nothing more (ignore_eos)
-            if reason is not None:  # a character cut short by the end is streamed too (as U+FFFD)
-                text += seq.detokenizer.flush()
-            gen = GenerationOut(seq.request.id, token, lps_host[row], text, token in self.special_ids)
+            top = (top_ids[row], top_lps[row]) if top_ids is not None else None
+            gen = self.emitter.emit(seq, int(ids_host[row]), lps_host[row], top)
             if prefill is not None:
                 gen.prefill = prefill[row]
-            n = seq.request.top_n_tokens
-            if n and top_ids is not None:
-                gen.top_tokens = self._token_list(top_ids[row][:n], top_lps[row][:n])
-            if reason is not None:
-                sampling = seq.request.sampling
-                gen.finished = Finished(
-                    seq.detokenizer.text,  # what the stream sent, special tokens left out
-                    len(seq.generated),
-                    reason,
-                    sampling.seed if sampling.samples else None,
-                )
             gens.append(gen)
         self.timings.decode_ns = time.perf_counter_ns() - host_start
         return gens

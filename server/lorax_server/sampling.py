@@ -199,6 +199,30 @@ class BatchSampler:
         rows = keep.tolist() if isinstance(keep, torch.Tensor) else list(keep)
         return BatchSampler([self.params[i] for i in rows], self.device)
 
+    _ROW_TENSORS = (
+        "do_sample", "temperature", "top_k", "top_p_cut", "top_p_on", "typical_mass", "typical_on",
+        "penalty", "seed_keys", "frequency", "presence",
+    )  # fmt: skip
+
+    def expand(self, rows: torch.Tensor, repeats: list[int]) -> BatchSampler:
+        """The sampler of a batch where row i appears `repeats[i]` times in a row (`rows`: [sum] int64,
+        its row indices, on the device), made by indexing this one's tensors: the stages, which a
+        batch's rows decide, stay as they are."""
+        new = object.__new__(BatchSampler)
+        new.__dict__.update(self.__dict__)
+        new.params = [p for p, n in zip(self.params, repeats, strict=True) for _ in range(n)]
+        for name in self._ROW_TENSORS:
+            setattr(new, name, getattr(self, name)[rows])
+        sample_rows = [i for i, p in enumerate(new.params) if p.samples]
+        new.sample_rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
+        new.sample_keys = new.seed_keys[new.sample_rows]
+        return new
+
+    @property
+    def uses_history(self) -> bool:
+        """Whether a stage reads the tokens seen so far (the penalties)."""
+        return self.any_penalty or self.any_count_penalty
+
     @classmethod
     def concatenate(cls, samplers: list[BatchSampler]) -> BatchSampler:
         """One sampler whose rows are the samplers' rows, in order."""

@@ -20,17 +20,10 @@ from .adapters.loader import AdapterLoadError
 from .adapters.manager import AdapterBudgetExceeded, AdapterInUse, AdapterRequest
 from .adapters.sources import AdapterFetchError, AdapterSource
 from .batch import Batch, RequestIn
-from .engine import (
-    BatchNotFound,
-    Engine,
-    GenerationOut,
-    HealthCheckFailed,
-    NotWarmedUp,
-    RequestError,
-    TokenList,
-)
+from .engine import BatchNotFound, Engine, HealthCheckFailed, NotWarmedUp, RequestError
 from .grammar import GrammarError, GrammarKind, GrammarSpec
 from .kv_cache import OutOfBlocks
+from .outputs import GenerationOut, TokenList
 from .pb import generate_pb2 as pb
 from .pb import generate_pb2_grpc as pb_grpc
 from .sampling import SamplingParams
@@ -117,6 +110,7 @@ def generation_to_proto(g: GenerationOut) -> pb.Generation:
         token_logprob=g.logprob,
         token_text=g.text,
         token_is_special=g.special,
+        skipped=g.skipped,
     )
     if g.prefill is not None:
         msg.prefill_tokens.CopyFrom(_tokens(g.prefill))
@@ -182,6 +176,7 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
             supports_adapters=self.engine.adapters is not None,
             architecture=self.architecture,
             quantize=getattr(model, "quantize", None),
+            speculate=self.engine.speculator.config.tokens if self.engine.speculator is not None else 0,
         )
 
     async def Health(self, request, context):  # noqa: ANN001, ANN201, N802

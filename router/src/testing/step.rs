@@ -82,6 +82,7 @@ pub(super) fn step(request: &mut FakeRequest, violations: &mut Vec<String>) -> p
         token_is_special: eos,
         generated_text,
         top_tokens,
+        skipped: false,
     }
 }
 

@@ -30,6 +30,7 @@ pub fn info() -> Info {
         model_pipeline_tag: None,
         architecture: "LlamaForCausalLM".into(),
         quantize: None,
+        speculate: 0,
         max_concurrent_requests: 4,
         max_best_of: 2,
         max_stop_sequences: 4,

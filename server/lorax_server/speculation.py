@@ -1,0 +1,260 @@
+"""Speculative decoding by prompt lookup: draft a row's next tokens by copying what followed the most
+recent earlier occurrence of its last few tokens (in its prompt or its output), feed the row's next
+token and its drafts through one forward pass over the paged cache, and keep the longest prefix of the
+drafts that the row's own sampling would have produced, plus the token sampled after it.
+
+The output is the one plain decoding gives: position i of a row is sampled from its logits with the
+history and random-stream step it would have had (its drafts up to i, which are the tokens it chose
+if they are kept), so greedy, seeded sampling and every penalty choose the same tokens. Keys and
+values written for drafts that are not kept sit beyond the row's context, unread, until the next
+step overwrites them: nothing is rolled back. A row never drafts past its `max_new_tokens` (its
+blocks hold prompt + max_new_tokens), and rows under a grammar never draft (their matcher moves one
+token at a time).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .adapters.lora import segments_of
+from .batch import Batch
+from .forward import ForwardBatch
+from .grammar import TokenMasks, advance
+from .kv_cache import KVCache
+from .models.transformer import CausalLM
+from .outputs import Emitter, GenerationOut, StepTimings
+from .sampling import BatchSampler, SamplerOutput
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    tokens: int = 0  # most drafted tokens per row and step (0: off)
+    max_batch_size: int = 32  # a decode step over more rows drafts nothing
+    max_ngram: int = 3  # longest run of last tokens looked up (shorter runs are tried next)
+
+    @property
+    def enabled(self) -> bool:
+        return self.tokens > 0
+
+
+def lookup_drafts(
+    history: torch.Tensor, lengths: torch.Tensor, caps: torch.Tensor, k: int, max_ngram: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt-lookup drafts for every row at once.
+
+    history: [rows, width] int64 ids known so far, -1 padded; lengths: [rows] int64 known ids per row;
+    caps: [rows] int64 most drafts each row may take. For n = max_ngram down to 1, a row's last n ids are
+    looked up among its earlier ids; the most recent match whose continuation is known wins, longer n
+    first. Returns drafts [rows, k] int64 (the ids that followed the match) and counts [rows] int64
+    (how many of them to use: 0 where nothing matched).
+    """
+    rows, width = history.shape
+    device = history.device
+    found = torch.zeros(rows, dtype=torch.bool, device=device)
+    start = torch.zeros(rows, dtype=torch.int64, device=device)  # where the continuation begins
+    for n in range(max_ngram, 0, -1):
+        if width <= n:
+            continue
+        tail_at = (lengths[:, None] - n + torch.arange(n, device=device)).clamp(min=0)  # [rows, n]
+        tail = history.gather(1, tail_at)
+        windows = history.unfold(1, n, 1)  # [rows, width - n + 1, n]
+        match = (windows == tail[:, None, :]).all(-1)  # [rows, width - n + 1]
+        # A start s is useful when its continuation s + n is a known id other than the tail's own.
+        starts = torch.arange(match.shape[1], device=device)
+        match &= starts[None, :] + n < lengths[:, None]
+        match &= (lengths >= n + 1)[:, None]
+        latest = torch.where(match, starts[None, :], -1).amax(1)  # [rows], -1 when none
+        new = ~found & (latest >= 0)
+        start = torch.where(new, latest + n, start)
+        found |= new
+    offsets = torch.arange(k, device=device)
+    drafts = history.gather(1, (start[:, None] + offsets).clamp(max=width - 1))
+    counts = torch.minimum(lengths - start, caps).clamp(min=0, max=k)
+    return drafts, torch.where(found, counts, 0)
+
+
+def draft_caps(
+    lengths: list[int], remaining: list[int], constrained: list[bool], k: int, length_dependent_above: int | None
+) -> list[int]:
+    """Most drafts each row may take: none past its max_new_tokens (the last token a row may emit is
+    the one sampled after its drafts), none under a grammar, and none that would take the row past a
+    length where the model's rotary frequencies start to depend on the length itself (their keys are
+    only exact when each token is computed at its own length)."""
+    caps = []
+    for length, left, grammar in zip(lengths, remaining, constrained, strict=True):
+        cap = 0 if grammar else min(k, left - 1)
+        if length_dependent_above is not None:
+            cap = min(cap, length_dependent_above - length)
+        caps.append(max(cap, 0))
+    return caps
+
+
+@dataclass
+class Drafted:
+    """A decode step's input when rows carry drafts: each row's next token then its drafts."""
+
+    ids: torch.Tensor  # [tokens] int64
+    query_lens: list[int]  # 1 + drafts, per row
+    first: list[int]  # where each row's tokens start in `ids`
+    drafts: torch.Tensor  # [rows, k] int64
+    counts: torch.Tensor  # [rows] int64
+
+    @classmethod
+    def build(cls, next_ids: torch.Tensor, drafts: torch.Tensor, counts: torch.Tensor, counts_host: list[int]):  # noqa: ANN206
+        k = drafts.shape[1]
+        grid = torch.cat([next_ids[:, None], drafts], 1)  # [rows, k + 1]
+        keep = torch.arange(k + 1, device=grid.device)[None, :] <= counts[:, None]
+        query_lens = [1 + c for c in counts_host]
+        first = list(itertools.accumulate(query_lens, initial=0))[:-1]
+        return cls(grid[keep], query_lens, first, drafts, counts)
+
+
+@dataclass
+class Verified:
+    """What each row keeps of a drafted step, as [rows, k + 1] grids by offset (offsets past a row's
+    drafts hold -1 / 0): the token chosen at each offset and its logprob, the drafts accepted, and the
+    sampler output over every fed token (for top-n alternatives)."""
+
+    tokens: torch.Tensor  # [rows, k + 1] int64
+    logprobs: torch.Tensor  # [rows, k + 1] float32
+    accepted: torch.Tensor  # [rows] int64: drafts kept; the row emits accepted + 1 tokens
+    out: SamplerOutput  # over the fed tokens, row-major
+
+
+def expanded_history(
+    history: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor, drafts: torch.Tensor
+) -> torch.Tensor:
+    """Each fed token's history: its row's, followed by the row's drafts before it ([tokens, width])."""
+    k = drafts.shape[1]
+    width = history.shape[1]
+    grown = F.pad(history[rows], (0, k), value=-1)  # drafts may run past a short row's width
+    cols = lengths[rows][:, None] + torch.arange(k, device=history.device)  # [tokens, k]
+    before = torch.arange(k, device=history.device)[None, :] < offsets[:, None]
+    grown.scatter_(1, cols, torch.where(before, drafts[rows], grown.gather(1, cols)))
+    return grown[:, :width]
+
+
+def verify(
+    sampler: BatchSampler,
+    logits: torch.Tensor,
+    history: torch.Tensor,
+    steps: torch.Tensor,
+    prompt_lens: torch.Tensor,
+    lengths: torch.Tensor,
+    drafted: Drafted,
+) -> Verified:
+    """Sample every fed token as plain decoding would at its offset, and accept each row's drafts up to
+    the first one its sampling disagrees with. `logits` are [tokens, vocab], masked already for rows
+    under a grammar (which feed one token)."""
+    device = logits.device
+    q_host = drafted.query_lens
+    num_rows, k = drafted.drafts.shape
+    q = torch.tensor(q_host, dtype=torch.int64, device=device)
+    rows = torch.repeat_interleave(torch.arange(num_rows, device=device), q, output_size=logits.shape[0])
+    offsets = torch.arange(logits.shape[0], device=device) - (torch.cumsum(q, 0) - q)[rows]
+    expanded = sampler.expand(rows, q_host)
+    fed_history = (
+        expanded_history(history, rows, offsets, lengths, drafted.drafts) if expanded.uses_history else history[rows]
+    )
+    out = expanded(logits, fed_history, steps[rows] + offsets, prompt_lens[rows])
+    cell = rows * (k + 1) + offsets
+    tokens = torch.full((num_rows * (k + 1),), -1, dtype=torch.int64, device=device)
+    tokens = tokens.index_copy_(0, cell, out.next_ids).view(num_rows, k + 1)
+    logprobs = torch.zeros(num_rows * (k + 1), dtype=torch.float32, device=device)
+    logprobs = logprobs.index_copy_(0, cell, out.chosen_logprobs().float()).view(num_rows, k + 1)
+    agree = (tokens[:, :k] == drafted.drafts) & (torch.arange(k, device=device)[None, :] < drafted.counts[:, None])
+    accepted = agree.long().cumprod(1).sum(1)
+    return Verified(tokens, logprobs, accepted, out)
+
+
+def advance_rows(history: torch.Tensor, lengths: torch.Tensor, verified: Verified) -> torch.Tensor:
+    """The rows' histories with their kept tokens written after their known ones."""
+    k1 = verified.tokens.shape[1]
+    width = history.shape[1]
+    grown = F.pad(history, (0, k1), value=-1)
+    cols = lengths[:, None] + torch.arange(k1, device=history.device)
+    keep = torch.arange(k1, device=history.device)[None, :] <= verified.accepted[:, None]
+    grown.scatter_(1, cols, torch.where(keep, verified.tokens, grown.gather(1, cols)))
+    return grown[:, :width].contiguous()
+
+
+class Speculator:
+    """Runs a batch's decode steps with drafts (`step`), and counts what speculation did."""
+
+    def __init__(self, config: SpeculationConfig, model: CausalLM, emitter: Emitter) -> None:
+        self.config = config
+        self.model = model
+        self.emitter = emitter
+        self.drafted_tokens = 0  # drafts fed to the model, since start
+        self.accepted_tokens = 0  # of them, those kept
+
+    def drafts(self, batch: Batch, lengths: list[int]) -> tuple[Drafted, torch.Tensor] | None:
+        """The rows' drafts for this step and their lengths on the device; None when no row drafts (the
+        batch is too large, a row is at the model's recompute length, or nothing matched)."""
+        spec, model, dev = self.config, self.model, batch.next_ids.device
+        at = model.recompute_at_length
+        if len(batch) > spec.max_batch_size or (at is not None and at in lengths):
+            return None
+        remaining = [s.request.max_new_tokens - len(s.generated) for s in batch.seqs]
+        constrained = [s.matcher is not None for s in batch.seqs]
+        caps = draft_caps(lengths, remaining, constrained, spec.tokens, model.length_dependent_above)
+        if not any(caps):
+            return None
+        lengths_t = torch.tensor(lengths, dtype=torch.int64, device=dev)
+        caps_t = torch.tensor(caps, dtype=torch.int64, device=dev)
+        drafts, counts = lookup_drafts(batch.history, lengths_t, caps_t, spec.tokens, spec.max_ngram)
+        counts_host = counts.tolist()  # the step's shape depends on it
+        if not any(counts_host):
+            return None
+        return Drafted.build(batch.next_ids, drafts, counts, counts_host), lengths_t
+
+    def step(
+        self, batch: Batch, lengths: list[int], cache: KVCache, block_size: int, timings: StepTimings
+    ) -> list[GenerationOut] | None:
+        """A decode step in which rows also feed their drafts and keep those their sampling agrees with;
+        None when no row drafts (the caller runs a plain step)."""
+        found = self.drafts(batch, lengths)
+        if found is None:
+            return None
+        drafted, lengths_t = found
+        dev = lengths_t.device
+        context = [n + c - 1 for n, c in zip(lengths, drafted.query_lens, strict=True)]
+        segments = segments_of([s.request.adapter_index for s in batch.seqs], drafted.query_lens)
+        every = torch.arange(drafted.ids.shape[0], device=dev)  # the logits of every fed token
+        meta = ForwardBatch.build(drafted.ids, drafted.query_lens, context, batch.block_tables, block_size, every,
+                                  segments)  # fmt: skip
+        forward_start = time.perf_counter_ns()
+        logits = self.model.forward(meta, cache)
+        if batch.matchers:  # constrained rows feed one token, at the row's first position
+            rows = [drafted.first[r] for r in batch.grammar_rows]
+            TokenMasks.fill(batch.matchers, rows, len(logits), self.model.config.vocab_size, dev).apply_(logits)
+        v = verify(batch.sampler, logits, batch.history, batch.steps, batch.prompt_lens, lengths_t, drafted)
+        top_n = max(s.request.top_n_tokens for s in batch.seqs)
+        top = [t.tolist() for t in v.out.top_n(top_n)] if top_n else None
+        k1 = v.tokens.shape[1]
+        chosen = torch.cat([v.tokens.double(), v.logprobs.double(), v.accepted[:, None].double()], 1).tolist()
+        host_start = time.perf_counter_ns()
+        timings.forward_ns = host_start - forward_start
+        batch.history = advance_rows(batch.history, lengths_t, v)
+        batch.next_ids = v.tokens.gather(1, v.accepted[:, None]).squeeze(1)
+        batch.steps = batch.steps + v.accepted + 1
+        if batch.matchers:
+            advance(batch.matchers, [int(chosen[r][0]) for r in batch.grammar_rows])
+        gens = []
+        for row, seq in enumerate(batch.seqs):
+            kept = int(chosen[row][-1])
+            self.drafted_tokens += drafted.query_lens[row] - 1
+            self.accepted_tokens += kept
+            for i in range(kept + 1):
+                fed = drafted.first[row] + i
+                alternatives = (top[0][fed], top[1][fed]) if top is not None else None
+                gens.append(self.emitter.emit(seq, int(chosen[row][i]), chosen[row][k1 + i], alternatives, i > 0))
+                if gens[-1].finished is not None:
+                    break
+        timings.decode_ns = time.perf_counter_ns() - host_start
+        return gens
