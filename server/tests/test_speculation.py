@@ -112,15 +112,15 @@ def compare(engine: Engine, reqs: list[RequestIn]) -> Speculator:
     for r in reqs:
         a, b = plain[r.id], fast[r.id]
         assert [g.token_id for g in b] == [g.token_id for g in a], r.id
-        assert max(abs(x.logprob - y.logprob) for x, y in zip(a, b)) < 1e-4
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a, b, strict=True)) < 1e-4
         assert [g.text for g in b] == [g.text for g in a]
         assert b[-1].finished is not None and b[-1].finished.text == a[-1].finished.text
         assert b[-1].finished.reason == a[-1].finished.reason
         assert not b[0].skipped and not any(g.skipped for g in a)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             if x.top_tokens is not None:
                 assert y.top_tokens.ids == x.top_tokens.ids
-                assert max(abs(p - q) for p, q in zip(x.top_tokens.logprobs, y.top_tokens.logprobs)) < 1e-4
+                assert max(abs(p - q) for p, q in zip(x.top_tokens.logprobs, y.top_tokens.logprobs, strict=True)) < 1e-4
     # Speculation did happen, drafts were both kept and refused.
     skipped = sum(g.skipped for gens in fast.values() for g in gens)
     assert skipped == spec.accepted_tokens > 0
