@@ -58,6 +58,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     matcher: xgr.GrammarMatcher | None = None  # the grammar's parse state, for constrained requests
     generated: list[int] = field(default_factory=list)
+    draft_limit: int | None = None  # speculative decoding: most drafts it feeds next (None: the maximum)
 
     @property
     def length(self) -> int:

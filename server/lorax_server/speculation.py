@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters.lora import segments_of
-from .batch import Batch
+from .batch import Batch, Sequence
 from .forward import ForwardBatch
 from .grammar import TokenMasks, advance
 from .kv_cache import KVCache
@@ -34,7 +34,7 @@ from .sampling import BatchSampler, SamplerOutput
 @dataclass(frozen=True)
 class SpeculationConfig:
     tokens: int = 0  # most drafted tokens per row and step (0: off)
-    max_batch_size: int = 32  # a decode step over more rows drafts nothing
+    max_batch_size: int = 32  # most tokens a step feeds with drafts: larger batches draft nothing
     max_ngram: int = 3  # longest run of last tokens looked up (shorter runs are tried next)
 
     @property
@@ -43,39 +43,42 @@ class SpeculationConfig:
 
 
 def lookup_drafts(
-    history: torch.Tensor, lengths: torch.Tensor, caps: torch.Tensor, k: int, max_ngram: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    history: torch.Tensor, lengths: torch.Tensor, k: int, max_ngram: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prompt-lookup drafts for every row at once.
 
-    history: [rows, width] int64 ids known so far, -1 padded; lengths: [rows] int64 known ids per row;
-    caps: [rows] int64 most drafts each row may take. For n = max_ngram down to 1, a row's last n ids are
-    looked up among its earlier ids; the most recent match whose continuation is known wins, longer n
-    first. Returns drafts [rows, k] int64 (the ids that followed the match) and counts [rows] int64
-    (how many of them to use: 0 where nothing matched).
+    history: [rows, width] int64 ids known so far, -1 padded; lengths: [rows] int64 known ids per row.
+    For n = max_ngram down to 1, a row's last n ids are looked up among its earlier ids; the most
+    recent match whose continuation is known wins, longer n first. Returns drafts [rows, k] int64 (the
+    ids that followed the match), how many of them are known ids [rows] (at most k; 0 where nothing
+    matched) and the length n of the match [rows] (0: none).
     """
     rows, width = history.shape
     device = history.device
-    found = torch.zeros(rows, dtype=torch.bool, device=device)
-    start = torch.zeros(rows, dtype=torch.int64, device=device)  # where the continuation begins
-    for n in range(max_ngram, 0, -1):
-        if width <= n:
-            continue
-        tail_at = (lengths[:, None] - n + torch.arange(n, device=device)).clamp(min=0)  # [rows, n]
-        tail = history.gather(1, tail_at)
-        windows = history.unfold(1, n, 1)  # [rows, width - n + 1, n]
-        match = (windows == tail[:, None, :]).all(-1)  # [rows, width - n + 1]
-        # A start s is useful when its continuation s + n is a known id other than the tail's own.
-        starts = torch.arange(match.shape[1], device=device)
-        match &= starts[None, :] + n < lengths[:, None]
-        match &= (lengths >= n + 1)[:, None]
-        latest = torch.where(match, starts[None, :], -1).amax(1)  # [rows], -1 when none
-        new = ~found & (latest >= 0)
-        start = torch.where(new, latest + n, start)
-        found |= new
+    ends = torch.arange(width, device=device)
+    # run[n - 1][r, e]: the n ids ending at e equal row r's last n ids. Grown one id at a time: the id j
+    # places before the end must equal the row's id j places before its last.
+    before = lengths[:, None] - 1 - torch.arange(max_ngram, device=device)  # [rows, max_ngram]
+    tail = history.gather(1, before.clamp(min=0)).masked_fill_(before < 0, -3)  # -3 matches nothing
+    run = history == tail[:, :1]
+    runs = [run]
+    for j in range(1, max_ngram):
+        shifted = F.pad(history, (j, 0), value=-3)[:, :width]  # shifted[:, e] = history[:, e - j]
+        run = run & (shifted == tail[:, j : j + 1])
+        runs.append(run)
+    # A match is useful when its continuation is a known id: it ends before the row's last id.
+    useful = torch.stack(runs[::-1]) & (
+        ends[None, :] < lengths[:, None] - 1
+    )  # [max_ngram (longest first), rows, width]
+    latest = torch.where(useful, ends, -1).amax(-1)  # [max_ngram, rows], -1: no match of that length
+    hit = latest >= 0
+    longest = hit.int().argmax(0)  # the first (longest) n that matched
+    start = latest.gather(0, longest[None]).squeeze(0) + 1  # where the continuation begins
+    found = hit.any(0)
     offsets = torch.arange(k, device=device)
     drafts = history.gather(1, (start[:, None] + offsets).clamp(max=width - 1))
-    counts = torch.minimum(lengths - start, caps).clamp(min=0, max=k)
-    return drafts, torch.where(found, counts, 0)
+    known = torch.where(found, (lengths - start).clamp(min=0, max=k), 0)
+    return drafts, known, torch.where(found, max_ngram - longest, 0)
 
 
 def draft_caps(
@@ -92,6 +95,35 @@ def draft_caps(
             cap = min(cap, length_dependent_above - length)
         caps.append(max(cap, 0))
     return caps
+
+
+def next_draft_limit(limit: int, drafted: int, kept: int, k: int) -> int:
+    """A row's draft limit after a step: one more after every draft was kept, as many as were kept
+    otherwise (so a row whose drafts its model keeps refusing stops paying for them)."""
+    if drafted == 0:
+        return limit
+    return min(k, kept + 1) if kept == drafted else kept
+
+
+def row_drafts(known: int, matched: int, cap: int, limit: int, max_ngram: int) -> int:
+    """How many of its looked-up drafts a row feeds: within its cap and its draft limit, except that a
+    row at limit 0 tries one draft again when its last `max_ngram` ids match (the strongest evidence)."""
+    if limit == 0 and matched == max_ngram:
+        limit = 1
+    return min(known, cap, limit)
+
+
+def within_budget(counts: list[int], matched: list[int], budget: int) -> list[int]:
+    """The rows' draft counts cut to `budget` drafts in all, rows with the longest matches served
+    first: a step feeds at most max_batch_size tokens, drafts included (decode steps over more tokens
+    are compute-bound, where a refused draft costs about as much as a row)."""
+    if sum(counts) <= budget:
+        return counts
+    out = [0] * len(counts)
+    for row in sorted(range(len(counts)), key=lambda r: -matched[r]):
+        out[row] = min(counts[row], max(budget, 0))
+        budget -= out[row]
+    return out
 
 
 @dataclass
@@ -206,12 +238,20 @@ class Speculator:
         if not any(caps):
             return None
         lengths_t = torch.tensor(lengths, dtype=torch.int64, device=dev)
-        caps_t = torch.tensor(caps, dtype=torch.int64, device=dev)
-        drafts, counts = lookup_drafts(batch.history, lengths_t, caps_t, spec.tokens, spec.max_ngram)
-        counts_host = counts.tolist()  # the step's shape depends on it
+        drafts, known, matched = lookup_drafts(batch.history, lengths_t, spec.tokens, spec.max_ngram)
+        known_host, matched_host = torch.stack([known, matched]).tolist()  # the step's shape depends on them
+        counts_host = [
+            row_drafts(kn, n, cap, self._limit(s), spec.max_ngram)
+            for kn, n, cap, s in zip(known_host, matched_host, caps, batch.seqs, strict=True)
+        ]
+        counts_host = within_budget(counts_host, matched_host, spec.max_batch_size - len(batch))
         if not any(counts_host):
             return None
+        counts = torch.tensor(counts_host, dtype=torch.int64, device=dev)
         return Drafted.build(batch.next_ids, drafts, counts, counts_host), lengths_t
+
+    def _limit(self, seq: Sequence) -> int:
+        return self.config.tokens if seq.draft_limit is None else seq.draft_limit
 
     def step(
         self, batch: Batch, lengths: list[int], cache: KVCache, block_size: int, timings: StepTimings
@@ -247,12 +287,13 @@ class Speculator:
             advance(batch.matchers, [int(chosen[r][0]) for r in batch.grammar_rows])
         gens = []
         for row, seq in enumerate(batch.seqs):
-            kept = int(chosen[row][-1])
-            self.drafted_tokens += drafted.query_lens[row] - 1
+            kept, fed = int(chosen[row][-1]), drafted.query_lens[row] - 1
+            self.drafted_tokens += fed
             self.accepted_tokens += kept
+            seq.draft_limit = next_draft_limit(self._limit(seq), fed, kept, self.config.tokens)
             for i in range(kept + 1):
-                fed = drafted.first[row] + i
-                alternatives = (top[0][fed], top[1][fed]) if top is not None else None
+                at = drafted.first[row] + i
+                alternatives = (top[0][at], top[1][at]) if top is not None else None
                 gens.append(self.emitter.emit(seq, int(chosen[row][i]), chosen[row][k1 + i], alternatives, i > 0))
                 if gens[-1].finished is not None:
                     break

@@ -17,7 +17,15 @@ from lorax_server.engine import CacheConfig, Engine
 from lorax_server.layers.attention import TorchAttention
 from lorax_server.models.loader import load_model
 from lorax_server.sampling import SamplingParams
-from lorax_server.speculation import SpeculationConfig, Speculator, draft_caps, lookup_drafts
+from lorax_server.speculation import (
+    SpeculationConfig,
+    Speculator,
+    draft_caps,
+    lookup_drafts,
+    next_draft_limit,
+    row_drafts,
+    within_budget,
+)
 
 BLOCK = 4
 K = 4
@@ -39,13 +47,29 @@ def test_lookup_takes_the_latest_longest_match_and_stops_at_known_tokens() -> No
         [4],  # too short to look anything up
     ]
     history, lengths = as_history(rows, 16)
-    drafts, counts = lookup_drafts(history, lengths, torch.full((5,), K), K, max_ngram=3)
-    assert counts.tolist() == [4, 4, 0, 2, 0]
+    drafts, known, matched = lookup_drafts(history, lengths, K, max_ngram=3)
+    assert known.tolist() == [4, 4, 0, 2, 0]
+    assert matched.tolist() == [2, 3, 0, 1, 0]
     assert drafts[0].tolist() == [9, 2, 6, 7]
     assert drafts[1].tolist() == [9, 9, 3, 4]
     assert drafts[3, :2].tolist() == [3, 7]
-    capped = lookup_drafts(history, lengths, torch.tensor([1, 0, 4, 4, 4]), K, max_ngram=3)[1]
-    assert capped.tolist() == [1, 0, 0, 2, 0]
+
+
+def test_draft_limits_follow_what_the_model_keeps() -> None:
+    assert next_draft_limit(4, drafted=4, kept=4, k=4) == 4
+    assert next_draft_limit(2, drafted=2, kept=2, k=4) == 3
+    assert next_draft_limit(4, drafted=3, kept=1, k=4) == 1
+    assert next_draft_limit(1, drafted=1, kept=0, k=4) == 0
+    assert next_draft_limit(3, drafted=0, kept=0, k=4) == 3  # nothing drafted: nothing learnt
+    assert row_drafts(known=4, matched=2, cap=3, limit=4, max_ngram=3) == 3
+    assert row_drafts(known=4, matched=2, cap=4, limit=0, max_ngram=3) == 0
+    assert row_drafts(known=4, matched=3, cap=4, limit=0, max_ngram=3) == 1  # a full match is tried again
+
+
+def test_the_step_budget_serves_the_longest_matches_first() -> None:
+    assert within_budget([2, 3, 1], [1, 2, 3], 10) == [2, 3, 1]
+    assert within_budget([2, 3, 1], [1, 2, 3], 3) == [0, 2, 1]
+    assert within_budget([2, 3], [1, 1], -2) == [0, 0]
 
 
 def test_caps_keep_drafts_inside_max_new_tokens_grammar_and_length_dependent_rope() -> None:

@@ -112,6 +112,9 @@ class TorchAttention:
     sequence to a long prompt's shape would multiply its work by that prompt's length."""
 
     name = "torch"
+    # Sequences of at most this many new tokens (speculative steps' drafts, short prompt pieces) are
+    # attended token by token with the decode kernel when it applies, instead of through a padded grid.
+    SHORT_QUERIES = 8
 
     def __init__(self, block_size: int, decode_kernel: bool = True) -> None:
         self.block_size = block_size
@@ -160,6 +163,13 @@ class TorchAttention:
         k_scale: float = 1.0,
         v_scale: float = 1.0,
     ) -> torch.Tensor:
+        if 1 < meta.max_query_len <= self.SHORT_QUERIES and self._use_kernel(q, cache_k):
+            # Each token as a decode query over its own prefix of the cache: a speculative step's
+            # drafts are attended exactly as plain decoding would attend them, one step each.
+            tables, lens = self._per_token(meta)
+            return paged_attention.paged_decode_attention(
+                q, cache_k, cache_v, tables, lens, scale, window, softcap, alibi_slopes
+            )
         groups = self._layouts(meta)
         args = (cache_k, cache_v, scale, window, softcap, alibi_slopes, k_scale, v_scale)
         if len(groups) == 1:
@@ -205,6 +215,14 @@ class TorchAttention:
             out = _softcapped_attention(q_grid, k, v, mask, scale, softcap)
         out = out.transpose(1, 2).reshape(batch * layout.max_q, heads, head_dim)
         return out if decode else out[layout.q_index]
+
+    @staticmethod
+    def _per_token(meta: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token's block table and context length (its position + 1), once per forward pass."""
+        state = meta.backend_state.get("per_token")
+        if state is None:
+            state = meta.backend_state["per_token"] = (meta.block_tables[meta.seq_index], meta.positions + 1)
+        return state
 
     def _use_kernel(self, q: torch.Tensor, cache: torch.Tensor) -> bool:
         return self.decode_kernel and paged_attention.kernel_applies(q, cache) and paged_attention.kernel_available()

@@ -1,0 +1,167 @@
+"""Speculative decoding by prompt lookup (`--speculative-tokens`), with and without, in one run.
+
+- copy-heavy, one stream: the demo model and its adapters (base, answer-format, upper, reverse in
+  turn) on few-shot prompts of the demo's Copy: task, continued for 48 tokens (the model repeats the
+  prompt's question/answer pattern, copying from it), one request at a time; and the same Copy:
+  questions answered to their end-of-sequence (a few tokens each).
+- standard mixed workload (bench/adapter_throughput.py's: random Llama hidden 512, 8 layers, 8 rank-16
+  adapters, 64 requests, prompts and outputs of 16-128 tokens), served as the router batches them.
+
+Prints tokens/s, decode steps per generated token and the share of drafts kept; outputs are checked
+identical. Not a test.
+
+    .venv/bin/python bench/speculation.py [--tokens 4] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "server" / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "bench"))
+from adapter_throughput import ALL_LINEAR, engine_with_adapters  # noqa: E402
+from demo_data import copy_example  # noqa: E402
+from shard_throughput import MODEL, serve_all, workload  # noqa: E402
+from tiny_models import make_llama, make_lora_adapter  # noqa: E402
+
+from lorax_server.batch import RequestIn  # noqa: E402
+from lorax_server.engine import Engine  # noqa: E402
+from lorax_server.sampling import SamplingParams  # noqa: E402
+from lorax_server.speculation import SpeculationConfig, Speculator  # noqa: E402
+
+DEMO = ROOT / "models" / "demo"
+DEMO_ADAPTERS = [DEMO / "adapters" / name for name in ("answer-format", "upper", "reverse")]
+
+
+def set_speculation(engine: Engine, tokens: int) -> None:
+    engine.speculator = Speculator(SpeculationConfig(tokens), engine.model, engine.emitter) if tokens else None
+
+
+def copy_prompts(tokenizer, n: int, shots: int) -> list[list[int]]:  # noqa: ANN001
+    """`shots` solved Copy: questions then one of them again (shots=0: a lone Copy: question)."""
+    rng = random.Random(7)
+    prompts = []
+    for _ in range(n):
+        solved = [copy_example(rng) for _ in range(max(shots, 1))]
+        text = "".join(f"Q: {q}\nA: {a}\n" for q, a in solved[:shots]) + f"Q: {solved[len(solved) // 2][0]}\nA:"
+        prompts.append(tokenizer(text)["input_ids"])
+    return prompts
+
+
+def one_stream(engine: Engine, prompts: list[list[int]], max_new: int, ignore_eos: bool) -> tuple[list, int, float]:
+    """Each prompt alone, in turn (adapters 0..4 in turn); (outputs, decode steps, seconds)."""
+    outputs, steps = [], 0
+    start = time.perf_counter()
+    for i, ids in enumerate(prompts):
+        r = RequestIn(i, ids, SamplingParams(), max_new, ignore_eos=ignore_eos, adapter_index=i % 4)
+        gens, batch = engine.prefill(i + 1, [r])
+        out = [g.token_id for g in gens]
+        while batch is not None:
+            gens, batch = engine.decode([batch.id])
+            steps += 1
+            out += [g.token_id for g in gens]
+        outputs.append(out)
+    return outputs, steps, time.perf_counter() - start
+
+
+def measure(name: str, run, engine: Engine, tokens: int, repeats: int) -> list[tuple]:  # noqa: ANN001
+    """Best of `repeats` runs each, plain and speculative, interleaved; checks identical outputs."""
+    best: dict[int, tuple] = {}
+    for k in (0, tokens):  # warm-up: allocator, kernels' first calls
+        set_speculation(engine, k)
+        run()
+    for _ in range(repeats):
+        for k in (0, tokens):
+            set_speculation(engine, k)
+            outputs, steps, seconds = run()
+            if k and engine.speculator is not None:
+                kept = engine.speculator.accepted_tokens / max(engine.speculator.drafted_tokens, 1)
+            else:
+                kept = float("nan")
+            if k not in best or seconds < best[k][2]:
+                best[k] = (outputs, steps, seconds, kept)
+    if best[0][0] != best[tokens][0]:
+        raise SystemExit(f"{name}: outputs differ with speculation")
+    rows = []
+    for k in (0, tokens):
+        outputs, steps, seconds, kept = best[k]
+        generated = sum(len(o) for o in outputs) if isinstance(outputs[0], list) else outputs[0]
+        rows.append((name, k, generated, steps, seconds, kept))
+    return rows
+
+
+def demo_engine() -> Engine:
+    return engine_with_adapters(DEMO, DEMO_ADAPTERS, 1024)
+
+
+def mixed(tmp: Path, tokens: int, repeats: int) -> list[tuple]:
+    model_dir = make_llama(tmp / "base", **MODEL)
+    adapters = [
+        make_lora_adapter(model_dir, tmp / f"a{i}", i, r=16, lora_alpha=32, target_modules=ALL_LINEAR) for i in range(8)
+    ]
+    work = workload(64, AutoTokenizer.from_pretrained(model_dir).vocab_size)
+    engine = engine_with_adapters(model_dir, adapters, 4096)
+
+    def run():  # noqa: ANN202
+        requests = [
+            RequestIn(i, ids, SamplingParams(), o, ignore_eos=True, adapter_index=i % 8 + 1)
+            for i, (ids, o) in enumerate(work)
+        ]
+        steps = [0]
+        decode = engine.decode
+
+        def counted(ids):  # noqa: ANN001, ANN202
+            steps[0] += 1
+            return decode(ids)
+
+        engine.decode = counted
+        try:
+            generated, seconds = serve_all(engine, requests, 4096)
+        finally:
+            engine.decode = decode
+        return [generated], steps[0], seconds
+
+    return measure("mixed workload, 8 adapters, 64 requests", run, engine, tokens, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=4, help="--speculative-tokens")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    engine = demo_engine()
+    tok = AutoTokenizer.from_pretrained(DEMO)
+    few_shot, single = copy_prompts(tok, 16, 6), copy_prompts(tok, 16, 0)
+    rows = measure("copy-heavy: 6-shot Copy:, 48 tokens", lambda: one_stream(engine, few_shot, 48, True),
+                   engine, args.tokens, args.repeats)  # fmt: skip
+    rows += measure("copy-heavy: Copy: answered to EOS", lambda: one_stream(engine, single, 48, False),
+                    engine, args.tokens, args.repeats)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        rows += mixed(Path(tmp), args.tokens, args.repeats)
+    print(f"| {'workload':<42} | {'spec':>4} | {'tokens':>6} | {'steps/token':>11} | {'tokens/s':>8} | "
+          f"{'vs plain':>8} | {'drafts kept':>11} |")  # fmt: skip
+    print(f"|{'-' * 44}|{'-' * 6}|{'-' * 8}|{'-' * 13}|{'-' * 10}|{'-' * 10}|{'-' * 13}|")
+    plain_tps = {}
+    for name, k, generated, steps, seconds, kept in rows:
+        tps = generated / seconds
+        plain_tps.setdefault(name, tps)
+        kept_text = "" if k == 0 else f"{kept:.0%}"
+        print(f"| {name:<42} | {k:>4} | {generated:>6} | {steps / generated:>11.2f} | {tps:>8.1f} | "
+              f"{tps / plain_tps[name]:>8.2f} | {kept_text:>11} |")  # fmt: skip
+    print(f"\nbest of {args.repeats} runs each, greedy, float32, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; steps: decode calls (prefill steps not counted)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
