@@ -1,0 +1,95 @@
+"""`--speculative-tokens` through the launcher over HTTP: the demo model and its adapters answer
+exactly as without speculation (ids, logprobs, text), in concurrent mixed-adapter requests, while
+tokens arrive several per step (`skipped`), counted in `details.skipped_tokens`, /metrics and /info."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from conftest import REPO, Server, launch
+
+sys.path.insert(0, str(REPO / "scripts"))
+from demo_data import copy_example  # noqa: E402
+
+DEMO = REPO / "models" / "demo"
+ADAPTERS = [None, "answer-format", "upper", "reverse"]
+FLAGS = ("--max-input-length", "200", "--max-total-tokens", "260", "--max-batch-prefill-tokens", "1024")
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server]]:
+    tmp = tmp_path_factory.mktemp("spec")
+    with launch(DEMO, tmp, *FLAGS) as plain, launch(DEMO, tmp, *FLAGS, "--speculative-tokens", "4") as fast:
+        yield plain, fast
+
+
+def prompts() -> list[str]:
+    """Few-shot Copy: prompts: the demo model continues them by repeating their pattern."""
+    rng = random.Random(3)
+    out = []
+    for _ in range(8):
+        shots = [copy_example(rng) for _ in range(5)]
+        out.append("".join(f"Q: {q}\nA: {a}\n" for q, a in shots) + f"Q: {shots[1][0]}\nA:")
+    return out
+
+
+def generate(server: Server, i: int, prompt: str, **extra: object) -> dict:
+    parameters = {"max_new_tokens": 40, "details": True, "decoder_input_details": False, **extra}
+    if ADAPTERS[i % 4] is not None:
+        parameters |= {"adapter_id": str(DEMO / "adapters" / ADAPTERS[i % 4]), "adapter_source": "local"}
+    r = requests.post(f"{server.url}/generate", json={"inputs": prompt, "parameters": parameters}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def concurrently(server: Server, **extra: object) -> list[dict]:
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda ip: generate(server, *ip, **extra), enumerate(prompts())))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"ignore_eos_token": True}, {"do_sample": True, "temperature": 0.5, "seed": 11, "ignore_eos_token": True}, {}],
+    ids=["greedy", "seeded", "to-eos"],
+)
+def test_same_answers_fewer_steps(servers: tuple[Server, Server], extra: dict) -> None:
+    plain, fast = servers
+    want, got = concurrently(plain, **extra), concurrently(fast, **extra)
+    for a, b in zip(want, got, strict=True):
+        assert b["generated_text"] == a["generated_text"]
+        ta, tb = a["details"]["tokens"], b["details"]["tokens"]
+        assert [t["id"] for t in tb] == [t["id"] for t in ta]
+        assert max(abs(x["logprob"] - y["logprob"]) for x, y in zip(ta, tb, strict=True)) < 1e-4
+        assert not any(t["skipped"] for t in ta) and a["details"]["skipped_tokens"] == 0
+        assert b["details"]["skipped_tokens"] == sum(t["skipped"] for t in tb)
+        assert not tb[0]["skipped"]  # the first token comes from prefill
+    if "seed" not in extra:  # the demo model copies what it is shown: drafts are kept
+        assert sum(b["details"]["skipped_tokens"] for b in got) > 0
+
+
+def test_stream_marks_skipped_tokens(servers: tuple[Server, Server]) -> None:
+    _, fast = servers
+    prompt = prompts()[0]
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": 40, "ignore_eos_token": True}}
+    with requests.post(f"{fast.url}/generate_stream", json=body, stream=True, timeout=60) as r:
+        events = [json.loads(line[5:]) for line in r.iter_lines(decode_unicode=True) if line.startswith("data:")]
+    tokens = [e["token"] for e in events]
+    whole = generate(fast, 0, prompt, ignore_eos_token=True)["details"]["tokens"]
+    assert [t["id"] for t in tokens] == [t["id"] for t in whole]
+    assert [t["skipped"] for t in tokens] == [t["skipped"] for t in whole]
+    assert any(t["skipped"] for t in tokens)
+
+
+def test_info_and_metrics(servers: tuple[Server, Server]) -> None:
+    plain, fast = servers
+    assert requests.get(f"{plain.url}/info", timeout=10).json()["speculate"] == 0
+    assert requests.get(f"{fast.url}/info", timeout=10).json()["speculate"] == 4
+    metrics = requests.get(f"{fast.url}/metrics", timeout=10).text
+    sums = [line for line in metrics.splitlines() if line.startswith("lorax_request_skipped_tokens_sum")]
+    assert sums and float(sums[0].split()[-1]) > 0
