@@ -201,3 +201,14 @@ def test_families_identical_with_speculation(family: str, tmp_path: Path) -> Non
     reqs = [RequestIn(id=i, input_ids=copy_heavy(i, 10 + 4 * i), sampling=SamplingParams(), max_new_tokens=40,
                       ignore_eos=True, top_n_tokens=2) for i in range(4)]  # fmt: skip
     compare(eng, reqs, refusals=False)
+
+
+def test_with_chunked_prefill_and_prefix_caching(llama_dir: Path) -> None:
+    """Steps that carry prompt chunks decode plainly; the others draft. Answers stay the same."""
+    model = load_model(llama_dir, TorchAttention(BLOCK), torch.device("cpu"), "float32")
+    cache = CacheConfig(BLOCK, num_blocks=1024, prefix_caching=True)
+    eng = Engine(model, AutoTokenizer.from_pretrained(llama_dir), cache, chunked_prefill=True)
+    eng.warmup(96, 16, 160)  # prompts of up to 96 tokens, 16 per step
+    reqs = [RequestIn(id=i, input_ids=copy_heavy(i % 3, 20 + 3 * (i % 3)), sampling=SamplingParams(),
+                      max_new_tokens=30, ignore_eos=True) for i in range(5)]  # fmt: skip
+    compare(eng, reqs)
