@@ -240,8 +240,11 @@ class Speculator:
         lengths_t = torch.tensor(lengths, dtype=torch.int64, device=dev)
         drafts, known, matched = lookup_drafts(batch.history, lengths_t, spec.tokens, spec.max_ngram)
         known_host, matched_host = torch.stack([known, matched]).tolist()  # the step's shape depends on them
+        # Drafts are rationed (each row by what its model kept of them before) only when every row
+        # drafting its most would overflow the step's token budget; otherwise they are cheap enough.
+        ration = len(batch) * (spec.tokens + 1) > spec.max_batch_size
         counts_host = [
-            row_drafts(kn, n, cap, self._limit(s), spec.max_ngram)
+            row_drafts(kn, n, cap, self._limit(s) if ration else spec.tokens, spec.max_ngram)
             for kn, n, cap, s in zip(known_host, matched_host, caps, batch.seqs, strict=True)
         ]
         counts_host = within_budget(counts_host, matched_host, spec.max_batch_size - len(batch))
