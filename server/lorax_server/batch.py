@@ -59,6 +59,8 @@ class Sequence:
     matcher: xgr.GrammarMatcher | None = None  # the grammar's parse state, for constrained requests
     generated: list[int] = field(default_factory=list)
     draft_limit: int | None = None  # speculative decoding: most drafts it feeds next (None: the maximum)
+    medusa_drafts: list[int] = field(default_factory=list)  # its adapter's Medusa heads' guesses...
+    medusa_at: int = -1  # ...for the tokens after its first `medusa_at` (stale once it is longer)
 
     @property
     def length(self) -> int:

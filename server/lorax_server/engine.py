@@ -94,7 +94,12 @@ class Engine:
         # Under chunked prefill, the most prompt tokens one step computes (the router's prefill budget,
         # known at warm-up); None: every prompt is computed whole in its prefill step.
         self.chunk_tokens: int | None = None
-        self.speculator = Speculator(speculation, model, self.emitter) if speculation and speculation.enabled else None
+        # Drafts come from prompt lookup (`speculation`) and from the Medusa heads adapters may carry.
+        speculation = speculation or SpeculationConfig()
+        medusa = adapters.medusa if adapters is not None else None
+        self.speculator = (
+            Speculator(speculation, model, self.emitter, medusa) if speculation.enabled or medusa is not None else None
+        )
 
     # ------------------------------------------------------------------ warm-up and cache sizing
     def warmup(self, max_input_length: int, max_prefill_tokens: int, max_total_tokens: int) -> int:

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .adapters.lora import segments_of
+from .adapters.medusa import MedusaHeads
 from .batch import Batch, Sequence
 from .forward import ForwardBatch
 from .grammar import TokenMasks, advance
@@ -215,56 +217,131 @@ def advance_rows(history: torch.Tensor, lengths: torch.Tensor, verified: Verifie
     return grown[:, :width].contiguous()
 
 
+def medusa_drafts(
+    batch: Batch,
+    lengths: list[int],
+    heads: list[MedusaHeads | None],
+    drafts: torch.Tensor,
+    known: list[int],
+    matched: list[int],
+    max_ngram: int,
+) -> torch.Tensor:
+    """`drafts` [rows, k] with the rows that have Medusa heads taking their heads' last guesses (when
+    made for their current length); `known` and `matched` (host lists) updated in place to match."""
+    k = drafts.shape[1]
+    grid, use = [[0] * k for _ in heads], [False] * len(heads)
+    for row, (h, seq) in enumerate(zip(heads, batch.seqs, strict=True)):
+        if h is None:
+            continue
+        guesses = seq.medusa_drafts if seq.medusa_at == lengths[row] else []
+        grid[row][: len(guesses)] = guesses
+        use[row] = True
+        known[row], matched[row] = len(guesses), max_ngram if guesses else 0
+    device = drafts.device
+    rows = torch.tensor(use, dtype=torch.bool, device=device)[:, None]
+    return torch.where(rows, torch.tensor(grid, dtype=torch.int64, device=device), drafts)
+
+
+def medusa_guesses(
+    heads: list[MedusaHeads | None],
+    hidden: torch.Tensor,
+    first: list[int],
+    accepted: torch.Tensor,
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """[rows, most heads] int64: each row's heads' guesses from the final hidden state of its last kept
+    position (zeros for rows without heads); one call per distinct set of heads."""
+    k = max(h.num_heads for h in heads if h is not None)
+    out = torch.zeros(len(heads), k, dtype=torch.int64, device=hidden.device)
+    groups: dict[int, list[int]] = {}
+    for row, h in enumerate(heads):
+        if h is not None:
+            groups.setdefault(id(h), []).append(row)
+    starts = torch.tensor(first, dtype=torch.int64, device=hidden.device)
+    for rows in groups.values():
+        h = heads[rows[0]]
+        index = torch.tensor(rows, dtype=torch.int64, device=hidden.device)
+        at = starts[index] + accepted[index]
+        out[index, : h.num_heads] = h.propose(hidden[at], logits_of)
+    return out
+
+
 class Speculator:
     """Runs a batch's decode steps with drafts (`step`), and counts what speculation did."""
 
-    def __init__(self, config: SpeculationConfig, model: CausalLM, emitter: Emitter) -> None:
+    def __init__(
+        self, config: SpeculationConfig, model: CausalLM, emitter: Emitter, medusa: dict[int, MedusaHeads] | None = None
+    ) -> None:
         self.config = config
         self.model = model
         self.emitter = emitter
+        self.medusa = medusa if medusa is not None else {}  # adapter index → its Medusa heads (live view)
         self.drafted_tokens = 0  # drafts fed to the model, since start
         self.accepted_tokens = 0  # of them, those kept
 
-    def drafts(self, batch: Batch, lengths: list[int]) -> tuple[Drafted, torch.Tensor] | None:
-        """The rows' drafts for this step and their lengths on the device; None when no row drafts (the
-        batch is too large, a row is at the model's recompute length, or nothing matched)."""
+    def heads_of(self, batch: Batch) -> list[MedusaHeads | None]:
+        """Each row's Medusa heads (those of its adapter), None for rows without."""
+        if not self.medusa:
+            return [None] * len(batch)
+        return [self.medusa.get(s.request.adapter_index) for s in batch.seqs]
+
+    def drafts(
+        self, batch: Batch, lengths: list[int], heads: list[MedusaHeads | None]
+    ) -> tuple[Drafted, torch.Tensor] | None:
+        """The rows' drafts for this step and their lengths on the device: the Medusa heads' guesses for
+        rows whose adapter has heads, prompt lookup's for the others. None when the step should be plain
+        (the batch is too large, a row is at the model's recompute length, or no row drafts and no row
+        needs its heads' next guesses)."""
         spec, model, dev = self.config, self.model, batch.next_ids.device
         at = model.recompute_at_length
         if len(batch) > spec.max_batch_size or (at is not None and at in lengths):
             return None
+        guessing = any(h is not None for h in heads)
+        if spec.tokens == 0 and not guessing:
+            return None
+        k = max([spec.tokens] + [h.num_heads for h in heads if h is not None])
         remaining = [s.request.max_new_tokens - len(s.generated) for s in batch.seqs]
         constrained = [s.matcher is not None for s in batch.seqs]
-        caps = draft_caps(lengths, remaining, constrained, spec.tokens, model.length_dependent_above)
-        if not any(caps):
+        caps = draft_caps(lengths, remaining, constrained, k, model.length_dependent_above)
+        if not any(caps) and not guessing:
             return None
         lengths_t = torch.tensor(lengths, dtype=torch.int64, device=dev)
-        drafts, known, matched = lookup_drafts(batch.history, lengths_t, spec.tokens, spec.max_ngram)
-        known_host, matched_host = torch.stack([known, matched]).tolist()  # the step's shape depends on them
+        if spec.tokens and not all(h is not None for h in heads):
+            drafts, known, matched = lookup_drafts(batch.history, lengths_t, k, spec.max_ngram)
+            known_host, matched_host = torch.stack([known, matched]).tolist()  # the step's shape depends on them
+        else:
+            drafts = torch.zeros(len(batch), k, dtype=torch.int64, device=dev)
+            known_host, matched_host = [0] * len(batch), [0] * len(batch)
+        if guessing:
+            drafts = medusa_drafts(batch, lengths, heads, drafts, known_host, matched_host, spec.max_ngram)
         # Drafts are rationed (each row by what its model kept of them before) only when every row
         # drafting its most would overflow the step's token budget; otherwise they are cheap enough.
-        ration = len(batch) * (spec.tokens + 1) > spec.max_batch_size
+        ration = len(batch) * (k + 1) > spec.max_batch_size
+        most = [h.num_heads if h is not None else spec.tokens for h in heads]
         counts_host = [
-            row_drafts(kn, n, cap, self._limit(s) if ration else spec.tokens, spec.max_ngram)
-            for kn, n, cap, s in zip(known_host, matched_host, caps, batch.seqs, strict=True)
+            row_drafts(kn, n, cap, min(m, self._limit(s)) if ration else m, spec.max_ngram)
+            for kn, n, cap, m, s in zip(known_host, matched_host, caps, most, batch.seqs, strict=True)
         ]
         counts_host = within_budget(counts_host, matched_host, spec.max_batch_size - len(batch))
-        if not any(counts_host):
+        if not any(counts_host) and not guessing:
             return None
         counts = torch.tensor(counts_host, dtype=torch.int64, device=dev)
         return Drafted.build(batch.next_ids, drafts, counts, counts_host), lengths_t
 
     def _limit(self, seq: Sequence) -> int:
-        return self.config.tokens if seq.draft_limit is None else seq.draft_limit
+        return 1 << 30 if seq.draft_limit is None else seq.draft_limit
 
     def step(
         self, batch: Batch, lengths: list[int], cache: KVCache, block_size: int, timings: StepTimings
     ) -> list[GenerationOut] | None:
         """A decode step in which rows also feed their drafts and keep those their sampling agrees with;
         None when no row drafts (the caller runs a plain step)."""
-        found = self.drafts(batch, lengths)
+        heads = self.heads_of(batch)
+        found = self.drafts(batch, lengths, heads)
         if found is None:
             return None
         drafted, lengths_t = found
+        guessing = any(h is not None for h in heads)
         dev = lengths_t.device
         context = [n + c - 1 for n, c in zip(lengths, drafted.query_lens, strict=True)]
         segments = segments_of([s.request.adapter_index for s in batch.seqs], drafted.query_lens)
@@ -272,7 +349,9 @@ class Speculator:
         meta = ForwardBatch.build(drafted.ids, drafted.query_lens, context, batch.block_tables, block_size, every,
                                   segments)  # fmt: skip
         forward_start = time.perf_counter_ns()
-        logits = self.model.forward(meta, cache)
+        logits, hidden = (
+            self.model.forward(meta, cache, hidden=True) if guessing else (self.model.forward(meta, cache), None)
+        )
         if batch.matchers:  # constrained rows feed one token, at the row's first position
             rows = [drafted.first[r] for r in batch.grammar_rows]
             TokenMasks.fill(batch.matchers, rows, len(logits), self.model.config.vocab_size, dev).apply_(logits)
@@ -280,7 +359,10 @@ class Speculator:
         top_n = max(s.request.top_n_tokens for s in batch.seqs)
         top = [t.tolist() for t in v.out.top_n(top_n)] if top_n else None
         k1 = v.tokens.shape[1]
-        chosen = torch.cat([v.tokens.double(), v.logprobs.double(), v.accepted[:, None].double()], 1).tolist()
+        parts = [v.tokens.double(), v.logprobs.double(), v.accepted[:, None].double()]
+        if hidden is not None:  # the heads guess on from where each row's kept tokens end
+            parts.append(medusa_guesses(heads, hidden, drafted.first, v.accepted, self.model.logits_of).double())
+        chosen = torch.cat(parts, 1).tolist()
         host_start = time.perf_counter_ns()
         timings.forward_ns = host_start - forward_start
         batch.history = advance_rows(batch.history, lengths_t, v)
@@ -290,14 +372,18 @@ class Speculator:
             advance(batch.matchers, [int(chosen[r][0]) for r in batch.grammar_rows])
         gens = []
         for row, seq in enumerate(batch.seqs):
-            kept, fed = int(chosen[row][-1]), drafted.query_lens[row] - 1
+            host = chosen[row]
+            kept, fed = int(host[2 * k1]), drafted.query_lens[row] - 1
             self.drafted_tokens += fed
             self.accepted_tokens += kept
-            seq.draft_limit = next_draft_limit(self._limit(seq), fed, kept, self.config.tokens)
+            seq.draft_limit = next_draft_limit(self._limit(seq), fed, kept, k1 - 1)
+            if heads[row] is not None:
+                seq.medusa_drafts = [int(t) for t in host[2 * k1 + 1 : 2 * k1 + 1 + heads[row].num_heads]]
+                seq.medusa_at = lengths[row] + kept + 1
             for i in range(kept + 1):
                 at = drafted.first[row] + i
                 alternatives = (top[0][at], top[1][at]) if top is not None else None
-                gens.append(self.emitter.emit(seq, int(chosen[row][i]), chosen[row][k1 + i], alternatives, i > 0))
+                gens.append(self.emitter.emit(seq, int(host[i]), host[k1 + i], alternatives, i > 0))
                 if gens[-1].finished is not None:
                     break
         timings.decode_ns = time.perf_counter_ns() - host_start

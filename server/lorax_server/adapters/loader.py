@@ -15,6 +15,9 @@ from safetensors import SafetensorError, safe_open
 from ..layers.linear import Linear
 from .config import AdapterConfigError, LoraAdapterConfig
 from .lora import LoraModuleWeights
+from .medusa import MedusaError, MedusaHeads, load_medusa
+
+MEDUSA = "medusa"  # the key of an adapter's Medusa heads among its modules (no module has that name)
 
 _PREFIX = "base_model.model."
 
@@ -95,5 +98,20 @@ def load_lora_adapter(
     return out
 
 
-def adapter_nbytes(modules: dict[str, LoraModuleWeights]) -> int:
-    return sum(m.lora_a.nbytes + m.lora_b.nbytes for m in modules.values())
+def load_adapter(adapter_dir: Path, targets: dict[str, tuple[Linear, int]], config, dtype: torch.dtype) -> dict:  # noqa: ANN001
+    """Everything an adapter directory holds for the base model (whose `config` is a ModelConfig): its
+    LoRA factors by module name (`load_lora_adapter`), and its Medusa heads under `MEDUSA` when it has
+    some. A directory of Medusa heads alone has no LoRA factors."""
+    try:
+        heads = load_medusa(adapter_dir, config.hidden_size, config.vocab_size, dtype)
+    except MedusaError as e:
+        raise AdapterLoadError(f"Medusa heads: {e}") from e
+    has_lora = heads is None or (Path(adapter_dir) / "adapter_config.json").is_file()
+    modules: dict = load_lora_adapter(adapter_dir, targets, config.architecture, dtype) if has_lora else {}
+    if heads is not None:
+        modules[MEDUSA] = heads
+    return modules
+
+
+def adapter_nbytes(modules: dict) -> int:
+    return sum(m.nbytes if isinstance(m, MedusaHeads) else m.lora_a.nbytes + m.lora_b.nbytes for m in modules.values())

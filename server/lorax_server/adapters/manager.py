@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 
 from .chat_template import ChatTemplateFiles, read_chat_template
-from .loader import AdapterLoadError, adapter_nbytes, load_lora_adapter
+from .loader import MEDUSA, AdapterLoadError, adapter_nbytes, load_adapter
 from .lora import LoraModuleWeights, attach_lora
+from .medusa import MedusaHeads
 from .sources import AdapterSource
 
-Modules = dict[str, LoraModuleWeights]
+Modules = dict[str, LoraModuleWeights | MedusaHeads]  # module name → factors; MEDUSA → the Medusa heads
 MAX_TEMPLATES_KEPT = 1024  # chat templates are a few KiB: kept for far more adapters than factors are
 
 
@@ -86,6 +87,7 @@ class AdapterManager:
         self._host: OrderedDict[tuple, Modules] = OrderedDict()  # (id, source, token hash) → host factors
         self._templates: OrderedDict[tuple, ChatTemplateFiles | None] = OrderedDict()  # same keys
         self._lock = threading.Lock()
+        self.medusa: dict[int, MedusaHeads] = {}  # index → the Medusa heads of the adapter installed there
 
     # ------------------------------------------------------------------ loader threads
     def _host_modules(self, adapter_id: str, request: AdapterRequest) -> Modules:
@@ -95,7 +97,7 @@ class AdapterManager:
                 self._host.move_to_end(key)
                 return self._host[key]
         adapter_dir = self.fetch(adapter_id, request.source, request.api_token)
-        modules = load_lora_adapter(adapter_dir, self.targets, self.model.config.architecture, self.dtype)
+        modules = load_adapter(adapter_dir, self.targets, self.model.config, self.dtype)
         self._remember_template(key, adapter_dir)
         with self._lock:
             self._host[key] = modules
@@ -147,8 +149,11 @@ class AdapterManager:
     def prepare(self, request: AdapterRequest) -> Modules:
         """The request's (merged) factors, this rank's slice of them (`layers.parallel.LinearShard`),
         copied to the device, ready to install."""
-        prepared = {}
+        prepared: Modules = {}
         for name, m in self._modules(request).items():
+            if isinstance(m, MedusaHeads):  # every rank proposes from its full copy
+                prepared[name] = m.to(self.device)
+                continue
             linear, part = self.targets[name]
             a, b = (m.lora_a, m.lora_b) if linear.shard is None else linear.shard.lora(part, m.lora_a, m.lora_b)
             prepared[name] = LoraModuleWeights(a.to(self.device), b.to(self.device), m.scale)
@@ -157,6 +162,8 @@ class AdapterManager:
     def _merge(self, parts: list[Modules], request: AdapterRequest) -> Modules:
         from .merge import MergeSpec, merge_adapters
 
+        if any(MEDUSA in part for part in parts):
+            raise AdapterLoadError(f"cannot merge {request.describe()}: Medusa heads cannot be merged")
         try:
             spec = MergeSpec(
                 strategy=request.merge_strategy or "linear",
@@ -183,10 +190,14 @@ class AdapterManager:
         self._uninstall(index)
         by_linear: dict[int, dict[int, LoraModuleWeights]] = {}  # id(linear) → fused part → factors
         for name, weights in modules.items():
+            if isinstance(weights, MedusaHeads):
+                continue
             linear, part = self.targets[name]
             by_linear.setdefault(id(linear), {})[part] = weights
         for key, parts in by_linear.items():
             self._slots[key].install(index, parts)
+        if MEDUSA in modules:
+            self.medusa[index] = modules[MEDUSA]
         self.installed[index] = (request.key, nbytes)
 
     def installed_key(self, index: int) -> tuple:
@@ -207,6 +218,7 @@ class AdapterManager:
         for slots in self._slots.values():
             slots.remove(index)
         self.installed.pop(index, None)
+        self.medusa.pop(index, None)
 
     @property
     def device_bytes(self) -> int:

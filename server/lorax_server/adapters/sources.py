@@ -37,6 +37,7 @@ from typing import Any
 from safetensors import safe_open
 
 from lorax_server.adapters.chat_template import TEMPLATE_FILES
+from lorax_server.adapters.medusa import MEDUSA_CONFIG, MEDUSA_WEIGHTS, MedusaError, medusa_config
 from lorax_server.utils.convert import ConversionError, convert_file
 from lorax_server.utils.hub import FetchError, HubSettings, RepoKind, fetch_snapshot
 
@@ -45,7 +46,8 @@ logger = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_BIN = "adapter_model.bin"
-ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_SAFETENSORS, ADAPTER_BIN)
+MEDUSA_FILES = (MEDUSA_CONFIG, MEDUSA_WEIGHTS)  # Medusa heads, alone or beside a LoRA adapter
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_SAFETENSORS, ADAPTER_BIN, *MEDUSA_FILES)
 
 TOKEN_HINT = "pass an api_token with read access to it (or set HUGGING_FACE_HUB_TOKEN on the server)"
 ACCESS_RECORD = "lorax_access.json"  # beside snapshots/ in a private hub adapter's cache folder
@@ -111,8 +113,16 @@ def ensure_adapter_files(folder: Path, where: str) -> None:
     """Check ``folder`` holds a LoRA adapter in PEFT layout, converting ``adapter_model.bin`` once.
 
     Checks the files only (a LoRA ``peft_type``, readable safetensors), not whether the adapter fits
-    a base model. Raises ``AdapterFetchError`` (invalid).
+    a base model. A folder of Medusa heads alone (LoRAX's format) passes too. Raises
+    ``AdapterFetchError`` (invalid).
     """
+    if not (folder / ADAPTER_CONFIG).is_file():
+        try:
+            medusa = medusa_config(folder)
+        except MedusaError as err:
+            raise AdapterFetchError("invalid", f"{where}: {err}") from err
+        if medusa is not None:
+            return
     _check_config(folder / ADAPTER_CONFIG, where)
     weights = folder / ADAPTER_SAFETENSORS
     if not weights.is_file():
@@ -259,7 +269,7 @@ def select_adapter_files(repo_files: list[str]) -> list[str]:
     the chat template files present."""
     present = set(repo_files)
     weights = ADAPTER_SAFETENSORS if ADAPTER_SAFETENSORS in present else ADAPTER_BIN
-    return [name for name in (ADAPTER_CONFIG, weights, *TEMPLATE_FILES) if name in present]
+    return [name for name in (ADAPTER_CONFIG, weights, *MEDUSA_FILES, *TEMPLATE_FILES) if name in present]
 
 
 def _check_cached_access(record: Path, adapter_id: str, token: str | None, where: str, hub: str) -> None:
@@ -370,7 +380,7 @@ def _list_s3_adapter(client: Any, bucket: str, prefix: str, where: str) -> dict[
             "not_found", f"{where} not found: no {ADAPTER_CONFIG} or adapter_model.* objects under that prefix"
         )
     files = select_adapter_files(list(objects))
-    if ADAPTER_CONFIG not in files:
+    if ADAPTER_CONFIG not in files and MEDUSA_CONFIG not in files:
         raise AdapterFetchError("invalid", f"{where} has no {ADAPTER_CONFIG}: it is not a PEFT adapter")
     return {name: objects[name] for name in files}
 

@@ -394,8 +394,9 @@ class CausalLM:
         return self.config.num_layers, attn.num_kv_heads, attn.head_dim, self.kv_cache_dtype
 
     @torch.inference_mode()
-    def forward(self, meta: ForwardBatch, cache: KVCache) -> torch.Tensor:
-        """Returns float32 logits [num_logits, vocab] for the tokens in `meta.logits_index`."""
+    def forward(self, meta: ForwardBatch, cache: KVCache, hidden: bool = False):  # noqa: ANN201
+        """Returns float32 logits [num_logits, vocab] for the tokens in `meta.logits_index`; with
+        `hidden`, also their final hidden states (after the last norm) [num_logits, hidden_size]."""
         x = self._embed(meta.input_ids)  # [num_tokens, hidden]
         if self.spec.embed_scale:
             x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
@@ -413,7 +414,13 @@ class CausalLM:
             cos, sin = self.rotary.cos_sin(meta.positions, meta.seq_lens)
         for layer in self.layers:
             x = layer(x, meta, cos, sin, cache, self.backend)
-        logits = self.lm_head(self.norm(x[meta.logits_index])).float()
+        h = self.norm(x[meta.logits_index])
+        logits = self.logits_of(h)
+        return (logits, h) if hidden else logits
+
+    def logits_of(self, h: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [n, vocab] of final hidden states h [n, hidden_size]."""
+        logits = self.lm_head(h).float()
         logits = self.tp.all_gather_columns(logits, self.config.vocab_size)  # every rank's vocabulary block
         if self.config.logit_scale is not None:
             logits = logits * self.config.logit_scale
