@@ -86,6 +86,22 @@ def test_stream_marks_skipped_tokens(servers: tuple[Server, Server]) -> None:
     assert any(t["skipped"] for t in tokens)
 
 
+def test_medusa_default_adapter(servers: tuple[Server, Server], tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The demo Medusa heads as the default adapter (no --speculative-tokens): requests that name no
+    adapter draft with them and answer as the plain server does."""
+    plain, _ = servers
+    medusa = ("--adapter-id", str(DEMO / "adapters" / "medusa"), "--adapter-source", "local")
+    skipped = 0
+    with launch(DEMO, tmp_path_factory.mktemp("medusa"), *FLAGS, *medusa) as server:
+        for prompt in prompts()[:4]:
+            want = generate(plain, 0, prompt, ignore_eos_token=True)
+            got = generate(server, 0, prompt, ignore_eos_token=True)
+            assert [t["id"] for t in got["details"]["tokens"]] == [t["id"] for t in want["details"]["tokens"]]
+            assert got["generated_text"] == want["generated_text"]
+            skipped += got["details"]["skipped_tokens"]
+    assert skipped > 0
+
+
 def test_info_and_metrics(servers: tuple[Server, Server]) -> None:
     plain, fast = servers
     assert requests.get(f"{plain.url}/info", timeout=10).json()["speculate"] == 0
