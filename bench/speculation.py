@@ -43,8 +43,10 @@ DEMO = ROOT / "models" / "demo"
 DEMO_ADAPTERS = [DEMO / "adapters" / name for name in ("answer-format", "upper", "reverse")]
 
 
-def set_speculation(engine: Engine, tokens: int) -> None:
-    engine.speculator = Speculator(SpeculationConfig(tokens), engine.model, engine.emitter) if tokens else None
+def set_speculation(engine: Engine, tokens: int, medusa: bool = False) -> None:
+    heads = engine.adapters.medusa if medusa and engine.adapters is not None else None
+    on = tokens or heads
+    engine.speculator = Speculator(SpeculationConfig(tokens), engine.model, engine.emitter, heads) if on else None
 
 
 def copy_prompts(tokenizer, n: int, shots: int) -> list[list[int]]:  # noqa: ANN001
@@ -58,12 +60,16 @@ def copy_prompts(tokenizer, n: int, shots: int) -> list[list[int]]:  # noqa: ANN
     return prompts
 
 
-def one_stream(engine: Engine, prompts: list[list[int]], max_new: int, ignore_eos: bool) -> tuple[list, int, float]:
-    """Each prompt alone, in turn (adapters 0..4 in turn); (outputs, decode steps, seconds)."""
+def one_stream(
+    engine: Engine, prompts: list[list[int]], max_new: int, ignore_eos: bool, adapters: list[int]
+) -> tuple[list, int, float]:
+    """Each prompt alone, in turn (with `adapters` in turn); (outputs, decode steps, seconds)."""
     outputs, steps = [], 0
     start = time.perf_counter()
     for i, ids in enumerate(prompts):
-        r = RequestIn(i, ids, SamplingParams(), max_new, ignore_eos=ignore_eos, adapter_index=i % 4)
+        r = RequestIn(
+            i, ids, SamplingParams(), max_new, ignore_eos=ignore_eos, adapter_index=adapters[i % len(adapters)]
+        )
         gens, batch = engine.prefill(i + 1, [r])
         out = [g.token_id for g in gens]
         while batch is not None:
@@ -74,34 +80,35 @@ def one_stream(engine: Engine, prompts: list[list[int]], max_new: int, ignore_eo
     return outputs, steps, time.perf_counter() - start
 
 
-def measure(name: str, run, engine: Engine, tokens: int, repeats: int) -> list[tuple]:  # noqa: ANN001
-    """Best of `repeats` runs each, plain and speculative, interleaved; checks identical outputs."""
-    best: dict[int, tuple] = {}
-    for k in (0, tokens):  # warm-up: allocator, kernels' first calls
-        set_speculation(engine, k)
+def measure(name: str, run, engine: Engine, tokens: int, repeats: int, medusa: bool = False) -> list[tuple]:  # noqa: ANN001
+    """Best of `repeats` runs each, plain and speculative, interleaved; checks identical outputs. With
+    `medusa`, the speculative runs draft with the Medusa heads of the rows' adapters too."""
+    variants = [(0, False), (tokens, medusa)]  # (--speculative-tokens, Medusa heads) of each row
+    for k, heads in variants:  # warm-up: allocator, kernels' first calls
+        set_speculation(engine, k, heads)
         run()
+    best: list[tuple | None] = [None, None]
     for _ in range(repeats):
-        for k in (0, tokens):
-            set_speculation(engine, k)
+        for v, (k, heads) in enumerate(variants):
+            set_speculation(engine, k, heads)
             outputs, steps, seconds = run()
-            if k and engine.speculator is not None:
-                kept = engine.speculator.accepted_tokens / max(engine.speculator.drafted_tokens, 1)
-            else:
-                kept = float("nan")
-            if k not in best or seconds < best[k][2]:
-                best[k] = (outputs, steps, seconds, kept)
-    if best[0][0] != best[tokens][0]:
+            spec = engine.speculator
+            kept = spec.accepted_tokens / max(spec.drafted_tokens, 1) if spec is not None else float("nan")
+            if best[v] is None or seconds < best[v][2]:
+                best[v] = (outputs, steps, seconds, kept)
+    if best[0][0] != best[1][0]:
         raise SystemExit(f"{name}: outputs differ with speculation")
     rows = []
-    for k in (0, tokens):
-        outputs, steps, seconds, kept = best[k]
+    for (k, heads), (outputs, steps, seconds, kept) in zip(variants, best, strict=True):
         generated = sum(len(o) for o in outputs) if isinstance(outputs[0], list) else outputs[0]
-        rows.append((name, k, generated, steps, seconds, kept))
+        label = "off" if not (k or heads) else ("Medusa" if heads else str(k))
+        rows.append((name, label, generated, steps, seconds, kept))
     return rows
 
 
 def demo_engine() -> Engine:
-    return engine_with_adapters(DEMO, DEMO_ADAPTERS, 1024)
+    """The demo model with its adapters at 1, 2, 3 and its Medusa heads at 4."""
+    return engine_with_adapters(DEMO, [*DEMO_ADAPTERS, DEMO / "adapters" / "medusa"], 1024)
 
 
 def mixed(tmp: Path, tokens: int, repeats: int) -> list[tuple]:
@@ -143,21 +150,24 @@ def main() -> None:
     engine = demo_engine()
     tok = AutoTokenizer.from_pretrained(DEMO)
     few_shot, single = copy_prompts(tok, 16, 6), copy_prompts(tok, 16, 0)
-    rows = measure("copy-heavy: 6-shot Copy:, 48 tokens", lambda: one_stream(engine, few_shot, 48, True),
+    adapters = [0, 1, 2, 3]  # the base and the three LoRA adapters
+    rows = measure("copy-heavy: 6-shot Copy:, 48 tokens", lambda: one_stream(engine, few_shot, 48, True, adapters),
                    engine, args.tokens, args.repeats)  # fmt: skip
-    rows += measure("copy-heavy: Copy: answered to EOS", lambda: one_stream(engine, single, 48, False),
+    rows += measure("copy-heavy: Copy: answered to EOS", lambda: one_stream(engine, single, 48, False, adapters),
                     engine, args.tokens, args.repeats)  # fmt: skip
+    rows += measure("Medusa heads, 6-shot, 48 tokens", lambda: one_stream(engine, few_shot, 48, True, [4]),
+                    engine, 0, args.repeats, medusa=True)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         rows += mixed(Path(tmp), args.tokens, args.repeats)
-    print(f"| {'workload':<42} | {'spec':>4} | {'tokens':>6} | {'steps/token':>11} | {'tokens/s':>8} | "
+    print(f"| {'workload':<42} | {'drafts':>6} | {'tokens':>6} | {'steps/token':>11} | {'tokens/s':>8} | "
           f"{'vs plain':>8} | {'drafts kept':>11} |")  # fmt: skip
-    print(f"|{'-' * 44}|{'-' * 6}|{'-' * 8}|{'-' * 13}|{'-' * 10}|{'-' * 10}|{'-' * 13}|")
+    print(f"|{'-' * 44}|{'-' * 8}|{'-' * 8}|{'-' * 13}|{'-' * 10}|{'-' * 10}|{'-' * 13}|")
     plain_tps = {}
     for name, k, generated, steps, seconds, kept in rows:
         tps = generated / seconds
         plain_tps.setdefault(name, tps)
-        kept_text = "" if k == 0 else f"{kept:.0%}"
-        print(f"| {name:<42} | {k:>4} | {generated:>6} | {steps / generated:>11.2f} | {tps:>8.1f} | "
+        kept_text = "" if k == "off" else f"{kept:.0%}"
+        print(f"| {name:<42} | {k:>6} | {generated:>6} | {steps / generated:>11.2f} | {tps:>8.1f} | "
               f"{tps / plain_tps[name]:>8.2f} | {kept_text:>11} |")  # fmt: skip
     print(f"\nbest of {args.repeats} runs each, greedy, float32, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; steps: decode calls (prefill steps not counted)")  # fmt: skip
