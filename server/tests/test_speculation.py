@@ -213,3 +213,14 @@ def test_with_chunked_prefill_and_prefix_caching(llama_dir: Path) -> None:
     reqs = [RequestIn(id=i, input_ids=copy_heavy(i % 3, 20 + 3 * (i % 3)), sampling=SamplingParams(),
                       max_new_tokens=30, ignore_eos=True) for i in range(5)]  # fmt: skip
     compare(eng, reqs)
+
+
+def test_constrained_rows_beside_drafting_rows(engine: Engine) -> None:
+    """Rows under a grammar never draft; the batch's other rows do, and every answer stays the same."""
+    from lorax_server.grammar import GrammarKind, GrammarSpec
+
+    reqs = requests(max_new=20)
+    for r in reqs[::2]:
+        r.grammar = GrammarSpec(GrammarKind.REGEX, "[a-z ]{4,30}")
+        r.ignore_eos = False
+    compare(engine, reqs, refusals=False)
