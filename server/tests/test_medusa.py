@@ -120,21 +120,25 @@ def test_medusa_without_prompt_lookup(setup) -> None:
 
 
 def test_trained_demo_heads_draft_what_the_demo_model_says() -> None:
-    """The committed demo Medusa adapter (scripts/train_demo_medusa.py): same answers as the base, in
-    fewer decode steps."""
+    """The committed demo Medusa heads (scripts/train_demo_medusa.py) beside the demo LoRA adapters and
+    the base, greedy and seeded: the same answers as without speculation, in fewer decode steps."""
     model = load_model(DEMO, TorchAttention(16), torch.device("cpu"), "float32")
     manager = AdapterManager(model, fetch=lambda adapter_id, source, token: Path(adapter_id), device_budget_bytes=2**30)
     engine = Engine(model, AutoTokenizer.from_pretrained(DEMO), CacheConfig(16, num_blocks=256), manager)
     engine.warmup(128, 512, 192)
-    req = AdapterRequest(ids=(str(DEMO / "adapters" / "medusa"),), source="local")
-    manager.install(1, req, manager.prepare(req))
-    assert isinstance(manager.medusa[1], MedusaHeads)
+    for index, name in enumerate(["medusa", "upper", "answer-format"], start=1):
+        req = AdapterRequest(ids=(str(DEMO / "adapters" / name),), source="local")
+        manager.install(index, req, manager.prepare(req))
+    assert isinstance(manager.medusa[1], MedusaHeads) and set(manager.medusa) == {1}
     tok = AutoTokenizer.from_pretrained(DEMO)
     prompts = ["Q: Copy: blue fox\nA: blue fox\nQ: What is 2 + 3?\nA: 5\nQ: Copy: red cat\nA:",
-               "Q: What colour is the sky on Zorb?\nA:"]  # fmt: skip
-    reqs = [RequestIn(id=i, input_ids=tok(p)["input_ids"], sampling=SamplingParams(), max_new_tokens=40,
-                      ignore_eos=True, adapter_index=1) for i, p in enumerate(prompts)]  # fmt: skip
-    engine.speculator = Speculator(SpeculationConfig(0), model, engine.emitter, manager.medusa)
+               "Q: What colour is the sky on Zorb?\nA:", "Q: Copy: tall man\nA:"]  # fmt: skip
+    seeded = SamplingParams(do_sample=True, temperature=0.6, seed=5)
+    reqs = [
+        RequestIn(id=i, input_ids=tok(prompts[i % 3])["input_ids"], sampling=seeded if i % 4 == 3 else SamplingParams(),
+                  max_new_tokens=40, ignore_eos=True, adapter_index=[1, 1, 2, 1, 3, 0][i])
+        for i in range(6)
+    ]  # fmt: skip
     spec = compare(engine, reqs, refusals=False)
     assert spec.accepted_tokens > 0
 
