@@ -219,6 +219,13 @@ class BatchSampler:
         return new
 
     @property
+    def row_independent(self) -> bool:
+        """Whether every row takes the arg-max of its logits untouched (greedy, no processor): then
+        the choice needs no per-row state, and any number of logit rows can be passed."""
+        plain = not (self.any_sample or self.any_penalty or self.any_count_penalty or self.any_temperature)
+        return plain and self.max_top_k == 0 and not (self.any_top_p or self.any_typical)
+
+    @property
     def uses_history(self) -> bool:
         """Whether a stage reads the tokens seen so far (the penalties)."""
         return self.any_penalty or self.any_count_penalty

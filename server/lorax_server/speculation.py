@@ -1,7 +1,9 @@
-"""Speculative decoding by prompt lookup: draft a row's next tokens by copying what followed the most
-recent earlier occurrence of its last few tokens (in its prompt or its output), feed the row's next
-token and its drafts through one forward pass over the paged cache, and keep the longest prefix of the
-drafts that the row's own sampling would have produced, plus the token sampled after it.
+"""Speculative decoding: draft a row's next tokens, feed the row's next token and its drafts through
+one forward pass over the paged cache, and keep the longest prefix of the drafts that the row's own
+sampling would have produced, plus the token sampled after it. Drafts come from prompt lookup (copy
+what followed the most recent earlier occurrence of the row's last few tokens, in its prompt or its
+output) or, for rows whose adapter has them, from Medusa heads (`adapters.medusa`), which guess on from
+the final hidden state of the row's last kept token.
 
 The output is the one plain decoding gives: position i of a row is sampled from its logits with the
 history and random-stream step it would have had (its drafts up to i, which are the tokens it chose
@@ -186,16 +188,21 @@ def verify(
     the first one its sampling disagrees with. `logits` are [tokens, vocab], masked already for rows
     under a grammar (which feed one token)."""
     device = logits.device
-    q_host = drafted.query_lens
     num_rows, k = drafted.drafts.shape
-    q = torch.tensor(q_host, dtype=torch.int64, device=device)
-    rows = torch.repeat_interleave(torch.arange(num_rows, device=device), q, output_size=logits.shape[0])
-    offsets = torch.arange(logits.shape[0], device=device) - (torch.cumsum(q, 0) - q)[rows]
-    expanded = sampler.expand(rows, q_host)
-    fed_history = (
-        expanded_history(history, rows, offsets, lengths, drafted.drafts) if expanded.uses_history else history[rows]
-    )
-    out = expanded(logits, fed_history, steps[rows] + offsets, prompt_lens[rows])
+    # Each fed token's row, offset in its row and cell in the [rows, k + 1] grids: host lists (the
+    # step's shape is on the host already), one copy to the device.
+    rows_host = [r for r, n in enumerate(drafted.query_lens) for _ in range(n)]
+    offsets_host = [i for n in drafted.query_lens for i in range(n)]
+    index = torch.tensor([rows_host, offsets_host], dtype=torch.int64).to(device, non_blocking=True)
+    rows, offsets = index[0], index[1]
+    if sampler.row_independent:  # greedy and unprocessed: each fed token's choice needs no row state
+        out = sampler(logits, history[:0], steps[:0])
+    else:
+        expanded = sampler.expand(rows, drafted.query_lens)
+        fed = history[rows]
+        if expanded.uses_history:
+            fed = expanded_history(history, rows, offsets, lengths, drafted.drafts)
+        out = expanded(logits, fed, steps[rows] + offsets, prompt_lens[rows])
     cell = rows * (k + 1) + offsets
     tokens = torch.full((num_rows * (k + 1),), -1, dtype=torch.int64, device=device)
     tokens = tokens.index_copy_(0, cell, out.next_ids).view(num_rows, k + 1)
