@@ -2,7 +2,7 @@
 //! several requests of one prompt: OpenAI's `n` choices) to its end, records its metrics, and
 //! sets LoRAX's timing headers.
 
-use crate::api::{BestOfSequence, Details, GenerateRequest, GenerateResponse};
+use crate::api::{BestOfSequence, Details, GenerateRequest, GenerateResponse, Token};
 use crate::app::{resolve, resolve_choices, AppState};
 use crate::errors::ApiError;
 use crate::infer::{collect, InferResponse};
@@ -57,7 +57,8 @@ pub async fn generate_response(
         response.generated_text.generated_tokens,
     );
     m::request_succeeded(adapter.as_deref(), &t);
-    let headers = timing_headers(state, &t, compute_characters);
+    let mut headers = timing_headers(state, &t, compute_characters);
+    set_skipped_header(&mut headers, skipped_tokens(&response.tokens));
     let best_of_sequences = others.map(|others| {
         others
             .into_iter()
@@ -119,7 +120,9 @@ pub async fn generate_responses(
         generated_tokens,
     );
     m::request_succeeded(adapter.as_deref(), &t);
-    let headers = timing_headers(state, &t, compute_characters);
+    let mut headers = timing_headers(state, &t, compute_characters);
+    let skipped = responses.iter().map(|r| skipped_tokens(&r.tokens)).sum();
+    set_skipped_header(&mut headers, skipped);
     let answers = responses
         .into_iter()
         .map(|r| answer_of(r, &prompt, want_details, None))
@@ -139,7 +142,7 @@ fn answer_of(
         finish_reason: generated.finish_reason,
         prompt_tokens: response.prompt_tokens,
         generated_tokens: generated.generated_tokens,
-        skipped_tokens: response.tokens.iter().filter(|t| t.skipped).count() as u32,
+        skipped_tokens: skipped_tokens(&response.tokens),
         seed: generated.seed,
         prefill: response.prefill,
         tokens: response.tokens,
@@ -150,6 +153,16 @@ fn answer_of(
         generated_text: prepend_prompt(prompt, generated.text),
         details,
     }
+}
+
+/// Tokens that speculative decode steps gave beyond one per step.
+fn skipped_tokens(tokens: &[Token]) -> u32 {
+    tokens.iter().filter(|t| t.skipped).count() as u32
+}
+
+/// `x-skipped-tokens`, as LoRAX sends it.
+fn set_skipped_header(headers: &mut HeaderMap, skipped: u32) {
+    headers.insert("x-skipped-tokens", HeaderValue::from(skipped));
 }
 
 fn timing_headers(state: &AppState, t: &RequestTimings, characters: usize) -> HeaderMap {
