@@ -44,9 +44,9 @@ DEMO_ADAPTERS = [DEMO / "adapters" / name for name in ("answer-format", "upper",
 
 
 def set_speculation(engine: Engine, tokens: int, medusa: bool = False) -> None:
-    heads = engine.adapters.medusa if medusa and engine.adapters is not None else None
-    on = tokens or heads
-    engine.speculator = Speculator(SpeculationConfig(tokens), engine.model, engine.emitter, heads) if on else None
+    adapters = engine.adapters if medusa else None
+    on = tokens or adapters is not None
+    engine.speculator = Speculator(SpeculationConfig(tokens), engine.model, engine.emitter, adapters) if on else None
 
 
 def copy_prompts(tokenizer, n: int, shots: int) -> list[list[int]]:  # noqa: ANN001

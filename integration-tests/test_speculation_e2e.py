@@ -88,18 +88,19 @@ def test_stream_marks_skipped_tokens(servers: tuple[Server, Server]) -> None:
 
 def test_medusa_default_adapter(servers: tuple[Server, Server], tmp_path_factory: pytest.TempPathFactory) -> None:
     """The demo Medusa heads as the default adapter (no --speculative-tokens): requests that name no
-    adapter draft with them and answer as the plain server does."""
+    adapter, and those on a LoRA without heads, draft with them and answer as the plain server does."""
     plain, _ = servers
     medusa = ("--adapter-id", str(DEMO / "adapters" / "medusa"), "--adapter-source", "local")
-    skipped = 0
+    skipped = [0, 0]  # without an adapter of their own, on a LoRA
     with launch(DEMO, tmp_path_factory.mktemp("medusa"), *FLAGS, *medusa) as server:
-        for prompt in prompts()[:4]:
-            want = generate(plain, 0, prompt, ignore_eos_token=True)
-            got = generate(server, 0, prompt, ignore_eos_token=True)
+        for i, prompt in enumerate(prompts()[:6]):
+            adapter = 0 if i < 4 else i - 3  # then answer-format and upper: LoRAs the default's heads draft for
+            want = generate(plain, adapter, prompt, ignore_eos_token=True)
+            got = generate(server, adapter, prompt, ignore_eos_token=True)
             assert [t["id"] for t in got["details"]["tokens"]] == [t["id"] for t in want["details"]["tokens"]]
             assert got["generated_text"] == want["generated_text"]
-            skipped += got["details"]["skipped_tokens"]
-    assert skipped > 0
+            skipped[bool(adapter)] += got["details"]["skipped_tokens"]
+    assert all(skipped)  # the LoRA requests drafted with the default's heads too
 
 
 def test_info_and_metrics(servers: tuple[Server, Server]) -> None:

@@ -108,6 +108,14 @@ pub fn shard(server: &Path, args: &Args, env: &ChildEnv, rank: usize) -> Command
     if let Some(backend) = args.attention_backend {
         spec = spec.arg("--attention-backend").arg(backend.to_string());
     }
+    if let Some(adapter) = &args.adapter_id {
+        // Its Medusa heads, if it has some, draft for the requests whose adapter has none.
+        spec = spec
+            .arg("--default-adapter-id")
+            .arg(adapter)
+            .arg("--default-adapter-source")
+            .arg(args.adapter_source.to_string());
+    }
     if let Some(tokens) = args.speculative_tokens.filter(|&n| n > 0) {
         spec = spec
             .arg("--speculative-tokens")
@@ -364,8 +372,15 @@ mod tests {
     }
 
     #[test]
-    fn router_gets_the_default_adapter() {
+    fn router_and_shards_get_the_default_adapter() {
         let a = args(&["--adapter-id", "org/lora", "--adapter-source", "local"]);
+        let shard_line = shard(Path::new("srv"), &a, &ChildEnv::default(), 0)
+            .args_lossy()
+            .join(" ");
+        assert!(
+            shard_line.contains("--default-adapter-id org/lora --default-adapter-source local"),
+            "{shard_line}"
+        );
         let spec = router(Path::new("rtr"), &a, &ChildEnv::default(), Path::new("/m"));
         let line = spec.args_lossy().join(" ");
         assert!(

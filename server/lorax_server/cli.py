@@ -39,6 +39,8 @@ class ShardConfig:
     attention_backend: str | None = None  # None: the best available on the device
     speculative_tokens: int = 0
     speculation_max_batch_size: int = 32
+    default_adapter_id: str | None = None
+    default_adapter_source: str = "hub"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
         help="decode steps over more rows draft nothing; env SPECULATION_MAX_BATCH_SIZE",
     )
     serve.add_argument(
+        "--default-adapter-id",
+        default=None,
+        help="the server's default adapter (the launcher's --adapter-id): its Medusa heads draft for every request",
+    )
+    serve.add_argument("--default-adapter-source", default="hub", help="where --default-adapter-id comes from")
+    serve.add_argument(
         "--otlp-endpoint",
         default=os.environ.get("OTLP_ENDPOINT"),
         help="OpenTelemetry collector (OTLP/gRPC, e.g. http://collector:4317) for the shard's spans",
@@ -138,6 +146,8 @@ def _shard_config(args: argparse.Namespace) -> ShardConfig:
         attention_backend=args.attention_backend,
         speculative_tokens=args.speculative_tokens,
         speculation_max_batch_size=args.speculation_max_batch_size,
+        default_adapter_id=args.default_adapter_id,
+        default_adapter_source=args.default_adapter_source,
     )
 
 
@@ -162,7 +172,7 @@ def run_serve(cfg: ShardConfig) -> None:
     from transformers import AutoTokenizer
 
     from .adapters.manager import AdapterManager, device_budget
-    from .adapters.sources import fetch_adapter
+    from .adapters.sources import AdapterSource, fetch_adapter
     from .engine import CacheConfig, Engine
     from .layers.parallel import init_process_group
     from .models.loader import load_model
@@ -185,6 +195,8 @@ def run_serve(cfg: ShardConfig) -> None:
     adapters = None
     if model.supports_adapters:
         adapters = AdapterManager(model, fetch_adapter, device_budget(device, cfg.adapter_memory_fraction))
+        if cfg.default_adapter_id:
+            adapters.default_adapter = (cfg.default_adapter_id, AdapterSource.parse(cfg.default_adapter_source))
     cache = CacheConfig(cfg.block_size, cfg.memory_fraction, cfg.kv_cache_blocks, cfg.prefix_caching)
     if cfg.speculative_tokens < 0 or cfg.speculation_max_batch_size < 0:
         raise SystemExit("--speculative-tokens and --speculation-max-batch-size must not be negative")

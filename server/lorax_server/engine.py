@@ -96,9 +96,9 @@ class Engine:
         self.chunk_tokens: int | None = None
         # Drafts come from prompt lookup (`speculation`) and from the Medusa heads adapters may carry.
         speculation = speculation or SpeculationConfig()
-        medusa = adapters.medusa if adapters is not None else None
+        on = speculation.enabled or adapters is not None
         self.speculator = (
-            Speculator(speculation, model, self.emitter, medusa) if speculation.enabled or medusa is not None else None
+            Speculator(speculation, model, self.emitter, adapters) if on else None
         )
 
     # ------------------------------------------------------------------ warm-up and cache sizing

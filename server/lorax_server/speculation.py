@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters.lora import segments_of
+from .adapters.manager import AdapterManager
 from .adapters.medusa import MedusaHeads
 from .batch import Batch, Sequence
 from .forward import ForwardBatch
@@ -277,20 +278,20 @@ class Speculator:
     """Runs a batch's decode steps with drafts (`step`), and counts what speculation did."""
 
     def __init__(
-        self, config: SpeculationConfig, model: CausalLM, emitter: Emitter, medusa: dict[int, MedusaHeads] | None = None
+        self, config: SpeculationConfig, model: CausalLM, emitter: Emitter, adapters: AdapterManager | None = None
     ) -> None:
         self.config = config
         self.model = model
         self.emitter = emitter
-        self.medusa = medusa if medusa is not None else {}  # adapter index → its Medusa heads (live view)
+        self.adapters = adapters  # whose installed adapters may carry Medusa heads
         self.drafted_tokens = 0  # drafts fed to the model, since start
         self.accepted_tokens = 0  # of them, those kept
 
     def heads_of(self, batch: Batch) -> list[MedusaHeads | None]:
-        """Each row's Medusa heads (those of its adapter), None for rows without."""
-        if not self.medusa:
+        """Each row's Medusa heads (its adapter's, else the default adapter's), None for rows without."""
+        if self.adapters is None or not self.adapters.medusa:
             return [None] * len(batch)
-        return [self.medusa.get(s.request.adapter_index) for s in batch.seqs]
+        return [self.adapters.medusa_for(s.request.adapter_index) for s in batch.seqs]
 
     def drafts(
         self, batch: Batch, lengths: list[int], heads: list[MedusaHeads | None]

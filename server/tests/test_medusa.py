@@ -105,7 +105,7 @@ def test_medusa_without_prompt_lookup(setup) -> None:
         if batch is None:
             break
         gens, batch = engine.decode([batch.id])
-    engine.speculator = Speculator(SpeculationConfig(0), engine.model, engine.emitter, manager.medusa)
+    engine.speculator = Speculator(SpeculationConfig(0), engine.model, engine.emitter, manager)
     got = {}
     gens, batch = engine.prefill(31, reqs)
     while True:
@@ -156,3 +156,24 @@ def test_sources_fetch_medusa_directories(setup, tmp_path: Path) -> None:
     (base_like / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(AdapterFetchError, match="not a PEFT adapter"):
         fetch_adapter(str(base_like), "local")
+
+
+def test_the_default_adapters_heads_draft_for_requests_without_their_own(setup) -> None:
+    """As in LoRAX: with a Medusa adapter as the server's default, requests on a LoRA without heads (and
+    on the base) draft with the default's heads; an adapter's own heads come first."""
+    from lorax_server.adapters.sources import AdapterSource
+
+    engine, manager, dirs = setup
+    assert manager.medusa_for(4) is None
+    manager.default_adapter = (str(dirs["v2"]), AdapterSource.LOCAL)
+    request = AdapterRequest(ids=(str(dirs["v2"]),), source="local")
+    manager.install(1, request, manager.prepare(request))
+    try:
+        assert manager.default_index == 1
+        assert manager.medusa_for(4) is manager.medusa[1] and manager.medusa_for(0) is manager.medusa[1]
+        assert manager.medusa_for(2) is manager.medusa[2]
+        reqs = [RequestIn(id=i, input_ids=copy_heavy(i, 12), sampling=SamplingParams(), max_new_tokens=16,
+                          ignore_eos=True, adapter_index=[4, 0, 2][i]) for i in range(3)]  # fmt: skip
+        compare(engine, reqs, refusals=False)
+    finally:
+        manager.default_adapter = manager.default_index = None

@@ -117,8 +117,8 @@ def requests(**kw) -> list[RequestIn]:  # noqa: ANN003
 
 def run(engine: Engine, reqs: list[RequestIn], speculate: bool) -> dict[int, list]:
     """Prefill then decode to the end; every request's generations, in order."""
-    medusa = engine.adapters.medusa if engine.adapters is not None else None
-    engine.speculator = Speculator(SpeculationConfig(K), engine.model, engine.emitter, medusa) if speculate else None
+    spec = Speculator(SpeculationConfig(K), engine.model, engine.emitter, engine.adapters)
+    engine.speculator = spec if speculate else None
     out: dict[int, list] = {r.id: [] for r in reqs}
     gens, batch = engine.prefill(7 if speculate else 8, reqs)
     while True:

@@ -88,6 +88,10 @@ class AdapterManager:
         self._templates: OrderedDict[tuple, ChatTemplateFiles | None] = OrderedDict()  # same keys
         self._lock = threading.Lock()
         self.medusa: dict[int, MedusaHeads] = {}  # index → the Medusa heads of the adapter installed there
+        # The server's default adapter (`--default-adapter-id`): its Medusa heads, if it has some, draft
+        # for the requests whose own adapter has none (as LoRAX does).
+        self.default_adapter: tuple[str, AdapterSource] | None = None
+        self.default_index: int | None = None
 
     # ------------------------------------------------------------------ loader threads
     def _host_modules(self, adapter_id: str, request: AdapterRequest) -> Modules:
@@ -198,6 +202,8 @@ class AdapterManager:
             self._slots[key].install(index, parts)
         if MEDUSA in modules:
             self.medusa[index] = modules[MEDUSA]
+        if self.default_adapter == (request.ids[0], request.source) and len(request.ids) == 1:
+            self.default_index = index
         self.installed[index] = (request.key, nbytes)
 
     def installed_key(self, index: int) -> tuple:
@@ -219,6 +225,14 @@ class AdapterManager:
             slots.remove(index)
         self.installed.pop(index, None)
         self.medusa.pop(index, None)
+        if self.default_index == index:
+            self.default_index = None
+
+    def medusa_for(self, index: int) -> MedusaHeads | None:
+        """The Medusa heads that draft for requests on adapter `index` (0: the base model): its own,
+        else the default adapter's."""
+        own = self.medusa.get(index)
+        return own if own is not None else self.medusa.get(self.default_index)
 
     @property
     def device_bytes(self) -> int:
