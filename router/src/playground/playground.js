@@ -5,6 +5,7 @@
 const $ = (id) => document.getElementById(id);
 const NUMBERS = ["max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed"];
 let running = null; // the AbortController of the request in flight
+let listing = 0; // the latest adapter list request: an earlier one's late answer is dropped
 
 function mode() {
   return document.querySelector("input[name=mode]:checked").value;
@@ -158,10 +159,12 @@ async function generate() {
 // Fills the adapter list from `GET /adapters` (the adapters the server tracks).
 async function loadAdapters() {
   const list = $("adapter-list");
+  const mine = ++listing;
   try {
     const response = await fetch(endpoint("adapters"));
     if (!response.ok) throw new Error(await errorText(response));
     const adapters = await response.json();
+    if (mine !== listing) return;
     list.length = 1;
     for (const a of adapters) {
       const option = new Option(`${a.adapter_id} (${a.adapter_source}, ${a.state})`, a.adapter_id);
