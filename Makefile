@@ -10,7 +10,7 @@ PORT ?= 8080
 
 RUST_BINS := $(VENV)/bin/lorax-router $(VENV)/bin/lorax-launcher
 
-.PHONY: install run test test-rust test-python lint fmt clean FORCE
+.PHONY: install run test test-rust test-python chromium lint fmt clean FORCE
 
 install: $(VENV)/.python-installed $(PB)/generate_pb2.py $(VENV)/.cpu-kernels-built $(RUST_BINS)
 
@@ -49,14 +49,24 @@ run: install
 	@if [ ! -x $(VENV)/bin/lorax-launcher ]; then echo "lorax-launcher is missing from $(VENV)/bin: run make install"; exit 1; fi
 	$(VENV)/bin/lorax-launcher --model-id $(MODEL_ID) --port $(PORT)
 
-test: install test-rust test-python
+test: install chromium test-rust test-python
+
+# Debian's headless-capable Chromium for the playground's browser test (playwright drives it; its
+# own browser download is not used). Installed with apt when missing, as root or through sudo.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+chromium: $(CHROMIUM)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -q
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
 
 # Release profile: reuses the dependencies the install step already compiled.
 test-rust: install
 	cargo test --release --quiet --manifest-path launcher/Cargo.toml
 	cargo test --release --quiet --manifest-path router/Cargo.toml
 
-test-python: install
+test-python: install chromium
 	$(VENV)/bin/pytest -q server/tests $(wildcard integration-tests/test_*.py)
 
 lint:

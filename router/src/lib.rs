@@ -1,6 +1,6 @@
 //! lorax-router: the HTTP front of a LoRAX-compatible multi-LoRA inference server.
 //!
-//! Request path: `server` (the route table) → handlers (`native`, `openai`, `adapters_api`, on
+//! Request path: `server` (the route table) → handlers (`native`, `openai`, `adapters_api`, `playground`, on
 //! the shared steps in `app`, `respond` and `sse`) → `infer` (admission, validation, queueing)
 //! → `queue` (waiting entries and token budgets) → `batcher` (continuous batching loop) →
 //! `client` (`ShardClient` trait; gRPC to the Python shards over unix sockets). `entry` holds
@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod native;
 pub mod openai;
 pub mod openapi;
+pub mod playground;
 pub mod queue;
 pub mod registry;
 pub mod respond;

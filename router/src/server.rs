@@ -8,6 +8,7 @@ use crate::native::{
     prometheus_metrics, tokenize,
 };
 use crate::openai;
+use crate::playground;
 use crate::telemetry;
 use axum::extract::Request;
 use axum::http::header::CONTENT_TYPE;
@@ -54,6 +55,9 @@ pub fn router(state: AppState, cors_allow_origin: &[String]) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/docs", get(docs))
         .route("/api-doc/openapi.json", get(openapi_json))
+        .route("/playground", get(playground::page))
+        .route("/playground/playground.js", get(playground::script))
+        .route("/playground/playground.css", get(playground::style))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(trace_request))
