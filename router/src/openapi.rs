@@ -168,7 +168,7 @@ fn answer_schemas() -> Value {
             "ids": {"type": "array", "items": {"type": "string"}, "minItems": 1},
             "weights": {"type": "array", "items": {"type": "number"}, "description": "one per id; default 1.0 each"},
             "merge_strategy": {"type": "string", "enum": ["linear", "ties", "dare_linear", "dare_ties"], "default": "linear"},
-            "density": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1.0},
+            "density": {"type": "number", "minimum": 0, "exclusiveMinimum": true, "maximum": 1, "default": 1.0},
             "majority_sign_method": {"type": "string", "enum": ["total", "frequency"], "default": "total"},
         }},
         "AdapterRef": {"type": "object", "properties": {
