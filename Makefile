@@ -10,7 +10,7 @@ PORT ?= 8080
 
 RUST_BINS := $(VENV)/bin/lorax-router $(VENV)/bin/lorax-launcher
 
-.PHONY: install run test test-rust test-python chromium lint fmt clean FORCE
+.PHONY: install run test test-rust test-python chromium docs lint fmt clean FORCE
 
 install: $(VENV)/.python-installed $(PB)/generate_pb2.py $(VENV)/.cpu-kernels-built $(RUST_BINS)
 
@@ -18,11 +18,11 @@ $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# Editable install of the shard with its test and bench extras; redone when its metadata changes.
+# Editable install of the shard with its test, bench and docs extras; redone when its metadata changes.
 # The acceptance clients pin an old huggingface_hub that breaks transformers 5: installed without
 # their dependencies (theirs that we need, aiohttp and pydantic, come with the test extras).
 $(VENV)/.python-installed: $(VENV)/bin/python server/pyproject.toml
-	$(PIP) install --quiet -e 'server[test,bench]'
+	$(PIP) install --quiet -e 'server[test,bench,docs]'
 	$(PIP) install --quiet --no-deps lorax-client==0.6.3 text-generation==0.7.0
 	touch $@
 
@@ -50,6 +50,12 @@ run: install
 	$(VENV)/bin/lorax-launcher --model-id $(MODEL_ID) --port $(PORT)
 
 test: install chromium test-rust test-python
+
+# The documentation site (mkdocs.yml) on http://localhost:$(DOCS_PORT), rebuilt on every edit.
+# `make test` builds it with --strict (integration-tests/test_docs_site.py).
+DOCS_PORT ?= 8000
+docs: $(VENV)/.python-installed
+	$(VENV)/bin/mkdocs serve --dev-addr localhost:$(DOCS_PORT)
 
 # Debian's headless-capable Chromium for the playground's browser test (playwright drives it; its
 # own browser download is not used). Installed with apt when missing, as root or through sudo.
