@@ -180,8 +180,12 @@ def test_value_formatting(tmp_path: Path) -> None:
     manifests = render(
         tmp_path,
         values={
-            "lorax": {"maxBatchTotalTokens": 1000000, "adapterMemoryFraction": 0.25, "trustRemoteCode": False,
-                      "corsAllowOrigin": ["https://a.example", "https://b.example"]},
+            "lorax": {
+                "maxBatchTotalTokens": 1000000,
+                "adapterMemoryFraction": 0.25,
+                "trustRemoteCode": False,
+                "corsAllowOrigin": ["https://a.example", "https://b.example"],
+            },
             "launcherEnv": {"RUST_LOG": "debug", "MAX_BEST_OF": 4},
             "extraEnv": [{"name": "MAX_BEST_OF", "value": "5"}],
             "extraArgs": ["--max-stop-sequences", "6"],
@@ -272,13 +276,18 @@ def test_s3_example(tmp_path: Path) -> None:
 def test_optional_objects(default: list[Manifest], tmp_path: Path) -> None:
     for kind in ("HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor", "PersistentVolumeClaim"):
         assert not by_kind(default, kind)
-    queue_metric = {"type": "Pods", "pods": {"metric": {"name": "lorax_queue_size"},
-                                               "target": {"type": "AverageValue", "averageValue": "4"}}}
-    manifests = render(tmp_path, values={
-        "autoscaling": {"enabled": True, "maxReplicas": 3, "metrics": [queue_metric]},
-        "podDisruptionBudget": {"enabled": True},
-        "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
-    })
+    queue_metric = {
+        "type": "Pods",
+        "pods": {"metric": {"name": "lorax_queue_size"}, "target": {"type": "AverageValue", "averageValue": "4"}},
+    }
+    manifests = render(
+        tmp_path,
+        values={
+            "autoscaling": {"enabled": True, "maxReplicas": 3, "metrics": [queue_metric]},
+            "podDisruptionBudget": {"enabled": True},
+            "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        },
+    )
     (deployment,) = by_kind(manifests, "Deployment")
     name = deployment["metadata"]["name"]
     selector = deployment["spec"]["selector"]["matchLabels"]
