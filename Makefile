@@ -12,6 +12,12 @@ RUST_BINS := $(VENV)/bin/lorax-router $(VENV)/bin/lorax-launcher
 
 .PHONY: install run test test-rust test-python chromium docs lint fmt clean FORCE
 
+# Helm, for the chart's tests (integration-tests/test_helm_chart.py): built from its Go module
+# once into the ignored .tools/ folder and reused. `go` from PATH, else the usual install place.
+HELM := .tools/bin/helm
+HELM_VERSION := v3.22.0
+GO ?= $(or $(shell command -v go 2>/dev/null),/usr/local/go/bin/go)
+
 install: $(VENV)/.python-installed $(PB)/generate_pb2.py $(VENV)/.cpu-kernels-built $(RUST_BINS)
 
 $(VENV)/bin/python:
@@ -72,7 +78,10 @@ test-rust: install
 	cargo test --release --quiet --manifest-path launcher/Cargo.toml
 	cargo test --release --quiet --manifest-path router/Cargo.toml
 
-test-python: install chromium
+$(HELM):
+	GOBIN=$(CURDIR)/.tools/bin $(GO) install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+
+test-python: install chromium $(HELM)
 	$(VENV)/bin/pytest -q server/tests $(wildcard integration-tests/test_*.py)
 
 lint:
@@ -86,4 +95,4 @@ fmt:
 	$(VENV)/bin/ruff format server integration-tests
 
 clean:
-	rm -rf $(VENV) router/target launcher/target $(PB)/generate_pb2*.py $(PB)/generate_pb2*.pyi
+	rm -rf $(VENV) .tools router/target launcher/target $(PB)/generate_pb2*.py $(PB)/generate_pb2*.pyi
