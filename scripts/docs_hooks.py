@@ -1,9 +1,10 @@
 """mkdocs hooks for the documentation site (mkdocs.yml).
 
 - The "OpenAPI schema" page is rendered from `docs/reference/openapi.json` at build time.
-- Benchmark results live next to the scripts that make them (`bench/`), outside `docs/`. The pages
-  link them with repository-relative paths (`../bench/x.png`), which work when the Markdown is read
-  on a code host; the site publishes those files under `bench/` and points the links there.
+- Some pages live next to what they describe, outside `docs/`: benchmark results beside the scripts
+  that make them (`bench/`), the Helm chart's values reference beside the chart. Pages link them with
+  repository-relative paths (`../bench/x.png`), which work when the Markdown is read on a code host;
+  the site publishes those files at the same paths and points the links there.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 OPENAPI_JSON = "reference/openapi.json"
 OPENAPI_PAGE = "reference/openapi.md"
 # Repository files outside docs/ that the site publishes, at the same path.
-PUBLISHED_GLOBS = ("bench/RESULTS*.md", "bench/*.png")
+PUBLISHED_GLOBS = ("bench/RESULTS*.md", "bench/*.png", "charts/lorax/README.md", "charts/lorax/examples/*.yaml")
 
 LINK = re.compile(r"(\]\()([^)\s]+)(\))")
 

@@ -119,9 +119,7 @@ def render_operation(method: str, path: str, operation: Schema) -> list[str]:
         lines += ["| parameter | in | type | required | description |", "|---|---|---|---|---|"]
         for p in parameters:
             mark = "yes" if p.get("required") else ""
-            lines.append(
-                f"| `{p['name']}` | {p['in']} | {type_of(p.get('schema', {}))} | {mark} | {describe(p)} |"
-            )
+            lines.append(f"| `{p['name']}` | {p['in']} | {type_of(p.get('schema', {}))} | {mark} | {describe(p)} |")
         lines.append("")
     body = operation.get("requestBody")
     if body:
