@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, DbrxConfig, DbrxForCausalLM, Mixt
 from lorax_server.adapters.loader import AdapterLoadError, load_lora_adapter
 from lorax_server.adapters.manager import AdapterManager, AdapterRequest
 from lorax_server.forward import ForwardBatch
+from lorax_server.layers import moe
 from lorax_server.layers.attention import TorchAttention
 from lorax_server.models.loader import load_model
 
@@ -102,6 +103,25 @@ def test_expert_adapters_in_one_mixed_ragged_batch(mixtral) -> None:
         assert_matches(out, row, refs[index], p)
     base = run_ours(ours, batch[1:2], 1)[0][0]
     assert (out[0][1] - base).abs().max() > 1e-3  # the adapter really changes the output
+
+
+def test_every_expert_on_every_token_matches_the_grouped_experts(mixtral, monkeypatch) -> None:
+    """The GPU's sync-free path (every expert on every token, weighted by routing), forced on CPU:
+    the same answers as the merged references and as the grouped path, with mixed expert adapters."""
+    ours, refs, _ = mixtral
+    batch = prompts(ours.config.vocab_size, LENGTHS)
+    rows = [0, 1, 2, 1]
+    grouped = run_ours(ours, batch, STEPS, adapters=rows)
+    monkeypatch.setitem(moe.EVERY_EXPERT_MAX_TOKENS, "cpu", sum(LENGTHS))  # prefill and decode alike
+    calls = []
+    monkeypatch.setattr(moe.SparseMoE, "_adapters_in", lambda *a: calls.append(1) or [])  # the grouped path's
+    every = run_ours(ours, batch, STEPS, adapters=rows)
+    assert not calls  # the grouped path never ran
+    for row, (index, p) in enumerate(zip(rows, batch, strict=True)):
+        assert_matches(every, row, refs[index], p)
+        assert (every[0][row] - grouped[0][row]).abs().max() < 1e-5  # prefill logits
+    assert (every[1] - grouped[1]).abs().max() < 1e-5  # decode logits
+    assert torch.equal(every[1].argmax(-1), grouped[1].argmax(-1))  # greedy tokens
 
 
 def test_expert_adapter_targets_are_per_expert_linears(mixtral) -> None:

@@ -6,6 +6,12 @@ its tokens and scatters the weighted result back: a loop over experts, never ove
 With adapters on the experts, rows are sorted by (expert, adapter) instead, so each expert's rows come
 as contiguous adapter segments: the expert's `Linear`s then add each segment's LoRA update exactly as
 a dense linear does for the whole batch (a loop over experts and over adapter segments within one).
+
+Grouping needs the per-expert counts on the host (one sync per layer). On a GPU, small steps (decode)
+run every expert on every token instead, weighted by its routing weight (0 where not chosen): no sync,
+so the step can be captured in a CUDA graph. A decode step reads every expert's weights either way
+and its matmuls are bound by that reading, so the num_experts/top_k times more arithmetic should cost
+little (an estimate: not yet measured on a GPU).
 """
 
 from __future__ import annotations
@@ -20,6 +26,11 @@ from .parallel import SINGLE, TensorParallel
 
 if TYPE_CHECKING:
     from ..forward import ForwardBatch
+
+# Per device type, the most tokens a step may have for every expert to run on every token (see the
+# module's docstring); absent: the experts always run on their own tokens. On CPUs arithmetic is what
+# costs, so they keep the grouped path.
+EVERY_EXPERT_MAX_TOKENS = {"cuda": 64}
 
 
 class ExpertRows(NamedTuple):
@@ -66,6 +77,8 @@ class SparseMoE:
     def __call__(self, x: torch.Tensor, meta: ForwardBatch | None = None) -> torch.Tensor:
         """x: [num_tokens, hidden] → [num_tokens, hidden]."""
         weights, experts = self.route(x, meta)
+        if x.shape[0] <= EVERY_EXPERT_MAX_TOKENS.get(x.device.type, 0):
+            return self.tp.all_reduce(self._every_expert(x, meta, weights, experts))
         key = experts.flatten()  # [num_tokens * top_k], token t's choices at t*top_k ... t*top_k + top_k - 1
         adapters = self._adapters_in(meta)
         slots = len(adapters) + 1  # slot 0: no adapter
@@ -88,6 +101,20 @@ class SparseMoE:
             out.index_add_(0, idx, h * routed_weights[start : start + n, None])
             start += n
         return self.tp.all_reduce(out)
+
+    def _every_expert(
+        self, x: torch.Tensor, meta: ForwardBatch | None, weights: torch.Tensor, experts: torch.Tensor
+    ) -> torch.Tensor:
+        """Every expert on all of x, summed in expert order with each token's routing weight (zero for
+        experts it did not choose, which adds exactly nothing). The batch's own adapter segments apply
+        as they stand, since every expert sees every row."""
+        dense = torch.zeros(x.shape[0], self.num_experts, dtype=weights.dtype, device=x.device)
+        dense.scatter_(1, experts, weights)  # [num_tokens, experts]
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            gate, up = self.gate_up[e](x, meta).split(self.gate_up[e].out_splits, dim=-1)
+            out += self.down[e](self.act(gate) * up, meta) * dense[:, e, None]
+        return out
 
     def _adapters_in(self, meta: ForwardBatch | None) -> list[int]:
         """The batch's adapters, when any of them has LoRA on this layer's experts (else none)."""
