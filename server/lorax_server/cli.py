@@ -58,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
         "--memory-fraction",
         type=float,
         default=None,
-        help="share of free GPU memory (default 0.9) or available RAM on CPU (default 0.05) for the KV cache",
+        help="GPU: share of the device's memory this shard may use (default 1; the KV cache takes what the "
+        "model, the largest prefill and the adapters leave); CPU: share of available RAM for the KV cache "
+        "(default 0.05)",
     )
     serve.add_argument("--kv-cache-blocks", type=int, default=None, help="explicit KV cache size in blocks")
     serve.add_argument(

@@ -28,7 +28,7 @@ from .prompts import add_prompt_logprobs, allocate, start_rows
 from .prompts import pieces as prompt_pieces
 from .sampling import BatchSampler
 from .speculation import SpeculationConfig, Speculator
-from .utils.memory import return_freed_memory
+from .utils.memory import gpu_cache_budget, return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,7 @@ class Engine:
         # Drafts come from prompt lookup (`speculation`) and from the Medusa heads adapters may carry.
         speculation = speculation or SpeculationConfig()
         on = speculation.enabled or adapters is not None
-        self.speculator = (
-            Speculator(speculation, model, self.emitter, adapters) if on else None
-        )
+        self.speculator = Speculator(speculation, model, self.emitter, adapters) if on else None
 
     # ------------------------------------------------------------------ warm-up and cache sizing
     def warmup(self, max_input_length: int, max_prefill_tokens: int, max_total_tokens: int) -> int:
@@ -148,10 +146,12 @@ class Engine:
     def _blocks_from_memory(self, per_block: int) -> int:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-            free, _total = torch.cuda.mem_get_info(self.device)
-            budget = free * (self.cache_config.memory_fraction or 0.9)
+            free, total = torch.cuda.mem_get_info(self.device)
+            unused_adapter_share = 0
             if self.adapters is not None:  # adapters get their share of the GPU first; the KV cache the rest
-                budget -= self.adapters.device_budget_bytes - self.adapters.device_bytes
+                unused_adapter_share = self.adapters.device_budget_bytes - self.adapters.device_bytes
+            fraction = self.cache_config.memory_fraction or 1.0
+            budget = gpu_cache_budget(free, total, fraction, self._prefill_peak, unused_adapter_share)
         else:
             budget = psutil.virtual_memory().available * (self.cache_config.memory_fraction or 0.05)
         return max(1, int(budget // per_block))
@@ -168,10 +168,17 @@ class Engine:
         )
         total_blocks = sum(math.ceil(n / bs) for n in lens) + width
         layers, kv_heads, head_dim, dtype = self.model.cache_geometry
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
         cache = KVCache(layers, total_blocks, bs, kv_heads, head_dim, dtype, self.device)
         ids = torch.zeros(sum(lens), dtype=torch.int64, device=self.device)
         self.model.forward(ForwardBatch.build(ids, lens, lens, block_tables, bs), cache)
         del cache
+        # What the largest prefill takes beyond the weights (its activations and its few KV blocks):
+        # kept free when the KV cache is sized.
+        self._prefill_peak = torch.cuda.max_memory_allocated(self.device) - before if on_gpu else 0
 
     # ------------------------------------------------------------------ health
     def health(self) -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lorax_server.kv_cache import BlockManager, KVCache, OutOfBlocks, slot_mapping
+from lorax_server.utils.memory import gpu_cache_budget
 
 
 def test_allocate_rounds_up_to_blocks_and_free_returns_them() -> None:
@@ -78,3 +79,13 @@ def test_cache_write_lands_in_the_mapped_slots() -> None:
     cache.write(0, torch.tensor([5, 0]), k, -k)
     assert torch.equal(cache.keys[0][2, 1, 0], k[0, 0]) and torch.equal(cache.values[0][0, 0, 0], -k[1, 0])
     assert cache.keys[0].abs().sum() == k.abs().sum()
+
+
+def test_gpu_cache_budget_keeps_the_prefill_peak_the_fraction_and_the_adapters_share() -> None:
+    gib = 2**30
+    # 80 GiB device, 60 free after the weights; the largest prefill peaked at 4 GiB; adapters may
+    # still grow by 2 GiB.
+    assert gpu_cache_budget(60 * gib, 80 * gib, 1.0, 4 * gib, 2 * gib) == 54 * gib
+    # --cuda-memory-fraction 0.5: 40 GiB of the device are not this shard's.
+    assert gpu_cache_budget(60 * gib, 80 * gib, 0.5, 4 * gib, 2 * gib) == 14 * gib
+    assert gpu_cache_budget(10 * gib, 80 * gib, 0.5, 4 * gib, 0) == 0  # nothing left: never negative
