@@ -11,7 +11,7 @@
 # scripts/check_image.sh builds and runs; see docs/docker.md):
 #   podman build --isolation chroot --network host -t lorax-cpu \
 #       --build-arg BASE_IMAGE=localhost/debian:bookworm --build-arg TORCH_INDEX_URL= \
-#       --build-arg RUST_BINARIES=rust-prebuilt --build-arg CPU_KERNELS=1 .
+#       --build-arg RUST_BINARIES=rust-prebuilt --build-arg DEVICE=cpu .
 #
 # Any launcher flag can follow the image name, or be set as its environment variable (-e PORT=...).
 #
@@ -25,10 +25,11 @@
 #                       in the build context; they must be built on the same Debian/Ubuntu release
 #                       as BASE_IMAGE, or an older one, so that its glibc is new enough)
 #   TORCH_INDEX_URL     pip index for torch (default: the CUDA 12.6 builds); empty: plain PyPI
-#   CPU_KERNELS         1: install a C++ compiler and ninja in the image and compile the shard's
-#                       CPU kernels at build time (see server/lorax_server/utils/cpu_extension.py);
-#                       0 (default, GPU): neither (the kernels serve CPU tensors only; without
-#                       them the shard logs a warning and uses its torch reference path)
+#   DEVICE              `cuda` (default) or `cpu`. cpu: g++ and ninja in the image and the shard's
+#                       CPU kernels compiled at build time (server/lorax_server/utils/cpu_extension.py:
+#                       torch runs ninja again at each load, a no-op then, so the compiler stays;
+#                       without it the shard logs a warning and uses its slower torch reference
+#                       path), and no triton (1 GB; the shard uses it on CUDA GPUs only)
 #   PIP_CERT            CA bundle for pip inside the build (a TLS-intercepting proxy; see below)
 
 ARG BASE_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu22.04
@@ -72,10 +73,10 @@ FROM ${RUST_BINARIES} AS rust-binaries
 # ---- Python: torch and the shard package in a virtualenv ----------------------------------------
 FROM ${BASE_IMAGE} AS python-builder
 ENV DEBIAN_FRONTEND=noninteractive
-ARG CPU_KERNELS=0
+ARG DEVICE=cuda
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv \
-        $(if [ "$CPU_KERNELS" = 1 ]; then echo g++ ninja-build; fi) \
+        $(if [ "$DEVICE" = cpu ]; then echo g++ ninja-build; fi) \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/lorax
 ENV PATH=/opt/lorax/bin:$PATH
@@ -96,7 +97,8 @@ COPY proto proto
 COPY server server
 # gRPC stubs are generated, never committed (as `make install` does): grpc_tools writes an
 # absolute import of generate_pb2, made relative so it resolves inside the package. grpcio-tools
-# is only needed for that, and is removed again.
+# is only needed for that, and is removed again; so is triton on CPU (a dependency of PyPI's torch
+# that serves GPUs only: the shard imports it for CUDA tensors alone).
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install grpcio-tools \
     && python -m grpc_tools.protoc -I proto \
@@ -105,20 +107,21 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && sed -i 's/^import generate_pb2 as/from . import generate_pb2 as/' \
         server/lorax_server/pb/generate_pb2_grpc.py \
     && pip install ./server \
-    && pip uninstall -y grpcio-tools
+    && pip uninstall -y grpcio-tools \
+    && if [ "$DEVICE" = cpu ]; then pip uninstall -y triton; fi
 # The CPU kernels compiled now into /opt/lorax/torch_extensions (the runtime points
 # TORCH_EXTENSIONS_DIR there), so that the first start does not spend a minute compiling. torch
 # still runs ninja on each load (a no-op when nothing changed), hence the compiler in the runtime.
 ENV TORCH_EXTENSIONS_DIR=/opt/lorax/torch_extensions
-RUN if [ "$CPU_KERNELS" = 1 ]; then python -m lorax_server.utils.cpu_extension --build; fi
+RUN if [ "$DEVICE" = cpu ]; then python -m lorax_server.utils.cpu_extension --build; fi
 
 # ---- Runtime ------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive
-ARG CPU_KERNELS=0
+ARG DEVICE=cuda
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 ca-certificates \
-        $(if [ "$CPU_KERNELS" = 1 ]; then echo g++ ninja-build; fi) \
+        $(if [ "$DEVICE" = cpu ]; then echo g++ ninja-build; fi) \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=python-builder /opt/lorax /opt/lorax
 COPY --from=rust-binaries /out/lorax-router /out/lorax-launcher /opt/lorax/bin/

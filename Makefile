@@ -10,7 +10,7 @@ PORT ?= 8080
 
 RUST_BINS := $(VENV)/bin/lorax-router $(VENV)/bin/lorax-launcher
 
-.PHONY: install run test test-rust test-python chromium lint fmt clean FORCE
+.PHONY: install run test test-rust test-python chromium lint fmt clean image check-image FORCE
 
 install: $(VENV)/.python-installed $(PB)/generate_pb2.py $(VENV)/.cpu-kernels-built $(RUST_BINS)
 
@@ -68,6 +68,14 @@ test-rust: install
 
 test-python: install chromium
 	$(VENV)/bin/pytest -q server/tests $(wildcard integration-tests/test_*.py)
+
+# The CPU Docker image on a Debian base made here (docs/docker.md). Slow, so not part of `test`:
+# `image` builds it, `check-image` also runs it on the demo model and checks its answers.
+image:
+	scripts/check_image.sh --build-only
+
+check-image:
+	scripts/check_image.sh
 
 lint:
 	$(VENV)/bin/ruff check .

@@ -118,7 +118,7 @@ build_flags=(
     --build-arg "BASE_IMAGE=$BASE"
     --build-arg TORCH_INDEX_URL=          # plain PyPI (download.pytorch.org is out of reach)
     --build-arg RUST_BINARIES=rust-prebuilt
-    --build-arg CPU_KERNELS=1
+    --build-arg DEVICE=cpu              # compiler + CPU kernels, no triton
     # RUN steps in a chroot, on the host's network: no OCI runtime or container network is
     # needed to build (both can be restricted where the build runs, as they are on this machine).
     --isolation chroot --network host
