@@ -3,7 +3,7 @@
 # Python shards (`lorax-server`) and the Rust HTTP router (`lorax-router`).
 #
 # GPU image (the default build args):
-#   docker build -t lorax .
+#   docker build -t lorax .        # podman: podman build --build-arg RUST_BINARIES=rust-builder ...
 #   docker run --gpus all --shm-size 1g -p 8080:80 -v $PWD/data:/data \
 #       -e HUGGING_FACE_HUB_TOKEN=$HUGGING_FACE_HUB_TOKEN lorax --model-id $MODEL_ID
 #
@@ -67,7 +67,10 @@ FROM scratch AS rust-prebuilt
 COPY .cache/image/bin/lorax-router .cache/image/bin/lorax-launcher /out/
 
 # The option chosen by RUST_BINARIES; builders skip the stage that is not used (BuildKit, and
-# buildah/podman, whose --skip-unused-stages is on by default).
+# buildah/podman, whose --skip-unused-stages is on by default). buildah (1.28) decides which stages
+# are used from the command line's build args only, not from ARG defaults: with podman or buildah,
+# pass --build-arg RUST_BINARIES=... explicitly (without it, it skips both options and then fails
+# with `short-name "rust-builder" did not resolve to an alias`).
 FROM ${RUST_BINARIES} AS rust-binaries
 
 # ---- Python: torch and the shard package in a virtualenv ----------------------------------------
