@@ -166,7 +166,8 @@ else
         fi
         echo "podman run ${flags:-(no extra flags)}: $err"
     done
-    [ $found = 1 ] || die "no way found to run a container here (errors above)"
+    [ $found = 1 ] || die "no way found to run a container here (errors above; where crun refuses the
+cgroup layout, runc may work: apt-get install runc)"
 fi
 
 if curl -s -o /dev/null --max-time 2 "http://127.0.0.1:$HOST_PORT/"; then
