@@ -10,7 +10,7 @@ PORT ?= 8080
 
 RUST_BINS := $(VENV)/bin/lorax-router $(VENV)/bin/lorax-launcher
 
-.PHONY: install run test test-rust test-python chromium docs lint fmt clean FORCE
+.PHONY: install run test test-rust test-python chromium docs lint fmt clean image check-image FORCE
 
 # Helm, for the chart's tests (integration-tests/test_helm_chart.py): built from its Go module
 # once into the ignored .tools/ folder and reused. `go` from PATH, else the usual install place.
@@ -83,6 +83,14 @@ $(HELM):
 
 test-python: install chromium $(HELM)
 	$(VENV)/bin/pytest -q server/tests $(wildcard integration-tests/test_*.py)
+
+# The CPU Docker image on a Debian base made here (docs/docker.md). Slow, so not part of `test`:
+# `image` builds it, `check-image` also runs it on the demo model and checks its answers.
+image:
+	scripts/check_image.sh --build-only
+
+check-image:
+	scripts/check_image.sh
 
 lint:
 	$(VENV)/bin/ruff check .
