@@ -5,6 +5,7 @@ must have a documented status, content type and body. Afterwards the server stil
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -17,9 +18,9 @@ from schemathesis import checks
 DOCUMENT = json.loads((REPO / "docs" / "reference" / "openapi.json").read_text())
 OPERATIONS = [(method.upper(), path) for path, item in DOCUMENT["paths"].items() for method in item]
 
-# A handful of bodies per operation keeps the whole run near a minute on two cores; the seed is
-# fixed (derandomize), so a failure reproduces.
-EXAMPLES = 12
+# A few dozen bodies per operation keep the whole run near a minute on two cores; the seed is
+# fixed (derandomize), so a failure reproduces. LORAX_FUZZ_EXAMPLES=500 fuzzes deeper.
+EXAMPLES = int(os.environ.get("LORAX_FUZZ_EXAMPLES", "50"))
 CHECKS = [
     checks.not_a_server_error,
     checks.status_code_conformance,

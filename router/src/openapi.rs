@@ -2,6 +2,7 @@
 //! types and the handlers' `#[utoipa::path]` annotations. Served at `/api-doc/openapi.json`,
 //! rendered at `/docs` (`page`), and committed as `docs/reference/openapi.json` (`reference`).
 
+mod events;
 mod page;
 #[cfg(test)]
 mod reference;
@@ -11,6 +12,7 @@ use crate::api::Info;
 use crate::errors::ErrorResponse;
 use crate::{adapters_api, native, openai};
 pub use page::docs_html;
+use serde_json::{json, Value};
 use utoipa::OpenApi;
 
 /// Every operation; the schemas they use are collected from them.
@@ -47,14 +49,16 @@ use utoipa::OpenApi;
 struct ApiDoc;
 
 /// The document as committed: the same for every model.
-pub fn document() -> utoipa::openapi::OpenApi {
-    ApiDoc::openapi()
+pub fn document() -> Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the document is JSON");
+    events::describe_events(&mut doc);
+    doc
 }
 
 /// The document a server serves: `document()` naming the served model.
-pub fn spec(info: &Info) -> utoipa::openapi::OpenApi {
+pub fn spec(info: &Info) -> Value {
     let mut doc = document();
-    doc.info.description = Some(format!("Serving {}", info.model_id));
-    doc.info.version = info.version.to_string();
+    doc["info"]["description"] = json!(format!("Serving {}", info.model_id));
+    doc["info"]["version"] = json!(info.version);
     doc
 }

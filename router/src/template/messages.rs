@@ -106,7 +106,9 @@ fn content_schema() -> RefOr<Schema> {
         .item(ObjectBuilder::new().schema_type(Type::String))
         .item(ArrayBuilder::new().items(part))
         .item(ObjectBuilder::new().schema_type(Type::Null))
-        .description(Some("A string, or a list of text parts (joined); null: empty"))
+        .description(Some(
+            "A string, or a list of text parts (joined); null: empty",
+        ))
         .into()
 }
 
