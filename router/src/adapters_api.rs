@@ -7,8 +7,8 @@
 use crate::adapter::{self, AdapterParams, AdapterRequest};
 use crate::api::AdapterStatus;
 use crate::app::{token_from_header, AppState};
+use crate::error_docs::AdapterErrors;
 use crate::errors::{ApiError, JsonBody, ValidationError};
-use crate::openapi::responses::AdapterErrors;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json;

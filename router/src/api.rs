@@ -92,7 +92,8 @@ pub struct GenerateParameters {
     pub seed: Option<u64>,
     /// Constrained decoding, LoRAX's and OpenAI's forms: `{"type": "json_object", "schema":
     /// ...}`, `{"type": "json_schema", "schema": ...}` or `{"type": "json_schema",
-    /// "json_schema": {"schema": ...}}`, `{"type": "text"}`. Checked in `validation::grammar`.
+    /// "json_schema": {"schema": ...}}`, `{"type": "text"}`; the schema within the subset of
+    /// `proto/json_schema_support.json` (checked by the router: 422 otherwise).
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub response_format: Option<serde_json::Value>,
@@ -163,7 +164,7 @@ pub struct GenerateRequest {
     pub parameters: GenerateParameters,
 }
 
-/// Body of `POST /`: the `stream` field chooses between the two endpoints above.
+/// Body of `POST /`: the `stream` field chooses between `/generate` and `/generate_stream`.
 #[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct CompatGenerateRequest {
     #[schema(example = "My name is Olivier and I")]

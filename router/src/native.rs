@@ -1,5 +1,5 @@
 //! LoRAX's native endpoints: generation (plain, SSE stream, and the `POST /` compat endpoint),
-//! health, info, metrics, tokenize, and the API docs.
+//! health, info, metrics and tokenize.
 
 use crate::api::AdapterState;
 use crate::api::{
@@ -7,15 +7,14 @@ use crate::api::{
     TokenizeRequest,
 };
 use crate::app::{apply_chat_template, token_from_header, AppState};
+use crate::error_docs::{BodyErrors, GenerationErrors, Unhealthy};
 use crate::errors::{ApiError, JsonBody};
-use crate::openapi;
-use crate::openapi::responses::{BodyErrors, GenerationErrors, Unhealthy};
 use crate::respond::generate_response;
 use crate::sse::{stream_with, LoraxEncoder};
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 /// A native request as generation takes it: the `Authorization: Bearer` token as its default
@@ -149,14 +148,4 @@ pub async fn tokenize(
         .tokenize(request.inputs, request.add_special_tokens)
         .await?;
     Ok(Json(tokens).into_response())
-}
-
-/// `GET /docs`: a readable page generated from the OpenAPI document.
-pub async fn docs(State(state): State<AppState>) -> Html<String> {
-    Html(openapi::docs_html(&openapi::spec(&state.info)))
-}
-
-/// `GET /api-doc/openapi.json`.
-pub async fn openapi_json(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(openapi::spec(&state.info))
 }

@@ -23,8 +23,8 @@ pub use stream::{openai_event, Kind, OpenAiEncoder, StreamSettings};
 
 use crate::api::{GenerateParameters, GenerateRequest, GenerateResponse};
 use crate::app::{chat_template, render_chat, token_from_header, AppState};
+use crate::error_docs::GenerationErrors;
 use crate::errors::{ApiError, JsonBody, ValidationError};
-use crate::openapi::responses::GenerationErrors;
 use crate::respond::generate_responses;
 use crate::sse::stream_choices;
 use crate::validation::schema::check_schema;

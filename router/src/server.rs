@@ -4,10 +4,11 @@ use crate::adapters_api;
 use crate::app::AppState;
 use crate::errors::{method_not_allowed, not_found};
 use crate::native::{
-    compat_generate, docs, generate, generate_stream, health, info, openapi_json, ping,
-    prometheus_metrics, root_health, tokenize,
+    compat_generate, generate, generate_stream, health, info, ping, prometheus_metrics,
+    root_health, tokenize,
 };
 use crate::openai;
+use crate::openapi::{docs, openapi_json};
 use crate::playground;
 use crate::telemetry;
 use axum::extract::Request;

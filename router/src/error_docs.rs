@@ -1,5 +1,6 @@
-//! The error answers operations share, each with the `ErrorResponse` body: listed once here so
-//! every operation documents the statuses it really returns (see `errors`).
+//! The error answers of the OpenAPI document, each with the `ErrorResponse` body: the sets the
+//! handlers' `#[utoipa::path]` annotations name, so every operation documents the statuses it
+//! really returns (see `errors` for where each comes from).
 
 use std::collections::BTreeMap;
 use utoipa::openapi::response::{Response, ResponseBuilder};
