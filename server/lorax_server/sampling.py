@@ -296,9 +296,9 @@ class BatchSampler:
         return SamplerOutput(next_ids=next_ids, logprobs=logprobs)
 
 
-# Logits stay well within ±1e4, so dividing or multiplying them by a factor in this range stays
-# far from float32's largest value (3.4e38).
-_SCALE_MIN, _SCALE_MAX = 1e-30, 1e30
+# Logits stay well within ±1e4, so scaling them by both factors (penalty, then temperature) in this
+# range stays far from float32's largest value (3.4e38): 1e4 · 1e15 · 1e15 = 1e34.
+_SCALE_MIN, _SCALE_MAX = 1e-15, 1e15
 
 
 def _finite_scale(value: float) -> float:

@@ -314,9 +314,11 @@ def test_extreme_temperature_and_penalty_keep_logprobs_finite(tiny: float) -> No
     params = [
         SamplingParams(do_sample=True, seed=1, top_k=1, repetition_penalty=tiny),
         SamplingParams(do_sample=True, seed=2, temperature=tiny),
+        SamplingParams(do_sample=True, seed=3, temperature=tiny, repetition_penalty=tiny),
     ]
-    history = torch.tensor([[1, 2, 3], [1, 2, 3]])
-    out = BatchSampler.from_params(params, CPU)(logits, history, torch.zeros(2, dtype=torch.int64))
+    logits = torch.cat([logits, logits[:1]])
+    history = torch.tensor([[1, 2, 3]] * 3)
+    out = BatchSampler.from_params(params, CPU)(logits, history, torch.zeros(3, dtype=torch.int64))
     chosen = out.chosen_logprobs()
     assert torch.isfinite(chosen).all(), chosen
     assert out.next_ids[1] == logits[1].argmax()  # a near-zero temperature is greedy
