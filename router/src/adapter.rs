@@ -625,5 +625,10 @@ mod tests {
             resolve(&config(), named(&long)).unwrap_err(),
             E::AdapterId(_)
         ));
+        // Characters, as the document's maxLength counts them: two-byte ones fit as many.
+        let wide = "é".repeat(MAX_ADAPTER_ID_LENGTH);
+        assert!(resolve(&config(), named(&wide)).is_ok());
+        let wider = "é".repeat(MAX_ADAPTER_ID_LENGTH + 1);
+        assert!(resolve(&config(), named(&wider)).is_err());
     }
 }
