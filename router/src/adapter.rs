@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::{Arc, OnceLock};
+use utoipa::openapi::schema::{Object, ObjectBuilder, SchemaType, Type};
+use utoipa::ToSchema;
 
 /// Merge strategies the shard implements.
 pub const MERGE_STRATEGIES: [&str; 4] = ["linear", "ties", "dare_linear", "dare_ties"];
@@ -18,7 +20,7 @@ pub const SIGN_METHODS: [&str; 2] = ["total", "frequency"];
 pub const MAX_ADAPTER_ID_LENGTH: usize = 512;
 
 /// Where an adapter's files come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AdapterSource {
     Hub,
@@ -84,22 +86,44 @@ impl std::fmt::Debug for ApiToken {
 }
 
 /// `merged_adapters` of a request (LoRAX's JSON). Absent fields take LoRAX's defaults.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, ToSchema)]
 pub struct MergedAdapters {
+    /// The adapters to merge (an absent or empty list is refused).
     #[serde(default)]
+    #[schema(required = true, min_items = 1, example = json!(["org/adapter-a", "org/adapter-b"]))]
     pub ids: Vec<String>,
     /// One weight per id; default 1.0 each.
     #[serde(default)]
     pub weights: Option<Vec<f32>>,
-    /// `linear` (default), `ties`, `dare_linear` or `dare_ties`.
     #[serde(default)]
+    #[schema(schema_with = merge_strategy_schema)]
     pub merge_strategy: Option<String>,
     /// Fraction kept by TIES/DARE, in (0, 1]; default 1.0.
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0, default = 1.0)]
     pub density: Option<f32>,
-    /// `total` (default) or `frequency`.
     #[serde(default)]
+    #[schema(schema_with = sign_method_schema)]
     pub majority_sign_method: Option<String>,
+}
+
+/// A nullable string field that takes one of `names` (null: `names[0]`), for the document.
+fn choice_schema(names: &[&str], description: &str) -> Object {
+    let values = names.iter().map(|n| serde_json::json!(n));
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .enum_values(Some(values.chain([serde_json::Value::Null])))
+        .default(Some(serde_json::json!(names[0])))
+        .description(Some(description))
+        .build()
+}
+
+fn merge_strategy_schema() -> Object {
+    choice_schema(&MERGE_STRATEGIES, "How the adapters are merged")
+}
+
+fn sign_method_schema() -> Object {
+    choice_schema(&SIGN_METHODS, "TIES sign election")
 }
 
 /// Validated merge settings, defaults filled in.
@@ -251,17 +275,21 @@ impl AdapterConfig {
 
 /// The JSON fields that name an adapter, as LoRAX spells them: flattened into the generate
 /// parameters and into the bodies of the adapter management endpoints.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, ToSchema)]
 pub struct AdapterParams {
     /// LoRA adapter to apply; absent or empty means the default adapter (if the server has
     /// one) or the base model; the base model's id means the base model.
+    #[schema(max_length = 512, example = "org/adapter")]
     pub adapter_id: Option<String>,
-    /// Where the adapter comes from: `hub`, `local` or `s3` (default: the server's default).
+    /// Where the adapter comes from (default: the server's default source).
+    #[schema(value_type = Option<AdapterSource>)]
     pub adapter_source: Option<String>,
-    /// Several adapters merged per request (`ids`, `weights`, `merge_strategy`, ...).
+    /// Several adapters merged per request (`ids`, `weights`, `merge_strategy`, ...); not with
+    /// `adapter_id`.
     pub merged_adapters: Option<MergedAdapters>,
     /// Token for private adapters (overrides the server's token for this request; never
-    /// logged or echoed).
+    /// logged or echoed); default: the `Authorization: Bearer` token.
+    #[schema(value_type = Option<String>)]
     pub api_token: Option<ApiToken>,
 }
 
@@ -354,7 +382,8 @@ pub fn resolve(
 
 fn check_id(id: &str) -> Result<(), ValidationError> {
     let bad = |why: &str| ValidationError::AdapterId(why.to_string());
-    if id.len() > MAX_ADAPTER_ID_LENGTH {
+    // Characters, as the message (and the document's maxLength) say, not bytes.
+    if id.chars().count() > MAX_ADAPTER_ID_LENGTH {
         return Err(bad(&format!(
             "is longer than {MAX_ADAPTER_ID_LENGTH} characters"
         )));
@@ -596,5 +625,10 @@ mod tests {
             resolve(&config(), named(&long)).unwrap_err(),
             E::AdapterId(_)
         ));
+        // Characters, as the document's maxLength counts them: two-byte ones fit as many.
+        let wide = "é".repeat(MAX_ADAPTER_ID_LENGTH);
+        assert!(resolve(&config(), named(&wide)).is_ok());
+        let wider = "é".repeat(MAX_ADAPTER_ID_LENGTH + 1);
+        assert!(resolve(&config(), named(&wider)).is_err());
     }
 }

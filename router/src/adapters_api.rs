@@ -7,20 +7,23 @@
 use crate::adapter::{self, AdapterParams, AdapterRequest};
 use crate::api::AdapterStatus;
 use crate::app::{token_from_header, AppState};
+use crate::error_docs::AdapterErrors;
 use crate::errors::{ApiError, JsonBody, ValidationError};
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json;
 use serde::Deserialize;
+use utoipa::ToSchema;
 
 /// Body of the `POST /adapters/*` endpoints.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct AdapterRef {
     /// `adapter_id` or `merged_adapters`, `adapter_source`, `api_token`.
     #[serde(flatten)]
     pub adapter: AdapterParams,
     /// `POST /adapters/load` only: pin the adapter once active (never offloaded).
     #[serde(default)]
+    #[schema(default = false)]
     pub pin: bool,
 }
 
@@ -45,12 +48,16 @@ fn named_adapter(
     }
 }
 
-/// `GET /adapters`: every tracked adapter (state, index, counts, ...) and recent failures.
+/// Tracked adapters (state, index, counts) and recent failures.
+#[utoipa::path(get, path = "/adapters", tag = "Adapters",
+    responses((status = 200, description = "Adapters", body = Vec<AdapterStatus>)))]
 pub async fn list(State(state): State<AppState>) -> Json<Vec<AdapterStatus>> {
     Json(state.infer.queue().adapters().await)
 }
 
-/// `POST /adapters/load`: downloads and activates an adapter; answers once it is active.
+/// Download and activate an adapter (optionally pin it); answers once it is active.
+#[utoipa::path(post, path = "/adapters/load", tag = "Adapters", request_body = AdapterRef,
+    responses((status = 200, description = "The adapter", body = AdapterStatus), AdapterErrors))]
 pub async fn load(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -61,7 +68,9 @@ pub async fn load(
     Ok(Json(status))
 }
 
-/// `POST /adapters/unload`: offloads an idle adapter from the device (409 while in use).
+/// Offload an idle adapter from the device (409 while in use or pinned).
+#[utoipa::path(post, path = "/adapters/unload", tag = "Adapters", request_body = AdapterRef,
+    responses((status = 200, description = "The adapter", body = AdapterStatus), AdapterErrors))]
 pub async fn unload(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -72,7 +81,9 @@ pub async fn unload(
     Ok(Json(status))
 }
 
-/// `POST /adapters/pin`: a pinned adapter is never drained or offloaded.
+/// Pin a tracked adapter: never drained or offloaded.
+#[utoipa::path(post, path = "/adapters/pin", tag = "Adapters", request_body = AdapterRef,
+    responses((status = 200, description = "The adapter", body = AdapterStatus), AdapterErrors))]
 pub async fn pin(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -83,7 +94,9 @@ pub async fn pin(
     Ok(Json(status))
 }
 
-/// `POST /adapters/unpin`.
+/// Unpin a tracked adapter.
+#[utoipa::path(post, path = "/adapters/unpin", tag = "Adapters", request_body = AdapterRef,
+    responses((status = 200, description = "The adapter", body = AdapterStatus), AdapterErrors))]
 pub async fn unpin(
     State(state): State<AppState>,
     headers: HeaderMap,

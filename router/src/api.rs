@@ -3,84 +3,118 @@
 
 use crate::adapter::{AdapterParams, AdapterSource, MergedAdapters};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// Generation parameters of a request. Absent fields take LoRAX's defaults.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct GenerateParameters {
     /// `adapter_id`, `adapter_source`, `merged_adapters`, `api_token`.
     #[serde(flatten)]
     pub adapter: AdapterParams,
-    /// Generate this many sequences and return the one with the highest log-probability.
+    /// Generate this many sequences and return the one with the highest log-probability
+    /// (at most `--max-best-of`; more than 1 needs sampling and no `seed`).
     #[serde(default)]
+    #[schema(minimum = 1, example = 1)]
     pub best_of: Option<usize>,
+    /// Divides the logits; 1 leaves them as they are.
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, example = 0.5)]
     pub temperature: Option<f32>,
+    /// Penalizes tokens already in the prompt or the output; 1 is off.
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, example = 1.03)]
     pub repetition_penalty: Option<f32>,
     /// OpenAI's frequency penalty, -2..=2 (0: off).
     #[serde(default)]
+    #[schema(minimum = -2.0, maximum = 2.0, default = 0.0, example = 0.1)]
     pub frequency_penalty: Option<f32>,
     /// OpenAI's presence penalty, -2..=2 (0: off).
     #[serde(default)]
+    #[schema(minimum = -2.0, maximum = 2.0, default = 0.0, example = 0.1)]
     pub presence_penalty: Option<f32>,
+    /// Sample from the `top_k` most likely tokens only.
     #[serde(default)]
+    #[schema(minimum = 1, example = 10)]
     pub top_k: Option<i32>,
+    /// Nucleus sampling: the smallest set of tokens whose probabilities add up to `top_p`.
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0, example = 0.95)]
     pub top_p: Option<f32>,
+    /// Typical decoding mass.
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0, example = 0.95)]
     pub typical_p: Option<f32>,
+    /// Sample; also on when temperature != 1, top_k > 0, top_p < 1 or typical_p < 1.
     #[serde(default)]
+    #[schema(default = false)]
     pub do_sample: bool,
     /// Most tokens to generate; absent means `max_total_tokens - input tokens`.
     #[serde(default)]
+    #[schema(minimum = 1, example = 20)]
     pub max_new_tokens: Option<u32>,
     #[serde(default)]
+    #[schema(default = false)]
     pub ignore_eos_token: bool,
     /// Prepend the prompt to the generated text.
     #[serde(default)]
+    #[schema(default = false)]
     pub return_full_text: Option<bool>,
-    /// Stop sequences.
+    /// Stop sequences (at most `--max-stop-sequences`).
     #[serde(default)]
+    #[schema(example = json!(["photographer"]))]
     pub stop: Vec<String>,
-    /// Keep only the last `truncate` prompt tokens.
+    /// Keep only the last `truncate` prompt tokens (at most `--max-input-length`).
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub truncate: Option<usize>,
+    /// Not supported: true is refused (422).
     #[serde(default)]
+    #[schema(default = false)]
     pub watermark: bool,
     /// Return generation details (finish reason, tokens, ...).
     #[serde(default = "default_true")]
+    #[schema(default = true)]
     pub details: bool,
     /// Return the prompt tokens with their log-probabilities.
     #[serde(default)]
+    #[schema(default = false)]
     pub decoder_input_details: bool,
     /// Return this many most likely alternatives per generated token (TGI's name).
     #[serde(default)]
+    #[schema(maximum = 10)]
     pub top_n_tokens: Option<u32>,
     /// LoRAX's name for `top_n_tokens`.
     #[serde(default)]
+    #[schema(maximum = 10)]
     pub return_k_alternatives: Option<u32>,
     /// Sampling seed.
     #[serde(default)]
     pub seed: Option<u64>,
     /// Constrained decoding, LoRAX's and OpenAI's forms: `{"type": "json_object", "schema":
     /// ...}`, `{"type": "json_schema", "schema": ...}` or `{"type": "json_schema",
-    /// "json_schema": {"schema": ...}}`, `{"type": "text"}`. Checked in `validation::grammar`.
+    /// "json_schema": {"schema": ...}}`, `{"type": "text"}`; the schema within the subset of
+    /// `proto/json_schema_support.json` (checked by the router: 422 otherwise).
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub response_format: Option<serde_json::Value>,
     /// Constrained decoding, TGI's form: `{"type": "json", "value": <schema>}` or
     /// `{"type": "regex", "value": "<regex>"}`. Exclusive with `response_format`.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub grammar: Option<serde_json::Value>,
     /// Set by the router (never from JSON): a grammar it built and checked itself (tool calls,
     /// see `validation::schema_grammar`). Exclusive with `grammar` and `response_format`.
     #[serde(skip)]
+    #[schema(ignore)]
     pub prepared_grammar: Option<crate::pb::Grammar>,
     /// Format `inputs` (a JSON list of chat messages) with the tokenizer's chat template.
     #[serde(default)]
+    #[schema(default = false)]
     pub apply_chat_template: bool,
     /// Set by the router (never from JSON) when the prompt came from the chat template and
     /// already holds its special tokens: the tokenizer then adds none.
     #[serde(skip)]
+    #[schema(ignore)]
     pub prompt_has_special_tokens: bool,
 }
 
@@ -122,20 +156,24 @@ impl Default for GenerateParameters {
 }
 
 /// Body of `POST /generate` and `POST /generate_stream`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct GenerateRequest {
+    #[schema(example = "My name is Olivier and I")]
     pub inputs: String,
     #[serde(default)]
     pub parameters: GenerateParameters,
 }
 
-/// Body of `POST /`: the `stream` field chooses between the two endpoints above.
-#[derive(Clone, Debug, Deserialize)]
+/// Body of `POST /`: the `stream` field chooses between `/generate` and `/generate_stream`.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct CompatGenerateRequest {
+    #[schema(example = "My name is Olivier and I")]
     pub inputs: String,
     #[serde(default)]
     pub parameters: GenerateParameters,
+    /// Answer with server-sent events (as `/generate_stream`) instead of a JSON list of one.
     #[serde(default)]
+    #[schema(default = false)]
     pub stream: bool,
 }
 
@@ -149,7 +187,7 @@ impl From<CompatGenerateRequest> for GenerateRequest {
 }
 
 /// A prompt token; `logprob` is null for the first one, which has no context.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, ToSchema)]
 pub struct PrefillToken {
     pub id: u32,
     pub text: String,
@@ -157,7 +195,7 @@ pub struct PrefillToken {
 }
 
 /// One of the most likely alternatives to a generated token.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, ToSchema)]
 pub struct AlternativeToken {
     pub id: u32,
     pub text: String,
@@ -165,7 +203,7 @@ pub struct AlternativeToken {
 }
 
 /// A generated token.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, ToSchema)]
 pub struct Token {
     pub id: u32,
     pub text: String,
@@ -179,7 +217,7 @@ pub struct Token {
 }
 
 /// Why generation ended.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, ToSchema)]
 pub enum FinishReason {
     #[serde(rename = "length")]
     Length,
@@ -201,7 +239,7 @@ impl FinishReason {
 }
 
 /// An extra sequence of a `best_of` request.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct BestOfSequence {
     pub generated_text: String,
     pub finish_reason: FinishReason,
@@ -214,7 +252,7 @@ pub struct BestOfSequence {
 }
 
 /// `details` of a non-streamed answer.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct Details {
     pub finish_reason: FinishReason,
     pub prompt_tokens: u32,
@@ -231,7 +269,7 @@ pub struct Details {
 }
 
 /// Answer of `POST /generate` (and, wrapped in a list, of `POST /`).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct GenerateResponse {
     pub generated_text: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -239,7 +277,7 @@ pub struct GenerateResponse {
 }
 
 /// `details` of the last streamed event.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct StreamDetails {
     pub finish_reason: FinishReason,
     pub prompt_tokens: u32,
@@ -248,7 +286,7 @@ pub struct StreamDetails {
 }
 
 /// One server-sent event of `POST /generate_stream`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct StreamResponse {
     pub token: Token,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -259,7 +297,7 @@ pub struct StreamResponse {
     pub details: Option<StreamDetails>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 /// Where a tracked adapter is in its life (`GET /adapters`).
 pub enum AdapterState {
@@ -274,7 +312,7 @@ pub enum AdapterState {
 }
 
 /// One adapter as `GET /adapters` shows it. Never holds the token.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct AdapterStatus {
     /// The adapter id (merged ids joined by `+`).
     pub adapter_id: String,
@@ -299,7 +337,7 @@ pub struct AdapterStatus {
 }
 
 /// Answer of `GET /info`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct Info {
     pub model_id: String,
     pub model_sha: Option<String>,
@@ -337,16 +375,18 @@ pub struct Info {
 }
 
 /// Body of `POST /tokenize`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct TokenizeRequest {
+    #[schema(example = "My name is Olivier and I")]
     pub inputs: String,
     /// Add the tokenizer's special tokens (e.g. BOS), as generation does.
     #[serde(default = "default_true")]
+    #[schema(default = true)]
     pub add_special_tokens: bool,
 }
 
 /// One token of a `POST /tokenize` answer; `start`/`stop` are byte offsets into `inputs`.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, ToSchema)]
 pub struct SimpleToken {
     pub id: u32,
     pub text: String,

@@ -130,13 +130,17 @@ pub fn round_up(tokens: u32, block_size: u32) -> u32 {
     tokens.div_ceil(block) * block
 }
 
-/// The API's token from a shard generation (alternatives attached when asked for).
+/// The API's token from a shard generation (alternatives attached when asked for). An
+/// alternative the request's sampling rules out (top-k, top-p, typical-p: log-probability -inf)
+/// is left out: it is no alternative, and JSON has no -inf (serde writes null, which clients
+/// and the documented schema refuse).
 pub fn token_from_generation(g: &pb::Generation) -> (Token, Vec<Token>) {
-    let top_tokens = g
+    let mut top_tokens = g
         .top_tokens
         .as_ref()
         .map(tokens_from_proto)
         .unwrap_or_default();
+    top_tokens.retain(|t| t.logprob.is_finite());
     let alternative_tokens = (!top_tokens.is_empty()).then(|| {
         top_tokens
             .iter()
@@ -186,6 +190,28 @@ pub fn prefill_from_proto(tokens: &pb::Tokens) -> Vec<PrefillToken> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn alternatives_that_cannot_be_sampled_are_left_out() {
+        let generation = pb::Generation {
+            token_id: 5,
+            token_logprob: -0.1,
+            top_tokens: Some(pb::Tokens {
+                ids: vec![5, 6, 7],
+                logprobs: vec![-0.1, f32::NEG_INFINITY, f32::NAN],
+                texts: vec!["a".into(), "b".into(), "c".into()],
+                is_special: vec![false; 3],
+            }),
+            ..Default::default()
+        };
+        let (token, top_tokens) = token_from_generation(&generation);
+        assert_eq!(top_tokens.len(), 1);
+        let alternatives = token.alternative_tokens.unwrap();
+        assert_eq!(alternatives.len(), 1);
+        assert_eq!(alternatives[0].id, 5);
+        let json = serde_json::to_string(&top_tokens).unwrap();
+        assert!(!json.contains("null"), "{json}");
+    }
 
     #[test]
     fn rounding_to_blocks() {

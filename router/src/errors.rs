@@ -9,11 +9,14 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// Body of every error answer.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct ErrorResponse {
+    #[schema(example = "Input validation error: `inputs` cannot be empty")]
     pub error: String,
+    #[schema(example = "validation")]
     pub error_type: String,
 }
 

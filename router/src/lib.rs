@@ -11,9 +11,12 @@
 //! queues and states, owned by the queue task) with `exchange` (the pure slot policy);
 //! `adapters_api` holds the management endpoints.
 //!
-//! Layers (each module uses only those above it): `pb`, `client`, `exchange` → `errors` →
+//! The OpenAPI document (`openapi`, serving `/docs` and `/api-doc/openapi.json`) is generated
+//! from the API types and the handlers' annotations; `error_docs` holds their error answers.
+//!
+//! Layers (each module uses only those above it): `pb`, `client`, `exchange` → `errors`, `error_docs` →
 //! `tools` (OpenAI tool calling) → `template` → `adapter` → `api`, `metrics` → `validation` →
-//! `entry` → `registry` → `queue` → `health` → `batcher` → `infer` → `app` → `respond` → `sse` → handlers → `server`.
+//! `entry` → `registry` → `queue` → `health` → `batcher` → `infer` → `app` → `respond` → `sse` → handlers → `openapi` → `server`.
 
 pub mod adapter;
 pub mod adapters_api;
@@ -22,6 +25,7 @@ pub mod app;
 pub mod batcher;
 pub mod client;
 pub mod entry;
+pub mod error_docs;
 pub mod errors;
 pub mod exchange;
 pub mod health;

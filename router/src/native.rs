@@ -1,17 +1,20 @@
 //! LoRAX's native endpoints: generation (plain, SSE stream, and the `POST /` compat endpoint),
-//! health, info, metrics, tokenize, and the API docs.
+//! health, info, metrics and tokenize.
 
 use crate::api::AdapterState;
-use crate::api::{CompatGenerateRequest, GenerateRequest, Info, TokenizeRequest};
+use crate::api::{
+    CompatGenerateRequest, GenerateRequest, GenerateResponse, Info, SimpleToken, StreamResponse,
+    TokenizeRequest,
+};
 use crate::app::{apply_chat_template, token_from_header, AppState};
+use crate::error_docs::{BodyErrors, GenerationErrors, Unhealthy};
 use crate::errors::{ApiError, JsonBody};
-use crate::openapi;
 use crate::respond::generate_response;
 use crate::sse::{stream_with, LoraxEncoder};
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 /// A native request as generation takes it: the `Authorization: Bearer` token as its default
@@ -25,7 +28,15 @@ async fn prepared(
     apply_chat_template(state, request).await
 }
 
-/// `POST /`: `stream` chooses; the non-streamed answer is a list of one object.
+/// Generate text; `stream` picks a JSON list of one answer or an SSE stream.
+#[utoipa::path(post, path = "/", tag = "LoRAX", request_body = CompatGenerateRequest,
+    responses(
+        (status = 200, description = "Generated text", content(
+            (Vec<GenerateResponse> = "application/json"),
+            (StreamResponse = "text/event-stream"),
+        )),
+        GenerationErrors,
+    ))]
 pub async fn compat_generate(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -40,7 +51,12 @@ pub async fn compat_generate(
     Ok((headers, Json(vec![response])).into_response())
 }
 
-/// `POST /generate`.
+/// Generate text.
+#[utoipa::path(post, path = "/generate", tag = "LoRAX", request_body = GenerateRequest,
+    responses(
+        (status = 200, description = "Generated text", body = GenerateResponse),
+        GenerationErrors,
+    ))]
 pub async fn generate(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -51,7 +67,16 @@ pub async fn generate(
     Ok((headers, Json(response)).into_response())
 }
 
-/// `POST /generate_stream`.
+/// Generate a stream of tokens (server-sent events `data:{json}`).
+///
+/// The last event carries `generated_text` and `details`; an error after the first token is an
+/// event with the error body.
+#[utoipa::path(post, path = "/generate_stream", tag = "LoRAX", request_body = GenerateRequest,
+    responses(
+        (status = 200, description = "Token events", body = StreamResponse,
+            content_type = "text/event-stream"),
+        GenerationErrors,
+    ))]
 pub async fn generate_stream(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -61,8 +86,11 @@ pub async fn generate_stream(
     stream_with(&state, request, Box::new(LoraxEncoder)).await
 }
 
-/// `GET /health` (and `GET /`, `GET /ping`): 200 when the server can generate now; 503 with
-/// the reason otherwise (see `health`).
+/// Healthy when the server can generate now.
+///
+/// 503 with the reason otherwise (see the `health` module).
+#[utoipa::path(get, path = "/health", tag = "LoRAX",
+    responses((status = 200, description = "Healthy"), Unhealthy))]
 pub async fn health(State(state): State<AppState>) -> Result<StatusCode, ApiError> {
     match state.infer.health().await {
         Ok(()) => Ok(StatusCode::OK),
@@ -74,7 +102,23 @@ pub async fn health(State(state): State<AppState>) -> Result<StatusCode, ApiErro
     }
 }
 
-/// `GET /info`, with the adapters active now.
+/// Health check (as `GET /health`; the inference API's route).
+#[utoipa::path(get, path = "/", tag = "LoRAX",
+    responses((status = 200, description = "Healthy"), Unhealthy))]
+pub async fn root_health(state: State<AppState>) -> Result<StatusCode, ApiError> {
+    health(state).await
+}
+
+/// Health check (as `GET /health`; SageMaker's route).
+#[utoipa::path(get, path = "/ping", tag = "LoRAX",
+    responses((status = 200, description = "Healthy"), Unhealthy))]
+pub async fn ping(state: State<AppState>) -> Result<StatusCode, ApiError> {
+    health(state).await
+}
+
+/// Model and router limits, with the adapters active now.
+#[utoipa::path(get, path = "/info", tag = "LoRAX",
+    responses((status = 200, description = "Info", body = Info)))]
 pub async fn info(State(state): State<AppState>) -> Json<Info> {
     let mut info = state.info.as_ref().clone();
     info.adapters = state.infer.queue().adapters().await;
@@ -82,13 +126,18 @@ pub async fn info(State(state): State<AppState>) -> Json<Info> {
     Json(info)
 }
 
-/// `GET /metrics`: Prometheus text format.
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "LoRAX",
+    responses((status = 200, description = "Prometheus text format", body = String,
+        content_type = "text/plain")))]
 pub async fn prometheus_metrics(State(state): State<AppState>) -> Response {
     let body = state.prometheus.render();
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
-/// `POST /tokenize`: the prompt's tokens with their byte offsets.
+/// Tokenize a prompt: its tokens with their byte offsets.
+#[utoipa::path(post, path = "/tokenize", tag = "LoRAX", request_body = TokenizeRequest,
+    responses((status = 200, description = "Tokens", body = Vec<SimpleToken>), BodyErrors))]
 pub async fn tokenize(
     State(state): State<AppState>,
     JsonBody(request): JsonBody<TokenizeRequest>,
@@ -99,14 +148,4 @@ pub async fn tokenize(
         .tokenize(request.inputs, request.add_special_tokens)
         .await?;
     Ok(Json(tokens).into_response())
-}
-
-/// `GET /docs`: a readable page generated from the OpenAPI document.
-pub async fn docs(State(state): State<AppState>) -> Html<String> {
-    Html(openapi::docs_html(&openapi::spec(&state.info)))
-}
-
-/// `GET /api-doc/openapi.json`.
-pub async fn openapi_json(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(openapi::spec(&state.info))
 }

@@ -23,6 +23,7 @@ pub use stream::{openai_event, Kind, OpenAiEncoder, StreamSettings};
 
 use crate::api::{GenerateParameters, GenerateRequest, GenerateResponse};
 use crate::app::{chat_template, render_chat, token_from_header, AppState};
+use crate::error_docs::GenerationErrors;
 use crate::errors::{ApiError, JsonBody, ValidationError};
 use crate::respond::generate_responses;
 use crate::sse::stream_choices;
@@ -33,8 +34,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use body::{chat_choice, completion_choice, usage_of, Answer, Header};
 use request::{chat_logprobs, choice_parameters, completion_logprobs, is_unnamed};
+use serde::Serialize;
 use serde_json::{json, Value};
 use std::time::{SystemTime, UNIX_EPOCH};
+use utoipa::ToSchema;
 
 fn now() -> u64 {
     SystemTime::now()
@@ -73,7 +76,19 @@ impl OpenAiCall {
     }
 }
 
-/// `POST /v1/completions`.
+/// OpenAI completions; `model` names the adapter.
+///
+/// `stream` answers with SSE chunks ending with `data: [DONE]`; also `n` choices, `logprobs`
+/// and `response_format`.
+#[utoipa::path(post, path = "/v1/completions", tag = "OpenAI compatible",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "Completion", content(
+            (Answer<CompletionChoice> = "application/json"),
+            (Answer<CompletionChoice> = "text/event-stream"),
+        )),
+        GenerationErrors,
+    ))]
 pub async fn completions(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -101,7 +116,19 @@ pub async fn completions(
     respond(&state, prompt, parameters, call).await
 }
 
-/// `POST /v1/chat/completions`.
+/// OpenAI chat completions, the prompt built by the chat template; `model` names the adapter.
+///
+/// `stream` answers with SSE chunks ending with `data: [DONE]`; also `n` choices,
+/// `logprobs`/`top_logprobs`, `response_format`, `stream_options` and `tools`.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "OpenAI compatible",
+    request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, description = "Chat completion", content(
+            (Answer<ChatChoice> = "application/json"),
+            (Answer<ChatChunkChoice> = "text/event-stream"),
+        )),
+        GenerationErrors,
+    ))]
 pub async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -128,11 +155,38 @@ pub async fn chat_completions(
     respond(&state, inputs, parameters, call).await
 }
 
-/// `GET /v1/models`: the served model.
-pub async fn models(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [
-        {"id": state.info.model_id, "object": "model", "created": 0, "owned_by": "lorax"}
-    ]}))
+/// One model of `GET /v1/models`.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Model {
+    pub id: String,
+    #[schema(example = "model")]
+    pub object: &'static str,
+    pub created: u64,
+    #[schema(example = "lorax")]
+    pub owned_by: &'static str,
+}
+
+/// Answer of `GET /v1/models`.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct ModelList {
+    #[schema(example = "list")]
+    pub object: &'static str,
+    pub data: Vec<Model>,
+}
+
+/// The served model.
+#[utoipa::path(get, path = "/v1/models", tag = "OpenAI compatible",
+    responses((status = 200, description = "Model list", body = ModelList)))]
+pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list",
+        data: vec![Model {
+            id: state.info.model_id.clone(),
+            object: "model",
+            created: 0,
+            owned_by: "lorax",
+        }],
+    })
 }
 
 /// Runs the call's choices (each one native request; choice `i` samples with `seed + i` when a

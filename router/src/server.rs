@@ -4,10 +4,11 @@ use crate::adapters_api;
 use crate::app::AppState;
 use crate::errors::{method_not_allowed, not_found};
 use crate::native::{
-    compat_generate, docs, generate, generate_stream, health, info, openapi_json,
-    prometheus_metrics, tokenize,
+    compat_generate, generate, generate_stream, health, info, ping, prometheus_metrics,
+    root_health, tokenize,
 };
 use crate::openai;
+use crate::openapi::{docs, openapi_json};
 use crate::playground;
 use crate::telemetry;
 use axum::extract::Request;
@@ -37,11 +38,11 @@ pub fn router(state: AppState, cors_allow_origin: &[String]) -> Router {
         .allow_origin(allow_origin);
     Router::new()
         // As in LoRAX: `GET /` (inference API) and `GET /ping` (SageMaker) are health checks.
-        .route("/", get(health).post(compat_generate))
+        .route("/", get(root_health).post(compat_generate))
         .route("/generate", post(generate))
         .route("/generate_stream", post(generate_stream))
         .route("/health", get(health))
-        .route("/ping", get(health))
+        .route("/ping", get(ping))
         .route("/info", get(info))
         .route("/metrics", get(prometheus_metrics))
         .route("/tokenize", post(tokenize))

@@ -152,11 +152,14 @@ class BatchSampler:
         self.params = list(params)
         self.device = torch.device(device)
         sample = [p.samples for p in params]
-        temperature = [p.temperature if s else 1.0 for p, s in zip(params, sample, strict=True)]
+        # Temperature and repetition penalty divide or multiply the logits: extreme values (the API
+        # takes any positive number) are held where float32 stays finite, since an infinite score
+        # makes log_softmax NaN. Beyond these bounds the result is the same choice anyway.
+        temperature = [_finite_scale(p.temperature) if s else 1.0 for p, s in zip(params, sample, strict=True)]
         top_k = [max(p.top_k, 0) if s else 0 for p, s in zip(params, sample, strict=True)]
         top_p_on = [s and p.top_p < 1.0 for p, s in zip(params, sample, strict=True)]
         typical_on = [s and 0.0 < p.typical_p < 1.0 for p, s in zip(params, sample, strict=True)]
-        penalty = [p.repetition_penalty if p.repetition_penalty > 0 else 1.0 for p in params]
+        penalty = [_finite_scale(p.repetition_penalty) if p.repetition_penalty > 0 else 1.0 for p in params]
 
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=self.device)
@@ -291,6 +294,16 @@ class BatchSampler:
         else:
             next_ids = scores.argmax(dim=-1)
         return SamplerOutput(next_ids=next_ids, logprobs=logprobs)
+
+
+# Logits stay well within ±1e4, so scaling them by both factors (penalty, then temperature) in this
+# range stays far from float32's largest value (3.4e38): 1e4 · 1e15 · 1e15 = 1e34.
+_SCALE_MIN, _SCALE_MAX = 1e-15, 1e15
+
+
+def _finite_scale(value: float) -> float:
+    """A temperature or repetition penalty held within [_SCALE_MIN, _SCALE_MAX]."""
+    return min(max(value, _SCALE_MIN), _SCALE_MAX)
 
 
 def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:

@@ -304,6 +304,26 @@ def test_top_n_and_chosen_logprobs() -> None:
     assert out.top_n(50)[0].shape == (3, 10)
 
 
+@pytest.mark.parametrize("tiny", [1.401298464324817e-45, 1e-40])
+def test_extreme_temperature_and_penalty_keep_logprobs_finite(tiny: float) -> None:
+    # A penalty or temperature this small turned repeated tokens' scores into +inf, and their
+    # log-probabilities (the API's `logprob`) into NaN.
+    torch.manual_seed(3)
+    logits = torch.randn(2, VOCAB)
+    logits[0, 1] = logits[1, 1] = 2.0  # seen and positive: divided by the penalty
+    params = [
+        SamplingParams(do_sample=True, seed=1, top_k=1, repetition_penalty=tiny),
+        SamplingParams(do_sample=True, seed=2, temperature=tiny),
+        SamplingParams(do_sample=True, seed=3, temperature=tiny, repetition_penalty=tiny),
+    ]
+    logits = torch.cat([logits, logits[:1]])
+    history = torch.tensor([[1, 2, 3]] * 3)
+    out = BatchSampler.from_params(params, CPU)(logits, history, torch.zeros(3, dtype=torch.int64))
+    chosen = out.chosen_logprobs()
+    assert torch.isfinite(chosen).all(), chosen
+    assert out.next_ids[1] == logits[1].argmax()  # a near-zero temperature is greedy
+
+
 def test_watermark_is_rejected() -> None:
     with pytest.raises(ValueError, match="watermark is not supported yet"):
         BatchSampler.from_params([SamplingParams(), SamplingParams(watermark=True)], CPU)

@@ -7,9 +7,10 @@ use crate::tools::{new_call_id, parse_call};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
+use utoipa::ToSchema;
 
 /// Token counts of an answer (all choices: the prompt counted once).
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, ToSchema)]
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
@@ -45,7 +46,7 @@ pub enum Logprobs {
 }
 
 /// An object of the answer: its id, creation time and model.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct Header {
     pub id: String,
     pub object: &'static str,
@@ -55,7 +56,7 @@ pub struct Header {
 
 /// A whole answer (`chat.completion`, `text_completion`) or a chunk (`chat.completion.chunk`,
 /// `text_completion` when streaming); `C` is the choice type.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct Answer<C> {
     #[serde(flatten)]
     pub header: Header,
@@ -64,16 +65,17 @@ pub struct Answer<C> {
 }
 
 /// The assistant's message of a chat choice. `tool_calls` is for tools (unset: not sent).
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, ToSchema)]
 pub struct AssistantMessage {
     pub role: &'static str,
     pub content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
     pub tool_calls: Option<Vec<Value>>,
 }
 
 /// One choice of a chat completion.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct ChatChoice {
     pub index: usize,
     pub message: AssistantMessage,
@@ -82,17 +84,18 @@ pub struct ChatChoice {
 }
 
 /// What a chat chunk adds to its choice. `role` is on each choice's first chunk only.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, ToSchema)]
 pub struct ChatDelta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
     pub content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
     pub tool_calls: Option<Vec<Value>>,
 }
 
 /// One choice of a chat chunk.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct ChatChunkChoice {
     pub index: usize,
     pub delta: ChatDelta,
@@ -101,12 +104,12 @@ pub struct ChatChunkChoice {
 }
 
 /// Chat log-probabilities: `{"content": [...]}`, one entry per generated (non-special) token.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, ToSchema)]
 pub struct ChatLogprobs {
     pub content: Vec<ChatTokenLogprob>,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, ToSchema)]
 pub struct ChatTokenLogprob {
     pub token: String,
     pub logprob: f32,
@@ -114,7 +117,7 @@ pub struct ChatTokenLogprob {
     pub top_logprobs: Vec<TopLogprob>,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, ToSchema)]
 pub struct TopLogprob {
     pub token: String,
     pub logprob: f32,
@@ -122,7 +125,7 @@ pub struct TopLogprob {
 }
 
 /// One choice of a completion (whole or chunk).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct CompletionChoice {
     pub index: usize,
     pub text: String,
@@ -131,7 +134,7 @@ pub struct CompletionChoice {
 }
 
 /// Completions' log-probabilities: parallel lists, one entry per generated token.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, ToSchema)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     pub token_logprobs: Vec<f32>,

@@ -13,9 +13,13 @@ use crate::validation::MAX_TOP_N_TOKENS;
 use serde::de::{DeserializeOwned, Deserializer, Error as _};
 use serde::Deserialize;
 use serde_json::Value;
+use std::borrow::Cow;
+use utoipa::openapi::schema::{AllOfBuilder, Schema};
+use utoipa::openapi::{Ref, RefOr};
+use utoipa::{PartialSchema, ToSchema};
 
 /// `stop` (and `prompt`) as a string or a list of strings.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum StringOrList {
     One(String),
@@ -32,42 +36,65 @@ impl StringOrList {
 }
 
 /// `stream_options`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, ToSchema)]
 pub struct StreamOptions {
     /// Send one more chunk with the usage (and no choices) before `[DONE]`.
     #[serde(default)]
+    #[schema(default = false)]
     pub include_usage: bool,
 }
 
 /// Fields both endpoints take (OpenAI's, plus LoRAX's extras).
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, ToSchema)]
 pub struct SamplingFields {
-    /// The adapter; `""`, the served model's id and the placeholders in `MODEL_PLACEHOLDERS`
-    /// name none (see `adapter_of_model`).
+    /// The adapter; `""`, the served model's id and the placeholders "dummy" and "tgi" name
+    /// none (see `adapter_of_model`).
     #[serde(default)]
+    #[schema(example = "org/adapter")]
     pub model: String,
+    /// Most tokens to generate (default: up to `max_total_tokens`).
+    #[schema(minimum = 1)]
     pub max_tokens: Option<u32>,
+    /// OpenAI's newer name for `max_tokens` (used when `max_tokens` is absent).
+    #[schema(minimum = 1)]
     pub max_completion_tokens: Option<u32>,
+    /// 0 means greedy.
+    #[schema(minimum = 0.0)]
     pub temperature: Option<f32>,
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub top_p: Option<f32>,
-    /// Choices to generate (each its own sequence).
+    /// Choices to generate (each its own sequence; at most `--max-best-of`).
+    #[schema(minimum = 1, default = 1)]
     pub n: Option<u32>,
+    /// Answer with server-sent events of chunks, ending with `data: [DONE]`.
     #[serde(default)]
+    #[schema(default = false)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub stop: Option<StringOrList>,
     pub seed: Option<u64>,
+    #[schema(minimum = -2.0, maximum = 2.0, default = 0.0)]
     pub frequency_penalty: Option<f32>,
+    #[schema(minimum = -2.0, maximum = 2.0, default = 0.0)]
     pub presence_penalty: Option<f32>,
     /// Only null (or `{}`) is accepted.
+    #[schema(value_type = Option<Object>)]
     pub logit_bias: Option<Value>,
     /// Accepted and not used.
     pub user: Option<String>,
+    #[schema(exclusive_minimum = 0.0)]
     pub repetition_penalty: Option<f32>,
+    #[schema(minimum = 1)]
     pub top_k: Option<i32>,
     pub ignore_eos_token: Option<bool>,
+    #[schema(value_type = Option<crate::adapter::AdapterSource>)]
     pub adapter_source: Option<String>,
+    /// Token for a private adapter; default: the `Authorization: Bearer` token.
+    #[schema(value_type = Option<String>)]
     pub api_token: Option<ApiToken>,
+    /// `{type: json_object, schema?}`, `{type: json_schema, json_schema: {schema}}` or
+    /// `{type: text}`.
+    #[schema(value_type = Option<Object>)]
     pub response_format: Option<Value>,
 }
 
@@ -79,18 +106,23 @@ pub struct OpenAiRequest<T> {
 }
 
 /// `POST /v1/completions`' own fields.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct CompletionFields {
+    /// One prompt (a list must hold exactly one).
     pub prompt: StringOrList,
+    /// Prepend the prompt to the text.
     #[serde(default)]
+    #[schema(default = false)]
     pub echo: bool,
+    #[schema(minimum = 1)]
     pub best_of: Option<usize>,
     /// Log-probabilities of the generated tokens with this many alternatives each.
+    #[schema(maximum = 10)]
     pub logprobs: Option<u32>,
 }
 
 /// `POST /v1/chat/completions`' own fields.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct ChatFields {
     pub messages: Vec<ChatMessage>,
     /// `tools`, `tool_choice`, `tool_prompt`, `parallel_tool_calls`.
@@ -98,13 +130,63 @@ pub struct ChatFields {
     pub tools: ToolFields,
     /// Log-probabilities of the generated tokens.
     #[serde(default)]
+    #[schema(default = false)]
     pub logprobs: bool,
     /// Alternatives per token with `logprobs` (0..=MAX_TOP_N_TOKENS).
+    #[schema(maximum = 10)]
     pub top_logprobs: Option<u32>,
 }
 
 pub type CompletionRequest = OpenAiRequest<CompletionFields>;
 pub type ChatCompletionRequest = OpenAiRequest<ChatFields>;
+
+/// The schema of a body: the endpoint's fields and the sampling fields, both of one object.
+fn body_schema<T: ToSchema>() -> RefOr<Schema> {
+    AllOfBuilder::new()
+        .item(Ref::from_schema_name(T::name()))
+        .item(Ref::from_schema_name(SamplingFields::name()))
+        .into()
+}
+
+/// Registers the two parts `body_schema` refers to.
+fn body_parts<T: ToSchema>(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+    schemas.push((T::name().into(), T::schema()));
+    T::schemas(schemas);
+    schemas.push((SamplingFields::name().into(), SamplingFields::schema()));
+    SamplingFields::schemas(schemas);
+}
+
+impl PartialSchema for CompletionRequest {
+    fn schema() -> RefOr<Schema> {
+        body_schema::<CompletionFields>()
+    }
+}
+
+impl ToSchema for CompletionRequest {
+    fn name() -> Cow<'static, str> {
+        "CompletionRequest".into()
+    }
+
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        body_parts::<CompletionFields>(schemas);
+    }
+}
+
+impl PartialSchema for ChatCompletionRequest {
+    fn schema() -> RefOr<Schema> {
+        body_schema::<ChatFields>()
+    }
+}
+
+impl ToSchema for ChatCompletionRequest {
+    fn name() -> Cow<'static, str> {
+        "ChatCompletionRequest".into()
+    }
+
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        body_parts::<ChatFields>(schemas);
+    }
+}
 
 /// A part of the body, with the path of a wrong field in the error.
 fn part<T: DeserializeOwned, E: serde::de::Error>(body: &Value) -> Result<T, E> {

@@ -3,14 +3,19 @@
 
 use crate::tools::json_kind;
 use serde::{Deserialize, Serialize};
+use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::ToSchema;
 
 /// One chat message; `content` may be a string or a list of `{"type": "text", "text": ...}` parts
 /// (null: empty). The tool fields are left out of what the template sees when absent, so
 /// templates that test for them (`'tool_calls' in message`) see plain messages as before.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, ToSchema)]
 pub struct ChatMessage {
+    #[schema(example = "user")]
     pub role: String,
     #[serde(default, deserialize_with = "content_text")]
+    #[schema(schema_with = content_schema)]
     pub content: String,
     /// An assistant message's calls (null or `[]`: none).
     #[serde(
@@ -42,22 +47,24 @@ impl ChatMessage {
 
 /// One of an assistant message's `tool_calls`: `{"id", "type": "function", "function": {"name",
 /// "arguments"}}`.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, ToSchema)]
 pub struct ChatToolCall {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     #[serde(rename = "type", default = "function_type")]
+    #[schema(default = "function")]
     pub kind: String,
     pub function: ChatFunctionCall,
 }
 
 /// A call's function and arguments.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, ToSchema)]
 pub struct ChatFunctionCall {
     pub name: String,
     /// The arguments as an object, as Hugging Face templates expect them (`arguments | tojson`).
     /// OpenAI clients send JSON text, which is parsed here; text that is not JSON stays a string.
     #[serde(default = "no_arguments", deserialize_with = "arguments_value")]
+    #[schema(value_type = Value)]
     pub arguments: serde_json::Value,
 }
 
@@ -82,6 +89,27 @@ fn arguments_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<serde_json:
         Value::Null => no_arguments(),
         value => value,
     })
+}
+
+/// The document's form of what `content_text` reads.
+fn content_schema() -> RefOr<Schema> {
+    let part = ObjectBuilder::new()
+        .property(
+            "type",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(["text"])),
+        )
+        .property("text", ObjectBuilder::new().schema_type(Type::String))
+        .required("text");
+    OneOfBuilder::new()
+        .item(ObjectBuilder::new().schema_type(Type::String))
+        .item(ArrayBuilder::new().items(part))
+        .item(ObjectBuilder::new().schema_type(Type::Null))
+        .description(Some(
+            "A string, or a list of text parts (joined); null: empty",
+        ))
+        .into()
 }
 
 /// `content` as OpenAI allows it: a string, null, or a list of text parts (`{"type": "text",

@@ -6,18 +6,23 @@ use crate::errors::{ApiError, ValidationError};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::borrow::Cow;
+use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::{PartialSchema, ToSchema};
 
 /// One entry of `tools`: `{"type": "function", "function": {...}}`.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, ToSchema)]
 pub struct Tool {
     /// Must be "function" (checked by [`validate`], so that the message names the entry).
     #[serde(rename = "type", default)]
+    #[schema(example = "function")]
     pub kind: Option<String>,
     pub function: FunctionDefinition,
 }
 
 /// A function the model may call.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, ToSchema)]
 pub struct FunctionDefinition {
     pub name: String,
     #[serde(default)]
@@ -25,6 +30,7 @@ pub struct FunctionDefinition {
     /// The JSON schema of the arguments (an object); absent: no arguments
     /// (`{"type": "object", "properties": {}}`).
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub parameters: Option<Value>,
     /// OpenAI's strict schema adherence; accepted and ignored, since the output is always
     /// constrained to the schema.
@@ -100,6 +106,41 @@ impl ToolChoice {
     }
 }
 
+/// The JSON forms `from_json` reads.
+impl PartialSchema for ToolChoice {
+    fn schema() -> RefOr<Schema> {
+        let named = ObjectBuilder::new()
+            .property("name", ObjectBuilder::new().schema_type(Type::String))
+            .required("name");
+        let function = ObjectBuilder::new()
+            .property(
+                "type",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some(["function"])),
+            )
+            .property("function", named)
+            .required("type")
+            .required("function");
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some(["auto", "none", "required"])),
+            )
+            .item(function)
+            .item(ObjectBuilder::new().schema_type(Type::Null))
+            .description(Some("Which tool the model calls (null: auto)"))
+            .into()
+    }
+}
+
+impl ToSchema for ToolChoice {
+    fn name() -> Cow<'static, str> {
+        "ToolChoice".into()
+    }
+}
+
 impl<'de> Deserialize<'de> for ToolChoice {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let value = Value::deserialize(deserializer)?;
@@ -108,7 +149,7 @@ impl<'de> Deserialize<'de> for ToolChoice {
 }
 
 /// The tool fields of a chat completion request (flatten them into the request's struct).
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, ToSchema)]
 pub struct ToolFields {
     #[serde(default)]
     pub tools: Option<Vec<Tool>>,
