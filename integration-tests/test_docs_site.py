@@ -97,6 +97,7 @@ def test_the_renderer_reads_both_openapi_30_and_31_forms() -> None:
                     },
                 },
                 "Y": {"type": "string", "enum": ["p", "q"]},
+                "Z": {"allOf": [{"$ref": "#/components/schemas/X"}, {"properties": {"d": {"type": "string"}}}]},
             }
         },
     }
@@ -107,3 +108,5 @@ def test_the_renderer_reads_both_openapi_30_and_31_forms() -> None:
     assert "Request body: `application/json` [`X`](#schema-x)" in page
     assert "| 200 | ok \\| done | none |" in page
     assert 'Type: `"p"` or `"q"`.' in page
+    assert "Also has every field of [`X`](#schema-x).\n\n| field | type | required | description |\n" in page
+    assert "| `d` | string |  |  |" in page

@@ -96,12 +96,19 @@ def render_schema(name: str, schema: Schema) -> list[str]:
     lines = [f"### `{name}` {{#{schema_anchor(name)}}}", ""]
     if schema.get("description"):
         lines += [schema["description"], ""]
-    properties = schema.get("properties")
+    # An allOf of named schemas and inline objects: the inline fields are listed here, the named
+    # schemas linked (their fields are listed under their own names).
+    parts = [schema, *schema.get("allOf", [])]
+    included = [type_of(part) for part in parts if "$ref" in part]
+    properties = {k: v for part in parts for k, v in part.get("properties", {}).items()}
+    required = {field for part in parts for field in part.get("required", [])}
+    if included:
+        lines += [f"Also has every field of {', '.join(included)}.", ""]
     if not properties:
-        lines += [f"Type: {type_of(schema)}.", ""]
+        if not included:
+            lines += [f"Type: {type_of(schema)}.", ""]
         extra = constraints_of(schema)
         return lines + ([extra, ""] if extra else [])
-    required = set(schema.get("required", []))
     lines += ["| field | type | required | description |", "|---|---|---|---|"]
     for field, sub in properties.items():
         mark = "yes" if field in required else ""
