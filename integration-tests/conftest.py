@@ -77,7 +77,7 @@ def launch(
             try:
                 if requests.get(f"{server.url}/health", timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or its first probe is slow
                 pass
             if time.time() > deadline:
                 raise TimeoutError(f"server did not become healthy:\n{server.log()[-4000:]}")

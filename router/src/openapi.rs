@@ -4,6 +4,7 @@
 //! `docs/reference/openapi.json` (`reference`).
 
 mod events;
+mod headers;
 mod page;
 #[cfg(test)]
 mod reference;
@@ -56,6 +57,7 @@ struct ApiDoc;
 pub fn document() -> Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the document is JSON");
     events::describe_events(&mut doc);
+    headers::describe_answer_headers(&mut doc);
     doc
 }
 
