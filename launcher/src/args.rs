@@ -199,6 +199,13 @@ pub struct Args {
     #[arg(long, env, value_enum)]
     pub attention_backend: Option<AttentionBackend>,
 
+    /// Replay decode steps from CUDA graphs, one captured per batch size (up to 128 requests),
+    /// which saves the kernel launches that bound small decode batches on a GPU; costs a little GPU
+    /// memory. Needs a CUDA device and the `triton` attention backend, and is not used for sharded
+    /// models yet: elsewhere the shard logs why and decodes eagerly. Outputs are unchanged.
+    #[arg(long, env)]
+    pub compile: bool,
+
     /// Data type of the weights and activations. Unset: the shard's default for the device
     /// (bfloat16 or float16 on GPU, float32 on CPU).
     #[arg(long, env, value_enum)]

@@ -108,6 +108,9 @@ pub fn shard(server: &Path, args: &Args, env: &ChildEnv, rank: usize) -> Command
     if let Some(backend) = args.attention_backend {
         spec = spec.arg("--attention-backend").arg(backend.to_string());
     }
+    if args.compile {
+        spec = spec.arg("--compile");
+    }
     if let Some(adapter) = &args.adapter_id {
         // Its Medusa heads, if it has some, draft for the requests whose adapter has none.
         spec = spec
@@ -281,6 +284,7 @@ mod tests {
             "--prefix-caching",
             "--attention-backend",
             "triton",
+            "--compile",
         ]);
         let cache = ChildEnv {
             hub_cache: Some("/data".into()),
@@ -291,7 +295,7 @@ mod tests {
             spec.args_lossy().join(" "),
             "serve org/model --uds-path /run/s --revision main --dtype bfloat16 --sharded \
              --kv-cache-blocks 64 --memory-fraction 0.5 --trust-remote-code --quantize eetq \
-             --prefix-caching --attention-backend triton --otlp-endpoint http://otel:4317"
+             --prefix-caching --attention-backend triton --compile --otlp-endpoint http://otel:4317"
         );
         assert_eq!(env_of(&spec, "RANK").as_deref(), Some("1"));
         assert_eq!(env_of(&spec, "LOCAL_RANK").as_deref(), Some("1"));

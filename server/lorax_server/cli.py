@@ -37,6 +37,7 @@ class ShardConfig:
     prefix_caching: bool = False
     chunked_prefill: bool = False
     attention_backend: str | None = None  # None: the best available on the device
+    compile: bool = False  # replay decode steps from CUDA graphs
     speculative_tokens: int = 0
     speculation_max_batch_size: int = 32
     default_adapter_id: str | None = None
@@ -85,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compute at most the router's prefill budget of prompt tokens per step; longer prompts take several",
     )
+    serve.add_argument("--compile", action="store_true", help="replay decode steps from CUDA graphs (triton backend)")
     serve.add_argument(
         "--attention-backend",
         choices=["torch", "triton", "flash"],
@@ -146,6 +148,7 @@ def _shard_config(args: argparse.Namespace) -> ShardConfig:
         prefix_caching=args.prefix_caching,
         chunked_prefill=args.chunked_prefill,
         attention_backend=args.attention_backend,
+        compile=args.compile,
         speculative_tokens=args.speculative_tokens,
         speculation_max_batch_size=args.speculation_max_batch_size,
         default_adapter_id=args.default_adapter_id,
@@ -203,7 +206,9 @@ def run_serve(cfg: ShardConfig) -> None:
     if cfg.speculative_tokens < 0 or cfg.speculation_max_batch_size < 0:
         raise SystemExit("--speculative-tokens and --speculation-max-batch-size must not be negative")
     speculation = SpeculationConfig(cfg.speculative_tokens, cfg.speculation_max_batch_size)
-    engine = Engine(model, tokenizer, cache, adapters, chunked_prefill=cfg.chunked_prefill, speculation=speculation)
+    engine = Engine(
+        model, tokenizer, cache, adapters, cfg.chunked_prefill, speculation=speculation, cuda_graphs=cfg.compile
+    )
     try:
         asyncio.run(serve(engine, model.config.architecture, cfg.uds_path, cfg.rank, cfg.world_size))
     finally:

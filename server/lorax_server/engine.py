@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from . import decode_graphs
 from .adapters.chat_template import ChatTemplateFiles
 from .adapters.lora import segments_of
 from .adapters.manager import AdapterInUse, AdapterManager, AdapterRequest, Modules
@@ -66,6 +67,7 @@ class Engine:
         adapters: AdapterManager | None = None,
         chunked_prefill: bool = False,
         speculation: SpeculationConfig | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         self.model = model
         self.adapters = adapters
@@ -98,6 +100,8 @@ class Engine:
         speculation = speculation or SpeculationConfig()
         on = speculation.enabled or adapters is not None
         self.speculator = Speculator(speculation, model, self.emitter, adapters) if on else None
+        self.cuda_graphs = cuda_graphs and decode_graphs.available(model)  # `--compile`
+        self.graphs: decode_graphs.DecodeGraphs | None = None  # made at warm-up, over the KV cache
 
     # ------------------------------------------------------------------ warm-up and cache sizing
     def warmup(self, max_input_length: int, max_prefill_tokens: int, max_total_tokens: int) -> int:
@@ -126,13 +130,17 @@ class Engine:
         tp = getattr(self.model, "tp", None)
         if tp is not None:
             num_blocks = tp.all_reduce_min(num_blocks)
-        if num_blocks * bs < max_total_tokens:
+        scratch = 1 if self.cuda_graphs else 0  # the decode graphs' padding rows write to a block of their own
+        if (num_blocks - scratch) * bs < max_total_tokens:
             raise RequestError(
-                f"the KV cache holds {num_blocks * bs} tokens, fewer than "
+                f"the KV cache holds {(num_blocks - scratch) * bs} tokens, fewer than "
                 f"max_total_tokens={max_total_tokens}; lower --max-total-tokens or give the cache more memory"
             )
         self.cache = KVCache(layers, num_blocks, bs, kv_heads, head_dim, dtype, self.device)
+        num_blocks -= scratch
         self.blocks = BlockManager(num_blocks, bs)
+        if self.cuda_graphs:
+            self.graphs = decode_graphs.DecodeGraphs(self.model, self.cache, num_blocks, -(-max_total_tokens // bs))
         log.info(
             "KV cache: %s, %d blocks of %d tokens = %d tokens (%.1f MiB)",
             str(dtype).removeprefix("torch."),  # float8_e4m3fn under --quantize fp8-kv: 1 byte per value
@@ -160,6 +168,15 @@ class Engine:
         lens = [max_input_length] * (max_prefill_tokens // max_input_length)
         if max_prefill_tokens % max_input_length:
             lens.append(max_prefill_tokens % max_input_length)
+        # What the largest prefill takes beyond the weights (its activations and its few KV blocks):
+        # kept free when the KV cache is sized; with decode graphs, also their private memory pool,
+        # which holds what the largest captured decode step allocates.
+        self._prefill_peak = self._peak_of(lens)
+        if self.cuda_graphs:
+            self._prefill_peak += self._peak_of([1] * decode_graphs.BUCKETS[-1])
+
+    def _peak_of(self, lens: list[int]) -> int:
+        """Run one forward pass over prompts of `lens` tokens; on a GPU, the bytes it allocated at its peak."""
         bs = self.cache_config.block_size
         tables = [sum(math.ceil(n / bs) for n in lens[:i]) for i in range(len(lens))]
         width = max(math.ceil(n / bs) for n in lens)
@@ -176,9 +193,7 @@ class Engine:
         ids = torch.zeros(sum(lens), dtype=torch.int64, device=self.device)
         self.model.forward(ForwardBatch.build(ids, lens, lens, block_tables, bs), cache)
         del cache
-        # What the largest prefill takes beyond the weights (its activations and its few KV blocks):
-        # kept free when the KV cache is sized.
-        self._prefill_peak = torch.cuda.max_memory_allocated(self.device) - before if on_gpu else 0
+        return torch.cuda.max_memory_allocated(self.device) - before if on_gpu else 0
 
     # ------------------------------------------------------------------ health
     def health(self) -> None:
@@ -329,8 +344,9 @@ class Engine:
         # The prompt blocks this pass fills become reusable (see `prompts.allocate`; a prefill's already are).
         registered = [b for p, _, e in pieces for b in blocks.register(p.block_table, p.keys[: e // bs])]
         forward_start = time.perf_counter_ns()
+        forward = self.graphs.forward if self.graphs is not None and not pieces else self.model.forward
         try:
-            logits = self.model.forward(meta, cache)
+            logits = forward(meta, cache)
         except BaseException:
             blocks.unregister(registered)  # never written
             raise

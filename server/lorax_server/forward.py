@@ -83,6 +83,15 @@ class LoraKernelRows:
     longest: int  # host copy: the most tokens in one segment (the SGMV grid)
     row_slot: torch.Tensor | None  # [num_tokens] int32 when every row is one token (decode), else None
 
+    @staticmethod
+    def row_slots(segments: list[tuple[int, int, int]], num_tokens: int, order: tuple[int, ...]) -> list[int]:
+        """Each token's slot in a stack of the adapters `order`; -1 for tokens without one there."""
+        slot_of = {index: slot for slot, index in enumerate(order)}
+        row_slot = [-1] * num_tokens
+        for start, end, index in segments:
+            row_slot[start:end] = [slot_of.get(index, -1)] * (end - start)
+        return row_slot
+
     @classmethod
     def build(
         cls,
@@ -98,10 +107,7 @@ class LoraKernelRows:
         slots = [slot_of.get(index, -1) for _, _, index in segments]
         values = [start for start, _, _ in segments] + [end for _, end, _ in segments] + slots
         if decode:
-            row_slot = [-1] * num_tokens
-            for (start, end, _), slot in zip(segments, slots, strict=True):
-                row_slot[start:end] = [slot] * (end - start)
-            values += row_slot
+            values += cls.row_slots(segments, num_tokens, adapters)
         host = torch.tensor(values, dtype=torch.int32)
         if device.type == "cuda":  # pinned, the copy queues on the stream instead of waiting for it
             host = host.pin_memory()
@@ -138,6 +144,9 @@ class ForwardBatch:
     # Host copies of the per-sequence lengths (empty when the batch was built without them).
     host_query_lens: list[int] = field(default_factory=list)
     host_context_lens: list[int] = field(default_factory=list)
+    # A captured decode graph's batch (`decode_graphs`): each adapted linear applies the stack of factors
+    # it kept, with per-token slots from `lora_kernel_rows`, which the graph fills before each replay.
+    pinned_stacks: bool = False
     _adapter_slots: torch.Tensor | None = field(default=None, init=False, repr=False)  # see adapter_slots
     _lora_groups: dict = field(default_factory=dict, init=False, repr=False)  # see lora_groups
     _lora_kernel_rows: dict = field(default_factory=dict, init=False, repr=False)  # see lora_kernel_rows

@@ -24,8 +24,9 @@ Semantics (the oracle faster kernels are tested against):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -107,6 +108,7 @@ class _Stacked:
     adapters: tuple[int, ...]
     a: torch.Tensor  # [segments, in_features, sum of the parts' ranks]
     parts: list[_StackedPart]
+    serial: int = field(default_factory=itertools.count(1).__next__)  # tells stacks apart (decode graphs)
 
 
 class LoraSlots:
@@ -144,6 +146,19 @@ class LoraSlots:
 
     def adapter_indices(self) -> Collection[int]:
         return self.by_adapter.keys()
+
+    @property
+    def kept_order(self) -> tuple[int, ...] | None:
+        """The adapters of the kept stack, in slot order (None: no stack kept)."""
+        return self._stacked.adapters if self._stacked is not None else None
+
+    def keep_stack_for(self, adapters: tuple[int, ...]) -> int:
+        """Bring the kept stack up to date for a decode step over `adapters` (in the batch's order), as
+        the kernels of that step would; returns the kept stack's serial (0: none). A captured decode
+        graph reads the stack it was captured with (`decode_graphs`): a new serial makes it stale."""
+        if adapters:
+            self._kernel_stack(adapters, grow=False)
+        return self._stacked.serial if self._stacked is not None else 0
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, rows: LoraRows) -> None:
         """y: [num_tokens, out_features] base output, updated in place; x: [num_tokens, in_features]."""
@@ -187,6 +202,9 @@ class LoraSlots:
     def _add_with_kernels(self, y: torch.Tensor, x: torch.Tensor, rows: LoraRows) -> None:
         """The Triton kernels over the kept stack: one shrink for every part, one expand per part."""
         batch = rows if isinstance(rows, ForwardBatch) else None
+        if batch is not None and batch.pinned_stacks:  # a decode graph: the stack it is captured with
+            self._add_pinned(y, x, batch)
+            return
         if batch is not None:
             order = batch.lora_order()
         else:
@@ -200,15 +218,19 @@ class LoraSlots:
             plan = LoraKernelRows.build(rows.lora_segments, y.shape[0], y.device, stacked.adapters)
         k = _triton_lora
         if plan.row_slot is not None:  # decode: one token per row, each reads its own slot
-            shrunk = k.bgmv_shrink(x, stacked.a, plan.row_slot)
-            for part in stacked.parts:
-                k.bgmv_expand(y, shrunk[:, part.r_start : part.r_end], part.b, plan.row_slot, part.out_start)
+            _bgmv(y, x, stacked, plan.row_slot)
             return
         segments = (plan.seg_start, plan.seg_end, plan.seg_slot)
         shrunk = k.sgmv_shrink(x, stacked.a, *segments, max_len=plan.longest)
         for part in stacked.parts:
             columns = shrunk[:, part.r_start : part.r_end]
             k.sgmv_expand(y, columns, part.b, *segments, out_offset=part.out_start, max_len=plan.longest)
+
+    def _add_pinned(self, y: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> None:
+        """BGMV over the kept stack whatever the batch's adapters, with per-token slots the batch holds
+        for that stack's order (`decode_graphs` fills them before every replay; -1: no adapter here)."""
+        if self._stacked is not None:
+            _bgmv(y, x, self._stacked, batch.lora_kernel_rows(self._stacked.adapters).row_slot)
 
     def _stack(self, adapters: tuple[int, ...]) -> _Stacked | None:
         """Stacked factors holding at least `adapters`; None when none of them adapts this linear.
@@ -266,6 +288,13 @@ class LoraSlots:
             parts.append(_StackedPart(out_start, out_end, r0, r0 + ranks[part], b))
         self._stacked = _Stacked(adapters, a, parts)
         return self._stacked
+
+
+def _bgmv(y: torch.Tensor, x: torch.Tensor, stacked: _Stacked, row_slot: torch.Tensor) -> None:
+    """y[t] += every part of the adapter in stack slot row_slot[t] applied to x[t] (nothing for -1)."""
+    shrunk = _triton_lora.bgmv_shrink(x, stacked.a, row_slot)
+    for part in stacked.parts:
+        _triton_lora.bgmv_expand(y, shrunk[:, part.r_start : part.r_end], part.b, row_slot, part.out_start)
 
 
 def attach_lora(targets: Mapping[str, tuple[Linear, int]]) -> dict[int, LoraSlots]:

@@ -28,6 +28,7 @@ class LoraRows(Protocol):
     """What an adapted linear needs of its batch: a `ForwardBatch`, or a MoE expert's `ExpertRows`."""
 
     lora_segments: list[tuple[int, int, int]]  # (start, end, adapter_index) token ranges
+    pinned_stacks: bool  # a captured decode graph's batch: adapters apply whatever its segments
 
 
 class LinearHook(Protocol):
@@ -94,7 +95,7 @@ class Linear:
             y = w.matmul(x)
             if bias_now is not None:
                 y += bias_now
-        if self.lora is not None and meta is not None and meta.lora_segments:
+        if self.lora is not None and meta is not None and (meta.lora_segments or meta.pinned_stacks):
             self.lora.add_to(y, x, meta)
         if self.reduce is not None:
             self.reduce.all_reduce(y)

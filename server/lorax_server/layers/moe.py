@@ -37,6 +37,7 @@ class ExpertRows(NamedTuple):
     """What an expert's linears need of the batch: the adapter segments of the rows routed to it."""
 
     lora_segments: list[tuple[int, int, int]]  # (start, end, adapter_index), offsets into the expert's rows
+    pinned_stacks: bool = False  # never: experts' rows are not replayed from graphs
 
 
 class SparseMoE:

@@ -1,0 +1,151 @@
+"""Decode graphs (`--compile`): everything around the CUDA capture (buckets, padding rows on the scratch
+block, static inputs, stacks of adapter factors pinned at capture and kept current) checked on the CPU,
+with the Triton kernels under the interpreter and each replay run eagerly on the static tensors
+(`decode_graphs.replay_eagerly`). Outputs must equal eager decoding's: greedy ids and logprobs, in
+mixed-adapter batches that shrink as requests finish and that an adapter new to the batch joins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import make_lora_adapter
+from transformers import AutoTokenizer
+
+from lorax_server import decode_graphs
+from lorax_server.adapters import lora
+from lorax_server.adapters.manager import AdapterManager, AdapterRequest
+from lorax_server.batch import RequestIn
+from lorax_server.engine import CacheConfig, Engine
+from lorax_server.forward import ForwardBatch
+from lorax_server.layers.triton.attention import TritonAttention
+from lorax_server.models.loader import load_model
+from lorax_server.sampling import SamplingParams
+
+BLOCK = 4
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def engine(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    tmp = tmp_path_factory.mktemp("graph-adapters")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(decode_graphs.CAPTURE_BY_DEVICE, "cpu", decode_graphs.replay_eagerly)
+        mp.setattr(decode_graphs, "STABLE_STEPS", 3)
+        lora.set_kernels("triton")
+        try:
+            model = load_model(llama_dir, TritonAttention(BLOCK), CPU, "float32")
+            fetch = lambda adapter_id, source, token: Path(adapter_id)  # noqa: E731
+            manager = AdapterManager(model, fetch=fetch, device_budget_bytes=2**30)
+            eng = Engine(model, AutoTokenizer.from_pretrained(llama_dir), CacheConfig(BLOCK, num_blocks=257), manager,
+                         cuda_graphs=True)  # fmt: skip
+            eng.warmup(64, 256, 96)
+            targets = [["q_proj", "v_proj"], ["gate_proj", "up_proj", "down_proj", "o_proj"], ["q_proj", "k_proj"]]
+            for i, modules in enumerate(targets, start=1):
+                d = make_lora_adapter(llama_dir, tmp / f"a{i}", i, r=4 * i, lora_alpha=8, target_modules=modules)
+                req = AdapterRequest(ids=(str(d),), source="local")
+                manager.install(i, req, manager.prepare(req))
+            yield eng
+        finally:
+            lora.set_kernels("torch")
+
+
+def request(i: int, adapter: int, max_new: int) -> RequestIn:
+    g = torch.Generator().manual_seed(i)
+    prompt = torch.randint(3, 300, (5 + 3 * i,), generator=g).tolist()
+    return RequestIn(id=i, input_ids=prompt, sampling=SamplingParams(), max_new_tokens=max_new, ignore_eos=True,
+                     adapter_index=adapter, top_n_tokens=2)  # fmt: skip
+
+
+def drive(engine: Engine, first: list[RequestIn], later: list[RequestIn], join_after: int) -> dict[int, list]:
+    """Decode `first` to the end; `later` is prefilled after `join_after` steps and joins the batch."""
+    out: dict[int, list] = {r.id: [] for r in first + later}
+    gens, batch = engine.prefill(1, first)
+    ids = [batch.id] if batch is not None else []
+    step = 0
+    while ids:
+        for g in gens:
+            out[g.request_id].append(g)
+        if step == join_after:
+            joined, extra = engine.prefill(2, later)
+            for g in joined:
+                out[g.request_id].append(g)
+            ids += [extra.id] if extra is not None else []
+        gens, batch = engine.decode(ids)
+        ids = [batch.id] if batch is not None else []
+        step += 1
+    for g in gens:
+        out[g.request_id].append(g)
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    return out
+
+
+def test_replayed_decode_equals_eager_decode(engine: Engine) -> None:
+    # Rows of base, adapter 1 and adapter 2 (6 → bucket 8, shrinking to 1 as they finish), then
+    # adapter 3 joins: its q_proj factors are new to the kept stacks, so the graphs are captured again.
+    first = [request(i, i % 3, 5 + 2 * i) for i in range(6)]
+    later = [request(10 + i, 3 if i < 2 else 1, 9) for i in range(3)]
+    graphs = engine.graphs
+    assert graphs is not None and engine.blocks.num_blocks == engine.cache.num_blocks - 1  # the scratch block
+    kept, engine.graphs = engine.graphs, None
+    plain = drive(engine, first, later, join_after=4)
+    engine.graphs = kept
+    replayed = drive(engine, first, later, join_after=4)
+    assert graphs.captures >= 2 and graphs.replays >= 10, (graphs.captures, graphs.replays)
+    assert {g.size for g in graphs.graphs.values()} <= set(decode_graphs.BUCKETS)
+    for r in first + later:
+        a, b = plain[r.id], replayed[r.id]
+        assert [g.token_id for g in b] == [g.token_id for g in a], r.id
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a, b, strict=True)) < 1e-4
+        for x, y in zip(a[1:], b[1:], strict=True):
+            assert y.top_tokens.ids == x.top_tokens.ids
+
+
+def test_a_new_stack_drops_the_graphs_and_steps_run_eagerly_until_stable(
+    engine: Engine, llama_dir: Path, tmp_path: Path
+) -> None:
+    graphs = engine.graphs
+    drive(engine, [request(20, 1, 8), request(21, 0, 8)], [], join_after=-1)
+    captured = graphs.captures
+    assert graphs.graphs, "a stable batch replays"
+    # An adapter installed now is in no kept stack: its first step restacks, and the graphs go.
+    d = make_lora_adapter(llama_dir, tmp_path / "a4", 4, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    req = AdapterRequest(ids=(str(d),), source="local")
+    engine.adapters.install(4, req, engine.adapters.prepare(req))
+    calls = []
+    original = graphs.model.forward
+    graphs.model.forward = lambda meta, cache: calls.append(meta.pinned_stacks) or original(meta, cache)
+    try:
+        drive(engine, [request(22, 4, 3)], [], join_after=-1)
+    finally:
+        del graphs.model.forward
+        engine.adapters.offload(4)
+    assert graphs.captures == captured and not graphs.graphs  # dropped, none captured again yet
+    assert calls == [False, False, False]  # the prompt, then two eager decode steps while the stacks settle
+
+
+def test_only_plain_decode_steps_within_the_buckets_are_served(engine: Engine) -> None:
+    graphs = engine.graphs
+    tables = torch.zeros(3, 2, dtype=torch.int64)
+    decode = ForwardBatch.build(torch.zeros(3, dtype=torch.int64), [1, 1, 1], [4, 5, 6], tables, BLOCK)
+    prompt = ForwardBatch.build(torch.zeros(5, dtype=torch.int64), [1, 3, 1], [4, 5, 6], tables, BLOCK)
+    wide = ForwardBatch.build(torch.zeros(1, dtype=torch.int64), [1], [4], torch.zeros(1, 99, dtype=torch.int64), BLOCK)
+    many = ForwardBatch.build(torch.zeros(200, dtype=torch.int64), [1] * 200, [4] * 200, torch.zeros(200, 1,
+                              dtype=torch.int64), BLOCK)  # fmt: skip
+    assert graphs.serves(decode)
+    assert not graphs.serves(prompt) and not graphs.serves(wide) and not graphs.serves(many)
+
+
+def test_graphs_are_off_where_they_cannot_run(llama_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from lorax_server.layers.attention import TorchAttention
+
+    model = load_model(llama_dir, TritonAttention(BLOCK), CPU, "float32")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delitem(decode_graphs.CAPTURE_BY_DEVICE, "cpu", raising=False)  # as outside these tests
+        assert not decode_graphs.available(model)
+        assert "need a CUDA device" in caplog.text
+        mp.setitem(decode_graphs.CAPTURE_BY_DEVICE, "cpu", decode_graphs.replay_eagerly)
+        model.backend = TorchAttention(BLOCK)
+        assert not decode_graphs.available(model)
+        assert "need the triton attention backend, not torch" in caplog.text
