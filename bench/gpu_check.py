@@ -9,8 +9,10 @@ Sections, each printed as it runs so that a run cut short still leaves its resul
                our tokens so every position compares; and our torch backend against our Triton one.
                float32 (TF32 off) is a hard check, bfloat16 is reported.
 3. throughput  a random ~0.9B Llama (bf16) with rank-16 adapters on every projection, served by our
-               engine in this process: decode tokens/s at several batch sizes and adapter counts, each
-               beside the memory-bandwidth bound, and PASS/FAIL lines for the issue's targets.
+               engine in this process: first greedy decode replayed from CUDA graphs (`--compile`)
+               against eager decode on mixed adapters; then decode tokens/s at several batch sizes and
+               adapter counts, eager and from CUDA graphs, each beside the memory-bandwidth bound, and
+               PASS/FAIL lines for the issue's targets.
 
 Every section checks a time budget (default 420 s in all) and skips what is left, with a SKIP line,
 once past it. `--dry-run` runs all of it on the CPU at tiny sizes (Triton's interpreter when triton
@@ -637,6 +639,7 @@ class Measure:
     step_s: float  # one engine decode step: forward, sampling, detokenization, stop checks
     forward_s: float | None  # the model's forward alone, on the same batch
     mean_context: float  # tokens each row attends to, averaged over the timed steps
+    graph_s: float | None = None  # one engine decode step replayed from a CUDA graph (--compile)
 
 
 def make_engine(model_dir: Path, plan: Plan, num_adapters: int):  # noqa: ANN201
@@ -660,7 +663,8 @@ def make_engine(model_dir: Path, plan: Plan, num_adapters: int):  # noqa: ANN201
     total = sizes.prompt_len + max_new_tokens(sizes)
     num_blocks = (max(sizes.batches) + 1) * math.ceil(total / BLOCK)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    engine = Engine(model, tokenizer, CacheConfig(BLOCK, num_blocks=num_blocks), manager)
+    # Decode graphs where they apply (a CUDA device, the triton backend); `measure` times both ways.
+    engine = Engine(model, tokenizer, CacheConfig(BLOCK, num_blocks=num_blocks + 1), manager, cuda_graphs=True)
     engine.warmup(sizes.prompt_len, max(sizes.batches) * sizes.prompt_len, total)
     return engine
 
@@ -670,8 +674,11 @@ def _never_fetch(adapter_id: str, source: object, token: str | None) -> Path:
 
 
 def max_new_tokens(sizes: BenchSizes) -> int:
-    # Every row stays in the batch for the whole measurement (ignore_eos; the limit is never reached).
-    return sizes.warmup_steps + sizes.timed_steps + 2
+    # Every row stays in the batch for the whole measurement (ignore_eos; the limit is never reached):
+    # eager steps, then the steps that settle and capture the decode graphs, then replayed steps.
+    from lorax_server.decode_graphs import STABLE_STEPS
+
+    return sizes.warmup_steps + 2 * sizes.timed_steps + STABLE_STEPS + 4
 
 
 def measure(engine, plan: Plan, batch: int, adapters: int, batch_id: int) -> Measure:  # noqa: ANN001
@@ -694,21 +701,78 @@ def measure(engine, plan: Plan, batch: int, adapters: int, batch_id: int) -> Mea
         )
         for r in range(batch)
     ]
+    from lorax_server.decode_graphs import STABLE_STEPS
+
+    graphs, engine.graphs = engine.graphs, None  # eager first
     _, running = engine.prefill(batch_id, requests)
-    for _ in range(sizes.warmup_steps):
-        _, running = engine.decode([running.id])
-    sync(plan.device)
-    start = time.perf_counter()
-    for _ in range(sizes.timed_steps):
-        _, running = engine.decode([running.id])
-    sync(plan.device)
-    step_s = (time.perf_counter() - start) / sizes.timed_steps
+    running, step_s = timed_steps(engine, running, sizes.warmup_steps, sizes.timed_steps, plan.device)
     assert running is not None and len(running) == batch, "a row left the batch during the measurement"
     forward_s = forward_only(engine, running, sizes.forward_steps, plan.device)
+    graph_s = None
+    if graphs is not None:  # the same batch, a little longer: settle, capture, then replay
+        engine.graphs = graphs
+        running, graph_s = timed_steps(engine, running, STABLE_STEPS + 2, sizes.timed_steps, plan.device)
     engine.clear(running.id)
     # The first decode step attends to prompt + 1 tokens; each later one to one more.
     mean_context = sizes.prompt_len + 1 + sizes.warmup_steps + (sizes.timed_steps - 1) / 2
-    return Measure(batch, adapters, step_s, forward_s, mean_context)
+    return Measure(batch, adapters, step_s, forward_s, mean_context, graph_s)
+
+
+def graphs_match_eager(engine, plan: Plan, report: Report) -> None:  # noqa: ANN001
+    """Greedy decode of 6 rows (base and 3 adapters; bucket 8: 2 padding rows; fewer in a dry run)
+    eagerly, then replayed from CUDA graphs captured at the first step: the same tokens, logprobs within
+    the dtype's noise."""
+    from lorax_server import decode_graphs
+    from lorax_server.batch import RequestIn
+    from lorax_server.sampling import SamplingParams
+
+    if engine.graphs is None:
+        report.verdict("SKIP", "decode graphs vs eager: --compile does not apply here (see the log)")
+        return
+    g = torch.Generator().manual_seed(99)
+    vocab, steps = engine.model.config.vocab_size, 12
+    rows, kinds = min(6, max(plan.bench.batches) - 1), min(3, max(plan.bench.adapter_counts)) + 1
+    requests = [
+        RequestIn(id=r, input_ids=torch.randint(3, vocab, (plan.bench.prompt_len,), generator=g).tolist(),
+                  sampling=SamplingParams(), max_new_tokens=steps, ignore_eos=True, adapter_index=r % kinds)
+        for r in range(rows)
+    ]  # fmt: skip
+    graphs, stable, runs = engine.graphs, decode_graphs.STABLE_STEPS, []
+    decode_graphs.STABLE_STEPS = 1
+    try:
+        for batch_id, use in ((900, None), (901, graphs)):
+            engine.graphs, out = use, {}
+            gens, running = engine.prefill(batch_id, requests)
+            while True:
+                for x in gens:
+                    out.setdefault(x.request_id, []).append((x.token_id, x.logprob))
+                if running is None:
+                    break
+                gens, running = engine.decode([running.id])
+            runs.append(out)
+    finally:
+        engine.graphs, decode_graphs.STABLE_STEPS = graphs, stable
+    eager, replayed = runs
+    same = sum(a[0] == b[0] for r in eager for a, b in zip(eager[r], replayed[r], strict=True))
+    worst = max(abs(a[1] - b[1]) for r in eager for a, b in zip(eager[r], replayed[r], strict=True))
+    total, tol = rows * steps, 1e-4 if plan.bench.dtype == "float32" else 5e-2
+    report.verdict(
+        "PASS" if same == total and worst < tol and graphs.replays else "FAIL",
+        f"decode graphs vs eager: {same}/{total} greedy tokens equal, max |dlogprob| {worst:.2e} (needs < {tol}), "
+        f"{graphs.captures} captures, {graphs.replays} replays",
+    )
+
+
+def timed_steps(engine, running, warmup: int, timed: int, device: torch.device):  # noqa: ANN001, ANN201
+    """`warmup` decode steps, then `timed` timed ones: (the batch, seconds per timed step)."""
+    for _ in range(warmup):
+        _, running = engine.decode([running.id])
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(timed):
+        _, running = engine.decode([running.id])
+    sync(device)
+    return running, (time.perf_counter() - start) / timed
 
 
 def forward_only(engine, running, steps: int, device: torch.device) -> float | None:  # noqa: ANN001
@@ -743,7 +807,8 @@ def forward_only(engine, running, steps: int, device: torch.device) -> float | N
 
 THROUGHPUT_HEADER = (
     "| batch | adapters | engine ms/step | tokens/s | forward-only ms/step | bound tokens/s (weights+KV) | "
-    "measured/bound | bound tokens/s (+adapter bytes) | measured/bound |\n|---|---|---|---|---|---|---|---|---|"
+    "measured/bound | bound tokens/s (+adapter bytes) | measured/bound | --compile ms/step | --compile tokens/s |"
+    "\n|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -769,10 +834,11 @@ def table_row(plan: Plan, m: Measure) -> str:
     b = bounds(plan, m)
     tps = m.batch / m.step_s
     fwd = f"{m.forward_s * 1e3:.2f}" if m.forward_s is not None else "n/a"
+    graph = f"{m.graph_s * 1e3:.2f} | {m.batch / m.graph_s:,.0f}" if m.graph_s is not None else "n/a | n/a"
     return (
         f"| {m.batch} | {m.adapters} | {m.step_s * 1e3:.2f} | {tps:,.0f} | {fwd} | {b.tokens_per_s:,.0f} | "
         f"{tps / b.tokens_per_s:.3f} | {b.with_adapters_tokens_per_s:,.0f} | "
-        f"{tps / b.with_adapters_tokens_per_s:.3f} |"
+        f"{tps / b.with_adapters_tokens_per_s:.3f} | {graph} |"
     )
 
 
@@ -799,8 +865,13 @@ def section_throughput(plan: Plan, report: Report) -> None:
         report.log("writing the random checkpoint")
         model_dir = write_bench_model(Path(tmp), sizes, plan.device)
         report.log("loading it into the engine, installing the adapters")
+        if plan.dry_run:  # no CUDA graphs on the CPU: replay them eagerly, so the path still runs
+            from lorax_server import decode_graphs
+
+            decode_graphs.CAPTURE_BY_DEVICE.setdefault("cpu", decode_graphs.replay_eagerly)
         engine = make_engine(model_dir, plan, max(sizes.adapter_counts))
         report.log("engine ready")
+        graphs_match_eager(engine, plan, report)
         report.say(THROUGHPUT_HEADER)
         results: dict[tuple[int, int], Measure] = {}
         for i, (batch, adapters) in enumerate(bench_configs(sizes), start=1):

@@ -62,7 +62,9 @@ def test_every_section_of_the_dry_run_runs(gpu_check: ModuleType, capsys: pytest
     report = run_all(gpu_check, tiny_plan(gpu_check))
     out = capsys.readouterr().out
     statuses = [status for status, _ in report.verdicts]
-    assert "ERROR" not in statuses and "SKIP" not in statuses, out
+    skipped = [text for status, text in report.verdicts if status == "SKIP"]
+    assert "ERROR" not in statuses and len(skipped) == 1, out
+    assert skipped[0].startswith("decode graphs vs eager: --compile does not apply"), out  # torch attention
     # float32 llama against peft and against the torch backend (here: itself), exact to float32 rounding
     assert statuses.count("PASS") == 2, out
     assert "| llama | float32 |" in out
