@@ -136,7 +136,12 @@ class DecodeGraphs:
         if graph is None:
             if self.stable_steps < STABLE_STEPS:
                 return self.model.forward(meta, cache)
-            graph = self.graphs[bucket] = self._capture(bucket)
+            try:
+                graph = self.graphs[bucket] = self._capture(bucket)
+            except Exception:  # an op that cannot be captured (some quantized matmuls sync): stay eager
+                log.exception("--compile: capturing the decode graph of %d rows failed; decoding eagerly", bucket)
+                self.buckets = ()
+                return self.model.forward(meta, cache)
         self._load(meta, bucket)
         graph.replay()
         self.replays += 1

@@ -125,10 +125,16 @@ def test_a_new_stack_drops_the_graphs_and_steps_run_eagerly_until_stable(
     assert calls == [False, False, False]  # the prompt, then two eager decode steps while the stacks settle
 
 
+def tried_meta(rows: int) -> ForwardBatch:
+    """A decode step's batch of `rows` rows (contexts of 4 tokens)."""
+    ids, tables = torch.zeros(rows, dtype=torch.int64), torch.zeros(rows, 2, dtype=torch.int64)
+    return ForwardBatch.build(ids, [1] * rows, [4] * rows, tables, BLOCK)
+
+
 def test_only_plain_decode_steps_within_the_buckets_are_served(engine: Engine) -> None:
     graphs = engine.graphs
     tables = torch.zeros(3, 2, dtype=torch.int64)
-    decode = ForwardBatch.build(torch.zeros(3, dtype=torch.int64), [1, 1, 1], [4, 5, 6], tables, BLOCK)
+    decode = tried_meta(3)
     prompt = ForwardBatch.build(torch.zeros(5, dtype=torch.int64), [1, 3, 1], [4, 5, 6], tables, BLOCK)
     wide = ForwardBatch.build(torch.zeros(1, dtype=torch.int64), [1], [4], torch.zeros(1, 99, dtype=torch.int64), BLOCK)
     many = ForwardBatch.build(torch.zeros(200, dtype=torch.int64), [1] * 200, [4] * 200, torch.zeros(200, 1,
@@ -149,3 +155,25 @@ def test_graphs_are_off_where_they_cannot_run(llama_dir: Path, caplog: pytest.Lo
         model.backend = TorchAttention(BLOCK)
         assert not decode_graphs.available(model)
         assert "need the triton attention backend, not torch" in caplog.text
+
+
+def test_a_failed_capture_leaves_decoding_eager(llama_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def refuse(run, pool):  # noqa: ANN001, ANN202
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(decode_graphs.CAPTURE_BY_DEVICE, "cpu", refuse)
+        mp.setattr(decode_graphs, "STABLE_STEPS", 1)
+        model = load_model(llama_dir, TritonAttention(BLOCK), CPU, "float32")
+        tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+        eng = Engine(model, tokenizer, CacheConfig(BLOCK, num_blocks=65), cuda_graphs=True)
+        eng.warmup(32, 64, 48)
+        reqs = [request(1, 0, 4), request(2, 0, 4)]
+        graphs = eng.graphs
+        tried = drive(eng, reqs, [], join_after=-1)
+        assert graphs.buckets == () and graphs.captures == 0 and not graphs.serves(tried_meta(2))
+        eng.graphs = None
+        plain = drive(eng, reqs, [], join_after=-1)
+        for r in reqs:
+            assert [g.token_id for g in tried[r.id]] == [g.token_id for g in plain[r.id]]
+    assert "capturing the decode graph of 2 rows failed" in caplog.text
