@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .adapters import lora
 from .adapters.lora import LoraSlots
 from .forward import ForwardBatch, LoraKernelRows
 from .kv_cache import KVCache
@@ -218,6 +219,8 @@ def available(model) -> bool:  # noqa: ANN001
         reason = f"CUDA graphs need a CUDA device, not {model.device.type}"
     elif backend != "triton":
         reason = f"CUDA graphs need the triton attention backend, not {backend}"
+    elif lora.kernels() != "triton":  # chosen with the attention backend; the torch plans need host data
+        reason = f"CUDA graphs need the triton LoRA kernels, not {lora.kernels()}"
     elif getattr(model, "tp", None) is not None and model.tp.sharded:
         reason = "CUDA graphs are not captured for sharded models"
     if reason is not None:

@@ -152,6 +152,12 @@ def test_graphs_are_off_where_they_cannot_run(llama_dir: Path, caplog: pytest.Lo
         assert not decode_graphs.available(model)
         assert "need a CUDA device" in caplog.text
         mp.setitem(decode_graphs.CAPTURE_BY_DEVICE, "cpu", decode_graphs.replay_eagerly)
+        mp.setattr(lora, "_kernels", "torch")
+        lora.set_kernels("triton")
+        assert decode_graphs.available(model)
+        lora.set_kernels("torch")
+        assert not decode_graphs.available(model)
+        assert "need the triton LoRA kernels, not torch" in caplog.text
         model.backend = TorchAttention(BLOCK)
         assert not decode_graphs.available(model)
         assert "need the triton attention backend, not torch" in caplog.text
@@ -164,6 +170,8 @@ def test_a_failed_capture_leaves_decoding_eager(llama_dir: Path, caplog: pytest.
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(decode_graphs.CAPTURE_BY_DEVICE, "cpu", refuse)
         mp.setattr(decode_graphs, "STABLE_STEPS", 1)
+        mp.setattr(lora, "_kernels", "torch")
+        lora.set_kernels("triton")
         model = load_model(llama_dir, TritonAttention(BLOCK), CPU, "float32")
         tokenizer = AutoTokenizer.from_pretrained(llama_dir)
         eng = Engine(model, tokenizer, CacheConfig(BLOCK, num_blocks=65), cuda_graphs=True)
@@ -177,3 +185,43 @@ def test_a_failed_capture_leaves_decoding_eager(llama_dir: Path, caplog: pytest.
         for r in reqs:
             assert [g.token_id for g in tried[r.id]] == [g.token_id for g in plain[r.id]]
     assert "capturing the decode graph of 2 rows failed" in caplog.text
+
+
+def test_moe_expert_adapters_replayed_as_on_a_gpu(tmp_path: Path) -> None:
+    """Mixtral with adapters on its experts, experts run as on a GPU (every expert on every row, no host
+    sync): captured up to that many rows, replays equal to eager decoding."""
+    from test_expert_lora import ADAPTERS as EXPERT_ADAPTERS
+    from test_expert_lora import EXPERTS, write_adapter
+    from tiny_models import make_model
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from lorax_server.layers import moe
+
+    base = make_model(MixtralConfig, MixtralForCausalLM, tmp_path / "base", num_local_experts=EXPERTS,
+                      num_experts_per_tok=2, sliding_window=None)  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(decode_graphs.CAPTURE_BY_DEVICE, "cpu", decode_graphs.replay_eagerly)
+        mp.setitem(moe.EVERY_EXPERT_MAX_TOKENS, "cpu", 4)
+        mp.setattr(decode_graphs, "STABLE_STEPS", 2)
+        mp.setattr(lora, "_kernels", "torch")
+        lora.set_kernels("triton")  # with the Triton backend, as the shard chooses them
+        model = load_model(base, TritonAttention(BLOCK), CPU, "float32")
+        manager = AdapterManager(model, fetch=lambda a, s, t: Path(a), device_budget_bytes=2**30)
+        for i, (name, (r, alpha, modules)) in enumerate(EXPERT_ADAPTERS.items(), start=1):
+            req = AdapterRequest(ids=(str(write_adapter(tmp_path / name, i, r, alpha, modules)),), source="local")
+            manager.install(i, req, manager.prepare(req))
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        eng = Engine(model, tokenizer, CacheConfig(BLOCK, num_blocks=129), manager, cuda_graphs=True)
+        eng.warmup(32, 64, 48)
+        graphs = eng.graphs
+        assert graphs.buckets == (1, 2, 4)  # no more rows than run every expert without a host sync
+        reqs = [request(i, i % 3, 4 + 2 * i) for i in range(4)]
+        eng.graphs = None
+        plain = drive(eng, reqs, [], join_after=-1)
+        eng.graphs = graphs
+        replayed = drive(eng, reqs, [], join_after=-1)
+    assert graphs.captures >= 2 and graphs.replays >= 5, (graphs.captures, graphs.replays)
+    for r in reqs:
+        a, b = plain[r.id], replayed[r.id]
+        assert [g.token_id for g in b] == [g.token_id for g in a], r.id
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a, b, strict=True)) < 1e-4
