@@ -106,7 +106,8 @@ class DecodeGraphs:
         self.pad = (scratch_block, scratch_slot)
         self.row_slots: dict[tuple[int, ...], torch.Tensor] = {}  # stack order → [size] int32
         self.graphs: dict[int, _Graph] = {}
-        self.signature: tuple[int, ...] = ()
+        self.signature: tuple[int, ...] = ()  # the serials of the linears' kept stacks
+        self.checked: tuple[int, set[int]] = (-1, set())  # `lora.changes()` and the adapters last checked
         self.stable_steps = 0
         self.captures = self.replays = 0  # counted for tests and logs
         log.info("--compile: decode steps of up to %d rows replay CUDA graphs", size)
@@ -125,11 +126,7 @@ class DecodeGraphs:
         output, valid until its next replay (the engine samples from them at once)."""
         if cache is not self.cache or not self.serves(meta):
             return self.model.forward(meta, cache)
-        signature = tuple(slots.keep_stack_for(meta.lora_order()) for slots in self.lora_slots)
-        if signature != self.signature:
-            self.graphs.clear()
-            self.row_slots.clear()
-            self.signature, self.stable_steps = signature, 0
+        self._check_stacks(meta.lora_order())
         self.stable_steps += 1
         n = meta.batch_size
         bucket = next(b for b in self.buckets if b >= n)
@@ -147,6 +144,22 @@ class DecodeGraphs:
         graph.replay()
         self.replays += 1
         return graph.logits[:n]
+
+    def _check_stacks(self, adapters: tuple[int, ...]) -> None:
+        """Bring every linear's kept stack up to date for `adapters`, as the eager step would; drop the
+        graphs when a stack changed. Skipped while no stack changed since the last check and the
+        adapters are among those checked then (a steady batch costs no loop over the linears)."""
+        unchanged = lora.changes() == self.checked[0]
+        if unchanged and self.checked[1].issuperset(adapters):
+            return
+        signature = tuple(slots.keep_stack_for(adapters) for slots in self.lora_slots)
+        same = signature == self.signature
+        # What was checked before still holds only if nothing changed since, not even in this check.
+        self.checked = (lora.changes(), self.checked[1] | set(adapters) if same and unchanged else set(adapters))
+        if not same:
+            self.graphs.clear()
+            self.row_slots.clear()
+            self.signature, self.stable_steps = signature, 0
 
     def _capture(self, size: int) -> _Graph:
         for slots in self.lora_slots:  # a static slot buffer for every order a kept stack has

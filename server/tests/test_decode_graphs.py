@@ -125,6 +125,17 @@ def test_a_new_stack_drops_the_graphs_and_steps_run_eagerly_until_stable(
     assert calls == [False, False, False]  # the prompt, then two eager decode steps while the stacks settle
 
 
+def test_steady_batches_skip_the_stack_check(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorax_server.adapters.lora import LoraSlots
+
+    calls = []
+    original = LoraSlots.keep_stack_for
+    monkeypatch.setattr(LoraSlots, "keep_stack_for", lambda self, a: calls.append(a) or original(self, a))
+    drive(engine, [request(23, 1, 8), request(24, 2, 8)], [], join_after=-1)  # 7 decode steps
+    per_check = len(engine.graphs.lora_slots)
+    assert per_check and len(calls) in (per_check, 2 * per_check)  # the first step or two, not every step
+
+
 def tried_meta(rows: int) -> ForwardBatch:
     """A decode step's batch of `rows` rows (contexts of 4 tokens)."""
     ids, tables = torch.zeros(rows, dtype=torch.int64), torch.zeros(rows, 2, dtype=torch.int64)

@@ -58,6 +58,20 @@ def kernels() -> str:
     return _kernels
 
 
+_changes = 0  # installs, removals and restacks, on any linear
+
+
+def changes() -> int:
+    """A count of every change to any linear's installed adapters or kept stack: what was checked of
+    the stacks need not be checked again while it stays the same (`decode_graphs`)."""
+    return _changes
+
+
+def _changed() -> None:
+    global _changes
+    _changes += 1
+
+
 @dataclass
 class LoraModuleWeights:
     """One adapted module of one adapter."""
@@ -133,10 +147,12 @@ class LoraSlots:
             r += w.rank
         self.by_adapter[index] = _AdapterFactors(torch.cat(a_list) if len(a_list) > 1 else a_list[0], expands, parts)
         self._forget_stack_of(index)
+        _changed()
 
     def remove(self, index: int) -> None:
         self.by_adapter.pop(index, None)
         self._forget_stack_of(index)
+        _changed()
 
     def _forget_stack_of(self, index: int) -> None:
         """Drop the kept stack if it holds a copy of `index`'s factors. Loading another adapter keeps
@@ -287,6 +303,7 @@ class LoraSlots:
                     b[seg, : w.rank] = w.lora_b.t() * w.scale
             parts.append(_StackedPart(out_start, out_end, r0, r0 + ranks[part], b))
         self._stacked = _Stacked(adapters, a, parts)
+        _changed()
         return self._stacked
 
 
