@@ -172,7 +172,7 @@ class Engine:
         # kept free when the KV cache is sized; with decode graphs, also their private memory pool,
         # which holds what the largest captured decode step allocates.
         self._prefill_peak = self._peak_of(lens)
-        if self.cuda_graphs:
+        if self.cuda_graphs and self.device.type == "cuda":
             self._prefill_peak += self._peak_of([1] * decode_graphs.BUCKETS[-1])
 
     def _peak_of(self, lens: list[int]) -> int:

@@ -174,27 +174,29 @@ def test_graphs_are_off_where_they_cannot_run(llama_dir: Path, caplog: pytest.Lo
         assert "need the triton attention backend, not torch" in caplog.text
 
 
-def test_a_failed_capture_leaves_decoding_eager(llama_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failed_capture_leaves_decoding_eager(engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
     def refuse(run, pool):  # noqa: ANN001, ANN202
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(decode_graphs.CAPTURE_BY_DEVICE, "cpu", refuse)
-        mp.setattr(decode_graphs, "STABLE_STEPS", 1)
-        mp.setattr(lora, "_kernels", "torch")
-        lora.set_kernels("triton")
-        model = load_model(llama_dir, TritonAttention(BLOCK), CPU, "float32")
-        tokenizer = AutoTokenizer.from_pretrained(llama_dir)
-        eng = Engine(model, tokenizer, CacheConfig(BLOCK, num_blocks=65), cuda_graphs=True)
-        eng.warmup(32, 64, 48)
-        reqs = [request(1, 0, 4), request(2, 0, 4)]
-        graphs = eng.graphs
-        tried = drive(eng, reqs, [], join_after=-1)
-        assert graphs.buckets == () and graphs.captures == 0 and not graphs.serves(tried_meta(2))
-        eng.graphs = None
-        plain = drive(eng, reqs, [], join_after=-1)
-        for r in reqs:
-            assert [g.token_id for g in tried[r.id]] == [g.token_id for g in plain[r.id]]
+    graphs = engine.graphs
+    kept = graphs.buckets
+    reqs = [request(1, 0, 4), request(2, 1, 4)]
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(graphs, "capture", refuse)
+            mp.setattr(decode_graphs, "STABLE_STEPS", 1)
+            graphs.graphs.clear()
+            tried = drive(engine, reqs, [], join_after=-1)
+            assert graphs.buckets == () and not graphs.graphs and not graphs.serves(tried_meta(2))
+    finally:
+        graphs.buckets = kept
+    engine.graphs = None
+    try:
+        plain = drive(engine, reqs, [], join_after=-1)
+    finally:
+        engine.graphs = graphs
+    for r in reqs:
+        assert [g.token_id for g in tried[r.id]] == [g.token_id for g in plain[r.id]]
     assert "capturing the decode graph of 2 rows failed" in caplog.text
 
 
