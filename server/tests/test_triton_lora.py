@@ -45,7 +45,11 @@ def random_stacks(dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]
     return a.to(dtype), [b.to(dtype) for b in bs]
 
 
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2)}
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-4),
+    torch.float16: dict(rtol=1e-2, atol=1e-2),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
 # Tokens 0 and 11-12 have no adapter; the segment of slot -1 is an adapter absent from the linear.
 SEGMENTS = [(1, 4, 2), (4, 11, 0), (13, 15, -1), (15, 22, 1), (22, 23, 0)]
 ROW_SLOTS = [0, -1, 2, 2, 1, -1, 0, 1, -1]
@@ -76,7 +80,9 @@ def test_sgmv_matches_its_torch_reference(dtype: torch.dtype):
     assert torch.equal(y[[0, 11, 12, 13, 14, 23]], y0[[0, 11, 12, 13, 14, 23]])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+# bfloat16 too: the BGMV kernels multiply in float32 without tl.dot (whose bfloat16 form the
+# interpreter gets wrong, so the SGMV kernels are checked in bfloat16 only by the CUDA compile).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_bgmv_matches_its_torch_reference(dtype: torch.dtype):
     a, bs = random_stacks(dtype)
     x = torch.randn(len(ROW_SLOTS), IN, generator=torch.Generator().manual_seed(3)).to(dtype)

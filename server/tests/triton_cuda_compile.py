@@ -1,7 +1,7 @@
-"""Compile the Triton attention kernel for CUDA targets on a machine without a GPU: Triton's compiler
-and its bundled ptxas run on the host. The interpreter (TRITON_INTERPRET=1, which the kernel tests use)
-accepts code a GPU build refuses (matrix tiles under 16, unsupported casts), so this is the check that
-the kernel also builds for the hardware.
+"""Compile the Triton attention and multi-LoRA kernels for CUDA targets on a machine without a GPU:
+Triton's compiler and its bundled ptxas run on the host. The interpreter (TRITON_INTERPRET=1, which the
+kernel tests use) accepts code a GPU build refuses (matrix tiles under 16, unsupported casts), so this is
+the check that the kernels also build for the hardware.
 
 `python triton_cuda_compile.py` prints one line per configuration, `ok ...` or `FAIL ...: error`, or a
 single `SKIP reason` when this Triton has no CUDA backend. It must run in a process of its own without
@@ -16,7 +16,7 @@ assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
 
 import triton  # noqa: E402
 
-from lorax_server.layers.triton import attention  # noqa: E402
+from lorax_server.layers.triton import attention, lora  # noqa: E402
 
 POINTER = {"f32": "*fp32", "f16": "*fp16", "bf16": "*bf16", "f8": "*fp8e4nv"}
 # (sm, q dtype, cache dtype, table dtype, shape constants): GQA, MHA with long query tiles, MQA with a
@@ -29,6 +29,38 @@ CASES = [
     (90, "bf16", "f8", "*i64", dict(PAGE=16, GROUP=8, GROUP_PAD=8, BLOCK_Q=2, HEAD_PAD=64, TILE=16)),
     (90, "f16", "f16", "*i64", dict(PAGE=4, GROUP=32, GROUP_PAD=32, BLOCK_Q=1, HEAD_PAD=16, TILE=16)),
 ]
+
+
+# The multi-LoRA kernels (`layers.triton.lora`) in every activation dtype on sm_90, and bfloat16 on
+# sm_80, with the tile sizes their launchers pick for small and large ranks and widths. bfloat16 SGMV
+# is only checked here: the interpreter's bfloat16 tl.dot is wrong, so its numbers wait for a GPU.
+LORA_CASES = [
+    (kernel, sm, dtype, tiles)
+    for sm, dtype in ((90, "f32"), (90, "f16"), (90, "bf16"), (80, "bf16"))
+    for kernel, tiles in (
+        ("_sgmv_shrink_kernel", dict(BLOCK_M=16, BLOCK_K=64, BLOCK_R=16)),
+        ("_sgmv_shrink_kernel", dict(BLOCK_M=64, BLOCK_K=64, BLOCK_R=64)),
+        ("_sgmv_expand_kernel", dict(BLOCK_M=16, BLOCK_R=16, BLOCK_N=64)),
+        ("_sgmv_expand_kernel", dict(BLOCK_M=64, BLOCK_R=64, BLOCK_N=64)),
+        ("_bgmv_shrink_kernel", dict(BLOCK_K=64, BLOCK_R=16)),
+        ("_bgmv_expand_kernel", dict(BLOCK_R=64, BLOCK_N=64)),
+    )
+]
+
+
+def lora_signature(kernel, dtype: str, constants: dict) -> dict[str, str]:  # noqa: ANN001
+    """Segment and slot tensors are int32; activations and factors `dtype`; sizes and strides i32."""
+    types = {}
+    for name in kernel.arg_names:
+        if name in constants:
+            types[name] = "constexpr"
+        elif name.startswith(("seg_", "row_slot")):
+            types[name] = "*i32"
+        elif name.endswith("_ptr"):
+            types[name] = POINTER[dtype]
+        else:
+            types[name] = "i32"
+    return types
 
 
 def signature(q: str, cache: str, table: str, constants: dict) -> dict[str, str]:
@@ -61,12 +93,24 @@ def main() -> None:
                 signature=signature(q, cache, table, constants),
                 constexprs={(names.index(k),): v for k, v in constants.items()},
             )
-            try:
-                triton.compile(source, target=GPUTarget("cuda", sm, 32))
-            except Exception as e:  # the compiler's own error types vary between stages
-                print(f"FAIL {label}: {type(e).__name__}: {e}".replace("\n", " ")[:2000])
-            else:
-                print(f"ok {label}")
+            compile_for(source, sm, label, GPUTarget)
+    for name, sm, dtype, tiles in LORA_CASES:
+        kernel = getattr(lora, name)
+        source = ASTSource(
+            fn=kernel,
+            signature=lora_signature(kernel, dtype, tiles),
+            constexprs={(kernel.arg_names.index(k),): v for k, v in tiles.items()},
+        )
+        compile_for(source, sm, f"{name} sm_{sm} {dtype} {tiles}", GPUTarget)
+
+
+def compile_for(source, sm: int, label: str, target_cls) -> None:  # noqa: ANN001
+    try:
+        triton.compile(source, target=target_cls("cuda", sm, 32))
+    except Exception as e:  # the compiler's own error types vary between stages
+        print(f"FAIL {label}: {type(e).__name__}: {e}".replace("\n", " ")[:2000])
+    else:
+        print(f"ok {label}")
 
 
 if __name__ == "__main__":
