@@ -183,7 +183,7 @@ def test_strided_queries_and_metadata_built_once(monkeypatch: pytest.MonkeyPatch
 
 def test_kernel_compiles_for_cuda():
     """The interpreter accepts what a GPU build may refuse: build the attention and LoRA kernels for
-    needed), in a process without TRITON_INTERPRET."""
+    sm_80/sm_90 (no GPU needed), in a process without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(cli.__file__).parents[1]), env.get("PYTHONPATH", "")])
     script = Path(__file__).with_name("triton_cuda_compile.py")
