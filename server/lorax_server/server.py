@@ -136,17 +136,21 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
         self.engine = engine
         self.urls = urls
         self.architecture = architecture
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        # Engine calls run on the event loop's own thread, one at a time, blocking it for a step: handing
+        # each step to a worker thread and back cost 15-20% of tokens/s over HTTP on 2 cores (the
+        # engine idled between RPCs; bench/RESULTS.md, session 11). Other RPCs wait at most a step.
         # Adapter fetching/validation/merging runs here so decode steps go on meanwhile.
         self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-loader")
         # Grammar compilation too (xgrammar releases the GIL while it compiles).
         self._compiler = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
 
     async def _run(self, context: grpc.aio.ServicerContext, fn, *args, on_loader: bool = False, executor=None):  # noqa: ANN001, ANN202
-        """Run `fn` on the engine thread (or a loader thread, or `executor`); map errors to gRPC statuses
-        (the shard keeps serving)."""
-        executor = executor or (self._loader if on_loader else self._worker)
+        """Run `fn` as engine work (here, on the loop's thread), or on a loader thread, or on `executor`;
+        map errors to gRPC statuses (the shard keeps serving)."""
+        executor = executor or (self._loader if on_loader else None)
         try:
+            if executor is None:
+                return fn(*args)
             return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
         except Exception as e:
             code = _status_of(e)
@@ -156,8 +160,8 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
             await context.abort(code, str(e).strip("'\""))
 
     def _timed(self, fn, *args):  # noqa: ANN001, ANN202
-        """Call an engine step on the engine thread and return its result with that step's timings,
-        read there before a later step can replace them."""
+        """Call an engine step and return its result with that step's timings, read before a later step
+        can replace them."""
         gens, batch = fn(*args)
         return gens, batch, self.engine.timings
 
@@ -180,7 +184,7 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
         )
 
     async def Health(self, request, context):  # noqa: ANN001, ANN201, N802
-        # A forward pass on the engine thread, so it waits for the running step and never overlaps it.
+        # A forward pass as engine work, so it waits for the running step and never overlaps it.
         await self._run(context, self.engine.health)
         return pb.HealthResponse()
 
