@@ -40,6 +40,8 @@ pub struct BatcherConfig {
     pub block_size: u32,
     /// The shards prefill long prompts in chunks of `max_batch_prefill_tokens` (see `QueueConfig`).
     pub chunked_prefill: bool,
+    /// The shards compute prompt blocks shared within a Prefill once (see `QueueConfig`).
+    pub prefix_caching: bool,
 }
 
 type Entries = HashMap<u64, Entry>;

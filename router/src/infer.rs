@@ -89,6 +89,7 @@ impl Infer {
         let queue_config = QueueConfig {
             block_size: config.block_size,
             chunked_prefill: config.chunked_prefill,
+            prefix_caching: config.prefix_caching,
             exchange,
         };
         let queue = Queue::spawn(client.clone(), queue_config, notify.clone());

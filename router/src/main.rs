@@ -299,6 +299,7 @@ fn start_inference(
         waiting_served_ratio: args.waiting_served_ratio,
         block_size: shards.block_size,
         chunked_prefill: args.chunked_prefill,
+        prefix_caching: shards.info.prefix_caching,
     };
     let exchange = ExchangeConfig {
         max_active_adapters: args.max_active_adapters,

@@ -15,6 +15,7 @@ use crate::registry::{
     Action, ActionResult, AdapterRegistry, AdapterTemplate, Outcome, TemplateWaiter, Waiter,
 };
 use crate::template::ChatTemplate;
+use shared_prefix::SharedPrefixes;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +43,9 @@ pub struct QueueConfig {
     /// The shards compute at most the prefill budget of prompt tokens per step and prefill longer
     /// prompts in chunks over several steps: a prompt counts as at most the whole budget.
     pub chunked_prefill: bool,
+    /// The shards compute the prompt blocks that requests of one Prefill share once (see
+    /// `shared_prefix`): those count once against the prefill budget.
+    pub prefix_caching: bool,
     /// Adapter slots and rotation.
     pub exchange: ExchangeConfig,
 }
@@ -57,6 +61,7 @@ pub struct QueueState {
     next_batch_id: u64,
     block_size: u32,
     chunked_prefill: bool,
+    prefix_caching: bool,
 }
 
 impl QueueState {
@@ -68,6 +73,7 @@ impl QueueState {
             next_batch_id: 0,
             block_size: config.block_size,
             chunked_prefill: config.chunked_prefill,
+            prefix_caching: config.prefix_caching,
         }
     }
 
@@ -101,9 +107,11 @@ impl QueueState {
     }
 
     /// Takes entries oldest first across the base model and the active adapters (requests of
-    /// other adapters wait for theirs) while the new batch's prompt tokens (with chunked prefill,
-    /// at most the budget per prompt) stay within `prefill_token_budget` and its reserved tokens within `token_budget`; the first entry
-    /// that does not fit ends the batch (no jumping ahead). Cancelled entries are dropped.
+    /// other adapters wait for theirs) while the new batch's prompt tokens stay within
+    /// `prefill_token_budget` and its reserved tokens within `token_budget`; the first entry that
+    /// does not fit ends the batch (no jumping ahead). Cancelled entries are dropped. A prompt
+    /// counts as the tokens the shard computes: with chunked prefill at most the budget, with
+    /// prefix caching its blocks shared with requests taken before it count once.
     /// Returns None when nothing fits, or when fewer than `min_size` entries fit.
     pub fn next_batch(
         &mut self,
@@ -113,6 +121,8 @@ impl QueueState {
     ) -> Option<NextBatch> {
         let block_size = self.block_size;
         let chunked = self.chunked_prefill;
+        // Under chunked prefill the shards bound each step's tokens themselves.
+        let mut shared = (self.prefix_caching && !chunked).then(SharedPrefixes::default);
         let mut queues: Vec<(u32, &mut Waiting)> = vec![(0, &mut self.base)];
         queues.extend(self.adapters.admissible_queues());
         for (_, queue) in queues.iter_mut() {
@@ -126,17 +136,25 @@ impl QueueState {
         let mut reserved_tokens: u32 = 0;
         let mut taken: Vec<(usize, u64, Entry)> = Vec::new();
         while let Some(pos) = oldest_front(&queues) {
-            let (_, entry) = queues[pos].1.front()?;
-            let prompt = entry.request.input_length;
-            let prefill = prefill_tokens
-                + if chunked {
-                    prompt.min(prefill_token_budget)
-                } else {
-                    prompt
-                };
+            let (index, queue) = &queues[pos];
+            let (_, entry) = queue.front()?;
+            let request = &entry.request;
+            let cost = shared.as_ref().map(|shared| {
+                let logprobs = request.decoder_input_details;
+                shared.cost(*index, &request.input_ids, block_size, logprobs)
+            });
+            let prompt = match &cost {
+                Some(cost) => cost.computed,
+                None if chunked => request.input_length.min(prefill_token_budget),
+                None => request.input_length,
+            };
+            let prefill = prefill_tokens + prompt;
             let reserved = reserved_tokens + entry.reserved_tokens(block_size);
             if prefill > prefill_token_budget || reserved > token_budget {
                 break;
+            }
+            if let (Some(shared), Some(cost)) = (shared.as_mut(), cost) {
+                shared.take(cost);
             }
             prefill_tokens = prefill;
             reserved_tokens = reserved;
@@ -464,5 +482,6 @@ fn compile_template(shipped: Option<pb::AdapterChatTemplate>) -> AdapterTemplate
     ChatTemplate::new(t.template, t.bos_token, t.eos_token).map(|t| Some(Arc::new(t)))
 }
 
+mod shared_prefix;
 #[cfg(test)]
 mod tests;

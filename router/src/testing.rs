@@ -307,6 +307,7 @@ impl ShardClient for FakeShard {
             architecture: "LlamaForCausalLM".into(),
             quantize: None,
             speculate: 0,
+            prefix_caching: false,
         })
     }
 

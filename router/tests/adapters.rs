@@ -34,10 +34,12 @@ fn start(capacity: u32, max_active_adapters: usize, cycle_time: Duration) -> Har
         waiting_served_ratio: 0.0,
         block_size: 1,
         chunked_prefill: false,
+        prefix_caching: false,
     };
     let queue_config = QueueConfig {
         block_size: 1,
         chunked_prefill: false,
+        prefix_caching: false,
         exchange: ExchangeConfig {
             max_active_adapters,
             cycle_time,

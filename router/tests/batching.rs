@@ -28,6 +28,7 @@ fn config(total: u32, prefill: u32, max_waiting_tokens: usize, ratio: f32) -> Ba
         waiting_served_ratio: ratio,
         block_size: 1,
         chunked_prefill: false,
+        prefix_caching: false,
     }
 }
 
@@ -38,6 +39,7 @@ fn start(shard: FakeShard, config: BatcherConfig) -> Harness {
     let queue_config = QueueConfig {
         block_size: config.block_size,
         chunked_prefill: config.chunked_prefill,
+        prefix_caching: config.prefix_caching,
         exchange: ExchangeConfig {
             max_active_adapters: 2,
             cycle_time: Duration::from_secs(2),

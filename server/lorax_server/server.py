@@ -181,6 +181,9 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
             architecture=self.architecture,
             quantize=getattr(model, "quantize", None),
             speculate=self.engine.speculator.config.tokens if self.engine.speculator is not None else 0,
+            # Keys salted with the prompt's length are shared only by prompts of one length: the
+            # router is told nothing is shared rather than over-counting.
+            prefix_caching=self.engine.prefix_caching and model.length_dependent_above is None,
         )
 
     async def Health(self, request, context):  # noqa: ANN001, ANN201, N802

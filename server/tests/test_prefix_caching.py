@@ -70,6 +70,36 @@ def test_block_hashes_chain_tokens_positions_and_adapter() -> None:
     assert moved[0] != keys[0] and moved[1] != keys[1]  # the same block after another prefix differs
 
 
+# Attention ------------------------------------------------------------------------------------------
+
+
+def test_cached_suffixes_are_not_padded_to_full_prompts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prefill of short uncached suffixes next to full prompts and decode rows is attended in three
+    groups, with the same output as one grid padded to the longest prompt."""
+    from lorax_server.forward import ForwardBatch
+    from lorax_server.layers import attention
+
+    assert attention.padding_groups([0, 1, 2, 3], [10, 50, 12, 50], [60] * 4) == [[0, 2], [1, 3]]
+    assert attention.padding_groups([0, 1], [8, 9], [8, 9]) == [[0, 1]]  # padding under 2× stays one grid
+    query_lens, context_lens = [1, 10, 1, 50, 12, 50], [20, 60, 9, 60, 60, 50]
+    g = torch.Generator().manual_seed(0)
+    tables = torch.randperm(6 * 15, generator=g).view(6, 15).int()
+    cache_k, cache_v = (torch.randn(6 * 15, BLOCK, 2, 16, generator=g) for _ in range(2))
+    q = torch.randn(sum(query_lens), 4, 16, generator=g)
+    meta = ForwardBatch.build(torch.zeros(sum(query_lens), dtype=torch.int64), query_lens, context_lens, tables, BLOCK)
+    backend = TorchAttention(BLOCK, decode_kernel=False)
+    grouped = backend.attend(q, cache_k, cache_v, meta, 0.25, window=40)
+    assert [len(g[1].context_lens) for g in meta.backend_state["torch"]] == [2, 2, 2]
+    meta.backend_state.clear()
+    monkeypatch.setattr(attention, "padding_groups", lambda seqs, q_lens, ctx: [seqs])
+    one_grid = backend.attend(q, cache_k, cache_v, meta, 0.25, window=40)
+    meta.backend_state.clear()
+    monkeypatch.setattr(TorchAttention, "_group", lambda self, m: [(None, attention._PaddedLayout(m, BLOCK))])
+    reference = backend.attend(q, cache_k, cache_v, meta, 0.25, window=40)
+    torch.testing.assert_close(grouped, reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(one_grid, reference, rtol=1e-6, atol=1e-6)
+
+
 # Engine ---------------------------------------------------------------------------------------------
 
 

@@ -6,11 +6,13 @@ use crate::api::AdapterState;
 use crate::client::ShardError;
 use crate::entry::InferStreamResponse;
 use crate::testing::{valid_request, FakeShard};
+use crate::validation::ValidGenerateRequest;
 
 fn config(block_size: u32) -> QueueConfig {
     QueueConfig {
         block_size,
         chunked_prefill: false,
+        prefix_caching: false,
         exchange: ExchangeConfig {
             max_active_adapters: 2,
             cycle_time: Duration::from_secs(2),
@@ -83,6 +85,35 @@ async fn prefill_budget_stops_the_batch() {
     assert_eq!(state.len(), 1);
     let next = state.next_batch(None, 25, 1000).unwrap();
     assert_eq!(next.batch.requests[0].id, 2);
+}
+
+#[tokio::test]
+async fn with_prefix_caching_a_prefix_shared_within_the_batch_counts_once() {
+    let (mut cached, mut plain) = (
+        QueueState::new(QueueConfig {
+            prefix_caching: true,
+            ..config(4)
+        }),
+        QueueState::new(config(4)),
+    );
+    let mut receivers = Vec::new();
+    for state in [&mut cached, &mut plain] {
+        // Four prompts of 16 shared tokens and 2 of their own, then one of logprobs.
+        for i in 0..5u32 {
+            let mut ids: Vec<u32> = (0..16).chain([100 + i, 200 + i]).collect();
+            let mut request = ValidGenerateRequest::greedy(std::mem::take(&mut ids), 2);
+            request.decoder_input_details = i == 4;
+            let (tx, rx) = mpsc::unbounded_channel();
+            state.append(Entry::new(request, tx));
+            receivers.push(rx);
+        }
+    }
+    // Shared: 18 + 3 x 2 = 24 tokens for the first four (the fifth computes its 18 in full).
+    let next = cached.next_batch(None, 24, 1000).unwrap();
+    assert_eq!(next.batch.size, 4);
+    assert_eq!(cached.next_batch(None, 24, 1000).unwrap().batch.size, 1);
+    // Without prefix caching each prompt counts whole.
+    assert_eq!(plain.next_batch(None, 24, 1000).unwrap().batch.size, 1);
 }
 
 #[tokio::test]
@@ -314,6 +345,7 @@ async fn full_slots_rotate_after_the_cycle_time_without_touching_running_request
     let mut state = QueueState::new(QueueConfig {
         block_size: 1,
         chunked_prefill: false,
+        prefix_caching: false,
         exchange: ExchangeConfig {
             max_active_adapters: 1,
             cycle_time: Duration::ZERO,

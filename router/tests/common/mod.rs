@@ -117,6 +117,7 @@ pub fn app_with_health(
         waiting_served_ratio: 1.2,
         block_size: 1,
         chunked_prefill: false,
+        prefix_caching: false,
     };
     let client: Arc<dyn ShardClient> = shard;
     let validation = Validation::new(test_tokenizer(), limits).with_adapters(adapters);

@@ -15,6 +15,7 @@ over the `flash_attn` package); `select_backend` picks one once at start-up (`--
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 import os
 from typing import Protocol
@@ -58,6 +59,26 @@ def alibi_slopes(num_heads: int, device: torch.device | None = None) -> torch.Te
     if n != num_heads:
         slopes = torch.cat([slopes, powers(2.0 ** (-4.0 / n), range(1, 2 * (num_heads - n), 2))])
     return slopes.to(device)
+
+
+def padding_groups(seqs: list[int], q_lens: list[int], ctx: list[int], slack: float = 2.0) -> list[list[int]]:
+    """Splits `seqs` into groups that are each padded to their own longest query and context, so that no
+    group's padded grid (members × longest query × longest context) exceeds `slack` times the work its
+    members need (Σ query × context). Prefix-cached prompts, whose short uncached suffixes would
+    otherwise be padded to a full prompt's length, are the case this is for."""
+    groups: list[list[int]] = []
+    group: list[int] = []
+    max_q = max_k = need = 0
+    for i in sorted(seqs, key=lambda i: (q_lens[i], ctx[i])):
+        q, k = max(max_q, q_lens[i]), max(max_k, ctx[i])
+        if group and (len(group) + 1) * q * k > slack * (need + q_lens[i] * ctx[i]):
+            groups.append(group)
+            group, q, k, need = [], q_lens[i], ctx[i], 0
+        group.append(i)
+        max_q, max_k, need = q, k, need + q_lens[i] * ctx[i]
+    if group:
+        groups.append(group)
+    return groups
 
 
 class _PaddedLayout:
@@ -107,9 +128,10 @@ class TorchAttention:
     float32 are attended by `layers.paged_attention` instead, which reads the paged cache in place,
     when its kernel is built (`LORAX_CPU_KERNELS=0` turns it off).
 
-    A batch that mixes one-token sequences (decode) with longer ones (prompts, chunks of prompts) is
-    attended as two groups, each padded to its own longest query and context: padding every decoding
-    sequence to a long prompt's shape would multiply its work by that prompt's length."""
+    A batch is attended in groups, each padded to its own longest query and context: decoding
+    sequences (one token each) apart from longer ones (prompts, chunks of prompts), and longer ones
+    split by `padding_groups` where padding them together would more than double their work (short
+    uncached suffixes of prefix-cached prompts next to full prompts)."""
 
     name = "torch"
     # Sequences of at most this many new tokens (speculative steps' drafts, short prompt pieces) are
@@ -129,17 +151,16 @@ class TorchAttention:
 
     def _group(self, meta: ForwardBatch) -> list[tuple[torch.Tensor | None, _PaddedLayout]]:
         q_lens, ctx = meta.host_query_lens, meta.host_context_lens
-        decoding = [n == 1 for n in q_lens]
-        if not q_lens or all(decoding) or not any(decoding):
+        decoding = [i for i, n in enumerate(q_lens) if n == 1]
+        longer = [i for i, n in enumerate(q_lens) if n > 1]
+        groups = ([decoding] if decoding else []) + padding_groups(longer, q_lens, ctx)
+        if len(groups) <= 1:
             return [(None, _PaddedLayout(meta, self.block_size))]
         device = meta.input_ids.device
-        starts = [0]
-        for n in q_lens:
-            starts.append(starts[-1] + n)
-        groups = []
-        for want in (True, False):
-            seqs = [i for i, d in enumerate(decoding) if d == want]
-            tokens = torch.cat([torch.arange(starts[i], starts[i + 1], device=device) for i in seqs])
+        starts = list(itertools.accumulate(q_lens, initial=0))
+        layouts = []
+        for seqs in groups:
+            tokens = torch.tensor([t for i in seqs for t in range(starts[i], starts[i + 1])], device=device)
             sub = ForwardBatch.build(
                 meta.input_ids[tokens],
                 [q_lens[i] for i in seqs],
@@ -147,8 +168,8 @@ class TorchAttention:
                 meta.block_tables[torch.tensor(seqs, device=device)],
                 self.block_size,
             )
-            groups.append((tokens, _PaddedLayout(sub, self.block_size)))
-        return groups
+            layouts.append((tokens, _PaddedLayout(sub, self.block_size)))
+        return layouts
 
     def attend(
         self,
