@@ -121,9 +121,9 @@ mod tests {
         let mut other = prompt(12, &[50]);
         other[0] = 99;
         assert_eq!(batch.cost(0, &other, 4, false).computed, 13);
-        // A request that was costed but not taken adds nothing.
-        let unseen = batch.cost(0, &other, 4, false);
-        assert_eq!(unseen.computed, 13);
-        assert_eq!(batch.cost(0, &other, 4, false).computed, 13);
+        // A later block alone matching (tokens 4..8 after another first block) shares nothing either.
+        let mut tail_only = prompt(8, &[7]);
+        tail_only[1] = 98;
+        assert_eq!(batch.cost(0, &tail_only, 4, false).computed, 9);
     }
 }

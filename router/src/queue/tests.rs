@@ -100,8 +100,8 @@ async fn with_prefix_caching_a_prefix_shared_within_the_batch_counts_once() {
     for state in [&mut cached, &mut plain] {
         // Four prompts of 16 shared tokens and 2 of their own, then one of logprobs.
         for i in 0..5u32 {
-            let mut ids: Vec<u32> = (0..16).chain([100 + i, 200 + i]).collect();
-            let mut request = ValidGenerateRequest::greedy(std::mem::take(&mut ids), 2);
+            let ids: Vec<u32> = (0..16).chain([100 + i, 200 + i]).collect();
+            let mut request = ValidGenerateRequest::greedy(ids, 2);
             request.decoder_input_details = i == 4;
             let (tx, rx) = mpsc::unbounded_channel();
             state.append(Entry::new(request, tx));

@@ -160,7 +160,7 @@ class TorchAttention:
         starts = list(itertools.accumulate(q_lens, initial=0))
         layouts = []
         for seqs in groups:
-            tokens = torch.tensor([t for i in seqs for t in range(starts[i], starts[i + 1])], device=device)
+            tokens = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in seqs]).to(device)
             sub = ForwardBatch.build(
                 meta.input_ids[tokens],
                 [q_lens[i] for i in seqs],
