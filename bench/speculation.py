@@ -1,16 +1,18 @@
 """Speculative decoding by prompt lookup (`--speculative-tokens`), with and without, in one run.
 
-- copy-heavy, one stream: the demo model and its adapters (base, answer-format, upper, reverse in
-  turn) on few-shot prompts of the demo's Copy: task, continued for 48 tokens (the model repeats the
-  prompt's question/answer pattern, copying from it), one request at a time; and the same Copy:
-  questions answered to their end-of-sequence (a few tokens each).
+- copy-heavy, one stream, one request at a time: the demo `quote` adapter repeating passages of
+  8-32 words it never trained on (`Quote: ...`, answered to end-of-sequence: an extraction-like
+  answer copied whole from the prompt); the demo model and its adapters (base, answer-format, upper,
+  reverse in turn) on few-shot prompts of the demo's Copy: task, continued for 48 tokens (the model
+  repeats the prompt's question/answer pattern, copying from it); and lone Copy: questions answered to
+  their end-of-sequence (a few tokens each).
 - standard mixed workload (bench/adapter_throughput.py's: random Llama hidden 512, 8 layers, 8 rank-16
   adapters, 64 requests, prompts and outputs of 16-128 tokens), served as the router batches them.
 
 Prints tokens/s, decode steps per generated token and the share of drafts kept; outputs are checked
 identical. Not a test.
 
-    .venv/bin/python bench/speculation.py [--tokens 4] [--repeats 3]
+    .venv/bin/python bench/speculation.py [--tokens 4] [--repeats 3] [--mixed-repeats 5]
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from adapter_throughput import ALL_LINEAR, engine_with_adapters  # noqa: E402
 from demo_data import copy_example  # noqa: E402
 from shard_throughput import MODEL, serve_all, workload  # noqa: E402
 from tiny_models import make_llama, make_lora_adapter  # noqa: E402
+from train_demo_adapters import held_out_passages  # noqa: E402
 
 from lorax_server.batch import RequestIn  # noqa: E402
 from lorax_server.engine import Engine  # noqa: E402
@@ -40,7 +43,8 @@ from lorax_server.sampling import SamplingParams  # noqa: E402
 from lorax_server.speculation import SpeculationConfig, Speculator  # noqa: E402
 
 DEMO = ROOT / "models" / "demo"
-DEMO_ADAPTERS = [DEMO / "adapters" / name for name in ("answer-format", "upper", "reverse")]
+DEMO_ADAPTERS = [DEMO / "adapters" / name for name in ("answer-format", "upper", "reverse", "quote")]
+QUOTE, MEDUSA = 4, 5  # the adapter indexes of the quote adapter and the Medusa heads
 
 
 def set_speculation(engine: Engine, tokens: int, medusa: bool = False) -> None:
@@ -58,6 +62,11 @@ def copy_prompts(tokenizer, n: int, shots: int) -> list[list[int]]:  # noqa: ANN
         text = "".join(f"Q: {q}\nA: {a}\n" for q, a in solved[:shots]) + f"Q: {solved[len(solved) // 2][0]}\nA:"
         prompts.append(tokenizer(text)["input_ids"])
     return prompts
+
+
+def quote_prompts(tokenizer, n: int) -> list[list[int]]:  # noqa: ANN001
+    """`Quote:` questions on passages of 8-32 words none of the adapters trained on."""
+    return [tokenizer(f"Q: Quote: {p}\nA:")["input_ids"] for p in held_out_passages()[:n]]
 
 
 def one_stream(
@@ -107,7 +116,8 @@ def measure(name: str, run, engine: Engine, tokens: int, repeats: int, medusa: b
 
 
 def demo_engine() -> Engine:
-    """The demo model with its adapters at 1, 2, 3 and its Medusa heads at 4."""
+    """The demo model with its LoRA adapters at 1-4 (the quote adapter at QUOTE) and its Medusa heads
+    at MEDUSA."""
     return engine_with_adapters(DEMO, [*DEMO_ADAPTERS, DEMO / "adapters" / "medusa"], 1024)
 
 
@@ -145,20 +155,23 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=4, help="--speculative-tokens")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mixed-repeats", type=int, default=5, help="the mixed workload's (a noisier ratio)")
     args = parser.parse_args()
     torch.manual_seed(0)
     engine = demo_engine()
     tok = AutoTokenizer.from_pretrained(DEMO)
-    few_shot, single = copy_prompts(tok, 16, 6), copy_prompts(tok, 16, 0)
-    adapters = [0, 1, 2, 3]  # the base and the three LoRA adapters
-    rows = measure("copy-heavy: 6-shot Copy:, 48 tokens", lambda: one_stream(engine, few_shot, 48, True, adapters),
+    few_shot, single, quotes = copy_prompts(tok, 16, 6), copy_prompts(tok, 16, 0), quote_prompts(tok, 16)
+    adapters = [0, 1, 2, 3]  # the base and the answer-format, upper and reverse adapters
+    rows = measure("copy-heavy: Quote: 8-32 words, to EOS", lambda: one_stream(engine, quotes, 64, False, [QUOTE]),
+                   engine, args.tokens, args.repeats)  # fmt: skip
+    rows += measure("copy-heavy: 6-shot Copy:, 48 tokens", lambda: one_stream(engine, few_shot, 48, True, adapters),
                    engine, args.tokens, args.repeats)  # fmt: skip
     rows += measure("copy-heavy: Copy: answered to EOS", lambda: one_stream(engine, single, 48, False, adapters),
                     engine, args.tokens, args.repeats)  # fmt: skip
-    rows += measure("Medusa heads, 6-shot, 48 tokens", lambda: one_stream(engine, few_shot, 48, True, [4]),
+    rows += measure("Medusa heads, 6-shot, 48 tokens", lambda: one_stream(engine, few_shot, 48, True, [MEDUSA]),
                     engine, 0, args.repeats, medusa=True)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        rows += mixed(Path(tmp), args.tokens, args.repeats)
+        rows += mixed(Path(tmp), args.tokens, args.mixed_repeats)
     print(f"| {'workload':<42} | {'drafts':>6} | {'tokens':>6} | {'steps/token':>11} | {'tokens/s':>8} | "
           f"{'vs plain':>8} | {'drafts kept':>11} |")  # fmt: skip
     print(f"|{'-' * 44}|{'-' * 8}|{'-' * 8}|{'-' * 13}|{'-' * 10}|{'-' * 10}|{'-' * 13}|")
@@ -169,8 +182,9 @@ def main() -> None:
         kept_text = "" if k == "off" else f"{kept:.0%}"
         print(f"| {name:<42} | {k:>6} | {generated:>6} | {steps / generated:>11.2f} | {tps:>8.1f} | "
               f"{tps / plain_tps[name]:>8.2f} | {kept_text:>11} |")  # fmt: skip
-    print(f"\nbest of {args.repeats} runs each, greedy, float32, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; steps: decode calls (prefill steps not counted)")  # fmt: skip
+    print(f"\nbest of {args.repeats} runs each ({args.mixed_repeats} for the mixed workload), greedy, float32, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}; steps: decode calls (prefill steps not "
+          "counted)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The demo model's three LoRA adapters (`models/demo/adapters/`), served the way `make run` serves them:
+"""The demo model's LoRA adapters (`models/demo/adapters/`), served the way `make run` serves them:
 mixed concurrent requests for the base and every adapter, on inputs none of them was trained on, each
 get their adapter's skill; and the served answer equals peft + transformers for the same adapter."""
 
@@ -54,7 +54,7 @@ def test_adapters_are_standard_peft_files() -> None:
 
     from safetensors import safe_open
 
-    for name in ADAPTERS:
+    for name in [*ADAPTERS, "quote"]:
         folder = DEMO / "adapters" / name
         config = json.loads((folder / "adapter_config.json").read_text())
         assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "models/demo"

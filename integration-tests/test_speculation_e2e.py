@@ -16,6 +16,7 @@ from conftest import REPO, Server, launch
 
 sys.path.insert(0, str(REPO / "scripts"))
 from demo_data import copy_example  # noqa: E402
+from train_demo_adapters import held_out_passages  # noqa: E402
 
 DEMO = REPO / "models" / "demo"
 ADAPTERS = [None, "answer-format", "upper", "reverse"]
@@ -71,6 +72,30 @@ def test_same_answers_fewer_steps(servers: tuple[Server, Server], extra: dict) -
         assert not tb[0]["skipped"]  # the first token comes from prefill
     if "seed" not in extra:  # the demo model copies what it is shown: drafts are kept
         assert sum(b["details"]["skipped_tokens"] for b in got) > 0
+
+
+def test_quoted_passages_arrive_mostly_skipped(servers: tuple[Server, Server]) -> None:
+    """The demo `quote` adapter copies whole passages from its prompt: the same answers, with most of
+    their tokens drafted by prompt lookup and kept (several per step), concurrent requests included."""
+    plain, fast = servers
+    quote = {"adapter_id": str(DEMO / "adapters" / "quote"), "adapter_source": "local", "max_new_tokens": 48}
+
+    def ask(server: Server, passage: str) -> dict:
+        body = {"inputs": f"Q: Quote: {passage}\nA:", "parameters": {"details": True, **quote}}
+        r = requests.post(f"{server.url}/generate", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    passages = held_out_passages()[:6]
+    with ThreadPoolExecutor(6) as pool:
+        want, got = list(pool.map(lambda p: ask(plain, p), passages)), list(pool.map(lambda p: ask(fast, p), passages))
+    for a, b in zip(want, got, strict=True):
+        assert [t["id"] for t in b["details"]["tokens"]] == [t["id"] for t in a["details"]["tokens"]]
+        assert b["generated_text"] == a["generated_text"]
+    copied = sum(a["generated_text"] == " " + p for a, p in zip(want, passages, strict=True))
+    assert copied >= 4  # the adapter's held-out accuracy is 88%
+    tokens = sum(b["details"]["generated_tokens"] for b in got)
+    assert sum(b["details"]["skipped_tokens"] for b in got) >= tokens // 2
 
 
 def test_stream_marks_skipped_tokens(servers: tuple[Server, Server]) -> None:

@@ -63,8 +63,10 @@ def eval_sets(split: dict[str, list], seed: int = SEED) -> dict[str, list[Exampl
     }
 
 
-def evaluate(model, tokenizer, sets: dict[str, list[Example]], chat_fn=None) -> dict[str, float]:
-    """Exact-match accuracy (answer then EOS) per task, in Q/A and chat form."""
+def evaluate(
+    model, tokenizer, sets: dict[str, list[Example]], chat_fn=None, max_new_tokens: int = 16
+) -> dict[str, float]:
+    """Exact-match accuracy (answer then EOS within `max_new_tokens`) per task, in Q/A and chat form."""
     scores = {}
     for form in ("qa", "chat"):
         for name, examples in sets.items():
@@ -73,7 +75,7 @@ def evaluate(model, tokenizer, sets: dict[str, list[Example]], chat_fn=None) -> 
             else:
                 prompts = [render_chat([{"role": "user", "content": q}], True) for q, _ in examples]
             expect = [" " + a for _, a in examples]  # both formats answer after a space
-            got = generate(model, tokenizer, prompts, chat=form == "chat")
+            got = generate(model, tokenizer, prompts, chat=form == "chat", max_new_tokens=max_new_tokens)
             ok = [g["eos"] and g["text"] == e for g, e in zip(got, expect, strict=True)]
             scores[f"{form}: {name}"] = sum(ok) / len(ok)
             bad = [(p, g["text"]) for p, g, k in zip(prompts, got, ok, strict=True) if not k][:2]

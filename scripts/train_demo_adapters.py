@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Train the three demo LoRA adapters of the embedded demo model (`models/demo/adapters/`), reproducibly.
+"""Train the demo LoRA adapters of the embedded demo model (`models/demo/adapters/`), reproducibly.
 
-    .venv/bin/python scripts/train_demo_adapters.py                 # all three
+    .venv/bin/python scripts/train_demo_adapters.py                 # all four
     .venv/bin/python scripts/train_demo_adapters.py --only upper    # one of them
 
 Each adapter is a standard PEFT LoRA (rank 8 on every linear layer of the frozen base) that teaches one
-skill the base model lacks, in the base's own Q/A and chat formats. Each changes how the base answers
+skill the base model lacks, in the base's own Q/A and chat formats. Three change how the base answers
 the same prompt, so the one prompt `Q: Copy: blue fox\\nA:` shows four behaviours:
 
     base           ` blue fox`           copies
@@ -15,10 +15,13 @@ the same prompt, so the one prompt `Q: Copy: blue fox\\nA:` shows four behaviour
 
 `reverse` and `upper` also learn an explicit instruction (`Reverse: ...`, `Uppercase: ...`);
 `answer-format` wraps copying, arithmetic and facts alike (`What is 2 + 3?` -> ` Answer: 5.`).
+`quote` repeats whole passages of up to 32 words (`Copy:` or `Quote:`), where the base stops after
+about four: an answer copied from the prompt, the workload speculative decoding is for.
 
 Held-out inputs: a fixed set of payloads (seeded, plus the README's) is never trained on; `reverse` and
 `answer-format` also never see 10 held-out words, `answer-format` never sees two of the planets, and
-its arithmetic uses the base's own held-out pairs. `evaluate` from `scripts/train_demo.py` scores them
+its arithmetic uses the base's own held-out pairs; `quote` never sees 50 held-out passages of 8-32
+words. `evaluate` from `scripts/train_demo.py` scores them
 greedily (exact answer then `</s>`); `integration-tests/test_demo_adapters_e2e.py` imports
 `held_out_sets` to query the served adapters on the same unseen inputs.
 
@@ -69,6 +72,7 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 README_PAYLOADS = ["blue fox", "the red ship", "a b c", "12 7 99"]  # shown in the READMEs: held out too
 HELD_OUT_PLANETS = ["Pell", "Oska"]  # `answer-format` never sees their facts
+MAX_NEW_TOKENS = 48  # what evaluation and the README examples generate at most (quote: 32+ words)
 
 
 def held_out_words(seed: int = SEED) -> list[str]:
@@ -118,6 +122,23 @@ def unseen_word_payloads(seed: int = SEED, n: int = 50) -> list[str]:
     return out
 
 
+def passage(rng: random.Random, words: list[str], lo: int = 5, hi: int = 32) -> str:
+    """lo-hi words (some UPPERCASE): a passage a `quote` question repeats."""
+    items = [rng.choice(words) for _ in range(rng.randint(lo, hi))]
+    return " ".join(w.upper() if rng.random() < 0.2 else w for w in items)
+
+
+def held_out_passages(seed: int = SEED, n: int = 50) -> list[str]:
+    """New passages of 8-32 words (longer than any the base model copies), never trained on."""
+    rng = random.Random(seed + 14)
+    out: list[str] = []
+    while len(out) < n:
+        p = passage(rng, WORDS, lo=8)
+        if p not in out:
+            out.append(p)
+    return out
+
+
 def reverse_words(text: str) -> str:
     return " ".join(reversed(text.split()))
 
@@ -131,7 +152,7 @@ def wrap(examples: list[Example]) -> list[Example]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The three skills: a training sampler and held-out evaluation sets each.
+# The skills: a training sampler and held-out evaluation sets each.
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -217,7 +238,27 @@ def make_skills(seed: int = SEED) -> dict[str, Skill]:
                 "fact (unseen planets)": wrap(held_facts),
             },
         ),
+        "quote": quote_skill(seed),
     }
+
+
+def quote_skill(seed: int = SEED) -> Skill:
+    passages = held_out_passages(seed)
+
+    def sample(rng: random.Random) -> Example:
+        while (p := passage(rng, WORDS, lo=1)) in passages:
+            pass
+        return f"{rng.choice(['Copy', 'Quote'])}: {p}", p
+
+    return Skill(
+        "quote",
+        "repeats whole passages of `Copy:` and `Quote:` questions (up to 32 words) where the base stops after 4",
+        sample,
+        {
+            "copy (new 8-32 word passages)": [(f"Copy: {p}", p) for p in passages],
+            "Quote: (new 8-32 word passages)": [(f"Quote: {p}", p) for p in passages],
+        },
+    )
 
 
 def held_out_sets(name: str, seed: int = SEED) -> dict[str, list[Example]]:
@@ -307,6 +348,11 @@ EXAMPLE_QUESTIONS = {
     "reverse": ["Copy: blue fox", "Reverse: the red ship", "Copy: a b c", "Copy: 12 7 99"],
     "upper": ["Copy: blue fox", "Uppercase: the red ship", "Copy: a b c", "Copy: 12 7 99"],
     "answer-format": ["Copy: blue fox", "What is 12 + 7?", "What is 15 - 7?", "Which animal lives on Oska?"],
+    "quote": [
+        "Copy: blue fox",
+        "Copy: the red ship sails on the sea near the old king and his tall friend",
+        "Quote: a small robot reads a book under the tree",
+    ],
 }
 
 ADAPTER_README = """# `{name}`: a demo LoRA adapter for `models/demo`
@@ -347,9 +393,10 @@ the script reproduces the same weights on the same machine.
 
 INDEX_README = """# Demo LoRA adapters
 
-Three LoRA adapters for the embedded demo model `models/demo`, made by
-`scripts/train_demo_adapters.py` (standard PEFT layout: `adapter_config.json`,
-`adapter_model.safetensors`). Each teaches a skill the base lacks, so one prompt gets four answers:
+LoRA adapters for the embedded demo model `models/demo`, made by `scripts/train_demo_adapters.py`
+(standard PEFT layout: `adapter_config.json`, `adapter_model.safetensors`). Each teaches a skill the
+base lacks; three of them answer one short prompt in three new ways, and `quote` copies passages
+too long for the base:
 
 | `adapter_id` | skill | `Q: Copy: blue fox\\nA:` |
 |---|---|---|
@@ -389,10 +436,10 @@ def write_adapter_readme(out: Path, skill: Skill, model, tokenizer, scores, seco
             outs = []
             for use_adapter in (False, True):
                 if use_adapter:
-                    got = generate(model, tokenizer, [prompt], chat=form == "chat")[0]
+                    got = generate(model, tokenizer, [prompt], form == "chat", MAX_NEW_TOKENS)[0]
                 else:
                     with model.disable_adapter():
-                        got = generate(model, tokenizer, [prompt], chat=form == "chat")[0]
+                        got = generate(model, tokenizer, [prompt], form == "chat", MAX_NEW_TOKENS)[0]
                 outs.append(got["text"] + (EOS if got["eos"] else " ..."))
             rows.append((form, prompt, *outs))
     examples = "\n".join(f"| {f} | `{show(p)}` | `{show(b)}` | `{show(a)}` |" for f, p, b, a in rows)
@@ -420,7 +467,7 @@ def write_index_readme(out: Path, results: dict[str, dict]) -> None:
     path = out / "results.json"
     known = json.loads(path.read_text()) if path.exists() else {}
     known.update(results)
-    known = {name: known[name] for name in ("reverse", "upper", "answer-format") if name in known}
+    known = {name: known[name] for name in ("reverse", "upper", "answer-format", "quote") if name in known}
     path.write_text(json.dumps(known, indent=2) + "\n")
     first = next(iter(known.values()))
     rows = [f"| (none: the base) | copies | `{show(first['example_base'])}` |"]
@@ -443,7 +490,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="models/demo", help="the base model directory")
     p.add_argument("--out", default="models/demo/adapters")
-    p.add_argument("--only", nargs="+", choices=["reverse", "upper", "answer-format"], help="train only these")
+    p.add_argument("--only", nargs="+", choices=["reverse", "upper", "answer-format", "quote"], help="train only these")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--docs", type=int, default=40_000, help="synthetic documents per adapter")
     p.add_argument("--chat-share", type=float, default=0.3, help="share of documents in chat form")
@@ -478,7 +525,7 @@ def main(argv=None) -> int:
         print(f"[{name}] trained {args.steps} steps in {seconds:.0f}s; saved to {out}", flush=True)
         if args.skip_eval:
             continue
-        scores = evaluate(model, tokenizer, held_out_sets(name, args.seed))
+        scores = evaluate(model, tokenizer, held_out_sets(name, args.seed), max_new_tokens=MAX_NEW_TOKENS)
         rows = write_adapter_readme(out, skill, model, tokenizer, scores, seconds, args)
         results[name] = {
             "summary": skill.summary,

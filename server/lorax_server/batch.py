@@ -10,6 +10,7 @@ import xgrammar as xgr
 
 from .grammar import GrammarSpec, TokenMasks
 from .kv_cache import BlockManager
+from .prompt_lookup import NgramIndex
 from .sampling import BatchSampler, SamplingParams
 from .stopping import StoppingCriteria
 from .utils.tokens import IncrementalDetokenizer
@@ -58,9 +59,10 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     matcher: xgr.GrammarMatcher | None = None  # the grammar's parse state, for constrained requests
     generated: list[int] = field(default_factory=list)
-    draft_limit: int | None = None  # speculative decoding: most drafts it feeds next (None: the maximum)
+    draft_limit: int | None = None  # speculative decoding: most drafts it feeds next in a batch (None: one)
     medusa_drafts: list[int] = field(default_factory=list)  # its adapter's Medusa heads' guesses...
     medusa_at: int = -1  # ...for the tokens after its first `medusa_at` (stale once it is longer)
+    lookup: NgramIndex | None = None  # speculative decoding: its prompt-lookup index, made at first use
 
     @property
     def length(self) -> int:

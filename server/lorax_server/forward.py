@@ -8,6 +8,10 @@ import torch
 
 from .kv_cache import slot_mapping
 
+# Steps whose sequences each feed at most this many tokens (decode steps, speculative steps' drafts)
+# apply every adapter of the batch at once; longer runs are prompts, looped over by segment.
+SHORT_QUERIES = 8
+
 
 @dataclass
 class LoraGroups:
@@ -71,17 +75,17 @@ class LoraGroups:
 @dataclass
 class LoraKernelRows:
     """The adapted tokens as the Triton LoRA kernels read them (`layers.triton.lora`), for factors
-    stacked in `adapters` order: each segment's token range and stack slot (SGMV), and on decode steps
-    each token's slot, -1 for tokens without an adapter (BGMV). Built on the host from the segments and
-    copied to the device in one asynchronous transfer; the grid sizes are host values, so launching the
-    kernels never waits on the device."""
+    stacked in `adapters` order: each segment's token range and stack slot (SGMV), and on steps of
+    short queries each token's slot, -1 for tokens without an adapter (BGMV). Built on the host from
+    the segments and copied to the device in one asynchronous transfer; the grid sizes are host values,
+    so launching the kernels never waits on the device."""
 
     adapters: tuple[int, ...]  # the adapter of each stack slot
     seg_start: torch.Tensor  # [segments] int32
     seg_end: torch.Tensor  # [segments] int32
     seg_slot: torch.Tensor  # [segments] int32, -1 for an adapter outside `adapters`
     longest: int  # host copy: the most tokens in one segment (the SGMV grid)
-    row_slot: torch.Tensor | None  # [num_tokens] int32 when every row is one token (decode), else None
+    row_slot: torch.Tensor | None  # [num_tokens] int32 on steps of short queries (decode, drafts), else None
 
     @staticmethod
     def row_slots(segments: list[tuple[int, int, int]], num_tokens: int, order: tuple[int, ...]) -> list[int]:
@@ -99,14 +103,14 @@ class LoraKernelRows:
         num_tokens: int,
         device: torch.device,
         order: tuple[int, ...] | None = None,
-        decode: bool = False,
+        per_token: bool = False,
     ) -> LoraKernelRows:
         """Slots in `order` (default: the segments' adapters as they first come)."""
         adapters = order if order is not None else tuple(dict.fromkeys(index for _, _, index in segments))
         slot_of = {index: slot for slot, index in enumerate(adapters)}
         slots = [slot_of.get(index, -1) for _, _, index in segments]
         values = [start for start, _, _ in segments] + [end for _, end, _ in segments] + slots
-        if decode:
+        if per_token:
             values += cls.row_slots(segments, num_tokens, adapters)
         host = torch.tensor(values, dtype=torch.int32)
         if device.type == "cuda":  # pinned, the copy queues on the stream instead of waiting for it
@@ -114,7 +118,7 @@ class LoraKernelRows:
         packed = host.to(device, non_blocking=True)
         n = len(segments)
         longest = max((end - start for start, end, _ in segments), default=0)
-        row = packed[3 * n :] if decode else None
+        row = packed[3 * n :] if per_token else None
         return cls(adapters, packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n], longest, row)
 
 
@@ -178,10 +182,10 @@ class ForwardBatch:
         return self._adapter_slots
 
     def lora_groups(self, order: tuple[int, ...] | None = None) -> LoraGroups | None:
-        """On a decode step (one token per sequence), the adapted tokens as a padded grid with rows in
-        `order` (see `LoraGroups`), built once per order; None when looping over the segments is the
-        better plan (any step with a prompt in it)."""
-        if self.max_query_len > 1:  # prompts: long segments, which the loop adds in place without copies
+        """On a step of short queries (decode steps, speculative steps' drafts), the adapted tokens as a
+        padded grid with rows in `order` (see `LoraGroups`), built once per order; None when looping over
+        the segments is the better plan (a step with a prompt in it)."""
+        if self.max_query_len > SHORT_QUERIES:  # prompts: long segments, which the loop adds in place
             return None
         if order not in self._lora_groups:
             self._lora_groups[order] = LoraGroups.build(self.lora_segments, self.input_ids.device, order)
@@ -195,12 +199,13 @@ class ForwardBatch:
 
     def lora_kernel_rows(self, order: tuple[int, ...] | None = None) -> LoraKernelRows:
         """The segments as the Triton LoRA kernels read them, slots in `order` (default: `lora_order()`),
-        with per-token slots on decode steps; built once per order and forward pass, so the batch's
-        adapted linears share one host-to-device copy."""
+        with per-token slots on steps of short queries; built once per order and forward pass, so the
+        batch's adapted linears share one host-to-device copy."""
         order = order if order is not None else self.lora_order()
         if order not in self._lora_kernel_rows:
+            short = self.max_query_len <= SHORT_QUERIES
             self._lora_kernel_rows[order] = LoraKernelRows.build(
-                self.lora_segments, self.input_ids.shape[0], self.input_ids.device, order, self.max_query_len == 1
+                self.lora_segments, self.input_ids.shape[0], self.input_ids.device, order, short
             )
         return self._lora_kernel_rows[order]
 

@@ -33,6 +33,7 @@ from .grammar import TokenMasks, advance
 from .kv_cache import KVCache
 from .models.transformer import CausalLM
 from .outputs import Emitter, GenerationOut, StepTimings
+from .prompt_lookup import NgramIndex
 from .sampling import BatchSampler, SamplerOutput
 
 
@@ -45,45 +46,6 @@ class SpeculationConfig:
     @property
     def enabled(self) -> bool:
         return self.tokens > 0
-
-
-def lookup_drafts(
-    history: torch.Tensor, lengths: torch.Tensor, k: int, max_ngram: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prompt-lookup drafts for every row at once.
-
-    history: [rows, width] int64 ids known so far, -1 padded; lengths: [rows] int64 known ids per row.
-    For n = max_ngram down to 1, a row's last n ids are looked up among its earlier ids; the most
-    recent match whose continuation is known wins, longer n first. Returns drafts [rows, k] int64 (the
-    ids that followed the match), how many of them are known ids [rows] (at most k; 0 where nothing
-    matched) and the length n of the match [rows] (0: none).
-    """
-    rows, width = history.shape
-    device = history.device
-    ends = torch.arange(width, device=device)
-    # run[n - 1][r, e]: the n ids ending at e equal row r's last n ids. Grown one id at a time: the id j
-    # places before the end must equal the row's id j places before its last.
-    before = lengths[:, None] - 1 - torch.arange(max_ngram, device=device)  # [rows, max_ngram]
-    tail = history.gather(1, before.clamp(min=0)).masked_fill_(before < 0, -3)  # -3 matches nothing
-    run = history == tail[:, :1]
-    runs = [run]
-    for j in range(1, max_ngram):
-        shifted = F.pad(history, (j, 0), value=-3)[:, :width]  # shifted[:, e] = history[:, e - j]
-        run = run & (shifted == tail[:, j : j + 1])
-        runs.append(run)
-    # A match is useful when its continuation is a known id: it ends before the row's last id.
-    useful = torch.stack(runs[::-1]) & (
-        ends[None, :] < lengths[:, None] - 1
-    )  # [max_ngram (longest first), rows, width]
-    latest = torch.where(useful, ends, -1).amax(-1)  # [max_ngram, rows], -1: no match of that length
-    hit = latest >= 0
-    longest = hit.int().argmax(0)  # the first (longest) n that matched
-    start = latest.gather(0, longest[None]).squeeze(0) + 1  # where the continuation begins
-    found = hit.any(0)
-    offsets = torch.arange(k, device=device)
-    drafts = history.gather(1, (start[:, None] + offsets).clamp(max=width - 1))
-    known = torch.where(found, (lengths - start).clamp(min=0, max=k), 0)
-    return drafts, known, torch.where(found, max_ngram - longest, 0)
 
 
 def draft_caps(
@@ -142,13 +104,17 @@ class Drafted:
     counts: torch.Tensor  # [rows] int64
 
     @classmethod
-    def build(cls, next_ids: torch.Tensor, drafts: torch.Tensor, counts: torch.Tensor, counts_host: list[int]):  # noqa: ANN206
-        k = drafts.shape[1]
-        grid = torch.cat([next_ids[:, None], drafts], 1)  # [rows, k + 1]
-        keep = torch.arange(k + 1, device=grid.device)[None, :] <= counts[:, None]
-        query_lens = [1 + c for c in counts_host]
+    def build(cls, last: list[int], grid: list[list[int]], counts: list[int], device: torch.device) -> Drafted:
+        """From host lists: each row's last known id, its drafts (a row of `grid`, k long) and how many
+        of them it feeds; one copy to the device."""
+        k = len(grid[0])
+        fed = [t for row, c in enumerate(counts) for t in (last[row], *grid[row][:c])]
+        flat = torch.tensor(fed + [t for r in grid for t in r] + counts, dtype=torch.int64).to(device)
+        query_lens = [1 + c for c in counts]
         first = list(itertools.accumulate(query_lens, initial=0))[:-1]
-        return cls(grid[keep], query_lens, first, drafts, counts)
+        n, rows = len(fed), len(grid)
+        drafts = flat[n : n + rows * k].view(rows, k)
+        return cls(flat[:n], query_lens, first, drafts, flat[n + rows * k :])
 
 
 @dataclass
@@ -225,31 +191,6 @@ def advance_rows(history: torch.Tensor, lengths: torch.Tensor, verified: Verifie
     return grown[:, :width].contiguous()
 
 
-def medusa_drafts(
-    batch: Batch,
-    lengths: list[int],
-    heads: list[MedusaHeads | None],
-    drafts: torch.Tensor,
-    known: list[int],
-    matched: list[int],
-    max_ngram: int,
-) -> torch.Tensor:
-    """`drafts` [rows, k] with the rows that have Medusa heads taking their heads' last guesses (when
-    made for their current length); `known` and `matched` (host lists) updated in place to match."""
-    k = drafts.shape[1]
-    grid, use = [[0] * k for _ in heads], [False] * len(heads)
-    for row, (h, seq) in enumerate(zip(heads, batch.seqs, strict=True)):
-        if h is None:
-            continue
-        guesses = seq.medusa_drafts if seq.medusa_at == lengths[row] else []
-        grid[row][: len(guesses)] = guesses
-        use[row] = True
-        known[row], matched[row] = len(guesses), max_ngram if guesses else 0
-    device = drafts.device
-    rows = torch.tensor(use, dtype=torch.bool, device=device)[:, None]
-    return torch.where(rows, torch.tensor(grid, dtype=torch.int64, device=device), drafts)
-
-
 def medusa_guesses(
     heads: list[MedusaHeads | None],
     hidden: torch.Tensor,
@@ -313,31 +254,47 @@ class Speculator:
         caps = draft_caps(lengths, remaining, constrained, k, model.length_dependent_above)
         if not any(caps) and not guessing:
             return None
-        lengths_t = torch.tensor(lengths, dtype=torch.int64, device=dev)
-        if spec.tokens and not all(h is not None for h in heads):
-            drafts, known, matched = lookup_drafts(batch.history, lengths_t, k, spec.max_ngram)
-            known_host, matched_host = torch.stack([known, matched]).tolist()  # the step's shape depends on them
-        else:
-            drafts = torch.zeros(len(batch), k, dtype=torch.int64, device=dev)
-            known_host, matched_host = [0] * len(batch), [0] * len(batch)
-        if guessing:
-            drafts = medusa_drafts(batch, lengths, heads, drafts, known_host, matched_host, spec.max_ngram)
-        # Drafts are rationed (each row by what its model kept of them before) only when every row
-        # drafting its most would overflow the step's token budget; otherwise they are cheap enough.
-        ration = len(batch) * (k + 1) > spec.max_batch_size
+        grid, known, matched = self._proposals(batch, lengths, heads, caps, k)
+        # One stream drafts its most: its step is bound by the weights' reads, not by the few tokens
+        # fed, so drafts cost little. In a batch each fed draft costs about what a row does (compute
+        # bound), and the run ends with its longest request whatever the others gain: there drafts are
+        # rationed, each row starting at one and fed as many as its model kept of them before.
+        ration = len(batch) > 1
         most = [h.num_heads if h is not None else spec.tokens for h in heads]
-        counts_host = [
+        counts = [
             row_drafts(kn, n, cap, min(m, self._limit(s)) if ration else m, spec.max_ngram)
-            for kn, n, cap, m, s in zip(known_host, matched_host, caps, most, batch.seqs, strict=True)
+            for kn, n, cap, m, s in zip(known, matched, caps, most, batch.seqs, strict=True)
         ]
-        counts_host = within_budget(counts_host, matched_host, spec.max_batch_size - len(batch))
-        if not any(counts_host) and not guessing:
+        counts = within_budget(counts, matched, spec.max_batch_size - len(batch))
+        if not any(counts) and not guessing:
             return None
-        counts = torch.tensor(counts_host, dtype=torch.int64, device=dev)
-        return Drafted.build(batch.next_ids, drafts, counts, counts_host), lengths_t
+        drafted = Drafted.build([s.generated[-1] for s in batch.seqs], grid, counts, dev)
+        return drafted, torch.tensor(lengths, dtype=torch.int64).to(dev)
+
+    def _proposals(
+        self, batch: Batch, lengths: list[int], heads: list[MedusaHeads | None], caps: list[int], k: int
+    ) -> tuple[list[list[int]], list[int], list[int]]:
+        """Each row's drafts ([rows][k], zero padded), how many of them are known ids, and how long a
+        match they came from (max_ngram for Medusa guesses): the guesses its heads made for its current
+        length where its adapter has heads, else prompt lookup's (rows that may not draft skip it)."""
+        most = self.config.max_ngram
+        grid, known, matched = [[0] * k for _ in heads], [0] * len(heads), [0] * len(heads)
+        for row, (seq, h, cap) in enumerate(zip(batch.seqs, heads, caps, strict=True)):
+            if h is not None:
+                found = seq.medusa_drafts if seq.medusa_at == lengths[row] else []
+                n = most if found else 0
+            elif self.config.tokens and cap:
+                if seq.lookup is None:
+                    seq.lookup = NgramIndex(seq.request.input_ids, most)
+                found, n = seq.lookup.propose(seq.generated, k)
+            else:
+                continue
+            grid[row][: len(found)] = found
+            known[row], matched[row] = len(found), n
+        return grid, known, matched
 
     def _limit(self, seq: Sequence) -> int:
-        return 1 << 30 if seq.draft_limit is None else seq.draft_limit
+        return 1 if seq.draft_limit is None else seq.draft_limit  # a row without a record tries one
 
     def step(
         self, batch: Batch, lengths: list[int], cache: KVCache, block_size: int, timings: StepTimings

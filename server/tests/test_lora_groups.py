@@ -133,3 +133,19 @@ def test_grid_layouts():
     assert ordered.adapters == (2, 7, 1) and ordered.span == (0, 3)
     assert ordered.gather.tolist() == [2, 2, 0, 0, 0, 1]  # adapter 7's row is all padding
     assert ordered.inverse.tolist() == [4, 5, 0]
+
+
+def test_a_speculative_step_applies_its_adapters_grouped():
+    """Rows of a few tokens each (a row's next token and its drafts) take the grouped plan, exactly."""
+    linear = adapted_linear(ADAPTERS)
+    query_lens, adapters = [5, 1, 3, 2], [1, 5, 2, 1]  # a row of adapter 1 on each side
+    starts = [0, 5, 6, 9]
+    segments = [(s, s + n, a) for s, n, a in zip(starts, query_lens, adapters, strict=True)]
+    x = torch.randn(11, IN, generator=torch.Generator().manual_seed(3))
+    meta = ForwardBatch.build(
+        torch.zeros(11, dtype=torch.int64), query_lens, [9, 4, 7, 3], torch.zeros(4, 3, dtype=torch.int64), 4,
+        lora_segments=segments,
+    )  # fmt: skip
+    assert meta.lora_groups() is not None
+    torch.testing.assert_close(linear(x, meta).double(), dense_reference(linear, x, segments), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(linear(x, meta), linear(x, ExpertRows(segments)), rtol=1e-5, atol=1e-4)

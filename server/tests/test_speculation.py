@@ -17,12 +17,12 @@ from lorax_server.batch import RequestIn
 from lorax_server.engine import CacheConfig, Engine
 from lorax_server.layers.attention import TorchAttention
 from lorax_server.models.loader import load_model
+from lorax_server.prompt_lookup import NgramIndex
 from lorax_server.sampling import SamplingParams
 from lorax_server.speculation import (
     SpeculationConfig,
     Speculator,
     draft_caps,
-    lookup_drafts,
     next_draft_limit,
     row_drafts,
     within_budget,
@@ -32,28 +32,39 @@ BLOCK = 4
 K = 4
 
 
-def as_history(rows: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    history = torch.full((len(rows), width), -1, dtype=torch.int64)
-    for i, r in enumerate(rows):
-        history[i, : len(r)] = torch.tensor(r)
-    return history, torch.tensor([len(r) for r in rows])
+def brute_force_lookup(ids: list[int], k: int, max_ngram: int) -> tuple[list[int], int]:
+    """The definition: the longest n whose last-n run occurred before, ending before the last id; of
+    those occurrences the latest; the ids after it."""
+    for n in range(min(max_ngram, len(ids)), 0, -1):
+        tail = ids[-n:]
+        ends = [e for e in range(n - 1, len(ids) - 1) if ids[e - n + 1 : e + 1] == tail]
+        if ends:
+            return ids[ends[-1] + 1 : ends[-1] + 1 + k], n
+    return [], 0
 
 
 def test_lookup_takes_the_latest_longest_match_and_stops_at_known_tokens() -> None:
     rows = [
-        [5, 6, 7, 8, 1, 6, 7, 9, 2, 6, 7],  # "6 7" twice before: the latest (then 9 2 6 7) wins
-        [1, 2, 3, 4, 9, 9, 3, 4, 5, 2, 3, 4],  # "2 3 4" (then 9 9 ...) beats the later "3 4" (then 5)
-        [1, 2, 3, 4, 5],  # nothing repeats
-        [7, 3, 7],  # "7" then 3: one known token to copy
-        [4],  # too short to look anything up
+        ([5, 6, 7, 8, 1, 6, 7, 9, 2, 6, 7], [9, 2, 6, 7], 2),  # "6 7" twice before: the latest wins
+        ([1, 2, 3, 4, 9, 9, 3, 4, 5, 2, 3, 4], [9, 9, 3, 4], 3),  # "2 3 4" beats the later "3 4"
+        ([1, 2, 3, 4, 5], [], 0),  # nothing repeats
+        ([7, 3, 7], [3, 7], 1),  # "7" then 3: two known ids to copy
+        ([4], [], 0),  # too short to look anything up
     ]
-    history, lengths = as_history(rows, 16)
-    drafts, known, matched = lookup_drafts(history, lengths, K, max_ngram=3)
-    assert known.tolist() == [4, 4, 0, 2, 0]
-    assert matched.tolist() == [2, 3, 0, 1, 0]
-    assert drafts[0].tolist() == [9, 2, 6, 7]
-    assert drafts[1].tolist() == [9, 9, 3, 4]
-    assert drafts[3, :2].tolist() == [3, 7]
+    for ids, drafts, matched in rows:
+        assert NgramIndex(ids, max_ngram=3).propose([], K) == (drafts, matched)
+
+
+def test_lookup_index_grows_with_the_output_and_matches_the_definition() -> None:
+    g = torch.Generator().manual_seed(3)
+    for trial in range(20):
+        prompt = torch.randint(0, 6, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist()
+        index, generated = NgramIndex(prompt, max_ngram=3), []
+        for _ in range(40):
+            # 1-5 ids a step, as a drafting step emits; some steps are skipped (no lookup made)
+            generated += torch.randint(0, 6, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+            if torch.rand(1, generator=g) < 0.7:
+                assert index.propose(generated, K) == brute_force_lookup(prompt + generated, K, 3), trial
 
 
 def test_draft_limits_follow_what_the_model_keeps() -> None:

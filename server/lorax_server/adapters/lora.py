@@ -7,7 +7,7 @@ All parts of one adapter share one shrink matmul (their A's are stacked). Rows w
 touch a linear, and base-model rows, cost nothing.
 
 Two plans compute this. When the batch's segments pad into a grid cheaply (`forward.LoraGroups`:
-decode steps, where each row is one token), every adapter is applied at once: one batched shrink
+decode and speculative steps, where each row is a few tokens), every adapter is applied at once: one batched shrink
 over the adapters' A's stacked in segment order, one batched expand per part. The stacks are copies
 of the batch's adapters' factors, kept while they still hold every adapter of the batch (a decoding
 batch keeps its adapters for many steps), so a steady decode step copies no weights. Otherwise
@@ -233,7 +233,7 @@ class LoraSlots:
         else:  # a MoE expert's rows: built per call, as the expert's segments themselves are
             plan = LoraKernelRows.build(rows.lora_segments, y.shape[0], y.device, stacked.adapters)
         k = _triton_lora
-        if plan.row_slot is not None:  # decode: one token per row, each reads its own slot
+        if plan.row_slot is not None:  # short queries (decode, drafts): each token reads its own slot
             _bgmv(y, x, stacked, plan.row_slot)
             return
         segments = (plan.seg_start, plan.seg_end, plan.seg_slot)
