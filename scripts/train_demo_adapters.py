@@ -348,11 +348,8 @@ EXAMPLE_QUESTIONS = {
     "reverse": ["Copy: blue fox", "Reverse: the red ship", "Copy: a b c", "Copy: 12 7 99"],
     "upper": ["Copy: blue fox", "Uppercase: the red ship", "Copy: a b c", "Copy: 12 7 99"],
     "answer-format": ["Copy: blue fox", "What is 12 + 7?", "What is 15 - 7?", "Which animal lives on Oska?"],
-    "quote": [
-        "Copy: blue fox",
-        "Copy: the red ship sails on the sea near the old king and his tall friend",
-        "Quote: a small robot reads a book under the tree",
-    ],
+    # the first two held-out passages (never trained on), as they come
+    "quote": ["Copy: blue fox", f"Copy: {held_out_passages()[0]}", f"Quote: {held_out_passages()[1]}"],
 }
 
 ADAPTER_README = """# `{name}`: a demo LoRA adapter for `models/demo`
