@@ -21,9 +21,9 @@ about four: an answer copied from the prompt, the workload speculative decoding 
 Held-out inputs: a fixed set of payloads (seeded, plus the README's) is never trained on; `reverse` and
 `answer-format` also never see 10 held-out words, `answer-format` never sees two of the planets, and
 its arithmetic uses the base's own held-out pairs; `quote` never sees 50 held-out passages of 8-32
-words. `evaluate` from `scripts/train_demo.py` scores them
-greedily (exact answer then `</s>`); `integration-tests/test_demo_adapters_e2e.py` imports
-`held_out_sets` to query the served adapters on the same unseen inputs.
+words. `evaluate` from `scripts/train_demo.py` scores them greedily (exact answer then `</s>`);
+`integration-tests/test_demo_adapters_e2e.py` imports `held_out_sets` to query the served adapters on
+the same unseen inputs.
 
 Adapters train on one document per row (not packed like the base): every document of a skill has the
 same shape, and with earlier documents in view the model learns to copy their answers instead.
@@ -122,7 +122,7 @@ def unseen_word_payloads(seed: int = SEED, n: int = 50) -> list[str]:
     return out
 
 
-def passage(rng: random.Random, words: list[str], lo: int = 5, hi: int = 32) -> str:
+def passage(rng: random.Random, words: list[str], lo: int, hi: int = 32) -> str:
     """lo-hi words (some UPPERCASE): a passage a `quote` question repeats."""
     items = [rng.choice(words) for _ in range(rng.randint(lo, hi))]
     return " ".join(w.upper() if rng.random() < 0.2 else w for w in items)

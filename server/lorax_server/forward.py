@@ -9,7 +9,8 @@ import torch
 from .kv_cache import slot_mapping
 
 # Steps whose sequences each feed at most this many tokens (decode steps, speculative steps' drafts)
-# apply every adapter of the batch at once; longer runs are prompts, looped over by segment.
+# apply every adapter of the batch at once and are attended token by token by the decode kernel;
+# longer runs are prompts (adapters looped over by segment, attention over a padded grid).
 SHORT_QUERIES = 8
 
 

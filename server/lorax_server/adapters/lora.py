@@ -7,12 +7,12 @@ All parts of one adapter share one shrink matmul (their A's are stacked). Rows w
 touch a linear, and base-model rows, cost nothing.
 
 Two plans compute this. When the batch's segments pad into a grid cheaply (`forward.LoraGroups`:
-decode and speculative steps, where each row is a few tokens), every adapter is applied at once: one batched shrink
-over the adapters' A's stacked in segment order, one batched expand per part. The stacks are copies
-of the batch's adapters' factors, kept while they still hold every adapter of the batch (a decoding
-batch keeps its adapters for many steps), so a steady decode step copies no weights. Otherwise
-(prefill, one segment, MoE experts' rows) a loop over the segments runs two small matmuls per segment
-and part.
+decode and speculative steps, where each row is a few tokens), every adapter is applied at once: one
+batched shrink over the adapters' A's stacked in segment order, one batched expand per part. The
+stacks are copies of the batch's adapters' factors, kept while they still hold every adapter of the
+batch (a decoding batch keeps its adapters for many steps), so a steady decode step copies no
+weights. Otherwise (prefill, one segment, MoE experts' rows) a loop over the segments runs two small
+matmuls per segment and part.
 
 With `set_kernels("triton")` (chosen with the Triton attention backend) both plans give way to the
 kernels of `layers.triton.lora` over the same kept stacks: BGMV (a stack slot per token) on decode

@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from ..forward import ForwardBatch
+from ..forward import SHORT_QUERIES, ForwardBatch
 from . import paged_attention
 
 
@@ -134,9 +134,6 @@ class TorchAttention:
     uncached suffixes of prefix-cached prompts next to full prompts)."""
 
     name = "torch"
-    # Sequences of at most this many new tokens (speculative steps' drafts, short prompt pieces) are
-    # attended token by token with the decode kernel when it applies, instead of through a padded grid.
-    SHORT_QUERIES = 8
 
     def __init__(self, block_size: int, decode_kernel: bool = True) -> None:
         self.block_size = block_size
@@ -184,7 +181,9 @@ class TorchAttention:
         k_scale: float = 1.0,
         v_scale: float = 1.0,
     ) -> torch.Tensor:
-        if 1 < meta.max_query_len <= self.SHORT_QUERIES and self._use_kernel(q, cache_k):
+        # Sequences of at most SHORT_QUERIES new tokens (speculative steps' drafts, short prompt pieces)
+        # are attended token by token with the decode kernel when it applies, not through a padded grid.
+        if 1 < meta.max_query_len <= SHORT_QUERIES and self._use_kernel(q, cache_k):
             # Each token as a decode query over its own prefix of the cache: a speculative step's
             # drafts are attended exactly as plain decoding would attend them, one step each.
             tables, lens = self._per_token(meta)
