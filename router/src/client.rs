@@ -84,6 +84,14 @@ pub struct DownloadedAdapter {
     pub chat_template: Option<pb::AdapterChatTemplate>,
 }
 
+/// What a shard answers to a load: whether the adapter is installed (false only when `if_fits` was
+/// asked and it does not fit the adapter memory budget), and what a download answers.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoadedAdapter {
+    pub loaded: bool,
+    pub downloaded: DownloadedAdapter,
+}
+
 /// What a prefill or decode step returns: one generation per request, and the batch as cached
 /// afterwards (absent when every request finished).
 pub type StepOutput = (Vec<pb::Generation>, Option<pb::CachedBatch>);
@@ -118,14 +126,17 @@ pub trait ShardClient: Send + Sync + 'static {
         source: pb::AdapterSource,
         api_token: Option<String>,
     ) -> Result<DownloadedAdapter, ShardError>;
-    /// Installs a downloaded adapter under `index` (between decode steps).
+    /// Installs an adapter under `index` (between decode steps), fetching it first when the shard
+    /// has not. With `if_fits`, an adapter that does not fit the memory budget is left out
+    /// (`loaded: false`) rather than refused.
     async fn load_adapter(
         &self,
         parameters: pb::AdapterParameters,
         source: pb::AdapterSource,
         index: u32,
         api_token: Option<String>,
-    ) -> Result<(), ShardError>;
+        if_fits: bool,
+    ) -> Result<LoadedAdapter, ShardError>;
     /// Removes the adapter at `index` from the device; false when nothing was there.
     async fn offload_adapter(
         &self,
@@ -254,15 +265,26 @@ impl Shard {
         })
     }
 
-    async fn load_adapter(&self, request: pb::LoadAdapterRequest) -> Result<(), ShardError> {
+    async fn load_adapter(
+        &self,
+        request: pb::LoadAdapterRequest,
+    ) -> Result<LoadedAdapter, ShardError> {
+        let if_fits = request.if_fits;
         let response = self.client.clone().load_adapter(request).await?;
-        if !response.into_inner().loaded {
+        let response = response.into_inner();
+        if !response.loaded && !if_fits {
             return Err(ShardError::status(
                 tonic::Code::Internal,
                 "the shard did not load the adapter",
             ));
         }
-        Ok(())
+        Ok(LoadedAdapter {
+            loaded: response.loaded,
+            downloaded: DownloadedAdapter {
+                memory_fraction: response.memory_fraction,
+                chat_template: response.chat_template,
+            },
+        })
     }
 
     async fn offload_adapter(
@@ -410,29 +432,41 @@ impl ShardClient for ShardedClient {
         Ok(combined)
     }
 
-    /// Every shard loads its slice. Where some shard fails, the adapter is offloaded from every
-    /// shard again, so that no rank keeps an adapter the others lack.
+    /// Every shard loads its slice. Where some shard fails (or leaves it out), the adapter is
+    /// offloaded from every shard again, so that no rank keeps an adapter the others lack. The
+    /// largest share any shard reports; rank 0's chat template.
     async fn load_adapter(
         &self,
         parameters: pb::AdapterParameters,
         source: pb::AdapterSource,
         index: u32,
         api_token: Option<String>,
-    ) -> Result<(), ShardError> {
+        if_fits: bool,
+    ) -> Result<LoadedAdapter, ShardError> {
         let request = pb::LoadAdapterRequest {
             adapter_parameters: Some(parameters.clone()),
             adapter_source: source as i32,
             adapter_index: index,
             api_token,
+            if_fits,
         };
         let results = join_all(self.shards.iter().map(|s| s.load_adapter(request.clone()))).await;
-        let Some(error) = results.into_iter().find_map(Result::err) else {
-            return Ok(());
-        };
-        if self.shards.len() > 1 {
+        let answers: Result<Vec<LoadedAdapter>, ShardError> = results.into_iter().collect();
+        let combined = answers.map(|answers| {
+            let mut answers = answers.into_iter();
+            let mut combined = answers.next().unwrap_or_default();
+            for answer in answers {
+                combined.loaded &= answer.loaded;
+                let share = &mut combined.downloaded.memory_fraction;
+                *share = share.max(answer.downloaded.memory_fraction);
+            }
+            combined
+        });
+        let complete = matches!(&combined, Ok(answer) if answer.loaded);
+        if !complete && self.shards.len() > 1 {
             let _ = self.offload_adapter(parameters, source, index).await;
         }
-        Err(error)
+        combined
     }
 
     async fn offload_adapter(

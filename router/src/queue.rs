@@ -457,9 +457,31 @@ async fn run_action(
                     key.source.to_proto(),
                     index,
                     request.token(),
+                    false,
                 )
-                .await;
+                .await
+                .map(|_| ());
             (request, index, Outcome::Loaded(result))
+        }
+        Action::FetchAndLoad(request, index) => {
+            let key = &request.key;
+            let result = client
+                .load_adapter(
+                    key.to_proto(),
+                    key.source.to_proto(),
+                    index,
+                    request.token(),
+                    true,
+                )
+                .await
+                .map(|l| {
+                    let d = l.downloaded;
+                    (
+                        l.loaded,
+                        (d.memory_fraction, compile_template(d.chat_template)),
+                    )
+                });
+            (request, index, Outcome::FetchedAndLoaded(result))
         }
         Action::Offload(request, index) => {
             let key = &request.key;

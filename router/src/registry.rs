@@ -4,12 +4,16 @@
 //! load, offload) that the queue task runs in the background and reports back with `complete`.
 //!
 //! Downloads start as soon as a request names the adapter (prefetch, not limited by slots);
-//! slots are given by the pure policy in `exchange`. An adapter that fails to download or load
+//! slots are given by the pure policy in `exchange`. A new adapter in a local directory that
+//! finds a slot free (and nobody waiting for one) skips the separate download: one `FetchAndLoad`
+//! call to the shard reads and installs it, which saves its first request a shard round trip and
+//! the decode step it waits behind. If it turns out not to fit the memory budget, it waits as a
+//! downloaded adapter would. An adapter that fails to download or load
 //! fails its own queued requests and is forgotten, so a later request retries it. A download
 //! brings the adapter's own chat template, if it ships one; chat requests wait for it before
 //! their prompt is rendered.
 
-use crate::adapter::{AdapterKey, AdapterRequest};
+use crate::adapter::{AdapterKey, AdapterRequest, AdapterSource};
 use crate::api::{AdapterState, AdapterStatus};
 use crate::client::ShardError;
 use crate::entry::Entry;
@@ -40,15 +44,22 @@ pub type TemplateWaiter = oneshot::Sender<Result<AdapterTemplate, InferError>>;
 pub enum Action {
     Download(AdapterRequest, u32),
     Load(AdapterRequest, u32),
+    /// Load an adapter not downloaded yet, if it fits (`LoadAdapter` with `if_fits`).
+    FetchAndLoad(AdapterRequest, u32),
     Offload(AdapterRequest, u32),
 }
+
+/// What a shard reports about a fetched adapter: its share of the adapter memory budget, and its
+/// chat template.
+pub type Fetched = (f32, AdapterTemplate);
 
 /// How an action ended.
 #[derive(Debug)]
 pub enum Outcome {
-    /// The adapter's share of the adapter memory budget, and its chat template.
-    Downloaded(Result<(f32, AdapterTemplate), ShardError>),
+    Downloaded(Result<Fetched, ShardError>),
     Loaded(Result<(), ShardError>),
+    /// Whether it was installed (false: it does not fit the budget now), and what was fetched.
+    FetchedAndLoaded(Result<(bool, Fetched), ShardError>),
     Offloaded(Result<bool, ShardError>),
 }
 
@@ -100,6 +111,11 @@ impl Tracked {
         !self.queue.is_empty() || self.pinned || !self.load_waiters.is_empty()
     }
 
+    /// The shard has reported its memory fraction and chat template.
+    fn fetched(&self) -> bool {
+        self.memory_fraction.is_some()
+    }
+
     fn phase(&self) -> Phase {
         match self.state {
             AdapterState::Downloaded => match self.waiting_since {
@@ -114,6 +130,42 @@ impl Tracked {
             AdapterState::Offloading => Phase::Offloading,
             _ => Phase::Idle,
         }
+    }
+
+    /// Records what the shard fetched (the first time: its chat template goes to the requests
+    /// waiting for it); false when it can never fit the adapter memory budget.
+    fn fetched_now(&mut self, (fraction, chat_template): Fetched, now: Instant) -> bool {
+        if !fits_budget(fraction) {
+            self.memory_fraction = Some(fraction);
+            return false;
+        }
+        if !self.fetched() {
+            self.download_secs = self.download_started.map(|s| (now - s).as_secs_f64());
+            self.label = Some(m::register_adapter_label(&self.request.key.describe()));
+            for waiter in self.template_waiters.drain(..) {
+                let _ = waiter.send(Ok(chat_template.clone()));
+            }
+            self.chat_template = chat_template;
+        }
+        self.memory_fraction = Some(fraction);
+        true
+    }
+
+    /// The shard installed it: requests may be admitted. Returns true (the batcher should look).
+    fn activate(&mut self, now: Instant) -> bool {
+        self.state = AdapterState::Active;
+        self.active_since = Some(now);
+        self.last_used = now;
+        self.served = false;
+        self.draining = false;
+        let load = self.load_started.map_or(0.0, |s| (now - s).as_secs_f64());
+        let total = load + self.download_secs.take().unwrap_or(0.0);
+        m::adapter_loaded(self.label.as_deref().unwrap_or(m::UNKNOWN_ADAPTER), total);
+        let status = self.status(now);
+        for waiter in self.load_waiters.drain(..) {
+            let _ = waiter.send(Ok(status.clone()));
+        }
+        true
     }
 
     fn status(&self, now: Instant) -> AdapterStatus {
@@ -257,17 +309,30 @@ impl AdapterRegistry {
         std::mem::take(&mut self.woke)
     }
 
-    /// Starts downloads, gives and takes slots (see `exchange`), forgets surplus idle adapters.
+    /// Starts downloads (or fetch-and-loads into free slots), gives and takes slots (see
+    /// `exchange`), forgets surplus idle adapters.
     pub fn schedule(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = std::mem::take(&mut self.pending);
+        let mut free_slots = self.free_slots();
         for a in self.adapters.values_mut() {
             a.queue.retain(|(_, e)| !e.is_cancelled());
             a.load_waiters.retain(|w| !w.is_closed());
             a.template_waiters.retain(|w| !w.is_closed());
             if a.state == AdapterState::Queued {
-                a.state = AdapterState::Downloading;
                 a.download_started = Some(now);
-                actions.push(Action::Download(a.request.clone(), a.index));
+                // A chat request waits for the template before it is queued: it wants a slot too.
+                // Only local files: a slow remote fetch would hold the slot while it downloads.
+                let wanted = a.wants_slot() || !a.template_waiters.is_empty();
+                let local = a.request.key.source == AdapterSource::Local;
+                if free_slots > 0 && wanted && local {
+                    free_slots -= 1;
+                    a.state = AdapterState::Loading;
+                    a.load_started = Some(now);
+                    actions.push(Action::FetchAndLoad(a.request.clone(), a.index));
+                } else {
+                    a.state = AdapterState::Downloading;
+                    actions.push(Action::Download(a.request.clone(), a.index));
+                }
             }
             let holds = matches!(
                 a.state,
@@ -279,21 +344,7 @@ impl AdapterRegistry {
                 a.waiting_since = Some(now);
             }
         }
-        let views: Vec<SlotView> = self
-            .adapters
-            .values()
-            .map(|a| SlotView {
-                index: a.index,
-                phase: a.phase(),
-                pinned: a.pinned,
-                queued: a.queue.len(),
-                running: a.running,
-                last_used: a.last_used,
-                served: a.served,
-                memory_fraction: a.memory_fraction.unwrap_or(0.0),
-            })
-            .collect();
-        let plan = exchange::plan(&views, &self.config, now);
+        let plan = exchange::plan(&self.views(), &self.config, now);
         for index in plan.drain {
             self.adapters.entry(index).and_modify(|a| a.draining = true);
         }
@@ -320,6 +371,47 @@ impl AdapterRegistry {
         }
         self.forget_surplus_idle();
         actions
+    }
+
+    /// Slots a new adapter may take at once, before its size is known: none while a downloaded
+    /// adapter waits for one (it goes first) or the memory budget is spent.
+    fn free_slots(&self) -> usize {
+        let waiting = self
+            .adapters
+            .values()
+            .any(|a| a.state == AdapterState::Downloaded && a.wants_slot());
+        let holding = || {
+            self.adapters.values().filter(|a| {
+                matches!(
+                    a.state,
+                    AdapterState::Loading | AdapterState::Active | AdapterState::Offloading
+                )
+            })
+        };
+        let memory: f32 = holding().filter_map(|a| a.memory_fraction).sum();
+        if waiting || memory >= 1.0 {
+            return 0;
+        }
+        self.config
+            .max_active_adapters
+            .saturating_sub(holding().count())
+    }
+
+    /// The tracked adapters as the exchange policy sees them.
+    fn views(&self) -> Vec<SlotView> {
+        self.adapters
+            .values()
+            .map(|a| SlotView {
+                index: a.index,
+                phase: a.phase(),
+                pinned: a.pinned,
+                queued: a.queue.len(),
+                running: a.running,
+                last_used: a.last_used,
+                served: a.served,
+                memory_fraction: a.memory_fraction.unwrap_or(0.0),
+            })
+            .collect()
     }
 
     fn forget_surplus_idle(&mut self) {
@@ -353,44 +445,26 @@ impl AdapterRegistry {
             return;
         }
         match result.outcome {
-            Outcome::Downloaded(Ok((fraction, _))) if !fits_budget(fraction) => {
-                // Larger than the whole adapter memory budget: no exchange can ever make room
-                // for it, so it fails now rather than evicting every other adapter first (or
-                // waiting forever behind a pinned one).
-                let err = ShardError::status(
-                    tonic::Code::ResourceExhausted,
-                    format!(
-                        "it needs {fraction} times the whole adapter memory budget (raise \
-                         --adapter-memory-fraction)"
-                    ),
-                );
-                self.fail(result.index, "load", &err);
-            }
-            Outcome::Downloaded(Ok((fraction, chat_template))) => {
-                a.state = AdapterState::Downloaded;
-                a.memory_fraction = Some(fraction);
-                a.download_secs = a.download_started.map(|s| (now - s).as_secs_f64());
-                a.label = Some(m::register_adapter_label(&a.request.key.describe()));
-                for waiter in a.template_waiters.drain(..) {
-                    let _ = waiter.send(Ok(chat_template.clone()));
+            Outcome::Downloaded(Ok(fetched)) => {
+                if a.fetched_now(fetched, now) {
+                    a.state = AdapterState::Downloaded;
+                } else {
+                    self.fail_too_large(result.index);
                 }
-                a.chat_template = chat_template;
             }
-            Outcome::Loaded(Ok(())) => {
-                a.state = AdapterState::Active;
-                a.active_since = Some(now);
-                a.last_used = now;
-                a.served = false;
-                a.draining = false;
-                let load = a.load_started.map_or(0.0, |s| (now - s).as_secs_f64());
-                let total = load + a.download_secs.take().unwrap_or(0.0);
-                m::adapter_loaded(a.label.as_deref().unwrap_or(m::UNKNOWN_ADAPTER), total);
-                let status = a.status(now);
-                for waiter in a.load_waiters.drain(..) {
-                    let _ = waiter.send(Ok(status.clone()));
+            Outcome::FetchedAndLoaded(Ok((loaded, fetched))) => {
+                let fits = a.fetched_now(fetched, now);
+                a.download_secs = None; // the load's time includes the fetch
+                if !fits {
+                    self.fail_too_large(result.index);
+                } else if loaded {
+                    self.woke |= a.activate(now);
+                } else {
+                    // Fetched, but the budget is taken: it waits for a slot like any download.
+                    a.state = AdapterState::Downloaded;
                 }
-                self.woke = true;
             }
+            Outcome::Loaded(Ok(())) => self.woke |= a.activate(now),
             Outcome::Offloaded(Ok(_)) => {
                 a.state = AdapterState::Downloaded;
                 a.draining = false;
@@ -414,9 +488,28 @@ impl AdapterRegistry {
                     let _ = waiter.send(Err(error.clone()));
                 }
             }
-            Outcome::Downloaded(Err(err)) => self.fail(result.index, "download", &err),
+            // A fetch-and-load fails where a download would (the fetch, or the adapter's files).
+            Outcome::Downloaded(Err(err)) | Outcome::FetchedAndLoaded(Err(err)) => {
+                self.fail(result.index, "download", &err)
+            }
             Outcome::Loaded(Err(err)) => self.fail(result.index, "load", &err),
         }
+    }
+
+    /// Larger than the whole adapter memory budget: no exchange can ever make room for it, so it
+    /// fails now rather than evicting every other adapter first (or waiting forever behind a
+    /// pinned one).
+    fn fail_too_large(&mut self, index: u32) {
+        let fraction = self.adapters.get(&index).and_then(|a| a.memory_fraction);
+        let err = ShardError::status(
+            tonic::Code::ResourceExhausted,
+            format!(
+                "it needs {} times the whole adapter memory budget (raise \
+                 --adapter-memory-fraction)",
+                fraction.unwrap_or(f32::INFINITY)
+            ),
+        );
+        self.fail(index, "load", &err);
     }
 
     /// Fails every request and waiter of the adapter with the shard's reason, and forgets it.

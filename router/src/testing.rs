@@ -6,7 +6,7 @@ mod adapters;
 mod grammars;
 mod step;
 
-use crate::client::{DownloadedAdapter, ShardClient, ShardError, StepOutput};
+use crate::client::{DownloadedAdapter, LoadedAdapter, ShardClient, ShardError, StepOutput};
 use crate::entry::round_up;
 use crate::health::{Health, HealthConfig};
 use crate::pb;
@@ -93,6 +93,11 @@ pub enum Call {
         adapter: String,
     },
     Load {
+        adapter: String,
+        index: u32,
+    },
+    /// A load that fetches the adapter first (`if_fits`).
+    FetchAndLoad {
         adapter: String,
         index: u32,
     },
@@ -239,6 +244,15 @@ impl FakeShard {
 
     fn adapter_delay(&self, name: &str, load: bool) -> Duration {
         self.state.lock().unwrap().adapters.delay(name, load)
+    }
+
+    /// A fetch's delay, then its gate (a download the test releases).
+    async fn fetch_delay(&self, name: &str) {
+        tokio::time::sleep(self.adapter_delay(name, false)).await;
+        let gate = self.state.lock().unwrap().adapters.download_gate(name);
+        if let Some(gate) = gate {
+            let _permit = gate.acquire().await.expect("download gate");
+        }
     }
 
     /// Waits (up to 5 s) until `n` calls were received.
@@ -471,11 +485,7 @@ impl ShardClient for FakeShard {
         self.state.lock().unwrap().calls.push(Call::Download {
             adapter: name.clone(),
         });
-        tokio::time::sleep(self.adapter_delay(&name, false)).await;
-        let gate = self.state.lock().unwrap().adapters.download_gate(&name);
-        if let Some(gate) = gate {
-            let _permit = gate.acquire().await.expect("download gate");
-        }
+        self.fetch_delay(&name).await;
         self.state
             .lock()
             .unwrap()
@@ -489,18 +499,24 @@ impl ShardClient for FakeShard {
         _source: pb::AdapterSource,
         index: u32,
         api_token: Option<String>,
-    ) -> Result<(), ShardError> {
+        if_fits: bool,
+    ) -> Result<LoadedAdapter, ShardError> {
         let name = adapter_name(&Some(parameters));
-        self.state.lock().unwrap().calls.push(Call::Load {
-            adapter: name.clone(),
-            index,
-        });
+        let adapter = name.clone();
+        let call = match if_fits {
+            true => Call::FetchAndLoad { adapter, index },
+            false => Call::Load { adapter, index },
+        };
+        self.state.lock().unwrap().calls.push(call);
+        if if_fits {
+            self.fetch_delay(&name).await;
+        }
         tokio::time::sleep(self.adapter_delay(&name, true)).await;
         let mut state = self.state.lock().unwrap();
         let state = &mut *state;
         state
             .adapters
-            .load(&name, index, api_token, &mut state.violations)
+            .load(&name, index, api_token, if_fits, &mut state.violations)
     }
 
     async fn offload_adapter(

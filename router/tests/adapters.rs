@@ -56,8 +56,13 @@ fn start(capacity: u32, max_active_adapters: usize, cycle_time: Duration) -> Har
     }
 }
 
+/// A hub adapter when `id` names one (`owner/name`), else a local directory.
 fn adapter(id: &str) -> AdapterRequest {
-    AdapterRequest::new(AdapterKey::single(id, AdapterSource::Local), None)
+    let source = match id.contains('/') {
+        true => AdapterSource::Hub,
+        false => AdapterSource::Local,
+    };
+    AdapterRequest::new(AdapterKey::single(id, source), None)
 }
 
 impl Harness {
@@ -71,14 +76,15 @@ impl Harness {
         rx
     }
 
+    /// Fetches of the adapter: downloads, and loads that fetch it first.
     fn downloads_of(&self, name: &str) -> usize {
-        let download = Call::Download {
-            adapter: name.to_string(),
-        };
         self.shard
             .calls()
             .iter()
-            .filter(|c| **c == download)
+            .filter(|c| match c {
+                Call::Download { adapter } | Call::FetchAndLoad { adapter, .. } => adapter == name,
+                _ => false,
+            })
             .count()
     }
 
@@ -234,8 +240,10 @@ async fn a_slow_download_does_not_stop_other_requests() {
         download_gate: Some(gate.clone()),
         ..Default::default()
     };
-    h.shard.set_adapter("slow", slow_source);
-    let mut slow = h.submit(Some("slow"), 2, 3);
+    // From the hub: downloaded without taking a slot (a local adapter would be read and loaded
+    // in one call).
+    h.shard.set_adapter("org/slow", slow_source);
+    let mut slow = h.submit(Some("org/slow"), 2, 3);
     let base = h.submit(None, 2, 20);
     let fast = h.submit(Some("fast"), 2, 20);
     finish(base).await.unwrap();
@@ -250,11 +258,11 @@ async fn a_slow_download_does_not_stop_other_requests() {
     assert!(decodes >= 19, "{decodes}");
     assert!(slow.try_recv().is_err(), "nothing for the slow adapter yet");
     let listed = h.queue.adapters().await;
-    let state = listed.iter().find(|a| a.adapter_id == "slow").unwrap();
+    let state = listed.iter().find(|a| a.adapter_id == "org/slow").unwrap();
     assert_eq!(state.state, AdapterState::Downloading);
     assert_eq!(state.queued, 1);
     gate.add_permits(1);
-    assert_generated_with(&finish(slow).await.unwrap().text, "slow");
+    assert_generated_with(&finish(slow).await.unwrap().text, "org/slow");
     h.assert_no_violations();
 }
 

@@ -146,11 +146,16 @@ impl LoraxService for Service {
         let r = r.into_inner();
         let source = r.adapter_source();
         let parameters = r.adapter_parameters.unwrap_or_default();
-        self.shard
-            .load_adapter(parameters, source, r.adapter_index, r.api_token)
+        let answer = self
+            .shard
+            .load_adapter(parameters, source, r.adapter_index, r.api_token, r.if_fits)
             .await
             .map_err(status)?;
-        Ok(Response::new(pb::LoadAdapterResponse { loaded: true }))
+        Ok(Response::new(pb::LoadAdapterResponse {
+            loaded: answer.loaded,
+            memory_fraction: answer.downloaded.memory_fraction,
+            chat_template: answer.downloaded.chat_template,
+        }))
     }
 
     async fn offload_adapter(
@@ -321,7 +326,7 @@ async fn adapter_calls_reach_every_shard_and_keep_their_status_codes() {
         "the largest share of any shard"
     );
     client
-        .load_adapter(params("a"), source, 3, token)
+        .load_adapter(params("a"), source, 3, token, false)
         .await
         .unwrap();
     for shard in &shards {
@@ -380,7 +385,7 @@ async fn a_load_that_fails_on_one_rank_is_undone_on_every_rank() {
         .await
         .unwrap();
     let err = client
-        .load_adapter(params, source, 4, None)
+        .load_adapter(params, source, 4, None, false)
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted);
@@ -390,6 +395,42 @@ async fn a_load_that_fails_on_one_rank_is_undone_on_every_rank() {
             shard.installed_adapters().is_empty(),
             "every rank is back to no adapter at index 4"
         );
+    }
+}
+
+#[tokio::test]
+async fn a_fetch_and_load_left_out_by_one_rank_is_left_out_by_every_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shards, client) = two_shards(dir.path()).await;
+    let share = |fraction: f32| AdapterBehaviour {
+        memory_fraction: Some(fraction),
+        ..Default::default()
+    };
+    shards[1].set_adapter("resident", share(0.5));
+    shards[1].set_adapter("new", share(0.6));
+    let params = |id: &str| pb::AdapterParameters {
+        adapter_ids: vec![id.into()],
+        density: 1.0,
+        ..Default::default()
+    };
+    let source = pb::AdapterSource::Local;
+    let resident = client
+        .load_adapter(params("resident"), source, 1, None, true)
+        .await
+        .unwrap();
+    assert!(resident.loaded, "fetched and loaded in one call");
+    assert_eq!(resident.downloaded.memory_fraction, 0.5);
+    let new = client
+        .load_adapter(params("new"), source, 2, None, true)
+        .await
+        .unwrap();
+    assert!(!new.loaded, "rank 1 has no room next to `resident`");
+    assert_eq!(new.downloaded.memory_fraction, 0.6, "the largest share");
+    for shard in &shards {
+        let installed = shard.installed_adapters();
+        assert_eq!(installed.get(&1).map(String::as_str), Some("resident"));
+        assert!(!installed.contains_key(&2), "no rank keeps `new`");
+        assert!(shard.violations().is_empty(), "{:?}", shard.violations());
     }
 }
 

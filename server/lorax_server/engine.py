@@ -519,8 +519,7 @@ class Engine:
     def download_adapter(self, request: AdapterRequest) -> float:
         """(Loader thread.) Fetch and validate every adapter of the request; returns the share of the
         adapter memory budget it will take once loaded."""
-        manager = self._adapter_manager()
-        return manager.download(request) / max(manager.device_budget_bytes, 1)
+        return self._adapter_manager().download(request)
 
     def adapter_chat_template(self, request: AdapterRequest) -> ChatTemplateFiles | None:
         """(Loader thread, after `download_adapter`.) The adapter's own chat template, with the base
@@ -541,19 +540,33 @@ class Engine:
             raise RequestError("adapter_index 0 is the base model")
         return manager.is_installed(index, request)
 
+    def adapter_is_quick(self, request: AdapterRequest) -> bool:
+        """Whether fetching and preparing the request takes milliseconds (small, and on the host or in a
+        local directory): then it is done between steps rather than on a loader thread."""
+        return self._adapter_manager().is_quick(request)
+
     def prepare_adapter(self, request: AdapterRequest) -> Modules:
-        """(Loader thread.) The request's factors on the device, ready for `install_adapter`."""
+        """(Loader thread, or between steps when quick.) The request's factors on the device, ready for
+        `install_adapter`."""
         return self._adapter_manager().prepare(request)
 
-    def install_adapter(self, index: int, request: AdapterRequest, modules: Modules) -> None:
+    def adapter_memory_fraction(self, modules: Modules) -> float:
+        """The share of the adapter memory budget prepared `modules` take on this shard."""
+        return self._adapter_manager().budget_share(modules)
+
+    def install_adapter(self, index: int, request: AdapterRequest, modules: Modules, if_fits: bool = False) -> bool:
         """Put the adapter at `index`, between steps; refused while running requests use another
-        adapter at that index."""
+        adapter at that index. When it does not fit the adapter memory budget: False with `if_fits`,
+        else AdapterBudgetExceeded."""
         manager = self._adapter_manager()
         if index < 1:
             raise RequestError("adapter_index 0 is the base model")
         if manager.is_installed(index) and not manager.is_installed(index, request) and self.adapter_in_use(index):
             raise AdapterInUse(f"adapter index {index} holds another adapter that running requests use")
+        if if_fits and not manager.fits(index, modules):
+            return False
         manager.install(index, request, modules)
+        return True
 
     def offload_adapter(self, index: int) -> bool:
         """Free `index` (False when it held nothing); refused while running requests use it."""

@@ -1,7 +1,8 @@
 """The shard's gRPC service (grpc.aio on a unix socket): converts messages and calls the engine.
 
-Model work (Health's forward pass included) runs in a single worker thread so steps never overlap
-(the engine is not thread-safe) and the event loop keeps answering Info while a step runs.
+Model work (Health's forward pass included) runs on the event loop's own thread, one call at a time,
+so steps never overlap (the engine is not thread-safe); an RPC that arrives during a step is taken up
+when it ends. Slow adapter fetches and grammar compilation run on worker threads meanwhile.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import grpc
 import torch
 
 from .adapters.loader import AdapterLoadError
-from .adapters.manager import AdapterBudgetExceeded, AdapterInUse, AdapterRequest
+from .adapters.manager import AdapterBudgetExceeded, AdapterInUse, AdapterRequest, Modules
 from .adapters.sources import AdapterFetchError, AdapterSource
 from .batch import Batch, RequestIn
 from .engine import BatchNotFound, Engine, HealthCheckFailed, NotWarmedUp, RequestError
@@ -249,35 +250,49 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
             return pb.FilterBatchResponse(batch=pb.CachedBatch(id=request.batch_id, size=0, max_tokens=0))
         return pb.FilterBatchResponse(batch=cached_batch(batch))
 
-    async def DownloadAdapter(self, request, context):  # noqa: ANN001, ANN201, N802
-        def download() -> pb.DownloadAdapterResponse:
-            req = adapter_request(request.adapter_parameters, request.adapter_source, request.api_token)
-            fraction = self.engine.download_adapter(req)
-            template = self.engine.adapter_chat_template(req)
-            chat_template = (
-                pb.AdapterChatTemplate(
-                    template=template.template, bos_token=template.bos_token, eos_token=template.eos_token
-                )
-                if template is not None
-                else None
-            )
-            return pb.DownloadAdapterResponse(downloaded=True, memory_fraction=fraction, chat_template=chat_template)
+    def _chat_template(self, req: AdapterRequest) -> pb.AdapterChatTemplate | None:
+        template = self.engine.adapter_chat_template(req)
+        if template is None:
+            return None
+        return pb.AdapterChatTemplate(
+            template=template.template, bos_token=template.bos_token, eos_token=template.eos_token
+        )
 
-        adapter = "+".join(request.adapter_parameters.adapter_ids)
-        with rpc_span("download_adapter", context.invocation_metadata(), adapter=adapter):
-            return await self._run(context, download, on_loader=True)
+    def _downloaded(self, req: AdapterRequest) -> tuple[float, pb.AdapterChatTemplate | None]:
+        return self.engine.download_adapter(req), self._chat_template(req)
+
+    async def DownloadAdapter(self, request, context):  # noqa: ANN001, ANN201, N802
+        req = await self._run(
+            context, adapter_request, request.adapter_parameters, request.adapter_source, request.api_token
+        )
+        with rpc_span("download_adapter", context.invocation_metadata(), adapter=req.describe()):
+            # A small local adapter is read right here, between steps; anything slower on a loader thread,
+            # so decode steps go on meanwhile.
+            quick = self.engine.adapter_is_quick(req)
+            fraction, template = await self._run(context, self._downloaded, req, on_loader=not quick)
+        return pb.DownloadAdapterResponse(downloaded=True, memory_fraction=fraction, chat_template=template)
 
     async def LoadAdapter(self, request, context):  # noqa: ANN001, ANN201, N802
+        """Fetches the adapter when it is not on the host yet, so one call can stand for DownloadAdapter
+        and LoadAdapter (the router's path for a new adapter while a slot is free)."""
+
+        def prepare() -> tuple[Modules, pb.AdapterChatTemplate | None]:
+            return self.engine.prepare_adapter(req), self._chat_template(req)
+
         index = request.adapter_index
         req = await self._run(
             context, adapter_request, request.adapter_parameters, request.adapter_source, request.api_token
         )
-        with rpc_span("load_adapter", context.invocation_metadata(), adapter="+".join(req.ids), index=index):
-            if not await self._run(context, self.engine.adapter_loaded, index, req):
-                # Fetching and the host → device copy run on a loader thread, so decode steps go on.
-                modules = await self._run(context, self.engine.prepare_adapter, req, on_loader=True)
-                await self._run(context, self.engine.install_adapter, index, req, modules)
-        return pb.LoadAdapterResponse(loaded=True)
+        with rpc_span("load_adapter", context.invocation_metadata(), adapter=req.describe(), index=index):
+            quick = self.engine.adapter_is_quick(req)
+            if await self._run(context, self.engine.adapter_loaded, index, req):
+                loaded = True
+                fraction, template = await self._run(context, self._downloaded, req, on_loader=not quick)
+            else:
+                modules, template = await self._run(context, prepare, on_loader=not quick)
+                fraction = self.engine.adapter_memory_fraction(modules)
+                loaded = await self._run(context, self.engine.install_adapter, index, req, modules, request.if_fits)
+        return pb.LoadAdapterResponse(loaded=loaded, memory_fraction=fraction, chat_template=template)
 
     async def CompileGrammar(self, request, context):  # noqa: ANN001, ANN201, N802
         def compile_grammar() -> None:

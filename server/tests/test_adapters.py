@@ -4,6 +4,7 @@ MLP-only, all-linear; rslora; alpha != r) in one ragged batch, prefill logits an
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from peft import PeftModel
 from tiny_models import make_llama, make_lora_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lorax_server.adapters import manager as adapter_manager
 from lorax_server.adapters.loader import AdapterLoadError, load_lora_adapter
 from lorax_server.adapters.lora import segments_of
 from lorax_server.adapters.manager import AdapterBudgetExceeded, AdapterInUse, AdapterManager, AdapterRequest
@@ -200,6 +202,36 @@ def test_device_budget_is_enforced(setup) -> None:
     with pytest.raises(AdapterBudgetExceeded, match="adapter memory budget"):
         small.install(7, req, small.prepare(req))
     assert not small.installed
+    # The router's fetch-and-load asks `if_fits`: an adapter that does not fit is left out, not refused.
+    manager = engine.adapters
+    budget = manager.device_budget_bytes
+    manager.device_budget_bytes = manager.device_bytes + 1000
+    try:
+        assert not engine.install_adapter(7, req, manager.prepare(req), if_fits=True)
+        assert not manager.is_installed(7)
+    finally:
+        manager.device_budget_bytes = budget
+    assert engine.install_adapter(7, req, manager.prepare(req), if_fits=True) and manager.is_installed(7, req)
+    assert engine.offload_adapter(7)
+
+
+def test_small_adapters_on_the_host_or_a_local_disk_are_quick(setup, tmp_path: Path, monkeypatch) -> None:
+    """Quick ones are fetched and prepared between steps; merges and remote fetches on a loader thread."""
+    engine, _, _, dirs, _ = setup
+    manager = engine.adapters
+    on_host = AdapterRequest(ids=(str(dirs["attn_r4"]),), source="local")
+    fresh = tmp_path / "fresh"
+    shutil.copytree(dirs["mlp_r8"], fresh)
+    on_disk = AdapterRequest(ids=(str(fresh),), source="local")
+    assert manager.is_quick(on_host) and manager.is_quick(on_disk)
+    assert manager.is_quick(AdapterRequest(ids=(str(fresh),), source="hub"))  # a hub id naming a directory
+    assert not manager.is_quick(AdapterRequest(ids=("org/remote",), source="hub"))
+    merge = AdapterRequest(ids=(str(fresh),), source="local", weights=(0.5,), merge_strategy="linear")
+    assert not manager.is_quick(merge)
+    manager.download(merge)
+    assert manager.is_quick(merge)  # computed once, then on the host
+    monkeypatch.setattr(adapter_manager, "QUICK_BYTES", 1000)
+    assert not manager.is_quick(on_host) and not manager.is_quick(on_disk)
 
 
 class TestBadAdapters:

@@ -334,6 +334,44 @@ def test_download_adapter_answers_the_adapters_own_chat_template(shard, llama_di
     assert not download(plain).HasField("chat_template")
 
 
+def test_load_adapter_alone_fetches_and_answers_what_a_download_would(shard, llama_dir: Path, tmp_path: Path) -> None:
+    """The router's path for a new adapter while a slot is free: one LoadAdapter (`if_fits`) reads and
+    installs it and reports its memory fraction and chat template; a missing one fails as a download."""
+    from tiny_models import make_lora_adapter
+    from transformers import AutoTokenizer
+
+    stub, _, _ = shard
+    stub.Warmup(pb.WarmupRequest(max_input_length=64, max_prefill_tokens=128, max_total_tokens=128))
+    adapter = make_lora_adapter(llama_dir, tmp_path / "chatty", 7, r=4, target_modules=["q_proj", "o_proj"])
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    tokenizer.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    tokenizer.save_pretrained(adapter)
+    local = pb.AdapterSource.LOCAL
+
+    def load(path: Path, index: int) -> pb.LoadAdapterResponse:
+        params = _adapter_params(path)
+        return stub.LoadAdapter(
+            pb.LoadAdapterRequest(adapter_parameters=params, adapter_source=local, adapter_index=index, if_fits=True)
+        )
+
+    loaded = load(adapter, 3)
+    assert loaded.loaded and loaded.chat_template.template == tokenizer.chat_template
+    downloaded = stub.DownloadAdapter(
+        pb.DownloadAdapterRequest(adapter_parameters=_adapter_params(adapter), adapter_source=local)
+    )
+    assert loaded.memory_fraction == pytest.approx(downloaded.memory_fraction) and loaded.memory_fraction > 0
+    again = load(adapter, 3)  # already there: nothing to do, same answer
+    assert again.loaded and again.memory_fraction == pytest.approx(loaded.memory_fraction)
+    gens = stub.Prefill(
+        pb.PrefillRequest(batch=pb.Batch(id=40, requests=[request(1, [1, 5, 6], 1, adapter_index=3)], size=1))
+    )
+    assert gens.generations[0].generated_text.generated_tokens == 1
+    assert stub.OffloadAdapter(pb.OffloadAdapterRequest(adapter_index=3)).offloaded
+    with pytest.raises(grpc.RpcError) as err:
+        load(tmp_path / "missing", 4)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "does not exist" in err.value.details()
+
+
 def test_adapters_over_grpc(shard, llama_dir: Path, tmp_path: Path) -> None:
     """Download, load, use and offload a LoRA adapter through the shard's RPCs; tokens equal peft's."""
     import torch

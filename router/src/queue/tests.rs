@@ -236,6 +236,10 @@ fn run_actions(state: &mut QueueState) -> Vec<String> {
         let (request, index, outcome, name) = match action {
             Action::Download(r, i) => (r, i, Outcome::Downloaded(Ok((0.1, Ok(None)))), "download"),
             Action::Load(r, i) => (r, i, Outcome::Loaded(Ok(())), "load"),
+            Action::FetchAndLoad(r, i) => {
+                let outcome = Outcome::FetchedAndLoaded(Ok((true, (0.1, Ok(None)))));
+                (r, i, outcome, "fetch-and-load")
+            }
             Action::Offload(r, i) => (r, i, Outcome::Offloaded(Ok(true)), "offload"),
         };
         done.push(format!("{name} {} @{index}", request.key.describe()));
@@ -269,12 +273,10 @@ async fn adapter_requests_wait_for_their_adapter_then_go_oldest_first() {
     state.append(a0);
     state.append(b1);
     state.append(a2);
-    // Only the base request can run while "a" is fetched.
+    // Only the base request can run while "a" is fetched and loaded (one call: a slot is free).
     let next = state.next_batch(None, 100, 100).unwrap();
     assert_eq!(batch_of(&next), vec![(1, 0)]);
-    assert_eq!(run_actions(&mut state), vec!["download a @1"]);
-    assert!(state.next_batch(None, 100, 100).is_none());
-    assert_eq!(run_actions(&mut state), vec!["load a @1"]);
+    assert_eq!(run_actions(&mut state), vec!["fetch-and-load a @1"]);
     let next = state.next_batch(None, 100, 100).unwrap();
     assert_eq!(batch_of(&next), vec![(0, 1), (2, 1)]);
     let status = state.adapters().list(Instant::now());
@@ -282,40 +284,58 @@ async fn adapter_requests_wait_for_their_adapter_then_go_oldest_first() {
     assert_eq!(status[0].running, 2);
 }
 
+/// Completes one action of adapter `id` among `actions` with `outcome`.
+fn complete(state: &mut QueueState, actions: &[Action], id: &str, outcome: Outcome) {
+    let (request, index) = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Download(r, i) | Action::Load(r, i) | Action::FetchAndLoad(r, i)
+                if r.key.describe() == id =>
+            {
+                Some((r, *i))
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no action for {id} in {actions:?}"));
+    let result = ActionResult {
+        index,
+        key: request.key.clone(),
+        outcome,
+    };
+    state.adapters().complete(result, Instant::now());
+}
+
 #[tokio::test]
-async fn a_failed_download_fails_only_its_requests_and_is_retried_later() {
+async fn a_failed_fetch_fails_only_its_requests_and_is_retried_later() {
     let mut state = QueueState::new(config(1));
     let (a, mut ra) = adapter_entry("missing");
     let (b, _rb) = adapter_entry("good");
     state.append(a);
     state.append(b);
     let actions = state.adapters().schedule(Instant::now());
-    assert_eq!(actions.len(), 2);
-    for action in actions {
-        let Action::Download(request, index) = action else {
-            panic!("{action:?}")
-        };
-        let outcome = if request.key.describe() == "missing" {
-            Outcome::Downloaded(Err(ShardError::status(
-                tonic::Code::NotFound,
-                "no adapter at /x/missing",
-            )))
-        } else {
-            Outcome::Downloaded(Ok((0.1, Ok(None))))
-        };
-        let key = request.key;
-        let result = ActionResult {
-            index,
-            key,
-            outcome,
-        };
-        state.adapters().complete(result, Instant::now());
-    }
+    assert!(
+        actions
+            .iter()
+            .all(|a| matches!(a, Action::FetchAndLoad(..))),
+        "{actions:?}"
+    );
+    let missing = ShardError::status(tonic::Code::NotFound, "no adapter at /x/missing");
+    let fetched = Outcome::FetchedAndLoaded(Ok((true, (0.1, Ok(None)))));
+    complete(
+        &mut state,
+        &actions,
+        "missing",
+        Outcome::FetchedAndLoaded(Err(missing)),
+    );
+    complete(&mut state, &actions, "good", fetched);
     match ra.try_recv().unwrap() {
         Err(InferError::Adapter(kind, message)) => {
             assert_eq!(kind, crate::errors::AdapterErrorKind::Invalid);
             assert!(message.contains("no adapter at /x/missing"), "{message}");
-            assert!(message.contains("`missing`"), "{message}");
+            assert!(
+                message.contains("`missing` (local) could not be downloaded"),
+                "{message}"
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -327,17 +347,52 @@ async fn a_failed_download_fails_only_its_requests_and_is_retried_later() {
     assert_eq!(
         states,
         vec![
-            ("good".into(), AdapterState::Downloaded, Some(2)),
+            ("good".into(), AdapterState::Active, Some(2)),
             ("missing".into(), AdapterState::Failed, None),
         ]
     );
-    assert_eq!(run_actions(&mut state), vec!["load good @2"]);
+    assert!(run_actions(&mut state).is_empty());
     // A later request retries (and reuses the freed index).
     let (again, _r) = adapter_entry("missing");
     state.append(again);
-    assert_eq!(run_actions(&mut state), vec!["download missing @1"]);
+    assert_eq!(run_actions(&mut state), vec!["fetch-and-load missing @1"]);
     let status = state.adapters().list(Instant::now());
     assert!(status[0].last_error.is_some());
+}
+
+#[tokio::test]
+async fn a_new_adapter_without_a_free_slot_or_room_is_downloaded_then_waits() {
+    let mut state = QueueState::new(config(1));
+    let (a, _ra) = adapter_entry("a");
+    state.append(a);
+    let actions = state.adapters().schedule(Instant::now());
+    let big = Outcome::FetchedAndLoaded(Ok((true, (0.7, Ok(None)))));
+    complete(&mut state, &actions, "a", big);
+    assert_eq!(
+        batch_of(&state.next_batch(None, 100, 100).unwrap()),
+        vec![(0, 1)]
+    );
+    state.set_running(&HashMap::new());
+    // A slot is free: "b" is fetched and loaded at once, but the shard finds it does not fit.
+    let (b, _rb) = adapter_entry("b");
+    state.append(b);
+    let actions = state.adapters().schedule(Instant::now());
+    let left_out = Outcome::FetchedAndLoaded(Ok((false, (0.6, Ok(None)))));
+    complete(&mut state, &actions, "b", left_out);
+    let list = state.adapters().list(Instant::now());
+    assert_eq!(list[1].state, AdapterState::Downloaded);
+    assert_eq!(list[1].memory_fraction, Some(0.6));
+    // It waits as a downloaded adapter would: the idle "a" makes room.
+    assert_eq!(run_actions(&mut state), vec!["offload a @1"]);
+    assert_eq!(run_actions(&mut state), vec!["load b @2"]);
+    // "a" (0.7) now waits for room next to "b" (0.6). A slot is free, but a newer adapter is
+    // only downloaded: it queues behind the waiting one.
+    let (a, _ra) = adapter_entry("a");
+    state.append(a);
+    assert!(run_actions(&mut state).is_empty());
+    let (c, _rc) = adapter_entry("c");
+    state.append(c);
+    assert_eq!(run_actions(&mut state), vec!["download c @3"]);
 }
 
 #[tokio::test]

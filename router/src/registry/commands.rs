@@ -42,11 +42,10 @@ impl AdapterRegistry {
         let Some(a) = self.adapters.get_mut(&index) else {
             return;
         };
-        match a.state {
-            AdapterState::Queued | AdapterState::Downloading => a.template_waiters.push(waiter),
-            _ => {
-                let _ = waiter.send(Ok(a.chat_template.clone()));
-            }
+        if a.fetched() {
+            let _ = waiter.send(Ok(a.chat_template.clone()));
+        } else {
+            a.template_waiters.push(waiter);
         }
     }
 

@@ -3,7 +3,7 @@
 //! be loaded; an adapter still used by cached requests must not be offloaded). Anything the
 //! router should never cause is recorded as a violation.
 
-use crate::client::{DownloadedAdapter, ShardError};
+use crate::client::{DownloadedAdapter, LoadedAdapter, ShardError};
 use crate::pb;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -83,8 +83,6 @@ impl FakeAdapters {
         token: Option<String>,
     ) -> Result<DownloadedAdapter, ShardError> {
         self.tokens_seen.push(token.clone());
-        let mut fraction = 0.0;
-        let mut chat_template = None;
         for id in name.split('+') {
             let b = self.behaviours.get(id).cloned().unwrap_or_default();
             match (&b.token, &token) {
@@ -105,46 +103,71 @@ impl FakeAdapters {
             if let Some((code, message)) = b.error {
                 return Err(ShardError::status(code, message));
             }
-            fraction += b.memory_fraction.unwrap_or(0.1);
-            if chat_template.is_none() {
-                chat_template = b.chat_template.map(|template| pb::AdapterChatTemplate {
+        }
+        self.downloaded.insert((name.to_string(), token));
+        Ok(self.download_answer(name))
+    }
+
+    /// What a download of these ids answers: the sum of their shares, the first chat template.
+    fn download_answer(&self, name: &str) -> DownloadedAdapter {
+        let mut answer = DownloadedAdapter::default();
+        for id in name.split('+') {
+            let b = self.behaviours.get(id).cloned().unwrap_or_default();
+            answer.memory_fraction += b.memory_fraction.unwrap_or(0.1);
+            if answer.chat_template.is_none() {
+                answer.chat_template = b.chat_template.map(|template| pb::AdapterChatTemplate {
                     template,
                     bos_token: "<s>".into(),
                     eos_token: "</s>".into(),
                 });
             }
         }
-        self.downloaded.insert((name.to_string(), token));
-        Ok(DownloadedAdapter {
-            memory_fraction: fraction,
-            chat_template,
-        })
+        answer
     }
 
+    /// As the real shard: installs a downloaded adapter; with `if_fits`, fetches it first when
+    /// needed and leaves it out (`loaded: false`) when the installed adapters' shares and its own
+    /// would exceed the budget.
     pub fn load(
         &mut self,
         name: &str,
         index: u32,
         token: Option<String>,
+        if_fits: bool,
         violations: &mut Vec<String>,
-    ) -> Result<(), ShardError> {
-        self.tokens_seen.push(token.clone());
+    ) -> Result<LoadedAdapter, ShardError> {
         if index == 0 {
             violations.push(format!("{name} loaded at index 0"));
             return Err(ShardError::status(Code::InvalidArgument, "index 0"));
         }
-        if !self.downloaded.contains(&(name.to_string(), token)) {
-            violations.push(format!("{name} loaded before it was downloaded"));
-        }
+        let fetched = (name.to_string(), token.clone());
+        let downloaded = if if_fits && !self.downloaded.contains(&fetched) {
+            self.download(name, token)?
+        } else {
+            if !self.downloaded.contains(&fetched) {
+                violations.push(format!("{name} loaded before it was downloaded"));
+            }
+            self.tokens_seen.push(token);
+            self.download_answer(name)
+        };
         let failure = name
             .split('+')
             .find_map(|id| self.behaviours.get(id)?.load_error.clone());
         if let Some((code, message)) = failure {
             return Err(ShardError::status(code, message));
         }
-        self.installed.insert(index, name.to_string());
-        self.max_installed = self.max_installed.max(self.installed.len());
-        Ok(())
+        let others: f32 = self
+            .installed
+            .iter()
+            .filter(|(&i, _)| i != index)
+            .map(|(_, installed)| self.download_answer(installed).memory_fraction)
+            .sum();
+        let loaded = !if_fits || others + downloaded.memory_fraction <= 1.0 + 1e-3;
+        if loaded {
+            self.installed.insert(index, name.to_string());
+            self.max_installed = self.max_installed.max(self.installed.len());
+        }
+        Ok(LoadedAdapter { loaded, downloaded })
     }
 
     pub fn offload(

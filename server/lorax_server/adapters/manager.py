@@ -1,8 +1,11 @@
 """The adapter cache tiers: disk (fetched files) → host memory (validated factors, LRU) → device
 (installed on the model's linears under the router's adapter index).
 
-Fetching, validation, merging and the host → device copy run on loader threads, off the engine
-thread; only `install`/`offload` (a few dict updates) run on the engine thread, between steps.
+Fetching, validation, merging and the host → device copy of large adapters run on loader threads,
+off the engine thread; `install`/`offload` (a few dict updates) run on the engine thread, between
+steps. A small adapter that is already on the host or in a local directory (`is_quick`) is fetched
+and prepared between steps too: a job handed to a loader thread is noticed only when the running
+step ends, so each hop would add a whole step to the adapter's first request.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ from .chat_template import ChatTemplateFiles, read_chat_template
 from .loader import MEDUSA, AdapterLoadError, adapter_nbytes, load_adapter
 from .lora import LoraModuleWeights, attach_lora
 from .medusa import MedusaHeads
-from .sources import AdapterSource
+from .sources import ADAPTER_SAFETENSORS, AdapterSource
 
 Modules = dict[str, LoraModuleWeights | MedusaHeads]  # module name → factors; MEDUSA → the Medusa heads
 MAX_TEMPLATES_KEPT = 1024  # chat templates are a few KiB: kept for far more adapters than factors are
+# Adapters up to this size are read and prepared between two steps (`AdapterManager.is_quick`): a few
+# milliseconds from a local disk or host memory, against a step's wait for a loader thread's result.
+QUICK_BYTES = 16 * 2**20
 
 
 class AdapterInUse(RuntimeError):
@@ -123,9 +129,31 @@ class AdapterManager:
             self._host[request.key] = merged
         return merged
 
-    def download(self, request: AdapterRequest) -> int:
-        """Fetch and validate every adapter of the request; returns the bytes it will take on device."""
-        return adapter_nbytes(self._modules(request))
+    def is_quick(self, request: AdapterRequest) -> bool:
+        """Whether fetching and preparing `request` takes milliseconds: its factors, at most
+        QUICK_BYTES, are on the host already, or it is one adapter read from a local directory whose
+        weights file is at most QUICK_BYTES. Merges (computed once) and remote fetches are not."""
+        merged = len(request.ids) > 1 or bool(request.merge_strategy)
+        with self._lock:
+            cached = self._host.get(request.key if merged else (request.ids[0], request.source, request.token_hash))
+        if cached is not None:
+            return adapter_nbytes(cached) <= QUICK_BYTES
+        if merged:
+            return False
+        folder = Path(request.ids[0]).expanduser()
+        if request.source not in (AdapterSource.LOCAL, AdapterSource.HUB) or not folder.is_dir():
+            return False  # a hub id that names a local directory is read from it, as LoRAX does
+        weights = folder / ADAPTER_SAFETENSORS
+        return weights.is_file() and weights.stat().st_size <= QUICK_BYTES
+
+    def download(self, request: AdapterRequest) -> float:
+        """Fetch and validate every adapter of the request; returns its share of the adapter memory
+        budget once on the device."""
+        return self.budget_share(self._modules(request))
+
+    def budget_share(self, modules: Modules) -> float:
+        """The share of the adapter memory budget `modules` take on the device."""
+        return adapter_nbytes(modules) / max(self.device_budget_bytes, 1)
 
     def _remember_template(self, key: tuple, adapter_dir: Path) -> ChatTemplateFiles | None:
         template = read_chat_template(adapter_dir)
@@ -181,12 +209,17 @@ class AdapterManager:
             raise AdapterLoadError(f"cannot merge {request.describe()}: {e}") from e
 
     # ------------------------------------------------------------------ engine thread
+    def fits(self, index: int, modules: Modules) -> bool:
+        """Whether `modules` fit the adapter memory budget once installed at `index`."""
+        used = sum(b for i, (_, b) in self.installed.items() if i != index)
+        return used + adapter_nbytes(modules) <= self.device_budget_bytes
+
     def install(self, index: int, request: AdapterRequest, modules: Modules) -> None:
         if index < 1:
             raise ValueError("adapter index 0 is the base model")
         nbytes = adapter_nbytes(modules)
-        used = sum(b for i, (_, b) in self.installed.items() if i != index)
-        if used + nbytes > self.device_budget_bytes:
+        if not self.fits(index, modules):
+            used = sum(b for i, (_, b) in self.installed.items() if i != index)
             raise AdapterBudgetExceeded(
                 f"adapter {request.describe()} needs {nbytes} bytes; {self.device_budget_bytes - used} of the "
                 f"adapter memory budget ({self.device_budget_bytes} bytes) are free"
