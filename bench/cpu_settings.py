@@ -2,9 +2,9 @@
 the same requests in-process in a fresh process, and its tokens/s is compared with the default's.
 
 Variants: the default (the C++ paged decode kernel, batched LoRA on decode steps, torch's default
-thread count, glibc's malloc defaults); the torch reference paths (`LORAX_CPU_KERNELS=0`:
-gather-and-SDPA attention); the per-segment LoRA loop on decode steps too; one intra-op thread instead
-of one per core; glibc malloc keeping freed memory for the next step (environment variables).
+thread count, glibc malloc keeping the memory a step frees for the next one); the torch reference paths
+(`LORAX_CPU_KERNELS=0`: gather-and-SDPA attention); the per-segment LoRA loop on decode steps too; one
+intra-op thread instead of one per core; glibc's malloc defaults (`LORAX_KEEP_FREED_MEMORY=0`).
 The workload is bench/adapter_throughput.py's (64 requests, prompts and outputs of 16-128 tokens), with
 8 adapters round-robin, and without adapters. Prints a table; not a test.
 
@@ -22,15 +22,12 @@ import tempfile
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-# Freed blocks up to 32 MiB stay in the heap for reuse and freed heap tops are not trimmed, so a step's
-# temporaries are not mapped, faulted in and unmapped again every step.
-MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824", "MALLOC_TOP_PAD_": "67108864"}
 VARIANTS: dict[str, tuple[dict[str, str], list[str]]] = {
     "default": ({}, []),
     "torch attention (LORAX_CPU_KERNELS=0)": ({"LORAX_CPU_KERNELS": "0"}, []),
     "LoRA loop on decode steps": ({}, ["--lora-loop"]),
     "1 intra-op thread": ({"OMP_NUM_THREADS": "1"}, []),
-    "glibc malloc keeps freed memory (MALLOC_* variables)": (MALLOC, []),
+    "glibc malloc defaults (LORAX_KEEP_FREED_MEMORY=0)": ({"LORAX_KEEP_FREED_MEMORY": "0"}, []),
 }
 
 

@@ -30,6 +30,7 @@ from lorax_server.engine import CacheConfig, Engine  # noqa: E402
 from lorax_server.layers.attention import TorchAttention  # noqa: E402
 from lorax_server.models.loader import load_model  # noqa: E402
 from lorax_server.sampling import SamplingParams  # noqa: E402
+from lorax_server.utils.memory import keep_freed_memory  # noqa: E402
 
 MODEL = dict(
     hidden_size=512,
@@ -76,6 +77,7 @@ def serve_all(
     the prefill budget, each chunk joining the running batch. Without a `policy` a chunk joins at the
     next step; with `(waiting_served_ratio, max_waiting_tokens)` it joins as the router's would (see
     ROUTER_POLICY). Returns (tokens generated, seconds)."""
+    keep_freed_memory()  # as the shard process does on the CPU
     generated, running, batch_id, waited = 0, None, 0, 0
     pending = list(requests)
     start = time.perf_counter()

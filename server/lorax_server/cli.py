@@ -185,8 +185,11 @@ def run_serve(cfg: ShardConfig) -> None:
     from .speculation import SpeculationConfig
     from .utils import telemetry
     from .utils.hub import download_weights
+    from .utils.memory import keep_freed_memory
 
     telemetry.setup(cfg.otlp_endpoint, cfg.rank)
+    if device.type == "cpu" and keep_freed_memory():
+        logging.getLogger(__name__).info("glibc keeps the memory a step frees for the next one")
     model_dir = download_weights(cfg.model_id, cfg.revision)
     if cfg.world_size > 1:
         init_process_group(cfg.rank, cfg.world_size, device)

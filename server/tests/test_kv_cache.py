@@ -1,6 +1,10 @@
-"""Block manager bookkeeping and slot mapping."""
+"""Block manager bookkeeping and slot mapping; host memory kept for the next step."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -89,3 +93,42 @@ def test_gpu_cache_budget_keeps_the_prefill_peak_the_fraction_and_the_adapters_s
     # --cuda-memory-fraction 0.5: 40 GiB of the device are not this shard's.
     assert gpu_cache_budget(60 * gib, 80 * gib, 0.5, 4 * gib, 2 * gib) == 14 * gib
     assert gpu_cache_budget(10 * gib, 80 * gib, 0.5, 4 * gib, 0) == 0  # nothing left: never negative
+
+
+_WHERE_A_LARGE_TEMPORARY_LIVES = """
+import ctypes, torch
+from lorax_server.utils.memory import keep_freed_memory
+
+class MallInfo2(ctypes.Structure):  # glibc's mallinfo2(3): every field a size_t
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+mallinfo2.restype = MallInfo2
+kept = keep_freed_memory()
+before = mallinfo2().hblkhd  # bytes in blocks mapped for themselves
+x = torch.ones(16 * 2**20)  # 64 MiB: a large prefill's temporary
+mapped = mallinfo2().hblkhd - before
+del x
+print(kept, mapped, mallinfo2().arena)  # the heap's size once it is freed
+"""
+
+
+@pytest.mark.parametrize("keep", ["1", "0"])
+def test_the_shard_keeps_memory_a_step_frees_for_the_next_step(keep: str) -> None:
+    """A step's large temporaries come from the heap and stay there once freed, so they are not mapped,
+    faulted in and unmapped again every step (glibc's defaults map any block over 32 MiB for itself);
+    LORAX_KEEP_FREED_MEMORY=0 restores the defaults."""
+    out = subprocess.run(
+        [sys.executable, "-c", _WHERE_A_LARGE_TEMPORARY_LIVES],
+        env={**os.environ, "LORAX_KEEP_FREED_MEMORY": keep},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    kept, mapped, heap = out[0] == "True", int(out[1]), int(out[2])
+    assert kept == (keep == "1")
+    if kept:
+        assert mapped < 2**20 and heap >= 64 * 2**20, (mapped, heap)
+    else:
+        assert mapped >= 64 * 2**20, mapped

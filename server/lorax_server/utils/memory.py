@@ -3,6 +3,28 @@
 from __future__ import annotations
 
 import ctypes
+import os
+
+# mallopt(3) parameters.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep the memory a step frees for the next step, on the CPU where activations live in
+    host memory. By default an allocation above its mmap threshold (128 KiB, raised after frees up to
+    32 MiB) is mapped for the call and unmapped when freed, and a freed heap top above the trim threshold
+    goes back to the OS, so a large prefill's temporaries are faulted in again every step: 0.5-1 s of
+    system time in a 1.2-1.9 s prefill of 63 prompts (bench/RESULTS.md, session 14). Here blocks up to
+    256 MiB come from the heap and up to 1 GiB of freed heap stays mapped; `return_freed_memory` still
+    trims it on demand. Off with LORAX_KEEP_FREED_MEMORY=0; False where it is off or not glibc."""
+    if os.environ.get("LORAX_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    settings = ((_M_MMAP_THRESHOLD, 256 * 2**20), (_M_TRIM_THRESHOLD, 2**30), (_M_TOP_PAD, 64 * 2**20))
+    return all(mallopt(param, value) == 1 for param, value in settings)
 
 
 def return_freed_memory() -> None:
