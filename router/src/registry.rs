@@ -361,7 +361,18 @@ impl AdapterRegistry {
                 actions.push(Action::Offload(a.request.clone(), index));
             }
         }
-        for index in plan.load {
+        // The plan counts a fetch-and-load of unknown size as taking no memory: loads wait until it
+        // reports, so that the shard does not refuse one for lack of memory the plan did not see.
+        let unknown_size_loading = self
+            .adapters
+            .values()
+            .any(|a| a.state == AdapterState::Loading && !a.fetched());
+        let loads = if unknown_size_loading {
+            Vec::new()
+        } else {
+            plan.load
+        };
+        for index in loads {
             if let Some(a) = self.adapters.get_mut(&index) {
                 a.state = AdapterState::Loading;
                 a.waiting_since = None;

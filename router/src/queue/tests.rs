@@ -434,3 +434,38 @@ async fn full_slots_rotate_after_the_cycle_time_without_touching_running_request
     let next = state.next_batch(None, 100, 100).unwrap();
     assert_eq!(batch_of(&next), vec![(1, 1)]);
 }
+
+fn hub_entry(id: &str) -> (Entry, Rx) {
+    let (mut e, rx) = entry(2, 2);
+    e.request.adapter = Some(AdapterRequest::new(
+        AdapterKey::single(id, AdapterSource::Hub),
+        None,
+    ));
+    (e, rx)
+}
+
+#[tokio::test]
+async fn loads_wait_while_an_adapter_of_unknown_size_is_fetched_and_loaded() {
+    let mut state = QueueState::new(config(1));
+    let (a, _ra) = adapter_entry("a");
+    let (b, _rb) = hub_entry("org/b");
+    state.append(a);
+    state.append(b);
+    let actions = state.adapters().schedule(Instant::now());
+    let names: Vec<String> = actions.iter().map(|a| format!("{a:?}")).collect();
+    assert!(
+        names[0].starts_with("FetchAndLoad") && names[1].starts_with("Download"),
+        "{names:?}"
+    );
+    // "org/b" is downloaded and a slot is free, but "a"'s size is not known yet: no load.
+    complete(
+        &mut state,
+        &actions,
+        "org/b",
+        Outcome::Downloaded(Ok((0.3, Ok(None)))),
+    );
+    assert!(state.adapters().schedule(Instant::now()).is_empty());
+    let fetched = Outcome::FetchedAndLoaded(Ok((true, (0.5, Ok(None)))));
+    complete(&mut state, &actions, "a", fetched);
+    assert_eq!(run_actions(&mut state), vec!["load org/b @2"]);
+}
