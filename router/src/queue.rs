@@ -5,14 +5,15 @@
 
 use crate::adapter::{AdapterKey, AdapterRequest};
 use crate::api::AdapterStatus;
-use crate::client::ShardClient;
+use crate::client::{DownloadedAdapter, LoadedAdapter, ShardClient, ShardError};
 use crate::entry::Entry;
 use crate::errors::{AdapterCommandError, InferError};
 use crate::exchange::ExchangeConfig;
 use crate::metrics as m;
 use crate::pb;
 use crate::registry::{
-    Action, ActionResult, AdapterRegistry, AdapterTemplate, Outcome, TemplateWaiter, Waiter,
+    Action, ActionResult, AdapterRegistry, AdapterTemplate, Fetched, Outcome, TemplateWaiter,
+    Waiter,
 };
 use crate::template::ChatTemplate;
 use shared_prefix::SharedPrefixes;
@@ -446,42 +447,17 @@ async fn run_action(
             let result = client
                 .download_adapter(key.to_proto(), key.source.to_proto(), request.token())
                 .await
-                .map(|d| (d.memory_fraction, compile_template(d.chat_template)));
+                .map(fetched);
             (request, index, Outcome::Downloaded(result))
         }
         Action::Load(request, index) => {
-            let key = &request.key;
-            let result = client
-                .load_adapter(
-                    key.to_proto(),
-                    key.source.to_proto(),
-                    index,
-                    request.token(),
-                    false,
-                )
-                .await
-                .map(|_| ());
-            (request, index, Outcome::Loaded(result))
+            let result = load(client.as_ref(), &request, index, false).await;
+            (request, index, Outcome::Loaded(result.map(|_| ())))
         }
         Action::FetchAndLoad(request, index) => {
-            let key = &request.key;
-            let result = client
-                .load_adapter(
-                    key.to_proto(),
-                    key.source.to_proto(),
-                    index,
-                    request.token(),
-                    true,
-                )
-                .await
-                .map(|l| {
-                    let d = l.downloaded;
-                    (
-                        l.loaded,
-                        (d.memory_fraction, compile_template(d.chat_template)),
-                    )
-                });
-            (request, index, Outcome::FetchedAndLoaded(result))
+            let result = load(client.as_ref(), &request, index, true).await;
+            let outcome = result.map(|l| (l.loaded, fetched(l.downloaded)));
+            (request, index, Outcome::FetchedAndLoaded(outcome))
         }
         Action::Offload(request, index) => {
             let key = &request.key;
@@ -496,6 +472,25 @@ async fn run_action(
         key: request.key,
         outcome,
     });
+}
+
+async fn load(
+    client: &dyn ShardClient,
+    request: &AdapterRequest,
+    index: u32,
+    if_fits: bool,
+) -> Result<LoadedAdapter, ShardError> {
+    let key = &request.key;
+    let (parameters, source) = (key.to_proto(), key.source.to_proto());
+    client
+        .load_adapter(parameters, source, index, request.token(), if_fits)
+        .await
+}
+
+/// What a download (or a fetch-and-load) reports, its chat template compiled here, off the queue
+/// task.
+fn fetched(d: DownloadedAdapter) -> Fetched {
+    (d.memory_fraction, compile_template(d.chat_template))
 }
 
 /// An adapter's own chat template, compiled here, off the queue task.
