@@ -91,23 +91,6 @@ def test_decode_rows_mixed_with_prompt_rows():
     torch.testing.assert_close(kernel, reference, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["plain", "window+alibi+softcap"])
-def test_uncached_suffixes_take_the_kernel_token_by_token(monkeypatch: pytest.MonkeyPatch, variant: str):
-    """Prefix-cached prompts' short suffixes over long contexts are attended token by token with the
-    kernel; a whole prompt next to them keeps the padded path; one output equal to the reference."""
-    query_lens, context_lens = [24, 3, 50, 30, 1], [240, 100, 50, 200, 77]
-    meta, cache_k, cache_v = paged_batch(query_lens, context_lens, 16, 2, 32, seed=8)
-    q = torch.randn(sum(query_lens), 4, 32, generator=torch.Generator().manual_seed(6))
-    kwargs = {"window": 40, "softcap": 3.0, "alibi_slopes": alibi_slopes(4)} if variant != "plain" else {}
-    rows = []
-    kernel = paged_attention.paged_decode_attention
-    monkeypatch.setattr(paged_attention, "paged_decode_attention", lambda q, *a: rows.append(len(q)) or kernel(q, *a))
-    reference, got = attend_both(meta, q, cache_k, cache_v, 16, **kwargs)
-    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
-    # The decode row and the suffixes' 24 + 3 + 30 tokens; not the whole prompt.
-    assert sum(rows) == 1 + 24 + 3 + 30, rows
-
-
 def test_other_dtypes_and_the_switch_take_the_torch_path(monkeypatch: pytest.MonkeyPatch):
     meta, cache_k, cache_v = paged_batch([1, 1], [10, 33], 16, 2, 32, seed=6)
     q = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(5))

@@ -122,10 +122,6 @@ class _PaddedLayout:
         return self._biases[key]
 
 
-# The longest queries `TorchAttention._is_suffix` attends token by token with the decode kernel.
-SUFFIX_QUERIES = 32
-
-
 class TorchAttention:
     """Gathers each sequence's cached keys into a padded grid and runs SDPA (or an explicit softmax
     when logits are soft-capped). With `decode_kernel` (the default), decoding sequences on the CPU in
@@ -135,8 +131,7 @@ class TorchAttention:
     A batch is attended in groups, each padded to its own longest query and context: decoding
     sequences (one token each) apart from longer ones (prompts, chunks of prompts), and longer ones
     split by `padding_groups` where padding them together would more than double their work (short
-    uncached suffixes of prefix-cached prompts next to full prompts). A group of short queries over
-    longer contexts (those suffixes) takes the decode kernel token by token when it applies."""
+    uncached suffixes of prefix-cached prompts next to full prompts)."""
 
     name = "torch"
 
@@ -197,29 +192,12 @@ class TorchAttention:
             )
         groups = self._layouts(meta)
         args = (cache_k, cache_v, scale, window, softcap, alibi_slopes, k_scale, v_scale)
-        kernel = (scale, window, softcap, alibi_slopes)
         if len(groups) == 1:
-            if self._is_suffix(groups[0][1], q, cache_k):
-                tables, lens = self._per_token(meta)
-                return paged_attention.paged_decode_attention(q, cache_k, cache_v, tables, lens, *kernel)
             return self._attend(q, groups[0][1], *args)
         out = torch.empty_like(q)
         for tokens, layout in groups:
-            if self._is_suffix(layout, q, cache_k):
-                tables, lens = self._per_token(meta)
-                tables, lens = tables[tokens], lens[tokens]
-                out[tokens] = paged_attention.paged_decode_attention(q[tokens], cache_k, cache_v, tables, lens, *kernel)
-            else:
-                out[tokens] = self._attend(q[tokens], layout, *args)
+            out[tokens] = self._attend(q[tokens], layout, *args)
         return out
-
-    def _is_suffix(self, layout: _PaddedLayout, q: torch.Tensor, cache: torch.Tensor) -> bool:
-        """Short queries over a context at least twice as long (the uncached suffixes of prefix-cached
-        prompts, short chunks of long prompts): each token is attended as a decode query with the
-        kernel, which reads the cached prefix in place. Gathering that prefix into a padded grid per
-        sequence and layer cost more than SDPA itself (bench/RESULTS.md, session 14)."""
-        short = 1 < layout.max_q <= SUFFIX_QUERIES and layout.max_k >= 2 * layout.max_q
-        return short and self._use_kernel(q, cache)
 
     def _attend(
         self,
