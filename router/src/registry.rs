@@ -151,8 +151,9 @@ impl Tracked {
         true
     }
 
-    /// The shard installed it: requests may be admitted. Returns true (the batcher should look).
-    fn activate(&mut self, now: Instant) -> bool {
+    /// The shard installed it: requests may be admitted (the batcher should look again). Its load
+    /// time counts from the download's start, or from the fetch-and-load's.
+    fn activate(&mut self, now: Instant) {
         self.state = AdapterState::Active;
         self.active_since = Some(now);
         self.last_used = now;
@@ -165,7 +166,6 @@ impl Tracked {
         for waiter in self.load_waiters.drain(..) {
             let _ = waiter.send(Ok(status.clone()));
         }
-        true
     }
 
     fn status(&self, now: Instant) -> AdapterStatus {
@@ -319,7 +319,6 @@ impl AdapterRegistry {
             a.load_waiters.retain(|w| !w.is_closed());
             a.template_waiters.retain(|w| !w.is_closed());
             if a.state == AdapterState::Queued {
-                a.download_started = Some(now);
                 // A chat request waits for the template before it is queued: it wants a slot too.
                 // Only local files: a slow remote fetch would hold the slot while it downloads.
                 let wanted = a.wants_slot() || !a.template_waiters.is_empty();
@@ -331,6 +330,7 @@ impl AdapterRegistry {
                     actions.push(Action::FetchAndLoad(a.request.clone(), a.index));
                 } else {
                     a.state = AdapterState::Downloading;
+                    a.download_started = Some(now);
                     actions.push(Action::Download(a.request.clone(), a.index));
                 }
             }
@@ -464,18 +464,20 @@ impl AdapterRegistry {
                 }
             }
             Outcome::FetchedAndLoaded(Ok((loaded, fetched))) => {
-                let fits = a.fetched_now(fetched, now);
-                a.download_secs = None; // the load's time includes the fetch
-                if !fits {
+                if !a.fetched_now(fetched, now) {
                     self.fail_too_large(result.index);
                 } else if loaded {
-                    self.woke |= a.activate(now);
+                    a.activate(now);
+                    self.woke = true;
                 } else {
                     // Fetched, but the budget is taken: it waits for a slot like any download.
                     a.state = AdapterState::Downloaded;
                 }
             }
-            Outcome::Loaded(Ok(())) => self.woke |= a.activate(now),
+            Outcome::Loaded(Ok(())) => {
+                a.activate(now);
+                self.woke = true;
+            }
             Outcome::Offloaded(Ok(_)) => {
                 a.state = AdapterState::Downloaded;
                 a.draining = false;

@@ -62,6 +62,15 @@ class AdapterRequest:
         return hashlib.sha256(self.api_token.encode()).hexdigest()[:16] if self.api_token else ""
 
     @property
+    def is_merge(self) -> bool:
+        """Several adapters, or one with a merge strategy (its weight applies): computed, not read."""
+        return len(self.ids) > 1 or bool(self.merge_strategy)
+
+    def part_key(self, adapter_id: str) -> tuple:
+        """The host cache's key of one adapter the request names (a merge's parts are cached apart)."""
+        return (adapter_id, self.source, self.token_hash)
+
+    @property
     def key(self) -> tuple:
         return (self.ids, self.source, self.weights, self.merge_strategy, self.density,
                 self.majority_sign_method, self.token_hash)  # fmt: skip
@@ -101,7 +110,7 @@ class AdapterManager:
 
     # ------------------------------------------------------------------ loader threads
     def _host_modules(self, adapter_id: str, request: AdapterRequest) -> Modules:
-        key = (adapter_id, request.source, request.token_hash)
+        key = request.part_key(adapter_id)
         with self._lock:
             if key in self._host:
                 self._host.move_to_end(key)
@@ -118,7 +127,7 @@ class AdapterManager:
     def _modules(self, request: AdapterRequest) -> Modules:
         """The request's factors on the host; a merge is computed once per distinct request and cached."""
         parts = [self._host_modules(i, request) for i in request.ids]
-        if len(parts) == 1 and not request.merge_strategy:  # a plain adapter_id, not a merge of one
+        if not request.is_merge:  # a plain adapter_id
             return parts[0]
         with self._lock:
             if request.key in self._host:
@@ -133,12 +142,11 @@ class AdapterManager:
         """Whether fetching and preparing `request` takes milliseconds: its factors, at most
         QUICK_BYTES, are on the host already, or it is one adapter read from a local directory whose
         weights file is at most QUICK_BYTES. Merges (computed once) and remote fetches are not."""
-        merged = len(request.ids) > 1 or bool(request.merge_strategy)
         with self._lock:
-            cached = self._host.get(request.key if merged else (request.ids[0], request.source, request.token_hash))
+            cached = self._host.get(request.key if request.is_merge else request.part_key(request.ids[0]))
         if cached is not None:
             return adapter_nbytes(cached) <= QUICK_BYTES
-        if merged:
+        if request.is_merge:
             return False
         folder = Path(request.ids[0]).expanduser()
         if request.source not in (AdapterSource.LOCAL, AdapterSource.HUB) or not folder.is_dir():
@@ -168,7 +176,7 @@ class AdapterManager:
         """(Loader thread, after `download`.) The chat template the request's adapter ships; of a
         merge, the first adapter's that has one."""
         for adapter_id in request.ids:
-            key = (adapter_id, request.source, request.token_hash)
+            key = request.part_key(adapter_id)
             with self._lock:
                 known = key in self._templates
                 template = self._templates.get(key)
