@@ -29,7 +29,7 @@ def quantized_linears(model) -> list[Linear]:  # noqa: ANN001
         for layer in model.layers
         for module in layer.linears()
         for linear in (module if isinstance(module, list) else [module])
-        if not isinstance(linear.weight, torch.Tensor)
+        if linear.quantized
     ]
 
 

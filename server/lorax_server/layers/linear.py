@@ -7,7 +7,8 @@ The base matmul runs once for the whole batch; when adapters are attached (`lora
 updates are added per adapter segment. Under tensor parallelism a linear holds its rank's slice
 (`shard`, see `layers.parallel`); a row-parallel one sums its partial output over the ranks (`reduce`)
 after the LoRA updates, and adds its bias once, after the sum. The weight is a dense tensor or a
-quantized `WeightFormat` (`layers.quant`); nothing else here depends on which.
+`WeightFormat`: quantized (`layers.quant`) or packed for CPU matmuls (`layers.packed`); nothing else
+here depends on which.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.weights import Weights, WeightsError
+from .packed import PackedWeight
 from .parallel import LinearShard, Range, TensorParallel
 from .quant import Quantizer, WeightFormat
 from .quant.grouped import stack_parts
@@ -79,6 +81,11 @@ class Linear:
     def in_features(self) -> int:
         w = self.weight
         return w.shape[1] if isinstance(w, torch.Tensor) else w.in_features
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the weight is stored quantized (a dense weight, packed for the CPU or not, is not)."""
+        return not isinstance(self.weight, (torch.Tensor, PackedWeight))
 
     def quantize(self, quantizer: Quantizer | None) -> None:
         """Replace a dense weight by its quantized format (the dense tensor is released)."""

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..layers.attention import AttentionBackend
+from ..layers.packed import pack_dense_weights, packing_applies
 from ..layers.parallel import ShardingError
 from ..layers.quant import QuantizationError, checkpoint
 from ..layers.quant.methods import quantizer
@@ -68,6 +69,8 @@ def load_model(
     kv_cache_dtype = torch.float8_e4m3fn if quantize == "fp8-kv" else None  # fp8-kv: float8 weights and KV cache
     model = CausalLM(spec, config, weights, backend, device, kv_cache_dtype)
     model.quantize = quantize  # what /info reports, a method detected from the checkpoint included
+    if packing_applies(device, torch_dtype):
+        pack_dense_weights(model.linears(), keep=[model.embed])  # a tied LM head stays the embedding
     if quantize_weight is not None and device.type == "cpu":
         return_freed_memory()
     return model

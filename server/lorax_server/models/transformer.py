@@ -356,14 +356,17 @@ class CausalLM:
 
     supports_adapters = True
 
+    def linears(self) -> list[Linear]:
+        """Every linear of the model, in layer order, the LM head last."""
+        return [linear for layer in self.layers for linear in layer.linears()] + [self.lm_head]
+
     def adaptable_linears(self) -> dict[str, tuple[Linear, int]]:
         """Checkpoint module name → (linear, fused part) for every module the spec lets adapters
         target (by the short name adapters use, e.g. `q_proj`), in layer order."""
         adaptable = set(self.spec.adaptable_modules)
-        linears = [linear for layer in self.layers for linear in layer.linears()] + [self.lm_head]
         return {
             name: (linear, part)
-            for linear in linears
+            for linear in self.linears()
             for part, name in enumerate(linear.part_names)
             if name.rsplit(".", 1)[-1] in adaptable
         }
