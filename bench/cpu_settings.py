@@ -1,8 +1,9 @@
 """The engine's CPU settings and plans, measured on the bench workload in one run: each variant serves
 the same requests in-process in a fresh process, and its tokens/s is compared with the default's.
 
-Variants: the default (the C++ paged decode kernel, batched LoRA on decode steps, torch's default
-thread count, glibc malloc keeping the memory a step frees for the next one); the torch reference paths
+Variants: the default (dense weights packed for oneDNN, the C++ paged decode kernel, batched LoRA on
+decode steps, torch's default thread count, glibc malloc keeping the memory a step frees for the next
+one); torch's BLAS on the dense weights (`LORAX_PACKED_WEIGHTS=0`); the torch reference paths
 (`LORAX_CPU_KERNELS=0`: gather-and-SDPA attention); the per-segment LoRA loop on decode steps too; one
 intra-op thread instead of one per core; glibc's malloc defaults (`LORAX_KEEP_FREED_MEMORY=0`).
 The workload is bench/adapter_throughput.py's (64 requests, prompts and outputs of 16-128 tokens), with
@@ -24,6 +25,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 VARIANTS: dict[str, tuple[dict[str, str], list[str]]] = {
     "default": ({}, []),
+    "torch's BLAS, weights not packed (LORAX_PACKED_WEIGHTS=0)": ({"LORAX_PACKED_WEIGHTS": "0"}, []),
     "torch attention (LORAX_CPU_KERNELS=0)": ({"LORAX_CPU_KERNELS": "0"}, []),
     "LoRA loop on decode steps": ({}, ["--lora-loop"]),
     "1 intra-op thread": ({"OMP_NUM_THREADS": "1"}, []),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -17,6 +18,8 @@ from .config import ModelConfig
 from .fallback import TransformersCausalLM
 from .registry import REGISTRY
 from .transformer import CausalLM
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -70,7 +73,8 @@ def load_model(
     model = CausalLM(spec, config, weights, backend, device, kv_cache_dtype)
     model.quantize = quantize  # what /info reports, a method detected from the checkpoint included
     if packing_applies(device, torch_dtype):
-        pack_dense_weights(model.linears(), keep=[model.embed])  # a tied LM head stays the embedding
+        packed = pack_dense_weights(model.linears(), keep=[model.embed])  # a tied LM head stays the embedding
+        logger.info("%d dense linear weights packed for oneDNN", packed)
     if quantize_weight is not None and device.type == "cpu":
         return_freed_memory()
     return model
