@@ -21,10 +21,10 @@ def factors(rank: int, out: int, seed: int) -> LoraModuleWeights:
     return LoraModuleWeights(torch.randn(rank, IN, generator=g), torch.randn(out, rank, generator=g), 0.5 + seed / 10)
 
 
-def adapted_linear(adapters: dict[int, dict[int, int]]) -> Linear:
+def adapted_linear(adapters: dict[int, dict[int, int]], part_sizes: list[int] = PART_SIZES) -> Linear:
     """adapters: index → {part: rank}."""
-    weight = torch.randn(sum(PART_SIZES), IN, generator=torch.Generator().manual_seed(0))
-    linear = Linear(weight, None, PART_SIZES, ["q", "k", "v"], PART_SIZES)
+    weight = torch.randn(sum(part_sizes), IN, generator=torch.Generator().manual_seed(0))
+    linear = Linear(weight, None, part_sizes, ["q", "k", "v"][: len(part_sizes)], part_sizes)
     linear.lora = LoraSlots(linear)
     for index, parts in adapters.items():
         install(linear, index, parts, seed=index)
@@ -32,7 +32,8 @@ def adapted_linear(adapters: dict[int, dict[int, int]]) -> Linear:
 
 
 def install(linear: Linear, index: int, parts: dict[int, int], seed: int) -> None:
-    weights = {p: factors(r, PART_SIZES[p], seed * 10 + p) for p, r in parts.items()}
+    sizes = linear.part_sizes
+    weights = {p: factors(r, sizes[p], seed * 10 + p) for p, r in parts.items()}
     linear.lora.install(index, weights)
 
 
@@ -74,6 +75,21 @@ def test_grouped_plan_matches_the_loop_and_the_dense_update(case: str):
     reference = dense_reference(linear, x, segments)
     torch.testing.assert_close(grouped.double(), reference, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(grouped, looped, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("part_sizes", [[20], [6, 6, 6]], ids=["one part", "three equal parts"])
+def test_parts_expanded_together_match_the_dense_update(case: str, part_sizes: list[int]):
+    """One part filling the output (expanded in place into an exact grid's rows) and equal parts that
+    one batched matmul expands together (every stacked part in one run)."""
+    num_tokens, segments = CASES[case]
+    adapters = {index: {p: r for p, r in parts.items() if p < len(part_sizes)} for index, parts in ADAPTERS.items()}
+    linear = adapted_linear({i: parts for i, parts in adapters.items() if parts}, part_sizes)
+    x = torch.randn(num_tokens, IN, generator=torch.Generator().manual_seed(1))
+    grouped = linear(x, batch(segments, num_tokens))
+    sizes = [run.b.shape[1] for run in linear.lora._stacked.runs]
+    assert sum(sizes) == len(part_sizes) and (len(part_sizes) == 1 or max(sizes) > 1)  # some share a run
+    torch.testing.assert_close(grouped.double(), dense_reference(linear, x, segments), rtol=1e-5, atol=1e-4)
 
 
 def test_no_adapter_of_the_batch_on_this_linear_leaves_the_base_output():

@@ -116,12 +116,24 @@ class _StackedPart:
 
 
 @dataclass
+class _ExpandRun:
+    """Stacked parts that follow each other in the output and in the ranks with the same rank and width
+    (q|k|v without GQA, k|v with it, gate|up): the grid expands them with one batched matmul."""
+
+    out_start: int
+    r_start: int
+    r_end: int
+    b: torch.Tensor  # [segments, parts, rank, width]; each part's `_StackedPart.b` is a view of it
+
+
+@dataclass
 class _Stacked:
     """A batch's adapters stacked in segment order (absent parts and smaller ranks are zeros)."""
 
     adapters: tuple[int, ...]
     a: torch.Tensor  # [segments, in_features, sum of the parts' ranks]
     parts: list[_StackedPart]
+    runs: list[_ExpandRun]
     serial: int = field(default_factory=itertools.count(1).__next__)  # tells stacks apart (decode graphs)
 
 
@@ -204,12 +216,25 @@ class LoraSlots:
             grid = x[groups.span[0] : groups.span[1]]
         else:
             grid = x.index_select(0, groups.gather)
-        shrunk = torch.bmm(grid.view(segments, groups.longest, -1), stacked.a)  # [segments, longest, ranks]
-        for part in stacked.parts:
-            delta = torch.bmm(shrunk[:, :, part.r_start : part.r_end], part.b).view(-1, part.b.shape[2])
-            if groups.inverse is not None:
-                delta = delta.index_select(0, groups.inverse)  # [adapted tokens, part's out_features]
-            columns = y if part.b.shape[2] == y.shape[1] else y[:, part.out_start : part.out_end]
+        longest = groups.longest
+        shrunk = torch.bmm(grid.view(segments, longest, -1), stacked.a)  # [segments, longest, ranks]
+        for run in stacked.runs:
+            n, rank, width = run.b.shape[1:]
+            columns = y if n * width == y.shape[1] else y[:, run.out_start : run.out_start + n * width]
+            exact = groups.inverse is None  # the grid's cells are the span's rows, in order
+            if n == 1 and exact and columns is y:  # in place: y's rows are the grid's cells
+                y[groups.span[0] : groups.span[1]].view(segments, longest, width).baddbmm_(
+                    shrunk[:, :, run.r_start : run.r_end], run.b.view(segments, rank, width)
+                )
+                continue
+            # Every (adapter, part) pair is one matrix of the batched matmul: [segments * parts, longest, rank].
+            pairs = shrunk[:, :, run.r_start : run.r_end].view(segments, longest, n, rank).transpose(1, 2)
+            delta = torch.bmm(pairs.reshape(segments * n, longest, rank), run.b.view(segments * n, rank, width))
+            delta = delta.view(segments, n, longest, width).transpose(1, 2)  # [segments, longest, parts, width]
+            if exact:
+                columns[groups.span[0] : groups.span[1]].view(segments, longest, n, width).add_(delta)
+                continue
+            delta = delta.reshape(segments * longest, n * width).index_select(0, groups.inverse)
             if groups.span is not None:
                 columns[groups.span[0] : groups.span[1]] += delta
             else:
@@ -291,20 +316,42 @@ class LoraSlots:
             total += ranks[part]
         sample = next(filter(None, present)).a
         a = sample.new_zeros(len(adapters), sample.shape[1], total)
-        parts = []
-        for part in sorted(ranks):
-            out_start, out_end = self.part_bounds[part]
-            r0 = offsets[part]
-            b = sample.new_zeros(len(adapters), ranks[part], out_end - out_start)
-            for seg, factors in enumerate(present):
-                w = factors.parts.get(part) if factors is not None else None
-                if w is not None:
-                    a[seg, :, r0 : r0 + w.rank] = w.lora_a.t()
-                    b[seg, : w.rank] = w.lora_b.t() * w.scale
-            parts.append(_StackedPart(out_start, out_end, r0, r0 + ranks[part], b))
-        self._stacked = _Stacked(adapters, a, parts)
+        parts, runs = [], []
+        for run in self._expand_runs(ranks):
+            out_start, rank = self.part_bounds[run[0]][0], ranks[run[0]]
+            width = self.part_bounds[run[0]][1] - out_start
+            b_run = sample.new_zeros(len(adapters), len(run), rank, width)
+            runs.append(_ExpandRun(out_start, offsets[run[0]], offsets[run[0]] + len(run) * rank, b_run))
+            for i, part in enumerate(run):
+                r0 = offsets[part]
+                for seg, factors in enumerate(present):
+                    w = factors.parts.get(part) if factors is not None else None
+                    if w is not None:
+                        a[seg, :, r0 : r0 + w.rank] = w.lora_a.t()
+                        b_run[seg, i, : w.rank] = w.lora_b.t() * w.scale
+                parts.append(
+                    _StackedPart(out_start + i * width, out_start + (i + 1) * width, r0, r0 + rank, b_run[:, i])
+                )
+        self._stacked = _Stacked(adapters, a, parts, runs)
         _changed()
         return self._stacked
+
+    def _expand_runs(self, ranks: dict[int, int]) -> list[list[int]]:
+        """The stacked parts (`ranks`: part → its rank in the stack, in stack order) split into runs of
+        neighbours with the same rank and width; a part the stack skips ends a run."""
+        runs: list[list[int]] = []
+        for part in sorted(ranks):
+            width = self.part_bounds[part][1] - self.part_bounds[part][0]
+            last = runs[-1][-1] if runs else None
+            if (
+                last == part - 1
+                and ranks[last] == ranks[part]
+                and self.part_bounds[last][1] - self.part_bounds[last][0] == width
+            ):
+                runs[-1].append(part)
+            else:
+                runs.append([part])
+        return runs
 
 
 def _bgmv(y: torch.Tensor, x: torch.Tensor, stacked: _Stacked, row_slot: torch.Tensor) -> None:
