@@ -41,7 +41,7 @@ def test_packed_linear_computes_the_dense_product(rows: int) -> None:
     assert (packed(strided) - F.linear(strided, w, b)).abs().max() < 1e-4
 
 
-def test_a_loaded_model_packs_every_linear_and_computes_the_same_logits(llama_dir: Path, monkeypatch) -> None:
+def test_a_loaded_model_packs_every_linear_and_computes_the_same_products(llama_dir: Path, monkeypatch) -> None:
     packed = _load(llama_dir)
     assert all(isinstance(linear.weight, PackedWeight) for linear in packed.linears())
     monkeypatch.setenv("LORAX_PACKED_WEIGHTS", "0")

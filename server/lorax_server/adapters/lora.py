@@ -121,8 +121,7 @@ class _ExpandRun:
     (q|k|v without GQA, k|v with it, gate|up): the grid expands them with one batched matmul."""
 
     out_start: int
-    r_start: int
-    r_end: int
+    r_start: int  # its parts' ranks follow each other from here in the stack's shrunk columns
     b: torch.Tensor  # [segments, parts, rank, width]; each part's `_StackedPart.b` is a view of it
 
 
@@ -218,17 +217,18 @@ class LoraSlots:
             grid = x.index_select(0, groups.gather)
         longest = groups.longest
         shrunk = torch.bmm(grid.view(segments, longest, -1), stacked.a)  # [segments, longest, ranks]
+        exact = groups.inverse is None  # the grid's cells are the span's rows, in order
         for run in stacked.runs:
             n, rank, width = run.b.shape[1:]
             columns = y if n * width == y.shape[1] else y[:, run.out_start : run.out_start + n * width]
-            exact = groups.inverse is None  # the grid's cells are the span's rows, in order
+            own = shrunk[:, :, run.r_start : run.r_start + n * rank]  # [segments, longest, n * rank]
             if n == 1 and exact and columns is y:  # in place: y's rows are the grid's cells
                 y[groups.span[0] : groups.span[1]].view(segments, longest, width).baddbmm_(
-                    shrunk[:, :, run.r_start : run.r_end], run.b.view(segments, rank, width)
+                    own, run.b.view(segments, rank, width)
                 )
                 continue
             # Every (adapter, part) pair is one matrix of the batched matmul: [segments * parts, longest, rank].
-            pairs = shrunk[:, :, run.r_start : run.r_end].view(segments, longest, n, rank).transpose(1, 2)
+            pairs = own.view(segments, longest, n, rank).transpose(1, 2)
             delta = torch.bmm(pairs.reshape(segments * n, longest, rank), run.b.view(segments * n, rank, width))
             delta = delta.view(segments, n, longest, width).transpose(1, 2)  # [segments, longest, parts, width]
             if exact:
@@ -321,7 +321,7 @@ class LoraSlots:
             out_start, rank = self.part_bounds[run[0]][0], ranks[run[0]]
             width = self.part_bounds[run[0]][1] - out_start
             b_run = sample.new_zeros(len(adapters), len(run), rank, width)
-            runs.append(_ExpandRun(out_start, offsets[run[0]], offsets[run[0]] + len(run) * rank, b_run))
+            runs.append(_ExpandRun(out_start, offsets[run[0]], b_run))
             for i, part in enumerate(run):
                 r0 = offsets[part]
                 for seg, factors in enumerate(present):
