@@ -1,12 +1,14 @@
 """The batched LoRA plan (adapters stacked, segments padded into a grid) against the per-segment loop
 and against the dense update scale·B·A: mixed ranks, adapters that skip parts or the whole linear,
-rows without adapters, and the stacks' cache across installs and removals."""
+rows without adapters, and the stacks' cache across installs and removals. The CPU kernel, which
+would otherwise take these float32 CPU tensors, is off here (tests/test_lora_cpu_kernel.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from lorax_server.adapters import lora_cpu
 from lorax_server.adapters.lora import LoraModuleWeights, LoraSlots
 from lorax_server.forward import ForwardBatch, LoraGroups
 from lorax_server.layers.linear import Linear
@@ -14,6 +16,11 @@ from lorax_server.layers.moe import ExpertRows
 
 PART_SIZES = [12, 4, 4]  # a fused q|k|v with fewer kv heads
 IN = 16
+
+
+@pytest.fixture(autouse=True)
+def torch_plans(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lora_cpu, "kernel_applies", lambda y, x: False)
 
 
 def factors(rank: int, out: int, seed: int) -> LoraModuleWeights:

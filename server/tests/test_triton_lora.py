@@ -2,7 +2,8 @@
 references, and `LoraSlots` with the kernels switched on against the torch plans and the dense update
 scale·B·A: ragged segments, rows without an adapter, mixed ranks (4 to 128), fused parts an adapter
 skips, adapters absent from a linear, prefill and decode layouts, MoE experts' rows, and a tiny Llama
-whose logits and greedy tokens do not change with the switch."""
+whose logits and greedy tokens do not change with the switch. The CPU kernel, which the torch plans
+would otherwise give way to on these float32 CPU tensors, is off here: the plans are the reference."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")  # shipped with CUDA builds of torch; a CPU-only torch has none
 
-from lorax_server.adapters import lora  # noqa: E402
+from lorax_server.adapters import lora, lora_cpu  # noqa: E402
 from lorax_server.adapters.lora import LoraModuleWeights, LoraSlots  # noqa: E402
 from lorax_server.forward import SHORT_QUERIES, ForwardBatch  # noqa: E402
 from lorax_server.layers.linear import Linear  # noqa: E402
@@ -28,6 +29,11 @@ IN = 24
 PART_SIZES = [12, 4, 4]  # a fused q|k|v with fewer kv heads
 PART_RANKS = [128, 4, 8]  # the largest rank of each part in the stack
 SLOTS = 3
+
+
+@pytest.fixture(autouse=True)
+def torch_plans(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lora_cpu, "kernel_applies", lambda y, x: False)
 
 
 def i32(values: list[int]) -> torch.Tensor:

@@ -1,0 +1,229 @@
+// Segmented LoRA on the CPU, float32 (SGMV): every segment of rows [start, end) whose stack slot is not
+// -1 adds its adapter's update to the base output in place,
+//
+//   shrunk = x[start:end] @ a[slot]                                          [rows, ranks]
+//   y[start:end, out + p*width : out + (p+1)*width] += shrunk[:, r + p*rank : r + (p+1)*rank] @ b[slot, p]
+//
+// for every run (out, r, b) and every part p of the run, where
+//   x  [tokens, in_features]          y  [tokens, out_features]   (rows may be strided, columns contiguous)
+//   a  [slots, in_features, ranks]    every part's A, transposed and stacked (contiguous)
+//   b  [slots, parts, rank, width]    a run's B's, transposed, scale folded in (contiguous)
+//
+// Design: the torch plan pads the segments into a grid and runs batched matmuls over it, or loops over
+// the segments in Python; both pay for small matmuls one call at a time. Here one call does every
+// segment: a task is a block of up to 8 rows of one segment, shrinks them into a small scratch (the
+// adapter's A is read once per block, held in cache) and expands the scratch into every part of the
+// output, with the sums held in registers (blocks of 8 rows by 32 or 16 columns). Blocks run in parallel
+// with at::parallel_for. The arithmetic is written with the compiler's vector types; the task is
+// cloned for AVX-512 and AVX2 and picked at run time, so the binary does not depend on the build
+// machine. The op is registered with the dispatcher (torch.ops.lorax_lora).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+typedef float vec16 __attribute__((vector_size(64)));
+constexpr int64_t kRows = 8;  // rows of one block
+
+__attribute__((always_inline)) inline vec16 load16(const float* p) {
+  vec16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+__attribute__((always_inline)) inline void store16(float* p, vec16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+struct Run {
+  const float* b;  // [slots, parts, rank, width]
+  int64_t parts, rank, width, out_start, r_start;
+};
+
+struct Problem {
+  const float* x;
+  int64_t x_stride;
+  float* y;
+  int64_t y_stride;
+  const float* a;  // [slots, in, ranks]
+  int64_t in, ranks;
+  std::vector<Run> runs;
+};
+
+// shrunk[i, c] = sum_k x[row_i, k] * a[k, c] for the block's rows (`rows` <= R; the missing rows
+// repeat the last one and are not stored). Columns in chunks of 32, then 16, then one at a time.
+template <int64_t R>
+__attribute__((always_inline)) inline void shrink(const Problem& p, const float* const* xr, int64_t rows, const float* a, float* shrunk) {
+  const int64_t n = p.ranks;
+  int64_t c = 0;
+  for (; c + 32 <= n; c += 32) {
+    vec16 lo[R] = {}, hi[R] = {};
+    for (int64_t k = 0; k < p.in; ++k) {
+      const vec16 a0 = load16(a + k * n + c), a1 = load16(a + k * n + c + 16);
+      for (int64_t i = 0; i < R; ++i) {
+        lo[i] += xr[i][k] * a0;
+        hi[i] += xr[i][k] * a1;
+      }
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      store16(shrunk + i * n + c, lo[i]);
+      store16(shrunk + i * n + c + 16, hi[i]);
+    }
+  }
+  for (; c + 16 <= n; c += 16) {
+    vec16 acc[R] = {};
+    for (int64_t k = 0; k < p.in; ++k) {
+      const vec16 a0 = load16(a + k * n + c);
+      for (int64_t i = 0; i < R; ++i) acc[i] += xr[i][k] * a0;
+    }
+    for (int64_t i = 0; i < rows; ++i) store16(shrunk + i * n + c, acc[i]);
+  }
+  for (; c < n; ++c) {
+    for (int64_t i = 0; i < rows; ++i) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < p.in; ++k) acc += xr[i][k] * a[k * n + c];
+      shrunk[i * n + c] = acc;
+    }
+  }
+}
+
+// y[row_i, columns] += shrunk[i, r0 : r0 + rank] @ b for one part (b: [rank, width]).
+template <int64_t R>
+__attribute__((always_inline)) inline void expand(const Problem& p, float* const* yr, int64_t rows, const float* shrunk, int64_t r0, int64_t rank,
+                   const float* b, int64_t width) {
+  const int64_t n = p.ranks;
+  int64_t j = 0;
+  for (; j + 32 <= width; j += 32) {
+    vec16 lo[R] = {}, hi[R] = {};
+    for (int64_t k = 0; k < rank; ++k) {
+      const vec16 b0 = load16(b + k * width + j), b1 = load16(b + k * width + j + 16);
+      for (int64_t i = 0; i < R; ++i) {
+        const float s = shrunk[std::min(i, rows - 1) * n + r0 + k];
+        lo[i] += s * b0;
+        hi[i] += s * b1;
+      }
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      store16(yr[i] + j, load16(yr[i] + j) + lo[i]);
+      store16(yr[i] + j + 16, load16(yr[i] + j + 16) + hi[i]);
+    }
+  }
+  for (; j + 16 <= width; j += 16) {
+    vec16 acc[R] = {};
+    for (int64_t k = 0; k < rank; ++k) {
+      const vec16 b0 = load16(b + k * width + j);
+      for (int64_t i = 0; i < R; ++i) acc[i] += shrunk[std::min(i, rows - 1) * n + r0 + k] * b0;
+    }
+    for (int64_t i = 0; i < rows; ++i) store16(yr[i] + j, load16(yr[i] + j) + acc[i]);
+  }
+  for (; j < width; ++j) {
+    for (int64_t i = 0; i < rows; ++i) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < rank; ++k) acc += shrunk[i * n + r0 + k] * b[k * width + j];
+      yr[i][j] += acc;
+    }
+  }
+}
+
+// One block: rows [row, row + rows) of a segment whose adapter sits in stack slot `slot` (rows <= R).
+template <int64_t R>
+__attribute__((always_inline)) inline void apply_rows(const Problem& p, int64_t slot, int64_t row, int64_t rows,
+                                                      float* shrunk) {
+  const float* xr[R];
+  float* yr[R];
+  for (int64_t i = 0; i < R; ++i) {
+    const int64_t r = row + std::min(i, rows - 1);
+    xr[i] = p.x + r * p.x_stride;
+    yr[i] = p.y + r * p.y_stride;
+  }
+  shrink<R>(p, xr, rows, p.a + slot * p.in * p.ranks, shrunk);
+  for (const Run& run : p.runs) {
+    for (int64_t part = 0; part < run.parts; ++part) {
+      const float* b = run.b + ((slot * run.parts + part) * run.rank) * run.width;
+      float* columns[R];
+      for (int64_t i = 0; i < R; ++i) columns[i] = yr[i] + run.out_start + part * run.width;
+      expand<R>(p, columns, rows, shrunk, run.r_start + part * run.rank, run.rank, b, run.width);
+    }
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+__attribute__((target_clones("arch=x86-64-v4", "arch=haswell", "default")))
+#endif
+void apply_block(const Problem& p, int64_t slot, int64_t row, int64_t rows, float* shrunk) {
+  // Blocks of fewer rows (a decode step's one row per adapter) compute no rows they do not store.
+  if (rows > 4) {
+    apply_rows<8>(p, slot, row, rows, shrunk);
+  } else if (rows > 2) {
+    apply_rows<4>(p, slot, row, rows, shrunk);
+  } else if (rows == 2) {
+    apply_rows<2>(p, slot, row, rows, shrunk);
+  } else {
+    apply_rows<1>(p, slot, row, rows, shrunk);
+  }
+}
+
+struct Block {
+  int64_t slot, row, rows;
+};
+
+void lora_sgmv(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& seg_start,
+               const at::Tensor& seg_end, const at::Tensor& seg_slot, at::TensorList run_b,
+               at::IntArrayRef run_out_start, at::IntArrayRef run_r_start) {
+  TORCH_CHECK(y.device().is_cpu() && x.device().is_cpu() && a.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat,
+              "float32 only");
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "x [tokens, in], y [tokens, out]");
+  TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, "x's and y's rows must be contiguous");
+  TORCH_CHECK(a.dim() == 3 && a.is_contiguous() && a.size(1) == x.size(1), "a [slots, in, ranks], contiguous");
+  TORCH_CHECK(run_b.size() == run_out_start.size() && run_b.size() == run_r_start.size(), "one start per run");
+  for (const auto* seg : {&seg_start, &seg_end, &seg_slot}) {
+    TORCH_CHECK(seg->scalar_type() == at::kInt && seg->dim() == 1 && seg->is_contiguous() && seg->device().is_cpu(),
+                "segments: contiguous int32 CPU tensors");
+  }
+  const int64_t segments = seg_start.size(0), slots = a.size(0), tokens = x.size(0);
+  TORCH_CHECK(seg_end.size(0) == segments && seg_slot.size(0) == segments, "one end and one slot per segment");
+
+  Problem p{x.data_ptr<float>(), x.stride(0), y.data_ptr<float>(), y.stride(0), a.data_ptr<float>(),
+            a.size(1),           a.size(2),   {}};
+  for (size_t i = 0; i < run_b.size(); ++i) {
+    const at::Tensor& b = run_b[i];
+    TORCH_CHECK(b.device().is_cpu() && b.scalar_type() == at::kFloat && b.dim() == 4 && b.is_contiguous() &&
+                    b.size(0) == slots,
+                "run b [slots, parts, rank, width]: contiguous float32");
+    Run run{b.data_ptr<float>(), b.size(1), b.size(2), b.size(3), run_out_start[i], run_r_start[i]};
+    TORCH_CHECK(run.out_start >= 0 && run.out_start + run.parts * run.width <= y.size(1), "a run exceeds y's columns");
+    TORCH_CHECK(run.r_start >= 0 && run.r_start + run.parts * run.rank <= p.ranks, "a run exceeds a's ranks");
+    p.runs.push_back(run);
+  }
+
+  const int32_t* starts = seg_start.data_ptr<int32_t>();
+  const int32_t* ends = seg_end.data_ptr<int32_t>();
+  const int32_t* slot_of = seg_slot.data_ptr<int32_t>();
+  std::vector<Block> blocks;
+  for (int64_t s = 0; s < segments; ++s) {
+    if (slot_of[s] < 0) continue;  // an adapter that does not touch this linear
+    TORCH_CHECK(slot_of[s] < slots, "segment slot ", slot_of[s], " outside the stack of ", slots);
+    TORCH_CHECK(0 <= starts[s] && starts[s] <= ends[s] && ends[s] <= tokens, "segment outside the tokens");
+    for (int64_t row = starts[s]; row < ends[s]; row += kRows) {
+      blocks.push_back({slot_of[s], row, std::min<int64_t>(kRows, ends[s] - row)});
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> shrunk(kRows * p.ranks);
+    for (int64_t i = begin; i < end; ++i) apply_block(p, blocks[i].slot, blocks[i].row, blocks[i].rows, shrunk.data());
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lorax_lora, m) {
+  m.def(
+      "sgmv_(Tensor(a!) y, Tensor x, Tensor a, Tensor seg_start, Tensor seg_end, Tensor seg_slot, Tensor[] run_b, "
+      "int[] run_out_start, int[] run_r_start) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(lorax_lora, CPU, m) { m.impl("sgmv_", lora_sgmv); }

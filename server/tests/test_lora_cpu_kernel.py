@@ -1,0 +1,136 @@
+"""The CPU LoRA kernel (adapters/csrc/lora_sgmv.cpp) against the dense update scale·B·A in float64 and
+against the torch plans: mixed ranks, parts an adapter skips, adapters absent from a linear, rows
+without adapters, every block height (1 to 8 rows and their remainders), ranks and widths that are not
+multiples of the vector width, strided rows, MoE experts' rows, the switch and bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_lora_groups import ADAPTERS, CASES, IN, adapted_linear, batch, dense_reference
+
+from lorax_server.adapters import lora_cpu
+from lorax_server.adapters.lora import LoraModuleWeights, LoraSlots
+from lorax_server.layers.linear import Linear
+from lorax_server.layers.moe import ExpertRows
+
+pytestmark = pytest.mark.skipif(lora_cpu.EXTENSION.ops() is None, reason="the CPU kernel did not build")
+TOL = dict(rtol=1e-5, atol=1e-4)
+
+
+def torch_plans(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lora_cpu, "kernel_applies", lambda y, x: False)
+
+
+def segments_of_sizes(sizes: list[int], adapters: list[int], gap: int = 0) -> tuple[int, list[tuple[int, int, int]]]:
+    """Segments of `sizes` tokens for `adapters`, `gap` base-model rows before each; (tokens, segments)."""
+    segments, start = [], 0
+    for size, index in zip(sizes, adapters, strict=True):
+        start += gap
+        segments.append((start, start + size, index))
+        start += size
+    return start, segments
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_matches_the_dense_update_and_the_plans(case: str, monkeypatch: pytest.MonkeyPatch):
+    num_tokens, segments = CASES[case]
+    linear = adapted_linear(ADAPTERS)
+    x = torch.randn(num_tokens, IN, generator=torch.Generator().manual_seed(1))
+    meta = batch(segments, num_tokens)
+    assert lora_cpu.kernel_applies(torch.empty(1, 1), x)
+    fast = linear(x, meta)
+    torch.testing.assert_close(fast.double(), dense_reference(linear, x, segments), **TOL)
+    torch_plans(monkeypatch)
+    torch.testing.assert_close(fast, linear(x, batch(segments, num_tokens)), **TOL)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 19])
+def test_every_block_height_and_remainder(rows: int):
+    """Segments of `rows` tokens: blocks of 8, 4, 2 and 1 rows and what is left of them."""
+    part_sizes = [40, 47, 16]  # 32 + 8 columns, 32 + 15, one chunk of 16
+    ranks = {1: {0: 16, 1: 16, 2: 16}, 2: {0: 5, 2: 20}, 3: {1: 37}}  # ranks of 48, 25 (16 + 9), 37 (32 + 5)
+    linear = adapted_linear(ranks, part_sizes)
+    num_tokens, segments = segments_of_sizes([rows, rows, rows], [1, 2, 3], gap=1)
+    x = torch.randn(num_tokens, IN, generator=torch.Generator().manual_seed(rows))
+    out = linear(x, batch(segments, num_tokens))
+    torch.testing.assert_close(out.double(), dense_reference(linear, x, segments), **TOL)
+
+
+def test_wide_parts_of_a_run_and_a_long_prompt_segment():
+    """Equal parts expanded as one run (q|k|v without GQA) over a prompt-sized segment."""
+    linear = adapted_linear({1: {0: 8, 1: 8, 2: 8}, 2: {0: 8, 1: 8, 2: 8}}, [96, 96, 96])
+    assert [run.b.shape[1] for run in linear.lora._kernel_stack((1, 2), grow=False).runs] == [3]
+    num_tokens, segments = segments_of_sizes([70, 3], [2, 1])
+    x = torch.randn(num_tokens, IN, generator=torch.Generator().manual_seed(4))
+    out = linear(x, batch(segments, num_tokens))
+    torch.testing.assert_close(out.double(), dense_reference(linear, x, segments), **TOL)
+
+
+def test_strided_rows_and_untouched_columns():
+    linear = adapted_linear(ADAPTERS)
+    segments = [(0, 3, 1), (3, 5, 5)]
+    x = torch.randn(5, IN + 7, generator=torch.Generator().manual_seed(5))[:, 3 : 3 + IN]  # rows IN + 7 apart
+    wide = torch.randn(5, 30, generator=torch.Generator().manual_seed(6))
+    y = wide[:, 5:25]  # the linear's 20 output columns, rows 30 apart
+    before = wide.clone()
+    y.copy_(x @ linear.weight.t())
+    linear.lora.add_to(y, x, batch(segments, 5))
+    torch.testing.assert_close(y.double(), dense_reference(linear, x, segments), **TOL)
+    assert torch.equal(wide[:, :5], before[:, :5]) and torch.equal(wide[:, 25:], before[:, 25:])
+
+
+def test_expert_rows_take_the_kernel(monkeypatch: pytest.MonkeyPatch):
+    """A MoE expert's rows (segments, no ForwardBatch) go through the kernel too, stacking as they come."""
+    calls = []
+    sgmv = lora_cpu.sgmv_
+    monkeypatch.setattr(lora_cpu, "sgmv_", lambda *args: calls.append(1) or sgmv(*args))
+    linear = adapted_linear(ADAPTERS)
+    segments = [(0, 2, 5), (2, 6, 1)]
+    x = torch.randn(6, IN, generator=torch.Generator().manual_seed(7))
+    out = linear(x, ExpertRows(segments))
+    assert calls and linear.lora.kept_order is not None
+    torch.testing.assert_close(out.double(), dense_reference(linear, x, segments), **TOL)
+
+
+def test_other_dtypes_and_the_switch_take_the_torch_plans(monkeypatch: pytest.MonkeyPatch):
+    x = torch.randn(4, IN)
+    assert not lora_cpu.kernel_applies(torch.empty(4, 20, dtype=torch.bfloat16), x.bfloat16())
+    assert not lora_cpu.kernel_applies(torch.empty(20, 4).t(), x)  # columns not contiguous
+    weight = torch.randn(20, IN, dtype=torch.bfloat16)
+    linear = Linear(weight, None, [12, 4, 4], ["q", "k", "v"], [12, 4, 4])
+    linear.lora = LoraSlots(linear)
+    linear.lora.install(1, {0: LoraModuleWeights(torch.randn(4, IN).bfloat16(), torch.randn(12, 4).bfloat16(), 0.5)})
+    out = linear(x.bfloat16(), batch([(0, 2, 1)], 4))
+    assert out.dtype == torch.bfloat16 and linear.lora.kept_order is None  # the loop, which keeps no stack
+
+    monkeypatch.setenv("LORAX_CPU_KERNELS", "0")
+    monkeypatch.setattr(lora_cpu.EXTENSION, "_attempted", False)
+    monkeypatch.setattr(lora_cpu.EXTENSION, "_ops", None)
+    assert not lora_cpu.kernel_applies(torch.empty(4, 20), x)
+    linear = adapted_linear(ADAPTERS)
+    segments = [(0, 2, 1), (2, 4, 2)]
+    torch.testing.assert_close(linear(x, batch(segments, 4)).double(), dense_reference(linear, x, segments), **TOL)
+
+
+def test_bad_inputs_are_refused():
+    linear = adapted_linear(ADAPTERS)
+    stacked = linear.lora._kernel_stack((1, 2), grow=False)
+    runs = [(run.out_start, run.r_start, run.b) for run in stacked.runs]
+    x, y = torch.randn(4, IN), torch.zeros(4, 20)
+
+    def call(starts: list[int], ends: list[int], slots: list[int], runs=runs, y=y) -> None:  # noqa: ANN001
+        i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+        lora_cpu.sgmv_(y, x, stacked.a, i32(starts), i32(ends), i32(slots), runs)
+
+    call([0], [4], [1])  # well formed
+    with pytest.raises(RuntimeError, match="outside the stack"):
+        call([0], [4], [2])
+    with pytest.raises(RuntimeError, match="outside the tokens"):
+        call([2], [5], [0])
+    with pytest.raises(RuntimeError, match="exceeds y's columns"):
+        call([0], [4], [0], y=torch.zeros(4, 12))
+    with pytest.raises(RuntimeError, match="exceeds a's ranks"):
+        call([0], [4], [0], runs=[(0, stacked.a.shape[2], runs[0][2])])
+    with pytest.raises(RuntimeError, match="int32"):
+        lora_cpu.sgmv_(y, x, stacked.a, torch.tensor([0]), torch.tensor([4]), torch.tensor([0]), runs)
