@@ -1,11 +1,13 @@
 """The engine's CPU settings and plans, measured on the bench workload in one run: each variant serves
 the same requests in-process in a fresh process, and its tokens/s is compared with the default's.
 
-Variants: the default (dense weights packed for oneDNN, the C++ paged decode kernel, batched LoRA on
-decode steps, torch's default thread count, glibc malloc keeping the memory a step frees for the next
-one); torch's BLAS on the dense weights (`LORAX_PACKED_WEIGHTS=0`); the torch reference paths
-(`LORAX_CPU_KERNELS=0`: gather-and-SDPA attention); the per-segment LoRA loop on decode steps too; one
-intra-op thread instead of one per core; glibc's malloc defaults (`LORAX_KEEP_FREED_MEMORY=0`).
+Variants: the default (dense weights packed for oneDNN, the C++ paged decode kernel, the C++ LoRA
+kernel, the C++ RMSNorm and rotary kernels, torch's default thread count, glibc malloc keeping the
+memory a step frees for the next one); torch's BLAS on the dense weights (`LORAX_PACKED_WEIGHTS=0`);
+the torch reference paths (`LORAX_CPU_KERNELS=0`: all of them); RMSNorm and rotary in torch ops;
+LoRA's torch plans alone (the grid on decode steps, the segment loop on prompts); the segment loop on
+decode steps too; one intra-op thread instead of one per core; glibc's malloc defaults
+(`LORAX_KEEP_FREED_MEMORY=0`).
 The workload is bench/adapter_throughput.py's (64 requests, prompts and outputs of 16-128 tokens), with
 8 adapters round-robin, and without adapters. Prints a table; not a test.
 
@@ -26,8 +28,10 @@ BENCH = Path(__file__).resolve().parent
 VARIANTS: dict[str, tuple[dict[str, str], list[str]]] = {
     "default": ({}, []),
     "torch's BLAS, weights not packed (LORAX_PACKED_WEIGHTS=0)": ({"LORAX_PACKED_WEIGHTS": "0"}, []),
-    "torch attention (LORAX_CPU_KERNELS=0)": ({"LORAX_CPU_KERNELS": "0"}, []),
-    "LoRA loop on decode steps": ({}, ["--lora-loop"]),
+    "torch attention, norm, rotary and LoRA plans (LORAX_CPU_KERNELS=0)": ({"LORAX_CPU_KERNELS": "0"}, []),
+    "RMSNorm and rotary in torch ops": ({}, ["--norm-rotary-ops"]),
+    "LoRA's torch plans (grid on decode steps)": ({}, ["--lora-plans"]),
+    "LoRA's segment loop on decode steps": ({}, ["--lora-plans", "--lora-loop"]),
     "1 intra-op thread": ({"OMP_NUM_THREADS": "1"}, []),
     "glibc malloc defaults (LORAX_KEEP_FREED_MEMORY=0)": ({"LORAX_KEEP_FREED_MEMORY": "0"}, []),
 }
@@ -40,6 +44,14 @@ def child(args: argparse.Namespace) -> None:
     from shard_throughput import workload
     from transformers import AutoTokenizer
 
+    if args.norm_rotary_ops:
+        from lorax_server.layers import fused_cpu
+
+        fused_cpu.kernel_applies = lambda *tensors: False
+    if args.lora_plans:
+        from lorax_server.adapters import lora_cpu
+
+        lora_cpu.kernel_applies = lambda y, x: False  # the kernel's own switch would also turn off attention's
     if args.lora_loop:
         from lorax_server.forward import LoraGroups
 
@@ -65,6 +77,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per variant")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--adapters", type=int, default=8, help=argparse.SUPPRESS)
+    parser.add_argument("--norm-rotary-ops", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--lora-plans", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--lora-loop", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

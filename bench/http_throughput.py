@@ -5,7 +5,8 @@ Workload (DESIGN.md): the 26M bench model (bench/http_server.py), 64 requests ar
 16-128 tokens and outputs of 16-128 tokens (EOS ignored), greedy, float32; requests assigned to the
 adapters round-robin (rank 16, all linear layers; none for 0).
 - ours over HTTP: one server per adapter count; every adapter is loaded before the timed requests
-  (one warm-up request each), so loading is not timed;
+  (one warm-up request each), so loading is not timed; the best of two passes of the requests (the
+  server in steady state, as the engine in-process below);
 - transformers + peft: static left-padded batches, each row with its own adapter (`adapter_names`), at
   its best batch size among 16, 32 and 64 (each measured);
 - ours in-process: the engine on the same requests without adapters (bench/shard_throughput.py's
@@ -110,12 +111,12 @@ def main() -> None:
         )
         for n in args.adapters:
             with serve(model, *LIMITS, log_dir=Path(tmp)) as url:
-                tokens, seconds = run_http(url, prompts, outputs, adapters[:n])
+                # Best of two, as in-process: the first pass also pays the server's one-time costs.
+                ours = max(tokens / seconds for tokens, seconds in
+                           (run_http(url, prompts, outputs, adapters[:n]) for _ in range(2)))  # fmt: skip
             baseline, size = best_baseline(model, adapters[:n], work)
-            rows.append((n, tokens / seconds, baseline, size))
-            print(
-                f"{n} adapters: ours {tokens / seconds:.1f} tok/s, baseline {baseline:.1f} (batch {size})", flush=True
-            )
+            rows.append((n, ours, baseline, size))
+            print(f"{n} adapters: ours {ours:.1f} tok/s, baseline {baseline:.1f} (batch {size})", flush=True)
     none = next((r[1] for r in rows if r[0] == 0), None)
     print("\n| adapters | lorax HTTP tok/s | transformers + peft tok/s (best batch) | vs peft | cost vs 0 adapters |")
     print("|---:|---:|---:|---:|---:|")

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.weights import Weights
+from . import fused_cpu
 
 
 class RMSNorm:
@@ -17,6 +18,8 @@ class RMSNorm:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [num_tokens, hidden]."""
+        if fused_cpu.kernel_applies(x, self.weight):
+            return fused_cpu.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -92,7 +92,12 @@ class CpuExtension:
 
 
 # The modules that own an extension, each as `EXTENSION` (imported only by the build command).
-_OWNERS = ("lorax_server.layers.quant.lut", "lorax_server.layers.paged_attention", "lorax_server.adapters.lora_cpu")
+_OWNERS = (
+    "lorax_server.layers.quant.lut",
+    "lorax_server.layers.paged_attention",
+    "lorax_server.layers.fused_cpu",
+    "lorax_server.adapters.lora_cpu",
+)
 
 
 def main(argv: list[str]) -> int:
