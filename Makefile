@@ -32,9 +32,11 @@ $(VENV)/.python-installed: $(VENV)/bin/python server/pyproject.toml
 	$(PIP) install --quiet --no-deps lorax-client==0.6.3 text-generation==0.7.0
 	touch $@
 
-# The CPU kernels (low-bit matmul, paged decode attention), compiled once into torch's extension
-# cache (a failed build fails here, rather than leaving the shard on its slow fallback path).
-$(VENV)/.cpu-kernels-built: $(wildcard server/lorax_server/layers/csrc/*.cpp server/lorax_server/layers/quant/csrc/*.cpp) server/lorax_server/utils/cpu_extension.py $(VENV)/.python-installed
+# The CPU kernels (low-bit matmul, paged decode attention, RMSNorm and rotary, LoRA), compiled once into
+# torch's extension cache (a failed build fails here, rather than leaving the shard on its slow path).
+CPU_KERNEL_SOURCES := $(wildcard server/lorax_server/layers/csrc/*.cpp server/lorax_server/layers/quant/csrc/*.cpp \
+	server/lorax_server/adapters/csrc/*.cpp)
+$(VENV)/.cpu-kernels-built: $(CPU_KERNEL_SOURCES) server/lorax_server/utils/cpu_extension.py $(VENV)/.python-installed
 	$(PY) -m lorax_server.utils.cpu_extension --build
 	touch $@
 

@@ -75,9 +75,9 @@ class LoraGroups:
 
 @dataclass
 class LoraKernelRows:
-    """The adapted tokens as the Triton LoRA kernels read them (`layers.triton.lora`), for factors
-    stacked in `adapters` order: each segment's token range and stack slot (SGMV), and on steps of
-    short queries each token's slot, -1 for tokens without an adapter (BGMV). Built on the host from
+    """The adapted tokens as the LoRA kernels read them (`layers.triton.lora`, `adapters.lora_cpu`), for
+    factors stacked in `adapters` order: each segment's token range and stack slot (SGMV), and on steps
+    of short queries each token's slot, -1 for tokens without an adapter (BGMV). Built on the host from
     the segments and copied to the device in one asynchronous transfer; the grid sizes are host values,
     so launching the kernels never waits on the device."""
 

@@ -18,8 +18,9 @@ With `set_kernels("triton")` (chosen with the Triton attention backend) both pla
 kernels of `layers.triton.lora` over the same kept stacks: BGMV (a stack slot per token) on decode
 steps, SGMV (a slot per segment) on prompts and MoE experts' rows; no grid padding, no copies of x.
 Otherwise, on float32 CPU tensors, `lora_cpu`'s C++ kernel does every segment and part of a linear in
-one call over the same stacks (1.7-3.5x less LoRA time than the plans on the bench model's shapes);
-the plans stay the reference, and run where it does not apply (`LORAX_CPU_KERNELS=0` among them).
+one call over the same stacks (1.5-2.6x less time than the grid on decode steps, 1.2x less than the
+loop on prompts: bench/cpu_kernels.py). The plans stay its reference, and run where it does not apply
+(`LORAX_CPU_KERNELS=0` among them).
 
 Semantics (the oracle faster kernels are tested against):
     y[s:e, out_p] += scale_p * (x[s:e] @ A_p.T) @ B_p.T    for each segment and each adapted part p
