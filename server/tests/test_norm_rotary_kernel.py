@@ -74,6 +74,7 @@ def test_other_dtypes_and_the_switch_take_the_torch_path(monkeypatch: pytest.Mon
     cos, sin = cos_sin(3, 8, False, seed=0)
     assert apply_rotary(torch.randn(3, 2, 8).bfloat16(), cos, sin).dtype == torch.bfloat16
     assert not fused_cpu.kernel_applies(torch.randn(16, 3).t())  # last dimension strided
+    assert not fused_cpu.rotary_applies(torch.randn(3, 2, 8), cos[:1].expand(3, 8), sin)  # one row for all tokens
     assert not calls  # outside the kernels' domain they are not even looked up
     monkeypatch.undo()
 

@@ -30,6 +30,18 @@ def kernel_applies(*tensors: torch.Tensor) -> bool:
     )
 
 
+def rotary_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """`kernel_applies`, with the shapes the rotary kernel takes (one cos and sin row per token)."""
+    return (
+        x.dim() == 3
+        and cos.dim() == 2
+        and cos.shape == sin.shape
+        and cos.shape[0] == x.shape[0]
+        and cos.stride() == sin.stride()
+        and kernel_applies(x, cos, sin)
+    )
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / sqrt(mean(x²) + eps) over the last dimension. Requires `kernel_applies(x, weight)`."""
     rows = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
@@ -38,5 +50,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """`layers.rotary.apply_rotary` (x [tokens, heads, head_dim]; cos, sin [tokens, rot_dim]) into a new
-    contiguous tensor. Requires `kernel_applies(x, cos, sin)`."""
+    contiguous tensor. Requires `rotary_applies(x, cos, sin)`."""
     return EXTENSION.ops().rotary(x, cos, sin, interleaved)

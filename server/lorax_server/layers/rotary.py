@@ -200,7 +200,7 @@ class RotaryEmbedding:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     """x: [num_tokens, heads, head_dim]; cos/sin: [num_tokens, rot_dim]. Rotates the first rot_dim dims."""
-    if fused_cpu.kernel_applies(x, cos, sin):
+    if fused_cpu.rotary_applies(x, cos, sin):
         return fused_cpu.rotary(x, cos, sin, interleaved)
     rot_dim = cos.shape[-1]
     x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
