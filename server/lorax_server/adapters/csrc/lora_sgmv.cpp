@@ -11,10 +11,11 @@
 //
 // Design: the torch plan pads the segments into a grid and runs batched matmuls over it, or loops over
 // the segments in Python; both pay for small matmuls one call at a time. Here one call does every
-// segment: a task is a block of up to 8 rows of one segment, shrinks them into a small scratch (the
-// adapter's A is read once per block, held in cache) and expands the scratch into every part of the
-// output, with the sums held in registers (blocks of 8 rows by 32 or 16 columns). Blocks run in parallel
-// with at::parallel_for. The arithmetic is written with the compiler's vector types; the task is
+// segment: a task is a block of up to 8 rows of one segment (4, 2 or 1 for what is left, so that a
+// decode step's one row per adapter computes no rows it throws away). It shrinks them into a small
+// scratch (the adapter's A is read once per block) and expands the scratch into every part of the
+// output, with the sums held in registers (the block's rows by 32 or 16 columns). Blocks run in
+// parallel with at::parallel_for. The arithmetic is written with the compiler's vector types; the task is
 // cloned for AVX-512 and AVX2 and picked at run time, so the binary does not depend on the build
 // machine. The op is registered with the dispatcher (torch.ops.lorax_lora).
 #include <ATen/Parallel.h>
@@ -28,7 +29,7 @@
 namespace {
 
 typedef float vec16 __attribute__((vector_size(64)));
-constexpr int64_t kRows = 8;  // rows of one block
+constexpr int64_t kRows = 8;  // the most rows of one block
 
 __attribute__((always_inline)) inline vec16 load16(const float* p) {
   vec16 v;
@@ -56,7 +57,8 @@ struct Problem {
 // shrunk[i, c] = sum_k x[row_i, k] * a[k, c] for the block's rows (`rows` <= R; the missing rows
 // repeat the last one and are not stored). Columns in chunks of 32, then 16, then one at a time.
 template <int64_t R>
-__attribute__((always_inline)) inline void shrink(const Problem& p, const float* const* xr, int64_t rows, const float* a, float* shrunk) {
+__attribute__((always_inline)) inline void shrink(const Problem& p, const float* const* xr, int64_t rows,
+                                                  const float* a, float* shrunk) {
   const int64_t n = p.ranks;
   int64_t c = 0;
   for (; c + 32 <= n; c += 32) {
@@ -92,8 +94,9 @@ __attribute__((always_inline)) inline void shrink(const Problem& p, const float*
 
 // y[row_i, columns] += shrunk[i, r0 : r0 + rank] @ b for one part (b: [rank, width]).
 template <int64_t R>
-__attribute__((always_inline)) inline void expand(const Problem& p, float* const* yr, int64_t rows, const float* shrunk, int64_t r0, int64_t rank,
-                   const float* b, int64_t width) {
+__attribute__((always_inline)) inline void expand(const Problem& p, float* const* yr, int64_t rows,
+                                                  const float* shrunk, int64_t r0, int64_t rank, const float* b,
+                                                  int64_t width) {
   const int64_t n = p.ranks;
   int64_t j = 0;
   for (; j + 32 <= width; j += 32) {
