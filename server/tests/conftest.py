@@ -18,6 +18,15 @@ if not torch.cuda.is_available():
 
 
 @pytest.fixture
+def lora_torch_plans(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LoRA through the torch plans (the grid, the segment loop) instead of the CPU kernel that would
+    otherwise take float32 CPU tensors: for tests of those plans, and as the kernel's reference."""
+    from lorax_server.adapters import lora_cpu
+
+    monkeypatch.setattr(lora_cpu, "kernel_applies", lambda y, x: False)
+
+
+@pytest.fixture
 def fake_hub(tmp_path: Path) -> Iterator[FakeHub]:
     """A local server speaking the Hub's download API; unpacks as ``(url, repos_dir, add_repo)``.
 

@@ -18,10 +18,6 @@ pytestmark = pytest.mark.skipif(lora_cpu.EXTENSION.ops() is None, reason="the CP
 TOL = dict(rtol=1e-5, atol=1e-4)
 
 
-def torch_plans(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lora_cpu, "kernel_applies", lambda y, x: False)
-
-
 def segments_of_sizes(sizes: list[int], adapters: list[int], gap: int = 0) -> tuple[int, list[tuple[int, int, int]]]:
     """Segments of `sizes` tokens for `adapters`, `gap` base-model rows before each; (tokens, segments)."""
     segments, start = [], 0
@@ -33,7 +29,7 @@ def segments_of_sizes(sizes: list[int], adapters: list[int], gap: int = 0) -> tu
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_kernel_matches_the_dense_update_and_the_plans(case: str, monkeypatch: pytest.MonkeyPatch):
+def test_kernel_matches_the_dense_update_and_the_plans(case: str, request: pytest.FixtureRequest):
     num_tokens, segments = CASES[case]
     linear = adapted_linear(ADAPTERS)
     x = torch.randn(num_tokens, IN, generator=torch.Generator().manual_seed(1))
@@ -41,7 +37,7 @@ def test_kernel_matches_the_dense_update_and_the_plans(case: str, monkeypatch: p
     assert lora_cpu.kernel_applies(torch.empty(1, 1), x)
     fast = linear(x, meta)
     torch.testing.assert_close(fast.double(), dense_reference(linear, x, segments), **TOL)
-    torch_plans(monkeypatch)
+    request.getfixturevalue("lora_torch_plans")  # from here on, the torch plans
     torch.testing.assert_close(fast, linear(x, batch(segments, num_tokens)), **TOL)
 
 

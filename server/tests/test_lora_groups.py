@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorax_server.adapters import lora_cpu
 from lorax_server.adapters.lora import LoraModuleWeights, LoraSlots
 from lorax_server.forward import ForwardBatch, LoraGroups
 from lorax_server.layers.linear import Linear
@@ -17,10 +16,7 @@ from lorax_server.layers.moe import ExpertRows
 PART_SIZES = [12, 4, 4]  # a fused q|k|v with fewer kv heads
 IN = 16
 
-
-@pytest.fixture(autouse=True)
-def torch_plans(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lora_cpu, "kernel_applies", lambda y, x: False)
+pytestmark = pytest.mark.usefixtures("lora_torch_plans")
 
 
 def factors(rank: int, out: int, seed: int) -> LoraModuleWeights:

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")  # shipped with CUDA builds of torch; a CPU-only torch has none
 
-from lorax_server.adapters import lora, lora_cpu  # noqa: E402
+from lorax_server.adapters import lora  # noqa: E402
 from lorax_server.adapters.lora import LoraModuleWeights, LoraSlots  # noqa: E402
 from lorax_server.forward import SHORT_QUERIES, ForwardBatch  # noqa: E402
 from lorax_server.layers.linear import Linear  # noqa: E402
@@ -30,10 +30,7 @@ PART_SIZES = [12, 4, 4]  # a fused q|k|v with fewer kv heads
 PART_RANKS = [128, 4, 8]  # the largest rank of each part in the stack
 SLOTS = 3
 
-
-@pytest.fixture(autouse=True)
-def torch_plans(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lora_cpu, "kernel_applies", lambda y, x: False)
+pytestmark = pytest.mark.usefixtures("lora_torch_plans")
 
 
 def i32(values: list[int]) -> torch.Tensor:
