@@ -10,7 +10,7 @@
 
 use crate::client::{ShardClient, ShardError, StepOutput};
 use crate::entry::{
-    prefill_from_proto, token_from_generation, Entry, Finished, InferStreamResponse,
+    prefill_from_proto, token_from_generation, ClientGone, Entry, Finished, InferStreamResponse,
 };
 use crate::errors::InferError;
 use crate::health::Health;
@@ -333,13 +333,10 @@ fn send_generations(generations: Vec<pb::Generation>, entries: &mut Entries) {
     }
 }
 
-/// Err when the client went away.
-fn send_generation(generation: pb::Generation, entry: &Entry) -> Result<(), ()> {
-    let tx = &entry.response_tx;
+fn send_generation(generation: pb::Generation, entry: &mut Entry) -> Result<(), ClientGone> {
     if let Some(prefill) = generation.prefill_tokens.as_ref() {
         if !prefill.ids.is_empty() {
-            let message = InferStreamResponse::Prefill(prefill_from_proto(prefill));
-            tx.send(Ok(message)).map_err(|_| ())?;
+            entry.deliver(InferStreamResponse::Prefill(prefill_from_proto(prefill)))?;
         }
     }
     let (token, top_tokens) = token_from_generation(&generation);
@@ -353,7 +350,7 @@ fn send_generation(generation: pb::Generation, entry: &Entry) -> Result<(), ()> 
         }),
         None => InferStreamResponse::Intermediate { token, top_tokens },
     };
-    tx.send(Ok(message)).map_err(|_| ())
+    entry.deliver(message)
 }
 
 /// Sends the error to every entry and drops them all.

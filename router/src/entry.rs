@@ -59,11 +59,29 @@ impl From<pb::GeneratedText> for GeneratedText {
 /// Where a request's generations go; closed when the client went away.
 pub type ResponseSender = mpsc::UnboundedSender<Result<InferStreamResponse, InferError>>;
 
+/// When a request's messages reach its stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Each message as its step ends (streaming answers).
+    EveryStep,
+    /// All at once when the request ends: for answers read only whole. Waking the reader once
+    /// instead of after every step keeps the batching loop's turn between two steps short (on a
+    /// busy CPU each wake-up was a thread hand-off in the runtime; bench/RESULTS.md, session 17).
+    AtEnd,
+}
+
+/// The request's client stopped listening.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientGone;
+
 /// A request waiting for, or running in, a batch.
 #[derive(Debug)]
 pub struct Entry {
     pub request: ValidGenerateRequest,
     pub response_tx: ResponseSender,
+    pub delivery: Delivery,
+    /// Messages held back until the end (`Delivery::AtEnd`).
+    pub held: Vec<InferStreamResponse>,
     /// When it entered the queue.
     pub queue_time: Instant,
     /// When it was put in a batch.
@@ -81,10 +99,16 @@ pub struct Entry {
 }
 
 impl Entry {
-    pub fn new(request: ValidGenerateRequest, response_tx: ResponseSender) -> Self {
+    pub fn new(
+        request: ValidGenerateRequest,
+        response_tx: ResponseSender,
+        delivery: Delivery,
+    ) -> Self {
         Self {
             request,
             response_tx,
+            delivery,
+            held: Vec::new(),
             queue_time: Instant::now(),
             batch_time: None,
             adapter_index: 0,
@@ -102,7 +126,7 @@ impl Entry {
             priority: true,
             span: Span::none(),
             queue_span: Span::none(),
-            ..Self::new(request, response_tx)
+            ..Self::new(request, response_tx, Delivery::AtEnd)
         }
     }
 
@@ -121,6 +145,23 @@ impl Entry {
     /// Whether the client stopped listening.
     pub fn is_cancelled(&self) -> bool {
         self.response_tx.is_closed()
+    }
+
+    /// Hands `message` to the request's stream, or holds it until the end (see `Delivery`).
+    pub fn deliver(&mut self, message: InferStreamResponse) -> Result<(), ClientGone> {
+        let end = matches!(message, InferStreamResponse::End(_));
+        if self.delivery == Delivery::AtEnd && !end {
+            self.held.push(message);
+            return if self.is_cancelled() {
+                Err(ClientGone)
+            } else {
+                Ok(())
+            };
+        }
+        for held in self.held.drain(..) {
+            self.response_tx.send(Ok(held)).map_err(|_| ClientGone)?;
+        }
+        self.response_tx.send(Ok(message)).map_err(|_| ClientGone)
     }
 }
 
@@ -211,6 +252,86 @@ mod tests {
         assert_eq!(alternatives[0].id, 5);
         let json = serde_json::to_string(&top_tokens).unwrap();
         assert!(!json.contains("null"), "{json}");
+    }
+
+    fn token(id: u32) -> Token {
+        let generation = pb::Generation {
+            token_id: id,
+            ..Default::default()
+        };
+        token_from_generation(&generation).0
+    }
+
+    fn end(id: u32) -> InferStreamResponse {
+        let now = Instant::now();
+        InferStreamResponse::End(Finished {
+            token: token(id),
+            top_tokens: vec![],
+            generated_text: GeneratedText {
+                text: String::new(),
+                generated_tokens: 3,
+                finish_reason: FinishReason::Length,
+                seed: None,
+            },
+            queued: now,
+            start: now,
+        })
+    }
+
+    fn step(id: u32) -> InferStreamResponse {
+        InferStreamResponse::Intermediate {
+            token: token(id),
+            top_tokens: vec![],
+        }
+    }
+
+    fn ids(rx: &mut mpsc::UnboundedReceiver<Result<InferStreamResponse, InferError>>) -> Vec<u32> {
+        let mut out = vec![];
+        while let Ok(message) = rx.try_recv() {
+            out.push(match message.unwrap() {
+                InferStreamResponse::Intermediate { token, .. } => token.id,
+                InferStreamResponse::End(end) => end.token.id,
+                InferStreamResponse::Prefill(_) => 0,
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn a_request_read_whole_gets_its_messages_at_the_end_in_order() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut entry = Entry::new(crate::testing::valid_request(4, 3), tx, Delivery::AtEnd);
+        entry.deliver(InferStreamResponse::Prefill(vec![])).unwrap();
+        entry.deliver(step(7)).unwrap();
+        entry.deliver(step(8)).unwrap();
+        assert!(
+            ids(&mut rx).is_empty(),
+            "nothing reaches the stream before the end"
+        );
+        entry.deliver(end(9)).unwrap();
+        assert_eq!(ids(&mut rx), vec![0, 7, 8, 9]);
+        assert!(entry.held.is_empty());
+    }
+
+    #[test]
+    fn a_streamed_request_gets_each_message_at_once() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut entry = Entry::new(crate::testing::valid_request(4, 3), tx, Delivery::EveryStep);
+        entry.deliver(step(7)).unwrap();
+        assert_eq!(ids(&mut rx), vec![7]);
+        entry.deliver(end(8)).unwrap();
+        assert_eq!(ids(&mut rx), vec![8]);
+    }
+
+    #[test]
+    fn a_held_request_whose_client_left_is_reported_at_its_next_step() {
+        for delivery in [Delivery::AtEnd, Delivery::EveryStep] {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let mut entry = Entry::new(crate::testing::valid_request(4, 3), tx, delivery);
+            entry.deliver(step(7)).unwrap();
+            drop(rx);
+            assert!(entry.deliver(step(8)).is_err(), "{delivery:?}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use crate::api::{PrefillToken, Token};
 use crate::batcher::{spawn_batcher, BatcherConfig};
 use crate::client::{ShardClient, ShardError};
-use crate::entry::{Entry, Finished, GeneratedText, InferStreamResponse};
+use crate::entry::{Delivery, Entry, Finished, GeneratedText, InferStreamResponse};
 use crate::errors::{InferError, ValidationError};
 use crate::exchange::ExchangeConfig;
 use crate::health::{Health, HealthConfig};
@@ -138,9 +138,17 @@ impl Infer {
         &self,
         request: ResolvedRequest,
     ) -> Result<GenerationStream, InferError> {
+        self.queue_one(request, Delivery::EveryStep).await
+    }
+
+    async fn queue_one(
+        &self,
+        request: ResolvedRequest,
+        delivery: Delivery,
+    ) -> Result<GenerationStream, InferError> {
         let permit = self.permits(1)?;
         let valid = self.validate(request).await?;
-        Ok(self.enqueue(valid, Some(permit)))
+        Ok(self.enqueue(valid, Some(permit), delivery))
     }
 
     /// Validates and queues several requests at once (all or none); returns their streams in
@@ -148,6 +156,7 @@ impl Infer {
     pub async fn generate_streams(
         &self,
         requests: Vec<ResolvedRequest>,
+        delivery: Delivery,
     ) -> Result<Vec<GenerationStream>, InferError> {
         let mut permit = self.permits(requests.len() as u32)?;
         let valid = try_join_all(requests.into_iter().map(|r| self.validate(r))).await?;
@@ -156,7 +165,7 @@ impl Infer {
             .into_iter()
             .map(|request| {
                 let own = permit.split(1);
-                self.enqueue(request, own)
+                self.enqueue(request, own, delivery)
             })
             .collect())
     }
@@ -183,10 +192,11 @@ impl Infer {
         &self,
         request: ValidGenerateRequest,
         permit: Option<OwnedSemaphorePermit>,
+        delivery: Delivery,
     ) -> GenerationStream {
         let prompt_tokens = request.input_length;
         let (tx, rx) = mpsc::unbounded_channel();
-        self.queue.append(Entry::new(request, tx));
+        self.queue.append(Entry::new(request, tx, delivery));
         self.notify.notify_one();
         GenerationStream {
             prompt_tokens,
@@ -197,7 +207,7 @@ impl Infer {
 
     /// Runs a request to its end.
     pub async fn generate(&self, request: ResolvedRequest) -> Result<InferResponse, InferError> {
-        collect(self.generate_stream(request).await?).await
+        collect(self.queue_one(request, Delivery::AtEnd).await?).await
     }
 
     /// Runs `best_of` sampled sequences (each validated on its own, so each gets its own seed)
@@ -216,7 +226,7 @@ impl Infer {
             let request = request.clone();
             async move {
                 let valid = self.validate(request).await?;
-                collect(self.enqueue(valid, None)).await
+                collect(self.enqueue(valid, None, Delivery::AtEnd)).await
             }
         });
         let mut responses = try_join_all(runs).await?;

@@ -4,6 +4,7 @@
 
 use crate::api::{BestOfSequence, Details, GenerateRequest, GenerateResponse, Token};
 use crate::app::{resolve, resolve_choices, AppState};
+use crate::entry::Delivery;
 use crate::errors::ApiError;
 use crate::infer::{collect, InferResponse};
 use crate::metrics::{self as m, RequestTimings};
@@ -100,7 +101,10 @@ pub async fn generate_responses(
     let want_details = p.details || p.decoder_input_details;
     let compute_characters = first.request.inputs.chars().count();
     let run = async {
-        let streams = state.infer.generate_streams(resolved).await?;
+        let streams = state
+            .infer
+            .generate_streams(resolved, Delivery::AtEnd)
+            .await?;
         try_join_all(streams.into_iter().map(collect)).await
     };
     let responses = run.await.map_err(|err| {

@@ -6,7 +6,7 @@ use crate::adapter::AdapterKey;
 use crate::api::GenerateRequest;
 use crate::api::{StreamDetails, StreamResponse};
 use crate::app::{resolve_choices, AppState};
-use crate::entry::{Finished, InferStreamResponse};
+use crate::entry::{Delivery, Finished, InferStreamResponse};
 use crate::errors::{ApiError, ErrorResponse, InferError, ValidationError};
 use crate::metrics::{self as m, RequestTimings};
 use crate::respond::prepend_prompt;
@@ -88,7 +88,11 @@ pub async fn stream_choices(
         m::request_failed(adapter.as_deref(), err.error_type());
         ApiError::from(err)
     };
-    let mut generations = state.infer.generate_streams(resolved).await.map_err(fail)?;
+    let mut generations = state
+        .infer
+        .generate_streams(resolved, Delivery::EveryStep)
+        .await
+        .map_err(fail)?;
     let prompt_tokens = generations.first().map_or(0, |g| g.prompt_tokens);
     // Wait for every first token so that a failed prefill is still a plain 424.
     let firsts = futures::future::join_all(generations.iter_mut().map(|g| g.next())).await;

@@ -6,7 +6,7 @@ use lorax_router::adapter::{AdapterKey, AdapterRequest, AdapterSource};
 use lorax_router::api::AdapterState;
 use lorax_router::batcher::{spawn_batcher, BatcherConfig};
 use lorax_router::client::ShardClient;
-use lorax_router::entry::{Entry, GeneratedText, InferStreamResponse};
+use lorax_router::entry::{Delivery, Entry, GeneratedText, InferStreamResponse};
 use lorax_router::errors::AdapterCommandError;
 use lorax_router::errors::{AdapterErrorKind, InferError};
 use lorax_router::exchange::ExchangeConfig;
@@ -71,7 +71,8 @@ impl Harness {
         let mut request = valid_request(input_length, max_new_tokens);
         request.adapter = adapter_id.map(adapter);
         let (tx, rx) = mpsc::unbounded_channel();
-        self.queue.append(Entry::new(request, tx));
+        self.queue
+            .append(Entry::new(request, tx, Delivery::EveryStep));
         self.notify.notify_one();
         rx
     }

@@ -3,7 +3,7 @@
 use lorax_router::api::{FinishReason, Token};
 use lorax_router::batcher::{spawn_batcher, BatcherConfig};
 use lorax_router::client::ShardClient;
-use lorax_router::entry::{Entry, GeneratedText, InferStreamResponse};
+use lorax_router::entry::{Delivery, Entry, GeneratedText, InferStreamResponse};
 use lorax_router::errors::InferError;
 use lorax_router::exchange::ExchangeConfig;
 use lorax_router::queue::{Queue, QueueConfig};
@@ -56,10 +56,19 @@ fn start(shard: FakeShard, config: BatcherConfig) -> Harness {
 
 impl Harness {
     fn submit_ids(&self, input_ids: Vec<u32>, max_new_tokens: u32) -> Receiver {
+        self.submit_delivered(input_ids, max_new_tokens, Delivery::EveryStep)
+    }
+
+    fn submit_delivered(
+        &self,
+        input_ids: Vec<u32>,
+        max_new_tokens: u32,
+        delivery: Delivery,
+    ) -> Receiver {
         let mut request = valid_request(input_ids.len() as u32, max_new_tokens);
         request.input_ids = input_ids;
         let (tx, rx) = mpsc::unbounded_channel();
-        self.queue.append(Entry::new(request, tx));
+        self.queue.append(Entry::new(request, tx, delivery));
         self.notify.notify_one();
         rx
     }
@@ -97,6 +106,31 @@ fn request_ids(call: &Call) -> Vec<u64> {
         | Call::Filter { request_ids, .. } => request_ids.clone(),
         _ => vec![],
     }
+}
+
+#[tokio::test]
+async fn requests_read_whole_get_every_token_in_order_beside_streamed_ones() {
+    let h = start(FakeShard::new(1000, 1), config(1000, 100, 20, 1.2));
+    let lengths = [6u32, 2, 4];
+    let deliveries = [Delivery::AtEnd, Delivery::EveryStep, Delivery::AtEnd];
+    let receivers: Vec<Receiver> = lengths
+        .iter()
+        .zip(deliveries)
+        .map(|(&n, delivery)| h.submit_delivered(vec![4; 3], n, delivery))
+        .collect();
+    for (id, (rx, &n)) in receivers.into_iter().zip(&lengths).enumerate() {
+        let (tokens, generated) = finish(rx).await.unwrap();
+        let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+        let expected: Vec<u32> = (1..=n).map(|k| id as u32 * 100 + k).collect();
+        assert_eq!(ids, expected);
+        assert_eq!(generated.generated_tokens, n);
+    }
+    assert!(
+        h.shard.violations().is_empty(),
+        "{:?}",
+        h.shard.violations()
+    );
+    assert!(h.shard.cached_requests().is_empty());
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@ use super::*;
 use crate::adapter::{AdapterKey, AdapterSource};
 use crate::api::AdapterState;
 use crate::client::ShardError;
-use crate::entry::InferStreamResponse;
+use crate::entry::{Delivery, InferStreamResponse};
 use crate::testing::{valid_request, FakeShard};
 use crate::validation::ValidGenerateRequest;
 
@@ -29,7 +29,11 @@ fn entry(
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
     (
-        Entry::new(valid_request(input_length, max_new_tokens), tx),
+        Entry::new(
+            valid_request(input_length, max_new_tokens),
+            tx,
+            Delivery::EveryStep,
+        ),
         rx,
     )
 }
@@ -104,7 +108,7 @@ async fn with_prefix_caching_a_prefix_shared_within_the_batch_counts_once() {
             let mut request = ValidGenerateRequest::greedy(ids, 2);
             request.decoder_input_details = i == 4;
             let (tx, rx) = mpsc::unbounded_channel();
-            state.append(Entry::new(request, tx));
+            state.append(Entry::new(request, tx, Delivery::EveryStep));
             receivers.push(rx);
         }
     }
