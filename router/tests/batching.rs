@@ -99,6 +99,24 @@ async fn finish(mut rx: Receiver) -> Result<(Vec<Token>, GeneratedText), InferEr
         .expect("request did not finish")
 }
 
+/// Reads each request's stream to its end and checks it got the fake shard's tokens for request `id`
+/// (id * 100 + 1, + 2, ...), as many as its length.
+async fn finish_numbered(
+    receivers: Vec<Receiver>,
+    lengths: &[u32],
+) -> Vec<(Vec<Token>, GeneratedText)> {
+    let mut out = Vec::new();
+    for (id, (rx, &n)) in receivers.into_iter().zip(lengths).enumerate() {
+        let (tokens, generated) = finish(rx).await.unwrap();
+        let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+        let expected: Vec<u32> = (1..=n).map(|k| id as u32 * 100 + k).collect();
+        assert_eq!(ids, expected);
+        assert_eq!(generated.generated_tokens, n);
+        out.push((tokens, generated));
+    }
+    out
+}
+
 fn request_ids(call: &Call) -> Vec<u64> {
     match call {
         Call::Prefill { request_ids, .. }
@@ -118,13 +136,7 @@ async fn requests_read_whole_get_every_token_in_order_beside_streamed_ones() {
         .zip(deliveries)
         .map(|(&n, delivery)| h.submit_delivered(vec![4; 3], n, delivery))
         .collect();
-    for (id, (rx, &n)) in receivers.into_iter().zip(&lengths).enumerate() {
-        let (tokens, generated) = finish(rx).await.unwrap();
-        let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
-        let expected: Vec<u32> = (1..=n).map(|k| id as u32 * 100 + k).collect();
-        assert_eq!(ids, expected);
-        assert_eq!(generated.generated_tokens, n);
-    }
+    finish_numbered(receivers, &lengths).await;
     assert!(
         h.shard.violations().is_empty(),
         "{:?}",
@@ -138,12 +150,7 @@ async fn generations_reach_their_requests_and_finished_ones_are_filtered() {
     let h = start(FakeShard::new(1000, 1), config(1000, 100, 20, 1.2));
     let lengths = [2u32, 3, 5];
     let receivers: Vec<Receiver> = lengths.iter().map(|&n| h.submit(3, n)).collect();
-    for (id, (rx, &n)) in receivers.into_iter().zip(&lengths).enumerate() {
-        let (tokens, generated) = finish(rx).await.unwrap();
-        let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
-        let expected: Vec<u32> = (1..=n).map(|k| id as u32 * 100 + k).collect();
-        assert_eq!(ids, expected);
-        assert_eq!(generated.generated_tokens, n);
+    for (tokens, generated) in finish_numbered(receivers, &lengths).await {
         assert_eq!(generated.finish_reason, FinishReason::Length);
         let text: String = tokens.iter().map(|t| t.text.clone()).collect();
         assert_eq!(generated.text, text);
