@@ -138,14 +138,16 @@ def main() -> None:
                 # Best of two: the first pass also pays one-time costs (allocator, caches). Without
                 # adapters the in-process passes alternate with the HTTP ones (the server idle
                 # meanwhile), so both see the same spell of this noisy machine.
-                http, local = [], []
+                over_http, local = [], []
                 for _ in range(2):
                     tokens, seconds = run_http(url, prompts, outputs, adapters[:n])
-                    http.append(tokens / seconds)
+                    over_http.append(tokens / seconds)
                     if n == 0:
                         tokens, seconds = run_in_process(model, work, 4096, ROUTER_POLICY)
                         local.append(tokens / seconds)
-                ours, in_process = max(http), max(local) if local else in_process
+                ours = max(over_http)
+                if local:
+                    in_process = max(local)
             baseline, size = best_baseline(model, adapters[:n], work)
             rows.append((n, ours, baseline, size))
             print(f"{n} adapters: ours {ours:.1f} tok/s, baseline {baseline:.1f} (batch {size})", flush=True)

@@ -133,24 +133,6 @@ impl Infer {
             .map_err(|_| InferError::Overloaded)
     }
 
-    /// Validates and queues a request; returns its stream.
-    pub async fn generate_stream(
-        &self,
-        request: ResolvedRequest,
-    ) -> Result<GenerationStream, InferError> {
-        self.queue_one(request, Delivery::EveryStep).await
-    }
-
-    async fn queue_one(
-        &self,
-        request: ResolvedRequest,
-        delivery: Delivery,
-    ) -> Result<GenerationStream, InferError> {
-        let permit = self.permits(1)?;
-        let valid = self.validate(request).await?;
-        Ok(self.enqueue(valid, Some(permit), delivery))
-    }
-
     /// Validates and queues several requests at once (all or none); returns their streams in
     /// order. Each is validated on its own (a sampled one draws its own seed when it has none).
     pub async fn generate_streams(
@@ -205,9 +187,11 @@ impl Infer {
         }
     }
 
-    /// Runs a request to its end.
+    /// Runs a request to its end (its messages delivered at once when it ends).
     pub async fn generate(&self, request: ResolvedRequest) -> Result<InferResponse, InferError> {
-        collect(self.queue_one(request, Delivery::AtEnd).await?).await
+        let permit = self.permits(1)?;
+        let valid = self.validate(request).await?;
+        collect(self.enqueue(valid, Some(permit), Delivery::AtEnd)).await
     }
 
     /// Runs `best_of` sampled sequences (each validated on its own, so each gets its own seed)
