@@ -4,17 +4,18 @@ by the number of distinct adapters, and the router + gRPC overhead, in one run.
 Workload (DESIGN.md): the 26M bench model (bench/http_server.py), 64 requests arriving at once, prompts of
 16-128 tokens and outputs of 16-128 tokens (EOS ignored), greedy, float32; requests assigned to the
 adapters round-robin (rank 16, all linear layers; none for 0).
-- ours over HTTP: one server per adapter count; every adapter is loaded before the timed requests
-  (one warm-up request each), so loading is not timed; the best of two passes of the requests (the
-  server in steady state, as the engine in-process below);
+- ours over HTTP: one server per adapter count, all of them up at once; every adapter is loaded
+  before the timed requests (one warm-up request each), so loading is not timed. The passes go in
+  rounds: each round runs the requests once on every server and once in-process, so every row sees
+  the same spells of this noisy machine; each row reports its best round (the server in steady state);
 - transformers + peft: static left-padded batches, each row with its own adapter (`adapter_names`), at
   its best batch size among 16, 32 and 64 (each measured);
 - ours in-process: the engine on the same requests without adapters (bench/shard_throughput.py's
-  loop, admitting requests with the router's default policy, best of 2, its passes alternating with
-  the HTTP passes of the server without adapters): HTTP against it is the router + gRPC overhead.
+  loop, admitting requests with the router's default policy): HTTP without adapters against it is the
+  router + gRPC overhead.
 Prints a table, writes bench/http_throughput.png. Not a test.
 
-    .venv/bin/python bench/http_throughput.py [--adapters 0 1 8 32 128] [--requests 64]
+    .venv/bin/python bench/http_throughput.py [--adapters 0 1 8 32 128] [--requests 64] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import threading
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import requests
@@ -46,22 +48,29 @@ LIMITS = ["--max-input-length", "256", "--max-total-tokens", "512", "--max-batch
 BATCH_SIZES = (16, 32, 64)
 
 
+def parameters(adapters: list[Path], i: int, new_tokens: int) -> dict:
+    """Request `i`'s parameters: its adapter round-robin (none without adapters)."""
+    p = {"max_new_tokens": new_tokens, "ignore_eos_token": True, "details": True}
+    if adapters:
+        p.update(adapter_id=str(adapters[i % len(adapters)]), adapter_source="local")
+    return p
+
+
+def load_adapters(url: str, adapters: list[Path]) -> None:
+    """Every adapter loaded (one request each) before the clock starts."""
+    for i in range(len(adapters)):
+        body = {"inputs": "warm", "parameters": parameters(adapters, i, 1)}
+        requests.post(f"{url}/generate", json=body, timeout=600).raise_for_status()
+
+
 def run_http(url: str, prompts: list[str], outputs: list[int], adapters: list[Path]) -> tuple[int, float]:
     """Every request sent at once, as in-process: each from its own thread over a connection opened
     beforehand, its bytes ready, all released together. (With `requests` from threads started one by
     one, the 64 requests left over 175-230 ms on 2 busy cores, so the server saw them arrive in waves.)"""
 
-    def parameters(i: int, new_tokens: int) -> dict:
-        p = {"max_new_tokens": new_tokens, "ignore_eos_token": True, "details": True}
-        if adapters:
-            p.update(adapter_id=str(adapters[i % len(adapters)]), adapter_source="local")
-        return p
-
-    for i in range(len(adapters)):  # load every adapter before the clock starts
-        requests.post(f"{url}/generate", json={"inputs": "warm", "parameters": parameters(i, 1)}, timeout=600)
     address = urllib.parse.urlsplit(url)
     connections = [http.client.HTTPConnection(address.hostname, address.port, timeout=1200) for _ in prompts]
-    bodies = [json.dumps({"inputs": p, "parameters": parameters(i, o)}).encode() for i, (p, o) in
+    bodies = [json.dumps({"inputs": p, "parameters": parameters(adapters, i, o)}).encode() for i, (p, o) in
               enumerate(zip(prompts, outputs, strict=True))]  # fmt: skip
     for c in connections:
         c.connect()
@@ -119,12 +128,40 @@ def plot(counts: list[int], ours: list[float], peft: list[float], path: Path) ->
     fig.savefig(path, dpi=110)
 
 
+def measure_ours(
+    model: Path,
+    adapters: list[Path],
+    counts: list[int],
+    work: list[tuple[list[int], int]],
+    texts: tuple[list[str], list[int]],
+    rounds: int,
+    log_dir: Path,
+) -> tuple[dict[int, list[float]], list[float]]:
+    """Tokens/s of every round on each adapter count's server, and of the engine in-process."""
+    over_http: dict[int, list[float]] = {n: [] for n in counts}
+    in_process: list[float] = []
+    with ExitStack() as servers:
+        urls = {n: servers.enter_context(serve(model, *LIMITS, log_dir=log_dir)) for n in counts}
+        for n, url in urls.items():
+            load_adapters(url, adapters[:n])
+        for r in range(rounds):
+            if 0 in counts:  # the servers sit idle meanwhile
+                tokens, seconds = run_in_process(model, work, 4096, ROUTER_POLICY)
+                in_process.append(tokens / seconds)
+            for n, url in urls.items():
+                tokens, seconds = run_http(url, *texts, adapters[:n])
+                over_http[n].append(tokens / seconds)
+            print(f"round {r + 1}: " + ", ".join(f"{n} adapters {v[-1]:.1f}" for n, v in over_http.items())
+                  + (f", in-process {in_process[-1]:.1f}" if in_process else "") + " tok/s", flush=True)  # fmt: skip
+    return over_http, in_process
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapters", type=int, nargs="+", default=[0, 1, 8, 32, 128])
     parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model, adapters = make_bench_model(Path(tmp), max(args.adapters))
         tok = AutoTokenizer.from_pretrained(model)
@@ -132,25 +169,15 @@ def main() -> None:
         prompts = [text_of_length(tok, len(ids) - 1, seed=i) for i, (ids, _) in enumerate(lengths)]  # + BOS
         outputs = [o for _, o in lengths]
         work = [(tok(p).input_ids, o) for p, o in zip(prompts, outputs, strict=True)]  # what the router sends
-        in_process = None
+        over_http, local = measure_ours(
+            model, adapters, args.adapters, work, (prompts, outputs), args.rounds, Path(tmp)
+        )
+        in_process = max(local, default=None)
+        rows = []
         for n in args.adapters:
-            with serve(model, *LIMITS, log_dir=Path(tmp)) as url:
-                # Best of two: the first pass also pays one-time costs (allocator, caches). Without
-                # adapters the in-process passes alternate with the HTTP ones (the server idle
-                # meanwhile), so both see the same spell of this noisy machine.
-                over_http, local = [], []
-                for _ in range(2):
-                    tokens, seconds = run_http(url, prompts, outputs, adapters[:n])
-                    over_http.append(tokens / seconds)
-                    if n == 0:
-                        tokens, seconds = run_in_process(model, work, 4096, ROUTER_POLICY)
-                        local.append(tokens / seconds)
-                ours = max(over_http)
-                if local:
-                    in_process = max(local)
             baseline, size = best_baseline(model, adapters[:n], work)
-            rows.append((n, ours, baseline, size))
-            print(f"{n} adapters: ours {ours:.1f} tok/s, baseline {baseline:.1f} (batch {size})", flush=True)
+            rows.append((n, max(over_http[n]), baseline, size))
+            print(f"{n} adapters: ours {rows[-1][1]:.1f} tok/s, baseline {baseline:.1f} (batch {size})", flush=True)
     none = next((r[1] for r in rows if r[0] == 0), None)
     print("\n| adapters | lorax HTTP tok/s | transformers + peft tok/s (best batch) | vs peft | cost vs 0 adapters |")
     print("|---:|---:|---:|---:|---:|")

@@ -53,6 +53,17 @@ def test_every_block_height_and_remainder(rows: int):
     torch.testing.assert_close(out.double(), dense_reference(linear, x, segments), **TOL)
 
 
+@pytest.mark.parametrize("ranks", [(16,), (32,), (16, 16, 16), (40, 40), (40, 40, 33)])
+def test_every_column_chunk_of_the_shrink(ranks: tuple[int, ...]):
+    """The shrink's passes over A: stacks of 16, 32, 48, 80 (48 + 32) and 113 (48 + 48 + 16 + 1) ranks,
+    in decode-sized and prompt-sized blocks."""
+    linear = adapted_linear({1: dict(enumerate(ranks)), 2: {0: 3}}, [24, 40, 16][: len(ranks)])
+    num_tokens, segments = segments_of_sizes([1, 8, 11], [1, 2, 1])
+    x = torch.randn(num_tokens, IN, generator=torch.Generator().manual_seed(sum(ranks)))
+    out = linear(x, batch(segments, num_tokens))
+    torch.testing.assert_close(out.double(), dense_reference(linear, x, segments), **TOL)
+
+
 def test_wide_parts_of_a_run_and_a_long_prompt_segment():
     """Equal parts expanded as one run (q|k|v without GQA) over a prompt-sized segment."""
     linear = adapted_linear({1: {0: 8, 1: 8, 2: 8}, 2: {0: 8, 1: 8, 2: 8}}, [96, 96, 96])
