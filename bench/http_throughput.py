@@ -5,9 +5,11 @@ Workload (DESIGN.md): the 26M bench model (bench/http_server.py), 64 requests ar
 16-128 tokens and outputs of 16-128 tokens (EOS ignored), greedy, float32; requests assigned to the
 adapters round-robin (rank 16, all linear layers; none for 0).
 - ours over HTTP: one server per adapter count, all of them up at once; every adapter is loaded
-  before the timed requests (one warm-up request each), so loading is not timed. The passes go in
-  rounds: each round runs the requests once on every server and once in-process, so every row sees
-  the same spells of this noisy machine; each row reports its best round (the server in steady state);
+  before the timed requests (one warm-up request each, then one untimed pass of the requests), so
+  loading and a new server's one-time costs are not timed. The passes go in rounds: each round runs
+  the requests once on every server and once in-process, starting one later in that list than the
+  round before, so every row sees the same spells of this noisy machine; each row reports its best
+  round, and each cost is also given as the median over rounds of that round's pair;
 - transformers + peft: static left-padded batches, each row with its own adapter (`adapter_names`), at
   its best batch size among 16, 32 and 64 (each measured);
 - ours in-process: the engine on the same requests without adapters (bench/shard_throughput.py's
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import statistics
 import sys
 import tempfile
 import threading
@@ -144,16 +147,44 @@ def measure_ours(
         urls = {n: servers.enter_context(serve(model, *LIMITS, log_dir=log_dir)) for n in counts}
         for n, url in urls.items():
             load_adapters(url, adapters[:n])
+            run_http(url, *texts, adapters[:n])  # untimed: a new server's first pass pays one-time costs
+        passes: list[int | None] = [*counts, None] if 0 in counts else list(counts)  # None: in-process
         for r in range(rounds):
-            if 0 in counts:  # the servers sit idle meanwhile
-                tokens, seconds = run_in_process(model, work, 4096, ROUTER_POLICY)
-                in_process.append(tokens / seconds)
-            for n, url in urls.items():
-                tokens, seconds = run_http(url, *texts, adapters[:n])
-                over_http[n].append(tokens / seconds)
+            # Each round starts one later in the list, so no row always runs right after another.
+            for n in passes[r % len(passes) :] + passes[: r % len(passes)]:
+                if n is None:  # the servers sit idle meanwhile
+                    tokens, seconds = run_in_process(model, work, 4096, ROUTER_POLICY)
+                    in_process.append(tokens / seconds)
+                else:
+                    tokens, seconds = run_http(urls[n], *texts, adapters[:n])
+                    over_http[n].append(tokens / seconds)
             print(f"round {r + 1}: " + ", ".join(f"{n} adapters {v[-1]:.1f}" for n, v in over_http.items())
                   + (f", in-process {in_process[-1]:.1f}" if in_process else "") + " tok/s", flush=True)  # fmt: skip
     return over_http, in_process
+
+
+def paired(slower: list[float], faster: list[float]) -> str:
+    """The median, over rounds, of each round's 1 - slower/faster, and the rounds' values: on this noisy
+    machine a pair measured minutes apart is steadier than two bests from different rounds."""
+    costs = sorted(1 - s / f for s, f in zip(slower, faster, strict=True))
+    return f"{statistics.median(costs):+.1%} ({', '.join(f'{c:+.1%}' for c in costs)})"
+
+
+def print_table(
+    rows: list[tuple[int, float, float, int]], over_http: dict[int, list[float]], local: list[float]
+) -> None:
+    none = over_http.get(0)
+    print("\n| adapters | lorax HTTP tok/s (best round) | transformers + peft tok/s (best batch) | vs peft "
+          "| cost vs 0 adapters (best rounds) | cost, median of rounds (each round) |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|")
+    for n, ours, baseline, size in rows:
+        best = f"{1 - ours / max(none):+.1%}" if none else "n/a"
+        rounds = paired(over_http[n], none) if none and n else "n/a"
+        print(f"| {n} | {ours:.1f} | {baseline:.1f} ({size}) | {ours / baseline:.2f}× | {best} | {rounds} |")
+    if none and local:
+        print(f"\nrouter + gRPC overhead: HTTP {max(none):.1f} tok/s against the engine in-process {max(local):.1f} "
+              f"tok/s on the same requests: {1 - max(none) / max(local):+.1%} (best rounds); median of rounds "
+              f"{paired(none, local)}")  # fmt: skip
 
 
 def main() -> None:
@@ -172,21 +203,12 @@ def main() -> None:
         over_http, local = measure_ours(
             model, adapters, args.adapters, work, (prompts, outputs), args.rounds, Path(tmp)
         )
-        in_process = max(local, default=None)
         rows = []
         for n in args.adapters:
             baseline, size = best_baseline(model, adapters[:n], work)
             rows.append((n, max(over_http[n]), baseline, size))
             print(f"{n} adapters: ours {rows[-1][1]:.1f} tok/s, baseline {baseline:.1f} (batch {size})", flush=True)
-    none = next((r[1] for r in rows if r[0] == 0), None)
-    print("\n| adapters | lorax HTTP tok/s | transformers + peft tok/s (best batch) | vs peft | cost vs 0 adapters |")
-    print("|---:|---:|---:|---:|---:|")
-    for n, ours, baseline, size in rows:
-        cost = f"{1 - ours / none:+.1%}" if none else "n/a"
-        print(f"| {n} | {ours:.1f} | {baseline:.1f} ({size}) | {ours / baseline:.2f}× | {cost} |")
-    if none and in_process:
-        print(f"\nrouter + gRPC overhead: HTTP {none:.1f} tok/s against the engine in-process {in_process:.1f} "
-              f"tok/s on the same requests: {1 - none / in_process:+.1%}")  # fmt: skip
+    print_table(rows, over_http, local)
     print(f"{args.requests} requests, float32, {torch.get_num_threads()} threads, torch {torch.__version__}")
     plot([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], BENCH / "http_throughput.png")
     print(f"wrote {BENCH / 'http_throughput.png'}")
