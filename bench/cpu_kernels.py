@@ -4,7 +4,9 @@ in one process (interleaved, best of N):
 - LoRA (`adapters/lora_cpu.py`) against the torch plans (the padded grid on decode steps, the segment
   loop on prompts), over the four adapted linears of one layer (q|k|v, o, gate|up, down; rank 16 on
   every part), for several layouts of the batch's rows over adapters; reported per decode step (× 8
-  layers) and in GFLOP/s;
+  layers) and in GFLOP/s; then whole decode steps whose 8 layers have factors of their own, read from
+  memory (the caches flushed before each step, as the base weights do in a real step), against the
+  time this machine's memory bandwidth allows for those bytes (measured in the same run);
 - RMSNorm and rotary embeddings (`layers/fused_cpu.py`) against their torch operators.
 
 Prints tables; not a test.
@@ -44,6 +46,7 @@ LAYOUTS = {  # tokens per segment, one adapter each
     "decode, 1 adapter x 64 rows": [64],
     "prompts, 4 adapters x 100 tokens": [100] * 4,
 }
+STREAMED = {k: v for k, v in LAYOUTS.items() if k.startswith("decode") and "ragged" not in k}
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -108,6 +111,52 @@ def lora_table(repeats: int) -> None:
               f"{flops / kernel / 1e9:.0f} |")  # fmt: skip
 
 
+def read_bandwidth(repeats: int = 5) -> float:
+    """Bytes/s of torch reading 400 MB (more than any cache) on its threads: what the memory delivers."""
+    big = torch.randn(100 * 2**20)
+    return big.numel() * 4 / best_of(big.sum, repeats)
+
+
+def streamed_lora_table(repeats: int) -> None:
+    g = torch.Generator().manual_seed(2)
+    flush = torch.randn(32 * 2**20)  # 128 MB: evicts the factors from the 32 MB L3 between steps
+    bandwidth = read_bandwidth()
+    print(f"\nmemory read bandwidth: {bandwidth / 2**30:.1f} GiB/s (torch sum over 400 MB)")
+    print("| decode step, factors from memory | torch plans ms | kernel ms | factor MiB | kernel GiB/s | bound ms "
+          "| kernel / bound |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, sizes in STREAMED.items():
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        segments = [(s, s + n, i + 1) for i, (s, n) in enumerate(zip(starts, sizes, strict=True))]
+        tokens = sum(sizes)
+        meta = ForwardBatch.build(torch.zeros(tokens, dtype=torch.int64), [1] * tokens, [1] * tokens,
+                                  torch.zeros(tokens, 1, dtype=torch.int64), 16, lora_segments=segments)  # fmt: skip
+        layers = []
+        for _ in range(LAYERS):
+            for in_features, parts in LINEARS.values():
+                linear = adapted_linear(in_features, parts, len(sizes), g)
+                layers.append((linear, torch.randn(tokens, in_features, generator=g), torch.zeros(tokens, sum(parts))))
+        factor_bytes = len(sizes) * LAYERS * sum(RANK * (i * len(p) + sum(p)) for i, p in LINEARS.values()) * 4
+
+        def step() -> float:
+            flush.sum()
+            start = time.perf_counter()
+            for linear, x, y in layers:  # noqa: B023
+                linear.lora.add_to(y, x, meta)  # noqa: B023
+            return time.perf_counter() - start
+
+        timings: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(repeats):
+            for on in (False, True):
+                lora_kernel(on)
+                timings[on].append(step())
+        lora_kernel(True)
+        plans, kernel = min(timings[False]), min(timings[True])
+        bound = factor_bytes / bandwidth
+        print(f"| {label} | {plans * 1e3:.2f} | {kernel * 1e3:.2f} | {factor_bytes / 2**20:.1f} | "
+              f"{factor_bytes / kernel / 2**30:.1f} | {bound * 1e3:.2f} | {kernel / bound:.2f}× |")  # fmt: skip
+
+
 def norm_rotary_table(repeats: int) -> None:
     g = torch.Generator().manual_seed(1)
     heads = MODEL["num_attention_heads"]
@@ -136,6 +185,7 @@ def main() -> None:
     if not built:
         sys.exit("the CPU kernels are not built (LORAX_CPU_KERNELS=0, or the build failed)")
     lora_table(args.repeats)
+    streamed_lora_table(args.repeats)
     norm_rotary_table(args.repeats)
     print(f"\nfloat32, {torch.get_num_threads()} threads, torch {torch.__version__}; best of {args.repeats}")
 
