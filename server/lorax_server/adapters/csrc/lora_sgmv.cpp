@@ -15,10 +15,10 @@
 // decode step's one row per adapter computes no rows it throws away). It shrinks them into a small
 // scratch (the adapter's A is read once per block) and expands the scratch into every part of the
 // output, with the sums held in registers (the block's rows by 48, 32 or 16 columns), prefetching the
-// weights ahead of use. Blocks run in
-// parallel with at::parallel_for. The arithmetic is written with the compiler's vector types; the task is
-// cloned for AVX-512 and AVX2 and picked at run time, so the binary does not depend on the build
-// machine. The op is registered with the dispatcher (torch.ops.lorax_lora).
+// factors ahead of use. Blocks run in parallel with at::parallel_for. The arithmetic is written with
+// the compiler's vector types; the task is cloned for AVX-512 and AVX2 and picked at run time, so the
+// binary does not depend on the build machine. The op is registered with the dispatcher
+// (torch.ops.lorax_lora).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
