@@ -90,16 +90,22 @@ def adapted_linear(in_features: int, parts: list[int], adapters: int, g: torch.G
     return linear
 
 
+def decode_batch(sizes: list[int]) -> tuple[int, ForwardBatch]:
+    """(tokens, batch) of one-token rows whose segments of `sizes` rows have adapters 1, 2, ..."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    segments = [(s, s + n, i + 1) for i, (s, n) in enumerate(zip(starts, sizes, strict=True))]
+    tokens = sum(sizes)
+    meta = ForwardBatch.build(torch.zeros(tokens, dtype=torch.int64), [1] * tokens, [1] * tokens,
+                              torch.zeros(tokens, 1, dtype=torch.int64), 16, lora_segments=segments)  # fmt: skip
+    return tokens, meta
+
+
 def lora_table(repeats: int) -> None:
     g = torch.Generator().manual_seed(0)
     print("| rows over adapters | torch plans, ms per step | kernel, ms per step | ratio | kernel GFLOP/s |")
     print("|---|---:|---:|---:|---:|")
     for label, sizes in LAYOUTS.items():
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        segments = [(s, s + n, i + 1) for i, (s, n) in enumerate(zip(starts, sizes, strict=True))]
-        tokens = sum(sizes)
-        meta = ForwardBatch.build(torch.zeros(tokens, dtype=torch.int64), [1] * tokens, [1] * tokens,
-                                  torch.zeros(tokens, 1, dtype=torch.int64), 16, lora_segments=segments)  # fmt: skip
+        tokens, meta = decode_batch(sizes)
         plans = kernel = flops = 0.0
         for in_features, parts in LINEARS.values():
             linear = adapted_linear(in_features, parts, len(sizes), g)
@@ -126,11 +132,7 @@ def streamed_lora_table(repeats: int) -> None:
           "| kernel / bound |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|")
     for label, sizes in STREAMED.items():
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        segments = [(s, s + n, i + 1) for i, (s, n) in enumerate(zip(starts, sizes, strict=True))]
-        tokens = sum(sizes)
-        meta = ForwardBatch.build(torch.zeros(tokens, dtype=torch.int64), [1] * tokens, [1] * tokens,
-                                  torch.zeros(tokens, 1, dtype=torch.int64), 16, lora_segments=segments)  # fmt: skip
+        tokens, meta = decode_batch(sizes)
         layers = []
         for _ in range(LAYERS):
             for in_features, parts in LINEARS.values():
