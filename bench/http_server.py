@@ -73,7 +73,7 @@ def serve(model_dir: Path, *flags: str, log_dir: Path) -> Iterator[str]:
             try:
                 if requests.get(f"{url}/health", timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or busy building kernels
                 pass
             if time.time() > deadline:
                 raise TimeoutError(log_path.read_text()[-3000:])
