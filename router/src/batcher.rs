@@ -8,7 +8,7 @@
 //! an adapter is offloaded only once none of its requests remain in the shard's batch. Adapter
 //! downloads and loads run in the queue task's background: this loop never waits for them.
 
-use crate::client::{ShardClient, ShardError, StepOutput};
+use crate::client::{ShardClient, ShardError, StepOutput, StepTimings};
 use crate::entry::{
     prefill_from_proto, token_from_generation, ClientGone, Entry, Finished, InferStreamResponse,
 };
@@ -20,6 +20,7 @@ use crate::telemetry;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -212,10 +213,14 @@ async fn step(
     let result = call.instrument(span).await;
     shard.health.step_finished(result.is_ok());
     match result {
-        Ok((generations, next)) => {
-            record_step(method, start);
-            send_generations(generations, entries);
-            filter_batch(shard.client, next, entries).await
+        Ok(output) => {
+            record_step(method, start.elapsed(), &output.timings);
+            let handing_out = Instant::now();
+            send_generations(output.generations, entries);
+            let next = filter_batch(shard.client, output.batch, entries).await;
+            metrics::histogram!("lorax_batch_filter_duration", "method" => method)
+                .record(handing_out.elapsed().as_secs_f64());
+            next
         }
         Err(err) => {
             for id in batch_ids {
@@ -242,10 +247,22 @@ fn step_span(span: Span, entries: &Entries) -> Span {
     span
 }
 
-fn record_step(method: &'static str, start: Instant) {
+/// A successful call's metrics: its time as the router saw it, where the shard says it spent it, and
+/// the rest (gRPC, the socket and both sides' event loops).
+fn record_step(method: &'static str, call: Duration, timings: &StepTimings) {
     metrics::histogram!("lorax_batch_inference_duration", "method" => method)
-        .record(start.elapsed().as_secs_f64());
+        .record(call.as_secs_f64());
     metrics::counter!("lorax_batch_inference_success", "method" => method).increment(1);
+    metrics::histogram!("lorax_batch_forward_duration", "method" => method)
+        .record(timings.forward.as_secs_f64());
+    metrics::histogram!("lorax_batch_decode_duration", "method" => method)
+        .record(timings.decode.as_secs_f64());
+    if method == "decode" {
+        metrics::histogram!("lorax_batch_concat_duration", "method" => method)
+            .record(timings.concat.as_secs_f64());
+    }
+    metrics::histogram!("lorax_batch_rpc_overhead_duration", "method" => method)
+        .record(call.saturating_sub(timings.total).as_secs_f64());
 }
 
 /// Drops entries whose client went away and filters them out of the cached batch.

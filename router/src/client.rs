@@ -92,9 +92,29 @@ pub struct LoadedAdapter {
     pub downloaded: DownloadedAdapter,
 }
 
-/// What a prefill or decode step returns: one generation per request, and the batch as cached
-/// afterwards (absent when every request finished).
-pub type StepOutput = (Vec<pb::Generation>, Option<pb::CachedBatch>);
+/// What a prefill or decode step returns.
+#[derive(Debug, Default)]
+pub struct StepOutput {
+    /// One generation per request.
+    pub generations: Vec<pb::Generation>,
+    /// The batch as cached afterwards; absent when every request finished.
+    pub batch: Option<pb::CachedBatch>,
+    /// Where the shard spent the call.
+    pub timings: StepTimings,
+}
+
+/// Where a shard spent a prefill or decode call, as it reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepTimings {
+    /// Merging batches (decode only).
+    pub concat: Duration,
+    /// The forward pass and sampling.
+    pub forward: Duration,
+    /// Per-request host work: detokenization, stop checks.
+    pub decode: Duration,
+    /// The whole call, inside the shard.
+    pub total: Duration,
+}
 
 /// The calls the router makes on the model. Implemented over gRPC by `ShardedClient`, and by a
 /// fake in tests.
@@ -212,13 +232,33 @@ impl Shard {
     async fn prefill(&self, batch: pb::Batch) -> Result<StepOutput, ShardError> {
         let request = pb::PrefillRequest { batch: Some(batch) };
         let response = self.client.clone().prefill(request).await?.into_inner();
-        Ok((response.generations, response.batch))
+        let timings = StepTimings {
+            concat: Duration::ZERO,
+            forward: Duration::from_nanos(response.forward_ns),
+            decode: Duration::from_nanos(response.decode_ns),
+            total: Duration::from_nanos(response.total_ns),
+        };
+        Ok(StepOutput {
+            generations: response.generations,
+            batch: response.batch,
+            timings,
+        })
     }
 
     async fn decode(&self, batches: Vec<pb::CachedBatch>) -> Result<StepOutput, ShardError> {
         let request = pb::DecodeRequest { batches };
         let response = self.client.clone().decode(request).await?.into_inner();
-        Ok((response.generations, response.batch))
+        let timings = StepTimings {
+            concat: Duration::from_nanos(response.concat_ns),
+            forward: Duration::from_nanos(response.forward_ns),
+            decode: Duration::from_nanos(response.decode_ns),
+            total: Duration::from_nanos(response.total_ns),
+        };
+        Ok(StepOutput {
+            generations: response.generations,
+            batch: response.batch,
+            timings,
+        })
     }
 
     async fn filter_batch(

@@ -6,7 +6,9 @@ mod adapters;
 mod grammars;
 mod step;
 
-use crate::client::{DownloadedAdapter, LoadedAdapter, ShardClient, ShardError, StepOutput};
+use crate::client::{
+    DownloadedAdapter, LoadedAdapter, ShardClient, ShardError, StepOutput, StepTimings,
+};
 use crate::entry::round_up;
 use crate::health::{Health, HealthConfig};
 use crate::pb;
@@ -28,6 +30,14 @@ use tokio::sync::Semaphore;
 pub fn test_health() -> Health {
     Health::new(HealthConfig::default(), valid_request(1, 1))
 }
+
+/// What `FakeShard` says each step took.
+pub const FAKE_TIMINGS: StepTimings = StepTimings {
+    concat: Duration::from_millis(1),
+    forward: Duration::from_millis(2),
+    decode: Duration::from_millis(3),
+    total: Duration::from_millis(7),
+};
 
 /// Id of the end-of-sequence token of the test vocabulary.
 pub const EOS_ID: u32 = 2;
@@ -393,7 +403,11 @@ impl ShardClient for FakeShard {
                 .violations
                 .push(format!("{reserved} tokens reserved > {}", self.capacity));
         }
-        Ok((generations, next))
+        Ok(StepOutput {
+            generations,
+            batch: next,
+            timings: FAKE_TIMINGS,
+        })
     }
 
     async fn decode(&self, batches: Vec<pb::CachedBatch>) -> Result<StepOutput, ShardError> {
@@ -435,7 +449,11 @@ impl ShardClient for FakeShard {
         if next.is_some() {
             state.batches.insert(id, merged);
         }
-        Ok((generations, next))
+        Ok(StepOutput {
+            generations,
+            batch: next,
+            timings: FAKE_TIMINGS,
+        })
     }
 
     async fn filter_batch(

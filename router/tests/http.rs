@@ -6,7 +6,7 @@ mod common;
 use axum::http::StatusCode;
 use common::*;
 use futures::StreamExt;
-use lorax_router::testing::{Call, FakeShard};
+use lorax_router::testing::{Call, FakeShard, FAKE_TIMINGS};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -402,7 +402,7 @@ async fn health_info_metrics_tokenize_docs() {
     post(
         &app,
         "/generate",
-        json!({"inputs": "hello", "parameters": {"max_new_tokens": 1}}),
+        json!({"inputs": "hello", "parameters": {"max_new_tokens": 2}}),
     )
     .await;
     let metrics = get(&app, "/metrics").await;
@@ -414,6 +414,27 @@ async fn health_info_metrics_tokenize_docs() {
     assert!(text.contains("lorax_request_success"));
     assert!(text.contains("lorax_queue_size"));
     assert!(text.contains("lorax_request_duration_bucket"));
+    // The shard's own timings, as it reports them (the fake the same for every step, so the means
+    // are exact whatever other tests of this binary run meanwhile).
+    let timings = FAKE_TIMINGS;
+    for (name, method, value) in [
+        ("forward", "prefill", timings.forward),
+        ("forward", "decode", timings.forward),
+        ("decode", "decode", timings.decode),
+        ("concat", "decode", timings.concat),
+    ] {
+        let series = format!("lorax_batch_{name}_duration");
+        let mean = metric_value(&text, &format!("{series}_sum{{method=\"{method}\"}}"))
+            / metric_value(&text, &format!("{series}_count{{method=\"{method}\"}}"));
+        assert!(
+            (mean - value.as_secs_f64()).abs() < 1e-9,
+            "{series}: {mean}"
+        );
+    }
+    for series in ["filter", "rpc_overhead"] {
+        let count = format!("lorax_batch_{series}_duration_count{{method=\"decode\"}}");
+        assert!(metric_value(&text, &count) >= 1.0, "{count}");
+    }
 
     let tokens = post(&app, "/tokenize", json!({"inputs": "hello world"}))
         .await
@@ -567,4 +588,11 @@ async fn length_limits_are_inclusive_and_say_at_most() {
         truncate.json()["error"],
         "Input validation error: `truncate` must be strictly positive and at most 16. Given: 17"
     );
+}
+
+/// The value of the Prometheus line `line_start value` in `text`.
+fn metric_value(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {line_start} in\n{text}"))
 }
