@@ -116,6 +116,28 @@ pub struct StepTimings {
     pub total: Duration,
 }
 
+impl StepOutput {
+    /// From a Prefill or Decode answer: its generations, batch, and nanoseconds spent merging, in the
+    /// forward pass, on host work and in all.
+    fn new(
+        generations: Vec<pb::Generation>,
+        batch: Option<pb::CachedBatch>,
+        [concat, forward, decode, total]: [u64; 4],
+    ) -> Self {
+        let timings = StepTimings {
+            concat: Duration::from_nanos(concat),
+            forward: Duration::from_nanos(forward),
+            decode: Duration::from_nanos(decode),
+            total: Duration::from_nanos(total),
+        };
+        Self {
+            generations,
+            batch,
+            timings,
+        }
+    }
+}
+
 /// The calls the router makes on the model. Implemented over gRPC by `ShardedClient`, and by a
 /// fake in tests.
 #[async_trait]
@@ -232,33 +254,21 @@ impl Shard {
     async fn prefill(&self, batch: pb::Batch) -> Result<StepOutput, ShardError> {
         let request = pb::PrefillRequest { batch: Some(batch) };
         let response = self.client.clone().prefill(request).await?.into_inner();
-        let timings = StepTimings {
-            concat: Duration::ZERO,
-            forward: Duration::from_nanos(response.forward_ns),
-            decode: Duration::from_nanos(response.decode_ns),
-            total: Duration::from_nanos(response.total_ns),
-        };
-        Ok(StepOutput {
-            generations: response.generations,
-            batch: response.batch,
-            timings,
-        })
+        let nanos = [
+            0,
+            response.forward_ns,
+            response.decode_ns,
+            response.total_ns,
+        ];
+        Ok(StepOutput::new(response.generations, response.batch, nanos))
     }
 
     async fn decode(&self, batches: Vec<pb::CachedBatch>) -> Result<StepOutput, ShardError> {
         let request = pb::DecodeRequest { batches };
         let response = self.client.clone().decode(request).await?.into_inner();
-        let timings = StepTimings {
-            concat: Duration::from_nanos(response.concat_ns),
-            forward: Duration::from_nanos(response.forward_ns),
-            decode: Duration::from_nanos(response.decode_ns),
-            total: Duration::from_nanos(response.total_ns),
-        };
-        Ok(StepOutput {
-            generations: response.generations,
-            batch: response.batch,
-            timings,
-        })
+        let (concat, forward) = (response.concat_ns, response.forward_ns);
+        let nanos = [concat, forward, response.decode_ns, response.total_ns];
+        Ok(StepOutput::new(response.generations, response.batch, nanos))
     }
 
     async fn filter_batch(
