@@ -67,7 +67,7 @@ def load_adapters(url: str, adapters: list[Path]) -> None:
 
 def run_http(url: str, prompts: list[str], outputs: list[int], adapters: list[Path]) -> tuple[int, float]:
     """Every request sent at once and in order, as in-process: over connections opened beforehand, the
-    bytes of each ready, sent back to back from one thread (64 in about 2 ms), each answer read by a
+    bytes of each ready, sent back to back from one thread (64 in about 0.5 ms), each answer read by a
     thread of its own. (With `requests` from threads started one by one, the 64 requests left over
     175-230 ms on 2 busy cores, so the server saw them arrive in waves; released from 64 threads at
     once, they arrived in a random order, which decided which requests the first prefill, full at
