@@ -2,14 +2,15 @@
 //! generated `LoraxService`; the router's `ShardedClient` discovers both through the first and
 //! sends every batch call to each.
 
-use lorax_router::client::{ShardClient, ShardError, ShardedClient};
+use lorax_router::client::{ShardClient, ShardError, ShardedClient, StepTimings};
 use lorax_router::pb;
 use lorax_router::pb::lorax_service_server::{LoraxService, LoraxServiceServer};
 use lorax_router::testing::{
-    valid_request, AdapterBehaviour, Call, FakeShard, REFUSED_GRAMMAR_MARKER,
+    valid_request, AdapterBehaviour, Call, FakeShard, FAKE_TIMINGS, REFUSED_GRAMMAR_MARKER,
 };
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
@@ -72,11 +73,13 @@ impl LoraxService for Service {
             .into_inner()
             .batch
             .ok_or_else(|| Status::invalid_argument("no batch"))?;
-        let (generations, batch) = self.shard.prefill(batch).await.map_err(status)?;
+        let step = self.shard.prefill(batch).await.map_err(status)?;
         Ok(Response::new(pb::PrefillResponse {
-            generations,
-            batch,
-            ..Default::default()
+            generations: step.generations,
+            batch: step.batch,
+            forward_ns: nanos(step.timings.forward),
+            decode_ns: nanos(step.timings.decode),
+            total_ns: nanos(step.timings.total),
         }))
     }
 
@@ -84,15 +87,18 @@ impl LoraxService for Service {
         &self,
         r: Request<pb::DecodeRequest>,
     ) -> Result<Response<pb::DecodeResponse>, Status> {
-        let (generations, batch) = self
+        let step = self
             .shard
             .decode(r.into_inner().batches)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::DecodeResponse {
-            generations,
-            batch,
-            ..Default::default()
+            generations: step.generations,
+            batch: step.batch,
+            concat_ns: nanos(step.timings.concat),
+            forward_ns: nanos(step.timings.forward),
+            decode_ns: nanos(step.timings.decode),
+            total_ns: nanos(step.timings.total),
         }))
     }
 
@@ -242,16 +248,25 @@ async fn sharded_client_reaches_every_shard_over_unix_sockets() {
     client.health().await.unwrap();
     assert_eq!(client.warmup(16, 64, 32).await.unwrap(), 512);
 
-    let (generations, cached) = client.prefill(batch(7)).await.unwrap();
-    assert_eq!(generations.len(), 2);
-    let cached = cached.unwrap();
+    let prefill = client.prefill(batch(7)).await.unwrap();
+    assert_eq!(prefill.generations.len(), 2);
+    let prefill_timings = StepTimings {
+        concat: Duration::ZERO,
+        ..FAKE_TIMINGS
+    };
+    assert_eq!(
+        prefill.timings, prefill_timings,
+        "the shard's times, as sent"
+    );
+    let cached = prefill.batch.unwrap();
     assert_eq!(cached.request_ids, vec![0, 1]);
     let filtered = client.filter_batch(7, vec![1]).await.unwrap().unwrap();
     assert_eq!(filtered.request_ids, vec![1]);
-    let (generations, cached) = client.decode(vec![filtered]).await.unwrap();
-    assert_eq!(generations.len(), 1);
-    assert!(generations[0].generated_text.is_some());
-    assert!(cached.is_none());
+    let decode = client.decode(vec![filtered]).await.unwrap();
+    assert_eq!(decode.generations.len(), 1);
+    assert!(decode.generations[0].generated_text.is_some());
+    assert!(decode.batch.is_none());
+    assert_eq!(decode.timings, FAKE_TIMINGS);
     client.clear_cache(None).await.unwrap();
 
     // Tensor parallel: every shard saw every call.
@@ -275,7 +290,7 @@ async fn sharded_client_reaches_every_shard_over_unix_sockets() {
         "any unhealthy shard fails health"
     );
     shards[1].set_fail_decode(true);
-    let (_, cached) = client.prefill(batch(8)).await.unwrap();
+    let cached = client.prefill(batch(8)).await.unwrap().batch;
     let err = client.decode(vec![cached.unwrap()]).await.unwrap_err();
     assert!(err.to_string().contains("decode exploded"), "{err}");
 }
@@ -472,4 +487,8 @@ async fn connecting_to_a_missing_socket_fails_cleanly() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("cannot connect"), "{err}");
+}
+
+fn nanos(d: Duration) -> u64 {
+    d.as_nanos() as u64
 }
