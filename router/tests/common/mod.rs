@@ -14,9 +14,9 @@ use lorax_router::health::HealthConfig;
 use lorax_router::infer::Infer;
 use lorax_router::server::router;
 use lorax_router::template::ChatTemplate;
-use lorax_router::testing::{test_tokenizer, FakeShard};
+use lorax_router::testing::{test_tokenizer, AdapterBehaviour, FakeShard};
 use lorax_router::validation::{Validation, ValidationLimits};
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
 use tower::ServiceExt;
@@ -220,4 +220,35 @@ pub fn assert_error(answer: &Answer, status: u16, error_type: &str) {
     let body = answer.json();
     assert_eq!(body["error_type"], error_type, "{body}");
     assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()));
+}
+
+/// A /generate body for "hello" (2 new tokens) with `adapter`'s parameters added.
+pub fn generate(adapter: Value) -> Value {
+    let mut parameters = json!({"max_new_tokens": 2});
+    for (k, v) in adapter.as_object().unwrap() {
+        parameters[k] = v.clone();
+    }
+    json!({"inputs": "hello", "parameters": parameters})
+}
+
+/// The generated text of an answer that must be a 200.
+pub fn text_of(answer: &Answer) -> String {
+    assert_eq!(
+        answer.status.as_u16(),
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    answer.json()["generated_text"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// An adapter whose download or load fails with `code`.
+pub fn failing(code: tonic::Code, message: &str) -> AdapterBehaviour {
+    AdapterBehaviour {
+        error: Some((code, message.into())),
+        ..Default::default()
+    }
 }
