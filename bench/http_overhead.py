@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 
 import requests
-from http_server import make_bench_model, serve, text_of_length
-from transformers import AutoTokenizer
+from http_server import make_bench_model, serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_throughput import LIMITS, run_http  # noqa: E402
-from shard_throughput import ROUTER_POLICY, workload  # noqa: E402
+from http_throughput import LIMITS, bench_requests, run_http  # noqa: E402
+from shard_throughput import ROUTER_POLICY  # noqa: E402
 from shard_throughput import run_ours as run_in_process  # noqa: E402
 
 from lorax_server.engine import Engine  # noqa: E402
@@ -76,11 +75,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model, _ = make_bench_model(Path(tmp), 0)
-        tok = AutoTokenizer.from_pretrained(model)
-        lengths = workload(args.requests, tok.vocab_size)
-        prompts = [text_of_length(tok, len(ids) - 1, seed=i) for i, (ids, _) in enumerate(lengths)]
-        outputs = [o for _, o in lengths]
-        work = [(tok(p).input_ids, o) for p, o in zip(prompts, outputs, strict=True)]
+        prompts, outputs, work = bench_requests(model, args.requests)
         with serve(model, *LIMITS, log_dir=Path(tmp)) as url:
             run_http(url, prompts, outputs, [])  # untimed: a new server's one-time costs
             for r in range(args.rounds):

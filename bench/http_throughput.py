@@ -65,6 +65,16 @@ def load_adapters(url: str, adapters: list[Path]) -> None:
         requests.post(f"{url}/generate", json=body, timeout=600).raise_for_status()
 
 
+def bench_requests(model: Path, n: int) -> tuple[list[str], list[int], list[tuple[list[int], int]]]:
+    """The workload's `n` prompts (texts), their output lengths, and (token ids, output length) as the
+    router sends them to the engine."""
+    tok = AutoTokenizer.from_pretrained(model)
+    lengths = workload(n, tok.vocab_size)
+    prompts = [text_of_length(tok, len(ids) - 1, seed=i) for i, (ids, _) in enumerate(lengths)]  # + BOS
+    outputs = [o for _, o in lengths]
+    return prompts, outputs, [(tok(p).input_ids, o) for p, o in zip(prompts, outputs, strict=True)]
+
+
 def run_http(url: str, prompts: list[str], outputs: list[int], adapters: list[Path]) -> tuple[int, float]:
     """Every request sent at once and in order, as in-process: over connections opened beforehand, the
     bytes of each ready, sent back to back from one thread (64 in about 0.5 ms), each answer read by a
@@ -196,11 +206,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model, adapters = make_bench_model(Path(tmp), max(args.adapters))
-        tok = AutoTokenizer.from_pretrained(model)
-        lengths = workload(args.requests, tok.vocab_size)
-        prompts = [text_of_length(tok, len(ids) - 1, seed=i) for i, (ids, _) in enumerate(lengths)]  # + BOS
-        outputs = [o for _, o in lengths]
-        work = [(tok(p).input_ids, o) for p, o in zip(prompts, outputs, strict=True)]  # what the router sends
+        prompts, outputs, work = bench_requests(model, args.requests)
         over_http, local = measure_ours(
             model, adapters, args.adapters, work, (prompts, outputs), args.rounds, Path(tmp)
         )

@@ -253,22 +253,16 @@ impl Shard {
 
     async fn prefill(&self, batch: pb::Batch) -> Result<StepOutput, ShardError> {
         let request = pb::PrefillRequest { batch: Some(batch) };
-        let response = self.client.clone().prefill(request).await?.into_inner();
-        let nanos = [
-            0,
-            response.forward_ns,
-            response.decode_ns,
-            response.total_ns,
-        ];
-        Ok(StepOutput::new(response.generations, response.batch, nanos))
+        let r = self.client.clone().prefill(request).await?.into_inner();
+        let nanos = [0, r.forward_ns, r.decode_ns, r.total_ns];
+        Ok(StepOutput::new(r.generations, r.batch, nanos))
     }
 
     async fn decode(&self, batches: Vec<pb::CachedBatch>) -> Result<StepOutput, ShardError> {
         let request = pb::DecodeRequest { batches };
-        let response = self.client.clone().decode(request).await?.into_inner();
-        let (concat, forward) = (response.concat_ns, response.forward_ns);
-        let nanos = [concat, forward, response.decode_ns, response.total_ns];
-        Ok(StepOutput::new(response.generations, response.batch, nanos))
+        let r = self.client.clone().decode(request).await?.into_inner();
+        let nanos = [r.concat_ns, r.forward_ns, r.decode_ns, r.total_ns];
+        Ok(StepOutput::new(r.generations, r.batch, nanos))
     }
 
     async fn filter_batch(

@@ -41,9 +41,7 @@ fn prefills(shard: &FakeShard) -> usize {
 /// The value of a metric line (`name{labels} value`), 0 when absent.
 async fn metric(app: &axum::Router, line_start: &str) -> f64 {
     let text = String::from_utf8(get(app, "/metrics").await.body.to_vec()).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    metric_value(&text, line_start).unwrap_or(0.0)
 }
 
 #[tokio::test]

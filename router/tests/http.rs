@@ -424,8 +424,9 @@ async fn health_info_metrics_tokenize_docs() {
         ("concat", "decode", timings.concat),
     ] {
         let series = format!("lorax_batch_{name}_duration");
-        let mean = metric_value(&text, &format!("{series}_sum{{method=\"{method}\"}}"))
-            / metric_value(&text, &format!("{series}_count{{method=\"{method}\"}}"));
+        let value_of = |line: String| metric_value(&text, &line).expect(&line);
+        let mean = value_of(format!("{series}_sum{{method=\"{method}\"}}"))
+            / value_of(format!("{series}_count{{method=\"{method}\"}}"));
         assert!(
             (mean - value.as_secs_f64()).abs() < 1e-9,
             "{series}: {mean}"
@@ -433,7 +434,10 @@ async fn health_info_metrics_tokenize_docs() {
     }
     for series in ["filter", "rpc_overhead"] {
         let count = format!("lorax_batch_{series}_duration_count{{method=\"decode\"}}");
-        assert!(metric_value(&text, &count) >= 1.0, "{count}");
+        assert!(
+            metric_value(&text, &count).is_some_and(|n| n >= 1.0),
+            "{count}"
+        );
     }
 
     let tokens = post(&app, "/tokenize", json!({"inputs": "hello world"}))
@@ -588,11 +592,4 @@ async fn length_limits_are_inclusive_and_say_at_most() {
         truncate.json()["error"],
         "Input validation error: `truncate` must be strictly positive and at most 16. Given: 17"
     );
-}
-
-/// The value of the Prometheus line `line_start value` in `text`.
-fn metric_value(text: &str, line_start: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {line_start} in\n{text}"))
 }

@@ -222,6 +222,13 @@ pub fn assert_error(answer: &Answer, status: u16, error_type: &str) {
     assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()));
 }
 
+/// The value of the Prometheus line `line_start value` in `text` (`line_start` is the series with its
+/// labels).
+pub fn metric_value(text: &str, line_start: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
+}
+
 /// A /generate body for "hello" (2 new tokens) with `adapter`'s parameters added.
 pub fn generate(adapter: Value) -> Value {
     let mut parameters = json!({"max_new_tokens": 2});
