@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+import heapq
+from collections import OrderedDict
 
 import torch
 
@@ -27,7 +28,11 @@ class BlockManager:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        # Never-used blocks, a min-heap: a table takes the lowest free blocks, so it is ascending and
+        # mostly contiguous however long the server has run. Handed out first-in first-out instead,
+        # freed blocks came back in reverse and scattered once the pool had wrapped, and a decode step
+        # reading its tables went from 13.3 to 15.4-17.6 ms (bench model, 64 requests; bench/RESULTS.md).
+        self._free: list[int] = list(range(num_blocks))
         self._refs = [0] * num_blocks
         self._by_hash: dict[bytes, int] = {}  # registered prefix blocks
         self._hash_of: dict[int, bytes] = {}
@@ -54,7 +59,7 @@ class BlockManager:
         taken = []
         for _ in range(n):
             if self._free:
-                block = self._free.popleft()
+                block = heapq.heappop(self._free)
             else:  # recycle the least recently used cached prefix block
                 block, _ = self._evictable.popitem(last=False)
                 del self._by_hash[self._hash_of.pop(block)]
@@ -95,7 +100,7 @@ class BlockManager:
                 if block in self._hash_of:
                     self._evictable[block] = None  # most recently used last
                 else:
-                    self._free.append(block)
+                    heapq.heappush(self._free, block)
         table.clear()
 
     def match(self, hashes: list[bytes]) -> list[int]:
@@ -131,7 +136,7 @@ class BlockManager:
             del self._by_hash[h]
             if block in self._evictable:
                 del self._evictable[block]
-                self._free.append(block)
+                heapq.heappush(self._free, block)
 
 
 def slot_mapping(

@@ -23,6 +23,20 @@ def test_allocate_rounds_up_to_blocks_and_free_returns_them() -> None:
     assert a == [] and bm.num_free == 7
 
 
+def test_tables_take_the_lowest_free_blocks_in_ascending_order_however_they_were_freed() -> None:
+    """Freed blocks (tables free last block first, requests finish in any order) are handed out again
+    lowest first: a long-running server's tables stay ascending and packed at the start of the cache."""
+    bm = BlockManager(num_blocks=12, block_size=4)
+    tables = [bm.allocate(12) for _ in range(4)]  # [0, 1, 2], [3, 4, 5], ...
+    assert tables[1] == [3, 4, 5]
+    for i in (2, 0, 3):
+        bm.free(tables[i])
+    assert bm.allocate(16) == [0, 1, 2, 6]
+    assert bm.allocate(8) == [7, 8]
+    bm.free(tables[1])
+    assert bm.allocate(20) == [3, 4, 5, 9, 10]
+
+
 def test_allocate_refuses_when_full_and_leaves_state_untouched() -> None:
     bm = BlockManager(num_blocks=3, block_size=4)
     bm.allocate(8)
