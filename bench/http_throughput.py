@@ -18,6 +18,7 @@ to the adapters round-robin (rank 16, all linear layers; none for 0).
 Prints a table, writes bench/http_throughput.png. Not a test.
 
     .venv/bin/python bench/http_throughput.py [--adapters 0 1 8 32 128] [--requests 64] [--rounds 3]
+        [--decode-steps-per-call 1]
 """
 
 from __future__ import annotations
@@ -150,12 +151,14 @@ def measure_ours(
     texts: tuple[list[str], list[int]],
     rounds: int,
     log_dir: Path,
+    flags: list[str],
 ) -> tuple[dict[int, list[float]], list[float]]:
-    """Tokens/s of every round on each adapter count's server, and of the engine in-process."""
+    """Tokens/s of every round on each adapter count's server (started with `flags` beside LIMITS), and of
+    the engine in-process."""
     over_http: dict[int, list[float]] = {n: [] for n in counts}
     in_process: list[float] = []
     with ExitStack() as servers:
-        urls = {n: servers.enter_context(serve(model, *LIMITS, log_dir=log_dir)) for n in counts}
+        urls = {n: servers.enter_context(serve(model, *LIMITS, *flags, log_dir=log_dir)) for n in counts}
         for n, url in urls.items():
             load_adapters(url, adapters[:n])
             run_http(url, *texts, adapters[:n])  # untimed: a new server's first pass pays one-time costs
@@ -203,12 +206,14 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, nargs="+", default=[0, 1, 8, 32, 128])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--decode-steps-per-call", type=int, default=1, help="the servers' flag")
     args = parser.parse_args()
+    flags = ["--decode-steps-per-call", str(args.decode_steps_per_call)]
     with tempfile.TemporaryDirectory() as tmp:
         model, adapters = make_bench_model(Path(tmp), max(args.adapters))
         prompts, outputs, work = bench_requests(model, args.requests)
         over_http, local = measure_ours(
-            model, adapters, args.adapters, work, (prompts, outputs), args.rounds, Path(tmp)
+            model, adapters, args.adapters, work, (prompts, outputs), args.rounds, Path(tmp), flags
         )
         rows = []
         for n in args.adapters:
@@ -216,7 +221,8 @@ def main() -> None:
             rows.append((n, max(over_http[n]), baseline, size))
             print(f"{n} adapters: ours {rows[-1][1]:.1f} tok/s, baseline {baseline:.1f} (batch {size})", flush=True)
     print_table(rows, over_http, local)
-    print(f"{args.requests} requests, float32, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{args.requests} requests, float32, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"--decode-steps-per-call {args.decode_steps_per_call}")  # fmt: skip
     plot([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], BENCH / "http_throughput.png")
     print(f"wrote {BENCH / 'http_throughput.png'}")
 

@@ -35,6 +35,8 @@ pub struct BatcherConfig {
     pub max_batch_total_tokens: u32,
     /// Decode steps after which waiting requests are prefilled whatever their number.
     pub max_waiting_tokens: usize,
+    /// Most decode steps in one Decode call, taken only while no request waits (see `decode`).
+    pub decode_steps_per_call: u32,
     /// New requests join early only when waiting / running >= this ratio.
     pub waiting_served_ratio: f32,
     /// KV-cache block size of the shard.
@@ -133,8 +135,13 @@ async fn batching_task(
             metrics::gauge!("lorax_batch_current_size").set(entries.len() as f64);
             metrics::gauge!("lorax_batch_current_max_tokens")
                 .set(reserved_tokens(&entries, config.block_size) as f64);
-            cached = decode(shard, batches, &mut entries).await;
-            waiting_tokens += 1;
+            let steps = if queue.waiting() == 0 {
+                config.decode_steps_per_call.max(1)
+            } else {
+                1
+            };
+            cached = decode(shard, batches, steps, &mut entries).await;
+            waiting_tokens += steps as usize;
         }
         metrics::gauge!("lorax_batch_current_size").set(0.0);
         metrics::gauge!("lorax_batch_current_max_tokens").set(0.0);
@@ -178,9 +185,13 @@ async fn prefill(
     step(shard, "prefill", span, &batch_ids, call, entries).await
 }
 
+/// Up to `steps` decode steps in one call. Several save a round trip to the shard (and the loop
+/// around it) per step, but their tokens reach the clients together, and a request that arrives
+/// meanwhile waits for the call to end: the loop asks for several only while none waits.
 async fn decode(
     shard: Shard<'_>,
     batches: Vec<pb::CachedBatch>,
+    steps: u32,
     entries: &mut Entries,
 ) -> Option<pb::CachedBatch> {
     let batch_ids: Vec<u64> = batches.iter().map(|b| b.id).collect();
@@ -189,9 +200,10 @@ async fn decode(
         "decode",
         batches = batch_ids.len() as i64,
         batch_size = entries.len() as i64,
+        steps = steps as i64,
         trace_id = tracing::field::Empty,
     );
-    let call = shard.client.decode(batches);
+    let call = shard.client.decode(batches, steps);
     step(shard, "decode", span, &batch_ids, call, entries).await
 }
 
@@ -215,6 +227,10 @@ async fn step(
     match result {
         Ok(output) => {
             record_step(method, start.elapsed(), &output.timings);
+            if method == "decode" {
+                metrics::counter!("lorax_batch_decode_steps")
+                    .increment(steps_run(&output.generations));
+            }
             let handing_out = Instant::now();
             send_generations(output.generations, entries);
             let next = filter_batch(shard.client, output.batch, entries).await;
@@ -263,6 +279,15 @@ fn record_step(method: &'static str, call: Duration, timings: &StepTimings) {
     }
     metrics::histogram!("lorax_batch_rpc_overhead_duration", "method" => method)
         .record(call.saturating_sub(timings.total).as_secs_f64());
+}
+
+/// Decode steps a call ran: the most generations one request got, less speculation's extra ones.
+fn steps_run(generations: &[pb::Generation]) -> u64 {
+    let mut per_request: HashMap<u64, u64> = HashMap::new();
+    for g in generations.iter().filter(|g| !g.skipped) {
+        *per_request.entry(g.request_id).or_default() += 1;
+    }
+    per_request.into_values().max().unwrap_or(0)
 }
 
 /// Drops entries whose client went away and filters them out of the cached batch.

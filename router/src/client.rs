@@ -152,7 +152,12 @@ pub trait ShardClient: Send + Sync + 'static {
         max_total_tokens: u32,
     ) -> Result<u32, ShardError>;
     async fn prefill(&self, batch: pb::Batch) -> Result<StepOutput, ShardError>;
-    async fn decode(&self, batches: Vec<pb::CachedBatch>) -> Result<StepOutput, ShardError>;
+    /// Up to `steps` decode steps in one call (see `DecodeRequest.steps`).
+    async fn decode(
+        &self,
+        batches: Vec<pb::CachedBatch>,
+        steps: u32,
+    ) -> Result<StepOutput, ShardError>;
     /// Keeps only `request_ids` of the cached batch.
     async fn filter_batch(
         &self,
@@ -258,8 +263,12 @@ impl Shard {
         Ok(StepOutput::new(r.generations, r.batch, nanos))
     }
 
-    async fn decode(&self, batches: Vec<pb::CachedBatch>) -> Result<StepOutput, ShardError> {
-        let request = pb::DecodeRequest { batches };
+    async fn decode(
+        &self,
+        batches: Vec<pb::CachedBatch>,
+        steps: u32,
+    ) -> Result<StepOutput, ShardError> {
+        let request = pb::DecodeRequest { batches, steps };
         let r = self.client.clone().decode(request).await?.into_inner();
         let nanos = [r.concat_ns, r.forward_ns, r.decode_ns, r.total_ns];
         Ok(StepOutput::new(r.generations, r.batch, nanos))
@@ -437,8 +446,12 @@ impl ShardClient for ShardedClient {
         self.first(|s| s.prefill(batch.clone())).await
     }
 
-    async fn decode(&self, batches: Vec<pb::CachedBatch>) -> Result<StepOutput, ShardError> {
-        self.first(|s| s.decode(batches.clone())).await
+    async fn decode(
+        &self,
+        batches: Vec<pb::CachedBatch>,
+        steps: u32,
+    ) -> Result<StepOutput, ShardError> {
+        self.first(|s| s.decode(batches.clone(), steps)).await
     }
 
     async fn filter_batch(

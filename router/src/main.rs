@@ -64,6 +64,11 @@ struct Args {
     /// Decode steps after which waiting requests are prefilled regardless of the ratio.
     #[arg(long, env, default_value_t = 20)]
     max_waiting_tokens: usize,
+    /// Most decode steps the shards run per Decode call while no request waits (1-32). More
+    /// save the router-shard round trip per step; the steps' tokens then reach clients together,
+    /// and a request that arrives meanwhile waits for the call to end.
+    #[arg(long, env, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=32))]
+    decode_steps_per_call: u32,
     /// Most adapters on the device at once (loading or active); others wait in host memory.
     #[arg(long, env, default_value_t = 128)]
     max_active_adapters: usize,
@@ -296,6 +301,7 @@ fn start_inference(
         max_batch_prefill_tokens: shards.max_batch_prefill_tokens,
         max_batch_total_tokens: shards.max_batch_total_tokens,
         max_waiting_tokens: args.max_waiting_tokens,
+        decode_steps_per_call: args.decode_steps_per_call,
         waiting_served_ratio: args.waiting_served_ratio,
         block_size: shards.block_size,
         chunked_prefill: args.chunked_prefill,

@@ -111,6 +111,10 @@ fn describe() {
     );
     describe_counter!("lorax_batch_inference_count", "Prefill/decode calls");
     describe_counter!(
+        "lorax_batch_decode_steps",
+        "Decode steps run (a Decode call runs up to --decode-steps-per-call)"
+    );
+    describe_counter!(
         "lorax_batch_inference_success",
         "Prefill/decode calls that succeeded"
     );

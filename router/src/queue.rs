@@ -18,6 +18,7 @@ use crate::registry::{
 use crate::template::ChatTemplate;
 use shared_prefix::SharedPrefixes;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -245,6 +246,8 @@ enum Command {
 #[derive(Clone, Debug)]
 pub struct Queue {
     commands: mpsc::UnboundedSender<Command>,
+    /// Requests waiting, as of the last command the task handled.
+    waiting: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Command {
@@ -272,13 +275,21 @@ impl Queue {
     /// becomes active.
     pub fn spawn(client: Arc<dyn ShardClient>, config: QueueConfig, notify: Arc<Notify>) -> Self {
         let (commands, receiver) = mpsc::unbounded_channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
         tokio::spawn(queue_task(
             QueueState::new(config),
             receiver,
+            waiting.clone(),
             client,
             notify,
         ));
-        Self { commands }
+        Self { commands, waiting }
+    }
+
+    /// Requests waiting for a batch (their adapter's included), as of the last command the
+    /// task handled: after `next_batch` returns, what it left in the queue.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
     }
 
     /// Queues an entry (never blocks).
@@ -372,6 +383,7 @@ impl Queue {
 async fn queue_task(
     mut state: QueueState,
     mut commands: mpsc::UnboundedReceiver<Command>,
+    waiting: Arc<AtomicUsize>,
     client: Arc<dyn ShardClient>,
     notify: Arc<Notify>,
 ) {
@@ -379,28 +391,42 @@ async fn queue_task(
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut labels = HashSet::new();
+    let mut published = None;
     loop {
-        tokio::select! {
+        let ticked = tokio::select! {
             command = commands.recv() => match command {
-                Some(command) => handle(&mut state, command),
+                Some(command) => {
+                    handle(&mut state, command, &waiting);
+                    false
+                }
                 None => break,
             },
-            Some(result) = results.recv() => state.adapters.complete(result, Instant::now()),
-            _ = tick.tick() => {}
-        }
+            Some(result) = results.recv() => {
+                state.adapters.complete(result, Instant::now());
+                false
+            }
+            _ = tick.tick() => true,
+        };
         for action in state.adapters.schedule(Instant::now()) {
             tokio::spawn(run_action(client.clone(), results_tx.clone(), action));
         }
         if state.adapters.take_woke() {
             notify.notify_one();
         }
-        metrics::gauge!("lorax_queue_size").set(state.len() as f64);
-        metrics::gauge!("lorax_adapters_active").set(state.adapters.active_count() as f64);
-        m::adapter_queue_sizes(&state.adapters.queue_sizes(), &mut labels);
+        waiting.store(state.len(), Ordering::Release);
+        // The gauges when the counts moved, and every tick: the per-adapter ones cost a label
+        // lookup per adapter, too much for every request and step with hundreds of adapters.
+        let counts = (state.len(), state.adapters.active_count());
+        if ticked || published != Some(counts) {
+            metrics::gauge!("lorax_queue_size").set(counts.0 as f64);
+            metrics::gauge!("lorax_adapters_active").set(counts.1 as f64);
+            m::adapter_queue_sizes(&state.adapters.queue_sizes(), &mut labels);
+            published = Some(counts);
+        }
     }
 }
 
-fn handle(state: &mut QueueState, command: Command) {
+fn handle(state: &mut QueueState, command: Command, waiting: &AtomicUsize) {
     let now = Instant::now();
     match command {
         Command::Append(entry) => {
@@ -415,6 +441,7 @@ fn handle(state: &mut QueueState, command: Command) {
         } => {
             state.set_running(&running);
             let next = state.next_batch(min_size, prefill_token_budget, token_budget);
+            waiting.store(state.len(), Ordering::Release);
             // When the batcher went away (shutdown) its entries are dropped: their clients
             // see the stream end.
             let _ = reply.send(next);

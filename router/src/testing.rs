@@ -91,6 +91,7 @@ pub enum Call {
     Decode {
         batch_ids: Vec<u64>,
         request_ids: Vec<u64>,
+        steps: u32,
     },
     Filter {
         batch_id: u64,
@@ -410,13 +411,20 @@ impl ShardClient for FakeShard {
         })
     }
 
-    async fn decode(&self, batches: Vec<pb::CachedBatch>) -> Result<StepOutput, ShardError> {
+    /// Runs `steps` steps as one: later steps skip the requests that finished (the batch keeps
+    /// them, TGI-style) and the call ends once every request has finished.
+    async fn decode(
+        &self,
+        batches: Vec<pb::CachedBatch>,
+        steps: u32,
+    ) -> Result<StepOutput, ShardError> {
         self.pass_gate().await;
         let mut state = self.state.lock().unwrap();
         let batch_ids: Vec<u64> = batches.iter().map(|b| b.id).collect();
         state.calls.push(Call::Decode {
             batch_ids: batch_ids.clone(),
             request_ids: batches.iter().flat_map(|b| b.request_ids.clone()).collect(),
+            steps,
         });
         if state.fail_decode {
             return Err(ShardError::Rpc("decode exploded".into()));
@@ -439,10 +447,14 @@ impl ShardClient for FakeShard {
                 ));
             }
         }
-        let generations = merged
+        let mut generations: Vec<pb::Generation> = merged
             .iter_mut()
             .map(|r| step(r, &mut violations))
             .collect();
+        for _ in 1..steps {
+            let running = merged.iter_mut().filter(|r| !r.finished);
+            generations.extend(running.map(|r| step(r, &mut violations)));
+        }
         state.violations.extend(violations);
         let id = batch_ids.first().copied().unwrap_or_default();
         let next = cached(id, &merged, self.block_size);

@@ -31,6 +31,7 @@ fn start(capacity: u32, max_active_adapters: usize, cycle_time: Duration) -> Har
         max_batch_prefill_tokens: 1000,
         max_batch_total_tokens: capacity,
         max_waiting_tokens: 1,
+        decode_steps_per_call: 1,
         waiting_served_ratio: 0.0,
         block_size: 1,
         chunked_prefill: false,

@@ -25,6 +25,7 @@ fn config(total: u32, prefill: u32, max_waiting_tokens: usize, ratio: f32) -> Ba
         max_batch_prefill_tokens: prefill,
         max_batch_total_tokens: total,
         max_waiting_tokens,
+        decode_steps_per_call: 1,
         waiting_served_ratio: ratio,
         block_size: 1,
         chunked_prefill: false,
@@ -355,4 +356,69 @@ async fn shard_failures_fail_their_requests_only() {
     h.shard.set_fail_prefill(false);
     let (tokens, _) = finish(h.submit(2, 5)).await.unwrap();
     assert_eq!(tokens.len(), 5);
+}
+
+fn decode_steps(calls: &[Call]) -> Vec<u32> {
+    calls
+        .iter()
+        .filter_map(|c| match c {
+            Call::Decode { steps, .. } => Some(*steps),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn several_decode_steps_a_call_only_while_no_request_waits() {
+    // Four requests take the whole token budget (4 x (2 + 10)); a fifth waits for them to finish.
+    let config = BatcherConfig {
+        decode_steps_per_call: 4,
+        ..config(48, 1000, 20, 1.2)
+    };
+    let h = start(FakeShard::gated(48, 1), config);
+    let receivers: Vec<Receiver> = (0..5).map(|_| h.submit(2, 10)).collect();
+    h.shard.allow_steps(100);
+    finish_numbered(receivers, &[10; 5]).await;
+    let calls = h.shard.calls();
+    // One step a call while the fifth waits; then 4 a call, the last ending when its batch does.
+    let mut expected = vec![1; 9];
+    expected.extend([4, 4, 4]);
+    assert_eq!(decode_steps(&calls), expected);
+    let prefills: Vec<Vec<u64>> = calls
+        .iter()
+        .filter(|c| matches!(c, Call::Prefill { .. }))
+        .map(request_ids)
+        .collect();
+    assert_eq!(prefills, vec![vec![0, 1, 2, 3], vec![4]]);
+    assert!(
+        h.shard.violations().is_empty(),
+        "{:?}",
+        h.shard.violations()
+    );
+}
+
+#[tokio::test]
+async fn requests_finishing_inside_a_call_get_every_token_and_leave_the_batch() {
+    let config = BatcherConfig {
+        decode_steps_per_call: 4,
+        ..config(1000, 100, 20, 1.2)
+    };
+    let h = start(FakeShard::new(1000, 1), config);
+    let lengths = [6u32, 2, 9, 1];
+    let receivers: Vec<Receiver> = lengths.iter().map(|&n| h.submit(3, n)).collect();
+    finish_numbered(receivers, &lengths).await;
+    let calls = h.shard.calls();
+    assert_eq!(decode_steps(&calls), vec![4, 4]);
+    // Each call's finished requests are filtered out before the next (the fake keeps them).
+    let decoded: Vec<Vec<u64>> = calls
+        .iter()
+        .filter(|c| matches!(c, Call::Decode { .. }))
+        .map(request_ids)
+        .collect();
+    assert_eq!(decoded, vec![vec![0, 1, 2], vec![0, 2]]);
+    assert!(
+        h.shard.violations().is_empty(),
+        "{:?}",
+        h.shard.violations()
+    );
 }

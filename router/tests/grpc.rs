@@ -87,9 +87,10 @@ impl LoraxService for Service {
         &self,
         r: Request<pb::DecodeRequest>,
     ) -> Result<Response<pb::DecodeResponse>, Status> {
+        let r = r.into_inner();
         let step = self
             .shard
-            .decode(r.into_inner().batches)
+            .decode(r.batches, r.steps)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::DecodeResponse {
@@ -262,7 +263,7 @@ async fn sharded_client_reaches_every_shard_over_unix_sockets() {
     assert_eq!(cached.request_ids, vec![0, 1]);
     let filtered = client.filter_batch(7, vec![1]).await.unwrap().unwrap();
     assert_eq!(filtered.request_ids, vec![1]);
-    let decode = client.decode(vec![filtered]).await.unwrap();
+    let decode = client.decode(vec![filtered], 3).await.unwrap();
     assert_eq!(decode.generations.len(), 1);
     assert!(decode.generations[0].generated_text.is_some());
     assert!(decode.batch.is_none());
@@ -280,7 +281,7 @@ async fn sharded_client_reaches_every_shard_over_unix_sockets() {
                 request_ids: vec![1]
             }
         );
-        assert!(matches!(calls[2], Call::Decode { .. }));
+        assert!(matches!(calls[2], Call::Decode { steps: 3, .. }));
         assert_eq!(calls[3], Call::Clear { batch_id: None });
     }
 
@@ -291,7 +292,7 @@ async fn sharded_client_reaches_every_shard_over_unix_sockets() {
     );
     shards[1].set_fail_decode(true);
     let cached = client.prefill(batch(8)).await.unwrap().batch;
-    let err = client.decode(vec![cached.unwrap()]).await.unwrap_err();
+    let err = client.decode(vec![cached.unwrap()], 1).await.unwrap_err();
     assert!(err.to_string().contains("decode exploded"), "{err}");
 }
 

@@ -8,6 +8,7 @@ when it ends. Slow adapter fetches and grammar compilation run on worker threads
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import time
@@ -228,12 +229,29 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
             total_ns=time.perf_counter_ns() - start,
         )
 
+    def _decode_steps(self, batch_ids: list[int], steps: int):  # noqa: ANN202
+        """Up to `steps` decode steps, each on the batch the one before left (the engine drops finished
+        requests at once), fewer when every request finishes; their generations in order and their
+        summed timings."""
+        gens, batch, t = self._timed(self.engine.decode, batch_ids)
+        total = dataclasses.replace(t)
+        for _ in range(steps - 1):
+            if batch is None:
+                break
+            more, batch, t = self._timed(self.engine.decode, [batch.id])
+            gens += more
+            total.concat_ns += t.concat_ns
+            total.forward_ns += t.forward_ns
+            total.decode_ns += t.decode_ns
+        return gens, batch, total
+
     async def Decode(self, request, context):  # noqa: ANN001, ANN201, N802
         start = time.perf_counter_ns()
+        steps = max(request.steps, 1)
         attributes = {"batches": len(request.batches), "batch_size": sum(b.size for b in request.batches)}
-        with rpc_span("decode", context.invocation_metadata(), **attributes) as span:
+        with rpc_span("decode", context.invocation_metadata(), steps=steps, **attributes) as span:
             ids = [b.id for b in request.batches]
-            gens, batch, t = await self._run(context, self._timed, self.engine.decode, ids)
+            gens, batch, t = await self._run(context, self._decode_steps, ids, steps)
             span.set_attribute("forward_ns", t.forward_ns)
         return pb.DecodeResponse(
             generations=[generation_to_proto(g) for g in gens],

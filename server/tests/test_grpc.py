@@ -105,9 +105,13 @@ def test_warmup_prefill_decode_filter_clear(shard) -> None:
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def _run_batch(stub, batch_id: int, requests: list[pb.Request], between=None) -> dict[int, list[tuple[int, float]]]:  # noqa: ANN001
-    """Prefill then decode to the end; (token, logprob) of each request. `between` runs before each step."""
-    out: dict[int, list[tuple[int, float]]] = {r.id: [] for r in requests}
+Tokens = dict[int, list[tuple[int, float]]]
+
+
+def _run_batch(stub, batch_id: int, requests: list[pb.Request], between=None, steps: int = 0) -> Tokens:  # noqa: ANN001
+    """Prefill then decode to the end, `steps` steps a Decode; (token, logprob) of each request. `between`
+    runs before each call."""
+    out: Tokens = {r.id: [] for r in requests}
     if between is not None:
         between()
     step = stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=batch_id, requests=requests, size=len(requests))))
@@ -118,7 +122,32 @@ def _run_batch(stub, batch_id: int, requests: list[pb.Request], between=None) ->
             return out
         if between is not None:
             between()
-        step = stub.Decode(pb.DecodeRequest(batches=[step.batch]))
+        step = stub.Decode(pb.DecodeRequest(batches=[step.batch], steps=steps))
+
+
+def test_several_steps_a_decode_call_give_the_tokens_of_one_step_a_call(shard) -> None:
+    """A Decode of N steps runs each step on what the one before left: the same tokens and logprobs,
+    in order, as N calls, finished requests out of the batch at once, the call ending early when every
+    request has finished. Requests of 1 to 9 new tokens, one with an EOS it may stop at, one with top
+    tokens."""
+    stub, proc, _ = shard
+    stub.Warmup(pb.WarmupRequest(max_input_length=64, max_prefill_tokens=128, max_total_tokens=128))
+    requests = [request(20 + i, [1, 7 + i, 30 + 2 * i], 1 + 2 * i) for i in range(5)]
+    requests[1].stopping_parameters.ignore_eos_token = False
+    requests[2].top_n_tokens = 3
+    one = _run_batch(stub, 50, requests)
+    assert _run_batch(stub, 51, requests, steps=1) == one
+    for steps in (3, 100):
+        assert _run_batch(stub, 52 + steps, requests, steps=steps) == one
+    pre = stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=60, requests=requests, size=len(requests))))
+    dec = stub.Decode(pb.DecodeRequest(batches=[pre.batch], steps=4))
+    per_request = {r.id: sum(g.request_id == r.id for g in dec.generations) for r in requests}
+    assert per_request == {20: 0, 21: len(one[21]) - 1, 22: 4, 23: 4, 24: 4}  # 22 ends at its 5th token
+    assert not any(g.skipped for g in dec.generations)
+    assert list(dec.batch.request_ids) == [23, 24] and 0 < dec.forward_ns <= dec.total_ns
+    last = stub.Decode(pb.DecodeRequest(batches=[dec.batch], steps=100))
+    assert not last.HasField("batch") and len(last.generations) == (7 - 5) + (9 - 5)
+    assert proc.poll() is None
 
 
 def test_health_runs_between_steps_of_a_cached_batch_without_changing_it(shard) -> None:

@@ -32,6 +32,7 @@ fn defaults_match_lorax() {
     assert_eq!(a.max_batch_prefill_tokens, 4096);
     assert_eq!(a.max_batch_total_tokens, None);
     assert_eq!(a.max_waiting_tokens, 20);
+    assert_eq!(a.decode_steps_per_call, 1);
     assert_eq!(a.max_active_adapters, 128);
     assert_eq!(a.adapter_cycle_time_s, 2);
     assert_eq!(a.adapter_memory_fraction, 0.1);
@@ -178,4 +179,11 @@ fn fractions_and_counts_are_range_checked() {
     assert!(error_of(&["--max-best-of", "0"]).contains("--max-best-of"));
     assert!(error_of(&["--health-stall-timeout-s", "0"]).contains("above 0"));
     assert!(error_of(&["--health-probe-interval-s", "nan"]).contains("above 0"));
+    for steps in ["0", "33"] {
+        let err = Args::try_parse_from(["l", "--model-id", "m", "--decode-steps-per-call", steps])
+            .expect_err("out of 1..=32")
+            .to_string();
+        assert!(err.contains("--decode-steps-per-call"), "{err}");
+    }
+    assert_eq!(parse(&["--decode-steps-per-call", "32"]).decode_steps_per_call, 32);
 }

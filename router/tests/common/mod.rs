@@ -114,6 +114,7 @@ pub fn app_with_health(
         max_batch_prefill_tokens: 100,
         max_batch_total_tokens: 1000,
         max_waiting_tokens: 20,
+        decode_steps_per_call: 1,
         waiting_served_ratio: 1.2,
         block_size: 1,
         chunked_prefill: false,
