@@ -185,5 +185,8 @@ fn fractions_and_counts_are_range_checked() {
             .to_string();
         assert!(err.contains("--decode-steps-per-call"), "{err}");
     }
-    assert_eq!(parse(&["--decode-steps-per-call", "32"]).decode_steps_per_call, 32);
+    assert_eq!(
+        parse(&["--decode-steps-per-call", "32"]).decode_steps_per_call,
+        32
+    );
 }
