@@ -1,4 +1,5 @@
-"""bench/gpu_check.py, the check prepared for a GPU session, must not rot while no GPU runs it: its dry
+"""bench/gpu_check.py (with gpu_check_common.py and gpu_check_throughput.py beside it), the check prepared
+for a GPU session, must not rot while no GPU runs it: its dry
 run (CPU, toy sizes, the torch backend for speed) runs every section here, one family, a few steps,
 and its time budget skips what is left."""
 
@@ -84,11 +85,13 @@ def test_the_time_budget_skips_what_is_left(gpu_check: ModuleType, capsys: pytes
 
 
 def test_bandwidth_bound_arithmetic(gpu_check: ModuleType) -> None:
+    throughput = sys.modules["gpu_check_throughput"]  # imported by gpu_check, from beside it
     cfg = gpu_check.GPU_BENCH.model  # hidden 2048, 16 layers, MLP 5632, 8 of 16 heads for keys/values
     per_layer = 2 * 2048 * 2048 + 2 * 2048 * 1024 + 3 * 2048 * 5632 + 2 * 2048
-    assert gpu_check.model_bytes_read_per_step(cfg, 2) == 2 * (16 * per_layer + 2048 + 32000 * 2048)
+    assert throughput.model_bytes_read_per_step(cfg, 2) == 2 * (16 * per_layer + 2048 + 32000 * 2048)
     # 2 (K and V) * 16 layers * 8 kv heads * 128 dims * 2 bytes = 64 KiB per token of context
-    assert gpu_check.kv_bytes_read_per_step(cfg, [100, 28], 2) == 128 * 65536
-    rank16 = gpu_check.adapter_bytes(cfg, 16, ["q_proj", "down_proj"], 2)
+    assert throughput.kv_bytes_read_per_step(cfg, [100, 28], 2) == 128 * 65536
+    rank16 = throughput.adapter_bytes(cfg, 16, ["q_proj", "down_proj"], 2)
     assert rank16 == 2 * 16 * 16 * ((2048 + 2048) + (5632 + 2048))
-    assert gpu_check.bench_configs(gpu_check.GPU_BENCH) == [(1, 0), (1, 1), (8, 0), (8, 8), (64, 0), (64, 8), (64, 64)]
+    configs = [(1, 0), (1, 1), (8, 0), (8, 8), (64, 0), (64, 8), (64, 64)]
+    assert throughput.bench_configs(gpu_check.GPU_BENCH) == configs
