@@ -77,6 +77,12 @@ impl Harness {
     fn submit(&self, input_length: u32, max_new_tokens: u32) -> Receiver {
         self.submit_ids(vec![4; input_length as usize], max_new_tokens)
     }
+
+    /// The fake shard saw no call the router must never make.
+    fn assert_no_violations(&self) {
+        let violations = self.shard.violations();
+        assert!(violations.is_empty(), "{violations:?}");
+    }
 }
 
 /// Reads a request's stream to its end.
@@ -138,11 +144,7 @@ async fn requests_read_whole_get_every_token_in_order_beside_streamed_ones() {
         .map(|(&n, delivery)| h.submit_delivered(vec![4; 3], n, delivery))
         .collect();
     finish_numbered(receivers, &lengths).await;
-    assert!(
-        h.shard.violations().is_empty(),
-        "{:?}",
-        h.shard.violations()
-    );
+    h.assert_no_violations();
     assert!(h.shard.cached_requests().is_empty());
 }
 
@@ -173,11 +175,7 @@ async fn generations_reach_their_requests_and_finished_ones_are_filtered() {
         batch_id: 0,
         request_ids: vec![2]
     }));
-    assert!(
-        h.shard.violations().is_empty(),
-        "{:?}",
-        h.shard.violations()
-    );
+    h.assert_no_violations();
     assert!(h.shard.cached_requests().is_empty());
 }
 
@@ -223,11 +221,7 @@ async fn cancelled_request_is_filtered_out_at_once() {
     for call in &calls[at..] {
         assert!(!request_ids(call).contains(&0), "{call:?}");
     }
-    assert!(
-        h.shard.violations().is_empty(),
-        "{:?}",
-        h.shard.violations()
-    );
+    h.assert_no_violations();
 }
 
 #[tokio::test]
@@ -265,11 +259,7 @@ async fn token_budgets_are_never_exceeded() {
         let (tokens, _) = finish(rx).await.unwrap();
         assert_eq!(tokens.len() as u32, new);
     }
-    assert!(
-        h.shard.violations().is_empty(),
-        "{:?}",
-        h.shard.violations()
-    );
+    h.assert_no_violations();
     assert!(h.shard.max_reserved() <= capacity);
     assert!(h.shard.max_reserved() > capacity / 2, "batching happened");
     for call in h.shard.calls() {
@@ -390,11 +380,7 @@ async fn several_decode_steps_a_call_only_while_no_request_waits() {
         .map(request_ids)
         .collect();
     assert_eq!(prefills, vec![vec![0, 1, 2, 3], vec![4]]);
-    assert!(
-        h.shard.violations().is_empty(),
-        "{:?}",
-        h.shard.violations()
-    );
+    h.assert_no_violations();
 }
 
 #[tokio::test]
@@ -416,9 +402,5 @@ async fn requests_finishing_inside_a_call_get_every_token_and_leave_the_batch() 
         .map(request_ids)
         .collect();
     assert_eq!(decoded, vec![vec![0, 1, 2], vec![0, 2]]);
-    assert!(
-        h.shard.violations().is_empty(),
-        "{:?}",
-        h.shard.violations()
-    );
+    h.assert_no_violations();
 }
