@@ -348,6 +348,11 @@ async fn shard_failures_fail_their_requests_only() {
     assert_eq!(tokens.len(), 5);
 }
 
+/// The request ids of each call of a kind, in order.
+fn requests_of(calls: &[Call], kind: fn(&Call) -> bool) -> Vec<Vec<u64>> {
+    calls.iter().filter(|c| kind(c)).map(request_ids).collect()
+}
+
 fn decode_steps(calls: &[Call]) -> Vec<u32> {
     calls
         .iter()
@@ -374,11 +379,7 @@ async fn several_decode_steps_a_call_only_while_no_request_waits() {
     let mut expected = vec![1; 9];
     expected.extend([4, 4, 4]);
     assert_eq!(decode_steps(&calls), expected);
-    let prefills: Vec<Vec<u64>> = calls
-        .iter()
-        .filter(|c| matches!(c, Call::Prefill { .. }))
-        .map(request_ids)
-        .collect();
+    let prefills = requests_of(&calls, |c| matches!(c, Call::Prefill { .. }));
     assert_eq!(prefills, vec![vec![0, 1, 2, 3], vec![4]]);
     h.assert_no_violations();
 }
@@ -396,11 +397,7 @@ async fn requests_finishing_inside_a_call_get_every_token_and_leave_the_batch() 
     let calls = h.shard.calls();
     assert_eq!(decode_steps(&calls), vec![4, 4]);
     // Each call's finished requests are filtered out before the next (the fake keeps them).
-    let decoded: Vec<Vec<u64>> = calls
-        .iter()
-        .filter(|c| matches!(c, Call::Decode { .. }))
-        .map(request_ids)
-        .collect();
+    let decoded = requests_of(&calls, |c| matches!(c, Call::Decode { .. }));
     assert_eq!(decoded, vec![vec![0, 1, 2], vec![0, 2]]);
     h.assert_no_violations();
 }
