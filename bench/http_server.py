@@ -3,13 +3,16 @@ requests timed as a client sees them (time to first token, inter-token gaps)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +120,68 @@ def stream(url: str, inputs: str, **parameters) -> Streamed:
             out.token_times.append(time.perf_counter())
             out.token_ids.append(event["token"]["id"])
     return out
+
+
+class InOrder:
+    """Requests sent at once and in order, as a client that has them all would send them: the
+    connections are opened and every request's bytes built beforehand, then one thread sends them back
+    to back (64 in about 0.5 ms on loopback). Sent with `requests` from a thread each, 64 requests left
+    over 175-230 ms on 2 busy cores, so the server saw them arrive in waves, in a random order."""
+
+    def __init__(self, url: str, path: str, bodies: list[dict]) -> None:
+        address = urllib.parse.urlsplit(url)
+        head = f"POST {path} HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: application/json\r\n"
+        self.raw = []
+        for body in bodies:
+            data = json.dumps(body).encode()
+            self.raw.append(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        self.connections = [http.client.HTTPConnection(address.hostname, address.port, timeout=1200) for _ in bodies]
+        for c in self.connections:
+            c.connect()
+
+    def send(self) -> list[float]:
+        """Sends every request; returns when each left."""
+        sent = []
+        for c, request in zip(self.connections, self.raw, strict=True):
+            sent.append(time.perf_counter())
+            c.sock.sendall(request)
+        return sent
+
+    def response(self, i: int) -> http.client.HTTPResponse:
+        """Request `i`'s response, its status line and headers read; an error status raises."""
+        response = http.client.HTTPResponse(self.connections[i].sock)
+        response.begin()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {response.read()[:300]!r}")
+        return response
+
+    def close(self) -> None:
+        for c in self.connections:
+            c.close()
+
+
+def stream_all(url: str, bodies: list[dict]) -> list[Streamed]:
+    """POST every body to /generate_stream at once, in order (`InOrder`), and time every token event of
+    each from its own send, its events read by a thread of its own."""
+    requests_ = InOrder(url, "/generate_stream", bodies)
+    answers: list[Streamed] = []
+
+    def read(i: int) -> None:
+        for line in iter(requests_.response(i).readline, b""):
+            if not line.startswith(b"data:"):
+                continue
+            event = json.loads(line[5:])
+            if "error" in event:
+                raise RuntimeError(event["error"])
+            answers[i].token_times.append(time.perf_counter())
+            answers[i].token_ids.append(event["token"]["id"])
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers.extend(Streamed(sent) for sent in requests_.send())
+        for reading in [pool.submit(read, i) for i in range(len(bodies))]:
+            reading.result()
+    requests_.close()
+    return answers
 
 
 def percentile(values: list[float], q: float) -> float:

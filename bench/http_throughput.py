@@ -24,20 +24,18 @@ Prints a table, writes bench/http_throughput.png. Not a test.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import statistics
 import sys
 import tempfile
 import time
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
 import requests
 import torch
-from http_server import make_bench_model, serve, text_of_length
+from http_server import InOrder, make_bench_model, serve, text_of_length
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -77,40 +75,26 @@ def bench_requests(model: Path, n: int) -> tuple[list[str], list[int], list[tupl
 
 
 def run_http(url: str, prompts: list[str], outputs: list[int], adapters: list[Path]) -> tuple[int, float]:
-    """Every request sent at once and in order, as in-process: over connections opened beforehand, the
-    bytes of each ready, sent back to back from one thread (64 in about 0.5 ms), each answer read by a
-    thread of its own. (With `requests` from threads started one by one, the 64 requests left over
-    175-230 ms on 2 busy cores, so the server saw them arrive in waves; released from 64 threads at
-    once, they arrived in a random order, which decided which requests the first prefill, full at
-    4,096 tokens, left to join 20 steps later: 130-146 decode steps a pass against 127 in order.)"""
-
-    address = urllib.parse.urlsplit(url)
-    connections = [http.client.HTTPConnection(address.hostname, address.port, timeout=1200) for _ in prompts]
-    head = f"POST /generate HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: application/json\r\n"
-    raw = []
-    for i, (p, o) in enumerate(zip(prompts, outputs, strict=True)):
-        body = json.dumps({"inputs": p, "parameters": parameters(adapters, i, o)}).encode()
-        raw.append(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
-    for c in connections:
-        c.connect()
+    """Every request sent at once and in order, as in-process (`InOrder`), each answer read by a thread
+    of its own. (Released from 64 threads at once, the requests arrived in a random order, which decided
+    which requests the first prefill, full at 4,096 tokens, left to join 20 steps later: 130-146 decode
+    steps a pass against 127 in order.)"""
+    bodies = [
+        {"inputs": p, "parameters": parameters(adapters, i, o)}
+        for i, (p, o) in enumerate(zip(prompts, outputs, strict=True))
+    ]
+    requests_ = InOrder(url, "/generate", bodies)
 
     def answer(i: int) -> int:
-        response = http.client.HTTPResponse(connections[i].sock)
-        response.begin()
-        body = response.read()
-        if response.status != 200:
-            raise RuntimeError(f"HTTP {response.status}: {body[:300]!r}")
-        return json.loads(body)["details"]["generated_tokens"]
+        return json.loads(requests_.response(i).read())["details"]["generated_tokens"]
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         start = time.perf_counter()
-        for c, request in zip(connections, raw, strict=True):
-            c.sock.sendall(request)
+        requests_.send()
         answers = [pool.submit(answer, i) for i in range(len(prompts))]
         generated = sum(a.result() for a in answers)
     seconds = time.perf_counter() - start
-    for c in connections:
-        c.close()
+    requests_.close()
     return generated, seconds
 
 

@@ -1,14 +1,14 @@
 """Prefix caching through the launcher over HTTP, with and without `--prefix-caching`, in one run.
 
-Workload (issue 12): 64 requests arrive at once, each a 200-token system prompt shared by all plus its
-own 24-token question, round-robin over 4 rank-16 adapters on the 26M bench model (bench/http_server.py),
-32 new tokens each (greedy, EOS ignored). Each server is warmed with one request per adapter (other
-prompts), so adapter loading is not timed. Reports mean and p90 time to first token and tokens/s
-(generated tokens over the wall time of the 64), checks that both servers give the same answers, and
-writes bench/prefix_caching.png. Under two admission policies: the router's default
-(`--waiting-served-ratio 1.2`: once 36 requests run, the other 28 wait until 1.2 × as many wait, or for
-`--max-waiting-tokens` decode steps) and `--waiting-served-ratio 0` (waiting requests join at the next
-step). Not a test.
+Workload (issue 12): 64 requests arrive at once (sent in order from one thread: `stream_all`), each a
+200-token system prompt shared by all plus its own 24-token question, round-robin over 4 rank-16 adapters
+on the 26M bench model (bench/http_server.py), 32 new tokens each (greedy, EOS ignored). Each server is
+warmed with one request per adapter (other prompts), so adapter loading is not timed. Reports mean and
+p90 time to first token and tokens/s (generated tokens over the wall time of the 64), checks that both
+servers give the same answers, and writes bench/prefix_caching.png. Under two admission policies: the
+router's default (`--waiting-served-ratio 1.2`: once 36 requests run, the other 28 wait until 1.2 × as
+many wait, or for `--max-waiting-tokens` decode steps) and `--waiting-served-ratio 0` (waiting requests
+join at the next step). Not a test.
 
     .venv/bin/python bench/prefix_caching.py [--requests 64] [--repeats 2]
 """
@@ -19,10 +19,9 @@ import argparse
 import statistics
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from http_server import Streamed, make_bench_model, percentile, serve, stream, text_of_length
+from http_server import Streamed, make_bench_model, percentile, serve, stream, stream_all, text_of_length
 from transformers import AutoTokenizer
 
 BENCH = Path(__file__).resolve().parent
@@ -32,16 +31,14 @@ NEW_TOKENS = 32
 
 
 def run(url: str, prompts: list[str], adapters: list[Path]) -> tuple[list[Streamed], float]:
-    def one(i: int) -> Streamed:
-        adapter = adapters[i % len(adapters)]
-        return stream(url, prompts[i], max_new_tokens=NEW_TOKENS, ignore_eos_token=True, adapter_id=str(adapter),
-                      adapter_source="local")  # fmt: skip
-
     for i, adapter in enumerate(adapters):  # load every adapter first, on prompts that share nothing
         stream(url, f"warm up {i}", max_new_tokens=2, adapter_id=str(adapter), adapter_source="local")
+    bodies = []
+    for i, prompt in enumerate(prompts):
+        parameters = {"max_new_tokens": NEW_TOKENS, "ignore_eos_token": True, "adapter_source": "local"}
+        bodies.append({"inputs": prompt, "parameters": {**parameters, "adapter_id": str(adapters[i % len(adapters)])}})
     start = time.perf_counter()
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        answers = list(pool.map(one, range(len(prompts))))
+    answers = stream_all(url, bodies)
     return answers, time.perf_counter() - start
 
 
