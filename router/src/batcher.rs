@@ -203,7 +203,16 @@ async fn decode(
         steps = steps as i64,
         trace_id = tracing::field::Empty,
     );
-    let call = shard.client.decode(batches, steps);
+    let call = async move {
+        let output = shard.client.decode(batches, steps).await?;
+        let run = if steps == 1 {
+            1
+        } else {
+            steps_run(&output.generations)
+        };
+        metrics::counter!("lorax_batch_decode_steps").increment(run);
+        Ok(output)
+    };
     step(shard, "decode", span, &batch_ids, call, entries).await
 }
 
@@ -227,10 +236,6 @@ async fn step(
     match result {
         Ok(output) => {
             record_step(method, start.elapsed(), &output.timings);
-            if method == "decode" {
-                metrics::counter!("lorax_batch_decode_steps")
-                    .increment(steps_run(&output.generations));
-            }
             let handing_out = Instant::now();
             send_generations(output.generations, entries);
             let next = filter_batch(shard.client, output.batch, entries).await;
@@ -281,7 +286,8 @@ fn record_step(method: &'static str, call: Duration, timings: &StepTimings) {
         .record(call.saturating_sub(timings.total).as_secs_f64());
 }
 
-/// Decode steps a call ran: the most generations one request got, less speculation's extra ones.
+/// Decode steps a call of several ran: the most generations one request got, less speculation's
+/// extra ones (it may end early, when every request has finished).
 fn steps_run(generations: &[pb::Generation]) -> u64 {
     let mut per_request: HashMap<u64, u64> = HashMap::new();
     for g in generations.iter().filter(|g| !g.skipped) {

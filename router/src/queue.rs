@@ -413,10 +413,10 @@ async fn queue_task(
         if state.adapters.take_woke() {
             notify.notify_one();
         }
-        waiting.store(state.len(), Ordering::Release);
+        let counts = (state.len(), state.adapters.active_count());
+        waiting.store(counts.0, Ordering::Release);
         // The gauges when the counts moved, and every tick: the per-adapter ones cost a label
         // lookup per adapter, too much for every request and step with hundreds of adapters.
-        let counts = (state.len(), state.adapters.active_count());
         if ticked || published != Some(counts) {
             metrics::gauge!("lorax_queue_size").set(counts.0 as f64);
             metrics::gauge!("lorax_adapters_active").set(counts.1 as f64);
@@ -441,6 +441,7 @@ fn handle(state: &mut QueueState, command: Command, waiting: &AtomicUsize) {
         } => {
             state.set_running(&running);
             let next = state.next_batch(min_size, prefill_token_budget, token_budget);
+            // Before the reply: the batcher reads what this batch left waiting as soon as it has it.
             waiting.store(state.len(), Ordering::Release);
             // When the batcher went away (shutdown) its entries are dropped: their clients
             // see the stream end.

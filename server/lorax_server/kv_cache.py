@@ -28,10 +28,10 @@ class BlockManager:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        # Never-used blocks, a min-heap: a table takes the lowest free blocks, so it is ascending and
-        # mostly contiguous however long the server has run. Handed out first-in first-out instead,
-        # freed blocks came back in reverse and scattered once the pool had wrapped, and a decode step
-        # reading its tables went from 13.3 to 15.4-17.6 ms (bench model, 64 requests; bench/RESULTS.md).
+        # Free blocks holding no cached prefix, a min-heap: a table takes the lowest free blocks, so it is
+        # ascending and mostly contiguous however long the server has run. Handed out first-in first-out
+        # instead, freed blocks came back in reverse and scattered once the pool had wrapped, and a decode
+        # step reading its tables went from 13.3 to 15.4-17.6 ms (bench model, 64 requests; bench/RESULTS.md).
         self._free: list[int] = list(range(num_blocks))
         self._refs = [0] * num_blocks
         self._by_hash: dict[bytes, int] = {}  # registered prefix blocks
