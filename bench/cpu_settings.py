@@ -1,7 +1,7 @@
 """The engine's CPU settings and plans, measured on the bench workload in one run: each variant serves
 the same requests in-process in a fresh process, and its tokens/s is compared with the default's.
 
-Variants: the default (dense weights packed for oneDNN, the C++ paged decode kernel, the C++ LoRA
+Variants: the default (dense weights packed for oneDNN, the C++ paged attention kernels, the C++ LoRA
 kernel, the C++ RMSNorm and rotary kernels, torch's default thread count, glibc malloc keeping the
 memory a step frees for the next one); torch's BLAS on the dense weights (`LORAX_PACKED_WEIGHTS=0`);
 the torch reference paths (`LORAX_CPU_KERNELS=0`: all of them); RMSNorm and rotary in torch ops;

@@ -1,6 +1,7 @@
-"""The CPU paged decode-attention kernel (layers/csrc/paged_attention.cpp) against the torch backend's
-gather-and-SDPA path, which is its reference: GQA and MQA, sliding windows, soft-capping, ALiBi, block
-sizes 16 and 32, block tables with holes, ragged lengths, and decode rows mixed with prompt rows."""
+"""The CPU paged attention kernels (layers/csrc/paged_attention.cpp), decode and prefill, against the torch
+backend's gather-and-SDPA path, which is their reference: GQA and MQA, sliding windows, soft-capping,
+ALiBi, block sizes 8, 16, 24 and 32, block tables with holes, ragged lengths, prompts behind cached
+prefixes, and decode rows mixed with prompt rows."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def paged_batch(
 
 
 def attend_both(meta, q, cache_k, cache_v, block_size, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    reference = TorchAttention(block_size, decode_kernel=False).attend(q, cache_k, cache_v, meta, 0.3, **kwargs)
+    reference = TorchAttention(block_size, cpu_kernels=False).attend(q, cache_k, cache_v, meta, 0.3, **kwargs)
     meta.backend_state.clear()
     kernel = TorchAttention(block_size).attend(q, cache_k, cache_v, meta, 0.3, **kwargs)
     return reference, kernel
@@ -91,6 +92,65 @@ def test_decode_rows_mixed_with_prompt_rows():
     torch.testing.assert_close(kernel, reference, rtol=1e-5, atol=1e-5)
 
 
+VARIANTS = {
+    "plain": {},
+    "window": {"window": 9},
+    "softcap": {"softcap": 2.5},
+    "alibi": {"alibi": True},
+    "window+alibi+softcap": {"window": 21, "softcap": 2.5, "alibi": True},
+}
+
+
+def variant_kwargs(variant: str, heads: int) -> dict:
+    kwargs = dict(VARIANTS[variant])
+    if kwargs.pop("alibi", False):
+        kwargs["alibi_slopes"] = alibi_slopes(heads)
+    return kwargs
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 24, 32])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 8, 64), (8, 2, 40), (6, 1, 80)])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_prefill_matches_the_torch_path(block_size: int, heads: int, kv_heads: int, head_dim: int, variant: str):
+    """Whole prompts (2 to 70 tokens, some past one query tile of 16) and prompts behind cached prefixes
+    (the new tokens are the last of a longer context), ragged, in one call."""
+    query_lens = [2, 17, 9, 40, 33, 5, 70]
+    context_lens = [2, 17, 60, 40, 97, 5 + 3 * block_size, 70]
+    seed = heads + block_size
+    meta, cache_k, cache_v = paged_batch(query_lens, context_lens, block_size, kv_heads, head_dim, seed=seed)
+    q = torch.randn(sum(query_lens), heads, head_dim, generator=torch.Generator().manual_seed(3))
+    reference, kernel = attend_both(meta, q, cache_k, cache_v, block_size, **variant_kwargs(variant, heads))
+    assert kernel.shape == reference.shape
+    torch.testing.assert_close(kernel, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_of_a_sequence_does_not_depend_on_its_batch():
+    """A prompt's outputs are bit for bit the same alone and among others, whichever tokens share its
+    task: the key tiles sit at fixed positions."""
+    query_lens, context_lens = [30, 12, 45], [50, 12, 45]
+    meta, cache_k, cache_v = paged_batch(query_lens, context_lens, 16, 2, 32, seed=8)
+    q = torch.randn(sum(query_lens), 4, 32, generator=torch.Generator().manual_seed(6))
+    together = TorchAttention(16).attend(q, cache_k, cache_v, meta, 0.3, window=25)
+    alone_meta = ForwardBatch.build(torch.zeros(30, dtype=torch.int64), [30], [50], meta.block_tables[:1], 16)
+    alone = TorchAttention(16).attend(q[:30], cache_k, cache_v, alone_meta, 0.3, window=25)
+    assert torch.equal(together[:30], alone)
+    # The last 13 of its new tokens as a later chunk (their first row starts another task) agree too.
+    chunk_meta = ForwardBatch.build(torch.zeros(13, dtype=torch.int64), [13], [50], meta.block_tables[:1], 16)
+    chunk = TorchAttention(16).attend(q[17:30], cache_k, cache_v, chunk_meta, 0.3, window=25)
+    assert torch.equal(together[17:30], chunk)
+
+
+def test_decode_rows_of_a_prefill_call_match_a_decode_step():
+    """A chunked-prefill step's decode rows are attended exactly as a decode step would attend them."""
+    query_lens, context_lens = [1, 20, 1], [40, 52, 65]
+    meta, cache_k, cache_v = paged_batch(query_lens, context_lens, 16, 2, 32, seed=9)
+    q = torch.randn(sum(query_lens), 4, 32, generator=torch.Generator().manual_seed(7))
+    mixed = TorchAttention(16).attend(q, cache_k, cache_v, meta, 0.3)
+    decode_meta = ForwardBatch.build(torch.zeros(2, dtype=torch.int64), [1, 1], [40, 65], meta.block_tables[[0, 2]], 16)
+    decoded = TorchAttention(16).attend(q[[0, 21]], cache_k, cache_v, decode_meta, 0.3)
+    assert torch.equal(mixed[[0, 21]], decoded)
+
+
 def test_other_dtypes_and_the_switch_take_the_torch_path(monkeypatch: pytest.MonkeyPatch):
     meta, cache_k, cache_v = paged_batch([1, 1], [10, 33], 16, 2, 32, seed=6)
     q = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(5))
@@ -105,7 +165,7 @@ def test_other_dtypes_and_the_switch_take_the_torch_path(monkeypatch: pytest.Mon
     meta.backend_state.clear()
     fallback = TorchAttention(16).attend(q, cache_k, cache_v, meta, 0.3)
     meta.backend_state.clear()
-    reference = TorchAttention(16, decode_kernel=False).attend(q, cache_k, cache_v, meta, 0.3)
+    reference = TorchAttention(16, cpu_kernels=False).attend(q, cache_k, cache_v, meta, 0.3)
     assert torch.equal(fallback, reference)
 
 
@@ -119,3 +179,23 @@ def test_bad_shapes_are_refused():
         paged_attention.paged_decode_attention(
             torch.randn(1, 3, 32), cache_k, cache_v, meta.block_tables, torch.tensor([10_000]), 0.3
         )
+
+
+def test_bad_prefill_layouts_are_refused():
+    meta, cache_k, cache_v = paged_batch([4, 3], [10, 3], 16, 1, 32, seed=10)
+    tables, q = meta.block_tables, torch.randn(7, 2, 32)
+
+    def call(starts: list[int], lens: list[int], rows: int = 7) -> torch.Tensor:
+        return paged_attention.paged_prefill_attention(
+            q[:rows], cache_k, cache_v, tables, torch.tensor(starts), torch.tensor(lens), 0.3
+        )
+
+    assert call([0, 4], [10, 3]).shape == (7, 2, 32)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        call([0, 4], [10, 2])  # 3 new tokens in a context of 2
+    with pytest.raises(RuntimeError, match="do not fit"):
+        call([0, 0], [10, 3])  # a sequence without new tokens
+    with pytest.raises(RuntimeError, match="from row 0"):
+        call([1, 4], [10, 3])
+    with pytest.raises(RuntimeError, match="one query start"):
+        call([0], [10, 3])

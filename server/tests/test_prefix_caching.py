@@ -87,7 +87,7 @@ def test_cached_suffixes_are_not_padded_to_full_prompts(monkeypatch: pytest.Monk
     cache_k, cache_v = (torch.randn(6 * 15, BLOCK, 2, 16, generator=g) for _ in range(2))
     q = torch.randn(sum(query_lens), 4, 16, generator=g)
     meta = ForwardBatch.build(torch.zeros(sum(query_lens), dtype=torch.int64), query_lens, context_lens, tables, BLOCK)
-    backend = TorchAttention(BLOCK, decode_kernel=False)
+    backend = TorchAttention(BLOCK, cpu_kernels=False)
     grouped = backend.attend(q, cache_k, cache_v, meta, 0.25, window=40)
     assert [len(g[1].context_lens) for g in meta.backend_state["torch"]] == [2, 2, 2]
     meta.backend_state.clear()

@@ -68,7 +68,7 @@ def paged_batch(
 
 
 def attend_both(meta, q, cache_k, cache_v, block_size, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
-    reference = TorchAttention(block_size, decode_kernel=False).attend(q, cache_k, cache_v, meta, 0.3, **kwargs)
+    reference = TorchAttention(block_size, cpu_kernels=False).attend(q, cache_k, cache_v, meta, 0.3, **kwargs)
     meta.backend_state.clear()
     triton = TritonAttention(block_size).attend(q, cache_k, cache_v, meta, 0.3, **kwargs)
     meta.backend_state.clear()
@@ -148,7 +148,7 @@ def test_nothing_outside_the_contexts_is_read():
     meta, dirty_k, dirty_v = paged_batch(*MIXED, 16, 2, 32, seed=11, garbage=float("nan"))
     clean_k, clean_v = dirty_k.nan_to_num(0.0), dirty_v.nan_to_num(0.0)
     q = torch.randn(sum(MIXED[0]), 4, 32, generator=torch.Generator().manual_seed(6))
-    reference = TorchAttention(16, decode_kernel=False).attend(q, clean_k, clean_v, meta, 0.3, window=12)
+    reference = TorchAttention(16, cpu_kernels=False).attend(q, clean_k, clean_v, meta, 0.3, window=12)
     triton = TritonAttention(16).attend(q, dirty_k, dirty_v, meta, 0.3, window=12)
     torch.testing.assert_close(triton, reference, rtol=1e-5, atol=1e-5)
 
@@ -160,7 +160,7 @@ def test_strided_queries_and_metadata_built_once(monkeypatch: pytest.MonkeyPatch
     qkv = torch.randn(sum(MIXED[0]), 8 * 32, generator=torch.Generator().manual_seed(7))
     q = qkv[:, : 4 * 32].view(-1, 4, 32)
     assert not q.is_contiguous()
-    reference = TorchAttention(16, decode_kernel=False).attend(q.contiguous(), cache_k, cache_v, meta, 0.3)
+    reference = TorchAttention(16, cpu_kernels=False).attend(q.contiguous(), cache_k, cache_v, meta, 0.3)
     backend = TritonAttention(16)
     built = []
     real_build = type(backend)._work
@@ -250,7 +250,7 @@ def mixed_adapter_run(model_dir: Path, adapters: list[str], backend) -> tuple[li
 
 
 def test_tiny_llama_with_two_adapters_matches_the_torch_backend(llama_dir: Path, adapters: list[str]):
-    ref_logits, ref_tokens = mixed_adapter_run(llama_dir, adapters, TorchAttention(16, decode_kernel=False))
+    ref_logits, ref_tokens = mixed_adapter_run(llama_dir, adapters, TorchAttention(16, cpu_kernels=False))
     logits, tokens = mixed_adapter_run(llama_dir, adapters, TritonAttention(16))
     assert tokens == ref_tokens
     for step, ref_step in zip(logits, ref_logits, strict=True):
@@ -350,7 +350,7 @@ def test_flash_glue_against_flash_attn_semantics(monkeypatch: pytest.MonkeyPatch
     meta, cache_k, cache_v = paged_batch(*MIXED, 16, 2, 32, seed=13, garbage=3e4)  # finite in float16
     q = torch.randn(sum(MIXED[0]), 4, 32, generator=torch.Generator().manual_seed(8)).half()
     kwargs = variant_kwargs(variant, 4)
-    reference = TorchAttention(16, decode_kernel=False).attend(q, cache_k.half(), cache_v.half(), meta, 0.3, **kwargs)
+    reference = TorchAttention(16, cpu_kernels=False).attend(q, cache_k.half(), cache_v.half(), meta, 0.3, **kwargs)
     meta.backend_state.clear()
     flash = FlashAttention(16).attend(q, cache_k.half(), cache_v.half(), meta, 0.3, **kwargs)
     torch.testing.assert_close(flash, reference, rtol=2e-3, atol=2e-3)

@@ -124,9 +124,10 @@ class _PaddedLayout:
 
 class TorchAttention:
     """Gathers each sequence's cached keys into a padded grid and runs SDPA (or an explicit softmax
-    when logits are soft-capped). With `decode_kernel` (the default), decoding sequences on the CPU in
-    float32 are attended by `layers.paged_attention` instead, which reads the paged cache in place,
-    when its kernel is built (`LORAX_CPU_KERNELS=0` turns it off).
+    when logits are soft-capped). With `cpu_kernels` (the default), float32 batches on the CPU are
+    attended by `layers.paged_attention`'s kernels instead, which read the paged cache in place, when
+    they are built (`LORAX_CPU_KERNELS=0` turns them off): decode steps and short queries by the decode
+    kernel, steps with prompts in them by the prefill kernel.
 
     A batch is attended in groups, each padded to its own longest query and context: decoding
     sequences (one token each) apart from longer ones (prompts, chunks of prompts), and longer ones
@@ -135,9 +136,9 @@ class TorchAttention:
 
     name = "torch"
 
-    def __init__(self, block_size: int, decode_kernel: bool = True) -> None:
+    def __init__(self, block_size: int, cpu_kernels: bool = True) -> None:
         self.block_size = block_size
-        self.decode_kernel = decode_kernel
+        self.cpu_kernels = cpu_kernels
 
     def _layouts(self, meta: ForwardBatch) -> list[tuple[torch.Tensor | None, _PaddedLayout]]:
         """(tokens of the group, or None for all; its layout), built once per forward pass."""
@@ -190,6 +191,12 @@ class TorchAttention:
             return paged_attention.paged_decode_attention(
                 q, cache_k, cache_v, tables, lens, scale, window, softcap, alibi_slopes
             )
+        if meta.max_query_len > 1 and self._use_kernel(q, cache_k):
+            # Prompts read the paged cache in place: no grid, no padding, however ragged the batch.
+            return paged_attention.paged_prefill_attention(
+                q, cache_k, cache_v, meta.block_tables, meta.query_start, meta.context_lens,
+                scale, window, softcap, alibi_slopes,
+            )  # fmt: skip
         groups = self._layouts(meta)
         args = (cache_k, cache_v, scale, window, softcap, alibi_slopes, k_scale, v_scale)
         if len(groups) == 1:
@@ -245,7 +252,7 @@ class TorchAttention:
         return state
 
     def _use_kernel(self, q: torch.Tensor, cache: torch.Tensor) -> bool:
-        return self.decode_kernel and paged_attention.kernel_applies(q, cache) and paged_attention.kernel_available()
+        return self.cpu_kernels and paged_attention.kernel_applies(q, cache) and paged_attention.kernel_available()
 
     @staticmethod
     def _gather(

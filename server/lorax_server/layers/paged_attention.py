@@ -1,8 +1,8 @@
-"""Decode attention over the paged KV cache without gathering it: the C++ kernel in
-`csrc/paged_attention.cpp` for float32 CPU tensors (built by `utils.cpu_extension`).
+"""Attention over the paged KV cache without gathering it: the C++ kernels in `csrc/paged_attention.cpp`
+for float32 CPU tensors (built by `utils.cpu_extension`), one for decode steps and one for prompts.
 
-The torch backend (`layers.attention.TorchAttention`) calls it for decode steps when it is available,
-and its own gather-and-SDPA path is the reference the kernel is tested against.
+The torch backend (`layers.attention.TorchAttention`) calls them when they are available, and its own
+gather-and-SDPA path is the reference the kernels are tested against.
 """
 
 from __future__ import annotations
@@ -45,4 +45,24 @@ def paged_decode_attention(
     """Requires `kernel_available()` and `kernel_applies(q, cache_k)`."""
     return EXTENSION.ops().paged_decode_attention(
         q, cache_k, cache_v, block_tables, context_lens, scale, window or 0, softcap or 0.0, alibi_slopes
+    )
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,  # [tokens, heads, head_dim]: each sequence's new tokens, end to end
+    cache_k: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    cache_v: torch.Tensor,
+    block_tables: torch.Tensor,  # [batch, blocks]
+    query_start: torch.Tensor,  # [batch]: each sequence's first row in q
+    context_lens: torch.Tensor,  # [batch]; a sequence's new tokens are its last ones
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,  # [heads]
+) -> torch.Tensor:  # [tokens, heads, head_dim]
+    """Causal attention of every new token over its sequence's cache (prompts, chunks of prompts,
+    prompts behind a cached prefix; one-token sequences are attended as decode steps attend them).
+    Requires `kernel_available()` and `kernel_applies(q, cache_k)`."""
+    return EXTENSION.ops().paged_prefill_attention(
+        q, cache_k, cache_v, block_tables, query_start, context_lens, scale, window or 0, softcap or 0.0, alibi_slopes
     )
