@@ -7,7 +7,10 @@ in one process (interleaved, best of N):
   layers) and in GFLOP/s; then whole decode steps whose 8 layers have factors of their own, read from
   memory (the caches flushed before each step, as the base weights do in a real step), against the
   time this machine's memory bandwidth allows for those bytes (measured in the same run);
-- RMSNorm and rotary embeddings (`layers/fused_cpu.py`) against their torch operators.
+- RMSNorm and rotary embeddings (`layers/fused_cpu.py`) against their torch operators;
+- paged attention (`layers/paged_attention.py`) against the torch backend's gather-and-SDPA path, one
+  layer of the bench model over 63 sequences in a cache of 2048 blocks (larger than the caches):
+  prompts behind a cached 208-token prefix, whole prompts, and a decode step.
 
 Prints tables; not a test.
 
@@ -30,7 +33,8 @@ from shard_throughput import MODEL  # noqa: E402
 from lorax_server.adapters import lora_cpu  # noqa: E402
 from lorax_server.adapters.lora import LoraModuleWeights, LoraSlots  # noqa: E402
 from lorax_server.forward import ForwardBatch  # noqa: E402
-from lorax_server.layers import fused_cpu  # noqa: E402
+from lorax_server.layers import fused_cpu, paged_attention  # noqa: E402
+from lorax_server.layers.attention import TorchAttention  # noqa: E402
 from lorax_server.layers.linear import Linear  # noqa: E402
 from lorax_server.layers.norm import RMSNorm  # noqa: E402
 from lorax_server.layers.rotary import apply_rotary  # noqa: E402
@@ -179,16 +183,55 @@ def norm_rotary_table(repeats: int) -> None:
             print(f"| {name} | {rows} | {torch_us:.1f} | {kernel_us:.1f} | {torch_us / kernel_us:.2f}× |")
 
 
+ATTENTION = {  # (new tokens, context) of each of 63 sequences
+    "prompts behind a cached prefix (16 new of 224)": (16, 224),
+    "whole prompts (224)": (224, 224),
+    "decode step (1 new of 224)": (1, 224),
+}
+
+
+def attention_times(meta: ForwardBatch, q: torch.Tensor, cache: tuple, repeats: int) -> tuple[float, float]:
+    """(torch seconds, kernel seconds) of one layer's attention over `meta`'s batch."""
+    backends = {False: TorchAttention(cache[0].shape[1], cpu_kernels=False), True: TorchAttention(cache[0].shape[1])}
+    chosen = [backends[True]]
+
+    def attend() -> None:
+        meta.backend_state.clear()
+        chosen[0].attend(q, *cache, meta, q.shape[-1] ** -0.5)
+
+    return interleaved(attend, lambda on: chosen.__setitem__(0, backends[on]), repeats)
+
+
+def attention_table(repeats: int) -> None:
+    g = torch.Generator().manual_seed(2)
+    heads, block = MODEL["num_attention_heads"], 16
+    kv_heads, head_dim = MODEL["num_key_value_heads"], HIDDEN // heads
+    cache = tuple(torch.randn(2048, block, kv_heads, head_dim, generator=g) for _ in range(2))
+    tables = torch.randperm(2048, generator=g)[: 63 * 14].view(63, 14).sort(dim=1).values  # ascending, scattered
+    print("\n| attention, one layer, 63 sequences | torch gather + SDPA ms | kernel ms | ratio |")
+    print("|---|---:|---:|---:|")
+    for label, (new, context) in ATTENTION.items():
+        meta = ForwardBatch.build(torch.zeros(63 * new, dtype=torch.int64), [new] * 63, [context] * 63, tables, block)
+        q = torch.randn(63 * new, heads, head_dim, generator=g)
+        torch_s, kernel_s = attention_times(meta, q, cache, max(1, repeats // 5))
+        print(f"| {label} | {torch_s * 1e3:.2f} | {kernel_s * 1e3:.2f} | {torch_s / kernel_s:.2f}× |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=25)
     args = parser.parse_args()
-    built = lora_cpu.kernel_applies(torch.zeros(1, 1), torch.zeros(1, 1)) and fused_cpu.kernel_applies(torch.zeros(1))
+    built = (
+        lora_cpu.kernel_applies(torch.zeros(1, 1), torch.zeros(1, 1))
+        and fused_cpu.kernel_applies(torch.zeros(1))
+        and paged_attention.kernel_available()
+    )
     if not built:
         sys.exit("the CPU kernels are not built (LORAX_CPU_KERNELS=0, or the build failed)")
     lora_table(args.repeats)
     streamed_lora_table(args.repeats)
     norm_rotary_table(args.repeats)
+    attention_table(args.repeats)
     print(f"\nfloat32, {torch.get_num_threads()} threads, torch {torch.__version__}; best of {args.repeats}")
 
 
