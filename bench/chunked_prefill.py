@@ -2,11 +2,12 @@
 HTTP, with and without `--chunked-prefill`, in one run.
 
 Workload (issue 12): the 26M bench model (bench/http_server.py, 4,096 positions). 8 requests stream
-(short prompts, 160 new tokens each, EOS ignored); once they are all generating, a request with a
-2,000-token prompt arrives. Reported per server: the p50/p99 gap between tokens of the running
-requests before it arrived (steady) and while its prompt was prefilled (from its arrival to its first
-token), and its time to first token. Without chunking the prompt is computed in one step (prefill
-budget 2,100); with `--chunked-prefill` in chunks of `--max-batch-prefill-tokens` (several sizes).
+(short prompts, 1,000 new tokens each, EOS ignored, so that they outlast the long prompt's prefill on
+a fast machine too); once each has 32 tokens, a request with a 2,000-token prompt arrives. Reported
+per server: the p50/p99 gap between tokens of the running requests before it arrived (steady) and
+while its prompt was prefilled (from its arrival to its first token), and its time to first token.
+Without chunking the prompt is computed in one step (prefill budget 2,100); with `--chunked-prefill`
+in chunks of `--max-batch-prefill-tokens` (several sizes).
 Writes bench/chunked_prefill.png. Not a test.
 
     .venv/bin/python bench/chunked_prefill.py [--chunks 32 128] [--repeats 2]
@@ -25,7 +26,8 @@ from http_server import Streamed, make_bench_model, percentile, serve, stream, t
 from transformers import AutoTokenizer
 
 BENCH = Path(__file__).resolve().parent
-RUNNING, RUNNING_NEW = 8, 160
+RUNNING, RUNNING_NEW = 8, 1000
+STEADY_TOKENS = 32  # tokens each running request has before the long prompt is sent
 LONG = 2000
 LIMITS = ["--max-input-length", "2100", "--max-total-tokens", "2400", "--kv-cache-blocks", "1024"]
 
@@ -33,16 +35,18 @@ LIMITS = ["--max-input-length", "2100", "--max-total-tokens", "2400", "--kv-cach
 def run(url: str, short: list[str], long_prompt: str) -> tuple[list[float], list[float], float]:
     """(steady gaps, gaps while the long prompt was prefilled, its time to first token)."""
     started = threading.Barrier(RUNNING + 1)
+    outs = [Streamed(0.0) for _ in range(RUNNING)]
 
     def running(i: int) -> Streamed:
         started.wait()
-        return stream(url, short[i], max_new_tokens=RUNNING_NEW, ignore_eos_token=True)
+        return stream(url, short[i], outs[i], max_new_tokens=RUNNING_NEW, ignore_eos_token=True)
 
     stream(url, "warm up", max_new_tokens=4)
     with ThreadPoolExecutor(RUNNING) as pool:
         futures = [pool.submit(running, i) for i in range(RUNNING)]
         started.wait()
-        time.sleep(1.5)  # every running request is generating: the steady state
+        while min(len(o.token_times) for o in outs) < STEADY_TOKENS:  # every one generating: the steady state
+            time.sleep(0.01)
         long = stream(url, long_prompt, max_new_tokens=4, ignore_eos_token=True)
         answers = [f.result() for f in futures]
     window = (long.sent, long.token_times[0])

@@ -105,9 +105,11 @@ class Streamed:
         return [b - a for a, b in zip(self.token_times, self.token_times[1:], strict=False)]
 
 
-def stream(url: str, inputs: str, **parameters) -> Streamed:
-    """POST /generate_stream and time every token event."""
-    out = Streamed(time.perf_counter())
+def stream(url: str, inputs: str, out: Streamed | None = None, **parameters) -> Streamed:
+    """POST /generate_stream and time every token event, into `out` when given (another thread may watch
+    it fill)."""
+    out = out or Streamed(0.0)
+    out.sent = time.perf_counter()
     body = {"inputs": inputs, "parameters": parameters}
     with requests.post(f"{url}/generate_stream", json=body, stream=True, timeout=600) as r:
         r.raise_for_status()
