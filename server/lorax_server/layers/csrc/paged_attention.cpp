@@ -52,6 +52,7 @@ typedef float vec16 __attribute__((vector_size(64)));
 typedef int32_t ivec16 __attribute__((vector_size(64)));
 constexpr int64_t kLanes = 16;  // a prefill task's rows: one lane each
 constexpr int64_t kKeys = 16;   // keys per tile of a prefill task
+constexpr int64_t kTokens = 16; // query tokens per prefill task
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 __attribute__((always_inline)) inline vec16 load16(const float* p) {
@@ -181,11 +182,12 @@ __attribute__((always_inline)) inline vec16 exp16(vec16 x) {
   return x < -87.0f ? (vec16){} : e * scale;
 }
 
-// Up to 16 rows of a task, one lane each, that share a kv head: row r is the task's token r / heads with
-// query head kv * group + head + r % heads. Holds the rows' queries (transposed), weighted values and
-// running softmax.
+// Up to 16 rows of a task, one lane each, that share a kv head. A task's rows of kv head `kv` are its
+// tokens times the kv head's query heads, token-major: lane r is row R = row0 + r, the task's token
+// R / group with query head kv * group + R % group. Holds the rows' queries (transposed), weighted values
+// and running softmax.
 struct Lanes {
-  int64_t kv, head, heads, rows;
+  int64_t kv, row0, rows;
   float* queries;  // [head_dim, kLanes]
   float* out;      // [kLanes, head_dim]
   // Plain arrays (read and written as vectors): a std::vector does not align its elements to 64 bytes.
@@ -236,7 +238,7 @@ void prefill_tile(const Problem& p, int64_t seq, Lanes& l, float* w, int64_t j0,
     if (p.softcap > 0.0f || p.slopes != nullptr) {  // Gemma 2, Bloom: lane by lane
       float lane[kLanes];
       store16(lane, score[c]);
-      for (int64_t r = 0; r < l.rows; ++r) lane[r] = p.finish(lane[r], l.kv * group + l.head + r % l.heads, l.pos[r], j);
+      for (int64_t r = 0; r < l.rows; ++r) lane[r] = p.finish(lane[r], l.kv * group + (l.row0 + r) % group, l.pos[r], j);
       sc = load16(lane);
     }
     ivec16 seen = pos >= static_cast<int32_t>(j);
@@ -280,24 +282,23 @@ void prefill_tile(const Problem& p, int64_t seq, Lanes& l, float* w, int64_t j0,
   }
 }
 
-// Sets up a task's lane groups: each kv head's query heads, 16 at most per group.
+// Sets up a task's lane groups: each kv head's rows, 16 per group.
 void start_lanes(const Problem& p, const Task& t, Scratch& s) {
-  const int64_t d = p.head_dim, group = p.heads / p.kv_heads, per = std::min(group, kLanes);
+  const int64_t d = p.head_dim, group = p.heads / p.kv_heads;
   s.lanes.clear();
   for (int64_t kv = t.kv_first; kv < t.kv_last; ++kv) {
-    for (int64_t head = 0; head < group; head += per) {
-      const int64_t g = static_cast<int64_t>(s.lanes.size()), heads = std::min(per, group - head);
-      Lanes l{kv, head, heads, t.count * heads, s.queries.data() + g * d * kLanes, s.out.data() + g * kLanes * d,
-              {}, {}, {}};
+    for (int64_t row0 = 0; row0 < t.count * group; row0 += kLanes) {
+      const int64_t g = static_cast<int64_t>(s.lanes.size()), rows = std::min(kLanes, t.count * group - row0);
+      Lanes l{kv, row0, rows, s.queries.data() + g * d * kLanes, s.out.data() + g * kLanes * d, {}, {}, {}};
       std::fill(l.top, l.top + kLanes, kNegInf);
       std::fill(l.pos, l.pos + kLanes, -1);
       std::fill(l.queries, l.queries + d * kLanes, 0.0f);
       std::fill(l.out, l.out + kLanes * d, 0.0f);
       for (int64_t r = 0; r < l.rows; ++r) {
-        const int64_t token = t.token + r / heads, h = kv * group + head + r % heads;
-        const float* q = p.q + token * p.q_token_stride + h * p.q_head_stride;
+        const int64_t token = (row0 + r) / group, h = kv * group + (row0 + r) % group;
+        const float* q = p.q + (t.token + token) * p.q_token_stride + h * p.q_head_stride;
         for (int64_t i = 0; i < d; ++i) l.queries[i * kLanes + r] = q[i];
-        l.pos[r] = static_cast<int32_t>(t.first + r / heads);
+        l.pos[r] = static_cast<int32_t>(t.first + token);
       }
       s.lanes.push_back(l);
     }
@@ -323,7 +324,7 @@ void prefill_task(const Problem& p, const Task& t, Scratch& s) {
     for (Lanes& l : s.lanes) {
       // The next tile comes from memory (a cached prefix was written steps ago): ask for this kv head's
       // part of it now, spread over the tile's work so that the requests never pile up.
-      if (l.head == 0 && next > 0) {
+      if (l.row0 == 0 && next > 0) {
         const float* key = p.key(t.seq, stop, l.kv);
         const float* value = p.value(t.seq, stop, l.kv);
         for (int64_t c = 0; c < next; ++c) {
@@ -339,7 +340,7 @@ void prefill_task(const Problem& p, const Task& t, Scratch& s) {
   }
   for (const Lanes& l : s.lanes) {
     for (int64_t r = 0; r < l.rows; ++r) {
-      const int64_t token = t.token + r / l.heads, h = l.kv * group + l.head + r % l.heads;
+      const int64_t token = t.token + (l.row0 + r) / group, h = l.kv * group + (l.row0 + r) % group;
       float* out = p.out + (token * p.heads + h) * d;
       const float inv = 1.0f / l.total[r];
       for (int64_t i = 0; i < d; ++i) out[i] = l.out[r * d + i] * inv;
@@ -453,10 +454,9 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cach
       tasks.push_back({b, start[b], first_pos, 1, 0, p.kv_heads, true, static_cast<double>(p.lens[b]) * p.heads});
       continue;
     }
-    // A task's rows: 16 / group tokens (one with more than 16 query heads per kv head) with the query
-    // heads of its kv heads. All the kv heads, so that a position's keys and values are read in one
-    // piece, unless that leaves the threads too few tasks.
-    const int64_t per_task = std::max<int64_t>(1, kLanes / group);
+    // A task: 16 tokens with the query heads of its kv heads. All the kv heads, so that a position's keys
+    // and values are read in one piece, unless that leaves the threads too few tasks.
+    const int64_t per_task = kTokens;
     const int64_t pieces = (count + per_task - 1) / per_task;
     const int64_t splits = std::min(p.kv_heads, std::max<int64_t>(1, 4 * at::get_num_threads() / pieces));
     const int64_t kv_per_task = (p.kv_heads + splits - 1) / splits;
@@ -478,7 +478,7 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cach
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    const int64_t lane_groups = p.kv_heads * ((group + kLanes - 1) / kLanes);
+    const int64_t lane_groups = p.kv_heads * ((kTokens * group + kLanes - 1) / kLanes);
     Scratch s(lane_groups, p.head_dim, p.heads * longest);
     for (int64_t i; (i = next.fetch_add(1)) < static_cast<int64_t>(tasks.size());) prefill_task(p, tasks[i], s);
   });
