@@ -18,11 +18,14 @@
 //   and once for the values, for all query heads (GQA: a kv head's row serves every query head
 //   sharing it).
 // - Prefill (`paged_prefill_attention`: prompts, chunks of prompts, prompts behind a cached prefix):
-//   a task is up to 16 query tokens of one sequence with the query heads of one kv head. It walks the
-//   keys in tiles of 16 (cut at block ends, at fixed positions, so a token's sums never depend on the
-//   batch it came in), transposes each key tile once for all its query rows, scores 4 rows at a time
-//   into one vector of 16 keys each, and keeps a running softmax (max, sum, weighted values) per row,
-//   so no row's scores are ever stored whole. Tasks are handed out largest first from a shared counter.
+//   a task is up to 16 query tokens of one sequence with the query heads of its kv heads (all of them,
+//   so a position's keys and values are read in one piece, unless the threads would get too few tasks).
+//   Its rows (token, query head) sit in vector lanes, 16 to a lane group: each key is scored against a
+//   whole lane group with one broadcast per dimension, the rows' running softmax (max, sum, weighted
+//   values) is kept lane by lane, and no row's scores are ever stored whole. Keys are walked in tiles of
+//   16, cut at block ends, at fixed positions: a token's sums never depend on the batch it came in. The
+//   next tile is prefetched while this one computes (a cached prefix comes from memory). Tasks are
+//   handed out largest first from a shared counter.
 // The arithmetic is written for the compiler to vectorise (vector types, "omp simd"); the workers are
 // cloned per instruction set and picked at run time, so the binary does not depend on the build
 // machine. The ops are registered with the dispatcher (torch.ops.lorax_attention).
@@ -44,7 +47,6 @@
 #else
 #define LORAX_CLONES
 #endif
-
 
 namespace {
 
