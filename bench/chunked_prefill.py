@@ -50,6 +50,8 @@ def run(url: str, short: list[str], long_prompt: str) -> tuple[list[float], list
         long = stream(url, long_prompt, max_new_tokens=4, ignore_eos_token=True)
         answers = [f.result() for f in futures]
     window = (long.sent, long.token_times[0])
+    if min(a.token_times[-1] for a in answers) < window[1]:
+        raise RuntimeError("a running request finished before the long prompt's first token: raise RUNNING_NEW")
     steady, during = [], []
     for a in answers:
         for t0, t1 in zip(a.token_times[1:], a.token_times[2:], strict=False):  # the first gap is prefill

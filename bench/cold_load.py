@@ -3,13 +3,14 @@ local disk adds to its first request, and the inter-token latency of the request
 it loads, in one run.
 
 Workload (issue 12): the 26M bench model (bench/http_server.py). 8 base-model requests stream (short
-prompts, 200 new tokens, EOS ignored); once they generate, a request for an adapter never loaded before
-arrives (16-token prompt, 4 new tokens), then the same request again (the adapter now loaded). That
-twice, for 2 adapters, per run. Reported: the added time to first token (cold minus warm) and the
-running requests' p99 gap between tokens while the adapter loaded against before it. A gap counts as
-during the load when it ends between the cold request's arrival and its first token. The gap that
-holds the cold request's own prefill step ends after its first token: a warm request's prefill makes
-the same gap, so it is reported apart (gaps ending within 0.2 s after a first token, cold or warm).
+prompts, 1,200 new tokens, EOS ignored, so that they outlast the loads on a fast machine too); once
+each has 100 tokens, a request for an adapter never loaded before arrives (16-token prompt, 4 new
+tokens), then the same request again (the adapter now loaded). That twice, for 2 adapters, per run.
+Reported: the added time to first token (cold minus warm) and the running requests' p99 gap between
+tokens while the adapter loaded against before it. A gap counts as during the load when it ends between
+the cold request's arrival and its first token. The gap that holds the cold request's own prefill step
+ends after its first token: a warm request's prefill makes the same gap, so it is reported apart (gaps
+ending within 0.2 s after a first token, cold or warm).
 Not a test.
 
     .venv/bin/python bench/cold_load.py [--repeats 2]
@@ -25,13 +26,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from http_server import make_bench_model, percentile, serve, stream, text_of_length
+from http_server import Streamed, make_bench_model, percentile, serve, stream, text_of_length
 from transformers import AutoTokenizer
 
-RUNNING, RUNNING_NEW, ADAPTERS_PER_RUN = 8, 200, 2
+RUNNING, RUNNING_NEW, ADAPTERS_PER_RUN = 8, 1200, 2
+STEADY_TOKENS = 100  # tokens each running request has before the first adapter is asked for
 # A waiting request joins at the next step (`--waiting-served-ratio 0`): otherwise both the cold and the
 # warm request wait up to `--max-waiting-tokens` steps for the admission policy, which hides the load.
-LIMITS = ["--max-input-length", "256", "--max-total-tokens", "512", "--kv-cache-blocks", "1024",
+LIMITS = ["--max-input-length", "256", "--max-total-tokens", "1280", "--kv-cache-blocks", "1024",
           "--waiting-served-ratio", "0"]  # fmt: skip
 
 
@@ -43,17 +45,19 @@ def run(url: str, short: list[str], adapters: list[Path]) -> tuple[Gaps, list[fl
     """(running requests' gaps: steady, during a load, around a cold and a warm prefill; cold minus
     warm time to first token per adapter)."""
     started = threading.Barrier(RUNNING + 1)
+    outs = [Streamed(0.0) for _ in range(RUNNING)]
 
-    def running(i: int):  # noqa: ANN202
+    def running(i: int) -> Streamed:
         started.wait()
-        return stream(url, short[i], max_new_tokens=RUNNING_NEW, ignore_eos_token=True)
+        return stream(url, short[i], outs[i], max_new_tokens=RUNNING_NEW, ignore_eos_token=True)
 
     stream(url, "warm up", max_new_tokens=4)
     loads, cold_prefills, warm_prefills, added = [], [], [], []
     with ThreadPoolExecutor(RUNNING) as pool:
         futures = [pool.submit(running, i) for i in range(RUNNING)]
         started.wait()
-        time.sleep(1.0)  # every running request generates: the steady state
+        while min(len(o.token_times) for o in outs) < STEADY_TOKENS:  # every one generating: the steady state
+            time.sleep(0.01)
         for adapter in adapters:
             params = dict(max_new_tokens=4, adapter_id=str(adapter), adapter_source="local")
             cold = stream(url, short[0], **params)
@@ -64,6 +68,8 @@ def run(url: str, short: list[str], adapters: list[Path]) -> tuple[Gaps, list[fl
             added.append(cold.ttft - warm.ttft)
             time.sleep(0.5)
         answers = [f.result() for f in futures]
+    if min(a.token_times[-1] for a in answers) < warm_prefills[-1][1]:
+        raise RuntimeError("a running request finished before the last load: raise RUNNING_NEW")
     first_load = loads[0][0]
     gaps: Gaps = {"steady": [], "load": [], "cold prefill": [], "warm prefill": []}
     windows = {"load": loads, "cold prefill": cold_prefills, "warm prefill": warm_prefills}
