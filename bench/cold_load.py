@@ -5,7 +5,7 @@ it loads, in one run.
 Workload (issue 12): the 26M bench model (bench/http_server.py). 8 base-model requests stream (short
 prompts, 1,200 new tokens, EOS ignored, so that they outlast the loads on a fast machine too); once
 each has 100 tokens, a request for an adapter never loaded before arrives (16-token prompt, 4 new
-tokens), then the same request again (the adapter now loaded). That twice, for 2 adapters, per run.
+tokens), then the same request again (the adapter now loaded); so for 4 adapters in turn per server.
 Reported: the added time to first token (cold minus warm) and the running requests' p99 gap between
 tokens while the adapter loaded against before it. A gap counts as during the load when it ends between
 the cold request's arrival and its first token. The gap that holds the cold request's own prefill step
@@ -29,7 +29,7 @@ from pathlib import Path
 from http_server import Streamed, make_bench_model, percentile, serve, stream, text_of_length
 from transformers import AutoTokenizer
 
-RUNNING, RUNNING_NEW, ADAPTERS_PER_RUN = 8, 1200, 2
+RUNNING, RUNNING_NEW, ADAPTERS_PER_RUN = 8, 1200, 4
 STEADY_TOKENS = 100  # tokens each running request has before the first adapter is asked for
 # A waiting request joins at the next step (`--waiting-served-ratio 0`): otherwise both the cold and the
 # warm request wait up to `--max-waiting-tokens` steps for the admission policy, which hides the load.
