@@ -129,10 +129,11 @@ class TorchAttention:
     they are built (`LORAX_CPU_KERNELS=0` turns them off): decode steps and short queries by the decode
     kernel, steps with prompts in them by the prefill kernel.
 
-    A batch is attended in groups, each padded to its own longest query and context: decoding
-    sequences (one token each) apart from longer ones (prompts, chunks of prompts), and longer ones
-    split by `padding_groups` where padding them together would more than double their work (short
-    uncached suffixes of prefix-cached prompts next to full prompts)."""
+    Without the kernels (other dtypes and devices, or the switch off), a batch is attended in groups,
+    each padded to its own longest query and context: decoding sequences (one token each) apart from
+    longer ones (prompts, chunks of prompts), and longer ones split by `padding_groups` where padding
+    them together would more than double their work (short uncached suffixes of prefix-cached prompts
+    next to full prompts)."""
 
     name = "torch"
 
