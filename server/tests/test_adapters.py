@@ -14,7 +14,7 @@ from tiny_models import make_llama, make_lora_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorax_server.adapters import manager as adapter_manager
-from lorax_server.adapters.loader import AdapterLoadError, load_lora_adapter
+from lorax_server.adapters.loader import AdapterLoadError, adapter_nbytes, load_lora_adapter
 from lorax_server.adapters.lora import segments_of
 from lorax_server.adapters.manager import AdapterBudgetExceeded, AdapterInUse, AdapterManager, AdapterRequest
 from lorax_server.adapters.sources import AdapterSource
@@ -193,6 +193,38 @@ def test_merge_of_one_adapter_applies_its_weight(setup) -> None:
     assert plain.keys() == half.keys()
     for name, m in plain.items():
         assert torch.allclose(half[name].delta(), 0.5 * m.delta(), atol=1e-6), name
+
+
+def test_host_cache_keeps_the_most_recent_within_its_budget(setup) -> None:
+    """Factors read from disk (and merges) stay on the host, least recently used dropped first past
+    `host_cache_bytes`; the newest always stays, however large."""
+    engine, _, _, dirs, _ = setup
+    fetched = []
+
+    def fetch(adapter_id: str, source, token) -> Path:  # noqa: ANN001
+        fetched.append(adapter_id)
+        return Path(adapter_id)
+
+    manager = AdapterManager(engine.model, fetch=fetch, device_budget_bytes=2**30)
+    requests = {name: AdapterRequest(ids=(str(d),), source="local") for name, d in dirs.items()}
+    sizes = {name: adapter_nbytes(manager._modules(r)) for name, r in requests.items()}
+    names = list(requests)
+    room = sizes[names[0]] + max(sizes[names[1]], sizes[names[2]])  # the first and one of the next two
+    manager = AdapterManager(engine.model, fetch=fetch, device_budget_bytes=2**30, host_cache_bytes=room)
+    fetched.clear()
+    for name in names[:2]:
+        manager.download(requests[name])
+    manager.download(requests[names[0]])  # a hit: now the most recent
+    assert fetched == [str(dirs[n]) for n in names[:2]]
+    manager.download(requests[names[2]])  # over budget: the least recently used goes
+    manager.download(requests[names[0]])
+    manager.download(requests[names[1]])  # read again
+    assert fetched[2:] == [str(dirs[names[2]]), str(dirs[names[1]])]
+    manager.host_cache_bytes = 1  # smaller than any: only the newest stays
+    merge = AdapterRequest(ids=(str(dirs[names[0]]),), source="local", weights=(0.5,), merge_strategy="linear")
+    manager.download(merge)
+    assert list(manager._host) == [merge.key]
+    assert manager._host_bytes == adapter_nbytes(manager._host[merge.key])
 
 
 def test_device_budget_is_enforced(setup) -> None:

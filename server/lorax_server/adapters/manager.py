@@ -100,6 +100,7 @@ class AdapterManager:
         self.host_cache_bytes = host_cache_bytes
         self.installed: dict[int, tuple[tuple, int]] = {}  # index → (request key, bytes on device)
         self._host: OrderedDict[tuple, Modules] = OrderedDict()  # (id, source, token hash) → host factors
+        self._host_bytes = 0  # their total, kept as they come and go (a load between steps sums nothing)
         self._templates: OrderedDict[tuple, ChatTemplateFiles | None] = OrderedDict()  # same keys
         self._lock = threading.Lock()
         self.medusa: dict[int, MedusaHeads] = {}  # index → the Medusa heads of the adapter installed there
@@ -119,10 +120,20 @@ class AdapterManager:
         modules = load_adapter(adapter_dir, self.targets, self.model.config, self.dtype)
         self._remember_template(key, adapter_dir)
         with self._lock:
-            self._host[key] = modules
-            while len(self._host) > 1 and sum(adapter_nbytes(m) for m in self._host.values()) > self.host_cache_bytes:
-                self._host.popitem(last=False)
+            self._keep_on_host(key, modules)
         return modules
+
+    def _keep_on_host(self, key: tuple, modules: Modules) -> None:
+        """(Under the lock.) Keep `modules` on the host under `key`; past `host_cache_bytes` the least
+        recently used are dropped (the newest always stays). Merges are kept the same way."""
+        old = self._host.pop(key, None)
+        if old is not None:
+            self._host_bytes -= adapter_nbytes(old)
+        self._host[key] = modules
+        self._host_bytes += adapter_nbytes(modules)
+        while len(self._host) > 1 and self._host_bytes > self.host_cache_bytes:
+            _, dropped = self._host.popitem(last=False)
+            self._host_bytes -= adapter_nbytes(dropped)
 
     def _modules(self, request: AdapterRequest) -> Modules:
         """The request's factors on the host; a merge is computed once per distinct request and cached."""
@@ -135,7 +146,7 @@ class AdapterManager:
                 return self._host[request.key]
         merged = self._merge(parts, request)
         with self._lock:
-            self._host[request.key] = merged
+            self._keep_on_host(request.key, merged)
         return merged
 
     def is_quick(self, request: AdapterRequest) -> bool:
