@@ -240,7 +240,9 @@ void prefill_tile(const Problem& p, int64_t seq, Lanes& l, float* w, int64_t j0,
     if (p.softcap > 0.0f || p.slopes != nullptr) {  // Gemma 2, Bloom: lane by lane
       float lane[kLanes];
       store16(lane, score[c]);
-      for (int64_t r = 0; r < l.rows; ++r) lane[r] = p.finish(lane[r], l.kv * group + (l.row0 + r) % group, l.pos[r], j);
+      for (int64_t r = 0; r < l.rows; ++r) {
+        lane[r] = p.finish(lane[r], l.kv * group + (l.row0 + r) % group, l.pos[r], j);
+      }
       sc = load16(lane);
     }
     ivec16 seen = pos >= static_cast<int32_t>(j);
@@ -444,26 +446,30 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cach
   TORCH_CHECK(starts.dim() == 1 && starts.numel() == batch, "one query start per sequence");
   const int64_t* start = starts.data_ptr<int64_t>();
   TORCH_CHECK(batch > 0 ? start[0] == 0 : tokens == 0, "the sequences' query tokens must cover q's rows from row 0");
-  std::vector<Task> tasks;
+  // A prompt task: 16 tokens with the query heads of its kv heads. All the kv heads, so that a position's
+  // keys and values are read in one piece, unless the batch's prompts then leave the threads too few tasks.
+  int64_t pieces = 0;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t end = b + 1 < batch ? start[b + 1] : tokens;
     const int64_t count = end - start[b];
     TORCH_CHECK(count >= 1 && count <= p.lens[b] && end <= tokens,
                 "sequence ", b, ": query tokens [", start[b], ", ", end, ") do not fit its ", p.lens[b],
                 " cached tokens or the ", tokens, " query rows");
+    if (count > 1) pieces += (count + kTokens - 1) / kTokens;
+  }
+  const int64_t wanted = std::max<int64_t>(1, 4 * at::get_num_threads() / std::max<int64_t>(pieces, 1));
+  const int64_t splits = std::min(p.kv_heads, wanted);
+  const int64_t kv_per_task = (p.kv_heads + splits - 1) / splits;
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t count = (b + 1 < batch ? start[b + 1] : tokens) - start[b];
     const int64_t first_pos = p.lens[b] - count;
     if (count == 1) {
       tasks.push_back({b, start[b], first_pos, 1, 0, p.kv_heads, true, static_cast<double>(p.lens[b]) * p.heads});
       continue;
     }
-    // A task: 16 tokens with the query heads of its kv heads. All the kv heads, so that a position's keys
-    // and values are read in one piece, unless that leaves the threads too few tasks.
-    const int64_t per_task = kTokens;
-    const int64_t pieces = (count + per_task - 1) / per_task;
-    const int64_t splits = std::min(p.kv_heads, std::max<int64_t>(1, 4 * at::get_num_threads() / pieces));
-    const int64_t kv_per_task = (p.kv_heads + splits - 1) / splits;
-    for (int64_t i = 0; i < count; i += per_task) {
-      const int64_t n = std::min(per_task, count - i), last = first_pos + i + n - 1;
+    for (int64_t i = 0; i < count; i += kTokens) {
+      const int64_t n = std::min(kTokens, count - i), last = first_pos + i + n - 1;
       const int64_t lo = window > 0 ? std::max<int64_t>(0, first_pos + i - window + 1) : 0;
       for (int64_t kv = 0; kv < p.kv_heads; kv += kv_per_task) {
         const int64_t kv_last = std::min(p.kv_heads, kv + kv_per_task);
