@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from http_server import Streamed, make_bench_model, percentile, serve, stream, text_of_length
+from http_server import make_bench_model, percentile, serve, start_streams, stream, text_of_length
 from transformers import AutoTokenizer
 
 BENCH = Path(__file__).resolve().parent
@@ -34,19 +32,9 @@ LIMITS = ["--max-input-length", "2100", "--max-total-tokens", "2400", "--kv-cach
 
 def run(url: str, short: list[str], long_prompt: str) -> tuple[list[float], list[float], float]:
     """(steady gaps, gaps while the long prompt was prefilled, its time to first token)."""
-    started = threading.Barrier(RUNNING + 1)
-    outs = [Streamed(0.0) for _ in range(RUNNING)]
-
-    def running(i: int) -> Streamed:
-        started.wait()
-        return stream(url, short[i], outs[i], max_new_tokens=RUNNING_NEW, ignore_eos_token=True)
-
     stream(url, "warm up", max_new_tokens=4)
     with ThreadPoolExecutor(RUNNING) as pool:
-        futures = [pool.submit(running, i) for i in range(RUNNING)]
-        started.wait()
-        while min(len(o.token_times) for o in outs) < STEADY_TOKENS:  # every one generating: the steady state
-            time.sleep(0.01)
+        futures = start_streams(pool, url, short, STEADY_TOKENS, max_new_tokens=RUNNING_NEW, ignore_eos_token=True)
         long = stream(url, long_prompt, max_new_tokens=4, ignore_eos_token=True)
         answers = [f.result() for f in futures]
     window = (long.sent, long.token_times[0])

@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from http_server import Streamed, make_bench_model, percentile, serve, stream, text_of_length
+from http_server import make_bench_model, percentile, serve, start_streams, stream, text_of_length
 from transformers import AutoTokenizer
 
 RUNNING, RUNNING_NEW, ADAPTERS_PER_RUN = 8, 1200, 4
@@ -44,20 +43,10 @@ AFTER_FIRST_TOKEN = 0.2  # seconds: the running requests' gap that holds a prefi
 def run(url: str, short: list[str], adapters: list[Path]) -> tuple[Gaps, list[float]]:
     """(running requests' gaps: steady, during a load, around a cold and a warm prefill; cold minus
     warm time to first token per adapter)."""
-    started = threading.Barrier(RUNNING + 1)
-    outs = [Streamed(0.0) for _ in range(RUNNING)]
-
-    def running(i: int) -> Streamed:
-        started.wait()
-        return stream(url, short[i], outs[i], max_new_tokens=RUNNING_NEW, ignore_eos_token=True)
-
     stream(url, "warm up", max_new_tokens=4)
     loads, cold_prefills, warm_prefills, added = [], [], [], []
     with ThreadPoolExecutor(RUNNING) as pool:
-        futures = [pool.submit(running, i) for i in range(RUNNING)]
-        started.wait()
-        while min(len(o.token_times) for o in outs) < STEADY_TOKENS:  # every one generating: the steady state
-            time.sleep(0.01)
+        futures = start_streams(pool, url, short, STEADY_TOKENS, max_new_tokens=RUNNING_NEW, ignore_eos_token=True)
         for adapter in adapters:
             params = dict(max_new_tokens=4, adapter_id=str(adapter), adapter_source="local")
             cold = stream(url, short[0], **params)

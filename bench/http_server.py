@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +122,22 @@ def stream(url: str, inputs: str, out: Streamed | None = None, **parameters) -> 
             out.token_times.append(time.perf_counter())
             out.token_ids.append(event["token"]["id"])
     return out
+
+
+def start_streams(
+    pool: ThreadPoolExecutor, url: str, prompts: list[str], min_tokens: int, **parameters
+) -> list[Future]:
+    """Streams every prompt on `pool` (`stream`) and returns their futures once each answer has
+    `min_tokens` tokens: a latency bench's running requests, in their steady state."""
+    outs = [Streamed(0.0) for _ in prompts]
+    futures = [pool.submit(stream, url, prompt, out, **parameters) for prompt, out in zip(prompts, outs, strict=True)]
+    while min(len(out.token_times) for out in outs) < min_tokens:
+        for f in futures:
+            if f.done():  # an error, or an answer shorter than min_tokens: never the steady state
+                f.result()
+                raise RuntimeError(f"a running request ended after {len(f.result().token_ids)} tokens")
+        time.sleep(0.01)
+    return futures
 
 
 class InOrder:
