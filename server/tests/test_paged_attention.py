@@ -185,9 +185,9 @@ def test_bad_prefill_layouts_are_refused():
     meta, cache_k, cache_v = paged_batch([4, 3], [10, 3], 16, 1, 32, seed=10)
     tables, q = meta.block_tables, torch.randn(7, 2, 32)
 
-    def call(starts: list[int], lens: list[int], rows: int = 7) -> torch.Tensor:
+    def call(starts: list[int], lens: list[int]) -> torch.Tensor:
         return paged_attention.paged_prefill_attention(
-            q[:rows], cache_k, cache_v, tables, torch.tensor(starts), torch.tensor(lens), 0.3
+            q, cache_k, cache_v, tables, torch.tensor(starts), torch.tensor(lens), 0.3
         )
 
     assert call([0, 4], [10, 3]).shape == (7, 2, 32)
