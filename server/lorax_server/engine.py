@@ -16,6 +16,7 @@ import psutil
 import torch
 
 from . import decode_graphs
+from .adapters import lora_cpu
 from .adapters.chat_template import ChatTemplateFiles
 from .adapters.lora import segments_of
 from .adapters.manager import AdapterInUse, AdapterManager, AdapterRequest, Modules
@@ -122,6 +123,10 @@ class Engine:
                             max_prefill_tokens)  # fmt: skip
         if self.device.type == "cpu":
             return_freed_memory()  # the dummy prefill's activations: free memory is measured next
+            if self.adapters is not None:
+                # The LoRA kernel loads on its first use otherwise: the first adapter request would wait
+                # for it (about 7 ms), and a failed build would be reported then rather than now.
+                lora_cpu.EXTENSION.ops()
         bs = self.cache_config.block_size
         layers, kv_heads, head_dim, dtype = self.model.cache_geometry
         per_block = KVCache.bytes_per_block(layers, bs, kv_heads, head_dim, dtype)

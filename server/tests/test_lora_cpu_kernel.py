@@ -123,7 +123,7 @@ def test_other_dtypes_and_the_switch_take_the_torch_plans(monkeypatch: pytest.Mo
 def test_bad_inputs_are_refused():
     linear = adapted_linear(ADAPTERS)
     stacked = linear.lora._kernel_stack((1, 2), grow=False)
-    runs = [(run.out_start, run.r_start, run.b) for run in stacked.runs]
+    runs = stacked.kernel_runs()
     x, y = torch.randn(4, IN), torch.zeros(4, 20)
 
     def call(starts: list[int], ends: list[int], slots: list[int], runs=runs, y=y) -> None:  # noqa: ANN001
@@ -138,6 +138,34 @@ def test_bad_inputs_are_refused():
     with pytest.raises(RuntimeError, match="exceeds y's columns"):
         call([0], [4], [0], y=torch.zeros(4, 12))
     with pytest.raises(RuntimeError, match="exceeds a's ranks"):
-        call([0], [4], [0], runs=[(0, stacked.a.shape[2], runs[0][2])])
+        call([0], [4], [0], runs=lora_cpu.KernelRuns.of([(0, stacked.a.shape[2], runs.b[0])]))
     with pytest.raises(RuntimeError, match="int32"):
         lora_cpu.sgmv_(y, x, stacked.a, torch.tensor([0]), torch.tensor([4]), torch.tensor([0]), runs)
+
+
+@pytest.mark.parametrize("width", [16, 32, 40, 96, 101])
+def test_tiled_columns_layout(width: int):
+    """B's [rank, width] in column tiles: the tiles of 32 columns row-major, then the last columns."""
+    b = torch.arange(2 * 3 * 5 * width, dtype=torch.float32).view(2, 3, 5, width)
+    tiled = b.clone()
+    lora_cpu.tile_columns(tiled)
+    full = width // 32 * 32
+    for s in range(2):
+        for p in range(3):
+            tiles = [b[s, p, :, t : t + 32].reshape(-1) for t in range(0, full, 32)]
+            assert torch.equal(tiled[s, p].reshape(-1), torch.cat([*tiles, b[s, p, :, full:].reshape(-1)]))
+
+
+def test_kernel_and_grid_never_share_a_stack(request: pytest.FixtureRequest):
+    """The kernel keeps a tiled stack; the torch grid (which reads B row-major) rebuilds its own, and the
+    kernel its own again after it."""
+    linear = adapted_linear(ADAPTERS)
+    segments = [(0, 2, 1), (2, 4, 2)]
+    x = torch.randn(4, IN, generator=torch.Generator().manual_seed(9))
+    reference = dense_reference(linear, x, segments)
+    torch.testing.assert_close(linear(x, batch(segments, 4)).double(), reference, **TOL)
+    assert linear.lora._stacked.tiled
+    grid = linear.lora._stack((1, 2))
+    assert grid is not None and not grid.tiled
+    torch.testing.assert_close(linear(x, batch(segments, 4)).double(), reference, **TOL)
+    assert linear.lora._stacked.tiled

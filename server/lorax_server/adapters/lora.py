@@ -117,7 +117,7 @@ class _StackedPart:
     out_end: int
     r_start: int
     r_end: int
-    b: torch.Tensor  # [segments, rank of this part, out_end - out_start], scale folded in
+    b: torch.Tensor  # [segments, rank of this part, out_end - out_start], scale folded in (not tiled)
 
 
 @dataclass
@@ -132,13 +132,24 @@ class _ExpandRun:
 
 @dataclass
 class _Stacked:
-    """A batch's adapters stacked in segment order (absent parts and smaller ranks are zeros)."""
+    """A batch's adapters stacked in segment order (absent parts and smaller ranks are zeros).
+
+    A `tiled` stack is the CPU kernel's: each part's [rank, width] in B laid out in column tiles (see
+    `lora_cpu.tile_columns`), which only that kernel reads."""
 
     adapters: tuple[int, ...]
     a: torch.Tensor  # [segments, in_features, sum of the parts' ranks]
     parts: list[_StackedPart]
     runs: list[_ExpandRun]
+    tiled: bool = False
     serial: int = field(default_factory=itertools.count(1).__next__)  # tells stacks apart (decode graphs)
+    _kernel_runs: lora_cpu.KernelRuns | None = field(default=None, init=False, repr=False)
+
+    def kernel_runs(self) -> lora_cpu.KernelRuns:
+        """The runs as the CPU kernel takes them, built once per stack (a decode step calls it per linear)."""
+        if self._kernel_runs is None:
+            self._kernel_runs = lora_cpu.KernelRuns.of([(run.out_start, run.r_start, run.b) for run in self.runs])
+        return self._kernel_runs
 
 
 class LoraSlots:
@@ -152,6 +163,9 @@ class LoraSlots:
         self.part_bounds = list(zip(bounds[:-1], bounds[1:], strict=True))
         self.by_adapter: dict[int, _AdapterFactors] = {}
         self._stacked: _Stacked | None = None
+        # The adapter order the kept stack last served: decode steps repeat it while the batch's adapters
+        # stay the same, and skip the check. Forgotten when the stack or the installed adapters change.
+        self._served_order: tuple[int, ...] | None = None
 
     def install(self, index: int, parts: dict[int, LoraModuleWeights]) -> None:
         """parts: fused-part position → that part's factors (parts the adapter skips are absent)."""
@@ -162,11 +176,13 @@ class LoraSlots:
             expands.append(_Expand(out_start, out_end, r, r + w.rank, w.lora_b, w.scale))
             r += w.rank
         self.by_adapter[index] = _AdapterFactors(torch.cat(a_list) if len(a_list) > 1 else a_list[0], expands, parts)
+        self._served_order = None  # an order the kept stack served may now name an adapter it lacks
         self._forget_stack_of(index)
         _changed()
 
     def remove(self, index: int) -> None:
         self.by_adapter.pop(index, None)
+        self._served_order = None
         self._forget_stack_of(index)
         _changed()
 
@@ -175,6 +191,7 @@ class LoraSlots:
         it: the running batch goes on without restacking its adapters' weights."""
         if self._stacked is not None and index in self._stacked.adapters:
             self._stacked = None
+            self._served_order = None
 
     def adapter_indices(self) -> Collection[int]:
         return self.by_adapter.keys()
@@ -248,7 +265,7 @@ class LoraSlots:
             else:
                 columns.index_add_(0, groups.tokens, delta)
 
-    def _kernel_plan(self, y: torch.Tensor, rows: LoraRows) -> tuple[_Stacked, LoraKernelRows] | None:
+    def _kernel_plan(self, y: torch.Tensor, rows: LoraRows, tiled: bool) -> tuple[_Stacked, LoraKernelRows] | None:
         """The kept stack the kernels read and the rows' segments in its slots; None when none of the
         rows' adapters adapts this linear."""
         batch = rows if isinstance(rows, ForwardBatch) else None
@@ -256,7 +273,7 @@ class LoraSlots:
             order = batch.lora_order()
         else:
             order = tuple(dict.fromkeys(index for _, _, index in rows.lora_segments))
-        stacked = self._kernel_stack(order, grow=batch is None)
+        stacked = self._kernel_stack(order, grow=batch is None, tiled=tiled)
         if stacked is None:
             return None
         if batch is not None:  # built once per forward pass and stack order, shared by the linears
@@ -266,18 +283,17 @@ class LoraSlots:
 
     def _add_on_cpu(self, y: torch.Tensor, x: torch.Tensor, rows: LoraRows) -> None:
         """`lora_cpu`'s kernel over the kept stack: every segment, part and run in one call."""
-        planned = self._kernel_plan(y, rows)
+        planned = self._kernel_plan(y, rows, tiled=True)
         if planned is not None:
             stacked, plan = planned
-            runs = [(run.out_start, run.r_start, run.b) for run in stacked.runs]
-            lora_cpu.sgmv_(y, x, stacked.a, plan.seg_start, plan.seg_end, plan.seg_slot, runs)
+            lora_cpu.sgmv_(y, x, stacked.a, plan.seg_start, plan.seg_end, plan.seg_slot, stacked.kernel_runs())
 
     def _add_with_kernels(self, y: torch.Tensor, x: torch.Tensor, rows: LoraRows) -> None:
         """The Triton kernels over the kept stack: one shrink for every part, one expand per part."""
         if isinstance(rows, ForwardBatch) and rows.pinned_stacks:  # a decode graph: its captured stack
             self._add_pinned(y, x, rows)
             return
-        planned = self._kernel_plan(y, rows)
+        planned = self._kernel_plan(y, rows, tiled=False)
         if planned is None:
             return
         stacked, plan = planned
@@ -304,30 +320,41 @@ class LoraSlots:
         not more than twice as many (its extra rows are computed as padding): requests finishing do
         not restack the others' weights, only new adapters and a much smaller batch do."""
         kept = self._stacked
-        if kept is not None and set(adapters) <= set(kept.adapters) and len(kept.adapters) <= 2 * len(adapters):
+        if (
+            kept is not None
+            and not kept.tiled
+            and set(adapters) <= set(kept.adapters)
+            and len(kept.adapters) <= 2 * len(adapters)
+        ):
             return kept
         if not any(index in self.by_adapter for index in adapters):
             return None
         return self._build_stack(adapters)
 
-    def _kernel_stack(self, adapters: tuple[int, ...], grow: bool) -> _Stacked | None:
+    def _kernel_stack(self, adapters: tuple[int, ...], grow: bool, tiled: bool = False) -> _Stacked | None:
         """The stack the kernels read: kept while it holds every adapter of `adapters` that adapts this
         linear. Unlike the grid, the kernels never read a slot no token points at, and give the batch's
         adapters absent from this linear slot -1, so a larger stack costs no work and absent adapters
         need no zero slots. `grow` (a MoE expert's rows, whose adapters change with the routing at every
         step) restacks with the kept adapters too, so that adapters coming and going are not copied
-        again each time; removing an adapter drops the stack, which bounds it by the installed ones."""
+        again each time; removing an adapter drops the stack, which bounds it by the installed ones.
+        `tiled`: the CPU kernel's layout (a kept stack of the other layout is rebuilt)."""
+        kept = self._stacked
+        if kept is not None and adapters == self._served_order and kept.tiled == tiled:
+            return kept  # the order of the step before (a decode step's usual case), already checked
         present = tuple(index for index in adapters if index in self.by_adapter)
         if not present:
             return None
-        kept = self._stacked
-        if kept is not None and set(present) <= set(kept.adapters):
-            return kept
-        if grow and kept is not None:
-            present += tuple(index for index in kept.adapters if index in self.by_adapter and index not in present)
-        return self._build_stack(present)
+        if kept is not None and kept.tiled != tiled:
+            kept = None
+        if kept is None or not set(present) <= set(kept.adapters):
+            if grow and kept is not None:
+                present += tuple(i for i in kept.adapters if i in self.by_adapter and i not in present)
+            kept = self._build_stack(present, tiled)
+        self._served_order = adapters
+        return kept
 
-    def _build_stack(self, adapters: tuple[int, ...]) -> _Stacked:
+    def _build_stack(self, adapters: tuple[int, ...], tiled: bool = False) -> _Stacked:
         """Copy the factors of `adapters` (at least one of which adapts this linear) into a new kept stack."""
         present = [self.by_adapter.get(index) for index in adapters]
         ranks = {}  # part → the largest rank any of the adapters gives it
@@ -356,7 +383,11 @@ class LoraSlots:
                 parts.append(
                     _StackedPart(out_start + i * width, out_start + (i + 1) * width, r0, r0 + rank, b_run[:, i])
                 )
-        self._stacked = _Stacked(adapters, a, parts, runs)
+        if tiled:
+            for run in runs:
+                lora_cpu.tile_columns(run.b)
+        self._stacked = _Stacked(adapters, a, parts, runs, tiled)
+        self._served_order = None
         _changed()
         return self._stacked
 

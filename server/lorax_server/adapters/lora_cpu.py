@@ -9,6 +9,7 @@ does not apply (other devices and dtypes, a failed build, `LORAX_CPU_KERNELS=0`)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +36,36 @@ def kernel_applies(y: torch.Tensor, x: torch.Tensor) -> bool:
     )
 
 
+TILE = 32  # columns of B the kernel's expand reads at a time
+
+
+def tile_columns(b: torch.Tensor) -> None:
+    """Lay out every [rank, width] matrix of `b` ([..., rank, width], contiguous) in column tiles, in place,
+    as the kernel reads them: the tiles of TILE columns, each [rank, TILE] row-major, then the last
+    width % TILE columns as [rank, width % TILE]. The tensor keeps its shape; only the kernel reads it."""
+    *lead, rank, width = b.shape
+    full = width // TILE * TILE
+    tiles = b[..., :full].reshape(*lead, rank, full // TILE, TILE).transpose(-3, -2).reshape(*lead, rank * full)
+    rest = b[..., full:].reshape(*lead, rank * (width - full))
+    flat = b.view(*lead, rank * width)
+    flat.copy_(torch.cat([tiles, rest], dim=-1))
+
+
+@dataclass(frozen=True)
+class KernelRuns:
+    """A stack's expand runs as the kernel takes them: each run's B ([slots, parts, rank, width], tiled by
+    `tile_columns`), its first output column and its first rank in the stack's A."""
+
+    b: list[torch.Tensor]
+    out_start: list[int]
+    r_start: list[int]
+
+    @classmethod
+    def of(cls, runs: Sequence[tuple[int, int, torch.Tensor]]) -> KernelRuns:
+        """From (out_start, r_start, b) per run."""
+        return cls([b for _, _, b in runs], [o for o, _, _ in runs], [r for _, r, _ in runs])
+
+
 def sgmv_(
     y: torch.Tensor,  # [tokens, out_features], updated in place
     x: torch.Tensor,  # [tokens, in_features]
@@ -42,18 +73,8 @@ def sgmv_(
     seg_start: torch.Tensor,  # [segments] int32
     seg_end: torch.Tensor,  # [segments] int32
     seg_slot: torch.Tensor,  # [segments] int32, -1: nothing to add
-    runs: Sequence[tuple[int, int, torch.Tensor]],  # (out_start, r_start, b [slots, parts, rank, width])
+    runs: KernelRuns,
 ) -> None:
     """y[s:e, out_start + p·width : …] += (x[s:e] @ a[slot])[:, r_start + p·rank : …] @ b[slot, p] for every
     segment, run and part p. Requires `kernel_applies(y, x)`."""
-    EXTENSION.ops().sgmv_(
-        y,
-        x,
-        a,
-        seg_start,
-        seg_end,
-        seg_slot,
-        [b for _, _, b in runs],
-        [out_start for out_start, _, _ in runs],
-        [r_start for _, r_start, _ in runs],
-    )
+    EXTENSION.ops().sgmv_(y, x, a, seg_start, seg_end, seg_slot, runs.b, runs.out_start, runs.r_start)
