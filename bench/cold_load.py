@@ -11,9 +11,11 @@ tokens while the adapter loaded against before it. A gap counts as during the lo
 the cold request's arrival and its first token. The gap that holds the cold request's own prefill step
 ends after its first token: a warm request's prefill makes the same gap, so it is reported apart (gaps
 ending within 0.2 s after a first token, cold or warm).
+With `--running-adapters N` the running requests use N adapters (loaded before them) instead of the
+base model: then the new adapter also joins a batch of adapters, whose kept LoRA stacks take it in.
 Not a test.
 
-    .venv/bin/python bench/cold_load.py [--repeats 2]
+    .venv/bin/python bench/cold_load.py [--repeats 2] [--running-adapters 8]
 """
 
 from __future__ import annotations
@@ -40,13 +42,20 @@ Gaps = dict[str, list[float]]
 AFTER_FIRST_TOKEN = 0.2  # seconds: the running requests' gap that holds a prefill step ends within it
 
 
-def run(url: str, short: list[str], adapters: list[Path]) -> tuple[Gaps, list[float]]:
+def run(url: str, short: list[str], adapters: list[Path], running: list[Path]) -> tuple[Gaps, list[float]]:
     """(running requests' gaps: steady, during a load, around a cold and a warm prefill; cold minus
-    warm time to first token per adapter)."""
+    warm time to first token per adapter). The running requests use the adapters `running` in turn
+    (loaded first), or the base model."""
     stream(url, "warm up", max_new_tokens=4)
+    own = [
+        dict(adapter_id=str(running[i % len(running)]), adapter_source="local") if running else {}
+        for i in range(RUNNING)
+    ]
+    for params in own[: len(running)]:
+        stream(url, "warm up", max_new_tokens=4, **params)
     loads, cold_prefills, warm_prefills, added = [], [], [], []
     with ThreadPoolExecutor(RUNNING) as pool:
-        futures = start_streams(pool, url, short, STEADY_TOKENS, max_new_tokens=RUNNING_NEW, ignore_eos_token=True)
+        futures = start_streams(pool, url, short, STEADY_TOKENS, own, max_new_tokens=RUNNING_NEW, ignore_eos_token=True)
         for adapter in adapters:
             params = dict(max_new_tokens=4, adapter_id=str(adapter), adapter_source="local")
             cold = stream(url, short[0], **params)
@@ -75,16 +84,18 @@ def run(url: str, short: list[str], adapters: list[Path]) -> tuple[Gaps, list[fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--running-adapters", type=int, default=0, help="adapters of the running requests (0: none)")
     args = parser.parse_args()
     gaps: Gaps = {}
     added = []
     with tempfile.TemporaryDirectory() as tmp:
-        model, adapters = make_bench_model(Path(tmp), ADAPTERS_PER_RUN * args.repeats)
+        model, adapters = make_bench_model(Path(tmp), ADAPTERS_PER_RUN * args.repeats + args.running_adapters)
+        running = adapters[ADAPTERS_PER_RUN * args.repeats :]
         tok = AutoTokenizer.from_pretrained(model)
         short = [text_of_length(tok, 16, seed=i + 1) for i in range(RUNNING)]
         for r in range(args.repeats):  # a fresh server each time: its adapters are cold
             with serve(model, *LIMITS, log_dir=Path(tmp)) as url:
-                g, a = run(url, short, adapters[r * ADAPTERS_PER_RUN : (r + 1) * ADAPTERS_PER_RUN])
+                g, a = run(url, short, adapters[r * ADAPTERS_PER_RUN : (r + 1) * ADAPTERS_PER_RUN], running)
             for name, values in g.items():
                 gaps.setdefault(name, []).extend(values)
             added += a

@@ -125,12 +125,22 @@ def stream(url: str, inputs: str, out: Streamed | None = None, **parameters) -> 
 
 
 def start_streams(
-    pool: ThreadPoolExecutor, url: str, prompts: list[str], min_tokens: int, **parameters
+    pool: ThreadPoolExecutor,
+    url: str,
+    prompts: list[str],
+    min_tokens: int,
+    per_prompt: list[dict] | None = None,
+    **parameters,
 ) -> list[Future]:
-    """Streams every prompt on `pool` (`stream`) and returns their futures once each answer has
-    `min_tokens` tokens: a latency bench's running requests, in their steady state."""
+    """Streams every prompt on `pool` (`stream`, with `parameters` and the prompt's own from `per_prompt`)
+    and returns their futures once each answer has `min_tokens` tokens: a latency bench's running
+    requests, in their steady state."""
     outs = [Streamed(0.0) for _ in prompts]
-    futures = [pool.submit(stream, url, prompt, out, **parameters) for prompt, out in zip(prompts, outs, strict=True)]
+    own = per_prompt or [{} for _ in prompts]
+    futures = [
+        pool.submit(stream, url, prompt, out, **parameters, **extra)
+        for prompt, out, extra in zip(prompts, outs, own, strict=True)
+    ]
     while min(len(out.token_times) for out in outs) < min_tokens:
         for f in futures:
             if f.done():  # an error, or an answer shorter than min_tokens: never the steady state

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_lora_groups import ADAPTERS, CASES, IN, adapted_linear, batch, dense_reference
+from test_lora_groups import ADAPTERS, CASES, IN, adapted_linear, batch, dense_reference, install
 
 from lorax_server.adapters import lora_cpu
 from lorax_server.adapters.lora import LoraModuleWeights, LoraSlots
@@ -169,3 +169,58 @@ def test_kernel_and_grid_never_share_a_stack(request: pytest.FixtureRequest):
     assert grid is not None and not grid.tiled
     torch.testing.assert_close(linear(x, batch(segments, 4)).double(), reference, **TOL)
     assert linear.lora._stacked.tiled
+
+
+def check(linear: Linear, segments: list[tuple[int, int, int]], seed: int) -> None:
+    """The linear on `segments` (one ForwardBatch, as a step makes) against the dense update."""
+    tokens = max(end for _, end, _ in segments)
+    x = torch.randn(tokens, IN, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(linear(x, batch(segments, tokens)).double(), dense_reference(linear, x, segments), **TOL)
+
+
+def test_an_adapter_joining_the_batch_takes_a_spare_slot():
+    """A new adapter's prompt, then the decode step with it, write only its factors into the kept stack."""
+    linear = adapted_linear({i: {0: 4, 1: 4, 2: 4} for i in range(1, 9)})
+    check(linear, [(0, 2, 1), (2, 3, 2)], seed=1)  # the running batch: adapters 1 and 2
+    kept = linear.lora._stacked
+    assert kept.adapters == (1, 2, 0, 0, 0, 0)  # four spare slots
+    slot_of_2 = kept.a[1].clone()
+    serial = kept.serial
+    check(linear, [(0, 3, 3)], seed=2)  # adapter 3's prompt step
+    assert linear.lora._stacked is kept and kept.adapters == (1, 2, 3, 0, 0, 0) and kept.serial != serial
+    assert torch.equal(kept.a[1], slot_of_2)
+    check(linear, [(0, 2, 1), (2, 3, 2), (3, 4, 3)], seed=3)  # the decode step with it
+    assert linear.lora._stacked is kept
+
+
+def test_spare_slots_run_out_and_the_running_adapters_stay():
+    """With no spare slot left, a prompt step's new adapters restack together with the adapters the step
+    before served (the running batch's), so the next decode step needs no restack."""
+    linear = adapted_linear({i: {0: 4, 1: 4, 2: 4} for i in range(1, 12)})
+    running = [(0, 1, 1), (1, 2, 2)]
+    check(linear, running, seed=1)
+    first = linear.lora._stacked
+    for step, index in enumerate(range(3, 8)):  # five adapters join one by one: the fifth finds no slot
+        check(linear, [(0, 2, index)], seed=10 + step)  # its prompt step
+        kept = linear.lora._stacked
+        assert (kept is first) == (index < 7)
+        assert set(kept.adapters) - {0} == set(range(1, index + 1))
+        running.append((len(running), len(running) + 1, index))
+        check(linear, running, seed=20 + step)  # the decode step with it
+        assert linear.lora._stacked is kept
+    assert linear.lora._stacked.adapters.count(0) == 4
+
+
+@pytest.mark.parametrize(
+    ("joining", "restacks"),
+    [({0: 8, 1: 4}, True), ({0: 4, 2: 4}, True), ({0: 2}, False)],
+    ids=["a larger rank", "a part the stack lacks", "a smaller rank on fewer parts"],
+)
+def test_a_joining_adapter_restacks_only_when_it_does_not_fit_a_slot(joining: dict[int, int], restacks: bool):
+    linear = adapted_linear({1: {0: 4, 1: 4}, 2: {0: 4, 1: 4}})
+    check(linear, [(0, 2, 1), (2, 3, 2)], seed=1)
+    kept = linear.lora._stacked
+    install(linear, 3, joining, seed=3)
+    check(linear, [(0, 2, 3)], seed=2)
+    assert (linear.lora._stacked is not kept) == restacks
+    check(linear, [(0, 2, 1), (2, 3, 2), (3, 5, 3)], seed=3)

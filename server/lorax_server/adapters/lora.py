@@ -130,19 +130,24 @@ class _ExpandRun:
     b: torch.Tensor  # [segments, parts, rank, width]; each part's `_StackedPart.b` is a view of it
 
 
+_serials = itertools.count(1)
+
+
 @dataclass
 class _Stacked:
     """A batch's adapters stacked in segment order (absent parts and smaller ranks are zeros).
 
     A `tiled` stack is the CPU kernel's: each part's [rank, width] in B laid out in column tiles (see
-    `lora_cpu.tile_columns`), which only that kernel reads."""
+    `lora_cpu.tile_columns`), which only that kernel reads. It keeps spare slots (adapter index 0, all
+    zeros) that adapters joining the batch are written into."""
 
-    adapters: tuple[int, ...]
+    adapters: tuple[int, ...]  # the adapter of each slot; 0: a spare slot
     a: torch.Tensor  # [segments, in_features, sum of the parts' ranks]
     parts: list[_StackedPart]
     runs: list[_ExpandRun]
+    places: dict[int, tuple[int, int, int, int]]  # part → (its first rank in a, its rank, its run, its place there)
     tiled: bool = False
-    serial: int = field(default_factory=itertools.count(1).__next__)  # tells stacks apart (decode graphs)
+    serial: int = field(default_factory=_serials.__next__)  # tells stacks apart (decode graphs)
     _kernel_runs: lora_cpu.KernelRuns | None = field(default=None, init=False, repr=False)
 
     def kernel_runs(self) -> lora_cpu.KernelRuns:
@@ -338,7 +343,10 @@ class LoraSlots:
         need no zero slots. `grow` (a MoE expert's rows, whose adapters change with the routing at every
         step) restacks with the kept adapters too, so that adapters coming and going are not copied
         again each time; removing an adapter drops the stack, which bounds it by the installed ones.
-        `tiled`: the CPU kernel's layout (a kept stack of the other layout is rebuilt)."""
+        `tiled`: the CPU kernel's layout (a kept stack of the other layout is rebuilt). Its stacks take
+        adapters that join the batch into spare slots, copying only theirs; when the spare slots run
+        out they are rebuilt with the adapters of the order served before too (on a prompt step, the
+        running batch's), so that the next decode step finds every adapter it needs."""
         kept = self._stacked
         if kept is not None and adapters == self._served_order and kept.tiled == tiled:
             return kept  # the order of the step before (a decode step's usual case), already checked
@@ -347,15 +355,51 @@ class LoraSlots:
             return None
         if kept is not None and kept.tiled != tiled:
             kept = None
-        if kept is None or not set(present) <= set(kept.adapters):
-            if grow and kept is not None:
-                present += tuple(i for i in kept.adapters if i in self.by_adapter and i not in present)
-            kept = self._build_stack(present, tiled)
+        missing = [index for index in present if index not in set(kept.adapters)] if kept is not None else None
+        if kept is None or (missing and not self._fill_spare_slots(kept, missing)):
+            if kept is not None and (grow or tiled):
+                carried = kept.adapters if grow or self._served_order is None else self._served_order
+                present += tuple(i for i in carried if i in self.by_adapter and i not in present)
+            kept = self._build_stack(present, tiled, spare=max(4, len(present) // 4) if tiled else 0)
         self._served_order = adapters
         return kept
 
-    def _build_stack(self, adapters: tuple[int, ...], tiled: bool = False) -> _Stacked:
-        """Copy the factors of `adapters` (at least one of which adapts this linear) into a new kept stack."""
+    def _fill_spare_slots(self, kept: _Stacked, missing: list[int]) -> bool:
+        """Write the adapters `missing` into the kept stack's spare slots; False (nothing written) when
+        there are too few, or one of them has a part the stack lacks or a larger rank than it holds."""
+        spare = [slot for slot, index in enumerate(kept.adapters) if index == 0]
+        if len(missing) > len(spare):
+            return False
+        for index in missing:
+            for part, w in self.by_adapter[index].parts.items():
+                place = kept.places.get(part)
+                if place is None or w.rank > place[1]:
+                    return False
+        order = list(kept.adapters)
+        for index, slot in zip(missing, spare, strict=False):
+            self._write_slot(kept, slot, self.by_adapter[index])
+            order[slot] = index
+        kept.adapters = tuple(order)
+        kept.serial = next(_serials)  # a decode graph captured over the stack's old order is stale
+        self._served_order = None
+        _changed()
+        return True
+
+    @staticmethod
+    def _write_slot(stacked: _Stacked, slot: int, factors: _AdapterFactors) -> None:
+        """Copy an adapter's factors into a slot of zeros: A transposed, B transposed and scaled (tiled
+        when the stack is)."""
+        for part, w in factors.parts.items():
+            r0, _, run, position = stacked.places[part]
+            stacked.a[slot, :, r0 : r0 + w.rank] = w.lora_a.t()
+            b = stacked.runs[run].b[slot, position]
+            b[: w.rank] = w.lora_b.t() * w.scale
+            if stacked.tiled:
+                lora_cpu.tile_columns(b)
+
+    def _build_stack(self, adapters: tuple[int, ...], tiled: bool = False, spare: int = 0) -> _Stacked:
+        """Copy the factors of `adapters` (at least one of which adapts this linear) into a new kept stack,
+        with `spare` slots of zeros after theirs."""
         present = [self.by_adapter.get(index) for index in adapters]
         ranks = {}  # part → the largest rank any of the adapters gives it
         for factors in filter(None, present):
@@ -366,27 +410,24 @@ class LoraSlots:
             offsets[part] = total
             total += ranks[part]
         sample = next(filter(None, present)).a
-        a = sample.new_zeros(len(adapters), sample.shape[1], total)
-        parts, runs = [], []
-        for run in self._expand_runs(ranks):
+        slots = len(adapters) + spare
+        a = sample.new_zeros(slots, sample.shape[1], total)
+        parts, runs, places = [], [], {}
+        for r, run in enumerate(self._expand_runs(ranks)):
             out_start, rank = self.part_bounds[run[0]][0], ranks[run[0]]
             width = self.part_bounds[run[0]][1] - out_start
-            b_run = sample.new_zeros(len(adapters), len(run), rank, width)
+            b_run = sample.new_zeros(slots, len(run), rank, width)
             runs.append(_ExpandRun(out_start, offsets[run[0]], b_run))
             for i, part in enumerate(run):
                 r0 = offsets[part]
-                for seg, factors in enumerate(present):
-                    w = factors.parts.get(part) if factors is not None else None
-                    if w is not None:
-                        a[seg, :, r0 : r0 + w.rank] = w.lora_a.t()
-                        b_run[seg, i, : w.rank] = w.lora_b.t() * w.scale
+                places[part] = (r0, rank, r, i)
                 parts.append(
                     _StackedPart(out_start + i * width, out_start + (i + 1) * width, r0, r0 + rank, b_run[:, i])
                 )
-        if tiled:
-            for run in runs:
-                lora_cpu.tile_columns(run.b)
-        self._stacked = _Stacked(adapters, a, parts, runs, tiled)
+        self._stacked = _Stacked(adapters + (0,) * spare, a, parts, runs, places, tiled)
+        for slot, factors in enumerate(present):
+            if factors is not None:
+                self._write_slot(self._stacked, slot, factors)
         self._served_order = None
         _changed()
         return self._stacked
