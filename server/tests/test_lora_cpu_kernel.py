@@ -224,3 +224,26 @@ def test_a_joining_adapter_restacks_only_when_it_does_not_fit_a_slot(joining: di
     check(linear, [(0, 2, 3)], seed=2)
     assert (linear.lora._stacked is not kept) == restacks
     check(linear, [(0, 2, 1), (2, 3, 2), (3, 5, 3)], seed=3)
+
+
+def test_new_adapters_take_the_slots_of_ones_no_longer_running():
+    """Adapters whose requests finished leave slots that new adapters (installed meanwhile, as cold loads
+    do) take, beyond the spare ones; the running batch's slots stay as they are."""
+    linear = adapted_linear({i: {0: 4, 1: 4, 2: 4} for i in range(1, 7)})
+    running = [(0, 1, 1), (1, 2, 2)]
+    check(linear, running, seed=1)
+    kept = linear.lora._stacked
+    for step, index in enumerate(range(3, 7)):  # four adapters join, each finishing after a step
+        check(linear, [(0, 1, index)], seed=10 + step)
+        check(linear, [*running, (2, 3, index)], seed=20 + step)
+    check(linear, running, seed=2)
+    assert linear.lora._stacked is kept and kept.adapters[:2] == (1, 2) and kept.adapters.count(0) < 3
+    running_slots = kept.a[:2].clone()
+    for index in (7, 8, 9):
+        install(linear, index, {0: 4, 1: 4, 2: 4}, seed=index)
+    joining = [(0, 2, 7), (2, 3, 8), (3, 5, 9)]
+    check(linear, joining, seed=3)  # their prompt step: three slots, more than the spare ones left
+    assert linear.lora._stacked is kept and kept.adapters[:2] == (1, 2) and {7, 8, 9} <= set(kept.adapters)
+    assert torch.equal(kept.a[:2], running_slots)
+    check(linear, [*running, *((s + 2, e + 2, i) for s, e, i in joining)], seed=4)
+    assert linear.lora._stacked is kept

@@ -168,9 +168,11 @@ class LoraSlots:
         self.part_bounds = list(zip(bounds[:-1], bounds[1:], strict=True))
         self.by_adapter: dict[int, _AdapterFactors] = {}
         self._stacked: _Stacked | None = None
-        # The adapter order the kept stack last served: decode steps repeat it while the batch's adapters
-        # stay the same, and skip the check. Forgotten when the stack or the installed adapters change.
-        self._served_order: tuple[int, ...] | None = None
+        # The adapter order the kept stack last served, checked: decode steps repeat it while the batch's
+        # adapters stay the same, and skip the check. Forgotten when the stack or the installed adapters
+        # change. The order of the step before, which its free slots must not take (`_kernel_stack`).
+        self._checked_order: tuple[int, ...] | None = None
+        self._last_order: tuple[int, ...] = ()
 
     def install(self, index: int, parts: dict[int, LoraModuleWeights]) -> None:
         """parts: fused-part position → that part's factors (parts the adapter skips are absent)."""
@@ -181,13 +183,13 @@ class LoraSlots:
             expands.append(_Expand(out_start, out_end, r, r + w.rank, w.lora_b, w.scale))
             r += w.rank
         self.by_adapter[index] = _AdapterFactors(torch.cat(a_list) if len(a_list) > 1 else a_list[0], expands, parts)
-        self._served_order = None  # an order the kept stack served may now name an adapter it lacks
+        self._checked_order = None  # an order the kept stack served may now name an adapter it lacks
         self._forget_stack_of(index)
         _changed()
 
     def remove(self, index: int) -> None:
         self.by_adapter.pop(index, None)
-        self._served_order = None
+        self._checked_order = None
         self._forget_stack_of(index)
         _changed()
 
@@ -196,7 +198,7 @@ class LoraSlots:
         it: the running batch goes on without restacking its adapters' weights."""
         if self._stacked is not None and index in self._stacked.adapters:
             self._stacked = None
-            self._served_order = None
+            self._checked_order = None
 
     def adapter_indices(self) -> Collection[int]:
         return self.by_adapter.keys()
@@ -344,11 +346,12 @@ class LoraSlots:
         step) restacks with the kept adapters too, so that adapters coming and going are not copied
         again each time; removing an adapter drops the stack, which bounds it by the installed ones.
         `tiled`: the CPU kernel's layout (a kept stack of the other layout is rebuilt). Its stacks take
-        adapters that join the batch into spare slots, copying only theirs; when the spare slots run
-        out they are rebuilt with the adapters of the order served before too (on a prompt step, the
-        running batch's), so that the next decode step finds every adapter it needs."""
+        adapters that join the batch into free slots, copying only theirs: spare slots, or the slots of
+        adapters that neither this step nor the one before used (on a prompt step, the one before is
+        the running batch's decode step). When too few are free, the stack is rebuilt with the adapters
+        of both steps, so that the next decode step finds every adapter it needs."""
         kept = self._stacked
-        if kept is not None and adapters == self._served_order and kept.tiled == tiled:
+        if kept is not None and adapters == self._checked_order and kept.tiled == tiled:
             return kept  # the order of the step before (a decode step's usual case), already checked
         present = tuple(index for index in adapters if index in self.by_adapter)
         if not present:
@@ -356,19 +359,21 @@ class LoraSlots:
         if kept is not None and kept.tiled != tiled:
             kept = None
         missing = [index for index in present if index not in set(kept.adapters)] if kept is not None else None
-        if kept is None or (missing and not self._fill_spare_slots(kept, missing)):
+        if kept is None or (missing and not (tiled and self._fill_free_slots(kept, missing, present))):
             if kept is not None and (grow or tiled):
-                carried = kept.adapters if grow or self._served_order is None else self._served_order
+                carried = kept.adapters if grow else self._last_order
                 present += tuple(i for i in carried if i in self.by_adapter and i not in present)
             kept = self._build_stack(present, tiled, spare=max(4, len(present) // 4) if tiled else 0)
-        self._served_order = adapters
+        self._checked_order = self._last_order = adapters
         return kept
 
-    def _fill_spare_slots(self, kept: _Stacked, missing: list[int]) -> bool:
-        """Write the adapters `missing` into the kept stack's spare slots; False (nothing written) when
-        there are too few, or one of them has a part the stack lacks or a larger rank than it holds."""
-        spare = [slot for slot, index in enumerate(kept.adapters) if index == 0]
-        if len(missing) > len(spare):
+    def _fill_free_slots(self, kept: _Stacked, missing: list[int], present: tuple[int, ...]) -> bool:
+        """Write the adapters `missing` into the kept stack's free slots (spare, or holding an adapter
+        neither `present` nor the order served before has); False (nothing written) when there are too
+        few, or one of them has a part the stack lacks or a larger rank than it holds."""
+        used = set(present) | set(self._last_order)
+        free = [slot for slot, index in enumerate(kept.adapters) if index == 0 or index not in used]
+        if len(missing) > len(free):
             return False
         for index in missing:
             for part, w in self.by_adapter[index].parts.items():
@@ -376,25 +381,29 @@ class LoraSlots:
                 if place is None or w.rank > place[1]:
                     return False
         order = list(kept.adapters)
-        for index, slot in zip(missing, spare, strict=False):
-            self._write_slot(kept, slot, self.by_adapter[index])
+        for index, slot in zip(missing, free, strict=False):
+            if order[slot] != 0:  # another adapter's factors: zeros first, as a new slot has
+                kept.a[slot].zero_()
+                for run in kept.runs:
+                    run.b[slot].zero_()
+            self._write_slot(kept, slot, self.by_adapter[index], tile=True)
             order[slot] = index
         kept.adapters = tuple(order)
         kept.serial = next(_serials)  # a decode graph captured over the stack's old order is stale
-        self._served_order = None
+        self._checked_order = None
         _changed()
         return True
 
     @staticmethod
-    def _write_slot(stacked: _Stacked, slot: int, factors: _AdapterFactors) -> None:
-        """Copy an adapter's factors into a slot of zeros: A transposed, B transposed and scaled (tiled
-        when the stack is)."""
+    def _write_slot(stacked: _Stacked, slot: int, factors: _AdapterFactors, tile: bool) -> None:
+        """Copy an adapter's factors into a slot of zeros: A transposed, B transposed and scaled (and
+        with `tile`, B laid out in the tiled stack's column tiles)."""
         for part, w in factors.parts.items():
             r0, _, run, position = stacked.places[part]
             stacked.a[slot, :, r0 : r0 + w.rank] = w.lora_a.t()
             b = stacked.runs[run].b[slot, position]
             b[: w.rank] = w.lora_b.t() * w.scale
-            if stacked.tiled:
+            if tile:
                 lora_cpu.tile_columns(b)
 
     def _build_stack(self, adapters: tuple[int, ...], tiled: bool = False, spare: int = 0) -> _Stacked:
@@ -427,8 +436,11 @@ class LoraSlots:
         self._stacked = _Stacked(adapters + (0,) * spare, a, parts, runs, places, tiled)
         for slot, factors in enumerate(present):
             if factors is not None:
-                self._write_slot(self._stacked, slot, factors)
-        self._served_order = None
+                self._write_slot(self._stacked, slot, factors, tile=False)
+        if tiled:  # every slot at once (the spare ones are zeros either way)
+            for run in runs:
+                lora_cpu.tile_columns(run.b)
+        self._checked_order = None
         _changed()
         return self._stacked
 
