@@ -358,7 +358,8 @@ class LoraSlots:
             return None
         if kept is not None and kept.tiled != tiled:
             kept = None
-        missing = [index for index in present if index not in set(kept.adapters)] if kept is not None else None
+        held = set(kept.adapters) if kept is not None else set()
+        missing = [index for index in present if index not in held]
         if kept is None or (missing and not (tiled and self._fill_free_slots(kept, missing, present))):
             if kept is not None and (grow or tiled):
                 carried = kept.adapters if grow else self._last_order

@@ -64,8 +64,9 @@ struct Problem {
 // Software prefetch distances. A decode step streams every adapter's factors from memory, 8 rows or
 // fewer per adapter, too little arithmetic for the hardware prefetcher to keep ahead of; measured on
 // the bench model's decode step (8 adapters x 8 rows, weights from DRAM) 1.99 -> 1.44 ms. With B in
-// tiles, longer distances measured better in the engine's decode steps (64 rows; 8 adapters: 1.12-1.19
-// ms at 24 rows and 512 floats, 1.05-1.09 at these).
+// tiles, longer distances measured better in the engine's decode steps (64 rows; 8 adapters: 1.11-1.19
+// ms at 24 rows and 512 floats, 1.05-1.22 and a median of 1.07 at these). Prefetching past the end of
+// a tensor is harmless: a prefetch never faults.
 constexpr int64_t kAheadA = 96;    // rows of A ahead of the shrink's
 constexpr int64_t kAheadB = 2048;  // floats of B ahead of the expand's (four rank-16 tiles)
 
