@@ -139,7 +139,8 @@ class _Stacked:
 
     A `tiled` stack is the CPU kernel's: each part's [rank, width] in B laid out in column tiles (see
     `lora_cpu.tile_columns`), which only that kernel reads. It keeps spare slots (adapter index 0, all
-    zeros) that adapters joining the batch are written into."""
+    zeros): an adapter joining the batch is written into one, or into the slot of an adapter no longer
+    used (`LoraSlots._kernel_stack`)."""
 
     adapters: tuple[int, ...]  # the adapter of each slot; 0: a spare slot
     a: torch.Tensor  # [segments, in_features, sum of the parts' ranks]
