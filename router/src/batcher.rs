@@ -140,8 +140,9 @@ async fn batching_task(
             } else {
                 1
             };
-            cached = decode(shard, batches, steps, &mut entries).await;
-            waiting_tokens += steps as usize;
+            let ran;
+            (cached, ran) = decode(shard, batches, steps, &mut entries, &notify).await;
+            waiting_tokens += ran;
         }
         metrics::gauge!("lorax_batch_current_size").set(0.0);
         metrics::gauge!("lorax_batch_current_max_tokens").set(0.0);
@@ -185,15 +186,18 @@ async fn prefill(
     step(shard, "prefill", span, &batch_ids, call, entries).await
 }
 
-/// Up to `steps` decode steps in one call. Several save a round trip to the shard (and the loop
-/// around it) per step, but their tokens reach the clients together, and a request that arrives
-/// meanwhile waits for the call to end: the loop asks for several only while none waits.
+/// Up to `steps` decode steps in one call, answered one by one: each step's tokens reach their
+/// requests while the shard runs the next. The call is stopped (after the step in progress) as
+/// soon as a request arrives (`arrivals`) or a client goes away, so neither waits for the rest
+/// of the call; the loop asks for several steps only while no request waits. Returns the batch
+/// left and the steps run.
 async fn decode(
     shard: Shard<'_>,
     batches: Vec<pb::CachedBatch>,
     steps: u32,
     entries: &mut Entries,
-) -> Option<pb::CachedBatch> {
+    arrivals: &Notify,
+) -> (Option<pb::CachedBatch>, usize) {
     let batch_ids: Vec<u64> = batches.iter().map(|b| b.id).collect();
     let span = tracing::info_span!(
         parent: None,
@@ -203,17 +207,57 @@ async fn decode(
         steps = steps as i64,
         trace_id = tracing::field::Empty,
     );
-    let call = async move {
-        let output = shard.client.decode(batches, steps).await?;
-        let run = if steps == 1 {
-            1
-        } else {
-            steps_run(&output.generations)
-        };
-        metrics::counter!("lorax_batch_decode_steps").increment(run);
-        Ok(output)
+    let span = step_span(span, entries);
+    metrics::counter!("lorax_batch_inference_count", "method" => "decode").increment(1);
+    let mut start = Instant::now();
+    shard.health.step_started("decode");
+    let opened = shard
+        .client
+        .decode_stream(batches, steps)
+        .instrument(span.clone())
+        .await;
+    let mut call = match opened {
+        Ok(call) => call,
+        Err(err) => return (step_failed(shard, "decode", &batch_ids, err, entries).await, 0),
     };
-    step(shard, "decode", span, &batch_ids, call, entries).await
+    let stopper = call.stopper();
+    let mut last = None;
+    let mut ran = 0;
+    loop {
+        let next = call.next().instrument(span.clone());
+        tokio::pin!(next);
+        let answer = loop {
+            tokio::select! {
+                biased;
+                answer = &mut next => break answer,
+                () = arrivals.notified(), if !stopper.stopped() => stopper.stop(),
+            }
+        };
+        match answer {
+            None => break,
+            Some(Ok(output)) => {
+                shard.health.step_finished(true);
+                record_step("decode", start.elapsed(), &output.timings);
+                metrics::counter!("lorax_batch_decode_steps").increment(1);
+                ran += 1;
+                let handing_out = Instant::now();
+                last = output.batch;
+                if send_generations(output.generations, entries) {
+                    stopper.stop(); // a client went away: filter it out after this step
+                }
+                metrics::histogram!("lorax_batch_filter_duration", "method" => "decode")
+                    .record(handing_out.elapsed().as_secs_f64());
+                start = Instant::now();
+                shard.health.step_started("decode");
+            }
+            Some(Err(err)) => {
+                let failed = step_failed(shard, "decode", &batch_ids, err, entries).await;
+                return (failed, ran);
+            }
+        }
+    }
+    shard.health.step_finished(true);
+    (filter_batch(shard.client, last, entries).await, ran)
 }
 
 /// Runs one shard step (`call`, over `batch_ids`) in its span, reports it to the health record
@@ -232,9 +276,9 @@ async fn step(
     let start = Instant::now();
     shard.health.step_started(method);
     let result = call.instrument(span).await;
-    shard.health.step_finished(result.is_ok());
     match result {
         Ok(output) => {
+            shard.health.step_finished(true);
             record_step(method, start.elapsed(), &output.timings);
             let handing_out = Instant::now();
             send_generations(output.generations, entries);
@@ -243,14 +287,24 @@ async fn step(
                 .record(handing_out.elapsed().as_secs_f64());
             next
         }
-        Err(err) => {
-            for id in batch_ids {
-                let _ = shard.client.clear_cache(Some(*id)).await;
-            }
-            fail_entries(method, err, entries);
-            None
-        }
+        Err(err) => step_failed(shard, method, batch_ids, err, entries).await,
     }
+}
+
+/// A failed step fails every entry and clears the batches from the shard.
+async fn step_failed(
+    shard: Shard<'_>,
+    method: &'static str,
+    batch_ids: &[u64],
+    err: ShardError,
+    entries: &mut Entries,
+) -> Option<pb::CachedBatch> {
+    shard.health.step_finished(false);
+    for id in batch_ids {
+        let _ = shard.client.clear_cache(Some(*id)).await;
+    }
+    fail_entries(method, err, entries);
+    None
 }
 
 /// A batch step's span: a trace of its own (it serves many requests), linked to the span of
@@ -284,16 +338,6 @@ fn record_step(method: &'static str, call: Duration, timings: &StepTimings) {
     }
     metrics::histogram!("lorax_batch_rpc_overhead_duration", "method" => method)
         .record(call.saturating_sub(timings.total).as_secs_f64());
-}
-
-/// Decode steps a call of several ran: the most generations one request got, less speculation's
-/// extra ones (it may end early, when every request has finished).
-fn steps_run(generations: &[pb::Generation]) -> u64 {
-    let mut per_request: HashMap<u64, u64> = HashMap::new();
-    for g in generations.iter().filter(|g| !g.skipped) {
-        *per_request.entry(g.request_id).or_default() += 1;
-    }
-    per_request.into_values().max().unwrap_or(0)
 }
 
 /// Drops entries whose client went away and filters them out of the cached batch.
@@ -364,7 +408,9 @@ fn fail_orphans(batch_ids: &[u64], entries: &mut Entries) {
 }
 
 /// Sends each generation to its request; removes finished requests and those whose client left.
-fn send_generations(generations: Vec<pb::Generation>, entries: &mut Entries) {
+/// True when some client had left.
+fn send_generations(generations: Vec<pb::Generation>, entries: &mut Entries) -> bool {
+    let mut gone = false;
     for generation in generations {
         let id = generation.request_id;
         let Some(entry) = entries.get_mut(&id) else {
@@ -375,10 +421,13 @@ fn send_generations(generations: Vec<pb::Generation>, entries: &mut Entries) {
         if finished {
             metrics::histogram!("lorax_request_skipped_tokens").record(entry.skipped_tokens as f64);
         }
-        if send_generation(generation, entry).is_err() || finished {
+        let delivered = send_generation(generation, entry).is_ok();
+        gone |= !delivered;
+        if !delivered || finished {
             entries.remove(&id);
         }
     }
+    gone
 }
 
 fn send_generation(generation: pb::Generation, entry: &mut Entry) -> Result<(), ClientGone> {

@@ -2,6 +2,7 @@
 //! over unix sockets. Tensor parallelism: every shard receives every call (the same batch on every
 //! rank) and the first shard's answer is used.
 
+use crate::decode_stream::{DecodeSteps, ShardStream, ShardedSteps, StepByStep};
 use crate::pb;
 use crate::pb::lorax_service_client::LoraxServiceClient;
 use crate::telemetry;
@@ -119,7 +120,7 @@ pub struct StepTimings {
 impl StepOutput {
     /// From a Prefill or Decode answer: its generations, batch, and nanoseconds spent merging, in the
     /// forward pass, on host work and in all.
-    fn new(
+    pub(crate) fn new(
         generations: Vec<pb::Generation>,
         batch: Option<pb::CachedBatch>,
         [concat, forward, decode, total]: [u64; 4],
@@ -158,6 +159,15 @@ pub trait ShardClient: Send + Sync + 'static {
         batches: Vec<pb::CachedBatch>,
         steps: u32,
     ) -> Result<StepOutput, ShardError>;
+    /// Up to `steps` decode steps, answered one by one (see `DecodeStream` in the proto). By
+    /// default, one unary Decode a step.
+    async fn decode_stream<'a>(
+        &'a self,
+        batches: Vec<pb::CachedBatch>,
+        steps: u32,
+    ) -> Result<Box<dyn DecodeSteps + 'a>, ShardError> {
+        Ok(Box::new(StepByStep::new(self, batches, steps)))
+    }
     /// Keeps only `request_ids` of the cached batch.
     async fn filter_batch(
         &self,
@@ -196,10 +206,13 @@ pub trait ShardClient: Send + Sync + 'static {
     async fn compile_grammar(&self, grammar: pb::Grammar) -> Result<(), ShardError>;
 }
 
+/// The generated gRPC client, with the trace context in every call's metadata.
+pub type GrpcClient = LoraxServiceClient<InterceptedService<Channel, TraceContext>>;
+
 /// One shard's gRPC client over its unix socket.
 #[derive(Clone, Debug)]
 pub struct Shard {
-    client: LoraxServiceClient<InterceptedService<Channel, TraceContext>>,
+    client: GrpcClient,
 }
 
 /// Largest gRPC message accepted (prefill answers with prompt log-probabilities can be big).
@@ -452,6 +465,17 @@ impl ShardClient for ShardedClient {
         steps: u32,
     ) -> Result<StepOutput, ShardError> {
         self.first(|s| s.decode(batches.clone(), steps)).await
+    }
+
+    async fn decode_stream<'a>(
+        &'a self,
+        batches: Vec<pb::CachedBatch>,
+        steps: u32,
+    ) -> Result<Box<dyn DecodeSteps + 'a>, ShardError> {
+        let streams = self
+            .every(|s| ShardStream::open(s.client.clone(), batches.clone(), steps))
+            .await?;
+        Ok(Box::new(ShardedSteps::new(streams)))
     }
 
     async fn filter_batch(

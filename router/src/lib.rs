@@ -3,7 +3,8 @@
 //! Request path: `server` (the route table) → handlers (`native`, `openai`, `adapters_api`, `playground`, on
 //! the shared steps in `app`, `respond` and `sse`) → `infer` (admission, validation, queueing)
 //! → `queue` (waiting entries and token budgets) → `batcher` (continuous batching loop) →
-//! `client` (`ShardClient` trait; gRPC to the Python shards over unix sockets). `entry` holds
+//! `client` (`ShardClient` trait; gRPC to the Python shards over unix sockets; `decode_stream`
+//! for decode steps answered one by one). `entry` holds
 //! what travels between them (the queue entry and its stream messages); `health` judges
 //! whether the batching loop can generate now.
 //!
@@ -14,7 +15,7 @@
 //! The OpenAPI document (`openapi`, serving `/docs` and `/api-doc/openapi.json`) is generated
 //! from the API types and the handlers' annotations; `error_docs` holds their error answers.
 //!
-//! Layers (each module uses only those above it): `pb`, `client`, `exchange` → `errors`, `error_docs` →
+//! Layers (each module uses only those above it): `pb`, `client` with `decode_stream`, `exchange` → `errors`, `error_docs` →
 //! `tools` (OpenAI tool calling) → `template` → `adapter` → `api`, `metrics` → `validation` →
 //! `entry` → `registry` → `queue` → `health` → `batcher` → `infer` → `app` → `respond` → `sse` → handlers → `openapi` → `server`.
 
@@ -24,6 +25,7 @@ pub mod api;
 pub mod app;
 pub mod batcher;
 pub mod client;
+pub mod decode_stream;
 pub mod entry;
 pub mod error_docs;
 pub mod errors;

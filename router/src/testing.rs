@@ -5,10 +5,12 @@
 mod adapters;
 mod grammars;
 mod step;
+mod steps;
 
 use crate::client::{
     DownloadedAdapter, LoadedAdapter, ShardClient, ShardError, StepOutput, StepTimings,
 };
+use crate::decode_stream::DecodeSteps;
 use crate::entry::round_up;
 use crate::health::{Health, HealthConfig};
 use crate::pb;
@@ -23,6 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use step::{cached, step, FakeRequest};
+use steps::FakeSteps;
 use tokenizers::Tokenizer;
 use tokio::sync::Semaphore;
 
@@ -100,6 +103,8 @@ pub enum Call {
     Clear {
         batch_id: Option<u64>,
     },
+    /// A stop message of a decode stream (recorded by the gRPC service in front of the fake).
+    StopStream,
     Download {
         adapter: String,
     },
@@ -176,6 +181,11 @@ impl FakeShard {
         if let Some(gate) = &self.gate {
             gate.add_permits(n);
         }
+    }
+
+    /// Records a call the fake's own methods do not see (a stream's stop message).
+    pub fn record(&self, call: Call) {
+        self.state.lock().unwrap().calls.push(call);
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -286,6 +296,59 @@ impl FakeShard {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         panic!("no step reached the gate");
+    }
+
+    fn record_decode(&self, batches: &[pb::CachedBatch], steps: u32) -> Vec<u64> {
+        let batch_ids: Vec<u64> = batches.iter().map(|b| b.id).collect();
+        self.state.lock().unwrap().calls.push(Call::Decode {
+            batch_ids: batch_ids.clone(),
+            request_ids: batches.iter().flat_map(|b| b.request_ids.clone()).collect(),
+            steps,
+        });
+        batch_ids
+    }
+
+    /// One decode step. The first of a call merges `batch_ids` and steps every request; a later one
+    /// steps the requests of its batch still running.
+    fn decode_step(&self, batch_ids: &[u64], first: bool) -> Result<StepOutput, ShardError> {
+        let mut state = self.state.lock().unwrap();
+        if state.fail_decode {
+            return Err(ShardError::Rpc("decode exploded".into()));
+        }
+        let mut merged = Vec::new();
+        for id in batch_ids {
+            match state.batches.remove(id) {
+                Some(requests) => merged.extend(requests),
+                None => state
+                    .violations
+                    .push(format!("decode of unknown batch {id}")),
+            }
+        }
+        let mut violations = Vec::new();
+        for r in &merged {
+            if !state.adapters.holds(r.request.adapter_index, &r.adapter) {
+                violations.push(format!(
+                    "request {} decoded after its adapter left index {}",
+                    r.request.id, r.request.adapter_index
+                ));
+            }
+        }
+        let generations = merged
+            .iter_mut()
+            .filter(|r| first || !r.finished)
+            .map(|r| step(r, &mut violations))
+            .collect();
+        state.violations.extend(violations);
+        let id = batch_ids.first().copied().unwrap_or_default();
+        let next = cached(id, &merged, self.block_size);
+        if next.is_some() {
+            state.batches.insert(id, merged);
+        }
+        Ok(StepOutput {
+            generations,
+            batch: next,
+            timings: FAKE_TIMINGS,
+        })
     }
 
     async fn pass_gate(&self) {
@@ -419,53 +482,25 @@ impl ShardClient for FakeShard {
         steps: u32,
     ) -> Result<StepOutput, ShardError> {
         self.pass_gate().await;
-        let mut state = self.state.lock().unwrap();
-        let batch_ids: Vec<u64> = batches.iter().map(|b| b.id).collect();
-        state.calls.push(Call::Decode {
-            batch_ids: batch_ids.clone(),
-            request_ids: batches.iter().flat_map(|b| b.request_ids.clone()).collect(),
-            steps,
-        });
-        if state.fail_decode {
-            return Err(ShardError::Rpc("decode exploded".into()));
-        }
-        let mut merged = Vec::new();
-        for id in &batch_ids {
-            match state.batches.remove(id) {
-                Some(requests) => merged.extend(requests),
-                None => state
-                    .violations
-                    .push(format!("decode of unknown batch {id}")),
-            }
-        }
-        let mut violations = Vec::new();
-        for r in &merged {
-            if !state.adapters.holds(r.request.adapter_index, &r.adapter) {
-                violations.push(format!(
-                    "request {} decoded after its adapter left index {}",
-                    r.request.id, r.request.adapter_index
-                ));
-            }
-        }
-        let mut generations: Vec<pb::Generation> = merged
-            .iter_mut()
-            .map(|r| step(r, &mut violations))
-            .collect();
+        let batch_ids = self.record_decode(&batches, steps);
+        let mut output = self.decode_step(&batch_ids, true)?;
         for _ in 1..steps {
-            let running = merged.iter_mut().filter(|r| !r.finished);
-            generations.extend(running.map(|r| step(r, &mut violations)));
+            let Some(batch) = &output.batch else { break };
+            let more = self.decode_step(&[batch.id], false)?;
+            output.generations.extend(more.generations);
+            output.batch = more.batch;
         }
-        state.violations.extend(violations);
-        let id = batch_ids.first().copied().unwrap_or_default();
-        let next = cached(id, &merged, self.block_size);
-        if next.is_some() {
-            state.batches.insert(id, merged);
-        }
-        Ok(StepOutput {
-            generations,
-            batch: next,
-            timings: FAKE_TIMINGS,
-        })
+        Ok(output)
+    }
+
+    /// Recorded as one Decode call of `steps`; each step passes the gate.
+    async fn decode_stream<'a>(
+        &'a self,
+        batches: Vec<pb::CachedBatch>,
+        steps: u32,
+    ) -> Result<Box<dyn DecodeSteps + 'a>, ShardError> {
+        let batch_ids = self.record_decode(&batches, steps);
+        Ok(Box::new(FakeSteps::new(self, batch_ids, steps)))
     }
 
     async fn filter_batch(

@@ -2,7 +2,7 @@
 //! generated `LoraxService`; the router's `ShardedClient` discovers both through the first and
 //! sends every batch call to each.
 
-use lorax_router::client::{ShardClient, ShardError, ShardedClient, StepTimings};
+use lorax_router::client::{ShardClient, ShardError, ShardedClient, StepOutput, StepTimings};
 use lorax_router::pb;
 use lorax_router::pb::lorax_service_server::{LoraxService, LoraxServiceServer};
 use lorax_router::testing::{
@@ -12,7 +12,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::{Request, Response, Status};
 
 struct Service {
@@ -22,6 +23,17 @@ struct Service {
 
 fn status(err: ShardError) -> Status {
     Status::new(err.code(), err.message())
+}
+
+fn decode_response(step: StepOutput) -> pb::DecodeResponse {
+    pb::DecodeResponse {
+        generations: step.generations,
+        batch: step.batch,
+        concat_ns: nanos(step.timings.concat),
+        forward_ns: nanos(step.timings.forward),
+        decode_ns: nanos(step.timings.decode),
+        total_ns: nanos(step.timings.total),
+    }
 }
 
 #[tonic::async_trait]
@@ -93,14 +105,42 @@ impl LoraxService for Service {
             .decode(r.batches, r.steps)
             .await
             .map_err(status)?;
-        Ok(Response::new(pb::DecodeResponse {
-            generations: step.generations,
-            batch: step.batch,
-            concat_ns: nanos(step.timings.concat),
-            forward_ns: nanos(step.timings.forward),
-            decode_ns: nanos(step.timings.decode),
-            total_ns: nanos(step.timings.total),
-        }))
+        Ok(Response::new(decode_response(step)))
+    }
+
+    type DecodeStreamStream = ReceiverStream<Result<pb::DecodeResponse, Status>>;
+
+    /// The fake shard's steps, sent one by one; a second message stops the call after the step
+    /// in progress, as the real shard does.
+    async fn decode_stream(
+        &self,
+        r: Request<tonic::Streaming<pb::DecodeRequest>>,
+    ) -> Result<Response<Self::DecodeStreamStream>, Status> {
+        let mut messages = r.into_inner();
+        let first = messages
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("no first message"))?;
+        let (answers, receiver) = mpsc::channel(4);
+        let shard = self.shard.clone();
+        tokio::spawn(async move {
+            let mut call = shard.decode_stream(first.batches, first.steps).await.unwrap();
+            let stopper = call.stopper();
+            let stopped_shard = shard.clone();
+            tokio::spawn(async move {
+                if let Ok(Some(_)) = messages.message().await {
+                    stopper.stop();
+                    stopped_shard.record(Call::StopStream);
+                }
+            });
+            while let Some(step) = call.next().await {
+                let answer = step.map(decode_response).map_err(status);
+                if answers.send(answer).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
     }
 
     async fn filter_batch(
@@ -298,6 +338,13 @@ async fn sharded_client_reaches_every_shard_over_unix_sockets() {
 
 /// Two shards over unix sockets, and the client that reaches both.
 async fn two_shards(dir: &Path) -> (Vec<Arc<FakeShard>>, ShardedClient) {
+    two_fake_shards(dir, || FakeShard::new(512, 16)).await
+}
+
+async fn two_fake_shards(
+    dir: &Path,
+    fake: impl Fn() -> FakeShard,
+) -> (Vec<Arc<FakeShard>>, ShardedClient) {
     let paths: Vec<_> = (0..2)
         .map(|r| dir.join(format!("lorax-server-{r}")))
         .collect();
@@ -305,7 +352,7 @@ async fn two_shards(dir: &Path) -> (Vec<Arc<FakeShard>>, ShardedClient) {
         .iter()
         .map(|p| format!("unix://{}", p.display()))
         .collect();
-    let shards: Vec<Arc<FakeShard>> = (0..2).map(|_| Arc::new(FakeShard::new(512, 16))).collect();
+    let shards: Vec<Arc<FakeShard>> = (0..2).map(|_| Arc::new(fake())).collect();
     for (path, shard) in paths.iter().zip(&shards) {
         serve(path, shard.clone(), urls.clone());
     }
@@ -478,6 +525,68 @@ async fn grammars_compile_on_every_shard_and_refusals_keep_their_code() {
     );
     // Every shard got it, even though the first refused.
     assert!(shards.iter().all(|s| s.calls().len() == 2));
+}
+
+#[tokio::test]
+async fn decode_streams_answer_step_by_step_on_every_shard_and_stop_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shards, client) = two_fake_shards(dir.path(), || FakeShard::gated(512, 16)).await;
+    let allow = |n| shards.iter().for_each(|s| s.allow_steps(n));
+    let mut prefill = batch(7);
+    prefill.requests[0].stopping_parameters = Some(valid_request(0, 100).stopping_parameters);
+    allow(1);
+    let cached = client.prefill(prefill).await.unwrap().batch.unwrap();
+
+    // Request 1 ends at its second token; the call after its three steps.
+    allow(3);
+    let mut call = client.decode_stream(vec![cached], 3).await.unwrap();
+    let mut per_step = Vec::new();
+    let mut last = None;
+    while let Some(step) = call.next().await {
+        let step = step.unwrap();
+        assert_eq!(step.timings, FAKE_TIMINGS, "the shard's times, as sent");
+        per_step.push(step.generations.iter().map(|g| g.request_id).collect::<Vec<_>>());
+        last = step.batch;
+    }
+    assert_eq!(per_step, vec![vec![0, 1], vec![0], vec![0]]);
+    drop(call);
+
+    // A stop while the second step waits: that step still arrives, then both streams end.
+    let kept = client.filter_batch(last.unwrap().id, vec![0]).await.unwrap();
+    allow(1);
+    let mut call = client.decode_stream(vec![kept.unwrap()], 32).await.unwrap();
+    call.next().await.unwrap().unwrap();
+    call.stopper().stop();
+    while !shards.iter().all(|s| s.calls().contains(&Call::StopStream)) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    allow(32);
+    let mut after_stop = Vec::new();
+    while let Some(step) = call.next().await {
+        after_stop.push(step.unwrap());
+    }
+    assert_eq!(after_stop.len(), 1, "the step in progress, then the end");
+    assert!(after_stop[0].batch.is_some(), "request 0 still runs");
+    for shard in &shards {
+        let steps: Vec<u32> = shard
+            .calls()
+            .iter()
+            .filter_map(|c| match c {
+                Call::Decode { steps, .. } => Some(*steps),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(steps, vec![3, 32], "one call a stream");
+        assert!(shard.violations().is_empty(), "{:?}", shard.violations());
+    }
+    drop(call);
+
+    shards[1].set_fail_decode(true);
+    allow(2);
+    let cached = client.prefill(batch(8)).await.unwrap().batch.unwrap();
+    let mut call = client.decode_stream(vec![cached], 4).await.unwrap();
+    let err = call.next().await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("decode exploded"), "{err}");
 }
 
 #[tokio::test]

@@ -25,7 +25,7 @@ from .batch import Batch, RequestIn
 from .engine import BatchNotFound, Engine, HealthCheckFailed, NotWarmedUp, RequestError
 from .grammar import GrammarError, GrammarKind, GrammarSpec
 from .kv_cache import OutOfBlocks
-from .outputs import GenerationOut, TokenList
+from .outputs import GenerationOut, StepTimings, TokenList
 from .pb import generate_pb2 as pb
 from .pb import generate_pb2_grpc as pb_grpc
 from .sampling import SamplingParams
@@ -131,6 +131,27 @@ def cached_batch(batch: Batch | None) -> pb.CachedBatch | None:
         return None
     ids = batch.request_ids  # generating rows and requests still being prefilled (chunked prefill)
     return pb.CachedBatch(id=batch.id, request_ids=ids, size=len(ids), max_tokens=batch.max_tokens)
+
+
+def _decode_response(
+    gens: list[GenerationOut], batch: Batch | None, t: StepTimings, start_ns: int
+) -> pb.DecodeResponse:
+    """A Decode answer: the generations, the batch they left, and the timings (`t`, the engine's)."""
+    return pb.DecodeResponse(
+        generations=[generation_to_proto(g) for g in gens],
+        batch=cached_batch(batch),
+        concat_ns=t.concat_ns,
+        forward_ns=t.forward_ns,
+        decode_ns=t.decode_ns,
+        total_ns=time.perf_counter_ns() - start_ns,
+    )
+
+
+async def _set_on_message(messages, event: asyncio.Event) -> None:  # noqa: ANN001
+    """Sets `event` when a message arrives on the stream (its end is not one)."""
+    async for _ in messages:
+        event.set()
+        return
 
 
 class LoraxService(pb_grpc.LoraxServiceServicer):
@@ -253,14 +274,36 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
             ids = [b.id for b in request.batches]
             gens, batch, t = await self._run(context, self._decode_steps, ids, steps)
             span.set_attribute("forward_ns", t.forward_ns)
-        return pb.DecodeResponse(
-            generations=[generation_to_proto(g) for g in gens],
-            batch=cached_batch(batch),
-            concat_ns=t.concat_ns,
-            forward_ns=t.forward_ns,
-            decode_ns=t.decode_ns,
-            total_ns=time.perf_counter_ns() - start,
-        )
+        return _decode_response(gens, batch, t, start)
+
+    async def DecodeStream(self, requests, context):  # noqa: ANN001, ANN201, N802
+        """Decode steps answered one by one (see the proto). A message after the first one sets `stop`,
+        read between steps; ranks end together at the first step after which any of them saw one."""
+        first = await anext(requests, None)
+        if first is None:
+            return
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(_set_on_message(requests, stop))
+        try:
+            ids = [b.id for b in first.batches]
+            size = sum(b.size for b in first.batches)
+            steps = max(first.steps, 1)
+            for step in range(steps):
+                start = time.perf_counter_ns()
+                with rpc_span("decode", context.invocation_metadata(), batches=len(ids), batch_size=size) as span:
+                    gens, batch, t = await self._run(context, self._timed, self.engine.decode, ids)
+                    span.set_attribute("forward_ns", t.forward_ns)
+                yield _decode_response(gens, batch, t, start)
+                if batch is None or step == steps - 1 or not self._all_ranks_go_on(not stop.is_set()):
+                    return
+                ids, size = [batch.id], len(batch.request_ids)
+        finally:
+            watcher.cancel()
+
+    def _all_ranks_go_on(self, go_on: bool) -> bool:
+        """Whether every rank goes on to another step: ranks may see a stop message at different steps,
+        but must run the same ones (their forward passes meet in collectives)."""
+        return self.engine.model.tp.all_reduce_min(int(go_on)) == 1  # a group of one: go_on itself
 
     async def FilterBatch(self, request, context):  # noqa: ANN001, ANN201, N802
         batch = await self._run(context, self.engine.filter, request.batch_id, list(request.request_ids))

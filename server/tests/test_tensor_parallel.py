@@ -260,6 +260,18 @@ def test_a_two_rank_shard_set_over_grpc_answers_like_one_shard(llama_dir: Path, 
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not loaded" in err.value.details()
         alone = _generate(ranks.call, [_request(4, prompts[1], 6)], 3)[4]  # still serving, the same tokens
         assert [t for t, _ in alone] == [t for t, _ in got[2][:6]]
+        # A decode stream that only rank 0 is asked to stop: both ranks end it at the same step.
+        long = pb.Batch(id=5, requests=[_request(5, prompts[1], 40)], size=1)
+        pre = ranks.call("Prefill", pb.PrefillRequest(batch=long))
+
+        def stream(rank: int) -> list[list[int]]:
+            messages = [pb.DecodeRequest(batches=[pre[rank].batch], steps=30)] + [pb.DecodeRequest()] * (rank == 0)
+            answers = ranks.stubs[rank].DecodeStream(iter(messages), timeout=120)
+            return [[g.token_id for g in a.generations] for a in answers]
+
+        streamed = list(ranks.pool.map(stream, range(2)))
+        assert streamed[0] == streamed[1] and len(streamed[0]) < 30, streamed
+        ranks.call("ClearCache", pb.ClearCacheRequest())
     finally:
         if ranks is not None:
             ranks.close()
