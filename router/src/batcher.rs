@@ -218,7 +218,12 @@ async fn decode(
         .await;
     let mut call = match opened {
         Ok(call) => call,
-        Err(err) => return (step_failed(shard, "decode", &batch_ids, err, entries).await, 0),
+        Err(err) => {
+            return (
+                step_failed(shard, "decode", &batch_ids, err, entries).await,
+                0,
+            )
+        }
     };
     let stopper = call.stopper();
     let mut last = None;

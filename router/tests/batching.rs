@@ -401,3 +401,95 @@ async fn requests_finishing_inside_a_call_get_every_token_and_leave_the_batch() 
     assert_eq!(decoded, vec![vec![0, 1, 2], vec![0, 2]]);
     h.assert_no_violations();
 }
+
+/// The next token of a request's stream, within a second (panics otherwise).
+async fn next_token(rx: &mut Receiver) -> u32 {
+    let message = tokio::time::timeout(Duration::from_secs(1), rx.recv())
+        .await
+        .expect("no token came")
+        .expect("the stream ended")
+        .unwrap();
+    match message {
+        InferStreamResponse::Intermediate { token, .. } => token.id,
+        InferStreamResponse::End(end) => end.token.id,
+        InferStreamResponse::Prefill(_) => panic!("prompt tokens were not asked for"),
+    }
+}
+
+#[tokio::test]
+async fn a_request_arriving_during_a_call_of_several_steps_joins_after_the_step_in_progress() {
+    let config = BatcherConfig {
+        decode_steps_per_call: 8,
+        ..config(1000, 100, 20, 0.0)
+    };
+    let h = start(FakeShard::gated(1000, 1), config);
+    let mut first = h.submit(2, 30);
+    h.shard.allow_steps(2);
+    assert_eq!(next_token(&mut first).await, 1);
+    assert_eq!(
+        next_token(&mut first).await,
+        2,
+        "a step's token, the call still open"
+    );
+    h.shard.wait_at_gate().await;
+    let mut second = h.submit(2, 3);
+    for _ in 0..10 {
+        tokio::task::yield_now().await; // the batcher sees the arrival and stops the call
+    }
+    h.shard.allow_steps(1);
+    assert_eq!(
+        next_token(&mut first).await,
+        3,
+        "the step in progress still runs"
+    );
+    h.shard.wait_at_gate().await;
+    h.shard.allow_steps(1);
+    assert_eq!(
+        next_token(&mut second).await,
+        101,
+        "then the new request's prefill"
+    );
+    assert!(first.try_recv().is_err(), "before any further step");
+    h.shard.allow_steps(100);
+    assert_eq!(finish(first).await.unwrap().1.generated_tokens, 30);
+    assert_eq!(finish(second).await.unwrap().1.generated_tokens, 3);
+    let calls = h.shard.calls();
+    assert!(
+        matches!(calls[1], Call::Decode { steps: 8, .. }),
+        "{calls:?}"
+    );
+    assert_eq!(request_ids(&calls[2]), vec![1], "{calls:?}");
+    h.assert_no_violations();
+}
+
+#[tokio::test]
+async fn a_client_leaving_during_a_call_of_several_steps_is_filtered_out_after_that_step() {
+    let config = BatcherConfig {
+        decode_steps_per_call: 8,
+        ..config(1000, 100, 20, 0.0)
+    };
+    let h = start(FakeShard::gated(1000, 1), config);
+    let mut kept = h.submit(2, 30);
+    let leaving = h.submit(2, 30);
+    h.shard.allow_steps(2);
+    assert_eq!(next_token(&mut kept).await, 1);
+    assert_eq!(next_token(&mut kept).await, 2);
+    h.shard.wait_at_gate().await;
+    drop(leaving);
+    h.shard.allow_steps(1);
+    assert_eq!(next_token(&mut kept).await, 3);
+    h.shard.wait_at_gate().await;
+    let calls = h.shard.calls();
+    let n = calls.len();
+    assert!(
+        matches!(&calls[n - 2], Call::Filter { request_ids, .. } if request_ids == &[0]),
+        "{calls:?}"
+    );
+    assert!(
+        matches!(&calls[n - 1], Call::Decode { steps: 8, request_ids, .. } if request_ids == &[0]),
+        "{calls:?}"
+    );
+    h.shard.allow_steps(100);
+    assert_eq!(finish(kept).await.unwrap().1.generated_tokens, 30);
+    h.assert_no_violations();
+}

@@ -124,7 +124,10 @@ impl LoraxService for Service {
         let (answers, receiver) = mpsc::channel(4);
         let shard = self.shard.clone();
         tokio::spawn(async move {
-            let mut call = shard.decode_stream(first.batches, first.steps).await.unwrap();
+            let mut call = shard
+                .decode_stream(first.batches, first.steps)
+                .await
+                .unwrap();
             let stopper = call.stopper();
             let stopped_shard = shard.clone();
             tokio::spawn(async move {
@@ -545,14 +548,22 @@ async fn decode_streams_answer_step_by_step_on_every_shard_and_stop_together() {
     while let Some(step) = call.next().await {
         let step = step.unwrap();
         assert_eq!(step.timings, FAKE_TIMINGS, "the shard's times, as sent");
-        per_step.push(step.generations.iter().map(|g| g.request_id).collect::<Vec<_>>());
+        per_step.push(
+            step.generations
+                .iter()
+                .map(|g| g.request_id)
+                .collect::<Vec<_>>(),
+        );
         last = step.batch;
     }
     assert_eq!(per_step, vec![vec![0, 1], vec![0], vec![0]]);
     drop(call);
 
     // A stop while the second step waits: that step still arrives, then both streams end.
-    let kept = client.filter_batch(last.unwrap().id, vec![0]).await.unwrap();
+    let kept = client
+        .filter_batch(last.unwrap().id, vec![0])
+        .await
+        .unwrap();
     allow(1);
     let mut call = client.decode_stream(vec![kept.unwrap()], 32).await.unwrap();
     call.next().await.unwrap().unwrap();
