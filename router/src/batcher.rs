@@ -247,8 +247,11 @@ async fn decode(
                 ran += 1;
                 let handing_out = Instant::now();
                 last = output.batch;
-                if send_generations(output.generations, entries) {
-                    stopper.stop(); // a client went away: filter it out after this step
+                // A client went away: filter it out after this step. Sending finds most; the scan
+                // finds those that got no token this step (a prompt still prefilled in chunks).
+                let gone = send_generations(output.generations, entries);
+                if gone || entries.values().any(Entry::is_cancelled) {
+                    stopper.stop();
                 }
                 metrics::histogram!("lorax_batch_filter_duration", "method" => "decode")
                     .record(handing_out.elapsed().as_secs_f64());

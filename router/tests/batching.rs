@@ -464,13 +464,20 @@ async fn a_request_arriving_during_a_call_of_several_steps_joins_after_the_step_
 
 #[tokio::test]
 async fn a_client_leaving_during_a_call_of_several_steps_is_filtered_out_after_that_step() {
+    // Whether it reads a stream (its send fails) or waits for the whole answer (its channel closed).
+    for delivery in [Delivery::EveryStep, Delivery::AtEnd] {
+        client_leaving_during_a_call(delivery).await;
+    }
+}
+
+async fn client_leaving_during_a_call(delivery: Delivery) {
     let config = BatcherConfig {
         decode_steps_per_call: 8,
         ..config(1000, 100, 20, 0.0)
     };
     let h = start(FakeShard::gated(1000, 1), config);
     let mut kept = h.submit(2, 30);
-    let leaving = h.submit(2, 30);
+    let leaving = h.submit_delivered(vec![4; 2], 30, delivery);
     h.shard.allow_steps(2);
     assert_eq!(next_token(&mut kept).await, 1);
     assert_eq!(next_token(&mut kept).await, 2);
