@@ -18,7 +18,7 @@ to the adapters round-robin (rank 16, all linear layers; none for 0).
 Prints a table, writes bench/http_throughput.png. Not a test.
 
     .venv/bin/python bench/http_throughput.py [--adapters 0 1 8 32 128] [--requests 64] [--rounds 3]
-        [--decode-steps-per-call 1]
+        [--decode-steps-per-call 8]
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, nargs="+", default=[0, 1, 8, 32, 128])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--decode-steps-per-call", type=int, default=1, help="the servers' flag")
+    parser.add_argument("--decode-steps-per-call", type=int, default=8, help="the servers' flag (their default)")
     args = parser.parse_args()
     flags = ["--decode-steps-per-call", str(args.decode_steps_per_call)]
     with tempfile.TemporaryDirectory() as tmp:

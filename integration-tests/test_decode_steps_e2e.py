@@ -1,8 +1,8 @@
-"""Several decode steps a call through the launcher: a server with `--decode-steps-per-call 4` answers
-what a server with the default (one step a call) answers. Concurrent requests for the base model and
-the demo's two adapters, of lengths that end inside a call, streamed and read whole, get the same
-tokens and logprobs; each stream gets every token, in order, and its text at the end. The router's
-/metrics shows that the calls ran several steps."""
+"""Several decode steps a call through the launcher: servers with the default (8 steps a call) and with
+`--decode-steps-per-call 4` answer what a server with one step a call answers. Concurrent requests for
+the base model and the demo's two adapters, of lengths that end inside a call, streamed and read
+whole, get the same tokens and logprobs; each stream gets every token, in order, and its text at the
+end. The router's /metrics shows that the calls ran several steps."""
 
 from __future__ import annotations
 
@@ -24,10 +24,14 @@ Tokens = list[tuple[int, float]]
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server]]:
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server, Server]]:
     tmp = tmp_path_factory.mktemp("steps")
-    with launch(DEMO, tmp) as one, launch(DEMO, tmp, "--decode-steps-per-call", "4") as four:
-        yield one, four
+    with (
+        launch(DEMO, tmp, "--decode-steps-per-call", "1") as one,
+        launch(DEMO, tmp, "--decode-steps-per-call", "4") as four,
+        launch(DEMO, tmp) as default,
+    ):
+        yield one, four, default
 
 
 def body(prompt: str, adapter: str | None, new_tokens: int) -> dict:
@@ -72,17 +76,18 @@ def decode_counts(server: Server) -> tuple[float, float]:
     return values["lorax_batch_decode_steps"], values['lorax_batch_inference_count{method="decode"}']
 
 
-def test_several_steps_a_call_answer_as_one_step_a_call(servers: tuple[Server, Server]) -> None:
-    one, four = servers
+def test_several_steps_a_call_answer_as_one_step_a_call(servers: tuple[Server, Server, Server]) -> None:
+    one, *several = servers
     want = answers(one)
-    for _ in range(2):
-        got = answers(four)
+    for server in several * 2:
+        got = answers(server)
         for case, (tokens, text), (want_tokens, want_text) in zip(CASES, got, want, strict=True):
             assert len(tokens) == case[2], case
             assert [t for t, _ in tokens] == [t for t, _ in want_tokens], case
             assert max(abs(a - b) for (_, a), (_, b) in zip(tokens, want_tokens, strict=True)) < 1e-4, case
             assert text == want_text, case
-    steps, calls = decode_counts(four)
-    assert steps > calls, (steps, calls)  # some calls ran several steps
+    for server in several:
+        steps, calls = decode_counts(server)
+        assert steps > calls, (server.url, steps, calls)  # some calls ran several steps
     steps, calls = decode_counts(one)
     assert steps == calls

@@ -258,10 +258,10 @@ pub struct Args {
     pub max_waiting_tokens: usize,
 
     /// Most decode steps the shards run per call from the router while no request waits
-    /// (1-32). More save the router-shard round trip of every step, at the cost of latency: the
-    /// steps' tokens reach clients together, and a request that arrives during a call waits for
-    /// it to end.
-    #[arg(long, env, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=32))]
+    /// (1-32). More save the router-shard round trip of every step. Each step's tokens still reach
+    /// clients at once, and a request that arrives, or a client that leaves, ends the call after
+    /// the step in progress.
+    #[arg(long, env, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=32))]
     pub decode_steps_per_call: u32,
 
     /// Most adapters loaded on the device at once; others wait in host memory or on disk.

@@ -416,7 +416,7 @@ mod tests {
              --max-concurrent-requests 128 --max-best-of 2 --max-stop-sequences 4 \
              --max-input-length 1024 --max-total-tokens 2048 --max-batch-prefill-tokens 4096 \
              --max-waiting-tokens 20 --max-active-adapters 128 --waiting-served-ratio 1.2 \
-             --decode-steps-per-call 1 --adapter-cycle-time-s 2 --health-stall-timeout-s 60 --health-probe-interval-s 5 \
+             --decode-steps-per-call 8 --adapter-cycle-time-s 2 --health-stall-timeout-s 60 --health-probe-interval-s 5 \
              --default-adapter-source hub \
              --max-batch-total-tokens 10000 --json-output \
              --cors-allow-origin http://a --cors-allow-origin http://b"

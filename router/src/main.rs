@@ -64,10 +64,11 @@ struct Args {
     /// Decode steps after which waiting requests are prefilled regardless of the ratio.
     #[arg(long, env, default_value_t = 20)]
     max_waiting_tokens: usize,
-    /// Most decode steps the shards run per Decode call while no request waits (1-32). More
-    /// save the router-shard round trip per step; the steps' tokens then reach clients together,
-    /// and a request that arrives meanwhile waits for the call to end.
-    #[arg(long, env, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=32))]
+    /// Most decode steps the shards run per decode call while no request waits (1-32). More
+    /// save the router-shard round trip per step. Each step's tokens still reach clients at once,
+    /// and a request that arrives, or a client that leaves, ends the call after the step in
+    /// progress.
+    #[arg(long, env, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=32))]
     decode_steps_per_call: u32,
     /// Most adapters on the device at once (loading or active); others wait in host memory.
     #[arg(long, env, default_value_t = 128)]

@@ -32,7 +32,7 @@ fn defaults_match_lorax() {
     assert_eq!(a.max_batch_prefill_tokens, 4096);
     assert_eq!(a.max_batch_total_tokens, None);
     assert_eq!(a.max_waiting_tokens, 20);
-    assert_eq!(a.decode_steps_per_call, 1);
+    assert_eq!(a.decode_steps_per_call, 8);
     assert_eq!(a.max_active_adapters, 128);
     assert_eq!(a.adapter_cycle_time_s, 2);
     assert_eq!(a.adapter_memory_fraction, 0.1);
