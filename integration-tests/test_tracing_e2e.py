@@ -128,14 +128,19 @@ def test_one_request_is_traced_across_router_and_shard(
         ]
         assert router_steps, f"no router {step} span links to the request"
         assert attribute(router_steps[0], "batch_size") == 1
+        shard_spans = 0
         for router_step in router_steps:
             shard_steps = [s for s in find(spans, "lorax-server", step) if s.parent_span_id == router_step.span_id]
-            assert len(shard_steps) == 1, f"shard {step} span under router {step} span"
-            shard_step = shard_steps[0]
-            assert shard_step.trace_id == router_step.trace_id
-            assert by_id[shard_step.parent_span_id][0] == "lorax-router"
-            assert attribute(shard_step, "batch_size") == 1
-    assert len([s for s in find(spans, "lorax-router", "decode") if s.links]) >= 2
+            # A prefill has one shard span; a decode call one per step it ran, up to the steps it asked for.
+            most = 1 if step == "prefill" else attribute(router_step, "steps")
+            assert 1 <= len(shard_steps) <= most, f"shard {step} spans under router {step} span"
+            for shard_step in shard_steps:
+                assert shard_step.trace_id == router_step.trace_id
+                assert by_id[shard_step.parent_span_id][0] == "lorax-router"
+                assert attribute(shard_step, "batch_size") == 1
+            shard_spans += len(shard_steps)
+        if step == "decode":
+            assert shard_spans >= 2, "every decode step of the request is traced"
 
     # JSON log lines written inside the request carry its trace id (re-logged by the launcher).
     assert f"trace_id={CALLER_TRACE}" in log, log[-3000:]

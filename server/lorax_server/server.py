@@ -2,7 +2,8 @@
 
 Model work (Health's forward pass included) runs on the event loop's own thread, one call at a time,
 so steps never overlap (the engine is not thread-safe); an RPC that arrives during a step is taken up
-when it ends. Slow adapter fetches and grammar compilation run on worker threads meanwhile.
+when it ends, between two steps of a DecodeStream too. Slow adapter fetches and grammar compilation
+run on worker threads meanwhile.
 """
 
 from __future__ import annotations
@@ -303,7 +304,8 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
     def _all_ranks_go_on(self, go_on: bool) -> bool:
         """Whether every rank goes on to another step: ranks may see a stop message at different steps,
         but must run the same ones (their forward passes meet in collectives)."""
-        return self.engine.model.tp.all_reduce_min(int(go_on)) == 1  # a group of one: go_on itself
+        tp = getattr(self.engine.model, "tp", None)  # the transformers fallback runs on one rank
+        return go_on if tp is None else tp.all_reduce_min(int(go_on)) == 1
 
     async def FilterBatch(self, request, context):  # noqa: ANN001, ANN201, N802
         batch = await self._run(context, self.engine.filter, request.batch_id, list(request.request_ids))
