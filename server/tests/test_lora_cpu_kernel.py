@@ -132,7 +132,7 @@ def test_bad_inputs_are_refused():
 
     call([0], [4], [1])  # well formed
     with pytest.raises(RuntimeError, match="outside the stack"):
-        call([0], [4], [2])
+        call([0], [4], [len(stacked.adapters)])
     with pytest.raises(RuntimeError, match="outside the tokens"):
         call([2], [5], [0])
     with pytest.raises(RuntimeError, match="exceeds y's columns"):

@@ -202,6 +202,11 @@ def test_slots_with_kernels_match_the_torch_plans_and_the_dense_update(case: str
     assert (plan.row_slot is not None) == (decode or num_tokens <= SHORT_QUERIES)
 
 
+def held(stacked: lora._Stacked) -> tuple[int, ...]:
+    """The adapters a kept stack holds, in slot order (its spare slots left out)."""
+    return tuple(index for index in stacked.adapters if index)
+
+
 def test_an_adapter_absent_from_the_linear_gets_no_slot(triton_kernels):
     linear = adapted_linear(ADAPTERS)
     num_tokens, segments = CASES["an adapter absent from this linear"]
@@ -209,7 +214,7 @@ def test_an_adapter_absent_from_the_linear_gets_no_slot(triton_kernels):
     meta = batch(segments, num_tokens, decode=False)
     out = linear(x, meta)
     torch.testing.assert_close(out.double(), dense_reference(linear, x, segments), rtol=1e-5, atol=1e-4)
-    assert linear.lora._stacked.adapters == (1, 2)  # no zero slot for adapter 4
+    assert held(linear.lora._stacked) == (1, 2)  # no zero slot for adapter 4
     assert meta.lora_kernel_rows((1, 2)).seg_slot.tolist() == [0, -1, 1]
 
 
@@ -221,7 +226,7 @@ def test_kept_stack_and_rows_serve_every_linear_of_a_step(triton_kernels):
     linear(x, meta)
     other(x, meta)
     kept = linear.lora._stacked
-    assert kept.adapters == (1, 2, 3, 5) and other.lora._stacked.adapters == (1, 2)
+    assert held(kept) == (1, 2, 3, 5) and held(other.lora._stacked) == (1, 2)
     assert len({id(rows) for rows in meta._lora_kernel_rows.values()}) == 2  # one per stack order
     fewer = [(0, 2, 5), (2, 3, 3)]  # requests finished: a stack twice the batch's size still serves
     out = linear(x, batch(fewer, 10, decode=True))
@@ -229,6 +234,38 @@ def test_kept_stack_and_rows_serve_every_linear_of_a_step(triton_kernels):
     torch.testing.assert_close(out.double(), dense_reference(linear, x, fewer), rtol=1e-5, atol=1e-4)
     linear.lora.remove(5)  # the stack holds a copy of 5: dropped
     assert linear.lora._stacked is None
+
+
+def test_adapters_joining_the_batch_take_free_slots_of_the_kernels_stack(triton_kernels):
+    """As with the CPU kernel: a new adapter's prompt step writes it into a spare slot of the kept stack,
+    the decode step after it reads that stack; when the spare slots are gone the stack is rebuilt with
+    the running batch's adapters too; new adapters take the slots of finished ones."""
+    linear = adapted_linear({i: {0: 4, 1: 4, 2: 4} for i in range(1, 10)})
+
+    def step(segments: list[tuple[int, int, int]], decode: bool, seed: int) -> None:
+        tokens = max(end for _, end, _ in segments)
+        x = torch.randn(tokens, LINEAR_IN, generator=torch.Generator().manual_seed(seed))
+        out = linear(x, batch(segments, tokens, decode))
+        torch.testing.assert_close(out.double(), dense_reference(linear, x, segments), rtol=1e-5, atol=1e-4)
+
+    running = [(0, 1, 1), (1, 2, 2)]
+    step(running, decode=True, seed=1)
+    first = linear.lora._stacked
+    assert first.adapters == (1, 2, 0, 0, 0, 0) and not first.tiled
+    for index in range(3, 8):  # five adapters join one by one: the fifth finds no spare slot
+        step([(0, 3, index)], decode=False, seed=10 + index)  # its prompt step
+        kept = linear.lora._stacked
+        assert (kept is first) == (index < 7) and set(held(kept)) == set(range(1, index + 1))
+        running.append((len(running), len(running) + 1, index))
+        step(running, decode=True, seed=20 + index)  # the decode step with it
+        assert linear.lora._stacked is kept
+    running = running[:2]  # adapters 3-7 finished
+    step(running, decode=True, seed=2)
+    kept = linear.lora._stacked
+    step([(0, 2, 8), (2, 4, 9)], decode=False, seed=3)  # two more join: spare slots or finished ones'
+    assert linear.lora._stacked is kept and {1, 2, 8, 9} <= set(held(kept))
+    step([*running, (2, 3, 8), (3, 4, 9)], decode=True, seed=4)
+    assert linear.lora._stacked is kept
 
 
 def test_expert_rows_grow_one_stack_across_steps(triton_kernels):
@@ -242,7 +279,7 @@ def test_expert_rows_grow_one_stack_across_steps(triton_kernels):
         out = linear(x, ExpertRows(segments))
         stacks.append(linear.lora._stacked)
         torch.testing.assert_close(out.double(), dense_reference(linear, x, segments), rtol=1e-5, atol=1e-4)
-    assert [s.adapters for s in stacks[1:]] == [(2, 1), (5, 2, 1), (5, 2, 1)]
+    assert [held(s) for s in stacks[1:]] == [(2, 1), (5, 2, 1), (5, 2, 1)]  # larger ranks: restacked
     assert stacks[3] is stacks[2]
 
 

@@ -138,9 +138,9 @@ class _Stacked:
     """A batch's adapters stacked in segment order (absent parts and smaller ranks are zeros).
 
     A `tiled` stack is the CPU kernel's: each part's [rank, width] in B laid out in column tiles (see
-    `lora_cpu.tile_columns`), which only that kernel reads. It keeps spare slots (adapter index 0, all
-    zeros): an adapter joining the batch is written into one, or into the slot of an adapter no longer
-    used (`LoraSlots._kernel_stack`)."""
+    `lora_cpu.tile_columns`), which only that kernel reads. The kernels' stacks (the CPU kernel's and
+    the Triton kernels') keep spare slots (adapter index 0, all zeros): an adapter joining the batch is
+    written into one, or into the slot of an adapter no longer used (`LoraSlots._kernel_stack`)."""
 
     adapters: tuple[int, ...]  # the adapter of each slot; 0: a spare slot
     a: torch.Tensor  # [segments, in_features, sum of the parts' ranks]
@@ -346,11 +346,11 @@ class LoraSlots:
         need no zero slots. `grow` (a MoE expert's rows, whose adapters change with the routing at every
         step) restacks with the kept adapters too, so that adapters coming and going are not copied
         again each time; removing an adapter drops the stack, which bounds it by the installed ones.
-        `tiled`: the CPU kernel's layout (a kept stack of the other layout is rebuilt). Its stacks take
-        adapters that join the batch into free slots, copying only theirs: spare slots, or the slots of
-        adapters that neither this step nor the one before used (on a prompt step, the one before is
-        the running batch's decode step). When too few are free, the stack is rebuilt with the adapters
-        of both steps, so that the next decode step finds every adapter it needs."""
+        `tiled`: the CPU kernel's layout (a kept stack of the other layout is rebuilt). Adapters that join
+        the batch go into free slots, copying only theirs: spare slots, or the slots of adapters that
+        neither this step nor the one before used (on a prompt step, the one before is the running
+        batch's decode step). When too few are free, the stack is rebuilt with the adapters of both
+        steps, so that the next decode step finds every adapter it needs."""
         kept = self._stacked
         if kept is not None and adapters == self._checked_order and kept.tiled == tiled:
             return kept  # the order of the step before (a decode step's usual case), already checked
@@ -361,11 +361,11 @@ class LoraSlots:
             kept = None
         held = set(kept.adapters) if kept is not None else set()
         missing = [index for index in present if index not in held]
-        if kept is None or (missing and not (tiled and self._fill_free_slots(kept, missing, present))):
-            if kept is not None and (grow or tiled):
+        if kept is None or (missing and not self._fill_free_slots(kept, missing, present)):
+            if kept is not None:
                 carried = kept.adapters if grow else self._last_order
                 present += tuple(i for i in carried if i in self.by_adapter and i not in present)
-            kept = self._build_stack(present, tiled, spare=max(4, len(present) // 4) if tiled else 0)
+            kept = self._build_stack(present, tiled, spare=max(4, len(present) // 4))
         self._checked_order = self._last_order = adapters
         return kept
 
@@ -388,7 +388,7 @@ class LoraSlots:
                 kept.a[slot].zero_()
                 for run in kept.runs:
                     run.b[slot].zero_()
-            self._write_slot(kept, slot, self.by_adapter[index], tile=True)
+            self._write_slot(kept, slot, self.by_adapter[index], tile=kept.tiled)
             order[slot] = index
         kept.adapters = tuple(order)
         kept.serial = next(_serials)  # a decode graph captured over the stack's old order is stale
