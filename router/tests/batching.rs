@@ -33,6 +33,14 @@ fn config(total: u32, prefill: u32, max_waiting_tokens: usize, ratio: f32) -> Ba
     }
 }
 
+/// `config` with up to `steps` decode steps a call.
+fn steps_a_call(steps: u32, config: BatcherConfig) -> BatcherConfig {
+    BatcherConfig {
+        decode_steps_per_call: steps,
+        ..config
+    }
+}
+
 fn start(shard: FakeShard, config: BatcherConfig) -> Harness {
     let shard = Arc::new(shard);
     let notify = Arc::new(Notify::new());
@@ -366,11 +374,10 @@ fn decode_steps(calls: &[Call]) -> Vec<u32> {
 #[tokio::test]
 async fn several_decode_steps_a_call_only_while_no_request_waits() {
     // Four requests take the whole token budget (4 x (2 + 10)); a fifth waits for them to finish.
-    let config = BatcherConfig {
-        decode_steps_per_call: 4,
-        ..config(48, 1000, 20, 1.2)
-    };
-    let h = start(FakeShard::gated(48, 1), config);
+    let h = start(
+        FakeShard::gated(48, 1),
+        steps_a_call(4, config(48, 1000, 20, 1.2)),
+    );
     let receivers: Vec<Receiver> = (0..5).map(|_| h.submit(2, 10)).collect();
     h.shard.allow_steps(100);
     finish_numbered(receivers, &[10; 5]).await;
@@ -386,11 +393,10 @@ async fn several_decode_steps_a_call_only_while_no_request_waits() {
 
 #[tokio::test]
 async fn requests_finishing_inside_a_call_get_every_token_and_leave_the_batch() {
-    let config = BatcherConfig {
-        decode_steps_per_call: 4,
-        ..config(1000, 100, 20, 1.2)
-    };
-    let h = start(FakeShard::new(1000, 1), config);
+    let h = start(
+        FakeShard::new(1000, 1),
+        steps_a_call(4, config(1000, 100, 20, 1.2)),
+    );
     let lengths = [6u32, 2, 9, 1];
     let receivers: Vec<Receiver> = lengths.iter().map(|&n| h.submit(3, n)).collect();
     finish_numbered(receivers, &lengths).await;
@@ -418,11 +424,10 @@ async fn next_token(rx: &mut Receiver) -> u32 {
 
 #[tokio::test]
 async fn a_request_arriving_during_a_call_of_several_steps_joins_after_the_step_in_progress() {
-    let config = BatcherConfig {
-        decode_steps_per_call: 8,
-        ..config(1000, 100, 20, 0.0)
-    };
-    let h = start(FakeShard::gated(1000, 1), config);
+    let h = start(
+        FakeShard::gated(1000, 1),
+        steps_a_call(8, config(1000, 100, 20, 0.0)),
+    );
     let mut first = h.submit(2, 30);
     h.shard.allow_steps(2);
     assert_eq!(next_token(&mut first).await, 1);
@@ -471,11 +476,10 @@ async fn a_client_leaving_during_a_call_of_several_steps_is_filtered_out_after_t
 }
 
 async fn client_leaving_during_a_call(delivery: Delivery) {
-    let config = BatcherConfig {
-        decode_steps_per_call: 8,
-        ..config(1000, 100, 20, 0.0)
-    };
-    let h = start(FakeShard::gated(1000, 1), config);
+    let h = start(
+        FakeShard::gated(1000, 1),
+        steps_a_call(8, config(1000, 100, 20, 0.0)),
+    );
     let mut kept = h.submit(2, 30);
     let leaving = h.submit_delivered(vec![4; 2], 30, delivery);
     h.shard.allow_steps(2);
