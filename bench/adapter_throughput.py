@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server" / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shard_throughput import MODEL, serve_all, workload  # noqa: E402
+from shard_throughput import MODEL, generate_in_static_batches, serve_all, workload  # noqa: E402
 from tiny_models import make_llama, make_lora_adapter  # noqa: E402
 
 from lorax_server.adapters.manager import AdapterManager, AdapterRequest  # noqa: E402
@@ -74,29 +73,7 @@ def run_peft(model_dir: Path, adapters: list[Path], work, batch_size: int):
     for i, path in enumerate(adapters[1:], start=1):
         model.load_adapter(path, adapter_name=f"a{i}")
     model.eval()
-    generated = 0
-    start = time.perf_counter()
-    for first in range(0, len(work), batch_size):
-        group = work[first : first + batch_size]
-        width = max(len(ids) for ids, _ in group)
-        input_ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for row, (ids, _) in enumerate(group):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            mask[row, width - len(ids) :] = 1
-        names = [f"a{(first + row) % len(adapters)}" for row in range(len(group))]
-        longest = max(o for _, o in group)
-        model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            adapter_names=names,
-            max_new_tokens=longest,
-            min_new_tokens=longest,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        generated += sum(o for _, o in group)
-    return generated, time.perf_counter() - start
+    return generate_in_static_batches(model, work, batch_size, lambda i: f"a{i % len(adapters)}")
 
 
 def main() -> None:
