@@ -12,7 +12,9 @@ Sections, each printed as it runs so that a run cut short still leaves its resul
                engine in this process: first greedy decode replayed from CUDA graphs (`--compile`)
                against eager decode on mixed adapters; then decode tokens/s at several batch sizes and
                adapter counts, eager and from CUDA graphs, each beside the memory-bandwidth bound, and
-               PASS/FAIL lines for the issue's targets.
+               PASS/FAIL lines for the issue's targets; then an adapter joining running batches of
+               adapters (its prompt step and the decode step after it against a steady step: the
+               kernels' stacks take it into a free slot), as INFO lines.
 
 Every section checks a time budget (default 420 s in all) and skips what is left, with a SKIP line,
 once past it. `--dry-run` runs all of it on the CPU at tiny sizes (Triton's interpreter when triton

@@ -1,7 +1,8 @@
 """bench/gpu_check.py's throughput section: a random ~0.9B Llama (bf16) with rank-16 adapters on every
 projection, served by our engine in this process; greedy decode replayed from CUDA graphs against eager
 decode, then decode tokens/s at several batch sizes and adapter counts beside the memory-bandwidth
-bound, and PASS/FAIL lines for the issue's targets."""
+bound, and PASS/FAIL lines for the issue's targets; last, the steps around an adapter joining running
+batches of adapters."""
 
 from __future__ import annotations
 
@@ -215,6 +216,55 @@ def measure(engine, plan: Plan, batch: int, adapters: int, batch_id: int) -> Mea
     return Measure(batch, adapters, step_s, forward_s, mean_context, graph_s)
 
 
+def join_steps(engine, plan: Plan, running: int, batch_id: int) -> tuple[float, float, float]:  # noqa: ANN001
+    """A batch of `max(batches)` rows on adapters 1..`running` decodes (eagerly); then a request for
+    adapter `running` + 1, which the kept LoRA stacks do not hold, is prefilled and decodes with them:
+    (a steady decode step, the new request's prompt step, the decode step after it), in seconds. The
+    kernels' stacks take the new adapter into a free slot rather than copying every running one's."""
+    from lorax_server.batch import RequestIn
+    from lorax_server.sampling import SamplingParams
+
+    sizes = plan.bench
+    g = torch.Generator().manual_seed(batch_id)
+
+    def request(rid: int, adapter: int) -> RequestIn:
+        ids = torch.randint(3, engine.model.config.vocab_size, (sizes.prompt_len,), generator=g).tolist()
+        return RequestIn(rid, ids, SamplingParams(), max_new_tokens=max_new_tokens(sizes), ignore_eos=True,
+                         adapter_index=adapter)  # fmt: skip
+
+    graphs, engine.graphs = engine.graphs, None
+    try:
+        _, batch = engine.prefill(batch_id, [request(r, r % running + 1) for r in range(max(sizes.batches))])
+        batch, steady_s = timed_steps(engine, batch, sizes.warmup_steps, sizes.timed_steps, plan.device)
+        start = time.perf_counter()
+        _, joining = engine.prefill(batch_id + 1000, [request(10_000, running + 1)])
+        sync(plan.device)
+        prompt_s = time.perf_counter() - start
+        start = time.perf_counter()
+        _, batch = engine.decode([batch.id, joining.id])
+        sync(plan.device)
+        after_s = time.perf_counter() - start
+        engine.clear(batch.id)
+    finally:
+        engine.graphs = graphs
+    return steady_s, prompt_s, after_s
+
+
+def section_join(engine, plan: Plan, report: Report) -> None:  # noqa: ANN001
+    """An adapter joining running batches of adapters (INFO lines: no target)."""
+    installed = max(plan.bench.adapter_counts)
+    for i, running in enumerate(sorted({min(8, installed - 1), installed - 1}), start=1):
+        if running < 1 or report.past(plan.budget_s, f"an adapter joining {running}"):
+            continue
+        steady, prompt, after = join_steps(engine, plan, running, batch_id=900 + i)
+        report.verdict(
+            "INFO",
+            f"an adapter joining {running} running ({max(plan.bench.batches)} rows): steady decode step "
+            f"{steady * 1e3:.2f} ms, its prompt step {prompt * 1e3:.2f} ms, the decode step after it "
+            f"{after * 1e3:.2f} ms ({after / steady:.2f}x steady)",
+        )
+
+
 def graphs_match_eager(engine, plan: Plan, report: Report) -> None:  # noqa: ANN001
     """Greedy decode of 6 rows (base and 3 adapters; bucket 8: 2 padding rows; fewer in a dry run)
     eagerly, then replayed from CUDA graphs captured at the first step: the same tokens, logprobs within
@@ -376,6 +426,7 @@ def section_throughput(plan: Plan, report: Report) -> None:
                 continue
             results[(batch, adapters)] = m = measure(engine, plan, batch, adapters, batch_id=i)
             report.say(table_row(plan, m))
+        section_join(engine, plan, report)
     throughput_verdicts(plan, report, results)
 
 

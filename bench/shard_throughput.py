@@ -17,6 +17,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -108,7 +109,10 @@ def serve_all(
 
 @torch.no_grad()
 def generate_in_static_batches(
-    model, work: list[tuple[list[int], int]], batch_size: int, adapter_names=None  # noqa: ANN001
+    model: torch.nn.Module,
+    work: list[tuple[list[int], int]],
+    batch_size: int,
+    adapter_names: Callable[[int], str] | None = None,
 ) -> tuple[int, float]:
     """`model.generate` on `work` in batches of `batch_size` (left-padded, each run to its longest output):
     the tokens asked for and the seconds. `adapter_names(request index)`: peft's adapter of each row."""

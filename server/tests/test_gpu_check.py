@@ -72,6 +72,8 @@ def test_every_section_of_the_dry_run_runs(gpu_check: ModuleType, capsys: pytest
     assert "| 2 | 0 |" in out and "| 2 | 2 |" in out  # the throughput table's rows
     targets = [text for status, text in report.verdicts if "dry run, would be" in text]
     assert len(targets) == 3, out  # the adapters-vs-base ratio and two bandwidth-bound shares
+    joins = [text for status, text in report.verdicts if status == "INFO" and "an adapter joining" in text]
+    assert len(joins) == 1 and joins[0].startswith("an adapter joining 1 running (2 rows)"), out
     assert report.summary() == 0
 
 
