@@ -2,7 +2,7 @@
 //! over unix sockets. Tensor parallelism: every shard receives every call (the same batch on every
 //! rank) and the first shard's answer is used.
 
-use crate::decode_stream::{DecodeSteps, ShardStream, ShardedSteps, StepByStep};
+use crate::decode_stream::{DecodeSteps, ShardStream, ShardedSteps};
 use crate::pb;
 use crate::pb::lorax_service_client::LoraxServiceClient;
 use crate::telemetry;
@@ -159,15 +159,12 @@ pub trait ShardClient: Send + Sync + 'static {
         batches: Vec<pb::CachedBatch>,
         steps: u32,
     ) -> Result<StepOutput, ShardError>;
-    /// Up to `steps` decode steps, answered one by one (see `DecodeStream` in the proto). By
-    /// default, one unary Decode a step.
+    /// Up to `steps` decode steps, answered one by one (see `DecodeStream` in the proto).
     async fn decode_stream<'a>(
         &'a self,
         batches: Vec<pb::CachedBatch>,
         steps: u32,
-    ) -> Result<Box<dyn DecodeSteps + 'a>, ShardError> {
-        Ok(Box::new(StepByStep::new(self, batches, steps)))
-    }
+    ) -> Result<Box<dyn DecodeSteps + 'a>, ShardError>;
     /// Keeps only `request_ids` of the cached batch.
     async fn filter_batch(
         &self,

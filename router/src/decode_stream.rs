@@ -3,7 +3,7 @@
 //! trip yet streams every token at once; the router asks it to stop when a request arrives or a
 //! client goes away, so admission and cancellation wait for the step in progress only.
 
-use crate::client::{GrpcClient, ShardClient, ShardError, StepOutput};
+use crate::client::{GrpcClient, ShardError, StepOutput};
 use crate::pb;
 use async_trait::async_trait;
 use futures::future::join_all;
@@ -28,7 +28,7 @@ pub trait DecodeSteps: Send {
 #[derive(Clone, Debug, Default)]
 pub struct Stopper {
     stopped: Arc<AtomicBool>,
-    /// The call's message senders, one per shard (none for a call of unary steps).
+    /// The call's message senders, one per shard (none for the fake shard's calls).
     senders: Vec<mpsc::Sender<pb::DecodeRequest>>,
 }
 
@@ -44,51 +44,6 @@ impl Stopper {
 
     pub fn stopped(&self) -> bool {
         self.stopped.load(Ordering::SeqCst)
-    }
-}
-
-/// The fallback for a client without streams: one unary Decode per step.
-pub struct StepByStep<'a, C: ShardClient + ?Sized> {
-    client: &'a C,
-    batches: Vec<pb::CachedBatch>,
-    steps_left: u32,
-    first: bool,
-    stopper: Stopper,
-}
-
-impl<'a, C: ShardClient + ?Sized> StepByStep<'a, C> {
-    pub fn new(client: &'a C, batches: Vec<pb::CachedBatch>, steps: u32) -> Self {
-        Self {
-            client,
-            batches,
-            steps_left: steps.max(1),
-            first: true,
-            stopper: Stopper::default(),
-        }
-    }
-}
-
-#[async_trait]
-impl<C: ShardClient + ?Sized> DecodeSteps for StepByStep<'_, C> {
-    async fn next(&mut self) -> Option<Result<StepOutput, ShardError>> {
-        // The first step runs whatever happens (the call asked for it); after it, nothing runs
-        // between two `next`, so a stop ends the call at once.
-        let stopped = self.stopper.stopped() && !self.first;
-        if self.steps_left == 0 || self.batches.is_empty() || stopped {
-            return None;
-        }
-        let batches = std::mem::take(&mut self.batches);
-        let result = self.client.decode(batches, 1).await;
-        self.first = false;
-        self.steps_left -= 1;
-        if let Ok(output) = &result {
-            self.batches.extend(output.batch.clone());
-        }
-        Some(result)
-    }
-
-    fn stopper(&self) -> Stopper {
-        self.stopper.clone()
     }
 }
 

@@ -10,7 +10,7 @@ mod steps;
 use crate::client::{
     DownloadedAdapter, LoadedAdapter, ShardClient, ShardError, StepOutput, StepTimings,
 };
-use crate::decode_stream::DecodeSteps;
+use crate::decode_stream::{DecodeSteps, Stopper};
 use crate::entry::round_up;
 use crate::health::{Health, HealthConfig};
 use crate::pb;
@@ -141,6 +141,8 @@ struct FakeState {
     grammars: FakeGrammars,
     /// Every request prefilled, as the shard received it.
     requests: Vec<pb::Request>,
+    /// What stops each decode stream opened, in order.
+    stream_stoppers: Vec<Stopper>,
 }
 
 /// In-memory shard. The batch it returns after a step still holds the requests that just
@@ -288,6 +290,24 @@ impl FakeShard {
     }
 
     /// Waits (up to 5 s) until a step waits at the gate: a request is in the shard.
+    /// Waits until the router has stopped the last decode stream it opened (panics after 5 s).
+    pub async fn wait_for_stream_stop(&self) {
+        for _ in 0..5000 {
+            let stopped = self
+                .state
+                .lock()
+                .unwrap()
+                .stream_stoppers
+                .last()
+                .map(Stopper::stopped);
+            if stopped == Some(true) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("no decode stream was stopped");
+    }
+
     pub async fn wait_at_gate(&self) {
         for _ in 0..5000 {
             if self.at_gate.load(Ordering::SeqCst) > 0 {
@@ -296,59 +316,6 @@ impl FakeShard {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         panic!("no step reached the gate");
-    }
-
-    fn record_decode(&self, batches: &[pb::CachedBatch], steps: u32) -> Vec<u64> {
-        let batch_ids: Vec<u64> = batches.iter().map(|b| b.id).collect();
-        self.state.lock().unwrap().calls.push(Call::Decode {
-            batch_ids: batch_ids.clone(),
-            request_ids: batches.iter().flat_map(|b| b.request_ids.clone()).collect(),
-            steps,
-        });
-        batch_ids
-    }
-
-    /// One decode step. The first of a call merges `batch_ids` and steps every request; a later one
-    /// steps the requests of its batch still running.
-    fn decode_step(&self, batch_ids: &[u64], first: bool) -> Result<StepOutput, ShardError> {
-        let mut state = self.state.lock().unwrap();
-        if state.fail_decode {
-            return Err(ShardError::Rpc("decode exploded".into()));
-        }
-        let mut merged = Vec::new();
-        for id in batch_ids {
-            match state.batches.remove(id) {
-                Some(requests) => merged.extend(requests),
-                None => state
-                    .violations
-                    .push(format!("decode of unknown batch {id}")),
-            }
-        }
-        let mut violations = Vec::new();
-        for r in &merged {
-            if !state.adapters.holds(r.request.adapter_index, &r.adapter) {
-                violations.push(format!(
-                    "request {} decoded after its adapter left index {}",
-                    r.request.id, r.request.adapter_index
-                ));
-            }
-        }
-        let generations = merged
-            .iter_mut()
-            .filter(|r| first || !r.finished)
-            .map(|r| step(r, &mut violations))
-            .collect();
-        state.violations.extend(violations);
-        let id = batch_ids.first().copied().unwrap_or_default();
-        let next = cached(id, &merged, self.block_size);
-        if next.is_some() {
-            state.batches.insert(id, merged);
-        }
-        Ok(StepOutput {
-            generations,
-            batch: next,
-            timings: FAKE_TIMINGS,
-        })
     }
 
     async fn pass_gate(&self) {
@@ -500,7 +467,10 @@ impl ShardClient for FakeShard {
         steps: u32,
     ) -> Result<Box<dyn DecodeSteps + 'a>, ShardError> {
         let batch_ids = self.record_decode(&batches, steps);
-        Ok(Box::new(FakeSteps::new(self, batch_ids, steps)))
+        let call = FakeSteps::new(self, batch_ids, steps);
+        let stopper = call.stopper();
+        self.state.lock().unwrap().stream_stoppers.push(stopper);
+        Ok(Box::new(call))
     }
 
     async fn filter_batch(

@@ -438,9 +438,7 @@ async fn a_request_arriving_during_a_call_of_several_steps_joins_after_the_step_
     );
     h.shard.wait_at_gate().await;
     let mut second = h.submit(2, 3);
-    for _ in 0..10 {
-        tokio::task::yield_now().await; // the batcher sees the arrival and stops the call
-    }
+    h.shard.wait_for_stream_stop().await; // the batcher saw the arrival
     h.shard.allow_steps(1);
     assert_eq!(
         next_token(&mut first).await,

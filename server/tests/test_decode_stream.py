@@ -110,7 +110,7 @@ def _stream_with_stop(engine: Engine, batch_id: int, stop_after: int | None) -> 
             last = answer.batch
             if answers == stop_after:
                 messages.put_nowait(pb.DecodeRequest())
-                for _ in range(5):  # the handler's reader takes the message
+                while not messages.empty():  # until the handler's reader has taken it (and set its stop)
                     await asyncio.sleep(0)
         return tokens, last
 
