@@ -6,7 +6,8 @@ in one process (interleaved, best of N):
   every part), for several layouts of the batch's rows over adapters; reported per decode step (× 8
   layers) and in GFLOP/s; then whole decode steps whose 8 layers have factors of their own, read from
   memory (the caches flushed before each step, as the base weights do in a real step), against the
-  time this machine's memory bandwidth allows for those bytes (measured in the same run);
+  time this machine's memory bandwidth allows for those bytes (measured in the same run), and with the
+  same factors kept in bfloat16 (adapters stored in 16 bits: half the bytes);
 - RMSNorm and rotary embeddings (`layers/fused_cpu.py`) against their torch operators;
 - paged attention (`layers/paged_attention.py`) against the torch backend's gather-and-SDPA path, one
   layer of the bench model over 63 sequences in a cache of 2048 blocks (larger than the caches):
@@ -133,43 +134,49 @@ def streamed_lora_table(repeats: int) -> None:
     bandwidth = read_bandwidth()
     print(f"\nmemory read bandwidth: {bandwidth / 2**30:.1f} GiB/s (torch sum over 400 MB)")
     print("| decode step, factors from memory | torch plans ms | kernel ms | factor MiB | kernel GiB/s | bound ms "
-          "| kernel / bound |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| kernel / bound | kernel, bfloat16 factors, ms | that / its bound |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, sizes in STREAMED.items():
         tokens, meta = decode_batch(sizes)
         # A copy of every linear for each side: the kernel and the torch plans keep stacks of their own
         # layouts, so sharing the linears would restack them at every switch.
-        layers: dict[bool, list] = {False: [], True: []}
+        layers: dict[bool | str, list] = {False: [], True: [], "bf16": []}
         for _ in range(LAYERS):
             for in_features, parts in LINEARS.values():
                 linear = adapted_linear(in_features, parts, len(sizes), g)
                 twin = adapted_linear(in_features, parts, 0, g)
                 twin.lora.by_adapter = linear.lora.by_adapter  # the same factors, a stack of its own
+                half = adapted_linear(in_features, parts, 0, g)
+                for index, factors in linear.lora.by_adapter.items():
+                    half.lora.install(index, {p: LoraModuleWeights(w.lora_a.bfloat16(), w.lora_b.bfloat16(), w.scale)
+                                              for p, w in factors.parts.items()})  # fmt: skip
                 x, y = torch.randn(tokens, in_features, generator=g), torch.zeros(tokens, sum(parts))
                 layers[True].append((linear, x, y))
                 layers[False].append((twin, x, y))
+                layers["bf16"].append((half, x, y))
         factor_bytes = len(sizes) * LAYERS * sum(RANK * (i * len(p) + sum(p)) for i, p in LINEARS.values()) * 4
 
-        def step(on: bool) -> float:
+        def step(side: bool | str) -> float:
             flush.sum()
             start = time.perf_counter()
-            for linear, x, y in layers[on]:  # noqa: B023
+            for linear, x, y in layers[side]:  # noqa: B023
                 linear.lora.add_to(y, x, meta)  # noqa: B023
             return time.perf_counter() - start
 
-        timings: dict[bool, list[float]] = {False: [], True: []}
-        for on in (False, True):  # each side builds its stacks
-            lora_kernel(on)
-            step(on)
+        timings: dict[bool | str, list[float]] = {side: [] for side in layers}
+        for side in layers:  # each side builds its stacks
+            lora_kernel(side is not False)
+            step(side)
         for _ in range(repeats):
-            for on in (False, True):
-                lora_kernel(on)
-                timings[on].append(step(on))
+            for side in layers:
+                lora_kernel(side is not False)
+                timings[side].append(step(side))
         lora_kernel(True)
-        plans, kernel = min(timings[False]), min(timings[True])
+        plans, kernel, half = min(timings[False]), min(timings[True]), min(timings["bf16"])
         bound = factor_bytes / bandwidth
         print(f"| {label} | {plans * 1e3:.2f} | {kernel * 1e3:.2f} | {factor_bytes / 2**20:.1f} | "
-              f"{factor_bytes / kernel / 2**30:.1f} | {bound * 1e3:.2f} | {kernel / bound:.2f}× |")  # fmt: skip
+              f"{factor_bytes / kernel / 2**30:.1f} | {bound * 1e3:.2f} | {kernel / bound:.2f}× | {half * 1e3:.2f} | "
+              f"{half / (bound / 2):.2f}× |")  # fmt: skip
 
 
 def norm_rotary_table(repeats: int) -> None:

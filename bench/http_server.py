@@ -29,11 +29,13 @@ from shard_throughput import MODEL  # noqa: E402  DESIGN.md's bench model: a ran
 from tiny_models import make_llama, make_lora_adapter  # noqa: E402
 
 
-def make_bench_model(out: Path, num_adapters: int, rank: int = 16, **overrides) -> tuple[Path, list[Path]]:
+def make_bench_model(
+    out: Path, num_adapters: int, rank: int = 16, stored_dtype: torch.dtype | None = None, **overrides
+) -> tuple[Path, list[Path]]:
     """The bench model (its config changed by `overrides`) and `num_adapters` rank-`rank` LoRA adapters
-    on all its linear layers."""
+    on all its linear layers, their files in `stored_dtype` (default: the model's float32)."""
     model = make_llama(out / "model", **{**MODEL, **overrides})
-    lora = dict(r=rank, lora_alpha=2 * rank, target_modules=ALL_LINEAR)
+    lora = dict(r=rank, lora_alpha=2 * rank, target_modules=ALL_LINEAR, stored_dtype=stored_dtype)
     adapters = [make_lora_adapter(model, out / f"adapter-{i}", seed=i + 1, **lora) for i in range(num_adapters)]
     return model, adapters
 

@@ -3,7 +3,9 @@ by the number of distinct adapters, and the router + gRPC overhead, in one run.
 
 Workload (DESIGN.md): the 26M bench model (bench/http_server.py), 64 requests arriving at once, in order,
 prompts of 16-128 tokens and outputs of 16-128 tokens (EOS ignored), greedy, float32; requests assigned
-to the adapters round-robin (rank 16, all linear layers; none for 0).
+to the adapters round-robin (rank 16, all linear layers; none for 0). The adapter files are float32,
+or with `--adapter-dtype` 16-bit (kept so by the server, widened by peft; the plot then gets the dtype in
+its name).
 - ours over HTTP: one server per adapter count, all of them up at once; every adapter is loaded
   before the timed requests (one warm-up request each, then one untimed pass of the requests), so
   loading and a new server's one-time costs are not timed. The passes go in rounds: each round runs
@@ -18,7 +20,7 @@ to the adapters round-robin (rank 16, all linear layers; none for 0).
 Prints a table, writes bench/http_throughput.png. Not a test.
 
     .venv/bin/python bench/http_throughput.py [--adapters 0 1 8 32 128] [--requests 64] [--rounds 3]
-        [--decode-steps-per-call 8]
+        [--decode-steps-per-call 8] [--adapter-dtype float32]
 """
 
 from __future__ import annotations
@@ -191,10 +193,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode-steps-per-call", type=int, default=8, help="the servers' flag (their default)")
+    parser.add_argument("--adapter-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="the adapter files' dtype (16-bit adapters keep it on the float32 model)")  # fmt: skip
     args = parser.parse_args()
     flags = ["--decode-steps-per-call", str(args.decode_steps_per_call)]
+    stored = getattr(torch, args.adapter_dtype)
+    png = BENCH / ("http_throughput.png" if stored == torch.float32 else f"http_throughput-{args.adapter_dtype}.png")
     with tempfile.TemporaryDirectory() as tmp:
-        model, adapters = make_bench_model(Path(tmp), max(args.adapters))
+        model, adapters = make_bench_model(Path(tmp), max(args.adapters), stored_dtype=stored)
         prompts, outputs, work = bench_requests(model, args.requests)
         over_http, local = measure_ours(
             model, adapters, args.adapters, work, (prompts, outputs), args.rounds, Path(tmp), flags
@@ -205,10 +211,10 @@ def main() -> None:
             rows.append((n, max(over_http[n]), baseline, size))
             print(f"{n} adapters: ours {rows[-1][1]:.1f} tok/s, baseline {baseline:.1f} (batch {size})", flush=True)
     print_table(rows, over_http, local)
-    print(f"{args.requests} requests, float32, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"--decode-steps-per-call {args.decode_steps_per_call}")  # fmt: skip
-    plot([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], BENCH / "http_throughput.png")
-    print(f"wrote {BENCH / 'http_throughput.png'}")
+    print(f"{args.requests} requests, float32 model, {args.adapter_dtype} adapter files, {torch.get_num_threads()} "
+          f"threads, torch {torch.__version__}, --decode-steps-per-call {args.decode_steps_per_call}")  # fmt: skip
+    plot([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], png)
+    print(f"wrote {png}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """The CPU LoRA kernel (adapters/csrc/lora_sgmv.cpp) against the dense update scale·B·A in float64 and
 against the torch plans: mixed ranks, parts an adapter skips, adapters absent from a linear, rows
 without adapters, every block height (1 to 8 rows and their remainders), ranks and widths that are not
-multiples of the vector width, strided rows, MoE experts' rows, the switch and bad inputs."""
+multiples of the vector width, strided rows, MoE experts' rows, 16-bit factors, the switch and bad
+inputs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_lora_groups import ADAPTERS, CASES, IN, adapted_linear, batch, dense_reference, install
+from test_lora_groups import ADAPTERS, CASES, IN, adapted_linear, batch, dense_reference, factors, install
 
 from lorax_server.adapters import lora_cpu
 from lorax_server.adapters.lora import LoraModuleWeights, LoraSlots
@@ -247,3 +248,77 @@ def test_new_adapters_take_the_slots_of_ones_no_longer_running():
     assert torch.equal(kept.a[:2], running_slots)
     check(linear, [*running, *((s + 2, e + 2, i) for s, e, i in joining)], seed=4)
     assert linear.lora._stacked is kept
+
+
+def install_16_bit(linear: Linear, index: int, parts: dict[int, int], dtype: torch.dtype) -> None:
+    """Factors kept in 16 bits (as `kept_dtype` keeps adapters stored so), with `factors`' scales."""
+    sizes = linear.part_sizes
+    weights = {}
+    for p, r in parts.items():
+        w = factors(r, sizes[p], index * 10 + p)
+        weights[p] = LoraModuleWeights(w.lora_a.to(dtype), w.lora_b.to(dtype), w.scale)
+    linear.lora.install(index, weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+def test_16_bit_factors_are_read_as_stored(dtype: torch.dtype, rows: int, request: pytest.FixtureRequest):
+    """A stack of 16-bit adapters stays 16-bit, its scales apart (every chunk of the shrink, tiles and
+    tails of the expand, every block height); the result is the dense update of the widened factors,
+    as the torch plans compute it."""
+    part_sizes = [40, 47, 16]
+    linear = adapted_linear({}, part_sizes)
+    install_16_bit(linear, 1, {0: 16, 1: 16, 2: 16}, dtype)
+    install_16_bit(linear, 2, {0: 5, 2: 20}, dtype)
+    install_16_bit(linear, 3, {1: 37}, dtype)
+    num_tokens, segments = segments_of_sizes([rows, rows, rows], [1, 2, 3], gap=1)
+    x = torch.randn(num_tokens, IN, generator=torch.Generator().manual_seed(rows))
+    out = linear(x, batch(segments, num_tokens))
+    kept = linear.lora._stacked
+    assert kept.tiled and kept.a.dtype == dtype and {r.b.dtype for r in kept.runs} == {dtype}
+    assert kept.scale is not None and kept.scale.dtype == torch.float32
+    reference = dense_reference(linear, x, segments)
+    torch.testing.assert_close(out.double(), reference, **TOL)
+    request.getfixturevalue("lora_torch_plans")  # the grid and the loop, on float32 stacks
+    torch.testing.assert_close(linear(x, batch(segments, num_tokens)).double(), reference, **TOL)
+    torch.testing.assert_close(linear(x, ExpertRows(segments)).double(), reference, **TOL)
+
+
+def test_adapters_of_other_dtypes_share_a_float32_stack():
+    """Mixed dtypes stack in float32 with the scales folded; a joining adapter of another dtype than a
+    16-bit stack's restacks (a slot would round it), one of the same dtype takes a spare slot."""
+    linear = adapted_linear({1: {0: 4, 1: 4}})  # float32
+    install_16_bit(linear, 2, {0: 4, 1: 4}, torch.bfloat16)
+    check(linear, [(0, 2, 1), (2, 3, 2)], seed=1)
+    assert linear.lora._stacked.a.dtype == torch.float32 and linear.lora._stacked.scale is None
+
+    linear = adapted_linear({})
+    install_16_bit(linear, 1, {0: 4, 1: 4}, torch.bfloat16)
+    install_16_bit(linear, 2, {0: 4, 1: 4}, torch.bfloat16)
+    check(linear, [(0, 2, 1), (2, 3, 2)], seed=2)
+    kept = linear.lora._stacked
+    assert kept.a.dtype == torch.bfloat16
+    install_16_bit(linear, 3, {0: 4}, torch.bfloat16)
+    check(linear, [(0, 2, 3)], seed=3)
+    assert linear.lora._stacked is kept
+    install_16_bit(linear, 4, {0: 4}, torch.float16)
+    check(linear, [(0, 2, 4)], seed=4)
+    assert linear.lora._stacked is not kept and linear.lora._stacked.a.dtype == torch.float32
+    check(linear, [(0, 2, 1), (2, 3, 2), (3, 4, 3), (4, 6, 4)], seed=5)
+
+
+def test_16_bit_bad_inputs_are_refused():
+    linear = adapted_linear({})
+    install_16_bit(linear, 1, {0: 4, 1: 4}, torch.bfloat16)
+    stacked = linear.lora._kernel_stack((1,), grow=False, tiled=True)
+    x, y = torch.randn(4, IN), torch.zeros(4, 20)
+    i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    segments = (i32([0]), i32([4]), i32([0]))
+    lora_cpu.sgmv_(y, x, stacked.a, *segments, stacked.kernel_runs(), stacked.scale)  # well formed
+    widened = lora_cpu.KernelRuns.of([(0, 0, stacked.runs[0].b.float())])
+    with pytest.raises(RuntimeError, match="of a's dtype"):
+        lora_cpu.sgmv_(y, x, stacked.a, *segments, widened, stacked.scale)
+    with pytest.raises(RuntimeError, match="scale"):
+        lora_cpu.sgmv_(y, x, stacked.a, *segments, stacked.kernel_runs(), stacked.scale[:, :2].contiguous())
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        lora_cpu.sgmv_(y, x, stacked.a.double(), *segments, stacked.kernel_runs())

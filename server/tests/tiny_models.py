@@ -100,8 +100,11 @@ def make_mistral(out_dir: Path, seed: int = 0, sliding_window: int = 6, **overri
     return save_model(MistralForCausalLM(config).eval(), tokenizer, out_dir)
 
 
-def make_lora_adapter(base_dir: Path, out_dir: Path, seed: int, **lora_kwargs) -> Path:
-    """A peft LoRA adapter of `base_dir` with random, clearly non-zero A and B (saved to `out_dir`)."""
+def make_lora_adapter(
+    base_dir: Path, out_dir: Path, seed: int, stored_dtype: torch.dtype | None = None, **lora_kwargs
+) -> Path:
+    """A peft LoRA adapter of `base_dir` with random, clearly non-zero A and B (saved to `out_dir`), its
+    file's tensors in `stored_dtype` when given (as adapters trained in 16 bits are often shipped)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -114,4 +117,10 @@ def make_lora_adapter(base_dir: Path, out_dir: Path, seed: int, **lora_kwargs) -
             if "lora_B" in name:
                 p.normal_(0, 0.2)
     peft_model.save_pretrained(out_dir)
+    if stored_dtype is not None:
+        from safetensors.torch import load_file, save_file
+
+        path = Path(out_dir) / "adapter_model.safetensors"
+        tensors = {k: v.to(stored_dtype).contiguous() for k, v in load_file(path).items()}
+        save_file(tensors, path, metadata={"format": "pt"})
     return out_dir

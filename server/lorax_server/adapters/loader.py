@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..layers.linear import Linear
 from .config import AdapterConfigError, LoraAdapterConfig
-from .lora import LoraModuleWeights
+from .lora import LoraModuleWeights, kept_dtype
 from .medusa import MedusaError, MedusaHeads, load_medusa
 
 MEDUSA = "medusa"  # the key of an adapter's Medusa heads among its modules (no module has that name)
@@ -58,8 +58,9 @@ def load_lora_adapter(
     architecture: str,
     dtype: torch.dtype,
 ) -> dict[str, LoraModuleWeights]:
-    """The adapter's factors on the host (in the model dtype), keyed by module name, checked against
-    the base model's adaptable linears `targets` (module name → (linear, fused part))."""
+    """The adapter's factors on the host (in `lora.kept_dtype`: the model's, or the file's 16 bits on a
+    float32 model), keyed by module name, checked against the base model's adaptable linears `targets`
+    (module name → (linear, fused part))."""
     try:
         config = LoraAdapterConfig.from_dir(adapter_dir)
     except AdapterConfigError as e:
@@ -94,7 +95,8 @@ def load_lora_adapter(
                 f"shape mismatch for {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit "
                 f"a base layer of {in_features} inputs and {out_features} outputs"
             )
-        out[module] = LoraModuleWeights(a.to(dtype).contiguous(), b.to(dtype).contiguous(), config.scale_for(module))
+        kept = kept_dtype(a.dtype, dtype) if a.dtype == b.dtype else dtype
+        out[module] = LoraModuleWeights(a.to(kept).contiguous(), b.to(kept).contiguous(), config.scale_for(module))
     return out
 
 

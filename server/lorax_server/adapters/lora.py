@@ -22,6 +22,11 @@ one call over the same stacks (1.5-2.6x less time than the grid on decode steps,
 loop on prompts: bench/cpu_kernels.py). The plans stay its reference, and run where it does not apply
 (`LORAX_CPU_KERNELS=0` among them).
 
+Adapters stored in bfloat16 or float16 keep that precision on a float32 model (`kept_dtype`): half the
+memory, and the CPU kernel's stacks hold them as they are when all of a stack's adapters share it, so a
+decode step reads half the bytes (the kernel widens each factor exactly as it reads it). Every other
+stack, and every other path, computes in the model's dtype on the factors widened (also exact).
+
 Semantics (the oracle faster kernels are tested against):
     y[s:e, out_p] += scale_p * (x[s:e] @ A_p.T) @ B_p.T    for each segment and each adapted part p
 """
@@ -29,7 +34,7 @@ Semantics (the oracle faster kernels are tested against):
 from __future__ import annotations
 
 import itertools
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -131,6 +136,14 @@ class _ExpandRun:
 
 
 _serials = itertools.count(1)
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def kept_dtype(stored: torch.dtype, model: torch.dtype) -> torch.dtype:
+    """The dtype an adapter's factors are kept in: as stored when that is a 16-bit float and the model
+    computes in float32 (widening is exact, so this loses nothing and halves their memory), otherwise
+    the model's."""
+    return stored if model == torch.float32 and stored in _HALF else model
 
 
 @dataclass
@@ -138,7 +151,9 @@ class _Stacked:
     """A batch's adapters stacked in segment order (absent parts and smaller ranks are zeros).
 
     A `tiled` stack is the CPU kernel's: each part's [rank, width] in B laid out in column tiles (see
-    `lora_cpu.tile_columns`), which only that kernel reads. The kernels' stacks (the CPU kernel's and
+    `lora_cpu.tile_columns`), which only that kernel reads. Its factors are 16-bit when all of its
+    adapters' are (of one dtype), and then `scale` holds the scales, which 16-bit B's cannot hold
+    exactly. The kernels' stacks (the CPU kernel's and
     the Triton kernels') keep spare slots (adapter index 0, all zeros): an adapter joining the batch is
     written into one, or into the slot of an adapter no longer used (`LoraSlots._kernel_stack`)."""
 
@@ -148,6 +163,7 @@ class _Stacked:
     runs: list[_ExpandRun]
     places: dict[int, tuple[int, int, int, int]]  # part → (its first rank in a, its rank, its run, its place there)
     tiled: bool = False
+    scale: torch.Tensor | None = None  # [segments, sum of ranks] float32: the scales, when not folded into b
     serial: int = field(default_factory=_serials.__next__)  # tells stacks apart (decode graphs)
     _kernel_runs: lora_cpu.KernelRuns | None = field(default=None, init=False, repr=False)
 
@@ -162,7 +178,11 @@ class LoraSlots:
     """The adapters currently installed on one (possibly fused) linear, by adapter index: the
     `layers.linear.LinearHook` that LoRA attaches."""
 
-    def __init__(self, linear: Linear) -> None:
+    def __init__(self, linear: Linear, dtype: torch.dtype | None = None) -> None:
+        """`dtype`: the one the linear computes in (default: its dense weight's, else float32)."""
+        if dtype is None:
+            dtype = linear.weight.dtype if isinstance(linear.weight, torch.Tensor) else torch.float32
+        self.dtype = dtype
         bounds = [0]
         for size in linear.part_sizes:
             bounds.append(bounds[-1] + size)
@@ -237,10 +257,11 @@ class LoraSlots:
             factors = self.by_adapter.get(index)
             if factors is None:
                 continue
-            shrunk = x[start:end] @ factors.a.t()  # [n, sum of ranks]
+            shrunk = x[start:end] @ factors.a.t().to(x.dtype)  # [n, sum of ranks]
             out = y[start:end]
             for e in factors.expands:
-                out[:, e.out_start : e.out_end].addmm_(shrunk[:, e.r_start : e.r_end], e.b.t(), alpha=e.scale)
+                b = e.b.t().to(x.dtype)
+                out[:, e.out_start : e.out_end].addmm_(shrunk[:, e.r_start : e.r_end], b, alpha=e.scale)
 
     def _add_grouped(self, y: torch.Tensor, x: torch.Tensor, groups: LoraGroups, stacked: _Stacked) -> None:
         segments = len(groups.adapters)
@@ -294,7 +315,8 @@ class LoraSlots:
         planned = self._kernel_plan(y, rows, tiled=True)
         if planned is not None:
             stacked, plan = planned
-            lora_cpu.sgmv_(y, x, stacked.a, plan.seg_start, plan.seg_end, plan.seg_slot, stacked.kernel_runs())
+            runs = stacked.kernel_runs()
+            lora_cpu.sgmv_(y, x, stacked.a, plan.seg_start, plan.seg_end, plan.seg_slot, runs, stacked.scale)
 
     def _add_with_kernels(self, y: torch.Tensor, x: torch.Tensor, rows: LoraRows) -> None:
         """The Triton kernels over the kept stack: one shrink for every part, one expand per part."""
@@ -380,7 +402,7 @@ class LoraSlots:
         for index in missing:
             for part, w in self.by_adapter[index].parts.items():
                 place = kept.places.get(part)
-                if place is None or w.rank > place[1]:
+                if place is None or w.rank > place[1] or not self._holds_exactly(kept, w):
                     return False
         order = list(kept.adapters)
         for index, slot in zip(missing, free, strict=False):
@@ -388,6 +410,8 @@ class LoraSlots:
                 kept.a[slot].zero_()
                 for run in kept.runs:
                     run.b[slot].zero_()
+                if kept.scale is not None:
+                    kept.scale[slot].zero_()
             self._write_slot(kept, slot, self.by_adapter[index], tile=kept.tiled)
             order[slot] = index
         kept.adapters = tuple(order)
@@ -396,15 +420,25 @@ class LoraSlots:
         _changed()
         return True
 
+    def _holds_exactly(self, stacked: _Stacked, w: LoraModuleWeights) -> bool:
+        """Whether `w` fits the stack's dtype without rounding: the stack computes in the linear's dtype,
+        or holds 16-bit factors of `w`'s own dtype."""
+        return stacked.a.dtype in (self.dtype, w.lora_a.dtype) and stacked.a.dtype in (self.dtype, w.lora_b.dtype)
+
     @staticmethod
     def _write_slot(stacked: _Stacked, slot: int, factors: _AdapterFactors, tile: bool) -> None:
-        """Copy an adapter's factors into a slot of zeros: A transposed, B transposed and scaled (and
-        with `tile`, B laid out in the tiled stack's column tiles)."""
+        """Copy an adapter's factors into a slot of zeros: A transposed, B transposed and scaled (the
+        scales apart when the stack has `scale`; and with `tile`, B laid out in the tiled stack's column
+        tiles). Factors are widened to the stack's dtype before the scale applies."""
         for part, w in factors.parts.items():
             r0, _, run, position = stacked.places[part]
             stacked.a[slot, :, r0 : r0 + w.rank] = w.lora_a.t()
             b = stacked.runs[run].b[slot, position]
-            b[: w.rank] = w.lora_b.t() * w.scale
+            if stacked.scale is None:
+                b[: w.rank] = w.lora_b.t().to(b.dtype) * w.scale
+            else:
+                b[: w.rank] = w.lora_b.t()
+                stacked.scale[slot, r0 : r0 + w.rank] = w.scale
             if tile:
                 lora_cpu.tile_columns(b)
 
@@ -421,13 +455,14 @@ class LoraSlots:
             offsets[part] = total
             total += ranks[part]
         sample = next(filter(None, present)).a
+        dtype = self._stack_dtype(filter(None, present), tiled)
         slots = len(adapters) + spare
-        a = sample.new_zeros(slots, sample.shape[1], total)
+        a = sample.new_zeros(slots, sample.shape[1], total, dtype=dtype)
         parts, runs, places = [], [], {}
         for r, run in enumerate(self._expand_runs(ranks)):
             out_start, rank = self.part_bounds[run[0]][0], ranks[run[0]]
             width = self.part_bounds[run[0]][1] - out_start
-            b_run = sample.new_zeros(slots, len(run), rank, width)
+            b_run = sample.new_zeros(slots, len(run), rank, width, dtype=dtype)
             runs.append(_ExpandRun(out_start, offsets[run[0]], b_run))
             for i, part in enumerate(run):
                 r0 = offsets[part]
@@ -435,7 +470,8 @@ class LoraSlots:
                 parts.append(
                     _StackedPart(out_start + i * width, out_start + (i + 1) * width, r0, r0 + rank, b_run[:, i])
                 )
-        self._stacked = _Stacked(adapters + (0,) * spare, a, parts, runs, places, tiled)
+        scale = sample.new_zeros(slots, total, dtype=torch.float32) if dtype != self.dtype else None
+        self._stacked = _Stacked(adapters + (0,) * spare, a, parts, runs, places, tiled, scale)
         for slot, factors in enumerate(present):
             if factors is not None:
                 self._write_slot(self._stacked, slot, factors, tile=False)
@@ -445,6 +481,15 @@ class LoraSlots:
         self._checked_order = None
         _changed()
         return self._stacked
+
+    def _stack_dtype(self, present: Iterable[_AdapterFactors], tiled: bool) -> torch.dtype:
+        """The CPU kernel's (tiled) stacks keep their adapters' 16-bit dtype when they all share one;
+        every other stack is in the dtype the linear computes in."""
+        if not tiled or self.dtype != torch.float32:
+            return self.dtype
+        dtypes = {w.lora_a.dtype for factors in present for w in factors.parts.values()}
+        dtypes |= {w.lora_b.dtype for factors in present for w in factors.parts.values()}
+        return dtypes.pop() if len(dtypes) == 1 and dtypes <= set(_HALF) else self.dtype
 
     def _expand_runs(self, ranks: dict[int, int]) -> list[list[int]]:
         """The stacked parts (`ranks`: part → its rank in the stack, in stack order) split into runs of
@@ -471,8 +516,9 @@ def _bgmv(y: torch.Tensor, x: torch.Tensor, stacked: _Stacked, row_slot: torch.T
         _triton_lora.bgmv_expand(y, shrunk[:, part.r_start : part.r_end], part.b, row_slot, part.out_start)
 
 
-def attach_lora(targets: Mapping[str, tuple[Linear, int]]) -> dict[int, LoraSlots]:
-    """Hook a `LoraSlots` onto every linear that `targets` (module name → (linear, fused part)) names.
+def attach_lora(targets: Mapping[str, tuple[Linear, int]], dtype: torch.dtype) -> dict[int, LoraSlots]:
+    """Hook a `LoraSlots` onto every linear that `targets` (module name → (linear, fused part)) names,
+    computing in `dtype` (the model's).
 
     Returns the hooks by `id(linear)`. A linear that already carries one keeps it, so a second manager
     over the same model shares the installed adapters instead of hiding them.
@@ -480,7 +526,7 @@ def attach_lora(targets: Mapping[str, tuple[Linear, int]]) -> dict[int, LoraSlot
     slots: dict[int, LoraSlots] = {}
     for linear, _part in targets.values():
         if id(linear) not in slots:
-            hook = linear.lora if isinstance(linear.lora, LoraSlots) else LoraSlots(linear)
+            hook = linear.lora if isinstance(linear.lora, LoraSlots) else LoraSlots(linear, dtype)
             linear.lora = slots[id(linear)] = hook
     return slots
 

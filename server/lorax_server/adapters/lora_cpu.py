@@ -74,7 +74,9 @@ def sgmv_(
     seg_end: torch.Tensor,  # [segments] int32
     seg_slot: torch.Tensor,  # [segments] int32, -1: nothing to add
     runs: KernelRuns,
+    scale: torch.Tensor | None = None,  # [slots, ranks] float32: None when each B holds its scale
 ) -> None:
-    """y[s:e, out_start + p·width : …] += (x[s:e] @ a[slot])[:, r_start + p·rank : …] @ b[slot, p] for every
-    segment, run and part p. Requires `kernel_applies(y, x)`."""
-    EXTENSION.ops().sgmv_(y, x, a, seg_start, seg_end, seg_slot, runs.b, runs.out_start, runs.r_start)
+    """y[s:e, out_start + p·width : …] += (x[s:e] @ a[slot] · scale[slot])[:, r_start + p·rank : …] @ b[slot, p]
+    for every segment, run and part p. The factors (a and every b) are float32, bfloat16 or float16, all of
+    one dtype; 16-bit factors are widened as they are read. Requires `kernel_applies(y, x)`."""
+    EXTENSION.ops().sgmv_(y, x, a, seg_start, seg_end, seg_slot, runs.b, runs.out_start, runs.r_start, scale)

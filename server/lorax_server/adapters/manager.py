@@ -95,7 +95,7 @@ class AdapterManager:
         self.device = model.device
         self.dtype = model.dtype
         self.targets = model.adaptable_linears()  # module name → (linear, fused part)
-        self._slots = attach_lora(self.targets)  # id(linear) → its LoRA hook
+        self._slots = attach_lora(self.targets, self.dtype)  # id(linear) → its LoRA hook
         self.device_budget_bytes = device_budget_bytes
         self.host_cache_bytes = host_cache_bytes
         self.installed: dict[int, tuple[tuple, int]] = {}  # index → (request key, bytes on device)
@@ -223,7 +223,10 @@ class AdapterManager:
                 majority_sign_method=request.majority_sign_method or "total",
             )
             spec.validate(len(parts))
-            return merge_adapters(parts, spec)
+            # In the model's dtype, as merges always were: 16-bit parts (`lora.kept_dtype`) widen exactly.
+            widen = lambda m: LoraModuleWeights(m.lora_a.to(self.dtype), m.lora_b.to(self.dtype), m.scale)  # noqa: E731
+            widened = [{name: widen(m) for name, m in part.items()} for part in parts]
+            return merge_adapters(widened, spec)
         except ValueError as e:
             raise AdapterLoadError(f"cannot merge {request.describe()}: {e}") from e
 
