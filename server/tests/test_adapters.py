@@ -40,12 +40,18 @@ def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     base_dir = request.getfixturevalue(request.param)
     tmp = tmp_path_factory.mktemp("adapters")
     dirs = {name: make_lora_adapter(base_dir, tmp / name, i, **kw) for i, (name, kw) in enumerate(ADAPTERS.items())}
-    ref = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), dirs["attn_r4"], adapter_name="attn_r4"
-    )
-    for name, d in dirs.items():
-        if name != "attn_r4":
-            ref.load_adapter(d, adapter_name=name)
+    engine, ref, indices = engine_and_peft(base_dir, dirs)
+    return engine, ref, indices, dirs, base_dir
+
+
+def engine_and_peft(base_dir: Path, dirs: dict[str, Path]) -> tuple[Engine, PeftModel, dict[str, int]]:
+    """The engine (float32, CPU) with every adapter of `dirs` installed at indices 1, 2, ... in order,
+    peft's model with the same adapters under their names, and the indices by name."""
+    names = list(dirs)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    ref = PeftModel.from_pretrained(base, dirs[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        ref.load_adapter(dirs[name], adapter_name=name)
     ref.eval()
     model = load_model(base_dir, TorchAttention(BLOCK), torch.device("cpu"), "float32")
     manager = AdapterManager(model, fetch=lambda adapter_id, source, token: Path(adapter_id), device_budget_bytes=2**30)
@@ -56,7 +62,7 @@ def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         req = AdapterRequest(ids=(str(d),), source="local")
         manager.install(i, req, manager.prepare(req))
         indices[name] = i
-    return engine, ref, indices, dirs, base_dir
+    return engine, ref, indices
 
 
 def prompt(seed: int, n: int) -> list[int]:
@@ -78,14 +84,13 @@ MIX = [("mlp_r8", 9), ("__base__", 5), ("attn_r4", 12), ("mixed_r64", 3), ("all_
 
 
 @torch.no_grad()
-def test_mixed_batch_prefill_logits_equal_peft(setup) -> None:
-    engine, ref, indices, _, _ = setup
-    model, cache, blocks = engine.model, engine.cache, engine.blocks
-    order = sorted(range(len(MIX)), key=lambda i: indices.get(MIX[i][0], 0))
-    rows = [MIX[i] for i in order]
+def assert_prompt_logits_equal_peft(engine: Engine, ref: PeftModel, rows: list[tuple[str, int]], indices: dict) -> None:
+    """Every prompt position's logits of one prefill over `rows` ((adapter or "__base__", prompt length),
+    grouped by adapter as the engine orders a batch) against peft's, within 1e-4."""
+    rows = sorted(rows, key=lambda row: indices.get(row[0], 0))
     prompts = [prompt(100 + i, n) for i, (_, n) in enumerate(rows)]
     lens = [len(p) for p in prompts]
-    tables = [blocks.allocate(n) for n in lens]
+    tables = [engine.blocks.allocate(n) for n in lens]
     width = max(len(t) for t in tables)
     meta = ForwardBatch.build(
         torch.tensor([t for p in prompts for t in p]),
@@ -96,12 +101,29 @@ def test_mixed_batch_prefill_logits_equal_peft(setup) -> None:
         logits_index=torch.arange(sum(lens)),
         lora_segments=segments_of([indices.get(name, 0) for name, _ in rows], lens),
     )
-    got = model.forward(meta, cache).split(lens)
+    got = engine.model.forward(meta, engine.cache).split(lens)
     for t in tables:
-        blocks.free(t)
+        engine.blocks.free(t)
     for (name, _), p, logits in zip(rows, prompts, got, strict=True):
         want = ref(torch.tensor([p]), adapter_names=[name]).logits[0]
         assert (logits - want).abs().max() < 1e-4, name
+
+
+def test_mixed_batch_prefill_logits_equal_peft(setup) -> None:
+    engine, ref, indices, _, _ = setup
+    assert_prompt_logits_equal_peft(engine, ref, MIX, indices)
+
+
+def greedy_tokens(engine: Engine, requests: list[RequestIn], batch_id: int) -> dict[int, list[int]]:
+    """Each request's tokens from one continuous batch, prefilled together and decoded to the end."""
+    tokens = {r.id: [] for r in requests}
+    gens, batch = engine.prefill(batch_id, requests)
+    while True:
+        for g in gens:
+            tokens[g.request_id].append(g.token_id)
+        if batch is None:
+            return tokens
+        gens, batch = engine.decode([batch.id])
 
 
 def test_mixed_batch_greedy_tokens_equal_peft(setup) -> None:
@@ -110,14 +132,7 @@ def test_mixed_batch_greedy_tokens_equal_peft(setup) -> None:
         RequestIn(i, prompt(200 + i, n), SamplingParams(), 10, ignore_eos=True, adapter_index=indices.get(name, 0))
         for i, (name, n) in enumerate(MIX)
     ]
-    tokens = {r.id: [] for r in requests}
-    gens, batch = engine.prefill(1, requests)
-    while True:
-        for g in gens:
-            tokens[g.request_id].append(g.token_id)
-        if batch is None:
-            break
-        gens, batch = engine.decode([batch.id])
+    tokens = greedy_tokens(engine, requests, batch_id=1)
     base_tokens = {}
     for i, (name, _) in enumerate(MIX):
         want = peft_greedy(ref, requests[i].input_ids, name, 10)
