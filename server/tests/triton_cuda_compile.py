@@ -38,12 +38,12 @@ LORA_CASES = [
     (kernel, sm, dtype, tiles)
     for sm, dtype in ((90, "f32"), (90, "f16"), (90, "bf16"), (80, "bf16"))
     for kernel, tiles in (
-        ("_sgmv_shrink_kernel", dict(BLOCK_M=16, BLOCK_K=64, BLOCK_R=16)),
-        ("_sgmv_shrink_kernel", dict(BLOCK_M=64, BLOCK_K=64, BLOCK_R=64)),
-        ("_sgmv_expand_kernel", dict(BLOCK_M=16, BLOCK_R=16, BLOCK_N=64)),
-        ("_sgmv_expand_kernel", dict(BLOCK_M=64, BLOCK_R=64, BLOCK_N=64)),
-        ("_bgmv_shrink_kernel", dict(BLOCK_K=64, BLOCK_R=16)),
-        ("_bgmv_expand_kernel", dict(BLOCK_R=64, BLOCK_N=64)),
+        ("_sgmv_kernel", dict(ACCUMULATE=False, BLOCK_M=16, BLOCK_K=64, BLOCK_N=16)),  # shrinks
+        ("_sgmv_kernel", dict(ACCUMULATE=False, BLOCK_M=64, BLOCK_K=64, BLOCK_N=64)),
+        ("_sgmv_kernel", dict(ACCUMULATE=True, BLOCK_M=16, BLOCK_K=16, BLOCK_N=64)),  # expands
+        ("_sgmv_kernel", dict(ACCUMULATE=True, BLOCK_M=64, BLOCK_K=64, BLOCK_N=64)),
+        ("_bgmv_kernel", dict(ACCUMULATE=False, BLOCK_K=64, BLOCK_N=16)),
+        ("_bgmv_kernel", dict(ACCUMULATE=True, BLOCK_K=64, BLOCK_N=64)),
     )
 ]
 

@@ -38,43 +38,18 @@ def _tile(n: int, largest: int, smallest: int = _MIN_DOT) -> int:
     return max(smallest, min(largest, triton.next_power_of_2(max(n, 1))))
 
 
-@triton.jit
-def _sgmv_shrink_kernel(
-    x_ptr, a_ptr, out_ptr, seg_start_ptr, seg_end_ptr, seg_slot_ptr,
-    K, R, sxm, sxk, sas, sak, sar, som, sor,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-):  # fmt: skip
-    # Program (segment, block of its tokens, block of R): tokens past the segment's end exit at once.
-    seg = tl.program_id(0)
-    first = tl.load(seg_start_ptr + seg) + tl.program_id(1) * BLOCK_M
-    end = tl.load(seg_end_ptr + seg)
-    slot = tl.load(seg_slot_ptr + seg)
-    if (slot < 0) | (first >= end):
-        return
-    rows = (first + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < end
-    col_ok = cols < R
-    a_base = a_ptr + slot.to(tl.int64) * sas
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        xt = tl.load(x_ptr + rows[:, None] * sxm + ks[None, :] * sxk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        at = tl.load(a_base + ks[:, None] * sak + cols[None, :] * sar, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.dot(xt, at.to(xt.dtype), input_precision="ieee")
-    out = out_ptr + rows[:, None] * som + cols[None, :] * sor
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+# A shrink and an expand are the same product, y[rows, out_offset + n] (+)= x[rows, :K] · w[slot][:K, n]:
+# the shrink (x·A into a new tensor) stores it, the expand (shrunk·B into a part's columns) adds it.
 
 
 @triton.jit
-def _sgmv_expand_kernel(
-    s_ptr, b_ptr, y_ptr, seg_start_ptr, seg_end_ptr, seg_slot_ptr,
-    RANK, N, out_offset, ssm, ssr, sbs, sbr, sbn, sym, syn,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+def _sgmv_kernel(
+    x_ptr, w_ptr, y_ptr, seg_start_ptr, seg_end_ptr, seg_slot_ptr,
+    K, N, out_offset, sxm, sxk, sws, swk, swn, sym, syn,
+    ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    # Program (segment, block of its tokens, block of the part's columns). Segments never overlap, so
-    # every output cell has one owner: a plain read-add-write, no atomics.
+    # Program (segment, block of its tokens, block of N): tokens past the segment's end exit at once.
+    # Segments never overlap, so every output cell has one owner: a plain read-add-write, no atomics.
     seg = tl.program_id(0)
     first = tl.load(seg_start_ptr + seg) + tl.program_id(1) * BLOCK_M
     end = tl.load(seg_end_ptr + seg)
@@ -85,68 +60,47 @@ def _sgmv_expand_kernel(
     ns = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < end
     n_ok = ns < N
-    b_base = b_ptr + slot.to(tl.int64) * sbs
+    w_base = w_ptr + slot.to(tl.int64) * sws
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, RANK, BLOCK_R):
-        rs = r0 + tl.arange(0, BLOCK_R)
-        r_ok = rs < RANK
-        st = tl.load(s_ptr + rows[:, None] * ssm + rs[None, :] * ssr, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-        bt = tl.load(b_base + rs[:, None] * sbr + ns[None, :] * sbn, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        acc += tl.dot(st, bt.to(st.dtype), input_precision="ieee")
-    mask = row_ok[:, None] & n_ok[None, :]
-    out = y_ptr + rows[:, None] * sym + (out_offset + ns)[None, :] * syn
-    old = tl.load(out, mask=mask, other=0.0)
-    tl.store(out, (old.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _bgmv_shrink_kernel(
-    x_ptr, a_ptr, out_ptr, row_slot_ptr,
-    K, R, sxm, sxk, sas, sak, sar, som, sor,
-    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-):  # fmt: skip
-    # Program (token, block of R): a matrix-vector product against the token's own slot's A. One
-    # token is too few rows for tl.dot's tiles, so the product is a broadcast multiply and a sum.
-    row = tl.program_id(0).to(tl.int64)
-    slot = tl.load(row_slot_ptr + row)
-    if slot < 0:
-        return
-    cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    col_ok = cols < R
-    a_base = a_ptr + slot.to(tl.int64) * sas
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        xv = tl.load(x_ptr + row * sxm + ks * sxk, mask=k_ok, other=0.0).to(tl.float32)
-        at = tl.load(a_base + ks[:, None] * sak + cols[None, :] * sar, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.sum(xv[:, None] * at.to(tl.float32), axis=0)
-    tl.store(out_ptr + row * som + cols * sor, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+        xt = tl.load(x_ptr + rows[:, None] * sxm + ks[None, :] * sxk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_base + ks[:, None] * swk + ns[None, :] * swn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += tl.dot(xt, wt.to(xt.dtype), input_precision="ieee")
+    mask = row_ok[:, None] & n_ok[None, :]
+    out = y_ptr + rows[:, None] * sym + (out_offset + ns)[None, :] * syn
+    if ACCUMULATE:
+        acc += tl.load(out, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _bgmv_expand_kernel(
-    s_ptr, b_ptr, y_ptr, row_slot_ptr,
-    RANK, N, out_offset, ssm, ssr, sbs, sbr, sbn, sym, syn,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+def _bgmv_kernel(
+    x_ptr, w_ptr, y_ptr, row_slot_ptr,
+    K, N, out_offset, sxm, sxk, sws, swk, swn, sym, syn,
+    ACCUMULATE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    # Program (token, block of N): a matrix-vector product against the token's own slot's factor. One
+    # token is too few rows for tl.dot's tiles, so the product is a broadcast multiply and a sum.
     row = tl.program_id(0).to(tl.int64)
     slot = tl.load(row_slot_ptr + row)
     if slot < 0:
         return
     ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < N
-    b_base = b_ptr + slot.to(tl.int64) * sbs
+    w_base = w_ptr + slot.to(tl.int64) * sws
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for r0 in range(0, RANK, BLOCK_R):
-        rs = r0 + tl.arange(0, BLOCK_R)
-        r_ok = rs < RANK
-        sv = tl.load(s_ptr + row * ssm + rs * ssr, mask=r_ok, other=0.0).to(tl.float32)
-        bt = tl.load(b_base + rs[:, None] * sbr + ns[None, :] * sbn, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        acc += tl.sum(sv[:, None] * bt.to(tl.float32), axis=0)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        xv = tl.load(x_ptr + row * sxm + ks * sxk, mask=k_ok, other=0.0).to(tl.float32)
+        wt = tl.load(w_base + ks[:, None] * swk + ns[None, :] * swn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += tl.sum(xv[:, None] * wt.to(tl.float32), axis=0)
     out = y_ptr + row * sym + (out_offset + ns) * syn
-    old = tl.load(out, mask=n_ok, other=0.0)
-    tl.store(out, (old.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=n_ok)
+    if ACCUMULATE:
+        acc += tl.load(out, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 def _longest(seg_start: torch.Tensor, seg_end: torch.Tensor, max_len: int | None) -> int:
@@ -174,10 +128,10 @@ def sgmv_shrink(
         return out
     block_m, block_r = _tile(longest, 64), _tile(r, 64)
     grid = (seg_start.shape[0], triton.cdiv(longest, block_m), triton.cdiv(r, block_r))
-    _sgmv_shrink_kernel[grid](
+    _sgmv_kernel[grid](
         x, a_stack, out, seg_start, seg_end, seg_slot,
-        k, r, *x.stride(), *a_stack.stride(), *out.stride(),
-        BLOCK_M=block_m, BLOCK_K=_tile(k, 64), BLOCK_R=block_r,
+        k, r, 0, *x.stride(), *a_stack.stride(), *out.stride(),
+        ACCUMULATE=False, BLOCK_M=block_m, BLOCK_K=_tile(k, 64), BLOCK_N=block_r,
     )  # fmt: skip
     return out
 
@@ -201,10 +155,10 @@ def sgmv_expand(
         return
     block_m, block_n = _tile(longest, 64), _tile(n, 64)
     grid = (seg_start.shape[0], triton.cdiv(longest, block_m), triton.cdiv(n, block_n))
-    _sgmv_expand_kernel[grid](
+    _sgmv_kernel[grid](
         shrunk, b_stack, y, seg_start, seg_end, seg_slot,
         rank, n, out_offset, *shrunk.stride(), *b_stack.stride(), *y.stride(),
-        BLOCK_M=block_m, BLOCK_R=_tile(rank, 64), BLOCK_N=block_n,
+        ACCUMULATE=True, BLOCK_M=block_m, BLOCK_K=_tile(rank, 64), BLOCK_N=block_n,
     )  # fmt: skip
 
 
@@ -216,10 +170,10 @@ def bgmv_shrink(x: torch.Tensor, a_stack: torch.Tensor, row_slot: torch.Tensor) 
     if tokens == 0 or r == 0:
         return out
     block_r = _tile(r, 64)
-    _bgmv_shrink_kernel[(tokens, triton.cdiv(r, block_r))](
+    _bgmv_kernel[(tokens, triton.cdiv(r, block_r))](
         x, a_stack, out, row_slot,
-        k, r, *x.stride(), *a_stack.stride(), *out.stride(),
-        BLOCK_K=_tile(k, 64), BLOCK_R=block_r,
+        k, r, 0, *x.stride(), *a_stack.stride(), *out.stride(),
+        ACCUMULATE=False, BLOCK_K=_tile(k, 64), BLOCK_N=block_r,
     )  # fmt: skip
     return out
 
@@ -234,10 +188,10 @@ def bgmv_expand(
     if tokens == 0 or rank == 0 or n == 0:
         return
     block_n = _tile(n, 64)
-    _bgmv_expand_kernel[(tokens, triton.cdiv(n, block_n))](
+    _bgmv_kernel[(tokens, triton.cdiv(n, block_n))](
         shrunk, b_stack, y, row_slot,
         rank, n, out_offset, *shrunk.stride(), *b_stack.stride(), *y.stride(),
-        BLOCK_R=_tile(rank, 64), BLOCK_N=block_n,
+        ACCUMULATE=True, BLOCK_K=_tile(rank, 64), BLOCK_N=block_n,
     )  # fmt: skip
 
 
