@@ -13,9 +13,10 @@ ends after its first token: a warm request's prefill makes the same gap, so it i
 ending within 0.2 s after a first token, cold or warm).
 With `--running-adapters N` the running requests use N adapters (loaded before them) instead of the
 base model: then the new adapter also joins a batch of adapters, whose kept LoRA stacks take it in.
+With `--adapter-dtype bfloat16` the adapters' files are 16-bit (half the bytes to read and install).
 Not a test.
 
-    .venv/bin/python bench/cold_load.py [--repeats 2] [--running-adapters 8]
+    .venv/bin/python bench/cold_load.py [--repeats 2] [--running-adapters 8] [--adapter-dtype float32]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 from http_server import make_bench_model, percentile, serve, start_streams, stream, text_of_length
 from transformers import AutoTokenizer
 
@@ -85,11 +87,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--running-adapters", type=int, default=0, help="adapters of the running requests (0: none)")
+    parser.add_argument("--adapter-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="the adapter files' dtype")  # fmt: skip
     args = parser.parse_args()
     gaps: Gaps = {}
     added = []
     with tempfile.TemporaryDirectory() as tmp:
-        model, adapters = make_bench_model(Path(tmp), ADAPTERS_PER_RUN * args.repeats + args.running_adapters)
+        count = ADAPTERS_PER_RUN * args.repeats + args.running_adapters
+        model, adapters = make_bench_model(Path(tmp), count, stored_dtype=getattr(torch, args.adapter_dtype))
         running = adapters[ADAPTERS_PER_RUN * args.repeats :]
         tok = AutoTokenizer.from_pretrained(model)
         short = [text_of_length(tok, 16, seed=i + 1) for i in range(RUNNING)]

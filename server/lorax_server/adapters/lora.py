@@ -475,9 +475,9 @@ class LoraSlots:
         for slot, factors in enumerate(present):
             if factors is not None:
                 self._write_slot(self._stacked, slot, factors, tile=False)
-        if tiled:  # every slot at once (the spare ones are zeros either way)
+        if tiled:  # the adapters' slots at once; the spare ones after them are zeros in any layout
             for run in runs:
-                lora_cpu.tile_columns(run.b)
+                lora_cpu.tile_columns(run.b[: len(adapters)])
         self._checked_order = None
         _changed()
         return self._stacked
