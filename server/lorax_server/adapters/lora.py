@@ -33,6 +33,7 @@ Semantics (the oracle faster kernels are tested against):
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -111,9 +112,16 @@ class _Expand:
 
 @dataclass
 class _AdapterFactors:
-    a: torch.Tensor  # [sum of ranks, in_features]: the A of every part this adapter updates
     expands: list[_Expand]
     parts: dict[int, LoraModuleWeights]
+
+    @functools.cached_property
+    def a(self) -> torch.Tensor:
+        """[sum of ranks, in_features]: the A of every part this adapter updates, in part order. Only
+        the segment loop reads it, so it is built there, not when the adapter is installed between two
+        decode steps (a fresh copy of the A's, page faults included, was most of an install's time)."""
+        a_list = [w.lora_a for _, w in sorted(self.parts.items())]
+        return torch.cat(a_list) if len(a_list) > 1 else a_list[0]
 
 
 @dataclass
@@ -197,13 +205,12 @@ class LoraSlots:
 
     def install(self, index: int, parts: dict[int, LoraModuleWeights]) -> None:
         """parts: fused-part position → that part's factors (parts the adapter skips are absent)."""
-        a_list, expands, r = [], [], 0
+        expands, r = [], 0
         for part, w in sorted(parts.items()):
             out_start, out_end = self.part_bounds[part]
-            a_list.append(w.lora_a)
             expands.append(_Expand(out_start, out_end, r, r + w.rank, w.lora_b, w.scale))
             r += w.rank
-        self.by_adapter[index] = _AdapterFactors(torch.cat(a_list) if len(a_list) > 1 else a_list[0], expands, parts)
+        self.by_adapter[index] = _AdapterFactors(expands, parts)
         self._checked_order = None  # an order the kept stack served may now name an adapter it lacks
         self._forget_stack_of(index)
         _changed()
@@ -454,7 +461,7 @@ class LoraSlots:
         for part in sorted(ranks):
             offsets[part] = total
             total += ranks[part]
-        sample = next(filter(None, present)).a
+        sample = next(iter(next(filter(None, present)).parts.values())).lora_a  # [rank, in_features]
         dtype = self._stack_dtype(filter(None, present), tiled)
         slots = len(adapters) + spare
         a = sample.new_zeros(slots, sample.shape[1], total, dtype=dtype)
