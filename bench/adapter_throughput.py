@@ -37,6 +37,7 @@ from lorax_server.models.loader import load_model  # noqa: E402
 from lorax_server.sampling import SamplingParams  # noqa: E402
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTER_DTYPES = ["float32", "bfloat16", "float16"]  # the benches' choices for the adapter files
 
 
 def engine_with_adapters(model_dir: Path, adapters: list[Path], prefill_budget: int) -> Engine:
@@ -87,7 +88,7 @@ def main() -> None:
     parser.add_argument("--baseline-batch", type=int, default=16)
     parser.add_argument("--prefill-budget", type=int, default=4096)
     parser.add_argument("--skip-peft", action="store_true", help="only compare ours with and without adapters")
-    parser.add_argument("--adapter-dtypes", nargs="+", choices=["float32", "bfloat16", "float16"], default=["float32"])
+    parser.add_argument("--adapter-dtypes", nargs="+", choices=ADAPTER_DTYPES, default=["float32"])
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

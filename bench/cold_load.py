@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from adapter_throughput import ADAPTER_DTYPES
 from http_server import make_bench_model, percentile, serve, start_streams, stream, text_of_length
 from transformers import AutoTokenizer
 
@@ -87,8 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--running-adapters", type=int, default=0, help="adapters of the running requests (0: none)")
-    parser.add_argument("--adapter-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                        help="the adapter files' dtype")  # fmt: skip
+    parser.add_argument("--adapter-dtype", choices=ADAPTER_DTYPES, default="float32", help="the adapter files' dtype")
     args = parser.parse_args()
     gaps: Gaps = {}
     added = []

@@ -41,7 +41,7 @@ from http_server import InOrder, make_bench_model, serve, text_of_length
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adapter_throughput import run_peft  # noqa: E402
+from adapter_throughput import ADAPTER_DTYPES, run_peft  # noqa: E402
 from shard_throughput import ROUTER_POLICY, run_transformers, workload  # noqa: E402
 from shard_throughput import run_ours as run_in_process  # noqa: E402
 
@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode-steps-per-call", type=int, default=8, help="the servers' flag (their default)")
-    parser.add_argument("--adapter-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+    parser.add_argument("--adapter-dtype", choices=ADAPTER_DTYPES, default="float32",
                         help="the adapter files' dtype (16-bit adapters keep it on the float32 model)")  # fmt: skip
     args = parser.parse_args()
     flags = ["--decode-steps-per-call", str(args.decode_steps_per_call)]
