@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..layers.linear import Linear
 from .config import AdapterConfigError, LoraAdapterConfig
 from .lora import LoraModuleWeights, kept_dtype
 from .medusa import MedusaError, MedusaHeads, load_medusa
+from .tensor_file import TensorFileError, read_tensor_file
 
 MEDUSA = "medusa"  # the key of an adapter's Medusa heads among its modules (no module has that name)
 
@@ -37,18 +37,18 @@ def _split_key(key: str) -> tuple[str, str]:
 
 
 def read_lora_tensors(adapter_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """module name → {'A': tensor, 'B': tensor}, as stored."""
+    """module name → {'A': tensor, 'B': tensor}, as stored (views of one buffer: `read_tensor_file`)."""
     path = Path(adapter_dir) / "adapter_model.safetensors"
     if not path.is_file():
         raise AdapterLoadError(f"{adapter_dir} has no adapter_model.safetensors")
-    modules: dict[str, dict[str, torch.Tensor]] = {}
     try:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                module, side = _split_key(key)
-                modules.setdefault(module, {})[side] = f.get_tensor(key)
-    except SafetensorError as e:
+        tensors = read_tensor_file(path)
+    except TensorFileError as e:
         raise AdapterLoadError(f"adapter_model.safetensors is not a valid safetensors file: {e}") from e
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        module, side = _split_key(key)
+        modules.setdefault(module, {})[side] = tensor
     return modules
 
 

@@ -34,10 +34,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-
 from lorax_server.adapters.chat_template import TEMPLATE_FILES
 from lorax_server.adapters.medusa import MEDUSA_CONFIG, MEDUSA_WEIGHTS, MedusaError, medusa_config
+from lorax_server.adapters.tensor_file import TensorFileError, tensor_names
 from lorax_server.utils.convert import ConversionError, convert_file
 from lorax_server.utils.hub import FetchError, HubSettings, RepoKind, fetch_snapshot
 
@@ -132,9 +131,8 @@ def ensure_adapter_files(folder: Path, where: str) -> None:
             )
         _convert_bin(folder / ADAPTER_BIN, weights, where)
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            names = list(f.keys())
-    except Exception as err:  # SafetensorError, OSError: the message is what matters
+        names = tensor_names(weights)
+    except (TensorFileError, OSError) as err:
         raise AdapterFetchError(
             "invalid", f"{where}: {ADAPTER_SAFETENSORS} is not a valid safetensors file: {err}"
         ) from err
