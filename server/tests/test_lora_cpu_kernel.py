@@ -144,17 +144,72 @@ def test_bad_inputs_are_refused():
         lora_cpu.sgmv_(y, x, stacked.a, torch.tensor([0]), torch.tensor([4]), torch.tensor([0]), runs)
 
 
+def _tiled(m: torch.Tensor) -> torch.Tensor:
+    """A [rank, width] matrix in the kernel's column tiles, flat: the tiles of 32 columns row-major, then
+    the last columns."""
+    full = m.shape[1] // 32 * 32
+    return torch.cat([*(m[:, t : t + 32].reshape(-1) for t in range(0, full, 32)), m[:, full:].reshape(-1)])
+
+
+def _slot_parts(rank: int, width: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rank, 6, generator=g).to(dtype), torch.randn(width, rank, generator=g).to(dtype)
+
+
 @pytest.mark.parametrize("width", [16, 32, 40, 96, 101])
-def test_tiled_columns_layout(width: int):
-    """B's [rank, width] in column tiles: the tiles of 32 columns row-major, then the last columns."""
-    b = torch.arange(2 * 3 * 5 * width, dtype=torch.float32).view(2, 3, 5, width)
-    tiled = b.clone()
-    lora_cpu.tile_columns(tiled)
-    full = width // 32 * 32
-    for s in range(2):
-        for p in range(3):
-            tiles = [b[s, p, :, t : t + 32].reshape(-1) for t in range(0, full, 32)]
-            assert torch.equal(tiled[s, p].reshape(-1), torch.cat([*tiles, b[s, p, :, full:].reshape(-1)]))
+@pytest.mark.parametrize(
+    "stack_dtype,part_dtype",
+    [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+     (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)],
+)  # fmt: skip
+def test_slot_writer_layout(width: int, stack_dtype: torch.dtype, part_dtype: torch.dtype):
+    """`write_slot_` writes A transposed and B transposed in column tiles into its slot alone: a float32
+    stack holds B times its scale, as torch rounds it; a 16-bit one B as it is and the scale apart. A part of a
+    smaller rank fills the first rows and ranks of its place; the others stay zeros."""
+    slots, stack_rank = 3, 5
+    a = torch.zeros(slots, 6, 2 * stack_rank, dtype=stack_dtype)
+    b = torch.zeros(slots, 2, stack_rank, width, dtype=stack_dtype)
+    scale = torch.zeros(slots, 2 * stack_rank) if stack_dtype != torch.float32 else None
+    (a0, b0), (a1, b1) = _slot_parts(3, width, part_dtype, 1), _slot_parts(5, width, part_dtype, 2)
+    parts = [(a0, b0, 0, 0, 1, 0.5), (a1, b1, stack_rank, 0, 0, 3.0)]
+    lora_cpu.write_slot_(a, lora_cpu.KernelRuns.of([(0, 0, b)]), scale, 1, parts)
+    for pa, pb, r0, _, position, s in parts:
+        rank = pa.shape[0]
+        assert torch.equal(a[1, :, r0 : r0 + rank], pa.to(stack_dtype).t())
+        rows = pb.t().to(stack_dtype) * s if scale is None else pb.t().to(stack_dtype)
+        whole = torch.cat([rows, torch.zeros(stack_rank - rank, width, dtype=stack_dtype)])
+        assert torch.equal(b[1, position].reshape(-1), _tiled(whole))
+        if scale is not None:
+            assert torch.equal(scale[1, r0 : r0 + rank], torch.full((rank,), s))
+    assert not a[0].any() and not a[2].any() and not b[0].any() and not b[2].any()
+    assert not a[1, :, 3:stack_rank].any()
+    if scale is not None:
+        assert not scale[0].any() and not scale[2].any() and not scale[1, 3:stack_rank].any()
+
+
+def test_slot_writer_refuses_what_does_not_fit():
+    a, b = torch.zeros(2, 6, 8), torch.zeros(2, 1, 8, 40)
+    runs = lora_cpu.KernelRuns.of([(0, 0, b)])
+    pa, pb = _slot_parts(4, 40, torch.float32, 3)
+
+    def write(slot=1, part=(pa, pb, 0, 0, 0, 1.0), a=a, runs=runs):  # noqa: ANN001, ANN202
+        lora_cpu.write_slot_(a, runs, None, slot, [part])
+
+    write()  # well formed
+    with pytest.raises(RuntimeError, match="outside the stack"):
+        write(slot=2)
+    with pytest.raises(RuntimeError, match="no such run"):
+        write(part=(pa, pb, 0, 1, 0, 1.0))
+    with pytest.raises(RuntimeError, match="no such position"):
+        write(part=(pa, pb, 0, 0, 1, 1.0))
+    with pytest.raises(RuntimeError, match="exceed the stack's"):
+        write(part=(pa, pb, 6, 0, 0, 1.0))
+    with pytest.raises(RuntimeError, match="fit the stack"):
+        write(part=(pa, pb[:32].contiguous(), 0, 0, 0, 1.0))
+    with pytest.raises(RuntimeError, match="16-bit into a float32 stack"):
+        write(a=a.bfloat16(), runs=lora_cpu.KernelRuns.of([(0, 0, b.bfloat16())]))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        write(part=(pa.t().contiguous().t(), pb, 0, 0, 0, 1.0))
 
 
 def test_kernel_and_grid_never_share_a_stack(request: pytest.FixtureRequest):

@@ -159,7 +159,7 @@ class _Stacked:
     """A batch's adapters stacked in segment order (absent parts and smaller ranks are zeros).
 
     A `tiled` stack is the CPU kernel's: each part's [rank, width] in B laid out in column tiles (see
-    `lora_cpu.tile_columns`), which only that kernel reads. Its factors are 16-bit when all of its
+    `lora_cpu.write_slot_`), which only that kernel reads. Its factors are 16-bit when all of its
     adapters' are (of one dtype), and then `scale` holds the scales, which 16-bit B's cannot hold
     exactly. The kernels' stacks (the CPU kernel's and
     the Triton kernels') keep spare slots (adapter index 0, all zeros): an adapter joining the batch is
@@ -419,7 +419,7 @@ class LoraSlots:
                     run.b[slot].zero_()
                 if kept.scale is not None:
                     kept.scale[slot].zero_()
-            self._write_slot(kept, slot, self.by_adapter[index], tile=kept.tiled)
+            self._write_slot(kept, slot, self.by_adapter[index])
             order[slot] = index
         kept.adapters = tuple(order)
         kept.serial = next(_serials)  # a decode graph captured over the stack's old order is stale
@@ -433,10 +433,18 @@ class LoraSlots:
         return stacked.a.dtype in (self.dtype, w.lora_a.dtype) and stacked.a.dtype in (self.dtype, w.lora_b.dtype)
 
     @staticmethod
-    def _write_slot(stacked: _Stacked, slot: int, factors: _AdapterFactors, tile: bool) -> None:
+    def _write_slot(stacked: _Stacked, slot: int, factors: _AdapterFactors) -> None:
         """Copy an adapter's factors into a slot of zeros: A transposed, B transposed and scaled (the
-        scales apart when the stack has `scale`; and with `tile`, B laid out in the tiled stack's column
-        tiles). Factors are widened to the stack's dtype before the scale applies."""
+        scales apart when the stack has `scale`). A tiled stack is written by the kernel's own writer in
+        one call (`lora_cpu.write_slot_`); factors are widened to the stack's dtype before the scale
+        applies."""
+        if stacked.tiled:
+            parts = []
+            for part, w in factors.parts.items():
+                r0, _, run, position = stacked.places[part]
+                parts.append((w.lora_a.contiguous(), w.lora_b.contiguous(), r0, run, position, w.scale))
+            lora_cpu.write_slot_(stacked.a, stacked.kernel_runs(), stacked.scale, slot, parts)
+            return
         for part, w in factors.parts.items():
             r0, _, run, position = stacked.places[part]
             stacked.a[slot, :, r0 : r0 + w.rank] = w.lora_a.t()
@@ -446,8 +454,6 @@ class LoraSlots:
             else:
                 b[: w.rank] = w.lora_b.t()
                 stacked.scale[slot, r0 : r0 + w.rank] = w.scale
-            if tile:
-                lora_cpu.tile_columns(b)
 
     def _build_stack(self, adapters: tuple[int, ...], tiled: bool = False, spare: int = 0) -> _Stacked:
         """Copy the factors of `adapters` (at least one of which adapts this linear) into a new kept stack,
@@ -481,10 +487,7 @@ class LoraSlots:
         self._stacked = _Stacked(adapters + (0,) * spare, a, parts, runs, places, tiled, scale)
         for slot, factors in enumerate(present):
             if factors is not None:
-                self._write_slot(self._stacked, slot, factors, tile=False)
-        if tiled:  # the adapters' slots at once; the spare ones after them are zeros in any layout
-            for run in runs:
-                lora_cpu.tile_columns(run.b[: len(adapters)])
+                self._write_slot(self._stacked, slot, factors)
         self._checked_order = None
         _changed()
         return self._stacked

@@ -18,7 +18,7 @@ from ..utils.cpu_extension import CpuExtension
 
 EXTENSION = CpuExtension(
     "lorax_lora",
-    Path(__file__).resolve().parent / "csrc" / "lora_sgmv.cpp",
+    [Path(__file__).resolve().parent / "csrc" / name for name in ("lora_sgmv.cpp", "lora_slots.cpp")],
     "lorax_lora",
     "CPU LoRA kernel",
 )
@@ -36,25 +36,13 @@ def kernel_applies(y: torch.Tensor, x: torch.Tensor) -> bool:
     )
 
 
-TILE = 32  # columns of B the kernel's expand reads at a time
-
-
-def tile_columns(b: torch.Tensor) -> None:
-    """Lay out every [rank, width] matrix of `b` ([..., rank, width], contiguous) in column tiles, in place,
-    as the kernel reads them: the tiles of TILE columns, each [rank, TILE] row-major, then the last
-    width % TILE columns as [rank, width % TILE]. The tensor keeps its shape; only the kernel reads it."""
-    *lead, rank, width = b.shape
-    full = width // TILE * TILE
-    tiles = b[..., :full].reshape(*lead, rank, full // TILE, TILE).transpose(-3, -2).reshape(*lead, rank * full)
-    rest = b[..., full:].reshape(*lead, rank * (width - full))
-    flat = b.view(*lead, rank * width)
-    flat.copy_(torch.cat([tiles, rest], dim=-1))
+TILE = 32  # columns of B the kernel's expand reads at a time: a stack's B is laid out in tiles of them
 
 
 @dataclass(frozen=True)
 class KernelRuns:
     """A stack's expand runs as the kernel takes them: each run's B ([slots, parts, rank, width], tiled by
-    `tile_columns`), its first output column and its first rank in the stack's A."""
+    `write_slot_`), its first output column and its first rank in the stack's A."""
 
     b: list[torch.Tensor]
     out_start: list[int]
@@ -80,3 +68,30 @@ def sgmv_(
     for every segment, run and part p. The factors (a and every b) are float32, bfloat16 or float16, all of
     one dtype; 16-bit factors are widened as they are read. Requires `kernel_applies(y, x)`."""
     EXTENSION.ops().sgmv_(y, x, a, seg_start, seg_end, seg_slot, runs.b, runs.out_start, runs.r_start, scale)
+
+
+def write_slot_(
+    a: torch.Tensor,  # [slots, in_features, ranks], written in place
+    runs: KernelRuns,  # written in place
+    scale: torch.Tensor | None,  # [slots, ranks] float32, written in place; None: each B holds its scale
+    slot: int,
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor, int, int, int, float]],
+) -> None:
+    """Write an adapter into `slot` of a kernel stack (zeros before): for every part (A [rank, in],
+    B [width, rank], its first rank in `a`, its run, its place in the run, its scale), A transposed into
+    `a`, and B transposed (times the scale, or the scale into `scale`) into its run's B in column tiles
+    of TILE: the tiles, each [rank of the stack, TILE] row-major, then the last width % TILE columns as
+    [rank of the stack, width % TILE]. Factors are widened to the stack's dtype (16-bit factors into a
+    float32 stack) or are of its dtype. One call a linear (`csrc/lora_slots.cpp`)."""
+    EXTENSION.ops().write_slot_(
+        a,
+        runs.b,
+        scale,
+        slot,
+        [p[0] for p in parts],
+        [p[1] for p in parts],
+        [p[2] for p in parts],
+        [p[3] for p in parts],
+        [p[4] for p in parts],
+        [p[5] for p in parts],
+    )

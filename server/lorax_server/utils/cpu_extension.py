@@ -28,11 +28,12 @@ def kernels_enabled() -> bool:
 
 
 class CpuExtension:
-    """One C++ source compiled into one library that registers `torch.ops.<namespace>`."""
+    """C++ sources (one, or several that each register some of its ops) compiled into one library that
+    registers `torch.ops.<namespace>`."""
 
-    def __init__(self, name: str, source: Path, namespace: str, description: str) -> None:
+    def __init__(self, name: str, source: Path | list[Path], namespace: str, description: str) -> None:
         self.name = name
-        self.source = source
+        self.sources = source if isinstance(source, list) else [source]
         self.namespace = namespace
         self.description = description  # for the warning when the build fails
         self._ops: Any = None
@@ -62,7 +63,7 @@ class CpuExtension:
         openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
         return load(
             name=self.name,
-            sources=[str(self.source)],
+            sources=[str(source) for source in self.sources],
             extra_cflags=["-O3", "-fno-math-errno", *openmp],
             extra_ldflags=openmp,
             build_directory=str(directory),
