@@ -98,7 +98,11 @@ BAD_ENTRIES = {
     "offsets reversed": ({"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}, 8, "malformed shape"),
     "offsets missing": ({"dtype": "F32", "shape": [2]}, 8, "malformed entry"),
     "entry not an object": ([1, 2], 8, "malformed entry"),
-    "shape not a list of ints": ({"dtype": "F32", "shape": "ab", "data_offsets": [0, 8]}, 8, "malformed shape"),
+    "shape not a list": ({"dtype": "F32", "shape": "ab", "data_offsets": [0, 8]}, 8, "malformed shape"),
+    "shape of strings": ({"dtype": "F32", "shape": [2, "a"], "data_offsets": [0, 8]}, 8, "malformed shape"),
+    "shape of floats": ({"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}, 8, "malformed shape"),
+    "two negative sizes": ({"dtype": "F32", "shape": [-1, -2], "data_offsets": [0, 8]}, 8, "malformed shape"),
+    "offsets of floats": ({"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8]}, 8, "malformed shape"),
 }
 
 

@@ -206,6 +206,9 @@ class AdapterManager:
                 prepared[name] = m.to(self.device)
                 continue
             linear, part = self.targets[name]
+            if linear.shard is None and m.lora_a.device == self.device:  # the host's copy is the device's
+                prepared[name] = m
+                continue
             a, b = (m.lora_a, m.lora_b) if linear.shard is None else linear.shard.lora(part, m.lora_a, m.lora_b)
             prepared[name] = LoraModuleWeights(a.to(self.device), b.to(self.device), m.scale)
         return prepared
