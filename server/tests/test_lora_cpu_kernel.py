@@ -165,11 +165,12 @@ def _slot_parts(rank: int, width: int, dtype: torch.dtype, seed: int) -> tuple[t
 def test_slot_writer_layout(width: int, stack_dtype: torch.dtype, part_dtype: torch.dtype):
     """`write_slot_` writes A transposed and B transposed in column tiles into its slot alone: a float32
     stack holds B times its scale, as torch rounds it; a 16-bit one B as it is and the scale apart. A part of a
-    smaller rank fills the first rows and ranks of its place; the others stay zeros."""
-    slots, stack_rank = 3, 5
-    a = torch.zeros(slots, 6, 2 * stack_rank, dtype=stack_dtype)
-    b = torch.zeros(slots, 2, stack_rank, width, dtype=stack_dtype)
-    scale = torch.zeros(slots, 2 * stack_rank) if stack_dtype != torch.float32 else None
+    smaller rank fills the first rows and ranks of its place, and every other value of the slot is
+    written zero, whatever it held (NaN here)."""
+    slots, stack_rank, nan = 3, 5, float("nan")
+    a = torch.full((slots, 6, 2 * stack_rank), nan, dtype=stack_dtype)
+    b = torch.full((slots, 2, stack_rank, width), nan, dtype=stack_dtype)
+    scale = torch.full((slots, 2 * stack_rank), nan) if stack_dtype != torch.float32 else None
     (a0, b0), (a1, b1) = _slot_parts(3, width, part_dtype, 1), _slot_parts(5, width, part_dtype, 2)
     parts = [(a0, b0, 0, 0, 1, 0.5), (a1, b1, stack_rank, 0, 0, 3.0)]
     lora_cpu.write_slot_(a, lora_cpu.KernelRuns.of([(0, 0, b)]), scale, 1, parts)
@@ -181,10 +182,14 @@ def test_slot_writer_layout(width: int, stack_dtype: torch.dtype, part_dtype: to
         assert torch.equal(b[1, position].reshape(-1), _tiled(whole))
         if scale is not None:
             assert torch.equal(scale[1, r0 : r0 + rank], torch.full((rank,), s))
-    assert not a[0].any() and not a[2].any() and not b[0].any() and not b[2].any()
+    for t in (a, b, *([scale] if scale is not None else [])):
+        assert t[[0, 2]].isnan().all() and not t[1].isnan().any()  # the other slots are untouched
     assert not a[1, :, 3:stack_rank].any()
     if scale is not None:
-        assert not scale[0].any() and not scale[2].any() and not scale[1, 3:stack_rank].any()
+        assert not scale[1, 3:stack_rank].any()
+    one_part = [(a0, b0, 0, 0, 0, 0.5)]  # written again with one part of the two: the other one zeros
+    lora_cpu.write_slot_(a, lora_cpu.KernelRuns.of([(0, 0, b)]), scale, 1, one_part)
+    assert not a[1, :, stack_rank:].any() and not b[1, 1].any()
 
 
 def test_slot_writer_refuses_what_does_not_fit():
@@ -247,6 +252,23 @@ def test_an_adapter_joining_the_batch_takes_a_spare_slot():
     assert torch.equal(kept.a[1], slot_of_2)
     check(linear, [(0, 2, 1), (2, 3, 2), (3, 4, 3)], seed=3)  # the decode step with it
     assert linear.lora._stacked is kept
+
+
+def test_slots_are_written_whole_whatever_they_held():
+    """A tiled stack's spare slots are left as allocated and an evicted adapter's slot is not cleared
+    first: the slot writer writes every value of a slot. NaN put in the spare slots stays out of the
+    outputs, and so do the factors of an adapter whose slot a smaller one (fewer parts) takes."""
+    linear = adapted_linear({1: {0: 4, 1: 4, 2: 4}, 2: {0: 4, 1: 4, 2: 4}, 3: {0: 2}, 4: {1: 3}})
+    check(linear, [(0, 2, 1), (2, 3, 2)], seed=1)  # the running batch: adapters 1 and 2
+    kept = linear.lora._stacked
+    spare = [slot for slot, index in enumerate(kept.adapters) if index == 0]
+    for t in (kept.a, *(run.b for run in kept.runs)):
+        t[spare] = float("nan")
+    check(linear, [(0, 2, 3)], seed=2)  # adapter 3's prompt step: into a spare slot
+    assert kept.adapters.index(3) in spare
+    check(linear, [(0, 2, 4)], seed=3)  # adapter 4's: into the slot of adapter 1, which neither step used
+    assert linear.lora._stacked is kept and kept.adapters[0] == 4
+    check(linear, [(0, 2, 3), (2, 3, 4)], seed=4)
 
 
 def test_spare_slots_run_out_and_the_running_adapters_stay():

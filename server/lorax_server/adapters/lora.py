@@ -161,9 +161,10 @@ class _Stacked:
     A `tiled` stack is the CPU kernel's: each part's [rank, width] in B laid out in column tiles (see
     `lora_cpu.write_slot_`), which only that kernel reads. Its factors are 16-bit when all of its
     adapters' are (of one dtype), and then `scale` holds the scales, which 16-bit B's cannot hold
-    exactly. The kernels' stacks (the CPU kernel's and
-    the Triton kernels') keep spare slots (adapter index 0, all zeros): an adapter joining the batch is
-    written into one, or into the slot of an adapter no longer used (`LoraSlots._kernel_stack`)."""
+    exactly. The kernels' stacks (the CPU kernel's and the Triton kernels') keep spare slots (adapter
+    index 0; zeros, or a tiled stack's memory as allocated: no segment ever points at a spare slot): an
+    adapter joining the batch is written into one, or into the slot of an adapter no longer used
+    (`LoraSlots._kernel_stack`)."""
 
     adapters: tuple[int, ...]  # the adapter of each slot; 0: a spare slot
     a: torch.Tensor  # [segments, in_features, sum of the parts' ranks]
@@ -413,7 +414,7 @@ class LoraSlots:
                     return False
         order = list(kept.adapters)
         for index, slot in zip(missing, free, strict=False):
-            if order[slot] != 0:  # another adapter's factors: zeros first, as a new slot has
+            if order[slot] != 0 and not kept.tiled:  # another adapter's factors: zeros first, as a new slot has
                 kept.a[slot].zero_()
                 for run in kept.runs:
                     run.b[slot].zero_()
@@ -434,10 +435,10 @@ class LoraSlots:
 
     @staticmethod
     def _write_slot(stacked: _Stacked, slot: int, factors: _AdapterFactors) -> None:
-        """Copy an adapter's factors into a slot of zeros: A transposed, B transposed and scaled (the
-        scales apart when the stack has `scale`). A tiled stack is written by the kernel's own writer in
-        one call (`lora_cpu.write_slot_`); factors are widened to the stack's dtype before the scale
-        applies."""
+        """Copy an adapter's factors into a slot: A transposed, B transposed and scaled (the scales apart
+        when the stack has `scale`); factors are widened to the stack's dtype before the scale applies. A
+        tiled stack's slot is written whole, whatever it held, by the kernel's own writer in one call
+        (`lora_cpu.write_slot_`); any other stack's must be zeros before."""
         if stacked.tiled:
             parts = []
             for part, w in factors.parts.items():
@@ -457,7 +458,8 @@ class LoraSlots:
 
     def _build_stack(self, adapters: tuple[int, ...], tiled: bool = False, spare: int = 0) -> _Stacked:
         """Copy the factors of `adapters` (at least one of which adapts this linear) into a new kept stack,
-        with `spare` slots of zeros after theirs."""
+        with `spare` slots after theirs: zeros, or in a tiled stack left as allocated (never read before
+        the slot writer writes them whole), so that building one costs no zero fill of its spares."""
         present = [self.by_adapter.get(index) for index in adapters]
         ranks = {}  # part → the largest rank any of the adapters gives it
         for factors in filter(None, present):
@@ -470,12 +472,13 @@ class LoraSlots:
         sample = next(iter(next(filter(None, present)).parts.values())).lora_a  # [rank, in_features]
         dtype = self._stack_dtype(filter(None, present), tiled)
         slots = len(adapters) + spare
-        a = sample.new_zeros(slots, sample.shape[1], total, dtype=dtype)
+        new = sample.new_empty if tiled else sample.new_zeros
+        a = new(slots, sample.shape[1], total, dtype=dtype)
         parts, runs, places = [], [], {}
         for r, run in enumerate(self._expand_runs(ranks)):
             out_start, rank = self.part_bounds[run[0]][0], ranks[run[0]]
             width = self.part_bounds[run[0]][1] - out_start
-            b_run = sample.new_zeros(slots, len(run), rank, width, dtype=dtype)
+            b_run = new(slots, len(run), rank, width, dtype=dtype)
             runs.append(_ExpandRun(out_start, offsets[run[0]], b_run))
             for i, part in enumerate(run):
                 r0 = offsets[part]
@@ -483,11 +486,11 @@ class LoraSlots:
                 parts.append(
                     _StackedPart(out_start + i * width, out_start + (i + 1) * width, r0, r0 + rank, b_run[:, i])
                 )
-        scale = sample.new_zeros(slots, total, dtype=torch.float32) if dtype != self.dtype else None
+        scale = new(slots, total, dtype=torch.float32) if dtype != self.dtype else None
         self._stacked = _Stacked(adapters + (0,) * spare, a, parts, runs, places, tiled, scale)
         for slot, factors in enumerate(present):
-            if factors is not None:
-                self._write_slot(self._stacked, slot, factors)
+            if factors is not None or tiled:  # a tiled stack's slot is written whole: zeros when absent
+                self._write_slot(self._stacked, slot, factors or _AdapterFactors([], {}))
         self._checked_order = None
         _changed()
         return self._stacked

@@ -77,12 +77,13 @@ def write_slot_(
     slot: int,
     parts: Sequence[tuple[torch.Tensor, torch.Tensor, int, int, int, float]],
 ) -> None:
-    """Write an adapter into `slot` of a kernel stack (zeros before): for every part (A [rank, in],
+    """Write an adapter into `slot` of a kernel stack, whatever the slot held: for every part (A [rank, in],
     B [width, rank], its first rank in `a`, its run, its place in the run, its scale), A transposed into
     `a`, and B transposed (times the scale, or the scale into `scale`) into its run's B in column tiles
     of TILE: the tiles, each [rank of the stack, TILE] row-major, then the last width % TILE columns as
-    [rank of the stack, width % TILE]. Factors are widened to the stack's dtype (16-bit factors into a
-    float32 stack) or are of its dtype. One call a linear (`csrc/lora_slots.cpp`)."""
+    [rank of the stack, width % TILE]; every other value of the slot zero. Factors are widened to the
+    stack's dtype (16-bit factors into a float32 stack) or are of its dtype. One call a linear
+    (`csrc/lora_slots.cpp`)."""
     EXTENSION.ops().write_slot_(
         a,
         runs.b,

@@ -6,8 +6,9 @@
 //   scale[slot, r0 : r0 + rank] = the part's scale            when the stack keeps the scales apart
 //
 // where b is the tiled B of the part's run: its tiles of 32 columns, each [rank_of_stack, 32] row-major,
-// then the last width % 32 columns as [rank_of_stack, width % 32]. A part of a smaller rank than the
-// stack's fills the first rows; the slot must be zeros before (a new slot, or one zeroed first).
+// then the last width % 32 columns as [rank_of_stack, width % 32]. Every other value of the slot (the
+// ranks and parts the adapter lacks, in a, every run's b and scale) is written zero: the slot may hold
+// anything before, so a new stack's slots need no zero fill, nor an evicted adapter's slot a clearing.
 //
 // Why C++: a cold adapter joining a running batch is written into every linear's stack during its
 // prompt step, a gap every running request waits through. In torch ops that is about ten small calls
@@ -22,6 +23,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstring>
 #include <optional>
 
 namespace {
@@ -106,6 +108,14 @@ void write_slot(at::Tensor& a, at::TensorList run_b, const std::optional<at::Ten
     TORCH_CHECK(rank <= b.size(2) && 0 <= part_r0[i] && part_r0[i] + rank <= ranks, "part ", i,
                 ": its ranks exceed the stack's");
   }
+  // The whole slot zeros first (it fits in the caches: about 100 KB a factor on the bench model).
+  const auto zero_slot = [slot](const at::Tensor& t) {
+    const int64_t bytes = t.numel() / t.size(0) * t.element_size();
+    std::memset(static_cast<char*>(t.data_ptr()) + slot * bytes, 0, bytes);
+  };
+  zero_slot(a);
+  for (const at::Tensor& b : run_b) zero_slot(b);
+  if (scale.has_value()) zero_slot(*scale);
   for (int64_t i = 0; i < parts; ++i) {
     const at::Tensor& run = run_b[part_run[i]];
     const int64_t stack_rank = run.size(2), width = run.size(3), offset = (slot * run.size(1) + part_position[i]);
