@@ -24,6 +24,7 @@ from .batch import Batch, Pending, RequestIn, cat_padded
 from .forward import ForwardBatch
 from .grammar import GrammarCompiler, GrammarError, GrammarSpec, advance
 from .kv_cache import BlockManager, KVCache, OutOfBlocks
+from .layers import packed
 from .models.transformer import CausalLM
 from .outputs import Emitter, GenerationOut, StepTimings, TokenList
 from .prompts import add_prompt_logprobs, allocate, start_rows
@@ -122,6 +123,7 @@ class Engine:
         self._dummy_prefill(min(max_input_length, max_prefill_tokens) if self.chunked_prefill else max_input_length,
                             max_prefill_tokens)  # fmt: skip
         if self.device.type == "cpu":
+            packed.make_primitives(self.model.linears())  # small batches' oneDNN primitives, now
             return_freed_memory()  # the dummy prefill's activations: free memory is measured next
             if self.adapters is not None:
                 # The LoRA kernel loads on its first use otherwise: the first adapter request would wait

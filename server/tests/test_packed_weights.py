@@ -12,7 +12,7 @@ from tiny_models import make_llama
 
 from lorax_server.layers.attention import TorchAttention
 from lorax_server.layers.linear import Linear
-from lorax_server.layers.packed import PackedWeight, pack_dense_weights, packing_applies
+from lorax_server.layers.packed import PackedWeight, make_primitives, pack_dense_weights, packing_applies
 from lorax_server.models.loader import load_model
 
 pytestmark = pytest.mark.skipif(
@@ -64,3 +64,15 @@ def test_other_dtypes_stay_dense(llama_dir: Path) -> None:
     assert all(isinstance(linear.weight, torch.Tensor) for linear in model.linears())
     assert not packing_applies(torch.device("cpu"), torch.bfloat16)
     assert not packing_applies(torch.device("cuda"), torch.float32)
+
+
+def test_primitives_are_made_once_a_shape_and_change_no_product() -> None:
+    """`make_primitives` (run at warm-up) multiplies once by each distinct weight shape at every small row
+    count; products after it are bit for bit those before it."""
+    g = torch.Generator().manual_seed(3)
+    linears = [Linear(torch.randn(o, i, generator=g), None, [o]) for o, i in [(48, 32), (48, 32), (16, 32)]]
+    pack_dense_weights(linears)
+    x = torch.randn(9, 32, generator=g)
+    before = [linear(x) for linear in linears]
+    assert make_primitives([*linears, Linear(torch.randn(8, 8), None, [8])], max_rows=12) == 2  # dense: skipped
+    assert all(torch.equal(linear(x), out) for linear, out in zip(linears, before, strict=True))

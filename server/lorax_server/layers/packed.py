@@ -66,6 +66,28 @@ def pack_dense_weights(linears: Iterable, keep: Iterable[torch.Tensor] = ()) -> 
     return packed
 
 
+# oneDNN makes a primitive per shape, the number of rows included, and caches it: the first step at a new
+# row count paid 2-14 ms more in the engine (bench/RESULTS.md, session 25). Row counts up to this (every
+# decode batch of up to 64 requests, prompts as short) are made at warm-up instead.
+WARM_ROWS = 64
+
+
+def make_primitives(linears: Iterable, max_rows: int = WARM_ROWS) -> int:
+    """Multiply once by each distinct shape of packed weight at every row count from 1 to `max_rows`, so
+    that oneDNN makes and caches those primitives now rather than in a step; returns how many shapes.
+    oneDNN keys its primitives by shapes, not by weights, so one weight a shape serves them all."""
+    shapes: dict[tuple[int, int], PackedWeight] = {}
+    for linear in linears:
+        w = linear.weight
+        if isinstance(w, PackedWeight):
+            shapes.setdefault((w.out_features, w.in_features), w)
+    for w in shapes.values():
+        x = torch.zeros(max_rows, w.in_features)
+        for rows in range(1, max_rows + 1):
+            w.matmul(x[:rows])
+    return len(shapes)
+
+
 _probe: bool | None = None
 
 
