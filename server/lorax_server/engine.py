@@ -123,7 +123,8 @@ class Engine:
         self._dummy_prefill(min(max_input_length, max_prefill_tokens) if self.chunked_prefill else max_input_length,
                             max_prefill_tokens)  # fmt: skip
         if self.device.type == "cpu":
-            packed.make_primitives(self.model.linears())  # small batches' oneDNN primitives, now
+            if hasattr(self.model, "linears"):  # not the transformers fallback, whose weights are not packed
+                packed.make_primitives(self.model.linears())  # small batches' oneDNN primitives, now
             return_freed_memory()  # the dummy prefill's activations: free memory is measured next
             if self.adapters is not None:
                 # The LoRA kernel loads on its first use otherwise: the first adapter request would wait
