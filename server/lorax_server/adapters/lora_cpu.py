@@ -36,9 +36,6 @@ def kernel_applies(y: torch.Tensor, x: torch.Tensor) -> bool:
     )
 
 
-TILE = 32  # columns of B the kernel's expand reads at a time: a stack's B is laid out in tiles of them
-
-
 @dataclass(frozen=True)
 class KernelRuns:
     """A stack's expand runs as the kernel takes them: each run's B ([slots, parts, rank, width], tiled by
@@ -80,10 +77,10 @@ def write_slot_(
     """Write an adapter into `slot` of a kernel stack, whatever the slot held: for every part (A [rank, in],
     B [width, rank], its first rank in `a`, its run, its place in the run, its scale), A transposed into
     `a`, and B transposed (times the scale, or the scale into `scale`) into its run's B in column tiles
-    of TILE: the tiles, each [rank of the stack, TILE] row-major, then the last width % TILE columns as
-    [rank of the stack, width % TILE]; every other value of the slot zero. Factors are widened to the
-    stack's dtype (16-bit factors into a float32 stack) or are of its dtype. One call a linear
-    (`csrc/lora_slots.cpp`)."""
+    of 32 (the columns the kernel's expand reads at a time): the tiles, each [rank of the stack, 32]
+    row-major, then the last width % 32 columns as [rank of the stack, width % 32]; every other value of
+    the slot zero. Factors are widened to the stack's dtype (16-bit factors into a float32 stack) or are
+    of its dtype. One call a linear (`csrc/lora_slots.cpp`)."""
     EXTENSION.ops().write_slot_(
         a,
         runs.b,
