@@ -37,7 +37,7 @@ def _split_key(key: str) -> tuple[str, str]:
 
 
 def read_lora_tensors(adapter_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """module name → {'A': tensor, 'B': tensor}, as stored (views of one buffer: `read_tensor_file`)."""
+    """module name → {'A': tensor, 'B': tensor}, as stored (views of one mapping of the file: `read_tensor_file`)."""
     path = Path(adapter_dir) / "adapter_model.safetensors"
     if not path.is_file():
         raise AdapterLoadError(f"{adapter_dir} has no adapter_model.safetensors")

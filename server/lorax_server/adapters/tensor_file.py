@@ -111,9 +111,9 @@ def _parse_header(raw: bytes) -> dict[str, tuple[torch.dtype, list[int], int, in
         # between two decode steps): a product of JSON ints is an int, of anything else not, or an error.
         try:
             count = math.prod(shape) if type(shape) is list else None
-            lowest = min(shape, default=0)
+            lowest = min(shape, default=0) if count is not None else 0
         except TypeError:
-            count = None
+            count, lowest = None, 0
         if (
             type(count) is not int
             or lowest < 0

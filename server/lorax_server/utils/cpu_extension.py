@@ -31,9 +31,9 @@ class CpuExtension:
     """C++ sources (one, or several that each register some of its ops) compiled into one library that
     registers `torch.ops.<namespace>`."""
 
-    def __init__(self, name: str, source: Path | list[Path], namespace: str, description: str) -> None:
+    def __init__(self, name: str, sources: Path | list[Path], namespace: str, description: str) -> None:
         self.name = name
-        self.sources = source if isinstance(source, list) else [source]
+        self.sources = sources if isinstance(sources, list) else [sources]
         self.namespace = namespace
         self.description = description  # for the warning when the build fails
         self._ops: Any = None
