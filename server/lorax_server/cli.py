@@ -42,6 +42,12 @@ class ShardConfig:
     speculation_max_batch_size: int = 32
     default_adapter_id: str | None = None
     default_adapter_source: str = "hub"
+    merge_adapter_weights: bool = False  # fold the default adapter into the base weights: no dynamic adapters
+    compile_max_batch_size: int = 128  # larger decode batches run without CUDA graphs
+    # From the launcher's environment (LoRAX passes these as variables):
+    disable_custom_kernels: bool = False  # DISABLE_CUSTOM_KERNELS: torch's kernels only
+    disable_sgmv: bool = False  # DISABLE_SGMV: LoRA by the reference plans, no batched LoRA kernel
+    memory_wiggle_room: float = 1.0  # MEMORY_WIGGLE_ROOM: share of the GPU's free memory the KV cache takes
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,6 +118,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--default-adapter-source", default="hub", help="where --default-adapter-id comes from")
     serve.add_argument(
+        "--merge-adapter-weights",
+        action="store_true",
+        help="add --default-adapter-id's LoRA update to the base weights at start; no adapter is loaded after",
+    )
+    serve.add_argument(
+        "--compile-max-batch-size",
+        type=int,
+        default=128,
+        help="with --compile, decode batches of more requests than this run without CUDA graphs",
+    )
+    serve.add_argument(
         "--otlp-endpoint",
         default=os.environ.get("OTLP_ENDPOINT"),
         help="OpenTelemetry collector (OTLP/gRPC, e.g. http://collector:4317) for the shard's spans",
@@ -153,7 +170,28 @@ def _shard_config(args: argparse.Namespace) -> ShardConfig:
         speculation_max_batch_size=args.speculation_max_batch_size,
         default_adapter_id=args.default_adapter_id,
         default_adapter_source=args.default_adapter_source,
+        merge_adapter_weights=args.merge_adapter_weights,
+        compile_max_batch_size=args.compile_max_batch_size,
+        disable_custom_kernels=_env_flag("DISABLE_CUSTOM_KERNELS"),
+        disable_sgmv=_env_flag("DISABLE_SGMV"),
+        memory_wiggle_room=_env_fraction("MEMORY_WIGGLE_ROOM"),
     )
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _env_fraction(name: str) -> float:
+    """A fraction in (0, 1] from the environment; 1 when unset. SystemExit when it is not one."""
+    text = os.environ.get(name, "").strip()
+    try:
+        value = float(text) if text else 1.0
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise SystemExit(f"error: {name} must be a number in (0, 1] (got {text!r})")
+    return value
 
 
 def choose_kernels(cfg: ShardConfig, device: torch.device) -> AttentionBackend:
@@ -162,11 +200,20 @@ def choose_kernels(cfg: ShardConfig, device: torch.device) -> AttentionBackend:
     from .adapters import lora
     from .layers.attention import BackendUnavailable, select_backend
 
+    name = cfg.attention_backend
+    if cfg.disable_custom_kernels:
+        if name not in (None, "torch"):
+            raise SystemExit(f"error: DISABLE_CUSTOM_KERNELS leaves only torch's kernels, not attention backend {name}")
+        name = "torch"
+        os.environ["LORAX_CPU_KERNELS"] = "0"  # the C++ CPU kernels: read where each is used
     try:
-        backend = select_backend(device, cfg.block_size, cfg.attention_backend)
+        backend = select_backend(device, cfg.block_size, name)
     except (BackendUnavailable, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
-    lora.set_kernels("triton" if backend.name == "triton" else "torch")
+    if cfg.disable_sgmv:
+        lora.set_kernels("reference")
+    else:
+        lora.set_kernels("triton" if backend.name == "triton" else "torch")
     return backend
 
 
@@ -201,21 +248,52 @@ def run_serve(cfg: ShardConfig) -> None:
     )
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
     adapters = None
-    if model.supports_adapters:
+    if cfg.merge_adapter_weights:
+        _merge_default_adapter(cfg, model, fetch_adapter)
+    elif model.supports_adapters:
         adapters = AdapterManager(model, fetch_adapter, device_budget(device, cfg.adapter_memory_fraction))
         if cfg.default_adapter_id:
             adapters.default_adapter = (cfg.default_adapter_id, AdapterSource.parse(cfg.default_adapter_source))
-    cache = CacheConfig(cfg.block_size, cfg.memory_fraction, cfg.kv_cache_blocks, cfg.prefix_caching)
+    cache = CacheConfig(
+        cfg.block_size, cfg.memory_fraction, cfg.kv_cache_blocks, cfg.prefix_caching, cfg.memory_wiggle_room
+    )
     if cfg.speculative_tokens < 0 or cfg.speculation_max_batch_size < 0:
         raise SystemExit("--speculative-tokens and --speculation-max-batch-size must not be negative")
     speculation = SpeculationConfig(cfg.speculative_tokens, cfg.speculation_max_batch_size)
     engine = Engine(
-        model, tokenizer, cache, adapters, cfg.chunked_prefill, speculation=speculation, cuda_graphs=cfg.compile
+        model,
+        tokenizer,
+        cache,
+        adapters,
+        cfg.chunked_prefill,
+        speculation=speculation,
+        cuda_graphs=cfg.compile,
+        cuda_graph_max_batch=cfg.compile_max_batch_size,
     )
     try:
         asyncio.run(serve(engine, model.config.architecture, cfg.uds_path, cfg.rank, cfg.world_size))
     finally:
         telemetry.shutdown()
+
+
+def _merge_default_adapter(cfg: ShardConfig, model, fetch) -> None:  # noqa: ANN001 - a CausalLM, fetch_adapter
+    """`--merge-adapter-weights`: the default adapter's update joins the base weights; SystemExit with
+    the reason when it cannot."""
+    from .adapters.loader import AdapterLoadError
+    from .adapters.merge_into_base import merge_into_base
+    from .adapters.sources import AdapterFetchError
+
+    if not cfg.default_adapter_id:
+        raise SystemExit("error: --merge-adapter-weights needs the adapter to merge (--default-adapter-id)")
+    if not model.supports_adapters:
+        raise SystemExit(f"error: --merge-adapter-weights: {model.config.architecture} takes no LoRA adapters")
+    try:
+        merged = merge_into_base(model, fetch(cfg.default_adapter_id, cfg.default_adapter_source))
+    except (AdapterFetchError, AdapterLoadError) as e:
+        raise SystemExit(f"error: --merge-adapter-weights: cannot merge {cfg.default_adapter_id}: {e}") from e
+    logging.getLogger(__name__).info(
+        "merged %s into the base weights (%d modules): dynamic adapters are off", cfg.default_adapter_id, merged
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

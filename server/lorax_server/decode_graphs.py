@@ -84,12 +84,20 @@ class DecodeGraphs:
     """The engine's decode forward with CUDA graphs where they apply: `forward(meta, cache)` is
     `model.forward(meta, cache)` for any batch, replayed from a graph when `serves(meta)`."""
 
-    def __init__(self, model, cache: KVCache, scratch_block: int, max_blocks: int) -> None:  # noqa: ANN001
-        """`scratch_block`: a block of `cache` no sequence owns; `max_blocks`: the widest block table."""
+    def __init__(
+        self,
+        model,  # noqa: ANN001 - a CausalLM
+        cache: KVCache,
+        scratch_block: int,
+        max_blocks: int,
+        max_batch: int = BUCKETS[-1],
+    ) -> None:
+        """`scratch_block`: a block of `cache` no sequence owns; `max_blocks`: the widest block table;
+        `max_batch`: larger decode batches run eagerly (`--compile-max-batch-size`)."""
         self.model, self.cache, self.capture = model, cache, CAPTURE_BY_DEVICE[model.device.type]
         self.pool = torch.cuda.graph_pool_handle() if cache.keys[0].is_cuda else None
         is_moe = any(isinstance(layer.mlp, moe.SparseMoE) for layer in model.layers)
-        limit = moe.EVERY_EXPERT_MAX_TOKENS.get(model.device.type, 0) if is_moe else BUCKETS[-1]
+        limit = min(moe.EVERY_EXPERT_MAX_TOKENS.get(model.device.type, 0) if is_moe else BUCKETS[-1], max_batch)
         self.buckets = tuple(b for b in BUCKETS if b <= limit)
         self.lora_slots = list({id(s): s for s, _ in _lora_hooks(model)}.values())
         size, dev, bs = self.buckets[-1] if self.buckets else 0, model.device, cache.block_size

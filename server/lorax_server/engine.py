@@ -58,6 +58,7 @@ class CacheConfig:
     memory_fraction: float | None = None  # of free device memory (CUDA) or available RAM (CPU)
     num_blocks: int | None = None  # explicit size; overrides memory_fraction
     prefix_caching: bool = False  # reuse the KV blocks of prompt prefixes seen before (same adapter)
+    wiggle_room: float = 1.0  # share of the GPU memory left for the cache that it takes (--memory-wiggle-room)
 
 
 class Engine:
@@ -70,6 +71,7 @@ class Engine:
         chunked_prefill: bool = False,
         speculation: SpeculationConfig | None = None,
         cuda_graphs: bool = False,
+        cuda_graph_max_batch: int = decode_graphs.BUCKETS[-1],
     ) -> None:
         self.model = model
         self.adapters = adapters
@@ -103,6 +105,7 @@ class Engine:
         on = speculation.enabled or adapters is not None
         self.speculator = Speculator(speculation, model, self.emitter, adapters) if on else None
         self.cuda_graphs = cuda_graphs and decode_graphs.available(model)  # `--compile`
+        self.cuda_graph_max_batch = cuda_graph_max_batch  # `--compile-max-batch-size`: larger batches run eagerly
         self.graphs: decode_graphs.DecodeGraphs | None = None  # made at warm-up, over the KV cache
 
     # ------------------------------------------------------------------ warm-up and cache sizing
@@ -148,7 +151,9 @@ class Engine:
         num_blocks -= scratch
         self.blocks = BlockManager(num_blocks, bs)
         if self.cuda_graphs:
-            self.graphs = decode_graphs.DecodeGraphs(self.model, self.cache, num_blocks, -(-max_total_tokens // bs))
+            self.graphs = decode_graphs.DecodeGraphs(
+                self.model, self.cache, num_blocks, -(-max_total_tokens // bs), self.cuda_graph_max_batch
+            )
         log.info(
             "KV cache: %s, %d blocks of %d tokens = %d tokens (%.1f MiB)",
             str(dtype).removeprefix("torch."),  # float8_e4m3fn under --quantize fp8-kv: 1 byte per value
@@ -168,6 +173,7 @@ class Engine:
                 unused_adapter_share = self.adapters.device_budget_bytes - self.adapters.device_bytes
             fraction = self.cache_config.memory_fraction or 1.0
             budget = gpu_cache_budget(free, total, fraction, self._prefill_peak, unused_adapter_share)
+            budget *= self.cache_config.wiggle_room
         else:
             budget = psutil.virtual_memory().available * (self.cache_config.memory_fraction or 0.05)
         return max(1, int(budget // per_block))
@@ -181,7 +187,8 @@ class Engine:
         # which holds what the largest captured decode step allocates.
         self._prefill_peak = self._peak_of(lens)
         if self.cuda_graphs and self.device.type == "cuda":
-            self._prefill_peak += self._peak_of([1] * decode_graphs.BUCKETS[-1])
+            largest = max((b for b in decode_graphs.BUCKETS if b <= self.cuda_graph_max_batch), default=0)
+            self._prefill_peak += self._peak_of([1] * largest) if largest else 0
 
     def _peak_of(self, lens: list[int]) -> int:
         """Run one forward pass over prompts of `lens` tokens; on a GPU, the bytes it allocated at its peak."""

@@ -44,15 +44,16 @@ from ..forward import ForwardBatch, LoraGroups, LoraKernelRows
 from ..layers.linear import Linear, LoraRows
 from . import lora_cpu
 
-KERNELS = ("torch", "triton")
+KERNELS = ("torch", "triton", "reference")
 _kernels = "torch"
 _triton_lora = None  # layers.triton.lora, imported when its kernels are chosen
 
 
 def set_kernels(name: str) -> None:
     """How every `LoraSlots.add_to` computes from now on: "torch" (the default: the batched plan or the
-    segment loop, any device) or "triton" (`layers.triton.lora`'s kernels: CUDA tensors, or CPU ones
-    under TRITON_INTERPRET=1). The kernels are imported here, so a missing triton fails at start-up
+    segment loop, any device, and `lora_cpu`'s kernel where it applies), "triton" (`layers.triton.lora`'s
+    kernels: CUDA tensors, or CPU ones under TRITON_INTERPRET=1) or "reference" (the plans alone, no
+    kernel: `--disable-sgmv`). The kernels are imported here, so a missing triton fails at start-up
     rather than on the first adapted batch."""
     global _kernels, _triton_lora
     if name not in KERNELS:
@@ -250,7 +251,7 @@ class LoraSlots:
         if _kernels == "triton":
             self._add_with_kernels(y, x, rows)
             return
-        if lora_cpu.kernel_applies(y, x):
+        if _kernels == "torch" and lora_cpu.kernel_applies(y, x):
             self._add_on_cpu(y, x, rows)
             return
         groups = rows.lora_groups() if isinstance(rows, ForwardBatch) else None

@@ -293,8 +293,17 @@ def download_weights(
 
     ``model_id`` is an existing local directory (returned as is) or a hub repo id, downloaded into
     the cache (or found there when offline or the Hub is unreachable). ``token`` overrides the
-    ``HUGGING_FACE_HUB_TOKEN`` / ``HF_TOKEN`` environment variables. Raises ``WeightsDownloadError``.
+    ``HUGGING_FACE_HUB_TOKEN`` / ``HF_TOKEN`` environment variables. With ``WEIGHTS_CACHE_OVERRIDE``
+    set, the files are read from that directory instead (LoRAX's ``--weights-cache-override``). Raises
+    ``WeightsDownloadError``.
     """
+    override = os.environ.get("WEIGHTS_CACHE_OVERRIDE", "").strip()
+    if override:  # the launcher's --weights-cache-override: the files are there, nothing is downloaded
+        folder = Path(override).expanduser()
+        if not folder.is_dir():
+            raise WeightsDownloadError("not_found", f"WEIGHTS_CACHE_OVERRIDE={override} is not an existing directory")
+        _ensure_safetensors(folder, f"WEIGHTS_CACHE_OVERRIDE directory {folder} (for {model_id})")
+        return folder
     settings = settings or HubSettings.from_env()
     if token:
         settings = replace(settings, token=token)
