@@ -3,12 +3,10 @@
 //! reference page `docs/reference/launcher.md`.
 
 use std::fmt;
-use std::net::{IpAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
 use clap::builder::BoolishValueParser;
-use clap::parser::ValueSource;
-use clap::{ArgMatches, FromArgMatches, Parser, ValueEnum};
+use clap::{Parser, ValueEnum};
 
 /// Where adapters named by `--adapter-id` or by a request's `adapter_id` are fetched from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -19,6 +17,26 @@ pub enum AdapterSource {
     Local,
     /// An S3 bucket.
     S3,
+}
+
+/// Where the base model comes from (LoRAX's `--source`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModelSource {
+    /// The Hugging Face Hub; a `--model-id` that is a local directory is read from it.
+    Hub,
+    /// A directory on the local file system (`--model-id` must be one).
+    Local,
+    /// An S3 bucket: not supported for base models (adapters only); refused at start.
+    S3,
+    /// Predibase's service: not reachable from this server; refused at start.
+    Pbase,
+}
+
+/// LoRAX's attention kernels (`--backend`); this server picks its own (`--attention-backend`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LoraxBackend {
+    Fa2,
+    Flashinfer,
 }
 
 /// Quantization schemes for the base model's weights.
@@ -78,6 +96,23 @@ pub enum AttentionBackend {
     Flash,
 }
 
+/// A token from the command line: printed as `***`, so that logging the arguments leaks nothing.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
 /// Prints an enum the way it is spelled on the command line.
 fn cli_name(value: &impl ValueEnum, f: &mut fmt::Formatter<'_>) -> fmt::Result {
     let possible = value.to_possible_value().expect("no skipped variants");
@@ -102,6 +137,12 @@ impl fmt::Display for AttentionBackend {
     }
 }
 
+impl fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        cli_name(self, f)
+    }
+}
+
 impl fmt::Display for Dtype {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         cli_name(self, f)
@@ -118,16 +159,48 @@ pub struct Args {
     /// Hugging Face layout (`config.json`, `*.safetensors`, tokenizer files).
     #[arg(long, env)]
     pub model_id: String,
+    /// Where `--model-id` comes from: `hub` (a local directory is also read where it is) or
+    /// `local` (it must be a directory). LoRAX's `s3` and `pbase` base models are refused at
+    /// start: download the model and give its directory.
+    #[arg(long, env, value_enum, default_value_t = ModelSource::Hub)]
+    pub source: ModelSource,
+    /// Read the base model's files from this directory instead of downloading them (it must hold
+    /// `config.json`, the tokenizer and `*.safetensors`). Passed to the shards and the download as
+    /// `WEIGHTS_CACHE_OVERRIDE`.
+    #[arg(long, env)]
+    pub weights_cache_override: Option<PathBuf>,
 
     /// The default LoRA adapter: loaded when the server starts and used by every request that
     /// names no adapter (a request naming the base model's id still gets the base model).
     #[arg(long, env)]
     pub adapter_id: Option<String>,
 
-    /// Where `--adapter-id` is fetched from, and the source of requests that name an adapter
-    /// without an `adapter_source`.
+    /// Where `--adapter-id` is fetched from; also the default of `--default-adapter-source` and
+    /// `--preloaded-adapter-source`.
     #[arg(long, env, value_enum, default_value_t = AdapterSource::Hub)]
     pub adapter_source: AdapterSource,
+    /// The source of requests that name an adapter without an `adapter_source`. Unset:
+    /// `--adapter-source`.
+    #[arg(long, env, value_enum)]
+    pub default_adapter_source: Option<AdapterSource>,
+    /// Adapters loaded before the server answers `/health`, and pinned: never offloaded, so their
+    /// requests never wait for a load. Repeat the flag, or separate ids with commas in the
+    /// environment variable. One that cannot be loaded stops the launcher with the reason.
+    #[arg(long, env, value_delimiter = ',')]
+    pub preloaded_adapter_ids: Vec<String>,
+    /// Where `--preloaded-adapter-ids` are fetched from. Unset: `--adapter-source`.
+    #[arg(long, env, value_enum)]
+    pub preloaded_adapter_source: Option<AdapterSource>,
+    /// Add `--adapter-id`'s LoRA update to the base model's weights when the shards load them: its
+    /// requests then cost what the base model's do. Dynamic adapters are off: requests may name
+    /// no adapter, `--adapter-id` or the base model (all get the merged model); any other adapter
+    /// is a 422. Needs `--adapter-id` and an unquantized base model.
+    #[arg(long, env, value_parser = BoolishValueParser::new())]
+    pub merge_adapter_weights: bool,
+    /// LoRAX's token for its `pbase` adapter source, which this server cannot reach: exported to
+    /// the shards as `PREDIBASE_API_TOKEN` and otherwise unused.
+    #[arg(long, env)]
+    pub predibase_api_token: Option<Secret>,
 
     /// The revision of the model on the Hub: a branch, tag or commit hash.
     #[arg(long, env)]
@@ -205,6 +278,25 @@ pub struct Args {
     /// models yet: elsewhere the shard logs why and decodes eagerly. Outputs are unchanged.
     #[arg(long, env)]
     pub compile: bool,
+    /// Decode without CUDA graphs: the default here; refused together with `--compile`.
+    #[arg(long, env, value_parser = BoolishValueParser::new())]
+    pub eager: bool,
+    /// With `--compile`, decode batches of more requests than this run without graphs (graphs are
+    /// captured for 1, 2, 4, 8, 16, 24, 32, 48, 64, 96 and 128 requests, up to this).
+    #[arg(long, env, default_value_t = 128)]
+    pub compile_max_batch_size: usize,
+    /// LoRAX's largest adapter rank for CUDA graphs. Accepted and unused: graphs here serve
+    /// adapters of any rank.
+    #[arg(long, env)]
+    pub compile_max_rank: Option<usize>,
+    /// LoRAX's first batch size captured. Accepted and unused: graphs here are captured for a
+    /// batch size when it has been seen for a few steps.
+    #[arg(long, env)]
+    pub compile_batch_size: Option<usize>,
+    /// LoRAX's attention kernels (`fa2`, `flashinfer`). Accepted and unused: choose this server's
+    /// with `--attention-backend`.
+    #[arg(long, env, value_enum)]
+    pub backend: Option<LoraxBackend>,
 
     /// Data type of the weights and activations. Unset: the shard's default for the device
     /// (bfloat16 or float16 on GPU, float32 on CPU).
@@ -256,6 +348,18 @@ pub struct Args {
     /// Most decode steps the running batch makes before waiting requests are let in.
     #[arg(long, env, default_value_t = 20)]
     pub max_waiting_tokens: usize,
+    /// After prefilling waiting requests, prefill more of them (each batch within the prefill and
+    /// total token budgets) before the next decode step, to grow the batch (throughput); `false`:
+    /// at most one prefill between two decode steps (the running requests' latency).
+    #[arg(
+        long,
+        env,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub eager_prefill: bool,
 
     /// Most decode steps the shards run per call from the router while no request waits
     /// (1-32). More save the router-shard round trip of every step. Each step's tokens still reach
@@ -316,6 +420,13 @@ pub struct Args {
     #[arg(long, env)]
     pub huggingface_hub_cache: Option<PathBuf>,
 
+    /// Threads that tokenize prompts in the router, off its request-handling threads.
+    #[arg(long, env, default_value_t = 2)]
+    pub validation_workers: usize,
+    /// A `tokenizer_config.json` whose `chat_template` replaces the model's for
+    /// `/v1/chat/completions` (an adapter's own template still wins for its requests).
+    #[arg(long, env)]
+    pub tokenizer_config_path: Option<PathBuf>,
     /// Write the log as JSON lines instead of text (the children's lines included).
     #[arg(long, env, value_parser = BoolishValueParser::new())]
     pub json_output: bool,
@@ -329,6 +440,35 @@ pub struct Args {
     /// origins with commas in the environment variable.
     #[arg(long, env, value_delimiter = ',')]
     pub cors_allow_origin: Vec<String>,
+    /// A request header browsers may send (CORS). Repeatable, or comma-separated in the variable.
+    #[arg(long, env, value_delimiter = ',')]
+    pub cors_allow_header: Vec<String>,
+    /// A response header browsers may read (CORS). Repeatable, or comma-separated in the variable.
+    #[arg(long, env, value_delimiter = ',')]
+    pub cors_expose_header: Vec<String>,
+    /// An HTTP method browsers may use (CORS). Repeatable, or comma-separated in the variable.
+    #[arg(long, env, value_delimiter = ',')]
+    pub cors_allow_method: Vec<String>,
+    /// Whether browsers may send credentials (CORS). Needs explicit origins, headers and methods.
+    #[arg(long, env)]
+    pub cors_allow_credentials: Option<bool>,
+    /// LoRAX's watermark green-list fraction. Accepted and unused: watermarking is not
+    /// implemented (a request asking for it gets a 422).
+    #[arg(long, env)]
+    pub watermark_gamma: Option<f32>,
+    /// LoRAX's watermark logit bias. Accepted and unused, as `--watermark-gamma`.
+    #[arg(long, env)]
+    pub watermark_delta: Option<f32>,
+    /// LoRAX's ngrok tunnel: not supported (refused at start); put the server behind your own
+    /// proxy or load balancer.
+    #[arg(long, env, value_parser = BoolishValueParser::new())]
+    pub ngrok: bool,
+    /// ngrok's token; refused at start, as `--ngrok`.
+    #[arg(long, env)]
+    pub ngrok_authtoken: Option<Secret>,
+    /// ngrok's edge; refused at start, as `--ngrok`.
+    #[arg(long, env)]
+    pub ngrok_edge: Option<String>,
 
     /// Download the model's weights, then exit without serving.
     #[arg(long, env, value_parser = BoolishValueParser::new())]
@@ -343,162 +483,32 @@ pub struct Args {
     #[arg(long, env)]
     pub kv_cache_blocks: Option<usize>,
 
-    /// Use only the reference (pure PyTorch) kernels in the shards (passed as
-    /// `DISABLE_CUSTOM_KERNELS=true`).
+    /// Use only the reference (pure PyTorch) kernels in the shards: no C++ CPU kernels, no Triton
+    /// kernels (attention defaults to `torch`). Passed as `DISABLE_CUSTOM_KERNELS=true`.
     #[arg(long, env, value_parser = BoolishValueParser::new())]
     pub disable_custom_kernels: bool,
+    /// Compute LoRA updates with the reference torch path (per-adapter matmuls) instead of the
+    /// batched LoRA kernels (Triton's SGMV/BGMV on a GPU, the C++ kernel on the CPU). Passed as
+    /// `DISABLE_SGMV=1`.
+    #[arg(long, env, value_parser = BoolishValueParser::new())]
+    pub disable_sgmv: bool,
+    /// Share of the free GPU memory (after the model, the adapters' share and the largest
+    /// prefill) the KV cache takes, in (0, 1]. Unset: all of it. Passed as `MEMORY_WIGGLE_ROOM`.
+    #[arg(long, env)]
+    pub memory_wiggle_room: Option<f32>,
+    /// LoRAX's embedding size for embedding models. Accepted and unused: this server serves
+    /// text generation.
+    #[arg(long, env)]
+    pub embedding_dim: Option<usize>,
 
     /// Seconds to wait for every shard to load the model and open its socket before giving up.
     #[arg(long, env, default_value_t = 1800)]
     pub shard_startup_timeout_s: u64,
 }
 
-impl Args {
-    /// The arguments from clap's matches, with `--hostname` made an IP address (see
-    /// [`listen_address`]).
-    pub fn from_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
-        let mut args = Args::from_arg_matches(matches)?;
-        let from_env = matches.value_source("hostname") == Some(ValueSource::EnvVariable);
-        args.hostname = listen_address(&args.hostname, from_env)
-            .map_err(|e| clap::Error::raw(clap::error::ErrorKind::ValueValidation, e))?;
-        Ok(args)
-    }
-
-    /// Checks what clap cannot: relations between limits and features that are not built yet.
-    /// The error is a complete sentence naming the flags involved.
-    pub fn validate(&self) -> Result<(), String> {
-        self.validate_sharding()?;
-        self.validate_limits()?;
-        self.validate_fractions()?;
-        if self.kv_cache_blocks == Some(0) {
-            return Err("--kv-cache-blocks must be at least 1".to_string());
-        }
-        if self.model_id.trim().is_empty() {
-            return Err("--model-id must not be empty".to_string());
-        }
-        Ok(())
-    }
-
-    fn validate_sharding(&self) -> Result<(), String> {
-        positive("--num-shard", self.num_shard)?;
-        match self.sharded {
-            Some(true) if self.num_shard < 2 => Err(format!(
-                "--sharded true needs --num-shard of at least 2 (got {})",
-                self.num_shard
-            )),
-            Some(false) if self.num_shard > 1 => Err(format!(
-                "--sharded false contradicts --num-shard {}",
-                self.num_shard
-            )),
-            _ => Ok(()),
-        }
-    }
-
-    /// The request and batch limits against each other.
-    fn validate_limits(&self) -> Result<(), String> {
-        positive("--max-concurrent-requests", self.max_concurrent_requests)?;
-        positive("--max-best-of", self.max_best_of)?;
-        positive("--max-input-length", self.max_input_length)?;
-        positive("--max-active-adapters", self.max_active_adapters)?;
-        if self.max_input_length >= self.max_total_tokens {
-            return Err(format!(
-                "--max-input-length ({}) must be less than --max-total-tokens ({}): a request \
-                 needs room for at least one generated token",
-                self.max_input_length, self.max_total_tokens
-            ));
-        }
-        if self.max_batch_prefill_tokens < self.max_input_length && !self.chunked_prefill {
-            return Err(format!(
-                "--max-batch-prefill-tokens ({}) must be at least --max-input-length ({}), or \
-                 the longest prompts could never be prefilled (unless --chunked-prefill)",
-                self.max_batch_prefill_tokens, self.max_input_length
-            ));
-        }
-        if let Some(total) = self.max_batch_total_tokens {
-            if total < self.max_batch_prefill_tokens {
-                return Err(format!(
-                    "--max-batch-total-tokens ({total}) must be at least \
-                     --max-batch-prefill-tokens ({})",
-                    self.max_batch_prefill_tokens
-                ));
-            }
-            if total < self.max_total_tokens {
-                return Err(format!(
-                    "--max-batch-total-tokens ({total}) must be at least --max-total-tokens ({})",
-                    self.max_total_tokens
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// Ratios, fractions and durations within their ranges.
-    fn validate_fractions(&self) -> Result<(), String> {
-        if !(self.waiting_served_ratio.is_finite() && self.waiting_served_ratio >= 0.0) {
-            return Err(format!(
-                "--waiting-served-ratio must be a number of at least 0 (got {})",
-                self.waiting_served_ratio
-            ));
-        }
-        if !(self.cuda_memory_fraction > 0.0 && self.cuda_memory_fraction <= 1.0) {
-            return Err(format!(
-                "--cuda-memory-fraction must be in (0, 1] (got {})",
-                self.cuda_memory_fraction
-            ));
-        }
-        if !(0.0..1.0).contains(&self.adapter_memory_fraction) {
-            return Err(format!(
-                "--adapter-memory-fraction must be in [0, 1) (got {})",
-                self.adapter_memory_fraction
-            ));
-        }
-        for (flag, seconds) in [
-            ("--health-stall-timeout-s", self.health_stall_timeout_s),
-            ("--health-probe-interval-s", self.health_probe_interval_s),
-        ] {
-            if !(seconds.is_finite() && seconds > 0.0) {
-                return Err(format!(
-                    "{flag} must be a number of seconds above 0 (got {seconds})"
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// Whether the shards run as one tensor-parallel group of several ranks.
-    pub fn is_sharded(&self) -> bool {
-        self.num_shard > 1
-    }
-}
-
-/// The address the router listens on. Shells and Docker set `HOSTNAME` to the machine's name,
-/// which is not meant as a listen address: from the environment only an IP address counts, and
-/// anything else means `0.0.0.0`. A name given with `--hostname` is resolved to its address.
-pub fn listen_address(host: &str, from_env: bool) -> Result<String, String> {
-    if host.parse::<IpAddr>().is_ok() {
-        return Ok(host.to_string());
-    }
-    if from_env {
-        return Ok("0.0.0.0".to_string());
-    }
-    let addresses: Vec<IpAddr> = (host, 0)
-        .to_socket_addrs()
-        .map(|found| found.map(|a| a.ip()).collect())
-        .unwrap_or_default();
-    addresses
-        .iter()
-        .find(|ip| ip.is_ipv4())
-        .or(addresses.first())
-        .map(|ip| ip.to_string())
-        .ok_or_else(|| format!("--hostname {host} is neither an IP address nor a resolvable name"))
-}
-
-fn positive(flag: &str, value: usize) -> Result<(), String> {
-    if value == 0 {
-        return Err(format!("{flag} must be at least 1"));
-    }
-    Ok(())
-}
+mod checks;
+#[cfg(test)]
+use checks::listen_address;
 
 #[cfg(test)]
 mod tests;

@@ -25,6 +25,8 @@ pub struct ChildEnv {
     pub hub_cache: Option<PathBuf>,
     /// `HUGGING_FACE_HUB_TOKEN` when `HF_TOKEN` is unset: newer Hub libraries read only `HF_TOKEN`.
     pub hf_token: Option<OsString>,
+    /// `--weights-cache-override`: where the download and the shards read the model's files.
+    pub weights_cache_override: Option<PathBuf>,
 }
 
 impl ChildEnv {
@@ -37,6 +39,7 @@ impl ChildEnv {
         ChildEnv {
             hub_cache: args.huggingface_hub_cache.clone(),
             hf_token,
+            weights_cache_override: args.weights_cache_override.clone(),
         }
     }
 
@@ -48,6 +51,9 @@ impl ChildEnv {
         }
         if let Some(token) = &self.hf_token {
             spec = spec.env("HF_TOKEN", token);
+        }
+        if let Some(dir) = &self.weights_cache_override {
+            spec = spec.env("WEIGHTS_CACHE_OVERRIDE", dir);
         }
         spec
     }
@@ -109,7 +115,10 @@ pub fn shard(server: &Path, args: &Args, env: &ChildEnv, rank: usize) -> Command
         spec = spec.arg("--attention-backend").arg(backend.to_string());
     }
     if args.compile {
-        spec = spec.arg("--compile");
+        spec = spec
+            .arg("--compile")
+            .arg("--compile-max-batch-size")
+            .arg(args.compile_max_batch_size.to_string());
     }
     if let Some(adapter) = &args.adapter_id {
         // Its Medusa heads, if it has some, draft for the requests whose adapter has none.
@@ -118,6 +127,9 @@ pub fn shard(server: &Path, args: &Args, env: &ChildEnv, rank: usize) -> Command
             .arg(adapter)
             .arg("--default-adapter-source")
             .arg(args.adapter_source.to_string());
+        if args.merge_adapter_weights {
+            spec = spec.arg("--merge-adapter-weights");
+        }
     }
     if let Some(tokens) = args.speculative_tokens.filter(|&n| n > 0) {
         spec = spec
@@ -142,6 +154,15 @@ pub fn shard(server: &Path, args: &Args, env: &ChildEnv, rank: usize) -> Command
         .env("PYTHONUNBUFFERED", "1");
     if args.disable_custom_kernels {
         spec = spec.env("DISABLE_CUSTOM_KERNELS", "true");
+    }
+    if args.disable_sgmv {
+        spec = spec.env("DISABLE_SGMV", "1");
+    }
+    if let Some(room) = args.memory_wiggle_room {
+        spec = spec.env("MEMORY_WIGGLE_ROOM", room.to_string());
+    }
+    if let Some(token) = &args.predibase_api_token {
+        spec = spec.env("PREDIBASE_API_TOKEN", &token.0);
     }
     env.apply(spec)
 }
@@ -193,10 +214,38 @@ pub fn router(router: &Path, args: &Args, env: &ChildEnv, tokenizer: &Path) -> C
         .arg(args.health_stall_timeout_s.to_string())
         .arg("--health-probe-interval-s")
         .arg(args.health_probe_interval_s.to_string())
+        .arg("--validation-workers")
+        .arg(args.validation_workers.to_string())
+        .arg("--eager-prefill")
+        .arg(args.eager_prefill.to_string())
         .arg("--default-adapter-source")
+        .arg(
+            args.default_adapter_source
+                .unwrap_or(args.adapter_source)
+                .to_string(),
+        )
+        .arg("--adapter-source")
         .arg(args.adapter_source.to_string());
     if let Some(adapter) = &args.adapter_id {
         spec = spec.arg("--default-adapter-id").arg(adapter);
+        if args.merge_adapter_weights {
+            spec = spec.arg("--merge-adapter-weights");
+        }
+    }
+    for adapter in args
+        .preloaded_adapter_ids
+        .iter()
+        .filter(|id| !id.trim().is_empty())
+    {
+        spec = spec.arg("--preloaded-adapter-ids").arg(adapter);
+    }
+    if let Some(source) = args.preloaded_adapter_source {
+        spec = spec
+            .arg("--preloaded-adapter-source")
+            .arg(source.to_string());
+    }
+    if let Some(path) = &args.tokenizer_config_path {
+        spec = spec.arg("--tokenizer-config-path").arg(path);
     }
     if let Some(total) = args.max_batch_total_tokens {
         spec = spec.arg("--max-batch-total-tokens").arg(total.to_string());
@@ -209,226 +258,22 @@ pub fn router(router: &Path, args: &Args, env: &ChildEnv, tokenizer: &Path) -> C
     }
     // Always JSON: the launcher re-logs each line at its level, in the launcher's format.
     spec = spec.arg("--json-output");
-    for origin in &args.cors_allow_origin {
-        spec = spec.arg("--cors-allow-origin").arg(origin);
+    let cors = [
+        ("--cors-allow-origin", &args.cors_allow_origin),
+        ("--cors-allow-header", &args.cors_allow_header),
+        ("--cors-expose-header", &args.cors_expose_header),
+        ("--cors-allow-method", &args.cors_allow_method),
+    ];
+    for (flag, values) in cors {
+        for value in values {
+            spec = spec.arg(flag).arg(value);
+        }
+    }
+    if let Some(allow) = args.cors_allow_credentials {
+        spec = spec.arg("--cors-allow-credentials").arg(allow.to_string());
     }
     env.apply(spec)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::Parser;
-
-    fn args(extra: &[&str]) -> Args {
-        let mut argv = vec!["lorax-launcher", "--model-id", "org/model"];
-        argv.extend_from_slice(extra);
-        Args::try_parse_from(argv).unwrap()
-    }
-
-    fn env_of(spec: &CommandSpec, key: &str) -> Option<String> {
-        spec.env
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.to_string_lossy().into_owned())
-    }
-
-    #[test]
-    fn download_passes_model_and_revision() {
-        let a = args(&["--revision", "v2"]);
-        let spec = download(Path::new("srv"), &a, &ChildEnv::default());
-        assert_eq!(
-            spec.args_lossy(),
-            ["download-weights", "org/model", "--revision", "v2"]
-        );
-    }
-
-    #[test]
-    fn single_shard_command_is_minimal() {
-        let a = args(&[]);
-        let spec = shard(Path::new("srv"), &a, &ChildEnv::default(), 0);
-        assert_eq!(
-            spec.args_lossy(),
-            ["serve", "org/model", "--uds-path", "/tmp/lorax-server"]
-        );
-        assert_eq!(env_of(&spec, "RANK").as_deref(), Some("0"));
-        assert_eq!(env_of(&spec, "WORLD_SIZE").as_deref(), Some("1"));
-        assert_eq!(env_of(&spec, "MASTER_PORT").as_deref(), Some("29500"));
-        assert_eq!(env_of(&spec, "DISABLE_CUSTOM_KERNELS"), None);
-    }
-
-    #[test]
-    fn sharded_command_carries_every_shard_option() {
-        let a = args(&[
-            "--num-shard",
-            "2",
-            "--dtype",
-            "bfloat16",
-            "--kv-cache-blocks",
-            "64",
-            "--cuda-memory-fraction",
-            "0.5",
-            "--trust-remote-code",
-            "--revision",
-            "main",
-            "--master-addr",
-            "10.0.0.1",
-            "--master-port",
-            "1234",
-            "--disable-custom-kernels",
-            "--shard-uds-path",
-            "/run/s",
-            "--otlp-endpoint",
-            "http://otel:4317",
-            "--quantize",
-            "eetq",
-            "--prefix-caching",
-            "--attention-backend",
-            "triton",
-            "--compile",
-        ]);
-        let cache = ChildEnv {
-            hub_cache: Some("/data".into()),
-            hf_token: Some("tok".into()),
-        };
-        let spec = shard(Path::new("srv"), &a, &cache, 1);
-        assert_eq!(
-            spec.args_lossy().join(" "),
-            "serve org/model --uds-path /run/s --revision main --dtype bfloat16 --sharded \
-             --kv-cache-blocks 64 --memory-fraction 0.5 --trust-remote-code --quantize eetq \
-             --prefix-caching --attention-backend triton --compile --otlp-endpoint http://otel:4317"
-        );
-        assert_eq!(env_of(&spec, "RANK").as_deref(), Some("1"));
-        assert_eq!(env_of(&spec, "LOCAL_RANK").as_deref(), Some("1"));
-        assert_eq!(env_of(&spec, "WORLD_SIZE").as_deref(), Some("2"));
-        assert_eq!(env_of(&spec, "MASTER_ADDR").as_deref(), Some("10.0.0.1"));
-        assert_eq!(env_of(&spec, "MASTER_PORT").as_deref(), Some("1234"));
-        assert_eq!(
-            env_of(&spec, "HUGGINGFACE_HUB_CACHE").as_deref(),
-            Some("/data")
-        );
-        assert_eq!(env_of(&spec, "HF_HUB_CACHE").as_deref(), Some("/data"));
-        assert_eq!(env_of(&spec, "HF_TOKEN").as_deref(), Some("tok"));
-        assert_eq!(
-            env_of(&spec, "ADAPTER_MEMORY_FRACTION").as_deref(),
-            Some("0.1")
-        );
-        assert_eq!(
-            env_of(&spec, "DISABLE_CUSTOM_KERNELS").as_deref(),
-            Some("true")
-        );
-        assert_eq!(shard_socket(&a, 1), PathBuf::from("/run/s-1"));
-    }
-
-    #[test]
-    fn prefix_caching_as_a_switch_or_with_a_value() {
-        let cache = ChildEnv::default();
-        for (extra, on) in [
-            (&[][..], false),
-            (&["--prefix-caching"][..], true),
-            (&["--prefix-caching", "true"][..], true),
-            (&["--prefix-caching", "false"][..], false),
-        ] {
-            let spec = shard(Path::new("srv"), &args(extra), &cache, 0);
-            let passed = spec.args_lossy().iter().any(|a| a == "--prefix-caching");
-            assert_eq!(passed, on, "{extra:?}");
-        }
-    }
-
-    #[test]
-    fn chunked_prefill_reaches_the_shard_and_the_router() {
-        let cache = ChildEnv::default();
-        let long = ["--max-input-length", "3000", "--max-total-tokens", "4000"];
-        let small_budget = ["--max-batch-prefill-tokens", "512"];
-        let a = args(&[&["--chunked-prefill"][..], &long, &small_budget].concat());
-        assert!(a.validate().is_ok(), "{:?}", a.validate());
-        for spec in [
-            shard(Path::new("srv"), &a, &cache, 0),
-            router(Path::new("rt"), &a, &cache, Path::new("tok")),
-        ] {
-            assert!(spec.args_lossy().iter().any(|x| x == "--chunked-prefill"));
-        }
-        let unchunked = args(&[&long[..], &small_budget].concat());
-        let err = unchunked.validate().unwrap_err();
-        assert!(err.contains("unless --chunked-prefill"), "{err}");
-    }
-
-    #[test]
-    fn speculation_flags_reach_the_shard() {
-        let cache = ChildEnv::default();
-        let line = |extra: &[&str]| {
-            shard(Path::new("srv"), &args(extra), &cache, 0)
-                .args_lossy()
-                .join(" ")
-        };
-        let on = line(&[
-            "--speculative-tokens",
-            "3",
-            "--speculation-max-batch-size",
-            "8",
-        ]);
-        assert!(
-            on.contains("--speculative-tokens 3 --speculation-max-batch-size 8"),
-            "{on}"
-        );
-        for off in [&[][..], &["--speculative-tokens", "0"][..]] {
-            assert!(!line(off).contains("--speculative-tokens"), "{off:?}");
-        }
-    }
-
-    #[test]
-    fn router_and_shards_get_the_default_adapter() {
-        let a = args(&["--adapter-id", "org/lora", "--adapter-source", "local"]);
-        let shard_line = shard(Path::new("srv"), &a, &ChildEnv::default(), 0)
-            .args_lossy()
-            .join(" ");
-        assert!(
-            shard_line.contains("--default-adapter-id org/lora --default-adapter-source local"),
-            "{shard_line}"
-        );
-        let spec = router(Path::new("rtr"), &a, &ChildEnv::default(), Path::new("/m"));
-        let line = spec.args_lossy().join(" ");
-        assert!(
-            line.contains("--default-adapter-source local --default-adapter-id org/lora"),
-            "{line}"
-        );
-        for name in ["ADAPTER_ID", "ADAPTER_SOURCE"] {
-            assert!(spec.env_remove.iter().any(|r| r == name), "{name}");
-        }
-    }
-
-    #[test]
-    fn router_gets_shard_zero_tokenizer_and_limits() {
-        let a = args(&[
-            "--port",
-            "8080",
-            "--max-batch-total-tokens",
-            "10000",
-            "--cors-allow-origin",
-            "http://a,http://b",
-        ]);
-        let spec = router(Path::new("rtr"), &a, &ChildEnv::default(), Path::new("/m"));
-        assert_eq!(
-            spec.args_lossy().join(" "),
-            "--master-shard-uds-path /tmp/lorax-server-0 --tokenizer-name /m \
-             --model-id org/model --hostname 0.0.0.0 --port 8080 \
-             --max-concurrent-requests 128 --max-best-of 2 --max-stop-sequences 4 \
-             --max-input-length 1024 --max-total-tokens 2048 --max-batch-prefill-tokens 4096 \
-             --max-waiting-tokens 20 --max-active-adapters 128 --waiting-served-ratio 1.2 \
-             --decode-steps-per-call 8 --adapter-cycle-time-s 2 --health-stall-timeout-s 60 --health-probe-interval-s 5 \
-             --default-adapter-source hub \
-             --max-batch-total-tokens 10000 --json-output \
-             --cors-allow-origin http://a --cors-allow-origin http://b"
-        );
-        for name in [
-            "PORT",
-            "JSON_OUTPUT",
-            "MODEL_ID",
-            "HOSTNAME",
-            "HUGGINGFACE_HUB_CACHE",
-        ] {
-            assert!(spec.env_remove.iter().any(|r| r == name), "{name}");
-        }
-    }
-}
+mod tests;

@@ -31,6 +31,9 @@ fn main() -> ExitCode {
     }
     logging::init(args.json_output);
     tracing::info!("{args:?}");
+    for unused in args.unused_flags() {
+        tracing::warn!("accepted for LoRAX compatibility, without effect: {unused}");
+    }
     let signals = match Signals::install() {
         Ok(signals) => signals,
         Err(e) => {

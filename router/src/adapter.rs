@@ -243,8 +243,13 @@ pub struct AdapterConfig {
     pub model_id: String,
     /// Used by requests that name no adapter.
     pub default_adapter_id: Option<String>,
-    /// Source of the default adapter, and of requests that give no `adapter_source`.
+    /// Source of requests that name an adapter but no `adapter_source`.
     pub default_source: AdapterSource,
+    /// Source of the default adapter (`default_adapter_id`).
+    pub default_adapter_source: AdapterSource,
+    /// The shards merged the default adapter into the base weights: the model they serve is that
+    /// adapter's, and no other adapter can be loaded.
+    pub merged: bool,
 }
 
 impl Default for AdapterConfig {
@@ -255,19 +260,24 @@ impl Default for AdapterConfig {
             model_id: String::new(),
             default_adapter_id: None,
             default_source: AdapterSource::Hub,
+            default_adapter_source: AdapterSource::Hub,
+            merged: false,
         }
     }
 }
 
 impl AdapterConfig {
-    /// The default adapter, when one is configured.
+    /// The default adapter, when one is configured and not merged into the base weights.
     pub fn default_adapter(&self) -> Option<AdapterRequest> {
+        if self.merged {
+            return None;
+        }
         let id = self
             .default_adapter_id
             .as_deref()
             .filter(|id| !id.is_empty())?;
         Some(AdapterRequest::new(
-            AdapterKey::single(id, self.default_source),
+            AdapterKey::single(id, self.default_adapter_source),
             None,
         ))
     }
@@ -343,6 +353,21 @@ pub struct AdapterFields<'a> {
     pub api_token: Option<&'a ApiToken>,
 }
 
+/// With the default adapter merged into the base weights, the one model there is: for requests
+/// naming no adapter, the base model's id or the merged adapter's.
+fn resolve_merged(
+    config: &AdapterConfig,
+    named: Option<&str>,
+    merges: bool,
+) -> Result<Option<AdapterRequest>, ValidationError> {
+    let merged_id = config.default_adapter_id.as_deref().unwrap_or_default();
+    match named {
+        None if !merges => Ok(None),
+        Some(id) if !merges && (id == config.model_id || id == merged_id) => Ok(None),
+        _ => Err(ValidationError::AdaptersMerged(merged_id.to_string())),
+    }
+}
+
 /// The adapter a request runs with (None: the base model). A request naming none gets the
 /// default adapter when one is configured; naming the base model's id means the base model.
 pub fn resolve(
@@ -356,6 +381,9 @@ pub fn resolve(
         None => config.default_source,
     };
     let named = fields.adapter_id.filter(|id| !id.is_empty());
+    if config.merged {
+        return resolve_merged(config, named, fields.merged_adapters.is_some());
+    }
     let token = fields.api_token.cloned();
     let key = match (named, fields.merged_adapters) {
         (Some(_), Some(_)) => return Err(ValidationError::AdapterConflict),

@@ -1,8 +1,9 @@
 //! The continuous-batching loop (TGI-style). One task owns the running batch and its entries:
 //! it prefills a first batch, then decodes it step by step; between steps it may prefill new
-//! entries and have the next Decode concatenate them into the running batch. After every step
-//! each generation goes to its request's channel; finished and cancelled requests are filtered
-//! out of the cached batch at once, so their KV blocks are freed.
+//! entries (with `eager_prefill`, batch after batch while more fit) and have the next Decode
+//! concatenate them into the running batch. After every step each generation goes to its
+//! request's channel; finished and cancelled requests are filtered out of the cached batch at
+//! once, so their KV blocks are freed.
 //!
 //! Every call for new entries tells the queue how many requests of each adapter are running, so
 //! an adapter is offloaded only once none of its requests remain in the shard's batch. Adapter
@@ -45,6 +46,9 @@ pub struct BatcherConfig {
     pub chunked_prefill: bool,
     /// The shards compute prompt blocks shared within a Prefill once (see `QueueConfig`).
     pub prefix_caching: bool,
+    /// Between two decode steps, prefill waiting requests batch after batch (each within the
+    /// budgets) while any fit, to grow the decode batch; false: at most one prefill.
+    pub eager_prefill: bool,
 }
 
 type Entries = HashMap<u64, Entry>;
@@ -111,26 +115,15 @@ async fn batching_task(
             } else {
                 Some((entries.len() as f32 * config.waiting_served_ratio).floor() as usize)
             };
-            let reserved = reserved_tokens(&entries, config.block_size);
-            let token_budget = config.max_batch_total_tokens.saturating_sub(reserved);
-            let next = queue
-                .next_batch(
-                    min_size,
-                    config.max_batch_prefill_tokens,
-                    token_budget,
-                    running_per_adapter(&entries),
-                )
-                .await;
-            if let Some(NextBatch {
-                entries: mut new_entries,
-                batch: new_batch,
-            }) = next
-            {
-                if let Some(new_cached) = prefill(shard, new_batch, &mut new_entries).await {
+            while let Some(mut next) = join(&queue, config, min_size, &entries).await {
+                if let Some(new_cached) = prefill(shard, next.batch, &mut next.entries).await {
                     batches.push(new_cached);
                 }
-                entries.extend(new_entries);
+                entries.extend(next.entries);
                 waiting_tokens = 1;
+                if !config.eager_prefill || queue.waiting() == 0 {
+                    break;
+                }
             }
             metrics::gauge!("lorax_batch_current_size").set(entries.len() as f64);
             metrics::gauge!("lorax_batch_current_max_tokens")
@@ -147,6 +140,27 @@ async fn batching_task(
         metrics::gauge!("lorax_batch_current_size").set(0.0);
         metrics::gauge!("lorax_batch_current_max_tokens").set(0.0);
     }
+}
+
+/// The waiting requests that may join the running `entries` now: a batch of at least `min_size`
+/// within the prefill budget and what the running requests leave of the token budget.
+async fn join(
+    queue: &Queue,
+    config: BatcherConfig,
+    min_size: Option<usize>,
+    entries: &Entries,
+) -> Option<NextBatch> {
+    let reserved = reserved_tokens(entries, config.block_size);
+    let token_budget = config.max_batch_total_tokens.saturating_sub(reserved);
+    let running = running_per_adapter(entries);
+    queue
+        .next_batch(
+            min_size,
+            config.max_batch_prefill_tokens,
+            token_budget,
+            running,
+        )
+        .await
 }
 
 /// Running requests per adapter index (0: base model).

@@ -61,6 +61,11 @@ pub enum ValidationError {
     AdapterSource(String),
     #[error("architecture {0} does not support dynamic adapter loading")]
     AdaptersNotSupported(String),
+    #[error(
+        "this server merged {0} into the base model's weights (--merge-adapter-weights), which \
+         turns dynamic adapters off: name no adapter, or {0}"
+    )]
+    AdaptersMerged(String),
     #[error("`adapter_id` and `merged_adapters` cannot both be set")]
     AdapterConflict,
     #[error("`adapter_id` {0}")]

@@ -17,7 +17,7 @@
 //!
 //! Layers (each module uses only those above it): `pb`, `client` with `decode_stream`, `exchange` → `errors`, `error_docs` →
 //! `tools` (OpenAI tool calling) → `template` → `adapter` → `api`, `metrics` → `validation` →
-//! `entry` → `registry` → `queue` → `health` → `batcher` → `infer` → `app` → `respond` → `sse` → handlers → `openapi` → `server`.
+//! `entry` → `registry` → `queue` → `health` → `batcher` → `infer` → `app` → `respond` → `sse` → handlers → `openapi` → `cors` → `server`.
 
 pub mod adapter;
 pub mod adapters_api;
@@ -25,6 +25,7 @@ pub mod api;
 pub mod app;
 pub mod batcher;
 pub mod client;
+pub mod cors;
 pub mod decode_stream;
 pub mod entry;
 pub mod error_docs;

@@ -1,24 +1,27 @@
 //! `lorax-router`: command line, start-up (shard discovery, Info, Warmup) and the HTTP server.
 
 use clap::Parser;
-use lorax_router::adapter::{AdapterConfig, AdapterSource};
+use lorax_router::adapter::{resolve, AdapterConfig, AdapterFields, AdapterSource};
 use lorax_router::api::Info;
 use lorax_router::app::AppState;
 use lorax_router::batcher::BatcherConfig;
-use lorax_router::client::{ShardClient, ShardedClient};
-use lorax_router::entry::round_up;
+use lorax_router::client::ShardClient;
+use lorax_router::cors::CorsOptions;
 use lorax_router::exchange::ExchangeConfig;
 use lorax_router::health::HealthConfig;
 use lorax_router::infer::Infer;
-use lorax_router::server::router;
+use lorax_router::server::{router, serve};
 use lorax_router::template::ChatTemplate;
 use lorax_router::validation::{load_tokenizer, Validation, ValidationLimits};
-use lorax_router::{metrics, pb, telemetry, VERSION};
-use std::path::PathBuf;
+use lorax_router::{metrics, telemetry, VERSION};
+use shards::{connect, warm_up, Shards};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use tokenizers::Tokenizer;
+
+mod shards;
 
 /// HTTP router of the LoRAX-compatible inference server: validates and tokenizes requests,
 /// batches them continuously and streams tokens from the model shards.
@@ -64,6 +67,18 @@ struct Args {
     /// Decode steps after which waiting requests are prefilled regardless of the ratio.
     #[arg(long, env, default_value_t = 20)]
     max_waiting_tokens: usize,
+    /// After prefilling waiting requests, prefill more of them (each batch within the prefill and
+    /// total token budgets) before the next decode step, to grow the batch (throughput); `false`:
+    /// at most one prefill between two decode steps (the running requests' latency).
+    #[arg(
+        long,
+        env,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    eager_prefill: bool,
     /// Most decode steps the shards run per decode call while no request waits (1-32). More
     /// save the router-shard round trip per step. Each step's tokens still reach clients at once,
     /// and a request that arrives, or a client that leaves, ends the call after the step in
@@ -80,10 +95,24 @@ struct Args {
     /// Adapter used by requests that name none (loaded at start); otherwise the base model.
     #[arg(long, env)]
     default_adapter_id: Option<String>,
-    /// Source of the default adapter and of requests that give no `adapter_source`: hub, local
-    /// or s3.
+    /// Source of requests that name an adapter without an `adapter_source`: hub, local or s3.
     #[arg(long, env, default_value = "hub")]
     default_adapter_source: String,
+    /// Source of `--default-adapter-id`: hub, local or s3. Unset: `--default-adapter-source`.
+    #[arg(long, env)]
+    adapter_source: Option<String>,
+    /// Adapters loaded before the server listens, and pinned: never offloaded, so their requests
+    /// never wait for a load. Repeat the flag, or separate ids with commas in the environment
+    /// variable. One that cannot be loaded stops the router with the reason.
+    #[arg(long, env, value_delimiter = ',')]
+    preloaded_adapter_ids: Vec<String>,
+    /// Source of `--preloaded-adapter-ids`: hub, local or s3. Unset: `--adapter-source`'s.
+    #[arg(long, env)]
+    preloaded_adapter_source: Option<String>,
+    /// The shards merged `--default-adapter-id` into the base weights: requests naming no
+    /// adapter, it, or the base model get the merged model; naming another adapter is a 422.
+    #[arg(long, env)]
+    merge_adapter_weights: bool,
     /// Address to listen on.
     #[arg(long, env, default_value = "0.0.0.0")]
     hostname: String,
@@ -96,6 +125,20 @@ struct Args {
     /// Local directory holding tokenizer.json (or the file itself); defaults to --model-id.
     #[arg(long, env)]
     tokenizer_name: Option<String>,
+    /// Prompts tokenized at once, each on a blocking thread, off the threads that serve HTTP
+    /// (others wait their turn). Reported by `/info`.
+    #[arg(
+        long,
+        env,
+        default_value_t = 2,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    validation_workers: usize,
+    /// A `tokenizer_config.json` whose `chat_template` (and `bos_token`, `eos_token`) replaces the
+    /// model's for `/v1/chat/completions` and `apply_chat_template`. An adapter that ships its own
+    /// template still renders its requests with it. A file that cannot be used stops the router.
+    #[arg(long, env)]
+    tokenizer_config_path: Option<PathBuf>,
     /// Model id reported by /info (and the tokenizer directory when --tokenizer-name is absent).
     #[arg(long, env, default_value = "unknown")]
     model_id: String,
@@ -114,9 +157,8 @@ struct Args {
     /// can generate with a one-token generation of the base model, at most this often.
     #[arg(long, env, default_value_t = 5.0)]
     health_probe_interval_s: f64,
-    /// Origins allowed by CORS (repeatable); any origin when absent.
-    #[arg(long, env, value_delimiter = ',')]
-    cors_allow_origin: Vec<String>,
+    #[command(flatten)]
+    cors: CorsOptions,
 }
 
 #[tokio::main]
@@ -160,33 +202,73 @@ fn check_args(args: &Args) -> Result<(), String> {
     if !positive(args.health_stall_timeout_s) || !positive(args.health_probe_interval_s) {
         return Err("--health-stall-timeout-s and --health-probe-interval-s must be > 0".into());
     }
-    if AdapterSource::parse(&args.default_adapter_source).is_none() {
+    for (flag, source) in [
+        (
+            "--default-adapter-source",
+            Some(&args.default_adapter_source),
+        ),
+        ("--adapter-source", args.adapter_source.as_ref()),
+        (
+            "--preloaded-adapter-source",
+            args.preloaded_adapter_source.as_ref(),
+        ),
+    ] {
+        if let Some(name) = source.filter(|name| AdapterSource::parse(name).is_none()) {
+            return Err(format!("{flag} must be one of hub, local, s3 (got {name})"));
+        }
+    }
+    if args.merge_adapter_weights {
+        if args
+            .default_adapter_id
+            .as_deref()
+            .unwrap_or_default()
+            .is_empty()
+        {
+            return Err(
+                "--merge-adapter-weights needs the adapter to merge: --default-adapter-id".into(),
+            );
+        }
+        if !preloaded_ids(args).is_empty() {
+            return Err(
+                "--preloaded-adapter-ids cannot be loaded with --merge-adapter-weights, which turns \
+                 dynamic adapters off"
+                    .into(),
+            );
+        }
+    }
+    if preloaded_ids(args).len() >= args.max_active_adapters {
         return Err(format!(
-            "--default-adapter-source must be one of hub, local, s3 (got {})",
-            args.default_adapter_source
+            "--preloaded-adapter-ids names {} adapters: at most --max-active-adapters - 1 ({}) \
+             can stay loaded, so that one slot always rotates",
+            preloaded_ids(args).len(),
+            args.max_active_adapters - 1
         ));
     }
     Ok(())
 }
 
-/// Connects to the shards, retrying for a while (they may still be binding their sockets).
-async fn connect(path: &str) -> Result<ShardedClient, String> {
-    let mut last_error = String::new();
-    for _ in 0..40 {
-        match ShardedClient::connect_uds(path).await {
-            Ok(client) => return Ok(client),
-            Err(err) => last_error = err.to_string(),
+/// `--preloaded-adapter-ids` without empty names or repeats, in the order given.
+fn preloaded_ids(args: &Args) -> Vec<&str> {
+    let mut ids: Vec<&str> = Vec::new();
+    for id in args.preloaded_adapter_ids.iter().map(|id| id.trim()) {
+        if !id.is_empty() && !ids.contains(&id) {
+            ids.push(id);
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    Err(format!(
-        "cannot connect to the shard at {path}: {last_error}"
-    ))
+    ids
+}
+
+/// A source flag's value (checked by `check_args`), or `fallback` when unset.
+fn source_or(name: Option<&String>, fallback: AdapterSource) -> AdapterSource {
+    name.and_then(|name| AdapterSource::parse(name))
+        .unwrap_or(fallback)
 }
 
 async fn run(args: Args) -> Result<(), String> {
     check_args(&args)?;
     let (tokenizer, tokenizer_dir) = tokenizer_files(&args)?;
+    let chat_template = chat_template(&args, &tokenizer_dir)?;
+    let cors = args.cors.layer()?;
     let client = connect(&args.master_shard_uds_path).await?;
     tracing::info!("connected to {} shard(s)", client.len());
     let shards = warm_up(&client, &args).await?;
@@ -194,10 +276,7 @@ async fn run(args: Args) -> Result<(), String> {
     metrics::spawn_upkeep(prometheus.clone());
     let client: Arc<dyn ShardClient> = Arc::new(client);
     let infer = start_inference(&args, &shards, tokenizer, client.clone())?;
-    let chat_template = ChatTemplate::load(&tokenizer_dir)?.map(Arc::new);
-    if chat_template.is_none() {
-        tracing::info!("the tokenizer has no chat template: /v1/chat/completions answers 422");
-    }
+    load_preloaded(&infer, &args, &shards).await?;
     let state = AppState {
         infer,
         info: Arc::new(build_info(&args, &shards)),
@@ -205,7 +284,7 @@ async fn run(args: Args) -> Result<(), String> {
         prometheus,
         chat_template,
     };
-    serve(&args, router(state, &args.cors_allow_origin)).await
+    serve(&args.hostname, args.port, router(state, cors)).await
 }
 
 /// The tokenizer, and the directory of its files (where the chat template is found).
@@ -220,67 +299,47 @@ fn tokenizer_files(args: &Args) -> Result<(Tokenizer, PathBuf), String> {
     Ok((tokenizer, dir))
 }
 
-/// What the shards said at start-up, and the token budgets derived from it.
-struct Shards {
-    info: pb::InfoResponse,
-    max_batch_total_tokens: u32,
-    max_batch_prefill_tokens: u32,
-    block_size: u32,
-}
-
-/// Asks the shards for their Info and runs Warmup; checks the token budget against the flags.
-async fn warm_up(client: &ShardedClient, args: &Args) -> Result<Shards, String> {
-    let info = client.info().await.map_err(|e| e.to_string())?;
-    let supported = client
-        .warmup(
-            args.max_input_length as u32,
-            args.max_batch_prefill_tokens,
-            args.max_total_tokens as u32,
-        )
-        .await
-        .map_err(|e| format!("warmup failed: {e}"))?;
-    let max_batch_total_tokens = match args.max_batch_total_tokens {
-        Some(tokens) if tokens > supported => {
-            return Err(format!(
-                "--max-batch-total-tokens {tokens} is more than the shards support ({supported})"
-            ))
-        }
-        Some(tokens) => tokens,
-        None => supported,
+/// The chat template: `--tokenizer-config-path`'s, else the model's (None: it has none).
+fn chat_template(args: &Args, model_dir: &Path) -> Result<Option<Arc<ChatTemplate>>, String> {
+    let template = match &args.tokenizer_config_path {
+        Some(path) => Some(
+            ChatTemplate::from_tokenizer_config(path, model_dir)
+                .map_err(|e| format!("--tokenizer-config-path {}: {e}", path.display()))?,
+        ),
+        None => ChatTemplate::load(model_dir)?,
     };
-    let block_size = info.block_size.max(1);
-    let longest = round_up(args.max_total_tokens as u32, block_size);
-    if max_batch_total_tokens < longest {
-        return Err(format!(
-            "the KV cache holds {max_batch_total_tokens} tokens, less than one request of \
-             --max-total-tokens {} needs ({longest}); lower --max-total-tokens",
-            args.max_total_tokens
-        ));
+    if template.is_none() {
+        tracing::info!("the tokenizer has no chat template: /v1/chat/completions answers 422");
     }
-    tracing::info!("max_batch_total_tokens = {max_batch_total_tokens}");
-    Ok(Shards {
-        info,
-        max_batch_total_tokens,
-        max_batch_prefill_tokens: args.max_batch_prefill_tokens.min(max_batch_total_tokens),
-        block_size,
-    })
+    Ok(template.map(Arc::new))
 }
 
 /// What requests may say about adapters, from the flags and the shards' architecture.
 fn adapter_config(args: &Args, shards: &Shards) -> Result<AdapterConfig, String> {
+    let request_source = source_or(Some(&args.default_adapter_source), AdapterSource::Hub);
     let adapters = AdapterConfig {
         supports_adapters: shards.info.supports_adapters,
         architecture: shards.info.architecture.clone(),
         model_id: args.model_id.clone(),
         default_adapter_id: args.default_adapter_id.clone().filter(|id| !id.is_empty()),
-        default_source: AdapterSource::parse(&args.default_adapter_source)
-            .unwrap_or(AdapterSource::Hub),
+        default_source: request_source,
+        default_adapter_source: source_or(args.adapter_source.as_ref(), request_source),
+        merged: args.merge_adapter_weights,
     };
-    if adapters.default_adapter_id.is_some() && !adapters.supports_adapters {
-        return Err(format!(
-            "--default-adapter-id: architecture {} does not support dynamic adapter loading",
-            adapters.architecture
-        ));
+    if !adapters.supports_adapters && !adapters.merged {
+        let flag = if adapters.default_adapter_id.is_some() {
+            Some("--default-adapter-id")
+        } else if !preloaded_ids(args).is_empty() {
+            Some("--preloaded-adapter-ids")
+        } else {
+            None
+        };
+        if let Some(flag) = flag {
+            return Err(format!(
+                "{flag}: architecture {} does not support dynamic adapter loading",
+                adapters.architecture
+            ));
+        }
     }
     Ok(adapters)
 }
@@ -307,6 +366,7 @@ fn start_inference(
         block_size: shards.block_size,
         chunked_prefill: args.chunked_prefill,
         prefix_caching: shards.info.prefix_caching,
+        eager_prefill: args.eager_prefill,
     };
     let exchange = ExchangeConfig {
         max_active_adapters: args.max_active_adapters,
@@ -318,7 +378,9 @@ fn start_inference(
     };
     let adapters = adapter_config(args, shards)?;
     let default_adapter = adapters.default_adapter();
-    let validation = Validation::new(tokenizer, limits).with_adapters(adapters);
+    let validation = Validation::new(tokenizer, limits)
+        .with_workers(args.validation_workers)
+        .with_adapters(adapters);
     let infer = Infer::new(
         client,
         validation,
@@ -331,20 +393,6 @@ fn start_inference(
         preload(&infer, adapter);
     }
     Ok(infer)
-}
-
-/// Serves HTTP until SIGINT or SIGTERM.
-async fn serve(args: &Args, app: axum::Router) -> Result<(), String> {
-    let listener = tokio::net::TcpListener::bind((args.hostname.as_str(), args.port))
-        .await
-        .map_err(|e| format!("cannot listen on {}:{}: {e}", args.hostname, args.port))?;
-    tracing::info!("listening on {}:{}", args.hostname, args.port);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())?;
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// The `GET /info` answer (its `adapters` are filled per request).
@@ -376,7 +424,7 @@ fn build_info(args: &Args, shards: &Shards) -> Info {
         block_size: shards.block_size,
         eos_token_ids: shard_info.eos_token_ids.clone(),
         supports_adapters: shard_info.supports_adapters,
-        validation_workers: 1,
+        validation_workers: args.validation_workers,
         version: VERSION,
         sha: None,
         docker_label: None,
@@ -384,6 +432,51 @@ fn build_info(args: &Args, shards: &Shards) -> Info {
         default_adapter_id: args.default_adapter_id.clone().filter(|id| !id.is_empty()),
         adapters: Vec::new(),
     }
+}
+
+/// Loads `--preloaded-adapter-ids` at once, pinned, before the server listens: LoRAX's shards
+/// load them at start, so a deployment counts on them being ready when `/health` first answers.
+async fn load_preloaded(infer: &Infer, args: &Args, shards: &Shards) -> Result<(), String> {
+    let ids = preloaded_ids(args);
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let config = adapter_config(args, shards)?;
+    let source = source_or(
+        args.preloaded_adapter_source.as_ref(),
+        config.default_adapter_source,
+    );
+    let mut requests = Vec::with_capacity(ids.len());
+    for id in &ids {
+        let fields = AdapterFields {
+            adapter_id: Some(id),
+            adapter_source: Some(source.as_str()),
+            ..Default::default()
+        };
+        match resolve(&config, fields) {
+            Ok(Some(request)) => requests.push(request),
+            Ok(None) => return Err(format!("--preloaded-adapter-ids: {id} is the base model")),
+            Err(err) => return Err(format!("--preloaded-adapter-ids: {id}: {err}")),
+        }
+    }
+    let started = std::time::Instant::now();
+    let loads = requests.into_iter().map(|request| {
+        let queue = infer.queue().clone();
+        async move {
+            let name = request.key.describe();
+            queue.load_adapter(request, true).await.map_err(|err| {
+                let reason = lorax_router::errors::ApiError::from(err).body.error;
+                format!("--preloaded-adapter-ids: {name} could not be loaded: {reason}")
+            })
+        }
+    });
+    futures::future::try_join_all(loads).await?;
+    tracing::info!(
+        "{} preloaded adapter(s) active and pinned in {:.1} s",
+        ids.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// Loads the default adapter in the background; a failure is logged (requests retry it).
@@ -404,32 +497,10 @@ fn preload(infer: &Infer, adapter: lorax_router::adapter::AdapterRequest) {
     });
 }
 
-/// Resolves on SIGINT or SIGTERM; open streams then get a few seconds to finish.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    let terminate = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            s.recv().await;
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = interrupt => {},
-        _ = terminate => {},
-    }
-    tracing::info!("shutting down");
-    tokio::spawn(async {
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        std::process::exit(0);
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lorax_router::pb;
 
     #[test]
     fn info_has_no_pipeline_tag_it_cannot_know() {
@@ -456,5 +527,44 @@ mod tests {
             assert!(json["model_pipeline_tag"].is_null());
             assert_eq!(json["max_batch_prefill_tokens"], 100);
         }
+    }
+
+    #[test]
+    fn the_tokenizer_config_flag_replaces_the_models_template() {
+        let model = tempfile::tempdir().unwrap();
+        std::fs::write(model.path().join("chat_template.jinja"), "model").unwrap();
+        let with = |extra: &[&str]| {
+            let base = ["lorax-router", "--model-id", model.path().to_str().unwrap()];
+            Args::parse_from(base.iter().chain(extra))
+        };
+        let own = chat_template(&with(&[]), model.path()).unwrap().unwrap();
+        assert_eq!(own.apply(&[]).unwrap(), "model");
+        let path = model.path().join("other.json");
+        std::fs::write(&path, r#"{"chat_template": "flag"}"#).unwrap();
+        let flag = with(&["--tokenizer-config-path", path.to_str().unwrap()]);
+        let replaced = chat_template(&flag, model.path()).unwrap().unwrap();
+        assert_eq!(replaced.apply(&[]).unwrap(), "flag");
+        let missing = model.path().join("missing.json");
+        let flag = with(&["--tokenizer-config-path", missing.to_str().unwrap()]);
+        let error = chat_template(&flag, model.path()).unwrap_err();
+        let expected = format!(
+            "--tokenizer-config-path {}: cannot be read",
+            missing.display()
+        );
+        assert!(error.starts_with(&expected), "{error}");
+    }
+
+    #[test]
+    fn new_flags_defaults_and_values() {
+        let args = Args::parse_from(["lorax-router"]);
+        assert!(args.eager_prefill);
+        assert_eq!(args.validation_workers, 2);
+        assert!(args.tokenizer_config_path.is_none());
+        let args = Args::parse_from(["lorax-router", "--eager-prefill", "false"]);
+        assert!(!args.eager_prefill);
+        let args = Args::parse_from(["lorax-router", "--eager-prefill", "--validation-workers=5"]);
+        assert!(args.eager_prefill);
+        assert_eq!(args.validation_workers, 5);
+        assert!(Args::try_parse_from(["lorax-router", "--validation-workers", "0"]).is_err());
     }
 }

@@ -1,4 +1,5 @@
-//! The route table: every endpoint, JSON fallbacks for unknown paths and methods, and CORS.
+//! The route table: every endpoint, JSON fallbacks for unknown paths and methods, and CORS;
+//! serving it until SIGINT or SIGTERM.
 
 use crate::adapters_api;
 use crate::app::AppState;
@@ -12,30 +13,18 @@ use crate::openapi::{docs, openapi_json};
 use crate::playground;
 use crate::telemetry;
 use axum::extract::Request;
-use axum::http::header::CONTENT_TYPE;
-use axum::http::{HeaderValue, Method};
+use axum::http::Method;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use std::time::Duration;
+use tower_http::cors::CorsLayer;
 use tracing::Instrument;
 
-/// The application: every route, JSON fallbacks for unknown paths and methods, CORS.
-pub fn router(state: AppState, cors_allow_origin: &[String]) -> Router {
-    let origins: Vec<HeaderValue> = cors_allow_origin
-        .iter()
-        .filter_map(|o| HeaderValue::from_str(o).ok())
-        .collect();
-    let allow_origin = if origins.is_empty() {
-        AllowOrigin::any()
-    } else {
-        AllowOrigin::list(origins)
-    };
-    let cors = CorsLayer::new()
-        .allow_methods([Method::GET, Method::POST])
-        .allow_headers([CONTENT_TYPE])
-        .allow_origin(allow_origin);
+/// The application: every route, JSON fallbacks for unknown paths and methods, `cors` (see
+/// `CorsOptions::layer`).
+pub fn router(state: AppState, cors: CorsLayer) -> Router {
     Router::new()
         // As in LoRAX: `GET /` (inference API) and `GET /ping` (SageMaker) are health checks.
         .route("/", get(root_health).post(compat_generate))
@@ -64,6 +53,43 @@ pub fn router(state: AppState, cors_allow_origin: &[String]) -> Router {
         .layer(middleware::from_fn(trace_request))
         .layer(cors)
         .with_state(state)
+}
+
+/// Serves `app` on `hostname:port` until SIGINT or SIGTERM.
+pub async fn serve(hostname: &str, port: u16, app: Router) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind((hostname, port))
+        .await
+        .map_err(|e| format!("cannot listen on {hostname}:{port}: {e}"))?;
+    tracing::info!("listening on {hostname}:{port}");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM; open streams then get a few seconds to finish.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutting down");
+    tokio::spawn(async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        std::process::exit(0);
+    });
 }
 
 /// Routes probed often and cheap to answer: no trace of their own.

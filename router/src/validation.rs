@@ -9,6 +9,8 @@ use parameters::check_parameters;
 use std::path::Path;
 use std::sync::Arc;
 use tokenizers::{Encoding, Tokenizer, TruncationDirection};
+use tokio::sync::Semaphore;
+use tokio::task::JoinError;
 
 mod grammar;
 mod parameters;
@@ -91,12 +93,18 @@ impl ResolvedRequest {
     }
 }
 
+/// Tokenizations run at once when `Validation::with_workers` is not called (as
+/// `--validation-workers`' default).
+pub const DEFAULT_VALIDATION_WORKERS: usize = 2;
+
 /// Validates requests; cheap to clone (the tokenizer is shared).
 #[derive(Clone)]
 pub struct Validation {
     tokenizer: Arc<Tokenizer>,
     limits: ValidationLimits,
     adapters: Arc<AdapterConfig>,
+    /// One permit per tokenization that may run at once on the blocking pool.
+    workers: Arc<Semaphore>,
 }
 
 /// Loads `tokenizer.json` from a directory (or the file itself).
@@ -115,7 +123,14 @@ impl Validation {
             tokenizer: Arc::new(tokenizer),
             limits,
             adapters: Arc::new(AdapterConfig::default()),
+            workers: Arc::new(Semaphore::new(DEFAULT_VALIDATION_WORKERS)),
         }
+    }
+
+    /// Sets how many prompts may be tokenized at once (at least 1); others wait their turn.
+    pub fn with_workers(mut self, workers: usize) -> Self {
+        self.workers = Arc::new(Semaphore::new(workers.max(1)));
+        self
     }
 
     /// Sets what requests may say about adapters (default: adapters supported, none by default).
@@ -245,7 +260,8 @@ impl Validation {
         Ok(tokens)
     }
 
-    /// Encodes on the blocking pool (tokenization is CPU work); keeps the last `truncate` tokens.
+    /// Encodes on the blocking pool (tokenization is CPU work, so a long prompt never holds an
+    /// async worker), at most `workers` at once; keeps the last `truncate` tokens.
     async fn encode(
         &self,
         inputs: String,
@@ -253,7 +269,7 @@ impl Validation {
         truncate: Option<usize>,
     ) -> Result<Encoding, ValidationError> {
         let tokenizer = self.tokenizer.clone();
-        let task = tokio::task::spawn_blocking(move || {
+        let task = run_blocking(&self.workers, move || {
             let mut encoding = tokenizer
                 .encode(inputs, add_special_tokens)
                 .map_err(|e| ValidationError::Tokenizer(e.to_string()))?;
@@ -267,6 +283,21 @@ impl Validation {
         task.await
             .map_err(|e| ValidationError::Tokenizer(e.to_string()))?
     }
+}
+
+/// Runs `work` on the blocking pool once one of `workers`' permits is free. The permit goes with
+/// the work: it is released when the work ends, even if the caller stopped waiting for it.
+async fn run_blocking<T: Send + 'static>(
+    workers: &Arc<Semaphore>,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, JoinError> {
+    // The semaphore is never closed, so acquiring only waits.
+    let permit = workers.clone().acquire_owned().await.ok();
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        work()
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -408,6 +439,54 @@ mod tests {
             unsupported.resolve(request).unwrap_err(),
             E::AdaptersNotSupported("GPT2LMHeadModel".into())
         );
+    }
+
+    #[tokio::test]
+    async fn one_worker_serves_concurrent_validations() {
+        let validation = Validation::new(test_tokenizer(), limits()).with_workers(1);
+        let resolve = |inputs: &str, p: GenerateParameters| {
+            let request = GenerateRequest {
+                inputs: inputs.into(),
+                parameters: p,
+            };
+            validation.resolve(request).unwrap()
+        };
+        let (a, b, too_long) = tokio::join!(
+            validation.validate(resolve("hello world", params(|_| {}))),
+            validation.validate(resolve("a b", params(|_| {}))),
+            validation.validate(resolve("a b c d a b", params(|_| {}))),
+        );
+        assert_eq!(a.unwrap().input_ids, vec![1, 4, 5]);
+        assert_eq!(b.unwrap().input_ids, vec![1, 7, 8]);
+        assert_eq!(too_long.unwrap_err(), E::InputLength(6, 7));
+    }
+
+    #[tokio::test]
+    async fn blocking_work_runs_at_most_workers_at_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        use std::time::{Duration, Instant};
+        for workers in [1, 2, 3] {
+            let semaphore = Arc::new(Semaphore::new(workers));
+            let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+            let tasks = (0..7).map(|_| {
+                let (running, most) = (running.clone(), most.clone());
+                run_blocking(&semaphore, move || {
+                    most.fetch_max(running.fetch_add(1, SeqCst) + 1, SeqCst);
+                    // Until as many ran at once as the permits allow (2 s at most), each waits
+                    // for the others let in, so that they overlap.
+                    let deadline = Instant::now() + Duration::from_secs(2);
+                    while most.load(SeqCst) < workers && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                    running.fetch_sub(1, SeqCst);
+                })
+            });
+            for done in futures::future::join_all(tasks).await {
+                done.unwrap();
+            }
+            assert_eq!(most.load(SeqCst), workers);
+        }
     }
 
     #[tokio::test]

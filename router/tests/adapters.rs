@@ -36,6 +36,7 @@ fn start(capacity: u32, max_active_adapters: usize, cycle_time: Duration) -> Har
         block_size: 1,
         chunked_prefill: false,
         prefix_caching: false,
+        eager_prefill: true,
     };
     let queue_config = QueueConfig {
         block_size: 1,

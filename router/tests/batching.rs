@@ -30,6 +30,7 @@ fn config(total: u32, prefill: u32, max_waiting_tokens: usize, ratio: f32) -> Ba
         block_size: 1,
         chunked_prefill: false,
         prefix_caching: false,
+        eager_prefill: true,
     }
 }
 
@@ -501,4 +502,90 @@ async fn client_leaving_during_a_call(delivery: Delivery) {
     h.shard.allow_steps(100);
     assert_eq!(finish(kept).await.unwrap().1.generated_tokens, 30);
     h.assert_no_violations();
+}
+
+/// A request decoding alone, then five arriving while its decode step runs, with room to prefill
+/// two at a time and KV room for four of them; returns every call once all are done.
+async fn five_arrive_while_one_decodes(eager_prefill: bool) -> Vec<Call> {
+    // Each request reserves 2 + 20 tokens: the first and four more fit in 110.
+    let cfg = BatcherConfig {
+        eager_prefill,
+        ..config(110, 4, 20, 0.0)
+    };
+    let h = start(FakeShard::gated(110, 1), cfg);
+    let mut receivers = vec![h.submit(2, 20)];
+    h.shard.allow_steps(1);
+    h.shard.wait_calls(2).await; // its prefill, and the decode call waiting at the gate
+    h.shard.wait_at_gate().await;
+    receivers.extend((0..5).map(|_| h.submit(2, 20)));
+    h.shard.allow_steps(1000);
+    finish_numbered(receivers, &[20; 6]).await;
+    h.assert_no_violations();
+    assert!(h.shard.max_reserved() <= 110);
+    h.shard.calls()
+}
+
+/// The calls before the third Decode.
+fn first_calls(calls: &[Call]) -> Vec<Call> {
+    let third = calls
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| matches!(c, Call::Decode { .. }))
+        .nth(2)
+        .map(|(at, _)| at)
+        .unwrap();
+    calls[..third].to_vec()
+}
+
+fn prefill_of(batch_id: u64, request_ids: Vec<u64>) -> Call {
+    let prefill_tokens = 2 * request_ids.len() as u32;
+    Call::Prefill {
+        batch_id,
+        request_ids,
+        prefill_tokens,
+    }
+}
+
+fn decode_of(batch_ids: Vec<u64>, request_ids: Vec<u64>) -> Call {
+    Call::Decode {
+        batch_ids,
+        request_ids,
+        steps: 1,
+    }
+}
+
+#[tokio::test]
+async fn eager_prefill_prefills_every_batch_that_fits_before_the_next_decode() {
+    let calls = five_arrive_while_one_decodes(true).await;
+    // Two prefills of at most 4 prompt tokens take the four that fit in the token budget; the
+    // fifth waits for a request to finish.
+    assert_eq!(
+        first_calls(&calls),
+        vec![
+            prefill_of(0, vec![0]),
+            decode_of(vec![0], vec![0]),
+            prefill_of(1, vec![1, 2]),
+            prefill_of(2, vec![3, 4]),
+            decode_of(vec![0, 1, 2], vec![0, 1, 2, 3, 4]),
+        ]
+    );
+    let prefills = requests_of(&calls, |c| matches!(c, Call::Prefill { .. }));
+    assert_eq!(prefills.last().unwrap(), &vec![5]);
+}
+
+#[tokio::test]
+async fn without_eager_prefill_one_prefill_runs_between_two_decode_steps() {
+    let calls = five_arrive_while_one_decodes(false).await;
+    assert_eq!(
+        first_calls(&calls),
+        vec![
+            prefill_of(0, vec![0]),
+            decode_of(vec![0], vec![0]),
+            prefill_of(1, vec![1, 2]),
+            decode_of(vec![0, 1], vec![0, 1, 2]),
+            prefill_of(2, vec![3, 4]),
+        ]
+    );
+    let prefills = requests_of(&calls, |c| matches!(c, Call::Prefill { .. }));
+    assert_eq!(prefills.last().unwrap(), &vec![5]);
 }

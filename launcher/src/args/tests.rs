@@ -190,3 +190,129 @@ fn fractions_and_counts_are_range_checked() {
         32
     );
 }
+
+#[test]
+fn lorax_flags_are_accepted_with_lorax_defaults() {
+    let a = parse(&[]);
+    assert_eq!(a.source, ModelSource::Hub);
+    assert_eq!(a.validation_workers, 2);
+    assert!(a.eager_prefill && !a.eager && !a.merge_adapter_weights && !a.disable_sgmv);
+    assert_eq!(a.compile_max_batch_size, 128);
+    assert_eq!(a.default_adapter_source, None);
+    assert!(a.preloaded_adapter_ids.is_empty() && a.unused_flags().is_empty());
+    let given = parse(&[
+        "--backend",
+        "fa2",
+        "--compile-max-rank",
+        "64",
+        "--compile-batch-size",
+        "32",
+        "--watermark-gamma",
+        "0.5",
+        "--embedding-dim",
+        "768",
+        "--eager",
+        "--eager-prefill",
+        "false",
+        "--preloaded-adapter-ids",
+        "a,b",
+        "--default-adapter-source",
+        "local",
+    ]);
+    given.validate().expect("valid");
+    assert!(!given.eager_prefill);
+    assert_eq!(given.preloaded_adapter_ids, ["a", "b"]);
+    let unused = given.unused_flags().join("\n");
+    for flag in [
+        "--backend",
+        "--compile-max-rank",
+        "--compile-batch-size",
+        "--watermark-gamma",
+        "--embedding-dim",
+    ] {
+        assert!(unused.contains(flag), "{flag} not reported in {unused}");
+    }
+}
+
+#[test]
+fn lorax_flags_that_cannot_work_here_are_refused_with_the_reason() {
+    let local_dir = std::env::temp_dir();
+    let local = local_dir.to_str().unwrap();
+    assert!(
+        Args::try_parse_from(["lorax-launcher", "--model-id", local, "--source", "local"])
+            .unwrap()
+            .validate()
+            .is_ok()
+    );
+    for (extra, expected) in [
+        (
+            &["--source", "local"][..],
+            "--source local needs --model-id to be a directory",
+        ),
+        (&["--source", "s3"][..], "download the model"),
+        (&["--source", "pbase"][..], "download the model"),
+        (
+            &["--merge-adapter-weights"][..],
+            "needs the adapter to merge",
+        ),
+        (
+            &[
+                "--adapter-id",
+                "x",
+                "--merge-adapter-weights",
+                "--preloaded-adapter-ids",
+                "y",
+            ][..],
+            "cannot be used with --merge-adapter-weights",
+        ),
+        (
+            &[
+                "--adapter-id",
+                "x",
+                "--merge-adapter-weights",
+                "--quantize",
+                "eetq",
+            ][..],
+            "unquantized",
+        ),
+        (&["--eager", "--compile"][..], "exclude each other"),
+        (
+            &["--validation-workers", "0"][..],
+            "--validation-workers must be at least 1",
+        ),
+        (
+            &["--memory-wiggle-room", "0"][..],
+            "--memory-wiggle-room must be in (0, 1]",
+        ),
+        (
+            &["--memory-wiggle-room", "1.5"][..],
+            "--memory-wiggle-room must be in (0, 1]",
+        ),
+        (
+            &["--disable-custom-kernels", "--attention-backend", "triton"][..],
+            "must then be torch",
+        ),
+        (&["--ngrok"][..], "--ngrok is not supported"),
+        (&["--ngrok-authtoken", "t"][..], "--ngrok is not supported"),
+        (
+            &[
+                "--max-active-adapters",
+                "2",
+                "--preloaded-adapter-ids",
+                "a,b",
+            ][..],
+            "at most --max-active-adapters - 1 (1)",
+        ),
+    ] {
+        let err = error_of(extra);
+        assert!(err.contains(expected), "{extra:?}: {err}");
+    }
+    assert!(Args::try_parse_from([
+        "lorax-launcher",
+        "--model-id",
+        "m",
+        "--adapter-source",
+        "pbase"
+    ])
+    .is_err());
+}

@@ -39,17 +39,15 @@ fn base_default_and_named_adapters() {
     let with_default = AdapterConfig {
         default_adapter_id: Some("org/default".into()),
         default_source: AdapterSource::Local,
+        default_adapter_source: AdapterSource::S3,
         ..config()
     };
     let d = resolve(&with_default, AdapterFields::default())
         .unwrap()
         .unwrap();
-    assert_eq!(
-        *d.key,
-        AdapterKey::single("org/default", AdapterSource::Local)
-    );
+    assert_eq!(*d.key, AdapterKey::single("org/default", AdapterSource::S3));
     // Naming the base model still means the base model; a named adapter without a source
-    // takes the default source.
+    // takes the requests' default source, not the default adapter's.
     assert!(resolve(&with_default, named("org/base")).unwrap().is_none());
     let n = resolve(&with_default, named("x")).unwrap().unwrap();
     assert_eq!(n.key.source, AdapterSource::Local);
@@ -172,4 +170,38 @@ fn ids_are_bounded() {
     assert!(resolve(&config(), named(&wide)).is_ok());
     let wider = "é".repeat(MAX_ADAPTER_ID_LENGTH + 1);
     assert!(resolve(&config(), named(&wider)).is_err());
+}
+
+#[test]
+fn a_merged_default_adapter_is_the_only_model() {
+    let merged = AdapterConfig {
+        default_adapter_id: Some("org/merged".into()),
+        supports_adapters: false, // the shards report none once the adapter is merged
+        merged: true,
+        ..config()
+    };
+    assert!(merged.default_adapter().is_none(), "nothing to load");
+    for fields in [
+        AdapterFields::default(),
+        named(""),
+        named("org/base"),
+        named("org/merged"),
+    ] {
+        assert!(resolve(&merged, fields).unwrap().is_none());
+    }
+    let other = resolve(&merged, named("org/other")).unwrap_err();
+    assert!(
+        other.to_string().contains("merged org/merged")
+            && other.to_string().contains("--merge-adapter-weights"),
+        "{other}"
+    );
+    let merges = MergedAdapters {
+        ids: vec!["org/merged".into(), "org/other".into()],
+        ..Default::default()
+    };
+    let fields = AdapterFields {
+        merged_adapters: Some(&merges),
+        ..Default::default()
+    };
+    assert!(resolve(&merged, fields).is_err());
 }

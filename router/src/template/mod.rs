@@ -48,16 +48,35 @@ fn raise_exception(message: String) -> Result<String, Error> {
 }
 
 /// A special token as `tokenizer_config.json` writes it: a string or `{"content": ...}`.
-fn token_text(value: Option<&serde_json::Value>) -> String {
-    match value {
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(v) => v
-            .get("content")
-            .and_then(|c| c.as_str())
-            .unwrap_or_default()
-            .to_string(),
-        None => String::new(),
+fn token_text(value: Option<&serde_json::Value>) -> Option<String> {
+    match value? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        v => v.get("content")?.as_str().map(str::to_string),
     }
+}
+
+/// The `chat_template` of a `tokenizer_config.json`: a string, or a list of named templates (the
+/// "default" one, else the first).
+fn config_template(config: &serde_json::Value) -> Option<String> {
+    match config.get("chat_template")? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(named) => named
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .or(named.first())
+            .and_then(|t| t.get("template"))
+            .and_then(|t| t.as_str())
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+/// The `tokenizer_config.json` in `dir`; empty when it is missing or unreadable.
+fn model_config(dir: &Path) -> serde_json::Value {
+    std::fs::read_to_string(dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default()
 }
 
 impl ChatTemplate {
@@ -90,31 +109,36 @@ impl ChatTemplate {
     /// Reads the template from `chat_template.jinja` or `tokenizer_config.json` in `dir`;
     /// None when the tokenizer has none.
     pub fn load(dir: &Path) -> Result<Option<Self>, String> {
-        let config: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
-            .ok()
-            .and_then(|text| serde_json::from_str(&text).ok())
-            .unwrap_or_default();
+        let config = model_config(dir);
         let source = match std::fs::read_to_string(dir.join("chat_template.jinja")) {
             Ok(source) => Some(source),
-            Err(_) => match config.get("chat_template") {
-                Some(serde_json::Value::String(s)) => Some(s.clone()),
-                // A list of named templates: the "default" one, else the first.
-                Some(serde_json::Value::Array(named)) => named
-                    .iter()
-                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-                    .or(named.first())
-                    .and_then(|t| t.get("template"))
-                    .and_then(|t| t.as_str())
-                    .map(str::to_string),
-                _ => None,
-            },
+            Err(_) => config_template(&config),
         };
         let Some(source) = source else {
             return Ok(None);
         };
-        let bos = token_text(config.get("bos_token"));
-        let eos = token_text(config.get("eos_token"));
+        let bos = token_text(config.get("bos_token")).unwrap_or_default();
+        let eos = token_text(config.get("eos_token")).unwrap_or_default();
         Self::new(source, bos, eos).map(Some)
+    }
+
+    /// The `chat_template` of the `tokenizer_config.json` at `path`, in place of the model's own
+    /// (`--tokenizer-config-path`). Its `bos_token` and `eos_token` when it has them, else those
+    /// of the model's `tokenizer_config.json` in `model_dir`. An error when the file cannot be
+    /// read, is not JSON, or has no template (or one that does not compile).
+    pub fn from_tokenizer_config(path: &Path, model_dir: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot be read: {e}"))?;
+        let config: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("is not valid JSON: {e}"))?;
+        let source = config_template(&config)
+            .ok_or("has no `chat_template` (a string, or a list of named templates)")?;
+        let model = model_config(model_dir);
+        let token = |name: &str| {
+            token_text(config.get(name))
+                .or_else(|| token_text(model.get(name)))
+                .unwrap_or_default()
+        };
+        Self::new(source, token("bos_token"), token("eos_token"))
     }
 
     /// Whether the template renders the `tools` variable itself.

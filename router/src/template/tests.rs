@@ -44,6 +44,65 @@ fn loads_from_tokenizer_files() {
     assert_eq!(t.apply(&[]).unwrap(), "J</s>");
 }
 
+#[test]
+fn a_tokenizer_config_file_replaces_the_models_template() {
+    let model = tempfile::tempdir().unwrap();
+    let config = serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "chat_template": "M"});
+    std::fs::write(
+        model.path().join("tokenizer_config.json"),
+        config.to_string(),
+    )
+    .unwrap();
+    std::fs::write(model.path().join("chat_template.jinja"), "J").unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let path = other.path().join("tokenizer_config.json");
+    // The list form; the model's special tokens where the file has none.
+    let named = serde_json::json!({"chat_template": [{"name": "x", "template": "{{ bos_token }}F{{ eos_token }}"}]});
+    std::fs::write(&path, named.to_string()).unwrap();
+    let t = ChatTemplate::from_tokenizer_config(&path, model.path()).unwrap();
+    assert_eq!(t.apply(&[]).unwrap(), "<s>F</s>");
+    // The file's own special tokens win.
+    let own = serde_json::json!({"bos_token": {"content": "[B]"}, "chat_template": "{{ bos_token }}G{{ eos_token }}"});
+    std::fs::write(&path, own.to_string()).unwrap();
+    let t = ChatTemplate::from_tokenizer_config(&path, model.path()).unwrap();
+    assert_eq!(t.apply(&[]).unwrap(), "[B]G</s>");
+}
+
+#[test]
+fn a_tokenizer_config_file_without_a_usable_template_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer_config.json");
+    let error =
+        |path: &std::path::Path| ChatTemplate::from_tokenizer_config(path, dir.path()).unwrap_err();
+    assert!(
+        error(&path).starts_with("cannot be read: "),
+        "{}",
+        error(&path)
+    );
+    std::fs::write(&path, "{not json").unwrap();
+    assert!(
+        error(&path).starts_with("is not valid JSON: "),
+        "{}",
+        error(&path)
+    );
+    std::fs::write(&path, r#"{"bos_token": "<s>"}"#).unwrap();
+    assert!(
+        error(&path).starts_with("has no `chat_template`"),
+        "{}",
+        error(&path)
+    );
+    std::fs::write(&path, r#"{"chat_template": "{% for %}"}"#).unwrap();
+    assert!(
+        error(&path).starts_with("invalid chat template: "),
+        "{}",
+        error(&path)
+    );
+    assert!(
+        error(dir.path()).starts_with("cannot be read: "),
+        "a directory"
+    );
+}
+
 /// A Hermes / Qwen2.5-style template that renders `tools` and tool calls itself.
 const QWEN_LIKE: &str = r#"<|im_start|>system
 {% if messages and messages[0].role == 'system' %}

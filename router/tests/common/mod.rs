@@ -9,6 +9,7 @@ use lorax_router::api::Info;
 use lorax_router::app::AppState;
 use lorax_router::batcher::BatcherConfig;
 use lorax_router::client::ShardClient;
+use lorax_router::cors::CorsOptions;
 use lorax_router::exchange::ExchangeConfig;
 use lorax_router::health::HealthConfig;
 use lorax_router::infer::Infer;
@@ -104,6 +105,32 @@ pub fn app_with_health(
     exchange: ExchangeConfig,
     health: HealthConfig,
 ) -> Router {
+    let state = app_state(shard, max_concurrent_requests, adapters, exchange, health);
+    router(state, CorsOptions::default().layer().unwrap())
+}
+
+/// The test model's app with the CORS settings of `cors_args` (`--cors-*` flags).
+pub fn app_with_cors(shard: Arc<FakeShard>, cors_args: &[&str]) -> Result<Router, String> {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        cors: CorsOptions,
+    }
+    let args = std::iter::once("lorax-router").chain(cors_args.iter().copied());
+    let cli = <Cli as clap::Parser>::try_parse_from(args).map_err(|e| e.to_string())?;
+    let (adapters, health) = (adapter_config(), HealthConfig::default());
+    let state = app_state(shard, 4, adapters, exchange(), health);
+    Ok(router(state, cli.cors.layer()?))
+}
+
+/// The state the test apps share: the test model over `shard`.
+pub fn app_state(
+    shard: Arc<FakeShard>,
+    max_concurrent_requests: usize,
+    adapters: AdapterConfig,
+    exchange: ExchangeConfig,
+    health: HealthConfig,
+) -> AppState {
     let limits = ValidationLimits {
         max_best_of: 2,
         max_stop_sequences: 4,
@@ -119,6 +146,7 @@ pub fn app_with_health(
         block_size: 1,
         chunked_prefill: false,
         prefix_caching: false,
+        eager_prefill: true,
     };
     let client: Arc<dyn ShardClient> = shard;
     let validation = Validation::new(test_tokenizer(), limits).with_adapters(adapters);
@@ -130,14 +158,13 @@ pub fn app_with_health(
         health,
         max_concurrent_requests,
     );
-    let state = AppState {
+    AppState {
         infer,
         info: Arc::new(info()),
         client,
         prometheus: lorax_router::metrics::install(),
         chat_template: Some(Arc::new(chat_template())),
-    };
-    router(state, &[])
+    }
 }
 
 pub fn fake() -> Arc<FakeShard> {
