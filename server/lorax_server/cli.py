@@ -99,35 +99,8 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("ATTENTION_BACKEND") or None,
         help="attention kernels; default: triton on CUDA when it imports, else torch; env ATTENTION_BACKEND",
     )
-    serve.add_argument(
-        "--speculative-tokens",
-        type=int,
-        default=0,
-        help="draft up to N tokens per row and step by prompt lookup and keep those sampling agrees with (0: off)",
-    )
-    serve.add_argument(
-        "--speculation-max-batch-size",
-        type=int,
-        default=int(os.environ.get("SPECULATION_MAX_BATCH_SIZE", "32")),
-        help="decode steps over more rows draft nothing; env SPECULATION_MAX_BATCH_SIZE",
-    )
-    serve.add_argument(
-        "--default-adapter-id",
-        default=None,
-        help="the server's default adapter (the launcher's --adapter-id): its Medusa heads draft for every request",
-    )
-    serve.add_argument("--default-adapter-source", default="hub", help="where --default-adapter-id comes from")
-    serve.add_argument(
-        "--merge-adapter-weights",
-        action="store_true",
-        help="add --default-adapter-id's LoRA update to the base weights at start; no adapter is loaded after",
-    )
-    serve.add_argument(
-        "--compile-max-batch-size",
-        type=int,
-        default=128,
-        help="with --compile, decode batches of more requests than this run without CUDA graphs",
-    )
+    _add_decode_arguments(serve)
+    _add_adapter_arguments(serve)
     serve.add_argument(
         "--otlp-endpoint",
         default=os.environ.get("OTLP_ENDPOINT"),
@@ -140,6 +113,41 @@ def _parser() -> argparse.ArgumentParser:
     download.add_argument("--revision", default=None)
     download.add_argument("--log-level", default="INFO")
     return parser
+
+
+def _add_adapter_arguments(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument(
+        "--default-adapter-id",
+        default=None,
+        help="the server's default adapter (the launcher's --adapter-id): its Medusa heads draft for every request",
+    )
+    serve.add_argument("--default-adapter-source", default="hub", help="where --default-adapter-id comes from")
+    serve.add_argument(
+        "--merge-adapter-weights",
+        action="store_true",
+        help="add --default-adapter-id's LoRA update to the base weights at start; no adapter is loaded after",
+    )
+
+
+def _add_decode_arguments(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument(
+        "--compile-max-batch-size",
+        type=int,
+        default=128,
+        help="with --compile, decode batches of more requests than this run without CUDA graphs",
+    )
+    serve.add_argument(
+        "--speculative-tokens",
+        type=int,
+        default=0,
+        help="draft up to N tokens per row and step by prompt lookup and keep those sampling agrees with (0: off)",
+    )
+    serve.add_argument(
+        "--speculation-max-batch-size",
+        type=int,
+        default=int(os.environ.get("SPECULATION_MAX_BATCH_SIZE", "32")),
+        help="decode steps over more rows draft nothing; env SPECULATION_MAX_BATCH_SIZE",
+    )
 
 
 def _shard_config(args: argparse.Namespace) -> ShardConfig:

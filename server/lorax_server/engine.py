@@ -151,9 +151,8 @@ class Engine:
         num_blocks -= scratch
         self.blocks = BlockManager(num_blocks, bs)
         if self.cuda_graphs:
-            self.graphs = decode_graphs.DecodeGraphs(
-                self.model, self.cache, num_blocks, -(-max_total_tokens // bs), self.cuda_graph_max_batch
-            )
+            widest, largest = -(-max_total_tokens // bs), self.cuda_graph_max_batch
+            self.graphs = decode_graphs.DecodeGraphs(self.model, self.cache, num_blocks, widest, largest)
         log.info(
             "KV cache: %s, %d blocks of %d tokens = %d tokens (%.1f MiB)",
             str(dtype).removeprefix("torch."),  # float8_e4m3fn under --quantize fp8-kv: 1 byte per value
@@ -168,12 +167,11 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
-            unused_adapter_share = 0
+            unused = 0
             if self.adapters is not None:  # adapters get their share of the GPU first; the KV cache the rest
-                unused_adapter_share = self.adapters.device_budget_bytes - self.adapters.device_bytes
+                unused = self.adapters.device_budget_bytes - self.adapters.device_bytes
             fraction = self.cache_config.memory_fraction or 1.0
-            budget = gpu_cache_budget(free, total, fraction, self._prefill_peak, unused_adapter_share)
-            budget *= self.cache_config.wiggle_room
+            budget = self.cache_config.wiggle_room * gpu_cache_budget(free, total, fraction, self._prefill_peak, unused)
         else:
             budget = psutil.virtual_memory().available * (self.cache_config.memory_fraction or 0.05)
         return max(1, int(budget // per_block))
@@ -187,8 +185,8 @@ class Engine:
         # which holds what the largest captured decode step allocates.
         self._prefill_peak = self._peak_of(lens)
         if self.cuda_graphs and self.device.type == "cuda":
-            largest = max((b for b in decode_graphs.BUCKETS if b <= self.cuda_graph_max_batch), default=0)
-            self._prefill_peak += self._peak_of([1] * largest) if largest else 0
+            largest = max((b for b in decode_graphs.BUCKETS if b <= self.cuda_graph_max_batch), default=1)
+            self._prefill_peak += self._peak_of([1] * largest)
 
     def _peak_of(self, lens: list[int]) -> int:
         """Run one forward pass over prompts of `lens` tokens; on a GPU, the bytes it allocated at its peak."""
