@@ -67,7 +67,8 @@ def run_ours(
 
 
 # The router's defaults (LoRAX's): a running batch takes new requests only when at least 1.2 times
-# as many wait as run, or after 20 decode steps.
+# as many wait as run, or after 20 decode steps; and, with eager prefill, as many prefills as the
+# waiting requests make before the next decode step.
 ROUTER_POLICY = (1.2, 20)
 
 
@@ -75,36 +76,48 @@ def serve_all(
     engine: Engine, requests: list[RequestIn], prefill_budget: int, policy: tuple[float, int] | None = None
 ) -> tuple[int, float]:
     """Run every request to completion the way the router does: prefill waiting requests in chunks of
-    the prefill budget, each chunk joining the running batch. Without a `policy` a chunk joins at the
-    next step; with `(waiting_served_ratio, max_waiting_tokens)` it joins as the router's would (see
-    ROUTER_POLICY). Returns (tokens generated, seconds)."""
+    the prefill budget, each chunk joining the running batch. Without a `policy` one chunk joins at the
+    next step; with `(waiting_served_ratio, max_waiting_tokens)` chunks join as the router's would (see
+    ROUTER_POLICY): every chunk that may join is prefilled before the next decode step (eager prefill).
+    Returns (tokens generated, seconds)."""
     keep_freed_memory()  # as the shard process does on the CPU
     generated, running, batch_id, waited = 0, None, 0, 0
     pending = list(requests)
     start = time.perf_counter()
     while pending or running is not None:
-        chunk, tokens = [], 0
-        while pending and (tokens + len(pending[0].input_ids) <= prefill_budget or (not chunk and running is None)):
-            tokens += len(pending[0].input_ids)
-            chunk.append(pending.pop(0))
-        if chunk and running is not None and policy is not None and waited < policy[1]:
-            min_size = int(len(running.request_ids) * policy[0])
-            if len(chunk) < min_size:  # the router's queue: fewer than min_size fit (or wait)
-                pending[:0], chunk = chunk, []  # not yet: they wait for a later step
-        if chunk:
+        # The router's queue admits a chunk only of at least min_size requests, decided once a step.
+        admits = running is None or policy is None or waited >= policy[1]
+        min_size = 0 if admits else int(len(running.request_ids) * policy[0])
+        joining = []
+        while chunk := _next_chunk(pending, prefill_budget, running is None and not joining, min_size):
             batch_id += 1
             gens, new = engine.prefill(batch_id, chunk)
             generated += len(gens)
             waited = 0
-            ids = [b.id for b in (running, new) if b is not None]
-            if not ids:
-                continue
+            joining += [new] if new is not None else []
+            if policy is None:
+                break
+        ids = [b.id for b in (running, *joining) if b is not None]
+        if ids:
             gens, running = engine.decode(ids)
-        else:
-            gens, running = engine.decode([running.id])
+            generated += len(gens)
         waited += 1
-        generated += len(gens)
     return generated, time.perf_counter() - start
+
+
+def _next_chunk(pending: list[RequestIn], budget: int, alone: bool, min_size: int) -> list[RequestIn]:
+    """The waiting requests the next prefill takes (removed from `pending`): as many as fit the budget
+    (the first one whatever its size when nothing runs), none when fewer than `min_size` fit."""
+    chunk, tokens = [], 0
+    for request in pending:
+        if tokens + len(request.input_ids) > budget and (chunk or not alone):
+            break
+        tokens += len(request.input_ids)
+        chunk.append(request)
+    if not chunk or len(chunk) < min_size:
+        return []
+    del pending[: len(chunk)]
+    return chunk
 
 
 @torch.no_grad()
