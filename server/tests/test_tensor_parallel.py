@@ -129,6 +129,12 @@ def _family_jobs(tmp: Path) -> list[dict]:
     jobs.append(
         {"name": "nf4", "model_dir": str(wide), "adapters": [str(wide_adapter)], "quantize": "bitsandbytes-nf4"}
     )
+    # --merge-adapter-weights: each rank adds its slice of the update (column- and row-parallel parts),
+    # and another adapter still applies on top.
+    llama = next(j for j in jobs if j["name"] == "llama")
+    merged = make_lora_adapter(llama["model_dir"], tmp / "merged_lora", 9, r=8, lora_alpha=16,
+                               target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"])  # fmt: skip
+    jobs.append({**llama, "name": "llama_merged", "merge": str(merged)})
     return jobs
 
 
@@ -136,7 +142,7 @@ def test_two_ranks_give_the_logits_of_one_process_for_every_family(tmp_path: Pat
     jobs = _family_jobs(tmp_path)
     sharded = run_ranks(jobs, tmp_path / "ranks.pt", world_size=2, port=free_port())
     for job in jobs:
-        want = mixed_batch_run(job["model_dir"], job["adapters"], quantize=job.get("quantize"))
+        want = mixed_batch_run(job["model_dir"], job["adapters"], quantize=job.get("quantize"), merge=job.get("merge"))
         got = sharded[job["name"]]
         assert (got["prefill"] - want["prefill"]).abs().max() < 1e-4, job["name"]
         assert (got["decoded"] - want["decoded"]).abs().max() < 1e-4, job["name"]

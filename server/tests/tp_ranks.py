@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from lorax_server.adapters.lora import segments_of
 from lorax_server.adapters.manager import AdapterManager, AdapterRequest
+from lorax_server.adapters.merge_into_base import merge_into_base
 from lorax_server.forward import ForwardBatch
 from lorax_server.kv_cache import BlockManager, KVCache
 from lorax_server.layers.attention import TorchAttention
@@ -33,12 +34,20 @@ STEPS = 6
 
 @torch.no_grad()
 def mixed_batch_run(
-    model_dir: str, adapters: list[str], rank: int = 0, world_size: int = 1, quantize: str | None = None
+    model_dir: str,
+    adapters: list[str],
+    rank: int = 0,
+    world_size: int = 1,
+    quantize: str | None = None,
+    merge: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prefill logits of every prompt token [sum(LENGTHS), vocab] and STEPS greedy decode steps
-    [rows, STEPS, vocab], rows using ADAPTER_PER_ROW (adapter i is `adapters[i - 1]`)."""
+    [rows, STEPS, vocab], rows using ADAPTER_PER_ROW (adapter i is `adapters[i - 1]`); with `merge`, that
+    adapter's update is first added to the base weights (`--merge-adapter-weights`)."""
     model = load_model(model_dir, TorchAttention(BLOCK), torch.device("cpu"), "float32", rank, world_size,
                        quantize=quantize)  # fmt: skip
+    if merge is not None:
+        merge_into_base(model, Path(merge))
     manager = AdapterManager(model, fetch=lambda a, s, t: Path(a), device_budget_bytes=2**30)
     for i, path in enumerate(adapters, start=1):
         request = AdapterRequest(ids=(path,), source="local")
@@ -99,7 +108,7 @@ def engine_tokens(
 
 
 def run_ranks(jobs: list[dict], out: Path, world_size: int = 2, port: int = 29611, timeout: float = 600) -> dict:
-    """Run `jobs` ({"name", "model_dir", "adapters", "quantize"?}) on `world_size` rank processes;
+    """Run `jobs` ({"name", "model_dir", "adapters", "quantize"?, "merge"?}) on `world_size` rank processes;
     rank 0's results by job name."""
     job_file = out.with_suffix(".json")
     job_file.write_text(json.dumps(jobs))
@@ -128,7 +137,9 @@ def main() -> None:
     init_process_group(rank, world_size, torch.device("cpu"))
     results = {}
     for job in jobs:
-        results[job["name"]] = mixed_batch_run(job["model_dir"], job["adapters"], rank, world_size, job.get("quantize"))
+        results[job["name"]] = mixed_batch_run(
+            job["model_dir"], job["adapters"], rank, world_size, job.get("quantize"), job.get("merge")
+        )
     if rank == 0:
         torch.save(results, out)
     dist.barrier()  # leave together: a rank exiting while another is still in the group aborts it
