@@ -364,6 +364,8 @@ pub struct Info {
     pub eos_token_ids: Vec<u32>,
     pub supports_adapters: bool,
     pub validation_workers: usize,
+    /// `--eager-prefill`: several prefills may run between two decode steps.
+    pub eager_prefill: bool,
     pub version: &'static str,
     pub sha: Option<&'static str>,
     pub docker_label: Option<&'static str>,

@@ -425,6 +425,7 @@ fn build_info(args: &Args, shards: &Shards) -> Info {
         eos_token_ids: shard_info.eos_token_ids.clone(),
         supports_adapters: shard_info.supports_adapters,
         validation_workers: args.validation_workers,
+        eager_prefill: args.eager_prefill,
         version: VERSION,
         sha: None,
         docker_label: None,

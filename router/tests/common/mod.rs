@@ -47,6 +47,7 @@ pub fn info() -> Info {
         eos_token_ids: vec![2],
         supports_adapters: true,
         validation_workers: 1,
+        eager_prefill: true,
         version: lorax_router::VERSION,
         sha: None,
         docker_label: None,
