@@ -155,8 +155,9 @@ impl fmt::Display for Dtype {
 #[derive(Parser, Clone, Debug)]
 #[command(name = "lorax-launcher", version, about, long_about = None)]
 pub struct Args {
-    /// The base model: a Hugging Face Hub model id (`org/name`) or a local directory in
-    /// Hugging Face layout (`config.json`, `*.safetensors`, tokenizer files).
+    /// The base model: a Hugging Face Hub model id (`org/name`, or `org/name@revision` instead of
+    /// `--revision`) or a local directory in Hugging Face layout (`config.json`,
+    /// `*.safetensors`, tokenizer files).
     #[arg(long, env)]
     pub model_id: String,
     /// Where `--model-id` comes from: `hub` (a local directory is also read where it is) or
@@ -309,7 +310,7 @@ pub struct Args {
     pub trust_remote_code: bool,
 
     /// Most requests handled at once; more are rejected with 429 (overloaded).
-    #[arg(long, env, default_value_t = 128)]
+    #[arg(long, env, default_value_t = 1024)]
     pub max_concurrent_requests: usize,
 
     /// Largest `best_of` a request may ask for.
@@ -368,8 +369,9 @@ pub struct Args {
     #[arg(long, env, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=32))]
     pub decode_steps_per_call: u32,
 
-    /// Most adapters loaded on the device at once; others wait in host memory or on disk.
-    #[arg(long, env, default_value_t = 128)]
+    /// Most adapters loaded on the device at once; others wait in host memory or on disk. The
+    /// adapter memory budget (`--adapter-memory-fraction`) bounds them too.
+    #[arg(long, env, default_value_t = 1024)]
     pub max_active_adapters: usize,
 
     /// Seconds the scheduler serves one set of active adapters before rotating to adapters whose

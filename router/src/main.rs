@@ -29,7 +29,7 @@ mod shards;
 #[command(name = "lorax-router", version, about)]
 struct Args {
     /// Most requests in flight at once; further ones are refused with 429 `overloaded`.
-    #[arg(long, env, default_value_t = 128)]
+    #[arg(long, env, default_value_t = 1024)]
     max_concurrent_requests: usize,
     /// Largest `best_of` a request may ask for.
     #[arg(long, env, default_value_t = 2)]

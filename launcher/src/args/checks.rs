@@ -14,9 +14,35 @@ impl Args {
     pub fn from_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
         let mut args = Args::from_arg_matches(matches)?;
         let from_env = matches.value_source("hostname") == Some(ValueSource::EnvVariable);
-        args.hostname = listen_address(&args.hostname, from_env)
-            .map_err(|e| clap::Error::raw(clap::error::ErrorKind::ValueValidation, e))?;
+        let invalid = |e: String| clap::Error::raw(clap::error::ErrorKind::ValueValidation, e);
+        args.hostname = listen_address(&args.hostname, from_env).map_err(invalid)?;
+        args.split_model_revision().map_err(invalid)?;
         Ok(args)
+    }
+
+    /// `--model-id org/model@revision` (LoRAX's form) into the id and `--revision`. A local path is
+    /// left whole, `@` and all.
+    fn split_model_revision(&mut self) -> Result<(), String> {
+        if std::path::Path::new(&self.model_id).exists() {
+            return Ok(());
+        }
+        let Some((model, revision)) = self.model_id.split_once('@') else {
+            return Ok(());
+        };
+        if self.revision.is_some() {
+            return Err(format!(
+                "--model-id {} names a revision and so does --revision: give one of them",
+                self.model_id
+            ));
+        }
+        if model.is_empty() || revision.is_empty() {
+            return Err(format!(
+                "--model-id {}: expected <model id>@<revision>",
+                self.model_id
+            ));
+        }
+        (self.model_id, self.revision) = (model.to_string(), Some(revision.to_string()));
+        Ok(())
     }
 
     /// Checks what clap cannot: relations between limits and features that are not built yet.

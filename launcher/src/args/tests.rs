@@ -23,7 +23,7 @@ fn defaults_match_lorax() {
     let a = parse(&[]);
     assert_eq!(a.num_shard, 1);
     assert_eq!(a.adapter_source, AdapterSource::Hub);
-    assert_eq!(a.max_concurrent_requests, 128);
+    assert_eq!(a.max_concurrent_requests, 1024);
     assert_eq!(a.max_best_of, 2);
     assert_eq!(a.max_stop_sequences, 4);
     assert_eq!(a.max_input_length, 1024);
@@ -33,7 +33,7 @@ fn defaults_match_lorax() {
     assert_eq!(a.max_batch_total_tokens, None);
     assert_eq!(a.max_waiting_tokens, 20);
     assert_eq!(a.decode_steps_per_call, 8);
-    assert_eq!(a.max_active_adapters, 128);
+    assert_eq!(a.max_active_adapters, 1024);
     assert_eq!(a.adapter_cycle_time_s, 2);
     assert_eq!(a.adapter_memory_fraction, 0.1);
     assert_eq!(a.hostname, "0.0.0.0");
@@ -315,4 +315,38 @@ fn lorax_flags_that_cannot_work_here_are_refused_with_the_reason() {
         "pbase"
     ])
     .is_err());
+}
+
+#[test]
+fn a_revision_may_follow_the_model_id_after_an_at_sign() {
+    let from =
+        |argv: &[&str]| Args::from_matches(&Args::command().try_get_matches_from(argv).unwrap());
+    let a = from(&["lorax-launcher", "--model-id", "org/model@v1.0"]).unwrap();
+    assert_eq!(
+        (a.model_id.as_str(), a.revision.as_deref()),
+        ("org/model", Some("v1.0"))
+    );
+    let plain = from(&["lorax-launcher", "--model-id", "org/model"]).unwrap();
+    assert_eq!(
+        (plain.model_id.as_str(), plain.revision),
+        ("org/model", None)
+    );
+    let both = from(&[
+        "lorax-launcher",
+        "--model-id",
+        "org/m@main",
+        "--revision",
+        "v2",
+    ]);
+    assert!(both.unwrap_err().to_string().contains("give one of them"));
+    assert!(from(&["lorax-launcher", "--model-id", "org/m@"]).is_err());
+    // A local directory keeps its name, @ included.
+    let dir = std::env::temp_dir().join(format!("lorax-at@{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let local = from(&["lorax-launcher", "--model-id", dir.to_str().unwrap()]).unwrap();
+    assert_eq!(
+        (local.model_id.as_str(), local.revision),
+        (dir.to_str().unwrap(), None)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

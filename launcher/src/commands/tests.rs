@@ -199,9 +199,9 @@ fn router_gets_shard_zero_tokenizer_and_limits() {
         spec.args_lossy().join(" "),
         "--master-shard-uds-path /tmp/lorax-server-0 --tokenizer-name /m \
          --model-id org/model --hostname 0.0.0.0 --port 8080 \
-         --max-concurrent-requests 128 --max-best-of 2 --max-stop-sequences 4 \
+         --max-concurrent-requests 1024 --max-best-of 2 --max-stop-sequences 4 \
          --max-input-length 1024 --max-total-tokens 2048 --max-batch-prefill-tokens 4096 \
-         --max-waiting-tokens 20 --max-active-adapters 128 --waiting-served-ratio 1.2 \
+         --max-waiting-tokens 20 --max-active-adapters 1024 --waiting-served-ratio 1.2 \
          --decode-steps-per-call 8 --adapter-cycle-time-s 2 --health-stall-timeout-s 60 --health-probe-interval-s 5 \
          --validation-workers 2 --eager-prefill true \
          --default-adapter-source hub --adapter-source hub \
