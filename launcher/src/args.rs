@@ -279,7 +279,8 @@ pub struct Args {
     /// models yet: elsewhere the shard logs why and decodes eagerly. Outputs are unchanged.
     #[arg(long, env)]
     pub compile: bool,
-    /// Decode without CUDA graphs: the default here; refused together with `--compile`.
+    /// Decode without CUDA graphs. The default here (LoRAX captures graphs unless `--eager`; here
+    /// `--compile` asks for them); refused together with `--compile`.
     #[arg(long, env, value_parser = BoolishValueParser::new())]
     pub eager: bool,
     /// With `--compile`, decode batches of more requests than this run without graphs (graphs are
