@@ -66,7 +66,8 @@ def token_ids(r: requests.Response) -> list[int]:
 def test_preloaded_adapters_are_pinned_before_health(llama_dir, adapters, peft_tokens, tmp_path) -> None:
     ids = ",".join(str(a) for a in adapters)
     flags = ["--preloaded-adapter-ids", ids, "--preloaded-adapter-source", "local", "--default-adapter-source",
-             "local", "--max-active-adapters", "3", "--backend", "fa2", "--compile-max-rank", "8"]  # fmt: skip
+             "local", "--max-active-adapters", "3", "--backend", "fa2", "--compile-max-rank", "8",
+             "--watermark-gamma", "0.25", "--watermark-delta", "4"]  # fmt: skip
     with launch(llama_dir, tmp_path, *flags) as server:
         # The first /health that answered 200 came after both were active: nothing is loading now.
         listed = {a["adapter_id"]: a for a in requests.get(f"{server.url}/adapters", timeout=10).json()}
@@ -79,9 +80,24 @@ def test_preloaded_adapters_are_pinned_before_health(llama_dir, adapters, peft_t
                 assert token_ids(generate(server.url, prompt, adapter_id=str(adapter))) == peft_tokens(i, prompt)
         unload = requests.post(f"{server.url}/adapters/unload", json={"adapter_id": str(adapters[0])}, timeout=10)
         assert unload.status_code == 409 and "pinned" in unload.json()["error"]
+        # Watermarked with the launcher's gamma and delta: the paper's detector finds it.
+        prompt_ids = AutoTokenizer.from_pretrained(llama_dir)(PROMPTS[0]).input_ids
+        for on in (True, False):
+            r = generate(server.url, PROMPTS[0], max_new_tokens=60, do_sample=True, seed=3, watermark=on)
+            z = z_score(prompt_ids, token_ids(r), 0.25)
+            assert (z > 4.0) == on, (on, z)
         log = server.log()
     assert "accepted for LoRAX compatibility, without effect: --backend" in log
     assert "--compile-max-rank" in log
+
+
+def z_score(prompt: list[int], tokens: list[int], gamma: float, vocab: int = 320) -> float:
+    """Kirchenbauer et al.'s detector with their key, as TGI's and LoRAX's watermark seeds it."""
+    previous, green = [prompt[-1], *tokens[:-1]], 0
+    for p, t in zip(previous, tokens, strict=True):
+        rng = torch.Generator().manual_seed(15485863 * p)
+        green += t in torch.randperm(vocab, generator=rng)[: int(vocab * gamma)].tolist()
+    return (green - gamma * len(tokens)) / (len(tokens) * gamma * (1 - gamma)) ** 0.5
 
 
 def test_merged_adapter_serves_its_model_and_nothing_else(llama_dir, adapters, peft_tokens, tmp_path) -> None:

@@ -455,11 +455,12 @@ pub struct Args {
     /// Whether browsers may send credentials (CORS). Needs explicit origins, headers and methods.
     #[arg(long, env)]
     pub cors_allow_credentials: Option<bool>,
-    /// LoRAX's watermark green-list fraction. Accepted and unused: watermarking is not
-    /// implemented (a request asking for it gets a 422).
+    /// Share of the vocabulary on a watermarked request's green list, in (0, 1) (requests with
+    /// `watermark: true`). Unset: 0.5. Passed to the shards as `WATERMARK_GAMMA`.
     #[arg(long, env)]
     pub watermark_gamma: Option<f32>,
-    /// LoRAX's watermark logit bias. Accepted and unused, as `--watermark-gamma`.
+    /// Added to the logits of a watermarked request's green tokens, at least 0. Unset: 2.0.
+    /// Passed to the shards as `WATERMARK_DELTA`.
     #[arg(long, env)]
     pub watermark_delta: Option<f32>,
     /// LoRAX's ngrok tunnel: not supported (refused at start); put the server behind your own

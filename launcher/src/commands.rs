@@ -161,6 +161,12 @@ pub fn shard(server: &Path, args: &Args, env: &ChildEnv, rank: usize) -> Command
     if let Some(room) = args.memory_wiggle_room {
         spec = spec.env("MEMORY_WIGGLE_ROOM", room.to_string());
     }
+    if let Some(gamma) = args.watermark_gamma {
+        spec = spec.env("WATERMARK_GAMMA", gamma.to_string());
+    }
+    if let Some(delta) = args.watermark_delta {
+        spec = spec.env("WATERMARK_DELTA", delta.to_string());
+    }
     if let Some(token) = &args.predibase_api_token {
         spec = spec.env("PREDIBASE_API_TOKEN", &token.0);
     }

@@ -67,7 +67,8 @@ pub struct GenerateParameters {
     #[serde(default)]
     #[schema(minimum = 1)]
     pub truncate: Option<usize>,
-    /// Not supported: true is refused (422).
+    /// Green-list watermarking (Kirchenbauer et al.), as TGI and LoRAX do it; strength from the
+    /// launcher's `--watermark-gamma` and `--watermark-delta`.
     #[serde(default)]
     #[schema(default = false)]
     pub watermark: bool,

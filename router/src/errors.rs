@@ -74,8 +74,6 @@ pub enum ValidationError {
     MergedAdapters(String),
     #[error("`{0}` is not supported yet")]
     NotSupported(&'static str),
-    #[error("watermark is not supported")]
-    Watermark,
     /// `frequency_penalty` or `presence_penalty` out of range (or NaN).
     #[error("`{0}` must be between -2.0 and 2.0. Given: {1}")]
     Penalty(&'static str, f32),

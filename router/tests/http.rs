@@ -507,21 +507,19 @@ async fn warpers_sample_without_do_sample() {
 }
 
 #[tokio::test]
-async fn watermark_is_refused_before_the_shard() {
+async fn watermark_requests_are_served() {
     let shard = fake();
     let app = app(shard.clone(), 4);
-    let body = json!({"inputs": "hello", "parameters": {"watermark": true}});
-    for uri in ["/generate", "/generate_stream", "/"] {
-        let answer = post(&app, uri, body.clone()).await;
-        assert_error(&answer, 422, "validation");
-        assert_eq!(
-            answer.json()["error"],
-            "Input validation error: watermark is not supported"
-        );
+    for on in [true, false] {
+        let body = json!({"inputs": "hello", "parameters": {"watermark": on, "max_new_tokens": 1}});
+        assert_eq!(post(&app, "/generate", body).await.status, StatusCode::OK);
     }
-    assert!(shard.calls().is_empty(), "{:?}", shard.calls());
-    let off = json!({"inputs": "hello", "parameters": {"watermark": false, "max_new_tokens": 1}});
-    assert_eq!(post(&app, "/generate", off).await.status, StatusCode::OK);
+    let prefills = shard
+        .calls()
+        .iter()
+        .filter(|c| matches!(c, Call::Prefill { .. }))
+        .count();
+    assert_eq!(prefills, 2);
 }
 
 #[tokio::test]

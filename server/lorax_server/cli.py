@@ -151,6 +151,12 @@ def _add_decode_arguments(serve: argparse.ArgumentParser) -> None:
 
 
 def _shard_config(args: argparse.Namespace) -> ShardConfig:
+    from . import watermark
+
+    try:
+        watermark.settings()  # WATERMARK_GAMMA, WATERMARK_DELTA: checked now rather than at a first request
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if not args.sharded and world_size != 1:

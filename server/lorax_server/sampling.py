@@ -1,6 +1,7 @@
 """Batched next-token choice: logits processors and seeded sampling for a whole batch in one pass.
 
-Processing order and semantics follow transformers (and TGI): repetition penalty, OpenAI's frequency
+Processing order and semantics follow transformers (and TGI): the watermark's green-list bias
+(`watermark`, for the rows that ask for it), repetition penalty, OpenAI's frequency
 and presence penalties (over generated tokens), then for sampling rows temperature, top-k, top-p and
 typical-p (filtered scores become -inf, at least one token is
 always kept), then log-softmax and the choice: greedy rows take the arg-max, sampling rows draw from
@@ -20,6 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from . import watermark
+from .watermark import apply_watermark
 
 _MASK32 = 0xFFFFFFFF
 # Multipliers of a two-round xorshift-multiply mixer (murmur3 fmix32 family), and Weyl increments that
@@ -146,9 +150,6 @@ class BatchSampler:
     """Per-row parameter tensors of one batch, and the batched processors that use them."""
 
     def __init__(self, params: list[SamplingParams], device: torch.device) -> None:
-        for p in params:
-            if p.watermark:
-                raise ValueError("watermark is not supported yet")
         self.params = list(params)
         self.device = torch.device(device)
         sample = [p.samples for p in params]
@@ -184,6 +185,7 @@ class BatchSampler:
         self.any_count_penalty = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
         self.any_temperature = any(x != 1.0 for x in temperature)
         self.max_top_k = max(top_k, default=0)
+        self.watermark_rows = [i for i, p in enumerate(params) if p.watermark]  # host list: rarely any
         self.any_top_p = any(top_p_on)
         self.any_typical = any(typical_on)
         rows = [i for i, s in enumerate(sample) if s]
@@ -217,6 +219,7 @@ class BatchSampler:
         for name in self._ROW_TENSORS:
             setattr(new, name, getattr(self, name)[rows])
         sample_rows = [i for i, p in enumerate(new.params) if p.samples]
+        new.watermark_rows = [i for i, p in enumerate(new.params) if p.watermark]
         new.sample_rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
         new.sample_keys = new.seed_keys[new.sample_rows]
         return new
@@ -226,12 +229,12 @@ class BatchSampler:
         """Whether every row takes the arg-max of its logits untouched (greedy, no processor): then
         the choice needs no per-row state, and any number of logit rows can be passed."""
         plain = not (self.any_sample or self.any_penalty or self.any_count_penalty or self.any_temperature)
-        return plain and self.max_top_k == 0 and not (self.any_top_p or self.any_typical)
+        return plain and self.max_top_k == 0 and not (self.any_top_p or self.any_typical or self.watermark_rows)
 
     @property
     def uses_history(self) -> bool:
-        """Whether a stage reads the tokens seen so far (the penalties)."""
-        return self.any_penalty or self.any_count_penalty
+        """Whether a stage reads the tokens seen so far (the penalties, and the watermark's seed)."""
+        return self.any_penalty or self.any_count_penalty or bool(self.watermark_rows)
 
     @classmethod
     def concatenate(cls, samplers: list[BatchSampler]) -> BatchSampler:
@@ -252,6 +255,9 @@ class BatchSampler:
         presence penalties). Constrained rows come with their disallowed tokens at -inf already, which
         every stage keeps at -inf (the warpers then renormalise over allowed tokens only)."""
         scores = logits.float()
+        if self.watermark_rows:  # first, as TGI and LoRAX do: their detectors count the green tokens
+            scores = apply_watermark(scores.clone() if scores is logits else scores, history, self.watermark_rows,
+                                     watermark.settings())  # fmt: skip
         if self.any_penalty and history.shape[1] > 0:
             scores = apply_repetition_penalty(scores, history, self.penalty)
         if self.any_count_penalty and history.shape[1] > 0:

@@ -324,9 +324,12 @@ def test_extreme_temperature_and_penalty_keep_logprobs_finite(tiny: float) -> No
     assert out.next_ids[1] == logits[1].argmax()  # a near-zero temperature is greedy
 
 
-def test_watermark_is_rejected() -> None:
-    with pytest.raises(ValueError, match="watermark is not supported yet"):
-        BatchSampler.from_params([SamplingParams(), SamplingParams(watermark=True)], CPU)
+def test_watermark_makes_the_sampler_read_the_history() -> None:
+    sampler = BatchSampler.from_params([SamplingParams(), SamplingParams(watermark=True)], CPU)
+    assert sampler.watermark_rows == [1] and sampler.uses_history and not sampler.row_independent
+    assert sampler.filter([1, 0]).watermark_rows == [0]
+    assert sampler.expand(torch.tensor([0, 1, 1, 1]), [1, 3]).watermark_rows == [1, 2, 3]
+    assert BatchSampler.concatenate([sampler, sampler]).watermark_rows == [1, 3]
 
 
 def test_from_proto() -> None:

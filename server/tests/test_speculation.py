@@ -178,6 +178,15 @@ def test_seeded_sampling_and_penalties_identical(engine: Engine) -> None:
     compare(engine, requests(sampling=sampling))
 
 
+def test_watermarked_requests_identical(engine: Engine) -> None:
+    """Each drafted position's green list is seeded by the token before it, drafts included."""
+
+    def sampling(i: int) -> SamplingParams:
+        return SamplingParams(watermark=True, do_sample=bool(i % 2), seed=200 + i)
+
+    compare(engine, requests(sampling=sampling), refusals=False)
+
+
 def test_stops_end_where_plain_decoding_ends(engine: Engine) -> None:
     reqs = requests(max_new=17, ignore_eos=False)
     plain = run(engine, reqs, speculate=False)

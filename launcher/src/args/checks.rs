@@ -227,6 +227,17 @@ impl Args {
                     .into(),
             );
         }
+        if let Some(gamma) = self.watermark_gamma.filter(|g| !(*g > 0.0 && *g < 1.0)) {
+            return Err(format!("--watermark-gamma must be in (0, 1) (got {gamma})"));
+        }
+        if let Some(delta) = self
+            .watermark_delta
+            .filter(|d| !(d.is_finite() && *d >= 0.0))
+        {
+            return Err(format!(
+                "--watermark-delta must be a number of at least 0 (got {delta})"
+            ));
+        }
         if self.ngrok || self.ngrok_authtoken.is_some() || self.ngrok_edge.is_some() {
             return Err(
                 "--ngrok is not supported: put the server behind your own proxy or \
@@ -257,10 +268,6 @@ impl Args {
         note(
             self.compile_batch_size.is_some(),
             "--compile-batch-size: CUDA graphs here are captured for a batch size once it is seen",
-        );
-        note(
-            self.watermark_gamma.is_some() || self.watermark_delta.is_some(),
-            "--watermark-gamma/--watermark-delta: watermarking is not implemented",
         );
         note(
             self.embedding_dim.is_some(),

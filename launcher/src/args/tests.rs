@@ -223,11 +223,14 @@ fn lorax_flags_are_accepted_with_lorax_defaults() {
     assert!(!given.eager_prefill);
     assert_eq!(given.preloaded_adapter_ids, ["a", "b"]);
     let unused = given.unused_flags().join("\n");
+    assert!(
+        !unused.contains("--watermark"),
+        "watermarking is implemented: {unused}"
+    );
     for flag in [
         "--backend",
         "--compile-max-rank",
         "--compile-batch-size",
-        "--watermark-gamma",
         "--embedding-dim",
     ] {
         assert!(unused.contains(flag), "{flag} not reported in {unused}");
@@ -293,6 +296,14 @@ fn lorax_flags_that_cannot_work_here_are_refused_with_the_reason() {
             "must then be torch",
         ),
         (&["--ngrok"][..], "--ngrok is not supported"),
+        (
+            &["--watermark-gamma", "1"][..],
+            "--watermark-gamma must be in (0, 1)",
+        ),
+        (
+            &["--watermark-delta=-1"][..],
+            "--watermark-delta must be a number of at least 0",
+        ),
         (&["--ngrok-authtoken", "t"][..], "--ngrok is not supported"),
         (
             &[

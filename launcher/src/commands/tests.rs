@@ -318,6 +318,10 @@ fn kernel_memory_and_cache_settings_reach_the_shards() {
         "/weights",
         "--predibase-api-token",
         "pb-secret",
+        "--watermark-gamma",
+        "0.25",
+        "--watermark-delta",
+        "4",
     ]);
     let env = ChildEnv::from_args(&a);
     let spec = shard(Path::new("srv"), &a, &env, 0);
@@ -335,6 +339,8 @@ fn kernel_memory_and_cache_settings_reach_the_shards() {
         env_of(&spec, "PREDIBASE_API_TOKEN").as_deref(),
         Some("pb-secret")
     );
+    assert_eq!(env_of(&spec, "WATERMARK_GAMMA").as_deref(), Some("0.25"));
+    assert_eq!(env_of(&spec, "WATERMARK_DELTA").as_deref(), Some("4"));
     let download = download(Path::new("srv"), &a, &env);
     assert_eq!(
         env_of(&download, "WEIGHTS_CACHE_OVERRIDE").as_deref(),
@@ -348,6 +354,8 @@ fn kernel_memory_and_cache_settings_reach_the_shards() {
         "MEMORY_WIGGLE_ROOM",
         "WEIGHTS_CACHE_OVERRIDE",
         "PREDIBASE_API_TOKEN",
+        "WATERMARK_GAMMA",
+        "WATERMARK_DELTA",
     ] {
         assert_eq!(env_of(&spec, name), None, "{name}");
     }

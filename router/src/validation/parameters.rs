@@ -25,7 +25,6 @@ pub(super) fn check_parameters(
     limits: &ValidationLimits,
     p: &GenerateParameters,
 ) -> Result<CheckedParameters, ValidationError> {
-    check_unsupported(p)?;
     let best_of = p.best_of.unwrap_or(1);
     if best_of == 0 || best_of > limits.max_best_of {
         return Err(ValidationError::BestOf(limits.max_best_of, best_of));
@@ -119,15 +118,6 @@ fn penalty(name: &'static str, value: Option<f32>) -> Result<f32, ValidationErro
 /// on even without `do_sample`; otherwise the request is greedy and its warpers are no-ops.
 pub fn samples(do_sample: bool, temperature: f32, top_k: u32, top_p: f32, typical_p: f32) -> bool {
     do_sample || temperature != 1.0 || top_k > 0 || top_p < 1.0 || typical_p < 1.0
-}
-
-/// Features that are not implemented: refused clearly rather than silently ignored (or failed
-/// by the shard).
-fn check_unsupported(p: &GenerateParameters) -> Result<(), ValidationError> {
-    if p.watermark {
-        return Err(ValidationError::Watermark);
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -305,10 +295,11 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn watermark_is_refused() {
-        assert_eq!(param_error(params(|p| p.watermark = true)), E::Watermark);
-        assert_eq!(E::Watermark.to_string(), "watermark is not supported");
-        assert!(check_parameters(&limits(), &params(|p| p.watermark = false)).is_ok());
+    fn watermark_reaches_the_shard() {
+        for on in [true, false] {
+            let checked = check_parameters(&limits(), &params(|p| p.watermark = on)).unwrap();
+            assert_eq!(checked.parameters.watermark, on);
+        }
     }
 
     #[test]
