@@ -217,6 +217,7 @@ fn check_args(args: &Args) -> Result<(), String> {
             return Err(format!("{flag} must be one of hub, local, s3 (got {name})"));
         }
     }
+    let preloaded = preloaded_ids(args).len();
     if args.merge_adapter_weights {
         if args
             .default_adapter_id
@@ -228,7 +229,7 @@ fn check_args(args: &Args) -> Result<(), String> {
                 "--merge-adapter-weights needs the adapter to merge: --default-adapter-id".into(),
             );
         }
-        if !preloaded_ids(args).is_empty() {
+        if preloaded > 0 {
             return Err(
                 "--preloaded-adapter-ids cannot be loaded with --merge-adapter-weights, which turns \
                  dynamic adapters off"
@@ -236,11 +237,11 @@ fn check_args(args: &Args) -> Result<(), String> {
             );
         }
     }
-    if preloaded_ids(args).len() >= args.max_active_adapters {
+    if preloaded >= args.max_active_adapters {
         return Err(format!(
             "--preloaded-adapter-ids names {} adapters: at most --max-active-adapters - 1 ({}) \
              can stay loaded, so that one slot always rotates",
-            preloaded_ids(args).len(),
+            preloaded,
             args.max_active_adapters - 1
         ));
     }
@@ -275,8 +276,9 @@ async fn run(args: Args) -> Result<(), String> {
     let prometheus = metrics::install();
     metrics::spawn_upkeep(prometheus.clone());
     let client: Arc<dyn ShardClient> = Arc::new(client);
-    let infer = start_inference(&args, &shards, tokenizer, client.clone())?;
-    load_preloaded(&infer, &args, &shards).await?;
+    let adapters = adapter_config(&args, &shards)?;
+    let infer = start_inference(&args, &shards, adapters.clone(), tokenizer, client.clone());
+    load_preloaded(&infer, &args, &adapters).await?;
     let state = AppState {
         infer,
         info: Arc::new(build_info(&args, &shards)),
@@ -348,9 +350,10 @@ fn adapter_config(args: &Args, shards: &Shards) -> Result<AdapterConfig, String>
 fn start_inference(
     args: &Args,
     shards: &Shards,
+    adapters: AdapterConfig,
     tokenizer: Tokenizer,
     client: Arc<dyn ShardClient>,
-) -> Result<Infer, String> {
+) -> Infer {
     let limits = ValidationLimits {
         max_best_of: args.max_best_of,
         max_stop_sequences: args.max_stop_sequences,
@@ -376,7 +379,6 @@ fn start_inference(
         stall_timeout: Duration::from_secs_f64(args.health_stall_timeout_s),
         probe_interval: Duration::from_secs_f64(args.health_probe_interval_s),
     };
-    let adapters = adapter_config(args, shards)?;
     let default_adapter = adapters.default_adapter();
     let validation = Validation::new(tokenizer, limits)
         .with_workers(args.validation_workers)
@@ -390,9 +392,9 @@ fn start_inference(
         args.max_concurrent_requests,
     );
     if let Some(adapter) = default_adapter {
-        preload(&infer, adapter);
+        load_default_adapter(&infer, adapter);
     }
-    Ok(infer)
+    infer
 }
 
 /// The `GET /info` answer (its `adapters` are filled per request).
@@ -437,12 +439,11 @@ fn build_info(args: &Args, shards: &Shards) -> Info {
 
 /// Loads `--preloaded-adapter-ids` at once, pinned, before the server listens: LoRAX's shards
 /// load them at start, so a deployment counts on them being ready when `/health` first answers.
-async fn load_preloaded(infer: &Infer, args: &Args, shards: &Shards) -> Result<(), String> {
+async fn load_preloaded(infer: &Infer, args: &Args, config: &AdapterConfig) -> Result<(), String> {
     let ids = preloaded_ids(args);
     if ids.is_empty() {
         return Ok(());
     }
-    let config = adapter_config(args, shards)?;
     let source = source_or(
         args.preloaded_adapter_source.as_ref(),
         config.default_adapter_source,
@@ -454,7 +455,7 @@ async fn load_preloaded(infer: &Infer, args: &Args, shards: &Shards) -> Result<(
             adapter_source: Some(source.as_str()),
             ..Default::default()
         };
-        match resolve(&config, fields) {
+        match resolve(config, fields) {
             Ok(Some(request)) => requests.push(request),
             Ok(None) => return Err(format!("--preloaded-adapter-ids: {id} is the base model")),
             Err(err) => return Err(format!("--preloaded-adapter-ids: {id}: {err}")),
@@ -481,7 +482,7 @@ async fn load_preloaded(infer: &Infer, args: &Args, shards: &Shards) -> Result<(
 }
 
 /// Loads the default adapter in the background; a failure is logged (requests retry it).
-fn preload(infer: &Infer, adapter: lorax_router::adapter::AdapterRequest) {
+fn load_default_adapter(infer: &Infer, adapter: lorax_router::adapter::AdapterRequest) {
     let queue = infer.queue().clone();
     tokio::spawn(async move {
         let name = adapter.key.describe();

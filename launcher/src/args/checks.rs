@@ -167,11 +167,13 @@ impl Args {
                 ))
             }
         }
-        let preloaded = self
+        let preloaded: std::collections::HashSet<&str> = self
             .preloaded_adapter_ids
             .iter()
-            .filter(|id| !id.trim().is_empty());
-        if preloaded.count() >= self.max_active_adapters {
+            .map(|id| id.trim())
+            .filter(|id| !id.is_empty())
+            .collect();
+        if preloaded.len() >= self.max_active_adapters {
             return Err(format!(
                 "--preloaded-adapter-ids names more adapters than can stay loaded: at most \
                  --max-active-adapters - 1 ({}), so that one slot always rotates",

@@ -34,16 +34,15 @@ def merge_into_base(model, adapter_dir: Path) -> int:  # noqa: ANN001 - a Causal
             f"the base model's weights are quantized ({quantized[0]}, ...): an update cannot be added to them "
             "exactly; serve the adapter dynamically instead"
         )
-    updates: dict[int, list[tuple[int, torch.Tensor]]] = {}  # id(linear) → (first row, this rank's update)
-    linears: dict[int, Linear] = {}
+    # id(linear) → the linear, and each part's (first row, this rank's update)
+    updates: dict[int, tuple[Linear, list[tuple[int, torch.Tensor]]]] = {}
     for name, m in modules.items():
         linear, part = targets[name]
         a, b = (m.lora_a, m.lora_b) if linear.shard is None else linear.shard.lora(part, m.lora_a, m.lora_b)
         delta = (b.float() @ a.float()) * m.scale  # [this rank's rows of the part, its in_features]
-        updates.setdefault(id(linear), []).append((sum(linear.part_sizes[:part]), delta))
-        linears[id(linear)] = linear
-    for key, linear in linears.items():
-        _add_rows(linear, updates[key])
+        updates.setdefault(id(linear), (linear, []))[1].append((sum(linear.part_sizes[:part]), delta))
+    for linear, parts in updates.values():
+        _add_rows(linear, parts)
     return len(modules)
 
 
