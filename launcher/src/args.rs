@@ -500,8 +500,9 @@ pub struct Args {
     /// prefill) the KV cache takes, in (0, 1]. Unset: all of it. Passed as `MEMORY_WIGGLE_ROOM`.
     #[arg(long, env)]
     pub memory_wiggle_room: Option<f32>,
-    /// LoRAX's embedding size for embedding models. Accepted and unused: this server serves
-    /// text generation.
+    /// LoRAX's embedding size for decoder models served for embeddings (the `2_Dense_<dim>`
+    /// module of a Qwen2 embedding model). Accepted and unused: embeddings are served from
+    /// encoder models (BERT family), whose modules set the size (docs/embeddings.md).
     #[arg(long, env)]
     pub embedding_dim: Option<usize>,
 

@@ -439,7 +439,7 @@ fn invalid_limits_from_the_environment_are_refused() {
     let output = world.output();
     assert_eq!(status.code(), Some(2), "{output}");
     assert!(
-        output.contains("--max-input-length (4000) must be less than --max-total-tokens (2048)"),
+        output.contains("--max-input-length (4000) must not exceed --max-total-tokens (2048)"),
         "{output}"
     );
     assert!(!world.path("download.args").exists());

@@ -364,6 +364,15 @@ pub struct Info {
     pub block_size: u32,
     pub eos_token_ids: Vec<u32>,
     pub supports_adapters: bool,
+    /// Whether the model generates text (`/generate`, `/`, the OpenAI completions); false for
+    /// encoder models (BERT family), which serve only the endpoints below.
+    pub supports_generation: bool,
+    /// Whether `/embed` and `/v1/embeddings` are served.
+    pub supports_embeddings: bool,
+    /// Whether `/classify` and `/classify_batch` are served.
+    pub supports_classification: bool,
+    /// Length of the vectors `/embed` returns (0 when embeddings are not served).
+    pub embedding_dim: u32,
     pub validation_workers: usize,
     /// `--eager-prefill`: several prefills may run between two decode steps.
     pub eager_prefill: bool,

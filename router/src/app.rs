@@ -1,9 +1,11 @@
 //! What every HTTP handler shares: the application state and the request steps common to the
-//! native and the OpenAI endpoints (bearer token, chat template, adapter resolution).
+//! native and the OpenAI endpoints (what the model serves, bearer token, chat template, adapter
+//! resolution).
 
 use crate::adapter::ApiToken;
 use crate::api::{GenerateParameters, GenerateRequest, Info};
 use crate::client::ShardClient;
+use crate::encoder::Encoders;
 use crate::errors::{ApiError, ValidationError};
 use crate::infer::Infer;
 use crate::metrics as m;
@@ -19,11 +21,44 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub struct AppState {
     pub infer: Infer,
+    /// The Embed and Classify calls of encoder models.
+    pub encoders: Encoders,
     pub info: Arc<Info>,
     pub client: Arc<dyn ShardClient>,
     pub prometheus: PrometheusHandle,
     /// The tokenizer's chat template, when it has one.
     pub chat_template: Option<Arc<ChatTemplate>>,
+}
+
+/// The endpoints the model serves, for the errors of those it does not.
+pub fn served_endpoints(info: &Info) -> String {
+    let mut served = Vec::new();
+    if info.supports_generation {
+        served.push(
+            "`/generate`, `/generate_stream`, `/`, `/v1/completions`, `/v1/chat/completions` \
+             (text generation)",
+        );
+    }
+    if info.supports_embeddings {
+        served.push("`/embed`, `/v1/embeddings` (embeddings)");
+    }
+    if info.supports_classification {
+        served.push("`/classify`, `/classify_batch` (token classification)");
+    }
+    if served.is_empty() {
+        return "no inference endpoint".into();
+    }
+    served.join("; ")
+}
+
+/// Refuses a generation request on a model that does not generate (an encoder), naming what
+/// it serves instead; counted as a failed request.
+pub fn require_generation(state: &AppState) -> Result<(), ApiError> {
+    if state.info.supports_generation {
+        return Ok(());
+    }
+    m::request_failed(None, "validation");
+    Err(ValidationError::GenerationNotSupported(served_endpoints(&state.info)).into())
 }
 
 /// The token of an `Authorization: Bearer <token>` header, if the request has one.

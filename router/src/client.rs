@@ -201,6 +201,15 @@ pub trait ShardClient: Send + Sync + 'static {
     /// Compiles a constrained-decoding grammar into the shard's cache (before its request is
     /// queued); INVALID_ARGUMENT with the reason when it cannot be compiled.
     async fn compile_grammar(&self, grammar: pb::Grammar) -> Result<(), ShardError>;
+    /// One pooled vector per input, in the inputs' order (encoder models; FAILED_PRECONDITION
+    /// when the model serves no embeddings).
+    async fn embed(&self, inputs: Vec<pb::EncoderInput>) -> Result<Vec<pb::Embedding>, ShardError>;
+    /// One label and score per token of every input, in the inputs' order (FAILED_PRECONDITION
+    /// when the model has no token-classification head).
+    async fn classify(
+        &self,
+        inputs: Vec<pb::EncoderInput>,
+    ) -> Result<Vec<pb::ClassifyPredictionList>, ShardError>;
 }
 
 /// The generated gRPC client, with the trace context in every call's metadata.
@@ -364,6 +373,21 @@ impl Shard {
         };
         self.client.clone().compile_grammar(request).await?;
         Ok(())
+    }
+
+    async fn embed(&self, inputs: Vec<pb::EncoderInput>) -> Result<Vec<pb::Embedding>, ShardError> {
+        let request = pb::EmbedRequest { inputs };
+        let response = self.client.clone().embed(request).await?.into_inner();
+        Ok(response.embeddings)
+    }
+
+    async fn classify(
+        &self,
+        inputs: Vec<pb::EncoderInput>,
+    ) -> Result<Vec<pb::ClassifyPredictionList>, ShardError> {
+        let request = pb::ClassifyRequest { inputs };
+        let response = self.client.clone().classify(request).await?.into_inner();
+        Ok(response.classify_prediction_lists)
     }
 }
 
@@ -565,5 +589,18 @@ impl ShardClient for ShardedClient {
     /// fails the call.
     async fn compile_grammar(&self, grammar: pb::Grammar) -> Result<(), ShardError> {
         self.first(|s| s.compile_grammar(grammar.clone())).await
+    }
+
+    /// Every rank runs the forward (its collectives need the others); rank 0 answers.
+    async fn embed(&self, inputs: Vec<pb::EncoderInput>) -> Result<Vec<pb::Embedding>, ShardError> {
+        self.first(|s| s.embed(inputs.clone())).await
+    }
+
+    /// Every rank runs the forward (its collectives need the others); rank 0 answers.
+    async fn classify(
+        &self,
+        inputs: Vec<pb::EncoderInput>,
+    ) -> Result<Vec<pb::ClassifyPredictionList>, ShardError> {
+        self.first(|s| s.classify(inputs.clone())).await
     }
 }

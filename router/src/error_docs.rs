@@ -69,6 +69,26 @@ impl IntoResponses for GenerationErrors {
     }
 }
 
+/// Errors of the encoder endpoints (`/embed`, `/v1/embeddings`, `/classify*`): no adapter is
+/// fetched for them, so never 401/403.
+pub struct EncoderErrors;
+
+impl IntoResponses for EncoderErrors {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        let mut all = map(&BODY);
+        all.extend(map(&[
+            (
+                "422",
+                "Input validation error (empty or too long input, empty or too long list, an \
+                 adapter named, the model does not serve this task)",
+            ),
+            ("424", "Inference error (a shard failed)"),
+            OVERLOADED,
+        ]));
+        all
+    }
+}
+
 /// Errors of the adapter management commands (never 429: they are not generation requests).
 pub struct AdapterErrors;
 

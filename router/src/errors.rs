@@ -101,6 +101,34 @@ pub enum ValidationError {
     /// Invalid `tools` / `tool_choice` (the message names the field).
     #[error("{0}")]
     Tools(String),
+    /// A generation endpoint called on a model that does not generate (an encoder); the
+    /// message names the endpoints it serves.
+    #[error("this model does not generate text; it serves {0}")]
+    GenerationNotSupported(String),
+    #[error("this model does not serve embeddings; it serves {0}")]
+    EmbeddingsNotSupported(String),
+    #[error("this model does not serve token classification (it has no token-classification head); it serves {0}")]
+    ClassificationNotSupported(String),
+    #[error(
+        "adapters are not applied to embeddings or token classification: name no adapter \
+         (`adapter_id`, `merged_adapters`)"
+    )]
+    EncoderAdapter,
+    /// An input of an encoder endpoint (named by its field, e.g. `inputs[2]`) is empty.
+    #[error("`{0}` cannot be empty")]
+    EmptyField(String),
+    /// An input of an encoder endpoint is longer than the model takes (encoders never truncate).
+    #[error("`{0}` must have at most {1} tokens, special tokens included (inputs are not truncated). Given: {2}")]
+    EncoderInputLength(String, usize, usize),
+    #[error("`{0}` must hold at least one input")]
+    EmptyList(&'static str),
+    #[error("`{0}` must hold at most {1} inputs (--max-concurrent-requests). Given: {2}")]
+    TooManyInputs(&'static str, usize, usize),
+    #[error("`dimensions` must be the model's embedding size, {0} (shortened embeddings are not offered). Given: {1}")]
+    Dimensions(u32, u32),
+    /// The shard refused an encoder input (its INVALID_ARGUMENT or FAILED_PRECONDITION message).
+    #[error("the model refused the input: {0}")]
+    ShardRefused(String),
 }
 
 /// Why a generation request failed.

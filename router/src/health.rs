@@ -1,10 +1,13 @@
-//! What `GET /health` answers: whether this server can generate now, not merely whether its
+//! What `GET /health` answers: whether this server can serve now, not merely whether its
 //! processes answer. The batching loop reports every shard step here; the handler then needs
 //! no shard call while steps keep succeeding. When no step succeeded lately (the server is idle,
-//! or stuck), one probe, a one-token generation of the base model, goes through the normal queue
-//! ahead of waiting requests (so it delays them by at most one step) and must finish within the
-//! stall bound. Probes are not requests: they take no concurrency permit and no request metric.
+//! or stuck), one probe must succeed within the stall bound: for a generating model a one-token
+//! generation of the base model, through the normal queue ahead of waiting requests (so it
+//! delays them by at most one step); for an encoder model (no generation) the shard's Health
+//! call, which runs a tiny forward. Probes are not requests: they take no concurrency permit and
+//! no request metric.
 
+use crate::client::ShardClient;
 use crate::entry::{Entry, InferStreamResponse};
 use crate::errors::InferError;
 use crate::queue::Queue;
@@ -22,6 +25,9 @@ pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// "Never" in the nanosecond clocks below.
 const NEVER: u64 = u64::MAX;
+
+/// The shard calls a step can be; `step_method` holds 1 + the index of the running one.
+const STEP_METHODS: [&str; 4] = ["prefill", "decode", "embed", "classify"];
 
 /// The health check's bounds.
 #[derive(Debug, Clone, Copy)]
@@ -53,12 +59,14 @@ struct Inner {
     epoch: Instant,
     last_success: AtomicU64,
     step_started: AtomicU64,
-    /// 0 while no step runs, 1 prefill, 2 decode.
+    /// 0 while no step runs, else 1 + its index in `STEP_METHODS`.
     step_method: AtomicU64,
     loop_alive: AtomicBool,
     /// One probe at a time; concurrent checks wait for its answer.
     probe: Mutex<()>,
-    probe_request: ValidGenerateRequest,
+    /// What a generation probe generates; None for a record whose probe is the shard's Health
+    /// (`check_shard`).
+    probe_request: Option<ValidGenerateRequest>,
 }
 
 /// Marks the batching loop stopped when dropped (also when its task panics).
@@ -73,6 +81,15 @@ impl Drop for LoopGuard {
 impl Health {
     /// `probe_request` is what a probe generates (see `Validation::probe_request`).
     pub fn new(config: HealthConfig, probe_request: ValidGenerateRequest) -> Self {
+        Self::with_probe(config, Some(probe_request))
+    }
+
+    /// A record whose probe is the shard's Health call (`check_shard`): the encoder calls' one.
+    pub fn without_generation(config: HealthConfig) -> Self {
+        Self::with_probe(config, None)
+    }
+
+    fn with_probe(config: HealthConfig, probe_request: Option<ValidGenerateRequest>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -106,9 +123,10 @@ impl Health {
         LoopGuard(self.clone())
     }
 
-    /// A shard step (`prefill` or `decode`) begins.
+    /// A shard step (one of `STEP_METHODS`: `prefill`, `decode`, `embed`, `classify`) begins.
     pub fn step_started(&self, method: &str) {
-        let code = if method == "prefill" { 1 } else { 2 };
+        let index = STEP_METHODS.iter().position(|m| *m == method);
+        let code = index.map_or(2, |i| i as u64 + 1);
         self.inner
             .step_started
             .store(self.now_ns(), Ordering::SeqCst);
@@ -133,14 +151,13 @@ impl Health {
         if !self.inner.loop_alive.load(Ordering::SeqCst) {
             return Some(Err("the batching loop has stopped".into()));
         }
-        let method = match self.inner.step_method.load(Ordering::SeqCst) {
-            1 => "prefill",
-            _ => "decode",
-        };
+        let code = self.inner.step_method.load(Ordering::SeqCst) as usize;
+        let method = STEP_METHODS.get(code.wrapping_sub(1)).unwrap_or(&"decode");
         if let Some(running) = self.since(self.inner.step_started.load(Ordering::SeqCst)) {
             if running > bound {
+                let article = if method.starts_with('e') { "an" } else { "a" };
                 return Some(Err(format!(
-                    "a {method} step has been running for {:.1}s (bound {:.1}s)",
+                    "{article} {method} step has been running for {:.1}s (bound {:.1}s)",
                     running.as_secs_f64(),
                     bound.as_secs_f64()
                 )));
@@ -155,6 +172,36 @@ impl Health {
     /// Ok when the server can generate now; otherwise the reason. May run a probe through
     /// `queue` (waking the batcher with `notify`) and wait up to the stall bound for it.
     pub async fn check(&self, queue: &Queue, notify: &Notify) -> Result<(), String> {
+        self.check_with(self.probe(queue, notify)).await
+    }
+
+    /// As `check`, for a model that does not generate: the probe is the shard's Health call
+    /// (a tiny forward), bounded by the stall timeout; its success counts as a step's.
+    pub async fn check_shard(&self, client: &dyn ShardClient) -> Result<(), String> {
+        let bound = self.inner.config.stall_timeout;
+        let probe = async {
+            match tokio::time::timeout(bound, client.health()).await {
+                Ok(Ok(())) => {
+                    self.inner
+                        .last_success
+                        .store(self.now_ns(), Ordering::SeqCst);
+                    Ok(())
+                }
+                Ok(Err(err)) => Err(format!("the shard's health check failed: {err}")),
+                Err(_) => Err(format!(
+                    "the shard's health check did not answer within {:.1}s",
+                    bound.as_secs_f64()
+                )),
+            }
+        };
+        self.check_with(probe).await
+    }
+
+    /// The verdict without a probe when there is one, else `probe`'s (one probe at a time).
+    async fn check_with(
+        &self,
+        probe: impl std::future::Future<Output = Result<(), String>>,
+    ) -> Result<(), String> {
         if let Some(verdict) = self.quick_verdict() {
             return verdict;
         }
@@ -163,13 +210,16 @@ impl Health {
         if let Some(verdict) = self.quick_verdict() {
             return verdict;
         }
-        self.probe(queue, notify).await
+        probe.await
     }
 
     async fn probe(&self, queue: &Queue, notify: &Notify) -> Result<(), String> {
         let bound = self.inner.config.stall_timeout;
+        let Some(request) = self.inner.probe_request.clone() else {
+            return Err("this model does not generate: its health is the shard's".into());
+        };
         let (tx, mut rx) = mpsc::unbounded_channel();
-        queue.append(Entry::probe(self.inner.probe_request.clone(), tx));
+        queue.append(Entry::probe(request, tx));
         notify.notify_one();
         let answer = tokio::time::timeout(bound, async {
             loop {
@@ -239,5 +289,35 @@ mod tests {
         h2.step_started("decode");
         h2.step_finished(false);
         assert!(h2.quick_verdict().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_encoder_record_probes_the_shard_and_names_its_calls() {
+        use crate::testing::FakeShard;
+        let config = HealthConfig {
+            stall_timeout: Duration::from_millis(50),
+            probe_interval: Duration::from_secs(600),
+        };
+        let shard = FakeShard::encoder(100, true, false);
+        let h = Health::without_generation(config);
+        let _alive = h.loop_started();
+        shard.set_healthy(false);
+        let reason = h.check_shard(&shard).await.unwrap_err();
+        assert!(
+            reason.contains("the shard's health check failed"),
+            "{reason}"
+        );
+        shard.set_healthy(true);
+        assert_eq!(h.check_shard(&shard).await, Ok(()));
+        // The successful probe proves health for the interval: no further call needed.
+        shard.set_healthy(false);
+        assert_eq!(h.check_shard(&shard).await, Ok(()));
+        h.step_started("embed");
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        let reason = h.check_shard(&shard).await.unwrap_err();
+        assert!(
+            reason.starts_with("an embed step has been running"),
+            "{reason}"
+        );
     }
 }

@@ -125,6 +125,12 @@ impl Infer {
         &self.queue
     }
 
+    /// `n` concurrency permits for work that does not go through the queue (the inputs of an
+    /// encoder request), or `Overloaded`: they count against the same limit as generations.
+    pub fn admit(&self, n: u32) -> Result<OwnedSemaphorePermit, InferError> {
+        self.permits(n)
+    }
+
     /// `n` concurrency permits, or `Overloaded`.
     fn permits(&self, n: u32) -> Result<OwnedSemaphorePermit, InferError> {
         self.limit

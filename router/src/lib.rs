@@ -12,12 +12,15 @@
 //! queues and states, owned by the queue task) with `exchange` (the pure slot policy);
 //! `adapters_api` holds the management endpoints.
 //!
+//! Encoder models (embeddings, token classification): `encoder_api` holds their endpoints,
+//! `encoder` batches their inputs into Embed and Classify calls and groups entities.
+//!
 //! The OpenAPI document (`openapi`, serving `/docs` and `/api-doc/openapi.json`) is generated
 //! from the API types and the handlers' annotations; `error_docs` holds their error answers.
 //!
 //! Layers (each module uses only those above it): `pb`, `client` with `decode_stream`, `exchange` → `errors`, `error_docs` →
 //! `tools` (OpenAI tool calling) → `template` → `adapter` → `api`, `metrics` → `validation` →
-//! `entry` → `registry` → `queue` → `health` → `batcher` → `infer` → `app` → `respond` → `sse` → handlers → `openapi` → `cors` → `server`.
+//! `entry` → `registry` → `queue` → `health` → `batcher`, `encoder` → `infer` → `app` → `respond` → `sse` → handlers → `openapi` → `cors` → `server`.
 
 pub mod adapter;
 pub mod adapters_api;
@@ -27,6 +30,8 @@ pub mod batcher;
 pub mod client;
 pub mod cors;
 pub mod decode_stream;
+pub mod encoder;
+pub mod encoder_api;
 pub mod entry;
 pub mod error_docs;
 pub mod errors;

@@ -7,6 +7,7 @@ use lorax_router::app::AppState;
 use lorax_router::batcher::BatcherConfig;
 use lorax_router::client::ShardClient;
 use lorax_router::cors::CorsOptions;
+use lorax_router::encoder::{EncoderConfig, Encoders};
 use lorax_router::exchange::ExchangeConfig;
 use lorax_router::health::HealthConfig;
 use lorax_router::infer::Infer;
@@ -183,8 +184,10 @@ async fn main() -> ExitCode {
 
 /// Limits that do not need the shards.
 fn check_args(args: &Args) -> Result<(), String> {
-    if args.max_input_length >= args.max_total_tokens {
-        return Err("--max-input-length must be < --max-total-tokens".into());
+    // Equal is allowed, as LoRAX allows it: an encoder model generates nothing (its inputs may
+    // take the whole length), and a generation of the longest prompt is refused for want of room.
+    if args.max_input_length > args.max_total_tokens {
+        return Err("--max-input-length must be <= --max-total-tokens".into());
     }
     if (args.max_batch_prefill_tokens as usize) < args.max_input_length && !args.chunked_prefill {
         return Err(
@@ -279,8 +282,18 @@ async fn run(args: Args) -> Result<(), String> {
     let adapters = adapter_config(&args, &shards)?;
     let infer = start_inference(&args, &shards, adapters.clone(), tokenizer, client.clone());
     load_preloaded(&infer, &args, &adapters).await?;
+    let encoders = Encoders::spawn(
+        client.clone(),
+        EncoderConfig::new(
+            args.max_input_length,
+            shards.info.max_position_embeddings,
+            shards.max_batch_prefill_tokens,
+        ),
+        health_config(&args),
+    );
     let state = AppState {
         infer,
+        encoders,
         info: Arc::new(build_info(&args, &shards)),
         client,
         prometheus,
@@ -375,10 +388,7 @@ fn start_inference(
         max_active_adapters: args.max_active_adapters,
         cycle_time: Duration::from_secs(args.adapter_cycle_time_s),
     };
-    let health = HealthConfig {
-        stall_timeout: Duration::from_secs_f64(args.health_stall_timeout_s),
-        probe_interval: Duration::from_secs_f64(args.health_probe_interval_s),
-    };
+    let health = health_config(args);
     let default_adapter = adapters.default_adapter();
     let validation = Validation::new(tokenizer, limits)
         .with_workers(args.validation_workers)
@@ -395,6 +405,14 @@ fn start_inference(
         load_default_adapter(&infer, adapter);
     }
     infer
+}
+
+/// The bounds of `GET /health` (`--health-*`).
+fn health_config(args: &Args) -> HealthConfig {
+    HealthConfig {
+        stall_timeout: Duration::from_secs_f64(args.health_stall_timeout_s),
+        probe_interval: Duration::from_secs_f64(args.health_probe_interval_s),
+    }
 }
 
 /// The `GET /info` answer (its `adapters` are filled per request).
@@ -426,6 +444,10 @@ fn build_info(args: &Args, shards: &Shards) -> Info {
         block_size: shards.block_size,
         eos_token_ids: shard_info.eos_token_ids.clone(),
         supports_adapters: shard_info.supports_adapters,
+        supports_generation: shard_info.supports_generation,
+        supports_embeddings: shard_info.supports_embeddings,
+        supports_classification: shard_info.supports_classification,
+        embedding_dim: shard_info.embedding_dim,
         validation_workers: args.validation_workers,
         eager_prefill: args.eager_prefill,
         version: VERSION,
@@ -529,6 +551,52 @@ mod tests {
             assert!(json["model_pipeline_tag"].is_null());
             assert_eq!(json["max_batch_prefill_tokens"], 100);
         }
+    }
+
+    #[test]
+    fn info_reports_what_the_shards_serve() {
+        let args = Args::parse_from(["lorax-router", "--max-input-length", "512"]);
+        let shard = pb::InfoResponse {
+            architecture: "BertModel".into(),
+            supports_embeddings: true,
+            embedding_dim: 384,
+            ..Default::default()
+        };
+        let shards = Shards {
+            info: shard,
+            max_batch_total_tokens: 4096,
+            max_batch_prefill_tokens: 4096,
+            block_size: 1,
+        };
+        let json = serde_json::to_value(build_info(&args, &shards)).unwrap();
+        assert_eq!(json["supports_generation"], false);
+        assert_eq!(json["supports_embeddings"], true);
+        assert_eq!(json["supports_classification"], false);
+        assert_eq!(json["embedding_dim"], 384);
+    }
+
+    #[test]
+    fn input_length_may_equal_total_tokens_as_in_lorax() {
+        let equal = [
+            "lorax-router",
+            "--max-input-length",
+            "512",
+            "--max-total-tokens",
+            "512",
+        ];
+        assert_eq!(check_args(&Args::parse_from(equal)), Ok(()));
+        let over = [
+            "lorax-router",
+            "--max-input-length",
+            "513",
+            "--max-total-tokens",
+            "512",
+        ];
+        let err = check_args(&Args::parse_from(over)).unwrap_err();
+        assert!(
+            err.contains("--max-input-length must be <= --max-total-tokens"),
+            "{err}"
+        );
     }
 
     #[test]

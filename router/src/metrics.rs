@@ -44,6 +44,14 @@ const TOKEN_BUCKETS: [f64; 12] = [
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
 ];
 
+/// Histograms of counts (inputs, entities) that no suffix above gives buckets: without them
+/// the exporter would render summaries.
+const COUNT_HISTOGRAMS: [&str; 3] = [
+    "lorax_request_input_count",
+    "lorax_request_classify_output_count",
+    "lorax_encoder_call_inputs",
+];
+
 /// Installs the global recorder once per process and returns the handle that renders it.
 pub fn install() -> PrometheusHandle {
     HANDLE
@@ -55,6 +63,11 @@ pub fn install() -> PrometheusHandle {
                 })
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Suffix("length".into()), &TOKEN_BUCKETS)
+                })
+                .and_then(|b| {
+                    COUNT_HISTOGRAMS.iter().try_fold(b, |b, name| {
+                        b.set_buckets_for_metric(Matcher::Full(name.to_string()), &TOKEN_BUCKETS)
+                    })
                 })
                 .expect("valid buckets")
                 .build_recorder();
@@ -138,6 +151,22 @@ fn describe() {
     describe_gauge!(
         "lorax_adapters_active",
         "Adapters holding a device slot (loading or active)"
+    );
+    describe_histogram!(
+        "lorax_request_input_count",
+        "Inputs per embedding or classification request"
+    );
+    describe_histogram!(
+        "lorax_request_classify_output_count",
+        "Entities found per classified input"
+    );
+    describe_gauge!(
+        "lorax_encoder_queue_size",
+        "Embedding and classification inputs waiting for a shard call"
+    );
+    describe_histogram!(
+        "lorax_encoder_call_inputs",
+        "Inputs per Embed/Classify call (several requests share calls)"
     );
 }
 
@@ -225,6 +254,37 @@ impl RequestTimings {
     pub fn time_per_token(&self) -> Duration {
         self.inference / self.generated_tokens.max(1)
     }
+}
+
+/// An embedding or classification request (`task`: embed, classify) of `inputs` inputs was
+/// answered. Counted as requests of the base model like generations (count, success and the
+/// time histograms); its prompt tokens are all its inputs' tokens. Nothing is generated, so the
+/// generated-token histograms are left alone.
+pub fn encoder_request_succeeded(task: &str, t: &RequestTimings, inputs: usize) {
+    let a = adapter_label(None);
+    tracing::info!(
+        task,
+        inputs,
+        total_ms = t.total.as_millis() as u64,
+        queue_ms = t.queue.as_millis() as u64,
+        inference_ms = t.inference.as_millis() as u64,
+        prompt_tokens = t.prompt_tokens,
+        "request answered"
+    );
+    metrics::counter!("lorax_request_count", "adapter" => a.clone()).increment(1);
+    metrics::counter!("lorax_request_success", "adapter" => a.clone()).increment(1);
+    let seconds = [
+        ("lorax_request_duration", t.total),
+        ("lorax_request_validation_duration", t.validation),
+        ("lorax_request_queue_duration", t.queue),
+        ("lorax_request_inference_duration", t.inference),
+    ];
+    for (name, value) in seconds {
+        metrics::histogram!(name, "adapter" => a.clone()).record(value.as_secs_f64());
+    }
+    metrics::histogram!("lorax_request_input_length", "adapter" => a)
+        .record(t.prompt_tokens as f64);
+    metrics::histogram!("lorax_request_input_count").record(inputs as f64);
 }
 
 /// A request for `adapter` was answered (logged in the caller's span, so with its trace id).

@@ -6,7 +6,7 @@ use crate::api::{
     CompatGenerateRequest, GenerateRequest, GenerateResponse, Info, SimpleToken, StreamResponse,
     TokenizeRequest,
 };
-use crate::app::{apply_chat_template, token_from_header, AppState};
+use crate::app::{apply_chat_template, require_generation, token_from_header, AppState};
 use crate::error_docs::{BodyErrors, GenerationErrors, Unhealthy};
 use crate::errors::{ApiError, JsonBody};
 use crate::respond::generate_response;
@@ -42,6 +42,7 @@ pub async fn compat_generate(
     headers: HeaderMap,
     JsonBody(request): JsonBody<CompatGenerateRequest>,
 ) -> Result<Response, ApiError> {
+    require_generation(&state)?;
     let stream = request.stream;
     let request = prepared(&state, &headers, request.into()).await?;
     if stream {
@@ -62,6 +63,7 @@ pub async fn generate(
     headers: HeaderMap,
     JsonBody(request): JsonBody<GenerateRequest>,
 ) -> Result<Response, ApiError> {
+    require_generation(&state)?;
     let request = prepared(&state, &headers, request).await?;
     let (headers, response) = generate_response(&state, request).await?;
     Ok((headers, Json(response)).into_response())
@@ -82,17 +84,23 @@ pub async fn generate_stream(
     headers: HeaderMap,
     JsonBody(request): JsonBody<GenerateRequest>,
 ) -> Result<Response, ApiError> {
+    require_generation(&state)?;
     let request = prepared(&state, &headers, request).await?;
     stream_with(&state, request, Box::new(LoraxEncoder)).await
 }
 
-/// Healthy when the server can generate now.
+/// Healthy when the server can serve now: generate, or (an encoder model) compute.
 ///
 /// 503 with the reason otherwise (see the `health` module).
 #[utoipa::path(get, path = "/health", tag = "LoRAX",
     responses((status = 200, description = "Healthy"), Unhealthy))]
 pub async fn health(State(state): State<AppState>) -> Result<StatusCode, ApiError> {
-    match state.infer.health().await {
+    let verdict = if state.info.supports_generation {
+        state.infer.health().await
+    } else {
+        state.encoders.health(state.client.as_ref()).await
+    };
+    match verdict {
         Ok(()) => Ok(StatusCode::OK),
         Err(reason) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -1,5 +1,6 @@
 //! OpenAI-compatible endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both with
-//! `stream`, `n` choices, log-probabilities, `response_format`) and `GET /v1/models`. Requests
+//! `stream`, `n` choices, log-probabilities, `response_format`) and `GET /v1/models`
+//! (`POST /v1/embeddings` is in `encoder_api`). Requests
 //! become native generate requests, one per choice; `model` names the adapter (`""` and the
 //! placeholders "dummy"/"tgi": the default adapter or the base model; the served model's id:
 //! the base model).
@@ -22,7 +23,7 @@ pub use request::{
 pub use stream::{openai_event, Kind, OpenAiEncoder, StreamSettings};
 
 use crate::api::{GenerateParameters, GenerateRequest, GenerateResponse};
-use crate::app::{chat_template, render_chat, token_from_header, AppState};
+use crate::app::{chat_template, render_chat, require_generation, token_from_header, AppState};
 use crate::error_docs::GenerationErrors;
 use crate::errors::{ApiError, JsonBody, ValidationError};
 use crate::respond::generate_responses;
@@ -94,6 +95,7 @@ pub async fn completions(
     headers: HeaderMap,
     JsonBody(mut request): JsonBody<CompletionRequest>,
 ) -> Result<Response, ApiError> {
+    require_generation(&state)?;
     token_from_header(&mut request.sampling.api_token, &headers);
     let mut call = OpenAiCall::new(Kind::Completion, &request.sampling, &state)?;
     let fields = request.fields;
@@ -134,6 +136,7 @@ pub async fn chat_completions(
     headers: HeaderMap,
     JsonBody(mut request): JsonBody<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
+    require_generation(&state)?;
     token_from_header(&mut request.sampling.api_token, &headers);
     let mut call = OpenAiCall::new(Kind::Chat, &request.sampling, &state)?;
     let (logprobs, top_n_tokens) = chat_logprobs(&request.fields)?;

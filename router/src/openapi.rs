@@ -12,7 +12,7 @@ mod reference;
 use crate::api::Info;
 use crate::app::AppState;
 use crate::errors::ErrorResponse;
-use crate::{adapters_api, native, openai};
+use crate::{adapters_api, encoder_api, native, openai};
 use axum::extract::State;
 use axum::response::Html;
 use axum::Json;
@@ -37,6 +37,10 @@ use utoipa::OpenApi;
         openai::completions,
         openai::chat_completions,
         openai::models,
+        encoder_api::embeddings,
+        encoder_api::embed,
+        encoder_api::classify,
+        encoder_api::classify_batch,
         adapters_api::list,
         adapters_api::load,
         adapters_api::unload,
@@ -47,7 +51,8 @@ use utoipa::OpenApi;
     components(schemas(ErrorResponse)),
     tags(
         (name = "LoRAX", description = "LoRAX's native API"),
-        (name = "OpenAI compatible", description = "OpenAI's completions and chat completions"),
+        (name = "OpenAI compatible", description = "OpenAI's completions, chat completions and embeddings"),
+        (name = "Encoders", description = "Embeddings and token classification (encoder models)"),
         (name = "Adapters", description = "Adapter management"),
     )
 )]

@@ -3,6 +3,7 @@
 
 use crate::adapters_api;
 use crate::app::AppState;
+use crate::encoder_api;
 use crate::errors::{method_not_allowed, not_found};
 use crate::native::{
     compat_generate, generate, generate_stream, health, info, ping, prometheus_metrics,
@@ -35,6 +36,9 @@ pub fn router(state: AppState, cors: CorsLayer) -> Router {
         .route("/info", get(info))
         .route("/metrics", get(prometheus_metrics))
         .route("/tokenize", post(tokenize))
+        .route("/embed", post(encoder_api::embed))
+        .route("/classify", post(encoder_api::classify))
+        .route("/classify_batch", post(encoder_api::classify_batch))
         .route("/adapters", get(adapters_api::list))
         .route("/adapters/load", post(adapters_api::load))
         .route("/adapters/unload", post(adapters_api::unload))
@@ -43,6 +47,7 @@ pub fn router(state: AppState, cors: CorsLayer) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))
+        .route("/v1/embeddings", post(encoder_api::embeddings))
         .route("/docs", get(docs))
         .route("/api-doc/openapi.json", get(openapi_json))
         .route("/playground", get(playground::page))

@@ -30,9 +30,14 @@ pub struct Shards {
     pub block_size: u32,
 }
 
-/// Asks the shards for their Info and runs Warmup; checks the token budget against the flags.
+/// Asks the shards for their Info and runs Warmup; checks the token budget against the flags
+/// (for a generating model: an encoder's Warmup only echoes the prefill budget).
 pub async fn warm_up(client: &ShardedClient, args: &Args) -> Result<Shards, String> {
-    let info = client.info().await.map_err(|e| e.to_string())?;
+    let mut info = client.info().await.map_err(|e| e.to_string())?;
+    // A shard that predates these fields reports none of them: it serves a generating model.
+    if !(info.supports_generation || info.supports_embeddings || info.supports_classification) {
+        info.supports_generation = true;
+    }
     let supported = client
         .warmup(
             args.max_input_length as u32,
@@ -52,7 +57,8 @@ pub async fn warm_up(client: &ShardedClient, args: &Args) -> Result<Shards, Stri
     };
     let block_size = info.block_size.max(1);
     let longest = round_up(args.max_total_tokens as u32, block_size);
-    if max_batch_total_tokens < longest {
+    // An encoder model has no KV cache: its Warmup answers the prefill budget it was given.
+    if info.supports_generation && max_batch_total_tokens < longest {
         return Err(format!(
             "the KV cache holds {max_batch_total_tokens} tokens, less than one request of \
              --max-total-tokens {} needs ({longest}); lower --max-total-tokens",

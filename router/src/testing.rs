@@ -1,8 +1,10 @@
 //! Test doubles used by this crate's tests: a tiny word-level tokenizer and `FakeShard`, an
 //! in-memory `ShardClient` that behaves like a shard (cached batches, concatenation, filtering)
-//! and records every call, so the queue and the batching loop are tested without a model.
+//! and records every call, so the queue and the batching loop are tested without a model. As an
+//! encoder model (`FakeShard::encoder`, `encoder`) it answers Embed and Classify instead.
 
 mod adapters;
+mod encoder;
 mod grammars;
 mod step;
 mod steps;
@@ -18,6 +20,10 @@ use crate::validation::ValidGenerateRequest;
 use adapters::{adapter_name, FakeAdapters};
 pub use adapters::{AdapterBehaviour, PrefillRecord};
 use async_trait::async_trait;
+pub use encoder::{
+    fake_embedding, fake_token_class, test_encoder_tokenizer, FakeModel, FAKE_EMBEDDING_DIM,
+    FAKE_ENCODER_POSITIONS, REFUSED_ENCODER_TOKEN, TEST_ENCODER_TOKENIZER_JSON,
+};
 use grammars::FakeGrammars;
 pub use grammars::{FAILING_GRAMMAR_MARKER, REFUSED_GRAMMAR_MARKER};
 use std::collections::HashMap;
@@ -124,6 +130,14 @@ pub enum Call {
     CompileGrammar {
         grammar: pb::Grammar,
     },
+    /// An Embed call: each input's id and token count, in order.
+    Embed {
+        inputs: Vec<(u64, usize)>,
+    },
+    /// A Classify call: each input's id and token count, in order.
+    Classify {
+        inputs: Vec<(u64, usize)>,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -155,6 +169,8 @@ pub struct FakeShard {
     /// Tokens the fake KV cache holds (Warmup's answer).
     pub capacity: u32,
     pub block_size: u32,
+    /// What the model serves (generation, or an encoder's Embed/Classify).
+    pub model: FakeModel,
 }
 
 impl FakeShard {
@@ -168,6 +184,7 @@ impl FakeShard {
             at_gate: AtomicUsize::new(0),
             capacity,
             block_size,
+            model: FakeModel::Generating,
         }
     }
 
@@ -349,7 +366,7 @@ impl FakeShard {
 #[async_trait]
 impl ShardClient for FakeShard {
     async fn info(&self) -> Result<pb::InfoResponse, ShardError> {
-        Ok(pb::InfoResponse {
+        let mut info = pb::InfoResponse {
             requires_padding: false,
             dtype: "float32".into(),
             device_type: "cpu".into(),
@@ -363,7 +380,10 @@ impl ShardClient for FakeShard {
             quantize: None,
             speculate: 0,
             prefix_caching: false,
-        })
+            ..Default::default()
+        };
+        self.model.describe(&mut info);
+        Ok(info)
     }
 
     async fn health(&self) -> Result<(), ShardError> {
@@ -379,6 +399,7 @@ impl ShardClient for FakeShard {
     }
 
     async fn prefill(&self, batch: pb::Batch) -> Result<StepOutput, ShardError> {
+        self.check_generates()?;
         self.pass_gate().await;
         let mut state = self.state.lock().unwrap();
         state.calls.push(Call::Prefill {
@@ -448,6 +469,7 @@ impl ShardClient for FakeShard {
         batches: Vec<pb::CachedBatch>,
         steps: u32,
     ) -> Result<StepOutput, ShardError> {
+        self.check_generates()?;
         self.pass_gate().await;
         let batch_ids = self.record_decode(&batches, steps);
         let mut output = self.decode_step(&batch_ids, true)?;
@@ -466,6 +488,7 @@ impl ShardClient for FakeShard {
         batches: Vec<pb::CachedBatch>,
         steps: u32,
     ) -> Result<Box<dyn DecodeSteps + 'a>, ShardError> {
+        self.check_generates()?;
         let batch_ids = self.record_decode(&batches, steps);
         let call = FakeSteps::new(self, batch_ids, steps);
         let stopper = call.stopper();
@@ -583,5 +606,34 @@ impl ShardClient for FakeShard {
             grammar: grammar.clone(),
         });
         state.grammars.compile(&grammar)
+    }
+
+    async fn embed(&self, inputs: Vec<pb::EncoderInput>) -> Result<Vec<pb::Embedding>, ShardError> {
+        self.encoder_call(&inputs, true).await;
+        let served = matches!(
+            self.model,
+            FakeModel::Encoder {
+                embeddings: true,
+                ..
+            }
+        );
+        encoder::check_call(served, "embeddings", &inputs)?;
+        Ok(encoder::embed(&inputs))
+    }
+
+    async fn classify(
+        &self,
+        inputs: Vec<pb::EncoderInput>,
+    ) -> Result<Vec<pb::ClassifyPredictionList>, ShardError> {
+        self.encoder_call(&inputs, false).await;
+        let served = matches!(
+            self.model,
+            FakeModel::Encoder {
+                classification: true,
+                ..
+            }
+        );
+        encoder::check_call(served, "token classification", &inputs)?;
+        Ok(encoder::classify(&inputs))
     }
 }

@@ -12,10 +12,12 @@ use tokenizers::{Encoding, Tokenizer, TruncationDirection};
 use tokio::sync::Semaphore;
 use tokio::task::JoinError;
 
+mod encoder;
 mod grammar;
 mod parameters;
 pub mod schema;
 
+pub use encoder::EncoderTokens;
 pub use grammar::schema_grammar;
 pub use parameters::{samples, MAX_TOP_N_TOKENS};
 
@@ -107,14 +109,22 @@ pub struct Validation {
     workers: Arc<Semaphore>,
 }
 
-/// Loads `tokenizer.json` from a directory (or the file itself).
+/// Loads `tokenizer.json` from a directory (or the file itself). Truncation and padding saved in
+/// the file are turned off: the router enforces the length limits itself (a silently cut prompt
+/// or embedding input would pass them), and padding tokens would be fed to the model.
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, String> {
     let file = if path.is_dir() {
         path.join("tokenizer.json")
     } else {
         path.to_path_buf()
     };
-    Tokenizer::from_file(&file).map_err(|e| format!("cannot load {}: {e}", file.display()))
+    let mut tokenizer =
+        Tokenizer::from_file(&file).map_err(|e| format!("cannot load {}: {e}", file.display()))?;
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| format!("cannot load {}: {e}", file.display()))?;
+    tokenizer.with_padding(None);
+    Ok(tokenizer)
 }
 
 impl Validation {

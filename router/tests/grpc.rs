@@ -8,7 +8,8 @@ use grpc_fake::{two_fake_shards, two_shards};
 use lorax_router::client::{ShardClient, ShardedClient, StepTimings};
 use lorax_router::pb;
 use lorax_router::testing::{
-    valid_request, AdapterBehaviour, Call, FakeShard, FAKE_TIMINGS, REFUSED_GRAMMAR_MARKER,
+    fake_embedding, fake_token_class, valid_request, AdapterBehaviour, Call, FakeShard,
+    FAKE_TIMINGS, REFUSED_ENCODER_TOKEN, REFUSED_GRAMMAR_MARKER,
 };
 use std::time::Duration;
 
@@ -327,6 +328,57 @@ async fn decode_streams_answer_step_by_step_on_every_shard_and_stop_together() {
     let mut call = client.decode_stream(vec![cached], 4).await.unwrap();
     let err = call.next().await.unwrap().unwrap_err();
     assert!(err.to_string().contains("decode exploded"), "{err}");
+}
+
+#[tokio::test]
+async fn encoder_calls_reach_every_shard_and_rank_0_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let encoder = || FakeShard::encoder(512, true, true);
+    let (shards, client) = two_fake_shards(dir.path(), encoder).await;
+    let info = client.info().await.unwrap();
+    assert!(!info.supports_generation && info.supports_embeddings && info.supports_classification);
+    assert_eq!(info.embedding_dim, 4);
+    let inputs = vec![
+        pb::EncoderInput {
+            id: 0,
+            input_ids: vec![2, 5, 3],
+        },
+        pb::EncoderInput {
+            id: 1,
+            input_ids: vec![2, 9, 10, 3],
+        },
+    ];
+    let embeddings = client.embed(inputs.clone()).await.unwrap();
+    assert_eq!(embeddings.len(), 2);
+    assert_eq!(embeddings[1].request_id, 1);
+    assert_eq!(embeddings[1].values, fake_embedding(&[2, 9, 10, 3]));
+    let classes = client.classify(inputs.clone()).await.unwrap();
+    assert_eq!(classes[0].predictions, ["B-MISC", "B-PER", "B-MISC"]);
+    assert_eq!(classes[0].scores[1], fake_token_class(5).1);
+    for shard in &shards {
+        let calls = shard.calls();
+        assert_eq!(
+            calls,
+            [
+                Call::Embed {
+                    inputs: vec![(0, 3), (1, 4)]
+                },
+                Call::Classify {
+                    inputs: vec![(0, 3), (1, 4)]
+                },
+            ]
+        );
+    }
+    // Refusals keep their code over gRPC: INVALID_ARGUMENT for an input, FAILED_PRECONDITION
+    // for a generation step on an encoder.
+    let refused = pb::EncoderInput {
+        id: 0,
+        input_ids: vec![2, REFUSED_ENCODER_TOKEN, 3],
+    };
+    let err = client.embed(vec![refused]).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    let err = client.prefill(batch(1)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
 }
 
 #[tokio::test]

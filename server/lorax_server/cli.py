@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -239,6 +240,7 @@ def run_serve(cfg: ShardConfig) -> None:
 
     from .adapters.manager import AdapterManager, device_budget
     from .adapters.sources import AdapterSource, fetch_adapter
+    from .encoders.config import is_encoder_dir
     from .engine import CacheConfig, Engine
     from .layers.parallel import init_process_group
     from .models.loader import load_model
@@ -252,6 +254,12 @@ def run_serve(cfg: ShardConfig) -> None:
     if device.type == "cpu" and keep_freed_memory():
         logging.getLogger(__name__).info("glibc keeps the memory a step frees for the next one")
     model_dir = download_weights(cfg.model_id, cfg.revision)
+    if is_encoder_dir(model_dir):
+        try:
+            _serve_encoder(cfg, model_dir, device)
+        finally:
+            telemetry.shutdown()
+        return
     if cfg.world_size > 1:
         init_process_group(cfg.rank, cfg.world_size, device)
         if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -288,6 +296,60 @@ def run_serve(cfg: ShardConfig) -> None:
         asyncio.run(serve(engine, model.config.architecture, cfg.uds_path, cfg.rank, cfg.world_size))
     finally:
         telemetry.shutdown()
+
+
+def _encoder_refusals(cfg: ShardConfig) -> list[str]:
+    """The options an encoder model cannot be served with, each with the reason."""
+    refused = []
+    if cfg.world_size > 1:
+        refused.append("it cannot be sharded (serve it with --num-shard 1)")
+    if cfg.quantize:
+        refused.append(f"--quantize {cfg.quantize}: it is served unquantized")
+    if cfg.merge_adapter_weights:
+        refused.append("--merge-adapter-weights: it takes no adapters")
+    elif cfg.default_adapter_id:
+        refused.append("--default-adapter-id (the launcher's --adapter-id): it takes no adapters")
+    if cfg.speculative_tokens > 0:
+        refused.append("--speculative-tokens: it generates no tokens")
+    return refused
+
+
+def _serve_encoder(cfg: ShardConfig, model_dir: Path, device: torch.device) -> None:
+    """Serve an encoder (BERT family) for Embed and Classify; SystemExit with the reason when it cannot be."""
+    from .encoders.config import EncoderConfig
+    from .encoders.engine import EncoderEngine
+    from .server import serve
+    from .utils.weights import WeightsError
+
+    log = logging.getLogger(__name__)
+    try:
+        architecture = EncoderConfig.from_dir(model_dir).architecture
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
+    refused = _encoder_refusals(cfg)
+    if refused:
+        what = "; ".join(refused)
+        raise SystemExit(f"error: {architecture} is an encoder model (embeddings/classification): {what}")
+    ignored = [flag for flag, on in _generation_flags(cfg) if on]
+    if ignored:
+        log.info("not used by encoder models, ignored: %s", ", ".join(ignored))
+    try:
+        engine = EncoderEngine.load(model_dir, device, cfg.dtype)
+    except (ValueError, WeightsError) as e:
+        raise SystemExit(f"error: cannot serve {architecture}: {e}") from e
+    log.info("serving %s for embeddings (%d values)%s", architecture, engine.embedding_dim,
+             " and token classification" if engine.supports_classification else "")  # fmt: skip
+    asyncio.run(serve(engine, architecture, cfg.uds_path, cfg.rank, cfg.world_size))
+
+
+def _generation_flags(cfg: ShardConfig) -> list[tuple[str, bool]]:
+    """Options of generating models that an encoder leaves unused, and whether each is set."""
+    return [
+        ("--prefix-caching", cfg.prefix_caching),
+        ("--chunked-prefill", cfg.chunked_prefill),
+        ("--compile", cfg.compile),
+        ("--kv-cache-blocks", cfg.kv_cache_blocks is not None),
+    ]
 
 
 def _merge_default_adapter(cfg: ShardConfig, model, fetch) -> None:  # noqa: ANN001 - a CausalLM, fetch_adapter

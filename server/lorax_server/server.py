@@ -23,6 +23,8 @@ from .adapters.loader import AdapterLoadError
 from .adapters.manager import AdapterBudgetExceeded, AdapterInUse, AdapterRequest, Modules
 from .adapters.sources import AdapterFetchError, AdapterSource
 from .batch import Batch, RequestIn
+from .encoders.engine import EncoderEngine
+from .encoders.service import EncoderService
 from .engine import BatchNotFound, Engine, HealthCheckFailed, NotWarmedUp, RequestError
 from .grammar import GrammarError, GrammarKind, GrammarSpec
 from .kv_cache import OutOfBlocks
@@ -208,7 +210,20 @@ class LoraxService(pb_grpc.LoraxServiceServicer):
             # Keys salted with the prompt's length are shared only by prompts of one length: the
             # router is told nothing is shared rather than over-counting.
             prefix_caching=self.engine.prefix_caching and model.length_dependent_above is None,
+            supports_generation=True,
         )
+
+    async def _no_encoder_calls(self, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"{self.architecture} generates text: Embed and Classify are served for encoder models (BERT family)",
+        )
+
+    async def Embed(self, request, context):  # noqa: ANN001, ANN201, N802
+        await self._no_encoder_calls(context)
+
+    async def Classify(self, request, context):  # noqa: ANN001, ANN201, N802
+        await self._no_encoder_calls(context)
 
     async def Health(self, request, context):  # noqa: ANN001, ANN201, N802
         # A forward pass as engine work, so it waits for the running step and never overlaps it.
@@ -377,8 +392,9 @@ def shard_socket(uds_path: str, rank: int) -> str:
     return f"{uds_path}-{rank}"
 
 
-async def serve(engine: Engine, architecture: str, uds_path: str, rank: int, world_size: int) -> None:
-    """Listen on `unix://{uds_path}-{rank}` until cancelled (SIGINT/SIGTERM)."""
+async def serve(engine: Engine | EncoderEngine, architecture: str, uds_path: str, rank: int, world_size: int) -> None:
+    """Listen on `unix://{uds_path}-{rank}` until cancelled (SIGINT/SIGTERM). An encoder's engine gets the
+    encoder service (Embed, Classify), any other the generating one."""
     urls = [f"unix://{shard_socket(uds_path, r)}" for r in range(world_size)]
     socket_path = Path(shard_socket(uds_path, rank))
     if socket_path.exists():
@@ -389,7 +405,11 @@ async def serve(engine: Engine, architecture: str, uds_path: str, rank: int, wor
             ("grpc.max_receive_message_length", 256 * 2**20),
         ]
     )
-    pb_grpc.add_LoraxServiceServicer_to_server(LoraxService(engine, urls, architecture), server)
+    if isinstance(engine, EncoderEngine):
+        servicer: pb_grpc.LoraxServiceServicer = EncoderService(engine, urls, architecture)
+    else:
+        servicer = LoraxService(engine, urls, architecture)
+    pb_grpc.add_LoraxServiceServicer_to_server(servicer, server)
     server.add_insecure_port(urls[rank])
     await server.start()
     log.info(

@@ -146,6 +146,38 @@ def test_select_files_prefers_safetensors_and_top_level() -> None:
     assert select_files(bin_only) == sorted([*SUPPORT, "pytorch_model.bin"])
 
 
+def test_select_files_takes_sentence_transformers_modules() -> None:
+    modules = [
+        "modules.json",
+        "config_sentence_transformers.json",
+        "1_Pooling/config.json",
+        "2_Dense_256/config.json",
+        "2_Dense_256/model.safetensors",
+        "2_Dense_256/pytorch_model.bin",  # a copy of the safetensors: skipped
+        "3_Dense/config.json",
+        "3_Dense/pytorch_model.bin",  # the module's only weights: kept
+    ]
+    files = [*SUPPORT, "model.safetensors", *modules, "2_Dense_256/README.md", "1_Pooling/extra/config.json"]
+    assert select_files(files) == sorted(
+        [*SUPPORT, "model.safetensors", *(m for m in modules if m != "2_Dense_256/pytorch_model.bin")]
+    )
+    # Without modules.json numbered directories are not modules: nothing below the top level is taken.
+    assert select_files([*SUPPORT, "model.safetensors", "1_Pooling/config.json"]) == sorted(
+        [*SUPPORT, "model.safetensors"]
+    )
+
+
+def test_hub_download_fetches_sentence_transformers_modules(hub_env) -> None:
+    pooling = b'{"word_embedding_dimension": 4, "pooling_mode_mean_tokens": true}'
+    files = {**SUPPORT, "model.safetensors": save({"w": torch.randn(4, 4)})}
+    files |= {"modules.json": b"[]", "1_Pooling/config.json": pooling, "onnx/model.onnx": b"\0"}
+    hub_env.add_repo("org/embedder", files)
+    path = download_weights("org/embedder")
+    assert (path / "modules.json").read_bytes() == b"[]"
+    assert (path / "1_Pooling" / "config.json").read_bytes() == pooling
+    assert not (path / "onnx").exists()
+
+
 def test_hub_download_fetches_only_needed_files(hub_env, tmp_path: Path) -> None:
     weights = {"w": torch.randn(4, 4)}
     files = {

@@ -83,10 +83,12 @@ impl Args {
         positive("--max-best-of", self.max_best_of)?;
         positive("--max-input-length", self.max_input_length)?;
         positive("--max-active-adapters", self.max_active_adapters)?;
-        if self.max_input_length >= self.max_total_tokens {
+        // Equal is allowed, as LoRAX allows it: an embedding model generates nothing, and a
+        // generation request of the longest prompt is then refused by the router for want of room.
+        if self.max_input_length > self.max_total_tokens {
             return Err(format!(
-                "--max-input-length ({}) must be less than --max-total-tokens ({}): a request \
-                 needs room for at least one generated token",
+                "--max-input-length ({}) must not exceed --max-total-tokens ({}): a request's \
+                 prompt counts against its total",
                 self.max_input_length, self.max_total_tokens
             ));
         }
@@ -273,7 +275,8 @@ impl Args {
         );
         note(
             self.embedding_dim.is_some(),
-            "--embedding-dim: this server serves text generation, not embeddings",
+            "--embedding-dim: decoder models are not served for embeddings here (encoder models are; \
+             their modules set the size)",
         );
         note(
             self.predibase_api_token.is_some(),

@@ -130,12 +130,15 @@ fn cors_origins_repeat_or_split_on_commas() {
 }
 
 #[test]
-fn input_must_be_shorter_than_total() {
-    let err = error_of(&["--max-input-length", "2048", "--max-total-tokens", "2048"]);
+fn input_must_not_exceed_total() {
+    let err = error_of(&["--max-input-length", "2049", "--max-total-tokens", "2048"]);
     assert!(
-        err.contains("--max-input-length (2048) must be less than"),
+        err.contains("--max-input-length (2049) must not exceed"),
         "{err}"
     );
+    // Equal limits are LoRAX's for embedding models (`--max-input-length 512 --max-total-tokens 512`).
+    let equal = parse(&["--max-input-length", "512", "--max-total-tokens", "512"]);
+    assert_eq!(equal.validate(), Ok(()));
 }
 
 #[test]

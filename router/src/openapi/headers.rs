@@ -1,6 +1,7 @@
 //! The headers of a generated answer (`respond`: LoRAX's timings and token counts), added to the
 //! 200 answers of the operations that send them: `/generate`, and `/` and the OpenAI endpoints
-//! when they answer with JSON rather than a stream.
+//! when they answer with JSON rather than a stream; the encoder endpoints send those that mean
+//! something without generated tokens (`encoder_api`).
 
 use serde_json::{json, Map, Value};
 
@@ -60,6 +61,21 @@ const ANSWER_HEADERS: [(&str, &str, &str); 13] = [
 /// The operations whose JSON answers carry them.
 const ANSWERED: [&str; 4] = ["/", "/generate", "/v1/completions", "/v1/chat/completions"];
 
+/// The encoder operations, and the headers of `ANSWER_HEADERS` their answers carry.
+const ENCODED: [&str; 4] = ["/embed", "/v1/embeddings", "/classify", "/classify_batch"];
+const ENCODER_HEADERS: [&str; 10] = [
+    "x-compute-type",
+    "x-compute-time",
+    "x-compute-characters",
+    "x-total-time",
+    "x-validation-time",
+    "x-queue-time",
+    "x-inference-time",
+    "x-prompt-tokens",
+    "x-total-tokens",
+    "x-model-id",
+];
+
 pub fn describe_answer_headers(doc: &mut Value) {
     let headers: Map<String, Value> = ANSWER_HEADERS
         .iter()
@@ -68,9 +84,17 @@ pub fn describe_answer_headers(doc: &mut Value) {
             (name.to_string(), header)
         })
         .collect();
-    for path in ANSWERED {
-        let ok = &mut doc["paths"][path]["post"]["responses"]["200"];
-        assert!(ok.is_object(), "{path} answers 200");
-        ok["headers"] = Value::Object(headers.clone());
+    let encoder_headers: Map<String, Value> = headers
+        .iter()
+        .filter(|(name, _)| ENCODER_HEADERS.contains(&name.as_str()))
+        .map(|(name, header)| (name.clone(), header.clone()))
+        .collect();
+    let sets = [(&ANSWERED[..], &headers), (&ENCODED[..], &encoder_headers)];
+    for (paths, headers) in sets {
+        for path in paths {
+            let ok = &mut doc["paths"][path]["post"]["responses"]["200"];
+            assert!(ok.is_object(), "{path} answers 200");
+            ok["headers"] = Value::Object(headers.clone());
+        }
     }
 }

@@ -48,6 +48,10 @@ fn every_route_is_documented_with_its_errors() {
         ("/v1/completions", "post"),
         ("/v1/chat/completions", "post"),
         ("/v1/models", "get"),
+        ("/v1/embeddings", "post"),
+        ("/embed", "post"),
+        ("/classify", "post"),
+        ("/classify_batch", "post"),
         ("/adapters", "get"),
         ("/adapters/load", "post"),
         ("/adapters/unload", "post"),
@@ -65,6 +69,13 @@ fn every_route_is_documented_with_its_errors() {
         assert_eq!(
             statuses(path),
             ["200", "400", "401", "403", "413", "415", "422", "424", "429"],
+            "{path}"
+        );
+    }
+    for path in ["/embed", "/v1/embeddings", "/classify", "/classify_batch"] {
+        assert_eq!(
+            statuses(path),
+            ["200", "400", "413", "415", "422", "424", "429"],
             "{path}"
         );
     }

@@ -10,12 +10,16 @@ use lorax_router::app::AppState;
 use lorax_router::batcher::BatcherConfig;
 use lorax_router::client::ShardClient;
 use lorax_router::cors::CorsOptions;
+use lorax_router::encoder::{EncoderConfig, Encoders};
 use lorax_router::exchange::ExchangeConfig;
 use lorax_router::health::HealthConfig;
 use lorax_router::infer::Infer;
 use lorax_router::server::router;
 use lorax_router::template::ChatTemplate;
-use lorax_router::testing::{test_tokenizer, AdapterBehaviour, FakeShard};
+use lorax_router::testing::{
+    test_encoder_tokenizer, test_tokenizer, AdapterBehaviour, FakeModel, FakeShard,
+    FAKE_EMBEDDING_DIM, FAKE_ENCODER_POSITIONS,
+};
 use lorax_router::validation::{Validation, ValidationLimits};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -46,6 +50,10 @@ pub fn info() -> Info {
         block_size: 1,
         eos_token_ids: vec![2],
         supports_adapters: true,
+        supports_generation: true,
+        supports_embeddings: false,
+        supports_classification: false,
+        embedding_dim: 0,
         validation_workers: 1,
         eager_prefill: true,
         version: lorax_router::VERSION,
@@ -55,6 +63,44 @@ pub fn info() -> Info {
         default_adapter_id: None,
         adapters: vec![],
     }
+}
+
+/// The `/info` of the fake encoder `model` (limits as `info()`'s).
+pub fn encoder_info(model: FakeModel) -> Info {
+    let FakeModel::Encoder {
+        embeddings,
+        classification,
+    } = model
+    else {
+        return info();
+    };
+    Info {
+        architecture: "BertModel".into(),
+        supports_adapters: false,
+        supports_generation: false,
+        supports_embeddings: embeddings,
+        supports_classification: classification,
+        embedding_dim: if embeddings { FAKE_EMBEDDING_DIM } else { 0 },
+        eos_token_ids: vec![],
+        ..info()
+    }
+}
+
+/// What an encoder model says about adapters: it takes none.
+pub fn encoder_adapter_config() -> AdapterConfig {
+    AdapterConfig {
+        supports_adapters: false,
+        architecture: "BertModel".into(),
+        ..adapter_config()
+    }
+}
+
+/// The app of an encoder model over `shard` (made with `FakeShard::encoder`).
+pub fn encoder_app(shard: Arc<FakeShard>, max_concurrent_requests: usize) -> Router {
+    let health = HealthConfig::default();
+    let adapters = encoder_adapter_config();
+    let state = app_state(shard, max_concurrent_requests, adapters, exchange(), health);
+    router(state, CorsOptions::default().layer().unwrap())
 }
 
 pub fn chat_template() -> ChatTemplate {
@@ -124,7 +170,8 @@ pub fn app_with_cors(shard: Arc<FakeShard>, cors_args: &[&str]) -> Result<Router
     Ok(router(state, cli.cors.layer()?))
 }
 
-/// The state the test apps share: the test model over `shard`.
+/// The state the test apps share: the test model over `shard` (the encoder test model when
+/// `shard` is an encoder: its tokenizer, its `/info`).
 pub fn app_state(
     shard: Arc<FakeShard>,
     max_concurrent_requests: usize,
@@ -149,8 +196,17 @@ pub fn app_state(
         prefix_caching: false,
         eager_prefill: true,
     };
+    let (tokenizer, info) = match shard.model {
+        FakeModel::Generating => (test_tokenizer(), info()),
+        encoder => (test_encoder_tokenizer(), encoder_info(encoder)),
+    };
+    let encoder_config = EncoderConfig::new(
+        limits.max_input_length,
+        FAKE_ENCODER_POSITIONS,
+        config.max_batch_prefill_tokens,
+    );
     let client: Arc<dyn ShardClient> = shard;
-    let validation = Validation::new(test_tokenizer(), limits).with_adapters(adapters);
+    let validation = Validation::new(tokenizer, limits).with_adapters(adapters);
     let infer = Infer::new(
         client.clone(),
         validation,
@@ -159,9 +215,14 @@ pub fn app_state(
         health,
         max_concurrent_requests,
     );
+    let encoders = Encoders::spawn(client.clone(), encoder_config, health);
     AppState {
         infer,
-        info: Arc::new(info()),
+        encoders,
+        info: Arc::new(Info {
+            max_concurrent_requests,
+            ..info
+        }),
         client,
         prometheus: lorax_router::metrics::install(),
         chat_template: Some(Arc::new(chat_template())),

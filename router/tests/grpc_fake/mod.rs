@@ -1,6 +1,8 @@
 //! The fake shards the gRPC tests reach over unix sockets: the generated `LoraxService` served in
 //! process over a `FakeShard`, which records every call and answers as configured.
 
+#![allow(dead_code)]
+
 use lorax_router::client::{ShardClient, ShardError, ShardedClient, StepOutput};
 use lorax_router::pb;
 use lorax_router::pb::lorax_service_server::{LoraxService, LoraxServiceServer};
@@ -227,6 +229,26 @@ impl LoraxService for Service {
         let grammar = r.into_inner().grammar.unwrap_or_default();
         self.shard.compile_grammar(grammar).await.map_err(status)?;
         Ok(Response::new(pb::CompileGrammarResponse {}))
+    }
+
+    async fn embed(
+        &self,
+        r: Request<pb::EmbedRequest>,
+    ) -> Result<Response<pb::EmbedResponse>, Status> {
+        let inputs = r.into_inner().inputs;
+        let embeddings = self.shard.embed(inputs).await.map_err(status)?;
+        Ok(Response::new(pb::EmbedResponse { embeddings }))
+    }
+
+    async fn classify(
+        &self,
+        r: Request<pb::ClassifyRequest>,
+    ) -> Result<Response<pb::ClassifyResponse>, Status> {
+        let inputs = r.into_inner().inputs;
+        let classify_prediction_lists = self.shard.classify(inputs).await.map_err(status)?;
+        Ok(Response::new(pb::ClassifyResponse {
+            classify_prediction_lists,
+        }))
     }
 }
 

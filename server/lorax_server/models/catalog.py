@@ -6,6 +6,7 @@ that the committed page equals this output.
 
 from __future__ import annotations
 
+from ..encoders.config import ENCODER_ARCHITECTURES
 from .registry import REGISTRY
 
 FAMILY_NOTES = {
@@ -23,6 +24,12 @@ FAMILY_NOTES = {
     "bloom": "BLOOM (ALiBi, embedding LayerNorm, per-head interleaved query_key_value)",
 }
 
+ENCODER_NOTES = {
+    "bert": "BERT (learned positions, token type 0)",
+    "roberta": "RoBERTa / XLM-RoBERTa (positions from padding_idx + 1)",
+    "distilbert": "DistilBERT (no token types; learned or sinusoidal positions)",
+}
+
 
 def render() -> str:
     lines = [
@@ -38,6 +45,19 @@ def render() -> str:
     for name, spec in sorted(REGISTRY.items()):
         modules = ", ".join(f"`{m}`" for m in spec.adaptable_modules)
         lines.append(f"| `{name}` | {FAMILY_NOTES.get(spec.family, spec.family)} | {modules} |")
+    lines += [
+        "",
+        "## Encoder models",
+        "",
+        "Served for embeddings and token classification, not for generation and without adapters; see",
+        "[Embeddings and token classification](../embeddings.md).",
+        "",
+        "| `architectures[0]` | family | serves |",
+        "|---|---|---|",
+    ]
+    for name, family in sorted(ENCODER_ARCHITECTURES.items()):
+        serves = "`/embed`, `/classify`" if name.endswith("ForTokenClassification") else "`/embed`"
+        lines.append(f"| `{name}` | {ENCODER_NOTES[family]} | {serves} |")
     return "\n".join(lines) + "\n"
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
+from ..encoders.config import is_encoder_dir
 from ..layers.attention import AttentionBackend
 from ..layers.packed import pack_dense_weights, packing_applies
 from ..layers.parallel import ShardingError
@@ -15,7 +17,7 @@ from ..layers.quant.methods import quantizer
 from ..utils.memory import return_freed_memory
 from ..utils.weights import Weights
 from .config import ModelConfig
-from .fallback import TransformersCausalLM
+from .fallback import TransformersCausalLM, UnsupportedArchitecture
 from .registry import REGISTRY
 from .transformer import CausalLM
 
@@ -24,7 +26,14 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_dtype(requested: str | None, config: ModelConfig, device: torch.device) -> torch.dtype:
+class CheckpointDtype(Protocol):
+    """What `resolve_dtype` reads of a model's config (a `ModelConfig`, an encoder's config)."""
+
+    @property
+    def torch_dtype(self) -> str | None: ...
+
+
+def resolve_dtype(requested: str | None, config: CheckpointDtype, device: torch.device) -> torch.dtype:
     """`--dtype` wins; otherwise the checkpoint's dtype on GPU and float32 on CPU (half is slow and
     inexact there)."""
     if requested:
@@ -48,6 +57,11 @@ def load_model(
 ) -> CausalLM | TransformersCausalLM:
     """Our own implementation when the architecture has a spec, else the transformers fallback.
     `quantize`: a `--quantize` method (`layers.quant`); the fallback cannot be quantized."""
+    if is_encoder_dir(model_dir):
+        raise UnsupportedArchitecture(
+            f"{model_dir} holds an encoder model, which generates no text: load it with "
+            "lorax_server.encoders.engine.EncoderEngine.load"
+        )
     quantize, stored_format = checkpoint.resolve(quantize, model_dir)
     # Dense modules of a pre-quantized checkpoint stay dense (it left them so on purpose).
     quantize_weight = quantizer(quantize) if stored_format is None else None

@@ -21,6 +21,7 @@ import glob
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -66,7 +67,14 @@ SUPPORT_FILES = (
     "chat_template.json",
     "chat_template.jinja",
     "*.py",
+    # sentence-transformers: which modules follow the encoder (pooling, dense, normalize).
+    "modules.json",
+    "config_sentence_transformers.json",
+    "sentence_bert_config.json",
 )
+
+# A sentence-transformers module's directory (`1_Pooling`, `2_Dense_256`, ...) and the files of one.
+_MODULE_FILE = re.compile(r"^\d+_[^/]+/(config\.json|model\.safetensors|pytorch_model\.bin)$")
 
 # Statuses that say "try later", not "no": the cached copy serves instead, like a connection error.
 _TRANSIENT = (408, 429)
@@ -335,9 +343,11 @@ def download_weights(
 def select_files(repo_files: list[str]) -> list[str]:
     """The files of a repo to download: support files, then the safetensors weights, else the ``.bin`` ones.
 
-    Only top-level files count. Among safetensors files the ``model*.safetensors`` ones are preferred,
-    so copies of the weights in other layouts (``consolidated.safetensors``) are skipped; ``.bin``
-    weights are fetched only when the repo has no safetensors at all.
+    Only top-level files count, and the files of sentence-transformers' module directories
+    (``1_Pooling``, ``2_Dense_256``, ...) when the repo has a ``modules.json``. Among safetensors files
+    the ``model*.safetensors`` ones are preferred, so copies of the weights in other layouts
+    (``consolidated.safetensors``) are skipped; ``.bin`` weights are fetched only when the repo has no
+    safetensors at all.
     """
     top = [name for name in repo_files if "/" not in name]
     wanted = [name for name in top if any(fnmatch.fnmatchcase(name, p) for p in SUPPORT_FILES)]
@@ -348,7 +358,16 @@ def select_files(repo_files: list[str]) -> list[str]:
         wanted += [name for name in top if name == SAFETENSORS_INDEX]
     else:
         wanted += [n for n in top if n == BIN_INDEX or fnmatch.fnmatchcase(n, "pytorch_model*.bin")]
+    if "modules.json" in top:
+        wanted += _module_files(repo_files)
     return sorted(set(wanted))
+
+
+def _module_files(repo_files: list[str]) -> list[str]:
+    """The config and weights of each sentence-transformers module directory (safetensors over ``.bin``)."""
+    files = [name for name in repo_files if _MODULE_FILE.match(name)]
+    with_safetensors = {name.split("/")[0] for name in files if name.endswith(".safetensors")}
+    return [n for n in files if not (n.endswith(".bin") and n.split("/")[0] in with_safetensors)]
 
 
 def _ensure_safetensors(folder: Path, where: str) -> None:
