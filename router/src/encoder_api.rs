@@ -22,9 +22,10 @@ use crate::errors::{ApiError, InferError, JsonBody, ValidationError};
 use crate::metrics::{self as m, RequestTimings};
 use crate::openai::StringOrList;
 use crate::pb;
+use crate::respond::answer_headers;
 use crate::validation::EncoderTokens;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::future::try_join_all;
@@ -330,25 +331,4 @@ fn timings_of<T>(
     let start = computed.iter().map(|c| c.start).max().unwrap_or(queued);
     let tokens: usize = tokenized.iter().map(|(_, t)| t.ids.len()).sum();
     RequestTimings::new(received, queued, start, tokens as u32, 0)
-}
-
-/// LoRAX's timing headers, those that mean something without generated tokens.
-fn answer_headers(state: &AppState, t: &RequestTimings, characters: usize) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    let mut set = |name: &'static str, value: String| {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            headers.insert(name, value);
-        }
-    };
-    set("x-compute-type", state.info.model_device_type.clone());
-    set("x-compute-time", t.total.as_millis().to_string());
-    set("x-compute-characters", characters.to_string());
-    set("x-total-time", t.total.as_millis().to_string());
-    set("x-validation-time", t.validation.as_millis().to_string());
-    set("x-queue-time", t.queue.as_millis().to_string());
-    set("x-inference-time", t.inference.as_millis().to_string());
-    set("x-prompt-tokens", t.prompt_tokens.to_string());
-    set("x-total-tokens", t.prompt_tokens.to_string());
-    set("x-model-id", state.info.model_id.clone());
-    headers
 }

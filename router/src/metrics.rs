@@ -271,8 +271,14 @@ pub fn encoder_request_succeeded(task: &str, t: &RequestTimings, inputs: usize) 
         prompt_tokens = t.prompt_tokens,
         "request answered"
     );
-    metrics::counter!("lorax_request_count", "adapter" => a.clone()).increment(1);
-    metrics::counter!("lorax_request_success", "adapter" => a.clone()).increment(1);
+    record_answered(&a, t);
+    metrics::histogram!("lorax_request_input_count").record(inputs as f64);
+}
+
+/// What every answered request records: its count, success, times and prompt tokens.
+fn record_answered(a: &str, t: &RequestTimings) {
+    metrics::counter!("lorax_request_count", "adapter" => a.to_string()).increment(1);
+    metrics::counter!("lorax_request_success", "adapter" => a.to_string()).increment(1);
     let seconds = [
         ("lorax_request_duration", t.total),
         ("lorax_request_validation_duration", t.validation),
@@ -280,11 +286,10 @@ pub fn encoder_request_succeeded(task: &str, t: &RequestTimings, inputs: usize) 
         ("lorax_request_inference_duration", t.inference),
     ];
     for (name, value) in seconds {
-        metrics::histogram!(name, "adapter" => a.clone()).record(value.as_secs_f64());
+        metrics::histogram!(name, "adapter" => a.to_string()).record(value.as_secs_f64());
     }
-    metrics::histogram!("lorax_request_input_length", "adapter" => a)
+    metrics::histogram!("lorax_request_input_length", "adapter" => a.to_string())
         .record(t.prompt_tokens as f64);
-    metrics::histogram!("lorax_request_input_count").record(inputs as f64);
 }
 
 /// A request for `adapter` was answered (logged in the caller's span, so with its trace id).
@@ -299,23 +304,9 @@ pub fn request_succeeded(adapter: Option<&AdapterKey>, t: &RequestTimings) {
         generated_tokens = t.generated_tokens,
         "request answered"
     );
-    metrics::counter!("lorax_request_count", "adapter" => a.clone()).increment(1);
-    metrics::counter!("lorax_request_success", "adapter" => a.clone()).increment(1);
-    let seconds = [
-        ("lorax_request_duration", t.total),
-        ("lorax_request_validation_duration", t.validation),
-        ("lorax_request_queue_duration", t.queue),
-        ("lorax_request_inference_duration", t.inference),
-        (
-            "lorax_request_mean_time_per_token_duration",
-            t.time_per_token(),
-        ),
-    ];
-    for (name, value) in seconds {
-        metrics::histogram!(name, "adapter" => a.clone()).record(value.as_secs_f64());
-    }
-    metrics::histogram!("lorax_request_generated_tokens", "adapter" => a.clone())
+    record_answered(&a, t);
+    metrics::histogram!("lorax_request_mean_time_per_token_duration", "adapter" => a.clone())
+        .record(t.time_per_token().as_secs_f64());
+    metrics::histogram!("lorax_request_generated_tokens", "adapter" => a)
         .record(t.generated_tokens as f64);
-    metrics::histogram!("lorax_request_input_length", "adapter" => a)
-        .record(t.prompt_tokens as f64);
 }

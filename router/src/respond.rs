@@ -170,6 +170,20 @@ fn set_skipped_header(headers: &mut HeaderMap, skipped: u32) {
 }
 
 fn timing_headers(state: &AppState, t: &RequestTimings, characters: usize) -> HeaderMap {
+    let mut headers = answer_headers(state, t, characters);
+    let mut set = |name: &'static str, value: u128| {
+        headers.insert(
+            name,
+            HeaderValue::from_str(&value.to_string()).expect("digits"),
+        );
+    };
+    set("x-time-per-token", t.time_per_token().as_millis());
+    set("x-generated-tokens", t.generated_tokens.into());
+    headers
+}
+
+/// LoRAX's timing headers that every answer carries, generated or not (embeddings, entities).
+pub(crate) fn answer_headers(state: &AppState, t: &RequestTimings, characters: usize) -> HeaderMap {
     let mut headers = HeaderMap::new();
     let mut set = |name: &'static str, value: String| {
         if let Ok(value) = HeaderValue::from_str(&value) {
@@ -183,12 +197,7 @@ fn timing_headers(state: &AppState, t: &RequestTimings, characters: usize) -> He
     set("x-validation-time", t.validation.as_millis().to_string());
     set("x-queue-time", t.queue.as_millis().to_string());
     set("x-inference-time", t.inference.as_millis().to_string());
-    set(
-        "x-time-per-token",
-        t.time_per_token().as_millis().to_string(),
-    );
     set("x-prompt-tokens", t.prompt_tokens.to_string());
-    set("x-generated-tokens", t.generated_tokens.to_string());
     let total_tokens = t.prompt_tokens + t.generated_tokens;
     set("x-total-tokens", total_tokens.to_string());
     set("x-model-id", state.info.model_id.clone());

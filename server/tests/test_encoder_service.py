@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,44 +17,16 @@ import grpc
 import pytest
 import torch
 from encoder_models import LABELS, make_encoder, make_sentence_transformer, reference, sentence_transformer_reference
+from shard_process import EXE, run_shard
 
 from lorax_server.pb import generate_pb2 as pb
 from lorax_server.pb import generate_pb2_grpc as pb_grpc
 
 INPUTS = [[2, 7, 8, 9, 3], [2, 3], [2, 11, 12, 13, 14, 15, 16, 17, 18, 19, 3]]
-EXE = shutil.which("lorax-server", path=str(Path(sys.executable).parent)) or "lorax-server"
 
 
 def _inputs(inputs: list[list[int]], first_id: int = 0) -> list[pb.EncoderInput]:
     return [pb.EncoderInput(id=first_id + i, input_ids=x) for i, x in enumerate(inputs)]
-
-
-@contextmanager
-def run_shard(model_dir: Path, sock_dir: Path, *flags: str) -> Iterator[tuple[pb_grpc.LoraxServiceStub, Path]]:
-    """`lorax-server serve MODEL_DIR` in a subprocess, with a stub connected to its socket."""
-    uds = str(sock_dir / "shard")
-    proc = subprocess.Popen(
-        [EXE, "serve", str(model_dir), "--uds-path", uds, *flags],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    sock = Path(f"{uds}-0")
-    deadline = time.time() + 120
-    while not sock.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"shard exited: {proc.stdout.read().decode()}")
-        if time.time() > deadline:
-            proc.kill()
-            raise TimeoutError("shard did not start")
-        time.sleep(0.1)
-    channel = grpc.insecure_channel(f"unix://{sock}")
-    try:
-        yield pb_grpc.LoraxServiceStub(channel), sock
-    finally:
-        channel.close()
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @contextmanager
@@ -104,7 +73,7 @@ def embedder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def embedder(embedder_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[pb_grpc.LoraxServiceStub]:
-    with run_shard(embedder_dir, tmp_path_factory.mktemp("sock"), "--kv-cache-blocks", "8") as (stub, sock):
+    with run_shard(embedder_dir, tmp_path_factory.mktemp("sock"), "--kv-cache-blocks", "8") as (stub, _, sock):
         stub.sock = sock
         yield stub
 

@@ -5,8 +5,6 @@ an in-process service whose model is broken on purpose."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from shard_process import run_shard
 
 from lorax_server.pb import generate_pb2 as pb
 from lorax_server.pb import generate_pb2_grpc as pb_grpc
@@ -23,38 +22,10 @@ from lorax_server.pb import generate_pb2_grpc as pb_grpc
 KV_BLOCKS = 64  # x 16 tokens = 1024 tokens of cache
 
 
-@contextmanager
-def run_shard(model_dir: Path, sock_dir: Path) -> Iterator[tuple[pb_grpc.LoraxServiceStub, subprocess.Popen, Path]]:
-    """`lorax-server serve MODEL_DIR` in a subprocess, with a stub connected to its socket."""
-    uds = str(sock_dir / "shard")
-    exe = shutil.which("lorax-server", path=str(Path(sys.executable).parent)) or "lorax-server"
-    proc = subprocess.Popen(
-        [exe, "serve", str(model_dir), "--uds-path", uds, "--dtype", "float32", "--kv-cache-blocks", str(KV_BLOCKS)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    sock = Path(f"{uds}-0")
-    deadline = time.time() + 120
-    while not sock.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"shard exited: {proc.stdout.read().decode()}")
-        if time.time() > deadline:
-            proc.kill()
-            raise TimeoutError("shard did not start")
-        time.sleep(0.1)
-    channel = grpc.insecure_channel(f"unix://{sock}")
-    try:
-        yield pb_grpc.LoraxServiceStub(channel), proc, sock
-    finally:
-        channel.close()
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def shard(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    with run_shard(llama_dir, tmp_path_factory.mktemp("sock")) as running:
+    flags = ("--dtype", "float32", "--kv-cache-blocks", str(KV_BLOCKS))
+    with run_shard(llama_dir, tmp_path_factory.mktemp("sock"), *flags) as running:
         yield running
 
 
@@ -472,7 +443,8 @@ def sentencepiece_shard(tmp_path_factory: pytest.TempPathFactory):
     from sentencepiece_models import make_forced_llama
 
     model_dir = make_forced_llama(tmp_path_factory.mktemp("sentencepiece_llama"))
-    with run_shard(model_dir, tmp_path_factory.mktemp("sock")) as (stub, _, _):
+    flags = ("--dtype", "float32", "--kv-cache-blocks", str(KV_BLOCKS))
+    with run_shard(model_dir, tmp_path_factory.mktemp("sock"), *flags) as (stub, _, _):
         stub.Warmup(pb.WarmupRequest(max_input_length=64, max_prefill_tokens=128, max_total_tokens=128))
         yield stub, model_dir
 

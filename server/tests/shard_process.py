@@ -1,0 +1,48 @@
+"""A real `lorax-server serve` subprocess on a unix socket, for tests that talk to it over gRPC."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+
+from lorax_server.pb import generate_pb2_grpc as pb_grpc
+
+EXE = shutil.which("lorax-server", path=str(Path(sys.executable).parent)) or "lorax-server"
+
+
+@contextmanager
+def run_shard(
+    model_dir: Path, sock_dir: Path, *flags: str
+) -> Iterator[tuple[pb_grpc.LoraxServiceStub, subprocess.Popen, Path]]:
+    """`lorax-server serve MODEL_DIR FLAGS...` with a stub connected to its socket; stopped on exit."""
+    uds = str(sock_dir / "shard")
+    proc = subprocess.Popen(
+        [EXE, "serve", str(model_dir), "--uds-path", uds, *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    sock = Path(f"{uds}-0")
+    deadline = time.time() + 120
+    while not sock.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"shard exited: {proc.stdout.read().decode()}")
+        if time.time() > deadline:
+            proc.kill()
+            raise TimeoutError("shard did not start")
+        time.sleep(0.1)
+    channel = grpc.insecure_channel(f"unix://{sock}")
+    try:
+        yield pb_grpc.LoraxServiceStub(channel), proc, sock
+    finally:
+        channel.close()
+        proc.terminate()
+        proc.wait(timeout=30)
