@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from lorax_server.encoders.config import EncoderConfig, is_encoder_dir
 from lorax_server.encoders.engine import EncoderEngine, EncoderInput, NotServed
-from lorax_server.encoders.model import EncoderBatch, load_encoder, sinusoidal_positions
+from lorax_server.encoders.model import MAX_PADDING, EncoderBatch, load_encoder, sinusoidal_positions
 from lorax_server.engine import HealthCheckFailed, RequestError
 from lorax_server.layers.packed import PackedWeight
 
@@ -36,7 +36,9 @@ def _unpadded(padded: torch.Tensor, inputs: list[list[int]]) -> torch.Tensor:
 
 
 def _forward(model, inputs: list[list[int]]) -> torch.Tensor:  # noqa: ANN001
-    return model.forward(EncoderBatch.build(inputs, model.config, CPU))
+    """Every token's final hidden state, input 0's tokens first."""
+    batch = EncoderBatch.build(inputs, model.config, CPU)
+    return model.forward(batch).index_select(0, batch.caller_order())
 
 
 def test_every_token_matches_transformers(encoder_dir: Path) -> None:
@@ -56,6 +58,19 @@ def test_a_ragged_batch_gives_each_input_what_it_gets_alone(encoder_dir: Path) -
     assert (together - alone).abs().max().item() < 1e-6
     same_length = _forward(model, [INPUTS[0], INPUTS[0][::-1]])  # no padding: the grid is the tokens
     assert torch.allclose(same_length[:5], alone[:5], atol=1e-6)
+
+
+def test_ragged_inputs_are_attended_in_runs_of_similar_length(encoder_dir: Path) -> None:
+    config = load_encoder(encoder_dir, CPU).config
+    lens = [16, 128, 40, 127, 100, 17, 64, 90, 33, 128]
+    batch = EncoderBatch.build([[5] * n for n in lens], config, CPU)
+    assert len(batch.runs) > 1
+    assert [r.first for r in batch.runs] == [sum(r.tokens for r in batch.runs[:i]) for i in range(len(batch.runs))]
+    assert sum(r.tokens for r in batch.runs) == sum(lens) and sum(r.inputs for r in batch.runs) == len(lens)
+    for run in batch.runs:
+        assert run.inputs * run.longest - run.tokens <= MAX_PADDING * run.inputs * run.longest
+    assert batch.caller_order().tolist() != list(range(sum(lens)))  # packed longest first
+    assert sorted(batch.caller_order().tolist()) == list(range(sum(lens)))
 
 
 def test_token_classification_matches_transformers_softmax(encoder_dir: Path) -> None:

@@ -1,14 +1,14 @@
 """The encoder's forward pass: BERT, RoBERTa, XLM-RoBERTa and DistilBERT (post-LayerNorm blocks).
 
-The inputs of one call are computed together: their tokens packed one after the other ([num_tokens,
-hidden], no padding) through every linear, LayerNorm and activation, and laid out in a padded
-[batch, longest] grid only for attention, where a key padding mask keeps each input to its own tokens.
+The inputs of one call are computed together: their tokens packed one input after the other, longest
+first ([num_tokens, hidden], no padding), through every linear, LayerNorm and activation, and laid out
+for attention in padded [inputs, longest] grids of inputs of similar lengths, where a key padding mask
+keeps each input to its own tokens.
 Bidirectional attention, absolute learned positions (or DistilBERT's sinusoidal table), token type 0.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,9 +28,31 @@ from .config import EncoderConfig
 logger = logging.getLogger(__name__)
 
 
+# The most padding one attention grid may hold, as a share of its cells. A call's inputs are packed
+# longest first and attended in runs of similar lengths, each in its own grid: with inputs of 16-128
+# tokens in arrival order, one grid as wide as the longest input is about 45% padding, all of it
+# zeroed and attended over.
+MAX_PADDING = 0.25
+
+
+@dataclass(frozen=True)
+class AttentionRun:
+    """Inputs next to each other in the packed tokens, attended in one padded [inputs, longest] grid."""
+
+    first: int  # the run's first token (a row of the packed tokens)
+    tokens: int
+    inputs: int
+    longest: int
+    # Each token's cell of the row-major grid, and which keys of a grid row are real tokens; both None
+    # when the run's inputs have one length (the grid is the tokens).
+    grid_index: torch.Tensor | None  # [tokens] int64
+    key_mask: torch.Tensor | None  # [inputs, 1, 1, longest] bool
+
+
 @dataclass(frozen=True)
 class EncoderBatch:
-    """One forward's inputs, their tokens packed one after the other."""
+    """One forward's inputs, their tokens packed longest input first. Per-input fields are in the
+    caller's order, so pooled vectors and token labels come out in it."""
 
     input_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64: each token's row of the position table
@@ -38,24 +60,29 @@ class EncoderBatch:
     starts: torch.Tensor  # [batch] int64: index of each input's first token
     seq_index: torch.Tensor  # [num_tokens] int64: the input each token belongs to
     offsets: torch.Tensor  # [num_tokens] int64: each token's index within its input
-    longest: int  # tokens of the longest input (the attention grid's width)
-    # Where each token sits in the row-major [batch, longest] attention grid, and which keys of a grid
-    # row are real tokens; both None when every input has the same length (the grid is the tokens).
-    grid_index: torch.Tensor | None  # [num_tokens] int64
-    key_mask: torch.Tensor | None  # [batch, 1, 1, longest] bool
+    runs: list[AttentionRun]
 
     @property
     def size(self) -> int:
         return self.lengths.shape[0]
 
+    def caller_order(self) -> torch.Tensor:
+        """[num_tokens] int64: the packed rows of input 0's tokens, then input 1's, and so on."""
+        before = torch.cumsum(self.lengths, 0) - self.lengths  # tokens of earlier inputs, callers' order
+        owner = torch.repeat_interleave(torch.arange(self.size, device=self.lengths.device), self.lengths)
+        return self.starts[owner] + torch.arange(owner.shape[0], device=owner.device) - before[owner]
+
     @classmethod
     def build(cls, inputs: list[list[int]], config: EncoderConfig, device: torch.device) -> EncoderBatch:
         """`inputs`: each input's token ids (none empty)."""
         lens = [len(ids) for ids in inputs]
-        ids = torch.tensor(list(itertools.chain.from_iterable(inputs)), dtype=torch.int64, device=device)
+        order = sorted(range(len(lens)), key=lambda i: -lens[i])
+        ids = torch.tensor([t for i in order for t in inputs[i]], dtype=torch.int64, device=device)
         lengths = torch.tensor(lens, dtype=torch.int64, device=device)
-        starts = torch.cumsum(lengths, 0) - lengths
-        seq_index = torch.repeat_interleave(torch.arange(len(lens), device=device), lengths)
+        packed = torch.tensor([lens[i] for i in order], dtype=torch.int64, device=device)
+        order_t = torch.tensor(order, dtype=torch.int64, device=device)
+        starts = torch.empty_like(lengths).index_copy_(0, order_t, torch.cumsum(packed, 0) - packed)
+        seq_index = torch.repeat_interleave(order_t, packed)
         offsets = torch.arange(ids.shape[0], device=device) - starts[seq_index]
         positions = offsets
         if config.position_offset:
@@ -64,26 +91,52 @@ class EncoderBatch:
             seen = torch.cumsum(real, 0)
             before = (seen - real)[starts]  # real tokens ahead of each input
             positions = (seen - before[seq_index]) * real + config.pad_token_id
-        longest = max(lens)
+        return cls(ids, positions, lengths, starts, seq_index, offsets, _runs(sorted(lens, reverse=True), device))
+
+
+def _runs(lens: list[int], device: torch.device) -> list[AttentionRun]:
+    """Consecutive inputs (lengths longest first) in runs whose grids hold at most MAX_PADDING padding."""
+    runs: list[list[int]] = [[lens[0]]]
+    for n in lens[1:]:
+        run = runs[-1]
+        cells = (len(run) + 1) * run[0]
+        if cells - sum(run) - n <= MAX_PADDING * cells:
+            run.append(n)
+        else:
+            runs.append([n])
+    out, first = [], 0
+    for run in runs:
         grid_index = key_mask = None
-        if min(lens) != longest:
-            grid_index = seq_index * longest + offsets
-            key_mask = (torch.arange(longest, device=device)[None, :] < lengths[:, None])[:, None, None, :]
-        return cls(ids, positions, lengths, starts, seq_index, offsets, longest, grid_index, key_mask)
+        if run[-1] != run[0]:
+            lengths = torch.tensor(run, dtype=torch.int64, device=device)
+            row = torch.repeat_interleave(torch.arange(len(run), device=device), lengths)
+            offset = torch.arange(sum(run), device=device) - (torch.cumsum(lengths, 0) - lengths)[row]
+            grid_index = row * run[0] + offset
+            key_mask = (torch.arange(run[0], device=device)[None, :] < lengths[:, None])[:, None, None, :]
+        out.append(AttentionRun(first, sum(run), len(run), run[0], grid_index, key_mask))
+        first += sum(run)
+    return out
 
 
 def attention(qkv: torch.Tensor, batch: EncoderBatch, heads: int) -> torch.Tensor:
     """Bidirectional attention of each input over its own tokens. qkv [num_tokens, 3 * hidden] (q | k | v)
     → [num_tokens, hidden]."""
-    rows, width = batch.size, batch.longest
+    if len(batch.runs) == 1:
+        return _attend(qkv, batch.runs[0], heads)
+    return torch.cat([_attend(qkv[r.first : r.first + r.tokens], r, heads) for r in batch.runs])
+
+
+def _attend(qkv: torch.Tensor, run: AttentionRun, heads: int) -> torch.Tensor:
+    """One run's attention: qkv [run tokens, 3 * hidden] → [run tokens, hidden]."""
+    rows, width = run.inputs, run.longest
     hidden = qkv.shape[1] // 3
     grid = qkv
-    if batch.grid_index is not None:
-        grid = qkv.new_zeros(rows * width, 3 * hidden).index_copy_(0, batch.grid_index, qkv)
+    if run.grid_index is not None:
+        grid = qkv.new_zeros(rows * width, 3 * hidden).index_copy_(0, run.grid_index, qkv)
     q, k, v = grid.view(rows, width, 3, heads, hidden // heads).permute(2, 0, 3, 1, 4).unbind(0)  # [b, h, l, d]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.key_mask)  # [batch, heads, longest, head_dim]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=run.key_mask)  # [inputs, heads, longest, head_dim]
     out = out.transpose(1, 2).reshape(rows * width, hidden)
-    return out if batch.grid_index is None else out.index_select(0, batch.grid_index)
+    return out if run.grid_index is None else out.index_select(0, run.grid_index)
 
 
 class EncoderLayer:
@@ -144,7 +197,7 @@ class EncoderModel:
 
     @torch.inference_mode()
     def forward(self, batch: EncoderBatch) -> torch.Tensor:
-        """The final hidden state of every token: [num_tokens, hidden]."""
+        """The final hidden state of every token, in the batch's packed order: [num_tokens, hidden]."""
         x = F.embedding(batch.input_ids, self.word) + F.embedding(batch.positions, self.position)
         x = self.embed_norm(x)
         for layer in self.layers:
