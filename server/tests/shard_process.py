@@ -1,11 +1,14 @@
-"""A real `lorax-server serve` subprocess on a unix socket, for tests that talk to it over gRPC."""
+"""The shard's gRPC service on a unix socket, for tests that talk to it: a real `lorax-server serve`
+subprocess, or a servicer served from a thread of the test's own process (to reach into its engine)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,3 +49,29 @@ def run_shard(
         channel.close()
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@contextmanager
+def in_process(servicer: pb_grpc.LoraxServiceServicer, tmp: Path) -> Iterator[pb_grpc.LoraxServiceStub]:
+    """`servicer` behind a real grpc.aio server on a unix socket, its loop on a thread of this process."""
+    url = f"unix://{tmp / 'shard-0'}"
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start() -> grpc.aio.Server:
+        server = grpc.aio.server()
+        pb_grpc.add_LoraxServiceServicer_to_server(servicer, server)
+        server.add_insecure_port(url)
+        await server.start()
+        return server
+
+    server = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
+    channel = grpc.insecure_channel(url)
+    try:
+        yield pb_grpc.LoraxServiceStub(channel)
+    finally:
+        channel.close()
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)

@@ -5,19 +5,16 @@ Embed and Classify, and the start-up options an encoder refuses."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
 from encoder_models import LABELS, make_encoder, make_sentence_transformer, reference, sentence_transformer_reference
-from shard_process import EXE, run_shard
+from shard_process import EXE, in_process, run_shard
 
 from lorax_server.pb import generate_pb2 as pb
 from lorax_server.pb import generate_pb2_grpc as pb_grpc
@@ -27,32 +24,6 @@ INPUTS = [[2, 7, 8, 9, 3], [2, 3], [2, 11, 12, 13, 14, 15, 16, 17, 18, 19, 3]]
 
 def _inputs(inputs: list[list[int]], first_id: int = 0) -> list[pb.EncoderInput]:
     return [pb.EncoderInput(id=first_id + i, input_ids=x) for i, x in enumerate(inputs)]
-
-
-@contextmanager
-def in_process(servicer: pb_grpc.LoraxServiceServicer, tmp: Path) -> Iterator[pb_grpc.LoraxServiceStub]:
-    """`servicer` behind a real grpc.aio server on a unix socket, its loop on a thread of this process."""
-    url = f"unix://{tmp / 'shard-0'}"
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def start() -> grpc.aio.Server:
-        server = grpc.aio.server()
-        pb_grpc.add_LoraxServiceServicer_to_server(servicer, server)
-        server.add_insecure_port(url)
-        await server.start()
-        return server
-
-    server = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
-    channel = grpc.insecure_channel(url)
-    try:
-        yield pb_grpc.LoraxServiceStub(channel)
-    finally:
-        channel.close()
-        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(timeout=30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=30)
 
 
 def _status(call, request) -> tuple[grpc.StatusCode, str]:  # noqa: ANN001

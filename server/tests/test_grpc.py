@@ -8,16 +8,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import pytest
-from shard_process import run_shard
+from shard_process import in_process, run_shard
 
 from lorax_server.pb import generate_pb2 as pb
-from lorax_server.pb import generate_pb2_grpc as pb_grpc
+from lorax_server.server import LoraxService
 
 KV_BLOCKS = 64  # x 16 tokens = 1024 tokens of cache
 
@@ -237,38 +235,6 @@ def test_sigterm_stops_the_shard_and_removes_its_socket(llama_dir: Path, tmp_pat
     assert not sock.exists()
 
 
-@contextmanager
-def in_process_shard(engine, tmp: Path) -> Iterator[pb_grpc.LoraxServiceStub]:  # noqa: ANN001
-    """The real gRPC service over a unix socket, served from a thread of this process, so a test can
-    reach into its engine."""
-    import asyncio
-    import threading
-
-    from lorax_server.server import LoraxService
-
-    url = f"unix://{tmp / 'shard-0'}"
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def start() -> grpc.aio.Server:
-        server = grpc.aio.server()
-        pb_grpc.add_LoraxServiceServicer_to_server(LoraxService(engine, [url], "LlamaForCausalLM"), server)
-        server.add_insecure_port(url)
-        await server.start()
-        return server
-
-    server = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
-    channel = grpc.insecure_channel(url)
-    try:
-        yield pb_grpc.LoraxServiceStub(channel)
-    finally:
-        channel.close()
-        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(timeout=30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=30)
-
-
 def test_health_fails_with_unavailable_when_the_forward_pass_fails(llama_dir: Path, tmp_path: Path) -> None:
     import torch
     from transformers import AutoTokenizer
@@ -279,7 +245,8 @@ def test_health_fails_with_unavailable_when_the_forward_pass_fails(llama_dir: Pa
 
     model = load_model(llama_dir, TorchAttention(16), torch.device("cpu"), "float32")
     engine = Engine(model, AutoTokenizer.from_pretrained(llama_dir), CacheConfig(16, num_blocks=8))
-    with in_process_shard(engine, tmp_path) as stub:
+    service = LoraxService(engine, [f"unix://{tmp_path / 'shard-0'}"], "LlamaForCausalLM")
+    with in_process(service, tmp_path) as stub:
         stub.Health(pb.HealthRequest())
         forward = model.forward
 
