@@ -11,8 +11,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from shard_process import in_process
 from test_engine import make_engine
-from test_grpc import in_process_shard, request
+from test_grpc import request
 
 from lorax_server.engine import Engine
 from lorax_server.pb import generate_pb2 as pb
@@ -40,7 +41,8 @@ def _record(out: Tokens, generations) -> None:  # noqa: ANN001
 
 
 def test_a_stream_answers_each_step_with_the_tokens_of_one_decode_a_step(engine: Engine, tmp_path: Path) -> None:
-    with in_process_shard(engine, tmp_path) as stub:
+    service = LoraxService(engine, [f"unix://{tmp_path / 'shard-0'}"], "LlamaForCausalLM")
+    with in_process(service, tmp_path) as stub:
         reference: Tokens = {}
         for streamed in (False, True):
             requests = _requests(10 if streamed else 0)
