@@ -56,15 +56,17 @@ fn embedding_of(text: &str) -> Value {
     json!(fake_embedding(&ids(text)))
 }
 
-/// Waits (up to 5 s) until `n` inputs wait for a call.
+/// Waits until `n` inputs wait for a call (the 60 s bound only catches a test that is broken).
 async fn wait_waiting(encoders: &Encoders, n: usize) {
-    for _ in 0..5000 {
-        if encoders.waiting() == n {
-            return;
-        }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while encoders.waiting() != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "expected {n} waiting inputs, got {}",
+            encoders.waiting()
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    panic!("expected {n} waiting inputs, got {}", encoders.waiting());
 }
 
 /// The encoder calls the shard received: (is Embed, the inputs' token counts).

@@ -66,12 +66,6 @@ class EncoderBatch:
     def size(self) -> int:
         return self.lengths.shape[0]
 
-    def caller_order(self) -> torch.Tensor:
-        """[num_tokens] int64: the packed rows of input 0's tokens, then input 1's, and so on."""
-        before = torch.cumsum(self.lengths, 0) - self.lengths  # tokens of earlier inputs, callers' order
-        owner = torch.repeat_interleave(torch.arange(self.size, device=self.lengths.device), self.lengths)
-        return self.starts[owner] + torch.arange(owner.shape[0], device=owner.device) - before[owner]
-
     @classmethod
     def build(cls, inputs: list[list[int]], config: EncoderConfig, device: torch.device) -> EncoderBatch:
         """`inputs`: each input's token ids (none empty)."""
